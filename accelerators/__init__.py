@@ -1,0 +1,1 @@
+"""Accelerator plugin layer: one interface over CUDA, Ascend, Kunlun, CPU and an emulated chip."""

@@ -1,0 +1,3 @@
+from hetero.cli import main
+
+raise SystemExit(main())

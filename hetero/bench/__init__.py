@@ -1,0 +1,1 @@
+"""Benchmark targets for `hetero bench`; see hetero/commands/bench.py."""

@@ -1,0 +1,60 @@
+"""The `hetero` command: one module per subcommand under hetero/commands.
+
+Each subcommand module exposes `register(subparsers)`, which adds its parser and
+sets `func` to a callable taking the parsed arguments and returning an exit code.
+Adding a subcommand means adding a module and naming it in SUBCOMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hetero import __version__
+from hetero.errors import UserError
+
+# Order is the order `hetero --help` lists them in.
+SUBCOMMANDS = ["validate", "plan", "profile", "run", "launch", "bench", "report", "check", "env"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hetero",
+        description=(
+            "Train one model on a mixed fleet of chips (NVIDIA, Ascend, Kunlun, CPU, emulated). "
+            "Describe the fleet, model and training in YAML; hetero validates, plans and runs it."
+        ),
+        epilog="Run 'hetero COMMAND --help' for the options of one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"hetero {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"hetero.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"hetero.commands.{name}":
+                continue  # not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"hetero {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"hetero {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
