@@ -1,0 +1,119 @@
+"""Load cluster, model and train descriptions from YAML files.
+
+A file holds one section (its fields at the top level) or several, under the
+top-level keys `cluster:`, `model:` and `train:`. A bare file's kind is told by
+the field that only that kind has (islands, layers, global_batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hetero.config.cluster import ClusterConfig, read_cluster
+from hetero.config.fields import Section, describe
+from hetero.config.model import ModelConfig, read_model
+from hetero.config.train import TrainConfig, read_train
+from hetero.config.yaml_io import read_yaml
+from hetero.errors import ConfigError
+
+READERS = {"cluster": read_cluster, "model": read_model, "train": read_train}
+# The one field that tells a bare file's kind.
+MARKERS = {"islands": "cluster", "layers": "model", "global_batch": "train"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the loaded files describe; any part may be absent."""
+
+    cluster: ClusterConfig | None = None
+    model: ModelConfig | None = None
+    train: TrainConfig | None = None
+    sources: tuple = ()                 # (kind, path) for each part, in load order
+
+    def require(self, *kinds: str) -> "Job":
+        missing = [kind for kind in kinds if getattr(self, kind) is None]
+        if missing:
+            from hetero.errors import UserError
+            raise UserError(f"no {' or '.join(missing)} description given "
+                            f"(pass --{missing[0]} FILE, or a file with a '{missing[0]}:' section)")
+        return self
+
+
+def load_sections(path: str, want: str | None = None) -> dict:
+    """Read one file; return {kind: config} for each section it holds.
+
+    `want` names the kind the caller expects (from --cluster/--model/--train):
+    a bare file is then read as that kind, and a sectioned file must contain it.
+    """
+    doc = read_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError(path, "", f"expected a mapping at the top level, got {describe(doc.data)}")
+    sectioned = [key for key in doc.data if key in READERS]
+    if sectioned:
+        root = Section(doc, "", doc.data)
+        found = {kind: READERS[kind](root.section(kind)) for kind in READERS if kind in doc.data}
+        root.finish()
+        if want and want not in found:
+            raise ConfigError(path, "", f"has no '{want}:' section (it has {', '.join(found)})")
+        return found
+    kind = want or _bare_kind(path, doc.data)
+    return {kind: READERS[kind](Section(doc, "", doc.data))}
+
+
+def _bare_kind(path: str, data: dict) -> str:
+    kinds = {MARKERS[key] for key in data if key in MARKERS}
+    if len(kinds) == 1:
+        return kinds.pop()
+    raise ConfigError(path, "", "cannot tell what this file describes: expected the top-level field "
+                                "'islands' (cluster), 'layers' (model) or 'global_batch' (train), "
+                                "or sections cluster:, model:, train:")
+
+
+def load_files(paths: list[str]) -> Job:
+    """Load several files into one Job; each kind may be described only once."""
+    parts: dict = {}
+    origin: dict = {}
+    for path in paths:
+        for kind, config in load_sections(path).items():
+            if kind in parts:
+                raise ConfigError(path, kind, f"a {kind} is already described in {origin[kind]}")
+            parts[kind] = config
+            origin[kind] = path
+    job = Job(**parts, sources=tuple(origin.items()))
+    check_job(job, origin)
+    return job
+
+
+def load_job(cluster: str | None = None, model: str | None = None, train: str | None = None) -> Job:
+    """Load the files given as --cluster, --model and --train (one file may serve several)."""
+    parts: dict = {}
+    origin: dict = {}
+    cache: dict = {}
+    for kind, path in (("cluster", cluster), ("model", model), ("train", train)):
+        if path is None:
+            continue
+        if path not in cache:
+            cache[path] = load_sections(path, want=kind)
+        sections = cache[path]
+        if kind not in sections:
+            raise ConfigError(path, "", f"has no '{kind}:' section (it has {', '.join(sections)})")
+        parts[kind] = sections[kind]
+        origin[kind] = path
+    job = Job(**parts, sources=tuple(origin.items()))
+    check_job(job, origin)
+    return job
+
+
+def check_job(job: Job, origin: dict) -> None:
+    """Rules that span files."""
+    if job.model and job.train and job.train.data.kind == "synthetic" and job.model.vocab < 2:
+        raise ConfigError(origin["model"], "vocab", "synthetic data needs a vocabulary of at least 2 tokens")
+    if job.model and job.cluster:
+        for island in job.cluster.islands:
+            chip = job.cluster.chip(island.chip)
+            # A chip too small for even one layer's weights can never hold a stage.
+            layer_params = 4 * job.model.hidden ** 2 + 3 * job.model.hidden * job.model.ffn_hidden
+            if layer_params * 2 > chip.memory_gb * 1e9:
+                raise ConfigError(origin["cluster"], f"islands[{job.cluster.islands.index(island)}].chip",
+                                  f"chip {island.chip} ({chip.memory_gb:g} GB) cannot hold even one layer "
+                                  f"of model '{job.model.name}'")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Quickstart 2: set up .venv with the test tools (idempotent) and run the suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k config`.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/setup.sh" --dev
+cd "$root"
+exec .venv/bin/python -m pytest "$@"

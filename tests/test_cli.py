@@ -1,0 +1,37 @@
+"""`hetero --help` and every subcommand's --help explain themselves."""
+
+import pytest
+
+from hetero.cli import build_parser
+
+
+def subcommands():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_top_level_help(hetero_cli):
+    code, out, _ = hetero_cli("--help")
+    assert code == 0
+    assert "mixed fleet" in out
+    for name in subcommands():
+        assert name in out
+
+
+@pytest.mark.parametrize("name", subcommands())
+def test_subcommand_help(hetero_cli, name):
+    code, out, _ = hetero_cli(name, "--help")
+    assert code == 0
+    assert out.startswith("usage: hetero " + name)
+    assert len(out.splitlines()) >= 4
+
+
+def test_no_command_prints_help_and_exits_2(hetero_cli):
+    code, out, _ = hetero_cli()
+    assert code == 2 and "usage" in out
+
+
+def test_unknown_flag_exits_2(hetero_cli):
+    code, _, err = hetero_cli("validate", "--frobnicate", "x.yaml")
+    assert code == 2 and "unrecognized arguments" in err
