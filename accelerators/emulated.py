@@ -37,14 +37,14 @@ import os
 import threading
 import time
 import weakref
-from types import ModuleType
 from typing import Any, Mapping
 
 import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from accelerators.base import Accelerator, ProbeResult
+from accelerators.base import ProbeResult
+from accelerators.cpu import CpuAccelerator
 from accelerators.errors import AcceleratorUnavailable, EmulatedOutOfMemory
 
 CHIP_ENV = "HETERO_EMULATED_CHIP"
@@ -271,11 +271,10 @@ class EmulatedEvent:
         return (end.time - self.time) * 1000.0
 
 
-class EmulatedAccelerator(Accelerator):
+class EmulatedAccelerator(CpuAccelerator):
+    """The host CPU's device, RNG and transfers, with a paced clock and a memory ledger."""
+
     vendor = "emulated"
-    device_type = "cpu"
-    dist_backend = "gloo"
-    visible_devices_env = None
     env_prefixes = ("HETERO_EMULATED_", "OMP_", "GLOO_")
     is_emulated = True
 
@@ -301,9 +300,6 @@ class EmulatedAccelerator(Accelerator):
             return ProbeResult(cls.vendor, True, f"chip spec in {CHIP_ENV}; never picked automatically")
         return ProbeResult(cls.vendor, False, f"needs a chip spec ({CHIP_ENV} or chip=...); "
                                               "never picked automatically")
-
-    def _load_device_module(self) -> ModuleType:
-        return torch.cpu
 
     # Accounting ---------------------------------------------------------------
     @contextlib.contextmanager
@@ -333,22 +329,6 @@ class EmulatedAccelerator(Accelerator):
         return tensor
 
     # Device ---------------------------------------------------------------------
-    def is_available(self) -> bool:
-        return True
-
-    def device_count(self) -> int:
-        return 1
-
-    def set_device(self, index: int) -> None:
-        if index != 0:
-            raise ValueError(f"an emulated accelerator has one device (0), not {index}")
-
-    def current_device(self) -> int:
-        return 0
-
-    def device(self, index: int | None = None) -> torch.device:
-        return torch.device("cpu")
-
     def device_name(self, index: int | None = None) -> str:
         return f"emulated {self.pace.name}"
 
@@ -395,34 +375,12 @@ class EmulatedAccelerator(Accelerator):
     def free_memory(self, index: int | None = None) -> int:
         return self.pace.capacity_bytes - self.ledger.allocated
 
-    def empty_cache(self) -> None:
-        return None
-
-    # RNG (the host generator is the device generator) -------------------------------
-    def manual_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-
-    def get_rng_state(self, index: int | None = None) -> torch.Tensor:
-        return torch.get_rng_state()
-
-    def set_rng_state(self, state: torch.Tensor, index: int | None = None) -> None:
-        torch.set_rng_state(state)
-
-    def fork_rng(self, enabled: bool = True) -> contextlib.AbstractContextManager:
-        return torch.random.fork_rng(devices=[], enabled=enabled)
-
     # Host transfers ---------------------------------------------------------------
-    def pin_memory(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
     def to_host(self, tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         """Wait for the device (a D2H copy does), then hand over a host copy."""
         self.clock.wait()
         with _disable_current_modes():  # the copy lands in host memory, not the chip's
             return tensor.detach().clone()
-
-    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
-        return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
     def kernels(self) -> dict:
         from accelerators.ops import vendor
