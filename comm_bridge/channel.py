@@ -1,0 +1,730 @@
+"""The data plane: point-to-point tensor channels between ranks, over pyzmq.
+
+One `Endpoint` per process. It binds `stripes` PULL sockets (one per stripe) on
+the bridge host and connects PUSH sockets to peers on demand. `isend`/`irecv`
+return `Handle`s; `wait()` gives the tensor (or raises).
+
+Wire: every message is [header, chunk descriptor, raw chunk] (see frames.py). A
+tensor is cut into `chunk_bytes` pieces dealt round-robin over the stripes, so
+one transfer keeps several TCP connections (and zmq I/O threads) busy and the
+receiver copies chunk i while chunk i+1 is still on the wire. Sends are
+zero-copy (zmq holds the tensor's memory until the kernel has it); receives copy
+each chunk straight into the posted buffer.
+Peers on the same host move the bytes through a shared-memory ring instead and
+zmq only carries doorbells and credits.
+
+Threads: a background I/O thread owns the PULL sockets and finishes handles; a
+PUSH socket is touched by the caller (fast path for small messages) or the I/O
+thread, always under the endpoint lock. Matching is MPI-like: per (source, tag),
+messages match receives in the order the source sent them.
+
+Memory is bounded: messages that arrive before their irecv are held up to
+`max_unexpected_bytes`, after which the endpoint stops reading and zmq's high
+water marks push back on the senders; `isend` blocks once
+`max_pending_send_bytes` are queued.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from comm_bridge import frames as F
+from comm_bridge.errors import BridgeError, BridgeTimeoutError, PeerFailedError, TransferMismatchError
+from comm_bridge.shm import ShmReader, ShmRing, host_id, ring_path, shm_dir
+from comm_bridge.staging import Stager
+
+log = logging.getLogger(__name__)
+
+SMALL_BYTES = 64 << 10   # below this: copy into zmq, one stripe, never shared memory
+MAX_CHUNK_BYTES = 64 << 20  # zmq drops a peer that sends a bigger frame
+MAX_STRIPES = 16
+HWM_MESSAGES = 8         # zmq high-water mark per socket, in messages
+_ids = itertools.count()
+
+
+def as_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A flat uint8 numpy view of a contiguous CPU tensor's bytes (no copy)."""
+    if tensor.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+class Handle:
+    """One pending send or receive. `wait()` returns the received tensor (None for sends)."""
+
+    def __init__(self, endpoint: "Endpoint", peer: int, what: str):
+        self._endpoint = endpoint
+        self.peer = peer
+        self.what = what
+        self._event = threading.Event()
+        self._result: torch.Tensor | None = None
+        self._error: BaseException | None = None
+        self._out: torch.Tensor | None = None      # receive: the caller's buffer
+        self._device: str | None = None            # receive: move here after arrival
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor | None:
+        limit = self._endpoint.default_timeout if timeout is None else timeout
+        if not self._event.wait(limit):
+            raise BridgeTimeoutError(f"{self.what}: no progress after {limit:.1f}s "
+                                     f"(peer rank {self.peer} is alive as far as the coordinator knows)")
+        if self._error is not None:
+            raise self._error
+        result = self._result
+        if result is None:
+            return None
+        out = self._out
+        if out is not None and result is not out:
+            out.copy_(result.reshape(out.shape))
+            result = out
+        return self._endpoint._stager.to_device(result, self._device)
+
+    # Called by the endpoint, under its lock.
+    def _finish(self, result: torch.Tensor | None = None) -> None:
+        if not self._event.is_set():
+            self._result = result
+            self._event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._event.is_set():
+            self._error = error
+            self._event.set()
+
+
+class _SendJob:
+    __slots__ = ("handle", "dst", "header", "header_bytes", "staged", "nbytes", "nstripes",
+                 "trackers", "shm", "next_chunk", "nchunks", "held_slot")
+
+    def __init__(self, handle, dst, header, header_bytes, staged, nstripes, shm, chunk_bytes):
+        self.handle = handle
+        self.dst = dst
+        self.header = header
+        self.header_bytes = header_bytes
+        self.staged = staged
+        self.nbytes = header.nbytes
+        self.nstripes = nstripes
+        self.trackers: list = []
+        self.shm = shm
+        self.next_chunk = 0
+        self.nchunks = F.chunk_count(self.nbytes, chunk_bytes)
+        self.held_slot: int | None = None  # shm: slot written but doorbell not yet sent
+
+
+class _Transfer:
+    """A message being received: its header, destination bytes and progress."""
+
+    __slots__ = ("header", "buffer", "flat", "handle", "parts_total", "parts_seen", "done", "error")
+
+    def __init__(self, header: F.Header, buffer: torch.Tensor | None, parts_total: int):
+        self.header = header
+        self.buffer = buffer
+        self.flat = as_bytes(buffer) if buffer is not None else None
+        self.handle: Handle | None = None
+        self.parts_total = parts_total
+        self.parts_seen: set[int] = set()
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class _PostedRecv:
+    __slots__ = ("handle", "out", "device")
+
+    def __init__(self, handle, out, device):
+        self.handle = handle
+        self.out = out
+        self.device = device
+
+
+class Endpoint:
+    """This process's end of the bridge. Thread-safe; close() when done."""
+
+    def __init__(self, rank: int, token: str | bytes | None = None, *, host: str = "127.0.0.1",
+                 advertise_host: str | None = None, stripes: int = 2, chunk_bytes: int = 4 << 20,
+                 shm: bool = True, shm_slots: int = 8, max_message_bytes: int = 16 << 30,
+                 max_unexpected_bytes: int = 256 << 20, max_pending_send_bytes: int = 1 << 30,
+                 default_timeout: float = 300.0, accelerator=None, io_threads: int = 2):
+        if not 1 <= stripes <= MAX_STRIPES:
+            raise ValueError(f"stripes must be 1..{MAX_STRIPES}, got {stripes}")
+        if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be 4096..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        self.rank = int(rank)
+        self.stripes = stripes
+        self.chunk_bytes = int(chunk_bytes)
+        self.max_message_bytes = int(max_message_bytes)
+        self.max_unexpected_bytes = int(max_unexpected_bytes)
+        self.max_pending_send_bytes = int(max_pending_send_bytes)
+        self.default_timeout = float(default_timeout)
+        self.use_shm = bool(shm) and shm_dir() is not None
+        self.shm_slots = shm_slots
+        self.host_id = host_id()
+        self.rejected = F.RejectCounter()
+        self._auth = F.auth_tag(token)
+        self._job_hex = self._auth.hex()[:12]
+        self._stager = Stager(accelerator)
+
+        self._ctx = zmq.Context(io_threads=io_threads)
+        self._pulls: list[zmq.Socket] = []
+        self.endpoints: list[str] = []
+        for _ in range(stripes):
+            sock = self._ctx.socket(zmq.PULL)
+            sock.setsockopt(zmq.RCVHWM, HWM_MESSAGES)
+            sock.setsockopt(zmq.LINGER, 0)
+            # Refuse oversized messages inside zmq, before they cost memory here.
+            sock.setsockopt(zmq.MAXMSGSIZE, max(4 * self.chunk_bytes, MAX_CHUNK_BYTES) + 64)
+            sock.bind(f"tcp://{host}:0")
+            port = sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
+            self.endpoints.append(f"tcp://{advertise_host or host}:{port}")
+            self._pulls.append(sock)
+        wake_addr = f"inproc://bridge-wake-{id(self)}-{next(_ids)}"
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake_addr)
+        self._wake_tx = self._ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(wake_addr)
+        self._wake_lock = threading.Lock()
+
+        self._lock = threading.RLock()
+        self._send_room = threading.Condition(self._lock)
+        self._peers: dict[int, dict] = {}
+        self._push: dict[tuple[int, int], zmq.Socket] = {}
+        self._failed: dict[int, str] = {}
+        self._next_seq: dict[int, int] = collections.defaultdict(int)
+        self._sendq: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self._tracking: list[_SendJob] = []
+        self._pending_send_bytes = 0
+        self._credits_owed: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self._rings: dict[int, ShmRing] = {}
+        self._readers: dict[int, ShmReader] = {}
+        self._last_seq: dict[int, int] = {}
+        self._posted: dict[tuple[int, int], collections.deque] = collections.defaultdict(collections.deque)
+        self._unexpected: dict[tuple[int, int], collections.deque] = collections.defaultdict(collections.deque)
+        self._unexpected_bytes = 0
+        self._parked_bytes = 0   # chunks that beat their chunk 0 (which rides stripe 0)
+        self._inflight: dict[tuple[int, int], _Transfer] = {}
+        self._parked: dict[tuple[int, int], list] = collections.defaultdict(list)
+        self._shm_current: dict[int, _Transfer] = {}
+        self._counters = collections.Counter()
+        self._closing = False
+        self._thread = threading.Thread(target=self._io_loop, name=f"bridge-io-{rank}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ peers
+    def address(self) -> dict:
+        """What peers need to reach this endpoint (goes into the address book)."""
+        return {"rank": self.rank, "endpoints": list(self.endpoints), "host_id": self.host_id}
+
+    def add_peers(self, book) -> None:
+        """Learn peers from address-book entries ({rank, endpoints, host_id} each)."""
+        entries = book.values() if isinstance(book, dict) else book
+        with self._lock:
+            for entry in entries:
+                rank = int(entry["rank"])
+                if rank != self.rank:
+                    self._peers[rank] = {"endpoints": list(entry["endpoints"]), "host_id": entry.get("host_id")}
+
+    def fail_peer(self, rank: int, reason: str) -> None:
+        """Declare `rank` dead: every pending call on it raises PeerFailedError."""
+        error = PeerFailedError(rank, reason)
+        with self._lock:
+            if rank in self._failed:
+                return
+            self._failed[rank] = reason
+            for (src, _tag), queue in self._posted.items():
+                if src == rank:
+                    for posted in queue:
+                        posted.handle._fail(error)
+                    queue.clear()
+            for key in [k for k in self._inflight if k[0] == rank]:
+                transfer = self._inflight.pop(key)
+                self._drop_transfer(transfer, error)
+            for key in [k for k in self._parked if k[0] == rank]:
+                self._release_parked(key)
+            self._shm_current.pop(rank, None)
+            reader = self._readers.pop(rank, None)
+            if reader is not None:
+                reader.close()
+                # A dead sender cannot unlink its ring; the receiver does.
+                try:
+                    os.unlink(ring_path(self._job_hex, rank, self.rank))
+                except OSError:
+                    pass
+            for job in self._sendq.pop(rank, ()):
+                self._pending_send_bytes -= job.nbytes
+                job.handle._fail(error)
+            for job in [j for j in self._tracking if j.dst == rank]:
+                self._tracking.remove(job)
+                job.handle._fail(error)
+            self._send_room.notify_all()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "rank": self.rank,
+                "rejected": self.rejected.as_dict(),
+                "rejected_total": self.rejected.total(),
+                "unexpected_bytes": self._unexpected_bytes,
+                "pending_send_bytes": self._pending_send_bytes,
+                "inflight": len(self._inflight),
+                "parked": sum(len(v) for v in self._parked.values()),
+                "parked_bytes": self._parked_bytes,
+                "posted": sum(len(q) for q in self._posted.values()),
+                "tracking": len(self._tracking),
+                **dict(self._counters),
+            }
+
+    # -------------------------------------------------------------- user API
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0, *, step: int = 0,
+              micro_batch: int = 0) -> Handle:
+        dst = int(dst)
+        if tensor.dtype not in F.DTYPE_CODES:
+            raise TypeError(f"the bridge cannot carry dtype {tensor.dtype}")
+        if tensor.dim() > F.MAX_DIMS:
+            raise ValueError(f"the bridge carries at most {F.MAX_DIMS} dims, got shape {tuple(tensor.shape)}")
+        staged = self._stager.to_host(tensor)
+        nbytes = staged.tensor.numel() * staged.tensor.element_size()
+        if nbytes > self.max_message_bytes:
+            raise ValueError(f"{nbytes} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        handle = Handle(self, dst, f"isend to rank {dst} tag {tag}")
+        wake = False
+        with self._lock:
+            peer = self._check_peer(dst)
+            deadline = time.monotonic() + self.default_timeout
+            while self._pending_send_bytes and self._pending_send_bytes + nbytes > self.max_pending_send_bytes:
+                if dst in self._failed:
+                    raise PeerFailedError(dst, self._failed[dst])
+                if not self._send_room.wait(max(0.0, deadline - time.monotonic())):
+                    raise BridgeTimeoutError(f"isend to rank {dst}: send queue full for {self.default_timeout:.0f}s")
+            self._check_peer(dst)
+            seq = self._next_seq[dst]
+            self._next_seq[dst] = seq + 1
+            shm = (self.use_shm and nbytes >= SMALL_BYTES and peer["host_id"] == self.host_id)
+            kind = F.KIND_SHM if shm else F.KIND_TENSOR
+            header = F.Header(sender=self.rank, tag=int(tag), seq=seq, dtype=staged.tensor.dtype,
+                              shape=tuple(staged.tensor.shape), nbytes=nbytes, step=int(step),
+                              micro_batch=int(micro_batch), kind=kind)
+            nstripes = 1 if (shm or nbytes <= self.chunk_bytes) else min(self.stripes, len(peer["endpoints"]))
+            job = _SendJob(handle, dst, header, F.pack_header(header, self._auth), staged, nstripes, shm,
+                           self.chunk_bytes)
+            queue = self._sendq[dst]
+            queue.append(job)
+            self._pending_send_bytes += nbytes
+            if len(queue) == 1:
+                self._pump(dst)  # fast path: send from the caller's thread
+            wake = bool(queue) or bool(job.trackers)
+        if wake:
+            self._wake()
+        return handle
+
+    def irecv(self, src: int, tag: int = 0, *, out: torch.Tensor | None = None,
+              device: str | None = None) -> Handle:
+        src = int(src)
+        handle = Handle(self, src, f"irecv from rank {src} tag {tag}")
+        handle._out = out
+        handle._device = device
+        resume = False
+        with self._lock:
+            queue = self._unexpected.get((src, int(tag)))
+            if queue:
+                transfer = queue.popleft()
+                resume = self._unexpected_bytes >= self.max_unexpected_bytes
+                self._unexpected_bytes -= transfer.header.nbytes
+                self._bind(transfer, handle, out)
+                if transfer.done and transfer.error is None:
+                    handle._finish(transfer.buffer)
+            else:
+                if src in self._failed:
+                    raise PeerFailedError(src, self._failed[src])
+                self._posted[(src, int(tag))].append(_PostedRecv(handle, out, device))
+        if resume:
+            self._wake()  # the I/O thread may have paused reading for lack of room
+        return handle
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0, timeout: float | None = None, **kw) -> None:
+        self.isend(tensor, dst, tag, **kw).wait(timeout)
+
+    def recv(self, src: int, tag: int = 0, timeout: float | None = None, **kw) -> torch.Tensor:
+        return self.irecv(src, tag, **kw).wait(timeout)
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._wake()
+        self._thread.join(timeout=10)
+        with self._lock:
+            error = BridgeError(f"endpoint rank {self.rank} closed")
+            for queue in self._posted.values():
+                for posted in queue:
+                    posted.handle._fail(error)
+            for queue in self._sendq.values():
+                for job in queue:
+                    job.handle._fail(error)
+            for ring in self._rings.values():
+                ring.close()
+            for reader in self._readers.values():
+                reader.close()
+            for sock in [*self._pulls, *self._push.values(), self._wake_rx, self._wake_tx]:
+                sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> "Endpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ send side
+    def _check_peer(self, dst: int) -> dict:
+        if self._closing:
+            raise BridgeError(f"endpoint rank {self.rank} is closed")
+        if dst in self._failed:
+            raise PeerFailedError(dst, self._failed[dst])
+        peer = self._peers.get(dst)
+        if peer is None:
+            raise BridgeError(f"rank {dst} is not in this endpoint's address book (call add_peers first)")
+        return peer
+
+    def _socket(self, dst: int, stripe: int) -> zmq.Socket:
+        sock = self._push.get((dst, stripe))
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self._peers[dst]["endpoints"][stripe])
+            self._push[(dst, stripe)] = sock
+        return sock
+
+    def _pump(self, dst: int) -> None:
+        """Push queued sends to `dst` as far as zmq and shm credits allow (lock held)."""
+        queue = self._sendq.get(dst)
+        owed = self._credits_owed.get(dst)
+        while owed:
+            try:
+                self._socket(dst, 0).send_multipart(owed[0], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            owed.popleft()
+        while queue:
+            job = queue[0]
+            if not job.staged.ready():
+                return
+            if not (self._advance_shm(job) if job.shm else self._advance_tcp(job)):
+                return
+            queue.popleft()
+            if not job.trackers:
+                self._sent(job)
+            else:
+                self._tracking.append(job)
+
+    def _sent(self, job: _SendJob) -> None:
+        self._pending_send_bytes -= job.nbytes
+        self._counters["messages_sent"] += 1
+        self._counters["bytes_sent"] += job.nbytes
+        job.handle._finish()
+        self._send_room.notify_all()
+
+    def _advance_tcp(self, job: _SendJob) -> bool:
+        data = as_bytes(job.staged.tensor)
+        copy = job.nbytes < SMALL_BYTES
+        while job.next_chunk < job.nchunks:
+            chunk = F.Chunk(job.next_chunk, job.nchunks, self.chunk_bytes)
+            parts = [job.header_bytes, F.pack_chunk(chunk), data[chunk.offset:chunk.offset + chunk.length(job.nbytes)]]
+            # zmq frees a socket's messages in order, so tracking the last chunk per
+            # stripe tells when the whole tensor has left our memory.
+            track = not copy and chunk.index >= job.nchunks - job.nstripes
+            try:
+                tracker = self._socket(job.dst, chunk.index % job.nstripes).send_multipart(
+                    parts, flags=zmq.NOBLOCK, copy=copy, track=track)
+            except zmq.Again:
+                return False
+            if tracker is not None and not tracker.done:
+                job.trackers.append(tracker)
+            job.next_chunk += 1
+        return True
+
+    def _advance_shm(self, job: _SendJob) -> bool:
+        ring = self._rings.get(job.dst)
+        if ring is None:
+            ring = ShmRing(ring_path(self._job_hex, self.rank, job.dst), self.shm_slots, self.chunk_bytes)
+            self._rings[job.dst] = ring
+        data = as_bytes(job.staged.tensor)
+        sock = self._socket(job.dst, 0)
+        while job.next_chunk < job.nchunks:
+            offset = job.next_chunk * self.chunk_bytes
+            length = min(self.chunk_bytes, job.nbytes - offset)
+            if job.held_slot is None:
+                if not ring.free:
+                    return False  # wait for the receiver's credit
+                job.held_slot = ring.free.pop()
+                ring.write(job.held_slot, data[offset:offset + length])
+            desc = F.pack_shm_chunk(F.ShmChunk(job.next_chunk, job.nchunks, job.held_slot, offset, length))
+            try:
+                sock.send_multipart([job.header_bytes, desc], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            job.held_slot = None
+            job.next_chunk += 1
+        return True
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            try:
+                self._wake_tx.send(b"", flags=zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError):
+                pass  # a wake is already queued, or we are closing
+
+    # --------------------------------------------------------- receive side
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_rx, zmq.POLLIN)
+        reading = [False] * len(self._pulls)
+        while not self._closing:
+            with self._lock:
+                busy = any(self._sendq.values()) or bool(self._tracking) or any(self._credits_owed.values())
+                want = [self._may_read(stripe) for stripe in range(len(self._pulls))]
+            for stripe, sock in enumerate(self._pulls):
+                if want[stripe] != reading[stripe]:
+                    if want[stripe]:
+                        poller.register(sock, zmq.POLLIN)
+                    else:
+                        poller.unregister(sock)
+                        self._counters["backpressure_pauses"] += 1
+                    reading[stripe] = want[stripe]
+            try:
+                events = dict(poller.poll(1 if busy else 100))
+            except zmq.ZMQError:
+                break
+            if self._closing:
+                break
+            if self._wake_rx in events:
+                while True:
+                    try:
+                        self._wake_rx.recv(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            for stripe, sock in enumerate(self._pulls):
+                if sock in events:
+                    self._drain(sock, stripe)
+            with self._lock:
+                for dst in [d for d, q in self._sendq.items() if q] + [d for d, q in self._credits_owed.items() if q]:
+                    self._pump(dst)
+                if self._tracking:
+                    still = []
+                    for job in self._tracking:
+                        if all(t.done for t in job.trackers):
+                            self._sent(job)
+                        else:
+                            still.append(job)
+                    self._tracking = still
+
+    def _may_read(self, stripe: int) -> bool:
+        """Backpressure: stop reading when unmatched data fills its budget.
+
+        Every message starts with chunk 0 on stripe 0, so only stripe 0 starts new
+        transfers and it alone answers to the unexpected-message budget. The other
+        stripes carry the rest of transfers already started (which must be let
+        finish) or chunks that beat their chunk 0 (parked, with their own budget).
+        Pausing the other stripes on the unexpected budget would deadlock."""
+        if stripe == 0:
+            return self._unexpected_bytes < self.max_unexpected_bytes
+        return self._parked_bytes < self.max_unexpected_bytes
+
+    def _drain(self, sock: zmq.Socket, stripe: int) -> None:
+        for _ in range(64):
+            if not self._may_read(stripe):
+                return
+            try:
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            with self._lock:
+                try:
+                    self._on_message(parts)
+                except F.FrameError as exc:
+                    self.rejected.add(exc.reason)
+                    log.warning("rank %d: %s", self.rank, exc)
+                except Exception as exc:  # never let one bad frame kill the receiver
+                    self.rejected.add("internal")
+                    log.exception("rank %d: frame handling failed: %s", self.rank, exc)
+
+    def _on_message(self, parts) -> None:
+        header = F.parse_header(parts[0].bytes, self._auth, self.max_message_bytes)
+        if header.kind == F.KIND_TENSOR:
+            self._on_tensor(header, parts)
+        elif header.kind == F.KIND_SHM:
+            self._on_shm(header, parts)
+        else:
+            self._on_credit(header, parts)
+
+    def _check_seq(self, header: F.Header) -> None:
+        last = self._last_seq.get(header.sender, -1)
+        if header.seq <= last:
+            raise F.FrameError("replayed", f"rank {header.sender} seq {header.seq} after {last}")
+        if header.seq != last + 1:
+            self._counters["seq_gaps"] += 1
+        self._last_seq[header.sender] = header.seq
+
+    def _on_tensor(self, header: F.Header, parts) -> None:
+        if len(parts) != 3:
+            raise F.FrameError("truncated", f"tensor message with {len(parts)} parts, expected 3")
+        chunk = F.parse_chunk(parts[1].bytes, header.nbytes, max(4 * self.chunk_bytes, MAX_CHUNK_BYTES))
+        key = (header.sender, header.seq)
+        length = len(parts[2].buffer)
+        if length != chunk.length(header.nbytes):
+            transfer = self._inflight.pop(key, None)
+            if transfer is not None:  # part of the tensor already landed: fail it loudly
+                self._drop_transfer(transfer, TransferMismatchError(
+                    f"truncated message from rank {header.sender} seq {header.seq}: chunk {chunk.index} "
+                    f"is {length} bytes, expected {chunk.length(header.nbytes)}"))
+            raise F.FrameError("truncated", f"rank {header.sender} seq {header.seq} chunk {chunk.index}: "
+                                            f"{length} bytes, expected {chunk.length(header.nbytes)}")
+        if chunk.index == 0:
+            self._check_seq(header)
+            transfer = self._begin(header, chunk.count)
+            self._fill(transfer, key, chunk, parts[2])
+            for parked_chunk, parked_payload, _held in self._release_parked(key):
+                self._fill(transfer, key, parked_chunk, parked_payload)
+            return
+        transfer = self._inflight.get(key)
+        if transfer is not None:
+            self._fill(transfer, key, chunk, parts[2])
+        elif header.seq <= self._last_seq.get(header.sender, -1):
+            raise F.FrameError("orphan", f"chunk {chunk.index} of a finished message (rank {header.sender} seq {header.seq})")
+        else:  # arrived on another stripe before chunk 0: hold the zmq frame, copy later
+            self._parked[key].append((chunk, parts[2], length))
+            self._parked_bytes += length
+
+    def _fill(self, transfer: _Transfer, key, chunk: F.Chunk, payload) -> None:
+        if chunk.count != transfer.parts_total or chunk.index in transfer.parts_seen:
+            self._inflight.pop(key, None)
+            self._drop_transfer(transfer, TransferMismatchError(
+                f"inconsistent chunks from rank {key[0]} seq {key[1]}"))
+            raise F.FrameError("bad_chunk", f"chunk {chunk.index}/{chunk.count} for a {transfer.parts_total}-chunk message")
+        if transfer.flat is not None and chunk.length(transfer.header.nbytes):
+            transfer.flat[chunk.offset:chunk.offset + len(payload.buffer)] = np.frombuffer(payload.buffer, dtype=np.uint8)
+        transfer.parts_seen.add(chunk.index)
+        self._progress(transfer, key)
+
+    def _progress(self, transfer: _Transfer, key) -> None:
+        if len(transfer.parts_seen) == transfer.parts_total:
+            self._inflight.pop(key, None)
+            transfer.done = True
+            self._counters["messages_received"] += 1
+            self._counters["bytes_received"] += transfer.header.nbytes
+            if transfer.handle is not None:
+                if transfer.error is not None:
+                    transfer.handle._fail(transfer.error)
+                else:
+                    transfer.handle._finish(transfer.buffer)
+
+    def _release_parked(self, key) -> list:
+        parked = self._parked.pop(key, [])
+        self._parked_bytes -= sum(held for _s, _p, held in parked)
+        return parked
+
+    def _begin(self, header: F.Header, parts_total: int) -> _Transfer:
+        """Match a new message to a posted irecv, or hold it as unexpected."""
+        key = (header.sender, header.tag)
+        posted_queue = self._posted.get(key)
+        if posted_queue:
+            posted = posted_queue.popleft()
+            out = posted.out
+            if out is not None and out.device.type == "cpu" and out.is_contiguous() and \
+                    out.dtype == header.dtype and out.numel() == _numel(header.shape):
+                buffer = out.view(header.shape)
+            else:
+                buffer = self._stager.host_buffer(header.dtype, header.shape, posted.device)
+            transfer = _Transfer(header, buffer, parts_total)
+            self._bind(transfer, posted.handle, out)
+        else:
+            transfer = _Transfer(header, torch.empty(header.shape, dtype=header.dtype), parts_total)
+            self._unexpected[key].append(transfer)
+            self._unexpected_bytes += header.nbytes
+        self._inflight[(header.sender, header.seq)] = transfer
+        return transfer
+
+    def _bind(self, transfer: _Transfer, handle: Handle, out: torch.Tensor | None) -> None:
+        header = transfer.header
+        if out is not None and (out.dtype != header.dtype or out.numel() != _numel(header.shape)):
+            transfer.error = TransferMismatchError(
+                f"rank {header.sender} sent {header.dtype}{list(header.shape)} with tag {header.tag}, "
+                f"but the irecv posted {out.dtype}{list(out.shape)}")
+            handle._fail(transfer.error)
+        transfer.handle = handle
+
+    def _drop_transfer(self, transfer: _Transfer, error: BaseException) -> None:
+        transfer.error = error
+        if transfer.handle is not None:
+            transfer.handle._fail(error)
+        else:
+            queue = self._unexpected.get((transfer.header.sender, transfer.header.tag))
+            if queue and transfer in queue:
+                queue.remove(transfer)
+                self._unexpected_bytes -= transfer.header.nbytes
+
+    # Shared memory.
+    def _on_shm(self, header: F.Header, parts) -> None:
+        if len(parts) != 2:
+            raise F.FrameError("truncated", f"shm doorbell with {len(parts)} parts")
+        reader = self._readers.get(header.sender)
+        if reader is None:
+            try:
+                reader = ShmReader(ring_path(self._job_hex, header.sender, self.rank))
+            except (OSError, ValueError) as exc:
+                raise F.FrameError("bad_shm", f"rank {header.sender}: cannot map ring: {exc}") from None
+            self._readers[header.sender] = reader
+        chunk = F.parse_shm_chunk(parts[1].bytes, header.nbytes, reader.slots, reader.slot_bytes)
+        key = (header.sender, header.seq)
+        if chunk.index == 0:
+            self._check_seq(header)
+            transfer = self._begin(header, chunk.count)
+            self._shm_current[header.sender] = transfer
+        else:
+            transfer = self._shm_current.get(header.sender)
+            if transfer is None or transfer.header.seq != header.seq or chunk.index in transfer.parts_seen \
+                    or chunk.count != transfer.parts_total:
+                self._owe_credit(header.sender, chunk.slot)
+                raise F.FrameError("out_of_order", f"shm chunk {chunk.index} of rank {header.sender} seq {header.seq}")
+        if transfer.flat is not None:
+            reader.read_into(chunk.slot, chunk.length, transfer.flat[chunk.offset:chunk.offset + chunk.length])
+        self._owe_credit(header.sender, chunk.slot)
+        transfer.parts_seen.add(chunk.index)
+        if len(transfer.parts_seen) == transfer.parts_total:
+            self._shm_current.pop(header.sender, None)
+        self._progress(transfer, key)
+
+    def _owe_credit(self, sender: int, slot: int) -> None:
+        if sender not in self._peers:
+            return  # cannot reach it; its ring stays short of one slot
+        credit = F.Header(sender=self.rank, tag=0, seq=0, dtype=torch.uint8, shape=(0,), nbytes=0,
+                          kind=F.KIND_CREDIT)
+        message = [F.pack_header(credit, self._auth), F.pack_shm_chunk(F.ShmChunk(0, 1, slot, 0, 0))]
+        self._credits_owed[sender].append(message)
+        self._pump(sender)
+
+    def _on_credit(self, header: F.Header, parts) -> None:
+        ring = self._rings.get(header.sender)
+        if len(parts) != 2 or ring is None:
+            raise F.FrameError("bad_credit", f"credit from rank {header.sender} without a ring")
+        chunk = F.parse_shm_chunk(parts[1].bytes, 0, ring.slots, ring.slot_bytes)
+        if chunk.slot in ring.free:
+            raise F.FrameError("bad_credit", f"slot {chunk.slot} is already free")
+        ring.free.append(chunk.slot)
+        self._pump(header.sender)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

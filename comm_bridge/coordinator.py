@@ -1,0 +1,257 @@
+"""The control plane server: one gRPC coordinator per job, on the head node.
+
+It keeps the address book (global rank -> island, host, data-plane endpoints),
+a barrier, a small key-value store and heartbeats; when a worker misses its
+heartbeats (or leaves) every watcher is told, so calls waiting on that worker
+fail instead of hanging. Only small JSON messages travel here; tensors never do.
+
+No protobuf code generation: methods are generic handlers taking and returning
+JSON-encoded bytes. Every call must carry the job token in metadata
+(`x-hetero-job-token`); a wrong or missing token is refused and counted.
+The server binds 127.0.0.1 unless told to bind all interfaces.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import queue
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+SERVICE = "hetero.bridge.Coordinator"
+TOKEN_METADATA = "x-hetero-job-token"
+MAX_REQUEST_BYTES = 1 << 20
+MAX_KV_VALUE_BYTES = 64 << 10
+DEFAULT_HEARTBEAT_TIMEOUT = 5.0
+METHODS_UNARY = ("Register", "AddressBook", "Barrier", "KVSet", "KVGet", "Heartbeat", "Leave")
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code = code
+        self.message = message
+
+
+class Coordinator:
+    """Run with `start()`; `address` is then host:port. Thread-safe."""
+
+    def __init__(self, token: str, world_size: int, *, host: str = "127.0.0.1", port: int = 0,
+                 bind_all: bool = False, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT):
+        if not token:
+            raise ValueError("the coordinator needs a non-empty job token")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self._token = token.encode()
+        self.world_size = world_size
+        self.heartbeat_timeout = float(heartbeat_timeout)
+        self._bind = f"{'0.0.0.0' if bind_all else host}:{port}"
+        self._host = host
+        self._cond = threading.Condition()
+        self.workers: dict[int, dict] = {}
+        self._last_seen: dict[int, float] = {}
+        self.failed: dict[int, str] = {}
+        self._kv: dict[str, str] = {}
+        self._barriers: dict[str, dict] = {}
+        self._watchers: list[queue.Queue] = []
+        self.refused = 0
+        self._stopping = threading.Event()
+        self._server: grpc.Server | None = None
+        self.address: str | None = None
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self) -> str:
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._unary(getattr(self, f"_do_{name}")))
+                    for name in METHODS_UNARY}
+        handlers["Watch"] = grpc.unary_stream_rpc_method_handler(self._watch)
+        # Barrier, KVGet and Watch park a thread each; size the pool for a full job.
+        pool = futures.ThreadPoolExecutor(max_workers=max(16, 3 * self.world_size + 8),
+                                          thread_name_prefix="coordinator")
+        self._server = grpc.server(pool, options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        port = self._server.add_insecure_port(self._bind)
+        if port == 0:
+            raise OSError(f"coordinator cannot bind {self._bind}")
+        self._server.start()
+        self.address = f"{self._host}:{port}"
+        threading.Thread(target=self._monitor, name="coordinator-monitor", daemon=True).start()
+        return self.address
+
+    def stop(self, grace: float = 0.5) -> None:
+        self._stopping.set()
+        with self._cond:
+            for watcher in self._watchers:
+                watcher.put(None)
+            self._cond.notify_all()
+        if self._server is not None:
+            self._server.stop(grace).wait(grace + 5)
+
+    def __enter__(self) -> "Coordinator":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ plumbing
+    def _authorized(self, context) -> bool:
+        for key, value in context.invocation_metadata():
+            if key == TOKEN_METADATA:
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                if hmac.compare_digest(given, self._token):
+                    return True
+        with self._cond:
+            self.refused += 1
+        return False
+
+    def _unary(self, method):
+        def handle(request: bytes, context) -> bytes:
+            if not self._authorized(context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "job token missing or wrong")
+            try:
+                body = json.loads(request.decode("utf-8")) if request else {}
+                if not isinstance(body, dict):
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request must be a JSON object")
+                return json.dumps(method(body)).encode()
+            except _Abort as exc:
+                context.abort(exc.code, exc.message)
+            except (ValueError, KeyError, TypeError) as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}")
+        return handle
+
+    def _rank(self, body: dict) -> int:
+        rank = body["rank"]
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.world_size:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank must be an integer in [0, {self.world_size})")
+        return rank
+
+    def _mark_failed(self, rank: int, reason: str) -> None:
+        # Caller holds self._cond.
+        if rank in self.failed:
+            return
+        self.failed[rank] = reason
+        event = {"event": "failed", "rank": rank, "reason": reason}
+        for watcher in self._watchers:
+            watcher.put(event)
+        self._cond.notify_all()
+
+    def _monitor(self) -> None:
+        while not self._stopping.wait(min(0.25, self.heartbeat_timeout / 4)):
+            now = time.monotonic()
+            with self._cond:
+                for rank, seen in self._last_seen.items():
+                    if rank not in self.failed and now - seen > self.heartbeat_timeout:
+                        self._mark_failed(rank, f"no heartbeat for {now - seen:.1f}s "
+                                                f"(timeout {self.heartbeat_timeout:.1f}s)")
+
+    def _wait(self, ready, timeout: float, what) -> None:
+        """Wait (holding self._cond) until ready(); raise on timeout, failure or stop."""
+        deadline = time.monotonic() + min(float(timeout), 3600.0)
+        while not ready():
+            if self.failed and what.get("fail_fast", True):
+                rank, reason = next(iter(self.failed.items()))
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, f"rank {rank} failed: {reason}")
+            if self._stopping.is_set():
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, "coordinator is shutting down")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, what["message"]())
+            self._cond.wait(min(left, 0.5))
+
+    # -------------------------------------------------------------- methods
+    def _do_Register(self, body: dict) -> dict:
+        rank = self._rank(body)
+        endpoints = body.get("endpoints", [])
+        if not isinstance(endpoints, list) or not all(isinstance(e, str) for e in endpoints):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "endpoints must be a list of strings")
+        info = {"rank": rank, "island": str(body.get("island", "")), "host": str(body.get("host", "")),
+                "host_id": str(body.get("host_id", "")), "endpoints": endpoints,
+                "local_rank": int(body.get("local_rank", 0))}
+        with self._cond:
+            if rank in self.workers and rank not in self.failed and self.workers[rank] != info:
+                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, f"rank {rank} is already registered by a live worker")
+            self.workers[rank] = info
+            self._last_seen[rank] = time.monotonic()
+            self.failed.pop(rank, None)
+            self._cond.notify_all()
+        return {"world_size": self.world_size, "heartbeat_timeout": self.heartbeat_timeout}
+
+    def _do_AddressBook(self, body: dict) -> dict:
+        with self._cond:
+            self._wait(lambda: len(self.workers) >= self.world_size, body.get("timeout", 60),
+                       {"message": lambda: "ranks never registered: "
+                        + ", ".join(str(r) for r in range(self.world_size) if r not in self.workers),
+                        "fail_fast": False})
+            return {"workers": {str(r): w for r, w in sorted(self.workers.items())}}
+
+    def _do_Barrier(self, body: dict) -> dict:
+        rank = self._rank(body)
+        name = str(body.get("name", ""))
+        with self._cond:
+            barrier = self._barriers.setdefault(name, {"generation": 0, "arrived": set()})
+            generation = barrier["generation"]
+            barrier["arrived"].add(rank)
+            if len(barrier["arrived"]) >= self.world_size:
+                barrier["generation"] += 1
+                barrier["arrived"] = set()
+                self._cond.notify_all()
+                return {"generation": generation}
+            self._wait(lambda: barrier["generation"] != generation, body.get("timeout", 60),
+                       {"message": lambda: f"barrier '{name}' timed out; missing ranks: " + ", ".join(
+                           str(r) for r in range(self.world_size) if r not in barrier["arrived"])})
+            return {"generation": generation}
+
+    def _do_KVSet(self, body: dict) -> dict:
+        key, value = str(body["key"]), body["value"]
+        if not isinstance(value, str) or len(value.encode()) > MAX_KV_VALUE_BYTES:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"value must be a string of at most {MAX_KV_VALUE_BYTES} bytes")
+        with self._cond:
+            self._kv[key] = value
+            self._cond.notify_all()
+        return {}
+
+    def _do_KVGet(self, body: dict) -> dict:
+        key = str(body["key"])
+        with self._cond:
+            self._wait(lambda: key in self._kv, body.get("timeout", 0),
+                       {"message": lambda: f"key '{key}' was never set", "fail_fast": False})
+            return {"value": self._kv[key]}
+
+    def _do_Heartbeat(self, body: dict) -> dict:
+        rank = self._rank(body)
+        with self._cond:
+            if rank not in self.failed:
+                self._last_seen[rank] = time.monotonic()
+            return {"failed": {str(r): why for r, why in self.failed.items()}}
+
+    def _do_Leave(self, body: dict) -> dict:
+        rank = self._rank(body)
+        with self._cond:
+            self._last_seen.pop(rank, None)
+            self._mark_failed(rank, "left the job")
+        return {}
+
+    def _watch(self, request: bytes, context):
+        if not self._authorized(context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "job token missing or wrong")
+        events: queue.Queue = queue.Queue()
+        with self._cond:
+            for rank, reason in self.failed.items():
+                events.put({"event": "failed", "rank": rank, "reason": reason})
+            self._watchers.append(events)
+        try:
+            yield json.dumps({"event": "hello"}).encode()
+            while context.is_active() and not self._stopping.is_set():
+                try:
+                    event = events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if event is None:
+                    return
+                yield json.dumps(event).encode()
+        finally:
+            with self._cond:
+                self._watchers.remove(events)

@@ -1,0 +1,110 @@
+"""Same-host shared-memory ring: fixed slots in a file under /dev/shm.
+
+The sender owns the ring (creates, writes, unlinks); the receiver maps it
+read-only, copies a slot out and hands the slot back with a credit message over
+zmq. zmq carries only the tiny doorbells; the bytes move by two memcpys. The
+file name is derived from the job tag and the two ranks, so a receiver never
+opens a path a frame told it to.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import struct
+
+import numpy as np
+
+_RING_MAGIC = b"HBRGRING"
+_RING_HEADER = struct.Struct("<8sII")  # magic, slots, slot_bytes
+_DATA_OFFSET = 64  # keep slot data aligned
+
+
+def shm_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def host_id() -> str:
+    """Two endpoints with the same host id share /dev/shm."""
+    boot = ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        pass
+    return f"{platform.node()}/{boot}"
+
+
+def ring_path(job_hex: str, sender: int, receiver: int) -> str:
+    return os.path.join(shm_dir() or "/dev/shm", f"hetero-bridge-{job_hex}-{sender}-{receiver}")
+
+
+class ShmRing:
+    """Sender side: `slots` buffers of `slot_bytes`, each free or lent to the receiver."""
+
+    def __init__(self, path: str, slots: int, slot_bytes: int):
+        self.path = path
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        size = _DATA_OFFSET + slots * slot_bytes
+        try:
+            os.unlink(path)  # a stale ring from a dead run of the same job
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._map[:_RING_HEADER.size] = _RING_HEADER.pack(_RING_MAGIC, slots, slot_bytes)
+        self._array = np.frombuffer(self._map, dtype=np.uint8)
+        self.free = list(range(slots))
+
+    def write(self, slot: int, data: np.ndarray) -> None:
+        start = _DATA_OFFSET + slot * self.slot_bytes
+        self._array[start:start + data.nbytes] = data
+
+    def close(self) -> None:
+        self._array = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a numpy view still alive; the mapping goes with the process
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class ShmReader:
+    """Receiver side: map the sender's ring and copy slots out."""
+
+    def __init__(self, path: str):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size < _DATA_OFFSET:
+                raise ValueError(f"{path}: {size} bytes is too small for a ring")
+            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        magic, slots, slot_bytes = _RING_HEADER.unpack(self._map[:_RING_HEADER.size])
+        if magic != _RING_MAGIC or size != _DATA_OFFSET + slots * slot_bytes:
+            self._map.close()
+            raise ValueError(f"{path}: not a bridge ring")
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self._array = np.frombuffer(self._map, dtype=np.uint8)
+
+    def read_into(self, slot: int, length: int, out: np.ndarray) -> None:
+        start = _DATA_OFFSET + slot * self.slot_bytes
+        out[:] = self._array[start:start + length]
+
+    def close(self) -> None:
+        self._array = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass
