@@ -1,0 +1,155 @@
+"""`hetero bench planner`: search time at 1,024 chips, gap to brute force, speed-up, A100 MFU anchor."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from hetero.config import load_catalog, load_job
+from hetero.planning import chip_model, fleet_spec, model_spec, plan_job, train_spec
+from partitioner.inputs import FleetSpec, IslandSpec, ModelSpec, TrainSpec
+from partitioner.search import brute_force, search
+
+HELP = "plan search: time at 1,024 chips, gap to brute force, speed-up over naive, A100 MFU anchor"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = os.path.join(ROOT, "configs")
+SEARCH_GOAL_S = 10.0
+GAP_GOAL = 0.01
+# Narayanan et al. 2021 (SC'21, "Efficient Large-Scale Language Model Training on GPU
+# Clusters Using Megatron-LM"), Table 1: 138-163 TFLOP/s per A100 = 44-52% of the 312
+# TFLOP/s bf16/fp16 peak, counting the FLOPs of full activation recomputation.
+ANCHOR = {"source": "Narayanan et al. 2021, Table 1 (Megatron-LM on A100, GPT models 1.7B-1T)",
+          "tflops_per_gpu": [138, 163], "fraction_of_peak": [0.44, 0.52]}
+ISSUE_RANGE = [0.35, 0.55]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="skip the slowest brute-force case")
+
+
+def _cfg(name: str) -> str:
+    return os.path.join(CONFIGS, name)
+
+
+def _log(args, text: str) -> None:
+    if not args.json:
+        print(text, flush=True)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _island(name: str, chip: str, nodes: tuple) -> IslandSpec:
+    return IslandSpec(name, chip_model(load_catalog()[chip]), nodes)
+
+
+def small_cases(quick: bool) -> list:
+    """(name, fleet, model, train) with at most 16 chips, for brute force."""
+    job = load_job(cluster=_cfg("emulated-mixed.yaml"), model=_cfg("llama-tiny.yaml"), train=_cfg("train-tiny.yaml"))
+    cases = [("emulated-mixed x llama-tiny (4 chips)", fleet_spec(job.cluster), model_spec(job.model),
+              train_spec(job.train))]
+    emu3 = FleetSpec("emu-3x4", (_island("fast", "emu-fast", (2, 2)), _island("slow", "emu-slow", (2, 2)),
+                                 _island("tiny", "emu-tiny", (4,))), 1e9, 1e9, 50e-6)
+    cases.append(("emu-fast 4 + emu-slow 4 + emu-tiny 4 x llama-tiny (12 chips)", emu3, model_spec(job.model),
+                  TrainSpec(global_batch=8, micro_batch=2, dtype="fp32")))
+    gpu = FleetSpec("a800-910b-16", (_island("a800", "A800-80G", (4, 4)), _island("ascend", "Ascend-910B", (8,))),
+                    25e9, 12.5e9, 30e-6)
+    small_llama = ModelSpec(layers=12, hidden=2048, heads=16, kv_heads=8, ffn_hidden=5632, vocab=32000,
+                            seq_len=2048, name="llama-12L-2048")
+    if not quick:
+        cases.append(("A800 8 + Ascend-910B 8 x llama 12 layers/2048 (16 chips)", gpu, small_llama,
+                      TrainSpec(global_batch=32, micro_batch=1, dtype="bf16", max_micro_batch=4)))
+    return cases
+
+
+def run(args) -> int:
+    report: dict = {"anchor_search_goal_s": SEARCH_GOAL_S, "brute_force_gap_goal": GAP_GOAL}
+
+    # 1. Search time at 1,024 chips.
+    job = load_job(cluster=_cfg("a800-910b-kunlun-1024.yaml"), model=_cfg("llama2-70b.yaml"),
+                   train=_cfg("train-llama2.yaml"))
+    _log(args, "1. search time: a800-910b-kunlun-1024 (1,024 chips) x llama2-70b x train-llama2")
+    result = plan_job(job, top=2)
+    best = result.best
+    big = {"search_s": result.search_s, "goal_s": SEARCH_GOAL_S, "ok": result.search_s <= SEARCH_GOAL_S,
+           "configs_bounded": result.stats.get("pp_configs"), "configs_evaluated": result.evaluated,
+           "plan": best.provenance.get("label"), "predicted_step_s": best.predicted_step_s,
+           "tokens_per_s": best.tokens_per_s, "mfu": dict(best.mfu),
+           "baseline_step_s": result.baseline_plan.predicted_step_s if result.baseline_plan else None}
+    big["speedup"] = big["baseline_step_s"] / best.predicted_step_s if big["baseline_step_s"] else None
+    report["search_1024"] = big
+    _log(args, f"   searched in {result.search_s:.2f} s (goal <= {SEARCH_GOAL_S:g} s: "
+               f"{'met' if big['ok'] else 'MISSED'}); {big['configs_bounded']} configurations bounded, "
+               f"{big['configs_evaluated']} costed")
+    _log(args, f"   plan: {big['plan']}: {best.predicted_step_s:.3f} s/step")
+
+    # 2. Brute force on small fleets.
+    _log(args, "2. searched plan vs brute-force enumeration of the same space (fleets <= 16 chips)")
+    gaps = []
+    for name, fleet, model, train in small_cases(args.quick):
+        t0 = time.perf_counter()
+        res = search(fleet, model, train)
+        t1 = time.perf_counter()
+        bf = brute_force(fleet, model, train)
+        t2 = time.perf_counter()
+        gap = res.best.predicted_step_s / bf.step - 1.0
+        gaps.append({"case": name, "search_step_s": res.best.predicted_step_s, "brute_force_step_s": bf.step,
+                     "gap": gap, "ok": gap <= GAP_GOAL, "search_s": t1 - t0, "brute_force_s": t2 - t1,
+                     "search_plan": res.best.provenance.get("label"), "brute_force_plan": bf.label})
+        _log(args, f"   {name}: search {res.best.predicted_step_s:.5g} s, brute force {bf.step:.5g} s, "
+                   f"gap {100 * gap:+.3f}% (goal <= {100 * GAP_GOAL:g}%); search {t1 - t0:.2f} s, "
+                   f"brute force {t2 - t1:.1f} s")
+    report["brute_force"] = gaps
+
+    # 3. Speed-up over the naive plan on the mixed examples.
+    _log(args, "3. predicted speed-up over the naive plan (equal layers per stage, one TP for the fleet)")
+    speedups = []
+    for cluster, model, train in (("emulated-mixed.yaml", "llama-tiny.yaml", "train-tiny.yaml"),
+                                  ("a800-910b-32.yaml", "llama2-7b.yaml", "train-llama2.yaml"),
+                                  ("a800-910b-32.yaml", "llama2-70b.yaml", "train-llama2.yaml"),
+                                  ("a800-910b-kunlun-1024.yaml", "llama2-70b.yaml", "train-llama2.yaml")):
+        if cluster.startswith("a800-910b-kunlun"):
+            res = result
+        else:
+            res = plan_job(load_job(cluster=_cfg(cluster), model=_cfg(model), train=_cfg(train)))
+        base = res.baseline_plan
+        row = {"cluster": cluster, "model": model, "predicted_step_s": res.best.predicted_step_s,
+               "baseline_step_s": base.predicted_step_s if base else None,
+               "speedup": base.predicted_step_s / res.best.predicted_step_s if base else None,
+               "plan": res.best.provenance.get("label"), "baseline": base.provenance.get("label") if base else None}
+        speedups.append(row)
+        sp = f"{row['speedup']:.2f}x" if row["speedup"] else "naive plan does not fit"
+        _log(args, f"   {cluster} x {model}: {res.best.predicted_step_s:.4g} s vs naive "
+                   f"{row['baseline_step_s'] if row['baseline_step_s'] is None else format(row['baseline_step_s'], '.4g')} s"
+                   f" -> {sp}")
+    report["speedup"] = speedups
+
+    # 4. MFU anchor: GPT-3 175B on 1,024 A100s.
+    _log(args, "4. homogeneous A100 fleet: GPT-3 175B on 1,024 A100-80G (configs/a100-1024.yaml, gpt3-175b.yaml)")
+    job = load_job(cluster=_cfg("a100-1024.yaml"), model=_cfg("gpt3-175b.yaml"), train=_cfg("train-llama2.yaml"))
+    res = plan_job(job)
+    p = res.best
+    mfu = p.breakdown["mfu_used_chips"]
+    hfu = p.breakdown["hfu_used_chips"]
+    peak = 312.0
+    anchor = {"plan": p.provenance.get("label"), "recompute": p.recompute, "predicted_step_s": p.predicted_step_s,
+              "mfu": mfu, "hfu": hfu, "tflops_per_gpu_hardware": hfu * peak, "anchor": ANCHOR,
+              "issue_range": ISSUE_RANGE, "mfu_in_issue_range": ISSUE_RANGE[0] <= mfu <= ISSUE_RANGE[1],
+              "hfu_in_anchor_range": ANCHOR["fraction_of_peak"][0] <= hfu <= ANCHOR["fraction_of_peak"][1],
+              "search_s": res.search_s}
+    report["a100_anchor"] = anchor
+    _log(args, f"   plan: {anchor['plan']}, recompute {p.recompute}")
+    _log(args, f"   predicted MFU {mfu:.3f} (model FLOPs), HFU {hfu:.3f} = {hfu * peak:.0f} TFLOP/s per A100 "
+               f"(with recompute FLOPs)")
+    _log(args, f"   anchor: {ANCHOR['source']}: {ANCHOR['tflops_per_gpu'][0]}-{ANCHOR['tflops_per_gpu'][1]} "
+               f"TFLOP/s = {ANCHOR['fraction_of_peak'][0]:.2f}-{ANCHOR['fraction_of_peak'][1]:.2f} of peak "
+               f"(issue's range {ISSUE_RANGE[0]}-{ISSUE_RANGE[1]}): "
+               f"{'inside' if anchor['hfu_in_anchor_range'] else 'OUTSIDE'}")
+    _log(args, "   note: the analytic model assumes 70% matmul efficiency on vendor chips (partitioner/inputs.py); "
+               "the anchor checks the whole step model, not that constant alone")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,157 @@
+"""`hetero plan`: search the parallel layout of a model on a mixed fleet."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from hetero.config import load_job
+from hetero.errors import UserError
+from hetero.planning import Progress, load_profile, plan_job
+from partitioner import explain
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="search stages, layers per stage, TP/DP per island, micro-batching and recompute",
+        description=(
+            "Search the plan that minimises the predicted step time: islands in pipeline order, "
+            "uneven layers per stage, a TP degree per island, DP, micro-batch size and count, and "
+            "recompute per stage, under each chip's memory; or one replica per island with an "
+            "uneven batch split. Layer times come from --profile where measured, else from the "
+            "chip catalog (analytic model). Prints a table, or one JSON object with --json."
+        ),
+    )
+    parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
+    parser.add_argument("--model", required=True, metavar="FILE", help="model YAML")
+    parser.add_argument("--train", required=True, metavar="FILE", help="train YAML")
+    parser.add_argument("--profile", metavar="FILE", help="measured profile from 'hetero profile'")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--top", type=_positive, default=1, metavar="K", help="show the K best plans (default 1)")
+    parser.add_argument("--explain", action="store_true", help="say why the runner-up lost")
+    parser.add_argument("--out", metavar="FILE", help="also write the chosen Plan (JSON) to FILE")
+    parser.set_defaults(func=run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def run(args) -> int:
+    job = load_job(cluster=args.cluster, model=args.model, train=args.train)
+    profile = load_profile(args.profile)
+    progress = None if args.json else Progress("searching plans")
+    result = plan_job(job, profile=profile, top=max(args.top, 2), progress=progress)
+    best = result.best
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as fh:
+                fh.write(best.to_json() + "\n")
+        except OSError as exc:
+            raise UserError(f"--out {args.out}: cannot write: {exc.strerror or exc}") from None
+    emulated = sorted({i.chip for i in job.cluster.islands if job.cluster.chip(i.chip).emulated})
+    if args.json:
+        print(json.dumps(to_json(result, args.top, args.explain, emulated), indent=2))
+    else:
+        for line in to_text(job, result, args.top, args.explain, emulated, args.profile):
+            print(line)
+        if args.out:
+            print(f"plan written to {os.path.abspath(args.out)}")
+    return 0
+
+
+def to_json(result, top: int, want_explain: bool, emulated: list) -> dict:
+    best = result.best
+    out = best.to_dict()
+    base = result.baseline_plan
+    out["baseline_step_s"] = base.predicted_step_s if base else None
+    out["baseline"] = _summary(base) if base else None
+    out["speedup"] = (base.predicted_step_s / best.predicted_step_s) if base else None
+    out["search_s"] = result.search_s
+    out["emulated_chips"] = emulated
+    out["alternatives"] = [_summary(p) for p in result.plans[1:top]]
+    if want_explain:
+        out["explain"] = explain.compare(best, result.plans[1]) if len(result.plans) > 1 else []
+        if base:
+            out["explain"] += explain.compare(best, base, "naive")
+    return out
+
+
+def _summary(plan) -> dict:
+    return {"label": plan.provenance.get("label"), "kind": plan.kind, "predicted_step_s": plan.predicted_step_s,
+            "tokens_per_s": plan.tokens_per_s, "mfu": dict(plan.mfu),
+            "stages": [{"island": s.island, "chip": s.chip, "tp": s.tp, "dp": s.dp, "layers": list(s.layers),
+                        "recompute": s.recompute} for s in plan.stages]}
+
+
+def to_text(job, result, top: int, want_explain: bool, emulated: list, profile_path) -> list[str]:
+    best = result.best
+    lines = []
+    note = f" (emulated chips: {', '.join(emulated)})" if emulated else ""
+    lines.append(f"plan for {job.model.name} on {job.cluster.name}: {job.cluster.total_chips} chips, "
+                 f"{best.world_size} used{note}")
+    lines.append(describe_plan(best))
+    lines.append("")
+    header = f"{'stage':>5}  {'pipe':>4}  {'island':<10} {'chip':<13} {'tp':>3} {'dp':>4}  {'layers':<12} " \
+             f"{'recompute':<9} {'time/mb':>10}  {'memory GB':>16}  source"
+    lines.append(header)
+    usable = {i.name: job.cluster.chip(i.chip).memory_gb - job.cluster.chip(i.chip).memory_reserve_gb
+              for i in job.cluster.islands}
+    for s in best.stages:
+        layers = f"{s.layers[0]}-{s.layers[1]} ({s.num_layers})"
+        lines.append(f"{s.index:>5}  {s.pipeline:>4}  {s.island:<10} {s.chip:<13} {s.tp:>3} {s.dp:>4}  {layers:<12} "
+                     f"{s.recompute:<9} {_secs(s.time_s):>10}  {s.memory_gb:>7.3g} / {usable[s.island]:<6.3g}  {s.source}")
+    lines.append("")
+    mfu = ", ".join(f"{chip} {value:.2f}" for chip, value in best.mfu.items())
+    lines.append(f"predicted step {_secs(best.predicted_step_s)}, {best.tokens_per_s:,.0f} tokens/s, MFU {mfu} "
+                 f"(fleet {best.breakdown.get('mfu_fleet', 0):.2f})")
+    idle = {k: v for k, v in best.idle.items() if v}
+    if idle:
+        lines.append("idle chips: " + ", ".join(f"{k} {v}" for k, v in idle.items()))
+    base = result.baseline_plan
+    if base:
+        lines.append(f"naive baseline (equal layers per stage, one TP for the fleet): {_secs(base.predicted_step_s)} "
+                     f"-> predicted speed-up {base.predicted_step_s / best.predicted_step_s:.2f}x")
+    else:
+        lines.append("naive baseline (equal layers per stage, one TP for the fleet): does not fit in memory")
+    sources = best.provenance.get("layer_time", {})
+    measured = "all layer times measured" if best.measured else (
+        "layer times: " + ", ".join(f"{c} {src}" for c, src in sources.items()))
+    bridge = best.provenance.get("bridge", "config")
+    lines.append(f"{measured}; bridge figures from {'the profile' if bridge == 'measured' else 'the cluster file'}"
+                 + ("" if profile_path else " (run 'hetero profile' to measure)"))
+    lines.append(f"searched in {result.search_s:.2f} s")
+    if top > 1:
+        lines.append("")
+        lines.append(f"top {min(top, len(result.plans))}:")
+        for rank, plan in enumerate(result.plans[:top], 1):
+            lines.append(f"  {rank}. {_secs(plan.predicted_step_s):>10}  {describe_plan(plan)}")
+    if want_explain:
+        lines.append("")
+        if len(result.plans) > 1:
+            lines.extend(explain.compare(best, result.plans[1]))
+        else:
+            lines.append("no runner-up: only one plan fits")
+        if base:
+            lines.extend(explain.compare(best, base, "naive"))
+    return lines
+
+
+def describe_plan(plan) -> str:
+    return f"{plan.provenance.get('label', plan.kind)}, recompute {plan.recompute}"
+
+
+def _secs(value: float) -> str:
+    if value >= 1:
+        return f"{value:.3f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.2f} ms"
+    return f"{value * 1e6:.1f} us"

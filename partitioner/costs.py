@@ -1,0 +1,401 @@
+"""Cost model: FLOPs, bytes, memory and communication time of a Llama-style decoder.
+
+Everything is per chip and per micro-batch unless a name says otherwise.
+Notation: b micro-batch, s sequence, h hidden, a heads, f ffn_hidden, V vocab,
+t TP degree, e bytes per element of the training dtype, N = b*s tokens.
+
+Compute (forward, one layer, whole layer before TP sharding), Megatron's count
+(Narayanan et al. 2021) generalised to GQA and SwiGLU:
+    QKV 2*N*h*(h + 2*h_kv)  +  scores and A*V 4*N*s*h  +  out 2*N*h^2  +  MLP 6*N*h*f
+Backward is twice the forward. Embedding on the first stage; final norm, LM head
+(2*N*h*V) and loss on the last.
+
+Analytic time of each op is a roofline, max(FLOPs / (peak * eff), bytes /
+(bandwidth * bw_eff)), summed over the ops of a layer (the emulated accelerator
+charges exactly this, with eff = bw_eff = 1). TP adds two all-reduces of N*h*e
+bytes per forward and two per backward (ring over intra-node links).
+
+Activation memory per layer and micro-batch kept for backward (Korthikanti et
+al. 2022, re-derived for RMSNorm, RoPE, GQA, SwiGLU and no dropout; no sequence
+parallelism, so norm inputs/outputs are replicated across TP ranks):
+    none      e*N*(4h + (2h + 2h_kv)/t + 4f/t) + (e+4)*b*(a/t)*s^2   (softmax output)
+    selective the same without the s^2 term (attention core recomputed)
+    full      e*N*h (the layer input), plus one layer's working set while recomputing
+Under 1F1B stage i of p holds min(p - i, m) micro-batches in flight.
+
+Weights, gradients and optimizer (AdamW) bytes per parameter:
+    fp32      4 weight + 4 grad + 8 moments            (ZeRO-1: moments / dp)
+    bf16/fp16 2 weight + 4 fp32 main grad + 12 master+moments  (ZeRO-1: 12 / dp)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from partitioner.inputs import DTYPE_BYTES, RECOMPUTE_MODES, ChipModel, FleetSpec, IslandSpec, ModelSpec, TrainSpec
+
+GRAD_REDUCE_BYTES = 4          # gradients are reduced in fp32 (main grads)
+SOFTMAX_PASSES = 8             # elementwise passes over the b*a*s^2 scores (scale, mask, softmax, cast)
+
+
+# ----------------------------------------------------------------------------- counts
+
+def layer_params(m: ModelSpec) -> int:
+    h = m.hidden
+    return h * (h + 2 * m.kv_hidden) + h * h + 3 * h * m.ffn_hidden + 2 * h
+
+
+def embedding_params(m: ModelSpec) -> int:
+    return m.vocab * m.hidden
+
+
+def head_params(m: ModelSpec) -> int:
+    return m.vocab * m.hidden + m.hidden
+
+
+def total_params(m: ModelSpec) -> int:
+    return m.layers * layer_params(m) + embedding_params(m) + (m.hidden if m.tie_embeddings else head_params(m))
+
+
+def layer_forward_flops(m: ModelSpec, b: int) -> float:
+    """Forward FLOPs of one layer for b samples (all TP shards together)."""
+    n = b * m.seq_len
+    h = m.hidden
+    return (2 * n * h * (h + 2 * m.kv_hidden) + 4 * n * m.seq_len * h
+            + 2 * n * h * h + 6 * n * h * m.ffn_hidden)
+
+
+def head_forward_flops(m: ModelSpec, b: int) -> float:
+    return 2.0 * b * m.seq_len * m.hidden * m.vocab
+
+
+def model_flops_per_sample(m: ModelSpec) -> float:
+    """Model FLOPs of one sample, forward and backward, no recompute (for MFU)."""
+    return 3.0 * (m.layers * layer_forward_flops(m, 1) + head_forward_flops(m, 1))
+
+
+def state_bytes_per_param(dtype: str, dp: int, zero1: bool) -> float:
+    shard = dp if (zero1 and dp > 1) else 1
+    if DTYPE_BYTES.get(dtype, 4) >= 4:
+        return 4 + 4 + 8 / shard
+    return 2 + 4 + 12 / shard
+
+
+def optimizer_bytes_per_param(dtype: str) -> float:
+    """Bytes the AdamW update moves per parameter (read p, g, m, v; write p, m, v)."""
+    return 28.0 if DTYPE_BYTES.get(dtype, 4) >= 4 else 38.0
+
+
+def activation_bytes(m: ModelSpec, t: int, b: int, dtype: str, mode: str) -> float:
+    e = DTYPE_BYTES.get(dtype, 4)
+    n = b * m.seq_len
+    h = m.hidden
+    if mode == "full":
+        return float(e * n * h)
+    keep = e * n * (4 * h + (2 * h + 2 * m.kv_hidden) / t + 4 * m.ffn_hidden / t)
+    if mode == "selective":
+        return float(keep)
+    return float(keep + (e + 4) * b * (m.heads / t) * m.seq_len * m.seq_len)
+
+
+def ring_allreduce_s(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2.0 * (n - 1) / n * nbytes / bandwidth + 2.0 * (n - 1) * latency
+
+
+# ----------------------------------------------------------------------------- analytic times
+
+def _roofline(chip: ChipModel, dtype: str, flops: float, nbytes: float) -> float:
+    return max(flops / (chip.flops(dtype) * chip.mm_eff), nbytes / (chip.memory_bandwidth * chip.bw_eff))
+
+
+def layer_ops(m: ModelSpec, t: int, b: int, dtype: str, fused: bool = False) -> list[tuple[str, float, float, bool]]:
+    """(name, FLOPs, bytes, attention_core) of each forward op of one layer on one TP shard.
+
+    `fused`: vendor chips run fused RMSNorm, rotary, scale-mask-softmax and SwiGLU
+    kernels (one read and one write per tensor); the reference ops that the cpu and
+    emulated accelerators run make several elementwise passes instead."""
+    e = DTYPE_BYTES.get(dtype, 4)
+    s = m.seq_len
+    n = b * s
+    h = m.hidden
+    hq = h / t
+    hkv = m.kv_hidden / t
+    f = m.ffn_hidden / t
+    sq = b * (m.heads / t) * s * s
+    norm_passes, rope_passes, softmax_passes, swiglu_passes = (2, 2, 2, 3) if fused else (8, 6, SOFTMAX_PASSES, 5)
+    return [
+        ("rms_norm", 0.0, norm_passes * n * h * e, False),
+        ("qkv", 2 * n * h * (hq + 2 * hkv), e * (n * h + h * (hq + 2 * hkv) + n * (hq + 2 * hkv)), False),
+        ("rotary", 0.0, rope_passes * n * (hq + hkv) * e, False),
+        ("scores", 2 * n * s * hq, e * (2 * n * hq + sq), True),
+        ("softmax", 0.0, softmax_passes * sq * e, True),
+        ("attn_v", 2 * n * s * hq, e * (sq + 2 * n * hq), True),
+        ("out_proj", 2 * n * hq * h, e * (n * hq + hq * h + n * h), False),
+        ("residual", 0.0, 3 * n * h * e, False),
+        ("rms_norm", 0.0, norm_passes * n * h * e, False),
+        ("gate_up", 4 * n * h * f, e * (n * h + 2 * h * f + 2 * n * f), False),
+        ("swiglu", 0.0, swiglu_passes * n * f * e, False),
+        ("down", 2 * n * f * h, e * (n * f + f * h + n * h), False),
+        ("residual", 0.0, 3 * n * h * e, False),
+    ]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer on one chip (one TP shard), one micro-batch; TP communication excluded."""
+
+    forward_s: float
+    backward_s: float
+    attention_core_s: float      # forward time of the attention core (recomputed under selective)
+    source: str = "estimated"    # measured | calibrated | estimated
+
+
+def analytic_layer(chip: ChipModel, m: ModelSpec, t: int, b: int, dtype: str) -> LayerCost:
+    fwd = 0.0
+    core = 0.0
+    for _name, flops, nbytes, is_core in layer_ops(m, t, b, dtype, chip.fused):
+        cost = _roofline(chip, dtype, flops, nbytes)
+        fwd += cost
+        if is_core:
+            core += cost
+    return LayerCost(forward_s=fwd, backward_s=2.0 * fwd, attention_core_s=core)
+
+
+def analytic_first_extra(chip: ChipModel, m: ModelSpec, t: int, b: int, dtype: str) -> float:
+    """Embedding forward + backward on the first stage."""
+    e = DTYPE_BYTES.get(dtype, 4)
+    n = b * m.seq_len
+    fwd = _roofline(chip, dtype, 0.0, 2 * n * m.hidden * e)
+    bwd = _roofline(chip, dtype, 0.0, 2 * m.vocab * m.hidden / t * e + n * m.hidden * e)
+    return fwd + bwd
+
+
+def analytic_last_extra(chip: ChipModel, m: ModelSpec, t: int, b: int, dtype: str) -> float:
+    """Final norm, LM head and cross-entropy forward + backward on the last stage."""
+    e = DTYPE_BYTES.get(dtype, 4)
+    n = b * m.seq_len
+    h = m.hidden
+    v = m.vocab / t
+    norm = _roofline(chip, dtype, 0.0, (2 if chip.fused else 8) * n * h * e)
+    head = _roofline(chip, dtype, 2 * n * h * v, e * (n * h + h * v + n * v))
+    loss = _roofline(chip, dtype, 0.0, (2 if chip.fused else 6) * n * v * 4)
+    return 3.0 * (norm + head + loss)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class CostModel:
+    """Costs for one (fleet, model, train, profile); memoised, so the search can ask freely."""
+
+    def __init__(self, fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None):
+        self.fleet = fleet
+        self.model = model
+        self.train = train
+        self.profile = profile
+        self.dtype = train.dtype
+        self.e = DTYPE_BYTES.get(train.dtype, 4)
+        self.layer_params = layer_params(model)
+        if profile is not None and profile.bridge is not None:
+            self.bridge_bandwidth, self.bridge_latency = profile.bridge
+            self.bridge_source = "measured"
+        else:
+            self.bridge_bandwidth, self.bridge_latency = fleet.bridge_bandwidth, fleet.bridge_latency
+            self.bridge_source = "config"
+        self._islands = {i.name: i for i in fleet.islands}
+        self._cache: dict = {}
+
+    # -- layer times ---------------------------------------------------------
+
+    def layer_cost(self, island: str, t: int, b: int) -> LayerCost:
+        key = ("layer", island, t, b)
+        hit = self._cache.get(key)
+        if hit is None:
+            chip = self._islands[island].chip
+            hit = analytic_layer(chip, self.model, t, b, self.dtype)
+            if self.profile is not None:
+                hit = self.profile.layer_cost(chip.name, self.model, t, b, self.dtype, hit, chip)
+            self._cache[key] = hit
+        return hit
+
+    def tp_allreduce_s(self, island: str, t: int, b: int) -> float:
+        if t <= 1:
+            return 0.0
+        chip = self._islands[island].chip
+        nbytes = b * self.model.seq_len * self.model.hidden * self.e
+        return ring_allreduce_s(nbytes, t, chip.intra_node_bandwidth, self.fleet.intra_node_latency)
+
+    def per_layer_s(self, island: str, t: int, b: int, mode: str) -> float:
+        """Forward + backward (+ recompute) of one layer, one micro-batch, TP comm included."""
+        lc = self.layer_cost(island, t, b)
+        ar = self.tp_allreduce_s(island, t, b)
+        if mode == "none":
+            return lc.forward_s + lc.backward_s + 4 * ar
+        if mode == "selective":
+            return lc.forward_s + lc.backward_s + lc.attention_core_s + 4 * ar
+        return 2 * lc.forward_s + lc.backward_s + 6 * ar
+
+    def first_extra_s(self, island: str, t: int, b: int) -> float:
+        return analytic_first_extra(self._islands[island].chip, self.model, t, b, self.dtype)
+
+    def last_extra_s(self, island: str, t: int, b: int) -> float:
+        return analytic_last_extra(self._islands[island].chip, self.model, t, b, self.dtype)
+
+    # -- memory --------------------------------------------------------------
+
+    def capacity(self, island: str) -> float:
+        """Bytes a plan may use on one chip: memory less the vendor reserve, less the headroom."""
+        return self._islands[island].chip.usable_bytes * (1.0 - self.train.memory_headroom)
+
+    def zero1(self, dp: int) -> bool:
+        return dp > 1 if self.train.zero1 is None else (self.train.zero1 and dp > 1)
+
+    def static_bytes(self, params_per_chip: float, dp: int) -> float:
+        return params_per_chip * state_bytes_per_param(self.dtype, dp, self.zero1(dp))
+
+    def first_static_params(self, t: int) -> float:
+        return embedding_params(self.model) / t
+
+    def last_static_params(self, t: int) -> float:
+        if self.model.tie_embeddings:
+            return (embedding_params(self.model)) / t + self.model.hidden
+        return head_params(self.model) / t
+
+    def last_transient_bytes(self, t: int, b: int) -> float:
+        """Logits and their gradient in fp32 for the loss, one micro-batch."""
+        return 2.0 * 4 * b * self.model.seq_len * self.model.vocab / t
+
+    def stage_memory(self, t: int, b: int, dp: int, n_layers: int, first: bool, last: bool,
+                     inflight: int, mode: str) -> float:
+        """Bytes one chip of a stage needs at peak."""
+        params = n_layers * self.layer_params / t
+        if first:
+            params += self.first_static_params(t)
+        if last:
+            params += self.last_static_params(t)
+        act = n_layers * activation_bytes(self.model, t, b, self.dtype, mode)
+        if first:
+            act += self.e * b * self.model.seq_len * self.model.hidden
+        work = activation_bytes(self.model, t, b, self.dtype, "none") if n_layers else 0.0
+        if last:
+            work += self.last_transient_bytes(t, b)
+        return self.static_bytes(params, dp) + inflight * act + work
+
+    # -- one stage row for the layer split -------------------------------------
+
+    def stage_row(self, island: str, t: int, b: int, dp: int, first: bool, last: bool,
+                  inflight: int) -> tuple[np.ndarray, np.ndarray]:
+        """Time of this stage holding n = 1..L layers (inf where nothing fits) and the
+        recompute mode chosen for each n (index into RECOMPUTE_MODES): the fastest that fits."""
+        key = ("row", island, t, b, dp, first, last, inflight)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        L = self.model.layers
+        n = np.arange(1, L + 1, dtype=np.float64)
+        cap = self.capacity(island)
+        extra = (self.first_extra_s(island, t, b) if first else 0.0) + (self.last_extra_s(island, t, b) if last else 0.0)
+        best = np.full(L, np.inf)
+        choice = np.full(L, -1, dtype=np.int64)
+        static_per_layer = self.static_bytes(self.layer_params / t, dp)
+        fixed_params = (self.first_static_params(t) if first else 0.0) + (self.last_static_params(t) if last else 0.0)
+        fixed_static = self.static_bytes(fixed_params, dp)
+        fixed_act = self.e * b * self.model.seq_len * self.model.hidden if first else 0.0
+        work = activation_bytes(self.model, t, b, self.dtype, "none")
+        if last:
+            work += self.last_transient_bytes(t, b)
+        for index, mode in enumerate(RECOMPUTE_MODES):
+            if mode not in self.train.recompute_modes:
+                continue
+            act = activation_bytes(self.model, t, b, self.dtype, mode)
+            mem = fixed_static + work + n * static_per_layer + inflight * (fixed_act + n * act)
+            time = extra + n * self.per_layer_s(island, t, b, mode)
+            ok = (mem <= cap) & (time < best)
+            best = np.where(ok, time, best)
+            choice = np.where(ok, index, choice)
+        hit = (best, choice)
+        self._cache[key] = hit
+        return hit
+
+    def best_layer_s(self, island: str, t: int, b: int) -> float:
+        """Fastest per-layer time of any allowed mode (for lower bounds)."""
+        return min(self.per_layer_s(island, t, b, mode) for mode in self.train.recompute_modes)
+
+    # -- communication ---------------------------------------------------------
+
+    def p2p_s(self, src: IslandSpec, src_offset: int, dst: IslandSpec, dst_offset: int,
+              t_src: int, dp: int, b: int) -> float:
+        """One activation (or its gradient) across a stage boundary, per micro-batch.
+
+        All DP replicas whose senders share a node share that node's link."""
+        nbytes = b * self.model.seq_len * self.model.hidden * self.e
+        per_node = max(1, min(dp, max(1, min(src.nodes) // max(1, t_src))))
+        if src.name != dst.name:
+            return self.bridge_latency + per_node * nbytes / self.bridge_bandwidth
+        if src.node_of(src_offset) == dst.node_of(dst_offset):
+            return self.fleet.intra_node_latency + per_node * nbytes / src.chip.intra_node_bandwidth
+        return self.fleet.inter_node_latency + per_node * nbytes / self.fleet.inter_node_bandwidth
+
+    def dp_allreduce_s(self, island: IslandSpec, offset: int, t: int, dp: int, params_per_chip: float) -> float:
+        """Gradient all-reduce (or reduce-scatter + all-gather under ZeRO-1) of one stage.
+
+        Hierarchical: inside each node over intra-node links, then across the
+        nodes the stage spans, with the t TP ranks of a node sharing its NIC."""
+        if dp <= 1:
+            return 0.0
+        nbytes = params_per_chip * GRAD_REDUCE_BYTES
+        nodes = island.nodes_spanned(offset, t * dp)
+        if nodes <= 1:
+            return ring_allreduce_s(nbytes, dp, island.chip.intra_node_bandwidth, self.fleet.intra_node_latency)
+        local = max(1, dp // nodes)
+        intra = ring_allreduce_s(nbytes, local, island.chip.intra_node_bandwidth, self.fleet.intra_node_latency)
+        inter = ring_allreduce_s(t * nbytes, nodes, self.fleet.inter_node_bandwidth, self.fleet.inter_node_latency)
+        return intra + inter
+
+    def optimizer_s(self, island: IslandSpec, dp: int, params_per_chip: float) -> float:
+        shard = dp if self.zero1(dp) else 1
+        return (params_per_chip / shard * optimizer_bytes_per_param(self.dtype)
+                / (island.chip.memory_bandwidth * island.chip.bw_eff))
+
+    def cross_island_reduce_s(self, islands: list[IslandSpec], links: int) -> float:
+        """Whole-model gradient reduction between replicas on different islands (hetero-DP).
+
+        After each island reduces inside itself, its `links` nodes each hold a
+        shard; a ring over the islands moves 2(K-1)/K of the model's gradients
+        through each bridge link pair in parallel."""
+        k = len(islands)
+        if k <= 1:
+            return 0.0
+        nbytes = total_params(self.model) * GRAD_REDUCE_BYTES
+        return 2.0 * (k - 1) / k * nbytes / (self.bridge_bandwidth * max(1, links)) + 2 * (k - 1) * self.bridge_latency
+
+
+def pipeline_step_s(stage_times, boundary_times, m: int, tail: float) -> float:
+    """1F1B with heterogeneous stages: (m-1)*max_i T_i + sum_i T_i, where a boundary
+    slower than every stage throttles the steady state, and fill/drain cross each
+    boundary once forward and once backward; plus the tail (DP reduction, optimizer)."""
+    cycle = max(stage_times)
+    if boundary_times:
+        cycle = max(cycle, max(boundary_times))
+    return (m - 1) * cycle + sum(stage_times) + 2.0 * sum(boundary_times) + tail
+
+
+def tp_choices(model: ModelSpec, island: IslandSpec) -> list[int]:
+    """TP degrees an island may use: powers of two dividing heads and kv_heads, within one node."""
+    out = []
+    t = 1
+    while t <= island.tp_limit:
+        if island.tp_limit % t == 0 and model.heads % t == 0 and model.kv_heads % t == 0:
+            out.append(t)
+        t *= 2
+    return out
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))

@@ -1,0 +1,795 @@
+"""Plan search: hetero-PP (one pipeline across islands) against hetero-DP (a replica per island).
+
+hetero-PP space: which islands and in what pipeline order; a TP degree per island
+(a power of two dividing heads and kv_heads, within one node); one DP degree for
+every stage; stages per island; micro-batch size (count follows from the global
+batch); then the exact uneven layer split (layer_split.py) with each stage's
+recompute mode the fastest that fits its memory.
+
+hetero-DP space: per island a homogeneous pipeline (TP, stages, DP, same
+micro-batch everywhere) and an uneven split of the global batch between the
+islands (exact min-max DP over micro-batch counts); gradients are reduced over
+the bridge.
+
+Speed: every hetero-PP configuration first gets a cheap lower bound on its step
+time (perfectly balanced layers, no memory limit); configurations are then
+evaluated best-bound-first and the search stops when the next bound cannot beat
+the K-th best plan found, so the result is the same as evaluating them all.
+Stage rows and per-layer costs are memoised.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from partitioner.costs import (CostModel, divisors, head_forward_flops, layer_forward_flops, layer_params,
+                               pipeline_step_s, tp_choices)
+from partitioner.inputs import (RECOMPUTE_MODES, FleetSpec, InfeasibleError, IslandSpec, ModelSpec,
+                                SearchLimits, TrainSpec)
+from partitioner.layer_split import compositions, min_bottleneck, min_sum_split
+from partitioner.plan import PipelinePlan, Plan, StagePlan, assign_ranks
+
+
+# ----------------------------------------------------------------------------- evaluated candidates
+
+@dataclass
+class PipeEval:
+    layout: list                     # [(IslandSpec, tp, offset)] per stage
+    dp: int
+    b: int
+    m: int
+    counts: tuple
+    modes: tuple
+    stage_times: list
+    boundary: list
+    tail: float
+    memory: list                     # bytes per chip per stage
+    sources: list
+
+    @property
+    def cycle(self) -> float:
+        return max(max(self.stage_times), max(self.boundary, default=0.0))
+
+    @property
+    def fill(self) -> float:
+        return sum(self.stage_times) + 2.0 * sum(self.boundary) + self.tail
+
+    def step(self, m: int | None = None) -> float:
+        return pipeline_step_s(self.stage_times, self.boundary, self.m if m is None else m, self.tail)
+
+
+@dataclass
+class Candidate:
+    kind: str                        # pipeline | replicas
+    pipes: list                      # PipeEval per pipeline
+    step: float
+    cross_s: float = 0.0
+    label: str = ""
+
+
+@dataclass
+class SearchResult:
+    plans: list                      # best first (Plan)
+    candidates: list                 # the matching Candidates
+    baseline: Candidate | None
+    baseline_plan: Plan | None
+    search_s: float
+    evaluated: int
+    bounded: int
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> Plan:
+        return self.plans[0]
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def check_inputs(fleet: FleetSpec, model: ModelSpec, train: TrainSpec) -> None:
+    if model.heads % model.kv_heads:
+        raise InfeasibleError(f"model {model.name}: kv_heads ({model.kv_heads}) must divide heads ({model.heads})")
+    if model.hidden % model.heads:
+        raise InfeasibleError(f"model {model.name}: hidden ({model.hidden}) must be a multiple of heads ({model.heads})")
+    if not fleet.islands or fleet.total_chips < 1:
+        raise InfeasibleError(f"cluster {fleet.name} has no chips")
+    if train.global_batch < 1 or train.micro_batch < 1 or train.global_batch % train.micro_batch:
+        raise InfeasibleError(f"micro_batch ({train.micro_batch}) must divide global_batch ({train.global_batch})")
+
+
+def explain_infeasible(cm: CostModel, fleet: FleetSpec, model: ModelSpec, train: TrainSpec) -> str:
+    """Why no plan exists, and what to change."""
+    b = min(train.micro_batch_choices())
+    best_single = 0.0
+    for island in fleet.islands:
+        t = max(tp_choices(model, island))
+        one = cm.stage_memory(t, b, 1, 1, False, False, 1, "full") if "full" in train.recompute_modes else \
+            cm.stage_memory(t, b, 1, 1, False, False, 1, train.recompute_modes[-1])
+        best_single = max(best_single, island.chip.usable_bytes / one)
+    if best_single < 1:
+        largest = max(fleet.islands, key=lambda i: i.chip.usable_bytes)
+        t = max(tp_choices(model, largest))
+        one = cm.stage_memory(t, b, 1, 1, False, False, 1, "full")
+        return (f"model {model.name} fits nowhere: one layer needs {one / 1e9:.3g} GB per chip even with "
+                f"TP {t}, micro-batch {b} and full recompute, and the largest chip ({largest.chip.name}) has "
+                f"{largest.chip.usable_bytes / 1e9:.3g} GB usable; use chips with more memory, a shorter "
+                f"seq_len or a narrower model")
+    # Whole-model memory against the whole fleet.
+    zero_dp = max(1, fleet.total_chips)
+    per_layer_min = min(cm.stage_memory(max(tp_choices(model, i)), b, zero_dp, 1, False, False, 1, "full")
+                        for i in fleet.islands)
+    need = model.layers * per_layer_min
+    have = sum(i.size * i.chip.usable_bytes for i in fleet.islands)
+    return (f"no plan fits: model {model.name} ({model.layers} layers) needs roughly "
+            f"{model.layers * cm.stage_memory(1, b, 1, 1, False, False, 1, 'full') / 1e9:.3g} GB of weights, "
+            f"gradients, optimizer state and activations, and cluster {fleet.name} has {fleet.total_chips} chips "
+            f"with {have / 1e9:.3g} GB usable in all (at least {math.ceil(need / max(1.0, have / fleet.total_chips))} "
+            f"chips of this kind would be needed); add chips, or use fewer layers, a shorter seq_len or a "
+            f"smaller global/micro batch")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def stage_layout(order_tps_stages, dp: int) -> list:
+    """[(island, tp, n_stages)] in pipeline order -> [(island, tp, offset)] per stage."""
+    layout = []
+    for island, t, s in order_tps_stages:
+        for j in range(s):
+            layout.append((island, t, j * t * dp))
+    return layout
+
+
+def _stage_params(cm: CostModel, t: int, n: int, first: bool, last: bool) -> float:
+    params = n * cm.layer_params / t
+    if first:
+        params += cm.first_static_params(t)
+    if last:
+        params += cm.last_static_params(t)
+    return params
+
+
+def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
+                      counts=None, inflight_m: int | None = None, bound: float = math.inf) -> PipeEval | None:
+    """Cost one pipeline; the layer split is searched unless `counts` is given.
+
+    With a `bound`, gives up (None) as soon as the step time provably reaches it."""
+    P = len(layout)
+    if P == 0 or P > cm.model.layers:
+        return None
+    mi = m if inflight_m is None else inflight_m
+    rows = []
+    picks = []
+    for i, (island, t, _off) in enumerate(layout):
+        row, pick = cm.stage_row(island.name, t, b, dp, i == 0, i == P - 1, min(P - i, mi))
+        rows.append(row)
+        picks.append(pick)
+    if counts is None:
+        times = np.vstack(rows)
+        cap = min_bottleneck(times)
+        if cap is None:
+            return None
+        if math.isfinite(bound):
+            boundary = _boundaries(cm, layout, dp, b)
+            lb = (m - 1) * max(cap, max(boundary, default=0.0)) + float(times[:, 0].sum()) + 2.0 * sum(boundary)
+            if lb >= bound:
+                return None
+        split = min_sum_split(times, cap)
+        if split is None:
+            return None
+        counts = split.counts
+    stage_times = [float(rows[i][n - 1]) for i, n in enumerate(counts)]
+    if not all(math.isfinite(x) for x in stage_times):
+        return None
+    modes = tuple(RECOMPUTE_MODES[int(picks[i][n - 1])] for i, n in enumerate(counts))
+    return _finish(cm, layout, dp, b, m, tuple(counts), modes, stage_times, mi)
+
+
+def _boundaries(cm, layout, dp, b) -> list:
+    return [cm.p2p_s(layout[i][0], layout[i][2], layout[i + 1][0], layout[i + 1][2], layout[i][1], dp, b)
+            for i in range(len(layout) - 1)]
+
+
+def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi) -> PipeEval:
+    P = len(layout)
+    boundary = _boundaries(cm, layout, dp, b)
+    tail = 0.0
+    memory = []
+    sources = []
+    for i, ((island, t, off), n) in enumerate(zip(layout, counts)):
+        params = _stage_params(cm, t, n, i == 0, i == P - 1)
+        tail = max(tail, cm.dp_allreduce_s(island, off, t, dp, params) + cm.optimizer_s(island, dp, params))
+        memory.append(cm.stage_memory(t, b, dp, n, i == 0, i == P - 1, min(P - i, mi), modes[i]))
+        sources.append(cm.layer_cost(island.name, t, b).source)
+    return PipeEval(layout, dp, b, m, counts, modes, stage_times, boundary, tail, memory, sources)
+
+
+def evaluate_uniform(cm: CostModel, layout: list, dp: int, b: int, m: int, counts: tuple, mode: str) -> PipeEval | None:
+    """A pipeline with a given split and one recompute mode everywhere (the naive baseline)."""
+    P = len(layout)
+    times = []
+    for i, ((island, t, _off), n) in enumerate(zip(layout, counts)):
+        mem = cm.stage_memory(t, b, dp, n, i == 0, i == P - 1, min(P - i, m), mode)
+        if mem > cm.capacity(island.name):
+            return None
+        time_s = n * cm.per_layer_s(island.name, t, b, mode)
+        if i == 0:
+            time_s += cm.first_extra_s(island.name, t, b)
+        if i == P - 1:
+            time_s += cm.last_extra_s(island.name, t, b)
+        times.append(time_s)
+    return _finish(cm, layout, dp, b, m, tuple(counts), (mode,) * P, times, m)
+
+
+# ----------------------------------------------------------------------------- hetero-PP enumeration
+
+def island_orders(islands, limits: SearchLimits) -> list:
+    """Ordered non-empty subsets of islands, all of them when few; else a heuristic set."""
+    out = []
+    for k in range(1, len(islands) + 1):
+        out.extend(itertools.permutations(islands, k))
+    if len(out) <= limits.max_orders:
+        return out
+    # Many islands: the full set in a few sensible orders, plus each island alone.
+    by_mem = sorted(islands, key=lambda i: -i.chip.usable_bytes)
+    by_speed = sorted(islands, key=lambda i: -i.chip.flops("bf16"))
+    picks = [tuple(islands), tuple(by_mem), tuple(by_speed), tuple(reversed(by_speed)), tuple(reversed(by_mem))]
+    picks += [(i,) for i in islands]
+    seen, uniq = set(), []
+    for order in picks:
+        key = tuple(i.name for i in order)
+        if key not in seen:
+            seen.add(key)
+            uniq.append(order)
+    return uniq
+
+
+def stage_choices(S: int, limits: SearchLimits, small_fleet: bool) -> list[int]:
+    """Stage counts tried for an island that has room for S stages: all of them on small
+    fleets (and whenever asked to be exhaustive), else S, S-1, S/2 and S/4."""
+    if S <= 0:
+        return []
+    if limits.exhaustive_stages or (small_fleet and S <= 8) or S <= 2:
+        return list(range(1, S + 1))
+    picks = {S, S - 1, (S + 1) // 2, (S + 3) // 4}
+    return sorted(p for p in picks if p >= 1)
+
+
+class _Bounds:
+    """Cached per-(island, tp, micro-batch, dp) numbers for lower bounds and quick memory checks."""
+
+    def __init__(self, cm: CostModel):
+        self.cm = cm
+        self.tau: dict = {}
+        self.first: dict = {}
+        self.last: dict = {}
+        self.max_layers: dict = {}
+        self.tails: dict = {}
+
+    def layer(self, island, t, b):
+        key = (island.name, t, b)
+        hit = self.tau.get(key)
+        if hit is None:
+            hit = self.cm.best_layer_s(island.name, t, b)
+            self.tau[key] = hit
+            self.first[key] = self.cm.first_extra_s(island.name, t, b)
+            self.last[key] = self.cm.last_extra_s(island.name, t, b)
+        return hit
+
+    def tail(self, island, t, dp, n) -> float:
+        """DP reduction + optimizer of a middle stage with n layers (some stage has >= L/P)."""
+        key = ("tail", island.name, t, dp, n)
+        hit = self.tails.get(key)
+        if hit is None:
+            params = n * self.cm.layer_params / t
+            hit = self.cm.dp_allreduce_s(island, 0, t, dp, params) + self.cm.optimizer_s(island, dp, params)
+            self.tails[key] = hit
+        return hit
+
+    def tail_line(self, island, t, dp) -> tuple[float, float]:
+        """tail(n) = a*n + c for n >= 1 layers (both parts are linear in the stage's parameters)."""
+        one, two = self.tail(island, t, dp, 1), self.tail(island, t, dp, 2)
+        return (two - one, one - (two - one))
+
+    def layers_fit(self, island, t, b, dp) -> int:
+        """Most layers one middle stage could hold (one micro-batch in flight, cheapest mode)."""
+        key = (island.name, t, b, dp)
+        hit = self.max_layers.get(key)
+        if hit is None:
+            cm = self.cm
+            mode = "full" if "full" in cm.train.recompute_modes else cm.train.recompute_modes[-1]
+            one = cm.stage_memory(t, b, dp, 1, False, False, 1, mode)
+            two = cm.stage_memory(t, b, dp, 2, False, False, 1, mode)
+            cap = cm.capacity(island.name)
+            per = max(two - one, 1e-9)
+            hit = 0 if one > cap else 1 + int((cap - one) // per)
+            self.max_layers[key] = hit
+        return hit
+
+
+def _pp_configs(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: _Bounds):
+    """Yield (lower_bound, order_tps_stages, dp, b, m) for every hetero-PP configuration."""
+    model, train = cm.model, cm.train
+    G, L = train.global_batch, model.layers
+    bs = train.micro_batch_choices()
+    nbytes = model.seq_len * model.hidden * cm.e
+    tps = {i.name: tp_choices(model, i) for i in fleet.islands}
+    divs = divisors(G)
+    small = fleet.total_chips <= limits.small_fleet_chips
+    products: dict = {}
+    for order in island_orders(fleet.islands, limits):
+        bridge_lb = [2.0 * (len(order) - 1) * (cm.bridge_latency + b * nbytes / cm.bridge_bandwidth) for b in bs]
+        for ts in itertools.product(*[tps[i.name] for i in order]):
+            max_dp = min(i.size // t for i, t in zip(order, ts))
+            for dp in divs:
+                if dp > max_dp:
+                    break
+                for bi, b in enumerate(bs):
+                    if (G // dp) % b:
+                        continue
+                    m = G // (dp * b)
+                    fits = [bounds.layers_fit(i, t, b, dp) for i, t in zip(order, ts)]
+                    if min(fits) < 1:
+                        continue
+                    taus = [bounds.layer(i, t, b) for i, t in zip(order, ts)]
+                    k0 = (order[0].name, ts[0], b)
+                    k1 = (order[-1].name, ts[-1], b)
+                    e_first, e_last = bounds.first[k0], bounds.last[k1]
+                    choices = tuple(tuple(stage_choices(i.size // (t * dp), limits, small)) for i, t in zip(order, ts))
+                    arr = products.get(choices)
+                    if arr is None:
+                        arr = np.array(list(itertools.product(*choices)), dtype=np.int64).reshape(-1, len(order))
+                        products[choices] = arr
+                    P = arr.sum(axis=1)
+                    ok = (P <= L) & (arr @ np.array(fits, dtype=np.int64) >= L)
+                    if not ok.any():
+                        continue
+                    sel, P = arr[ok], P[ok]
+                    inv = sel @ (1.0 / np.array(taus))
+                    c = np.maximum((L + e_first / taus[0] + e_last / taus[-1]) / inv,
+                                   max(e_first + taus[0], e_last + taus[-1], max(taus)))
+                    n_avg = -(-L // P)
+                    ab = np.array([bounds.tail_line(i, t, dp) for i, t in zip(order, ts)])
+                    tail = (n_avg[:, None] * ab[None, :, 0] + ab[None, :, 1]).min(axis=1)
+                    rest = L * min(taus) + e_first + e_last + bridge_lb[bi] + tail
+                    lb = (m - 1) * c + rest
+                    pairs = tuple(zip(order, ts))
+                    for lb_i, ss, c_i, rest_i in zip(lb.tolist(), sel.tolist(), c.tolist(), rest.tolist()):
+                        # the bound is tightened to whole layers only when the config comes up
+                        yield lb_i, pairs, ss, dp, b, m, (c_i, taus, e_first, e_last, rest_i)
+
+
+def _integer_bottleneck(c: float, ss, taus, e_first: float, e_last: float, L: int) -> float:
+    """Smallest C >= c at which whole layers fit: sum over stages of floor((C - extra_i) / tau_i) >= L.
+
+    Ignores memory and uses each island's fastest mode, so it bounds the true bottleneck from below."""
+    eps = 1e-12
+    floor = math.floor
+    if sum(ss) == 1:
+        return max(c, e_first + e_last + L * taus[0])
+    for _ in range(4 * L + 8):
+        total = 0
+        for s, tau in zip(ss, taus):
+            total += s * floor(c / tau + eps)
+        # the first and last stages also carry the embedding / LM head
+        total -= floor(c / taus[0] + eps) - max(0, floor((c - e_first) / taus[0] + eps))
+        total -= floor(c / taus[-1] + eps) - max(0, floor((c - e_last) / taus[-1] + eps))
+        if total >= L:
+            return c
+        nxt = min((floor(c / tau + eps) + 1) * tau for tau in taus)
+        nxt = min(nxt, (floor((c - e_first) / taus[0] + eps) + 1) * taus[0] + e_first,
+                  (floor((c - e_last) / taus[-1] + eps) + 1) * taus[-1] + e_last)
+        c = max(nxt, c * (1 + 1e-12))
+    return c
+
+
+def _label_pp(pe: PipeEval) -> str:
+    parts = []
+    for island, t, _off in pe.layout:
+        if parts and parts[-1][0] == island.name and parts[-1][1] == t:
+            parts[-1][2] += 1
+        else:
+            parts.append([island.name, t, 1])
+    chain = " -> ".join(f"{name}(tp{t} x{s} stage{'s' if s > 1 else ''})" for name, t, s in parts)
+    return f"pipeline {chain}, dp {pe.dp}, micro-batch {pe.b} x {pe.m}"
+
+
+def _search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None):
+    L = cm.model.layers
+    heap = [(c[0], n, False, c) for n, c in enumerate(_pp_configs(cm, fleet, limits, bounds))]
+    stats["pp_configs"] = len(heap)
+    heapq.heapify(heap)
+    best: list = []
+    evaluated = refined = 0
+    total = len(heap)
+    index = 0
+    while heap:
+        lb, n, is_refined, config = heapq.heappop(heap)
+        if len(best) >= keep and lb >= best[-1].step:
+            break
+        _lb, pairs, ss, dp, b, m, (c, taus, e_first, e_last, rest) = config
+        if not is_refined:
+            refined += 1
+            c = _integer_bottleneck(c, ss, taus, e_first, e_last, L)
+            heapq.heappush(heap, ((m - 1) * c + rest, n, True, config))
+            continue
+        index += 1
+        layout = stage_layout([(i, t, k) for (i, t), k in zip(pairs, ss)], dp)
+        pe = evaluate_pipeline(cm, layout, dp, b, m, bound=best[-1].step if len(best) >= keep else math.inf)
+        evaluated += 1
+        if progress and evaluated % 64 == 0:
+            progress(index, total)
+        if pe is None:
+            continue
+        cand = Candidate("pipeline", [pe], pe.step(), 0.0, _label_pp(pe))
+        best.append(cand)
+        best.sort(key=lambda c: c.step)
+        del best[keep:]
+    stats["pp_evaluated"] = evaluated
+    stats["pp_refined"] = refined
+    return best
+
+
+# ----------------------------------------------------------------------------- hetero-DP
+
+def _pipeline_counts(L: int, p_max: int) -> list[int]:
+    picks = set(range(1, min(p_max, 8) + 1))
+    x = 16
+    while x <= p_max:
+        picks.add(x)
+        x *= 2
+    picks.update(d for d in divisors(L) if d <= p_max)
+    return sorted(picks)
+
+
+def _replica_options(cm: CostModel, island: IslandSpec, b: int, limits: SearchLimits, bounds: _Bounds,
+                     stats: dict, exhaustive: bool = False) -> list[PipeEval]:
+    """Homogeneous pipelines on one island, each costed with worst-case in-flight memory."""
+    model, train = cm.model, cm.train
+    G, L = train.global_batch, model.layers
+    out = []
+    for t in tp_choices(model, island):
+        p_max = min(L, island.size // t)
+        ps = list(range(1, p_max + 1)) if exhaustive else _pipeline_counts(L, p_max)
+        for p in ps:
+            d_max = min(island.size // (t * p), G // b)
+            if d_max < 1:
+                continue
+            dps = range(1, d_max + 1) if exhaustive else {d_max, 1 << (d_max.bit_length() - 1)}
+            for dp in sorted(dps):
+                if bounds.layers_fit(island, t, b, dp) * p < L:
+                    continue
+                layout = stage_layout([(island, t, p)], dp)
+                pe = evaluate_pipeline(cm, layout, dp, b, m=G, inflight_m=G)
+                stats["dp_evaluated"] = stats.get("dp_evaluated", 0) + 1
+                if pe is not None:
+                    out.append(pe)
+    return out
+
+
+def best_batch_split(pes: list[PipeEval], units: int):
+    """Split `units` micro-batches of the global batch between pipelines (each >= 1 micro-batch
+    per replica) to minimise the slowest pipeline's step. Exact; returns (step, [m_k]) or None."""
+    f = np.full(units + 1, np.inf)
+    f[0] = 0.0
+    back = []
+    for pe in pes:
+        d = pe.dp
+        ms = np.arange(1, units // d + 1)
+        if ms.size == 0:
+            return None
+        tm = (ms - 1) * pe.cycle + pe.fill
+        u = np.arange(units + 1)[:, None]
+        prev = u - d * ms[None, :]
+        valid = prev >= 0
+        cand = np.maximum(np.where(valid, f[np.where(valid, prev, 0)], np.inf), tm[None, :])
+        arg = np.argmin(cand, axis=1)
+        f = cand[np.arange(units + 1), arg]
+        back.append(ms[arg])
+    if not np.isfinite(f[units]):
+        return None
+    m_list = []
+    u = units
+    for k in range(len(pes) - 1, -1, -1):
+        mk = int(back[k][u])
+        m_list.append(mk)
+        u -= pes[k].dp * mk
+    m_list.reverse()
+    return float(f[units]), m_list
+
+
+def _combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
+    G = cm.train.global_batch
+    units = G // b
+    names = [n for n in options_by_island if options_by_island[n]]
+    out = []
+    for k in range(2, len(names) + 1):
+        for subset in itertools.combinations(names, k):
+            for combo in itertools.product(*[options_by_island[n] for n in subset]):
+                res = best_batch_split(list(combo), units)
+                if res is None:
+                    continue
+                _, m_list = res
+                links = min(pe.layout[0][0].nodes_spanned(0, len(pe.layout) * pe.layout[0][1] * pe.dp)
+                            for pe in combo)
+                cross = cm.cross_island_reduce_s([pe.layout[0][0] for pe in combo], links)
+                pes = []
+                for pe, mk in zip(combo, m_list):
+                    pes.append(PipeEval(pe.layout, pe.dp, pe.b, mk, pe.counts, pe.modes, pe.stage_times,
+                                        pe.boundary, pe.tail, pe.memory, pe.sources))
+                step = max(p.step() for p in pes) + cross
+                label = "replicas " + " + ".join(
+                    f"{p.layout[0][0].name}(pp{len(p.layout)} tp{p.layout[0][1]} dp{p.dp}, {p.dp * p.b * p.m} samples)"
+                    for p in pes) + f", micro-batch {b}"
+                out.append(Candidate("replicas", pes, step, cross, label))
+    out.sort(key=lambda c: c.step)
+    return out[:keep]
+
+
+def _search_replicas(cm, fleet, limits, keep, bounds, stats, exhaustive=False):
+    if len(fleet.islands) < 2:
+        return []
+    out = []
+    for b in cm.train.micro_batch_choices():
+        options = {}
+        for island in fleet.islands:
+            pes = _replica_options(cm, island, b, limits, bounds, stats, exhaustive)
+            if not exhaustive:
+                # Best throughput (samples per second in steady state) first.
+                pes.sort(key=lambda pe: (-pe.dp * pe.b / pe.cycle, pe.fill))
+                pes = pes[:limits.replica_options_per_island]
+            options[island.name] = pes
+        out.extend(_combine_replicas(cm, options, b, keep))
+    out.sort(key=lambda c: c.step)
+    return out[:keep]
+
+
+# ----------------------------------------------------------------------------- baseline
+
+def naive_baseline(cm: CostModel, fleet: FleetSpec) -> Candidate | None:
+    """Equal layers per stage, one TP for the whole fleet, islands in cluster order, every
+    island full, the user's micro-batch, one recompute mode (the fastest that fits), best DP."""
+    model, train = cm.model, cm.train
+    G, L, b = train.global_batch, model.layers, train.micro_batch
+    common = set.intersection(*[set(tp_choices(model, i)) for i in fleet.islands])
+    best = None
+    for t in sorted(common):
+        for dp in divisors(G // b):
+            S = [i.size // (t * dp) for i in fleet.islands]
+            if min(S) < 1:
+                continue
+            P = sum(S)
+            if P > L:
+                continue
+            m = G // (dp * b)
+            counts = tuple(L // P + (1 if i < L % P else 0) for i in range(P))
+            layout = stage_layout([(i, t, s) for i, s in zip(fleet.islands, S)], dp)
+            for mode in train.recompute_modes:
+                pe = evaluate_uniform(cm, layout, dp, b, m, counts, mode)
+                if pe is not None:
+                    cand = Candidate("pipeline", [pe], pe.step(), 0.0, "naive " + _label_pp(pe))
+                    if best is None or cand.step < best.step:
+                        best = cand
+                    break
+    return best
+
+
+# ----------------------------------------------------------------------------- materialise
+
+def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
+    model, train = cm.model, cm.train
+    stages = []
+    pipelines = []
+    for k, pe in enumerate(cand.pipes):
+        idx = []
+        start = 0
+        for i, ((island, t, off), n) in enumerate(zip(pe.layout, pe.counts)):
+            stages.append(StagePlan(
+                index=len(stages), pipeline=k, island=island.name, chip=island.chip.name, tp=t, dp=pe.dp,
+                layers=(start, start + n), recompute=pe.modes[i], offset=off, time_s=pe.stage_times[i],
+                memory_gb=pe.memory[i] / 1e9, source=pe.sources[i]))
+            idx.append(stages[-1].index)
+            start += n
+        pipelines.append(PipelinePlan(index=k, stages=tuple(idx), dp=pe.dp, micro_batch=pe.b,
+                                      num_micro_batches=pe.m))
+    ranks = assign_ranks(fleet, stages)
+    step = cand.step
+    # Model FLOPs (no recompute) and hardware FLOPs (with it) per chip type.
+    f_layer = 3.0 * layer_forward_flops(model, 1)
+    f_head = 3.0 * head_forward_flops(model, 1)
+    done: dict = {}
+    hw: dict = {}
+    chips: dict = {}
+    peak: dict = {}
+    for st, pe in zip(_stages_by_pipe(stages, pipelines), cand.pipes):
+        samples = pe.dp * pe.b * pe.m
+        for s in st:
+            flops = samples * (s.num_layers * f_layer + (f_head if s.index == st[-1].index else 0.0))
+            if s.recompute == "full":
+                extra = samples * s.num_layers * f_layer / 3.0
+            elif s.recompute == "selective":
+                extra = samples * s.num_layers * 4.0 * model.seq_len * model.seq_len * model.hidden
+            else:
+                extra = 0.0
+            done[s.chip] = done.get(s.chip, 0.0) + flops
+            hw[s.chip] = hw.get(s.chip, 0.0) + flops + extra
+            chips[s.chip] = chips.get(s.chip, 0) + s.chips
+            peak[s.chip] = fleet.island(s.island).chip.flops(train.dtype)
+    mfu = {c: done[c] / (step * chips[c] * peak[c]) for c in done}
+    all_peak = sum(i.size * i.chip.flops(train.dtype) for i in fleet.islands)
+    used_peak = sum(chips[c] * peak[c] for c in chips)
+    slowest = max(cand.pipes, key=lambda p: p.step())
+    breakdown = {
+        "cycle_s": slowest.cycle,
+        "steady_s": (slowest.m - 1) * slowest.cycle,
+        "fill_drain_s": sum(slowest.stage_times),
+        "p2p_s": 2.0 * sum(slowest.boundary),
+        "max_boundary_s": max(slowest.boundary, default=0.0),
+        "dp_reduce_and_optimizer_s": slowest.tail,
+        "cross_island_reduce_s": cand.cross_s,
+        "bubble_fraction": 1.0 - (slowest.m * sum(slowest.stage_times) / len(slowest.stage_times))
+        / ((slowest.m - 1) * max(slowest.stage_times) + sum(slowest.stage_times)),
+        "mfu_used_chips": sum(done.values()) / (step * used_peak),
+        "mfu_fleet": sum(done.values()) / (step * all_peak),
+        "hfu_used_chips": sum(hw.values()) / (step * used_peak),
+    }
+    modes = {s.recompute for s in stages}
+    sources = {}
+    for s in stages:
+        sources.setdefault(s.chip, set()).add(s.source)
+    layer_src = {c: (v.pop() if len(v) == 1 else "mixed") for c, v in sources.items()}
+    used_by_island = {}
+    for r in ranks:
+        used_by_island[r.island] = used_by_island.get(r.island, 0) + 1
+    return Plan(
+        kind=cand.kind, cluster=fleet.name, model=model.name, dtype=train.dtype, layers=model.layers,
+        heads=model.heads, kv_heads=model.kv_heads, global_batch=train.global_batch,
+        micro_batch=cand.pipes[0].b, num_micro_batches=cand.pipes[0].m,
+        recompute=modes.pop() if len(modes) == 1 else "mixed", zero1=cm.zero1(max(p.dp for p in cand.pipes)),
+        stages=tuple(stages), pipelines=tuple(pipelines), ranks=ranks, predicted_step_s=step,
+        tokens_per_s=train.global_batch * model.seq_len / step, mfu=mfu, breakdown=breakdown,
+        measured=all(s.source == "measured" for s in stages),
+        provenance={"layer_time": layer_src, "bridge": cm.bridge_source,
+                    "matmul_efficiency": {i.chip.name: i.chip.mm_eff for i in fleet.islands
+                                          if layer_src.get(i.chip.name, "estimated") != "measured"},
+                    "label": cand.label},
+        idle={i.name: i.size - used_by_island.get(i.name, 0) for i in fleet.islands},
+    )
+
+
+def _stages_by_pipe(stages, pipelines):
+    return [[stages[i] for i in p.stages] for p in pipelines]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def search(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None, top: int = 1,
+           limits: SearchLimits | None = None, progress=None) -> SearchResult:
+    """The best plans (best first), the naive baseline, and how long the search took."""
+    t0 = time.perf_counter()
+    limits = limits or SearchLimits()
+    check_inputs(fleet, model, train)
+    cm = CostModel(fleet, model, train, profile)
+    bounds = _Bounds(cm)
+    keep = max(2, top)
+    stats: dict = {}
+    cands = []
+    if "pipeline" in train.modes:
+        cands += _search_pp(cm, fleet, limits, keep, bounds, stats, progress)
+    if "replicas" in train.modes:
+        cands += _search_replicas(cm, fleet, limits, keep, bounds, stats)
+    cands.sort(key=lambda c: c.step)
+    if not cands:
+        raise InfeasibleError(explain_infeasible(cm, fleet, model, train))
+    cands = cands[:keep]
+    plans = [to_plan(cm, fleet, c) for c in cands]
+    base = naive_baseline(cm, fleet)
+    base_plan = to_plan(cm, fleet, base) if base else None
+    elapsed = time.perf_counter() - t0
+    return SearchResult(plans=plans, candidates=cands, baseline=base,
+                        baseline_plan=base_plan, search_s=elapsed,
+                        evaluated=stats.get("pp_evaluated", 0) + stats.get("dp_evaluated", 0),
+                        bounded=stats.get("pp_configs", 0), stats=stats)
+
+
+# ----------------------------------------------------------------------------- brute force
+
+def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None) -> Candidate | None:
+    """Every configuration of the same space, every layer split: for checking the search
+    on small fleets. Exponential; keep layers <= ~16 and chips <= ~16."""
+    cm = CostModel(fleet, model, train, profile)
+    limits = SearchLimits(exhaustive_stages=True, max_orders=10 ** 6)
+    G, L = train.global_batch, model.layers
+    best = None
+    comps_cache: dict = {}
+    if "pipeline" in train.modes:
+        tps = {i.name: tp_choices(model, i) for i in fleet.islands}
+        for order in island_orders(fleet.islands, limits):
+            for ts in itertools.product(*[tps[i.name] for i in order]):
+                max_dp = min(i.size // t for i, t in zip(order, ts))
+                for dp in divisors(G):
+                    if dp > max_dp:
+                        break
+                    for b in train.micro_batch_choices():
+                        if (G // dp) % b:
+                            continue
+                        m = G // (dp * b)
+                        for ss in itertools.product(*[range(1, i.size // (t * dp) + 1) for i, t in zip(order, ts)]):
+                            P = sum(ss)
+                            if P > L:
+                                continue
+                            layout = stage_layout(list(zip(order, ts, ss)), dp)
+                            pe = _brute_pipeline(cm, layout, dp, b, m, m, comps_cache)
+                            if pe is not None and (best is None or pe.step() < best.step):
+                                best = Candidate("pipeline", [pe], pe.step(), 0.0, _label_pp(pe))
+    if "replicas" in train.modes and len(fleet.islands) >= 2:
+        for b in train.micro_batch_choices():
+            options = {}
+            for island in fleet.islands:
+                opts = []
+                for t in tp_choices(model, island):
+                    for p in range(1, min(L, island.size // t) + 1):
+                        for dp in range(1, min(island.size // (t * p), G // b) + 1):
+                            layout = stage_layout([(island, t, p)], dp)
+                            pe = _brute_pipeline(cm, layout, dp, b, G, G, comps_cache, objective="cycle")
+                            if pe is not None:
+                                opts.extend(pe)
+                options[island.name] = _pareto(opts)
+            for cand in _combine_replicas(cm, options, b, 1):
+                if best is None or cand.step < best.step:
+                    best = cand
+    return best
+
+
+def _pareto(pes: list) -> list:
+    """Drop replica options another option with the same DP beats at every micro-batch count."""
+    out = []
+    for pe in pes:
+        if not any(o is not pe and o.dp == pe.dp and o.cycle <= pe.cycle and o.fill <= pe.fill
+                   and (o.cycle, o.fill) != (pe.cycle, pe.fill) for o in pes):
+            if not any(o.dp == pe.dp and (o.cycle, o.fill) == (pe.cycle, pe.fill) for o in out):
+                out.append(pe)
+    return out
+
+
+def _brute_pipeline(cm, layout, dp, b, m, mi, cache, objective="step"):
+    """Best split of one pipeline by enumerating every composition (vectorised)."""
+    P = len(layout)
+    L = cm.model.layers
+    comps = cache.get((L, P))
+    if comps is None:
+        comps = compositions(L, P)
+        cache[(L, P)] = comps
+    rows = np.vstack([cm.stage_row(island.name, t, b, dp, i == 0, i == P - 1, min(P - i, mi))[0]
+                      for i, (island, t, _o) in enumerate(layout)])
+    times = rows[np.arange(P)[None, :], comps - 1]
+    ok = np.isfinite(times).all(axis=1)
+    if not ok.any():
+        return None
+    times, comps = times[ok], comps[ok]
+    if objective == "step":
+        # tail depends on the split: compute it exactly for the best few by (cycle, sum), then all ties.
+        key = (m - 1) * times.max(axis=1) + times.sum(axis=1)
+        order = np.argsort(key)
+        best = None
+        bound = None
+        for j in order:
+            if bound is not None and key[j] >= bound:
+                break
+            pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi)
+            if pe is not None and (best is None or pe.step() < best.step()):
+                best = pe
+                bound = pe.step()
+        return best
+    # For replicas: the throughput-optimal split (min cycle, then min fill) and the fill-optimal one.
+    out = []
+    for key in ((times.max(axis=1), times.sum(axis=1)), (times.sum(axis=1), times.max(axis=1))):
+        j = int(np.lexsort((key[1], key[0]))[0])
+        pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi)
+        if pe is not None:
+            out.append(pe)
+    return out or None
