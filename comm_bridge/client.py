@@ -85,8 +85,9 @@ class CoordinatorClient:
         reply = self._call("Heartbeat", {"rank": self.rank}, 5.0)
         return {int(r): why for r, why in reply["failed"].items()}
 
-    def leave(self) -> None:
-        self._call("Leave", {"rank": self.rank}, 5.0)
+    def leave(self, finished: bool = False) -> None:
+        """Leave the job: as a failure peers must hear of, or (finished) as a clean end."""
+        self._call("Leave", {"rank": self.rank, "finished": finished}, 5.0)
 
     # ------------------------------------------------------------- failures
     def on_failure(self, callback: Callable[[int, str], None]) -> None:
@@ -144,10 +145,10 @@ class CoordinatorClient:
                 pass  # the heartbeat loop decides when the coordinator is gone
             self._stop.wait(interval)
 
-    def close(self, leave: bool = False) -> None:
+    def close(self, leave: bool = False, finished: bool = False) -> None:
         if leave:
             try:
-                self.leave()
+                self.leave(finished)
             except Exception:
                 pass
         self._stop.set()

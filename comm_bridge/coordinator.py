@@ -54,6 +54,7 @@ class Coordinator:
         self.workers: dict[int, dict] = {}
         self._last_seen: dict[int, float] = {}
         self.failed: dict[int, str] = {}
+        self.finished: set[int] = set()
         self._kv: dict[str, str] = {}
         self._barriers: dict[str, dict] = {}
         self._watchers: list[queue.Queue] = []
@@ -231,7 +232,10 @@ class Coordinator:
         rank = self._rank(body)
         with self._cond:
             self._last_seen.pop(rank, None)
-            self._mark_failed(rank, "left the job")
+            if body.get("finished") is True:
+                self.finished.add(rank)     # a clean end of work, not a fault
+            else:
+                self._mark_failed(rank, "left the job")
         return {}
 
     def _watch(self, request: bytes, context):

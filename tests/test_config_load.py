@@ -31,7 +31,7 @@ def test_default_fleet(configs_dir):
     assert cluster.coordinator.host == "127.0.0.1" and not cluster.coordinator.bind_all
     assert cluster.network.bridge.transport == "auto"
     assert job.model.head_dim == 32 and job.model.kv_heads == 4
-    assert job.train.checkpoint.dir.endswith(os.path.join("runs", "checkpoints"))
+    assert job.train.checkpoint.dir == os.path.join(configs_dir, "checkpoints")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cluster.name = "other"
 
@@ -62,7 +62,7 @@ def test_one_file_with_three_sections_equals_three_files(configs_dir, tmp_path):
     for kind, name in (("cluster", "emulated-mixed.yaml"), ("model", "llama-tiny.yaml"), ("train", "train-tiny.yaml")):
         body = open(example(configs_dir, name), encoding="utf-8").read()
         text += f"{kind}:\n" + "".join(f"  {line}\n" for line in body.splitlines())
-    combined.write_text(text.replace("../runs/checkpoints", os.path.join(configs_dir, "../runs/checkpoints")))
+    combined.write_text(text.replace("dir: checkpoints", f"dir: {os.path.join(configs_dir, 'checkpoints')}"))
     one = load_files([str(combined)])
     three = load_files([example(configs_dir, n) for n in ("emulated-mixed.yaml", "llama-tiny.yaml", "train-tiny.yaml")])
     assert one.cluster == three.cluster and one.model == three.model

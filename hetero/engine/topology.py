@@ -1,0 +1,115 @@
+"""Where this process sits in the Plan, and who its neighbours are.
+
+Pure bookkeeping over the Plan's rank table (docs/plan-format.md): no process
+groups here, so it is the same on every rank and easy to test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from partitioner.plan import Plan, RankPlan, StagePlan
+
+
+@dataclass(frozen=True)
+class Place:
+    rank: int                        # global rank
+    island: str
+    local_rank: int                  # island-local rank (the island world's rank)
+    stage: StagePlan
+    pipeline_stages: tuple[int, ...]  # the stage indices of this rank's pipeline, in order
+    tp_rank: int
+    dp_rank: int
+    micro_batch: int
+    num_micro_batches: int
+    first_sample: int                # this DP replica's first sample in the global batch
+
+    @property
+    def position(self) -> int:
+        """Index of this stage within its pipeline."""
+        return self.pipeline_stages.index(self.stage.index)
+
+    @property
+    def is_first(self) -> bool:
+        return self.position == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.position == len(self.pipeline_stages) - 1
+
+
+class Topology:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.by_rank = {r.rank: r for r in plan.ranks}
+        self.island_of = {r.rank: r.island for r in plan.ranks}
+        self._local = {(r.island, r.local_rank): r for r in plan.ranks}
+
+    def world_rank(self, rank: int) -> int:
+        """Rank inside the island's native world: the plan's used chips of that island,
+        in local-rank order (idle chips get no process, so local ranks may have gaps)."""
+        entry = self.by_rank[rank]
+        used = sorted(r.local_rank for r in self.plan.ranks if r.island == entry.island)
+        return used.index(entry.local_rank)
+
+    def rank_of(self, island: str, local_rank: int) -> int:
+        try:
+            return self._local[(island, local_rank)].rank
+        except KeyError:
+            raise ValueError(f"the plan has no rank for island {island!r} local rank {local_rank}") from None
+
+    def place(self, rank: int) -> Place:
+        entry = self.by_rank[rank]
+        stage = self.plan.stages[entry.stage]
+        pipeline = self.plan.pipelines[entry.pipeline]
+        first_sample = sum(p.samples for p in self.plan.pipelines[:entry.pipeline])
+        first_sample += entry.dp_rank * pipeline.micro_batch * pipeline.num_micro_batches
+        return Place(rank, entry.island, entry.local_rank, stage, tuple(pipeline.stages), entry.tp_rank,
+                     entry.dp_rank, pipeline.micro_batch, pipeline.num_micro_batches, first_sample)
+
+    def stage_ranks(self, stage: int, dp_rank: int | None = None) -> list[RankPlan]:
+        """Ranks of a stage (one DP replica's TP group when dp_rank is given), by tp_rank."""
+        found = [r for r in self.plan.ranks if r.stage == stage and (dp_rank is None or r.dp_rank == dp_rank)]
+        return sorted(found, key=lambda r: (r.dp_rank, r.tp_rank))
+
+    def neighbour(self, place: Place, step: int) -> list[int] | None:
+        """Global ranks (by tp_rank) of the same DP replica one stage before (-1) or after (+1)."""
+        position = place.position + step
+        if not 0 <= position < len(place.pipeline_stages):
+            return None
+        return [r.rank for r in self.stage_ranks(place.pipeline_stages[position], place.dp_rank)]
+
+    def island_groups(self, island: str) -> tuple[list[list[int]], list[list[int]]]:
+        """The island's TP groups and DP groups, as island world ranks, in a fixed order.
+
+        Every rank of the island creates every group in this order (torch.distributed
+        requires all members of the world to take part in each new_group call).
+        """
+        tp_groups, dp_groups = [], []
+        for stage in self.plan.stages:
+            if stage.island != island:
+                continue
+            ranks = self.stage_ranks(stage.index)
+            for d in range(stage.dp):
+                tp_groups.append([self.world_rank(r.rank) for r in ranks if r.dp_rank == d])
+            for t in range(stage.tp):
+                dp_groups.append([self.world_rank(r.rank) for r in ranks if r.tp_rank == t])
+        return tp_groups, dp_groups
+
+    def tied_partner(self, place: Place) -> int | None:
+        """For tied embeddings split over two stages: the rank holding the other copy."""
+        if place.is_first == place.is_last or not (place.is_first or place.is_last):
+            return None
+        other = place.pipeline_stages[-1] if place.is_first else place.pipeline_stages[0]
+        match = [r.rank for r in self.stage_ranks(other, place.dp_rank) if r.tp_rank == place.tp_rank]
+        return match[0] if match else None
+
+    def replica_peers(self, place: Place) -> list[int]:
+        """Ranks holding the same parameters in other pipelines (hetero-DP), this one included."""
+        peers = []
+        for pipeline in self.plan.pipelines:
+            stage_index = pipeline.stages[place.position] if place.position < len(pipeline.stages) else None
+            for r in self.plan.ranks:
+                if r.stage == stage_index and r.tp_rank == place.tp_rank and r.dp_rank == 0:
+                    peers.append(r.rank)
+        return peers

@@ -1,0 +1,242 @@
+"""One worker's training loop: its stage of the model, 1F1B, reductions, AdamW,
+metrics and checkpoints. Every rank of the job runs this with its own Place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from hetero.engine import checkpoint as ckpt
+from hetero.engine.data import SampleSource
+from hetero.engine.optimizer import AdamW
+from hetero.engine.schedule import one_f_one_b
+from hetero.engine.transport import StageLink
+from hetero.model import LlamaStage, TensorParallel
+from hetero.model import layout
+from hetero.model.state import full_state_dict, load_full_state_dict
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORWARD, BACKWARD = 0, 1
+
+
+class Trainer:
+    def __init__(self, comms, accelerator, model_config, train_config, run_dir: str | None,
+                 steps: int | None = None, log=print):
+        self.comms, self.accel = comms, accelerator
+        self.place = place = comms.place
+        self.model_config, self.train = model_config, train_config
+        self.steps = steps or train_config.steps
+        self.run_dir = run_dir
+        self.log = log
+        self.dtype = DTYPES[train_config.dtype]
+        stage = place.stage
+        tp = TensorParallel(stage.tp, place.tp_rank, comms.tp_group)
+        with self._scope():
+            self.model = LlamaStage(model_config, tuple(stage.layers), first=place.is_first, last=place.is_last,
+                                    tp=tp, dtype=self.dtype, device=comms.device, seed=train_config.seed)
+        self.params = dict(self.model.named_parameters())
+        self.optimizer = AdamW(self.params, train_config.lr, train_config.weight_decay)
+        self._track_memory()
+        topology = comms.topology
+        self.prev = self._link(topology.neighbour(place, -1))
+        self.next = self._link(topology.neighbour(place, +1))
+        self.tied_partner = topology.tied_partner(place) if model_config.tie_embeddings else None
+        self.data = SampleSource(train_config.data, model_config.vocab, model_config.seq_len,
+                                 train_config.seed, train_config.global_batch)
+        self.schedule = one_f_one_b(place.position, len(place.pipeline_stages), place.num_micro_batches)
+        self.start_step = self._resume()
+        self.timing = _open_jsonl(run_dir, f"metrics/rank{place.rank:05d}.jsonl")
+        self.steps_log = _open_jsonl(run_dir, "metrics/steps.jsonl") if place.rank == 0 else None
+
+    # -- set-up helpers ---------------------------------------------------------
+    def _scope(self):
+        scope = getattr(self.accel, "device_scope", None)
+        return scope() if scope else _nullcontext()
+
+    def _track_memory(self) -> None:
+        track = getattr(self.accel, "track", None)
+        if track:
+            for name, param in self.params.items():
+                track(param)
+                track(self.optimizer.exp_avg[name])
+                track(self.optimizer.exp_avg_sq[name])
+
+    def _link(self, peers):
+        if peers is None:
+            return None
+        transport = self.comms.transport_to(peers[0])
+        return StageLink(transport, self.place.tp_rank, self.place.stage.tp, self.comms.tp_group, peers)
+
+    def _resume(self) -> int:
+        root = self.train.checkpoint.dir if self.train.checkpoint else None
+        found = ckpt.latest(root)
+        if not found:
+            return 0
+        saved = ckpt.Checkpoint(found, self.model_config)
+        names = {self.model.hf_name(n): n for n in self.params}
+        load_full_state_dict(self.model, saved.tensors(names), source=found)
+        for kind, store in (("exp_avg", self.optimizer.exp_avg), ("exp_avg_sq", self.optimizer.exp_avg_sq)):
+            full = saved.tensors([f"{kind}.{hf}" for hf in names])
+            for hf, module_name in names.items():
+                store[module_name].copy_(self.model.tp.shard(full[f"{kind}.{hf}"], layout.split_dim(hf)))
+        self.optimizer.steps = saved.step
+        if self.place.rank == 0:
+            self.log(f"resumed from {found} (step {saved.step})")
+        return saved.step
+
+    # -- the loop -----------------------------------------------------------------
+    def run(self) -> None:
+        tokens_per_step = self.train.global_batch * self.model_config.seq_len
+        for step in range(self.start_step, self.steps):
+            started = time.perf_counter()
+            loss_sum = self._step_compute(step)
+            self._reduce_gradients()
+            sq_norm = self._local_grad_sq_norm()
+            totals = self.comms.fleet_sum(torch.tensor([loss_sum, sq_norm], dtype=torch.float64))
+            loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
+            self._clip(grad_norm)
+            with self._scope():
+                self.optimizer.step(self._lr(step))
+            self.optimizer.zero_grad()
+            self.accel.synchronize()
+            step_s = time.perf_counter() - started
+            if self.steps_log:
+                record = {"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
+                          "step_s": step_s, "grad_norm": grad_norm, "time": time.time()}
+                self.steps_log.write(json.dumps(record) + "\n")
+                self.steps_log.flush()
+            every = self.train.checkpoint.every if self.train.checkpoint else 0
+            if every and ((step + 1) % every == 0 or step + 1 == self.steps):
+                self._save(step + 1)
+        self.comms.flush()
+
+    def _lr(self, step: int) -> float:
+        warmup = self.train.warmup_steps
+        return self.train.lr * min(1.0, (step + 1) / warmup) if warmup else self.train.lr
+
+    def _step_compute(self, step: int) -> float:
+        """Run this stage's 1F1B schedule for one step; return the summed loss (last stage)."""
+        place, mb_size = self.place, self.place.micro_batch
+        hidden_shape = (mb_size, self.model_config.seq_len, self.model_config.hidden)
+        total_tokens = self.train.global_batch * self.model_config.seq_len
+        inputs, outputs, loss_sum = {}, {}, 0.0
+        for kind, mb in self.schedule:
+            tag = 2 * mb + (FORWARD if kind == "F" else BACKWARD)
+            t0 = time.perf_counter()
+            if kind == "F":
+                if place.is_first:
+                    tokens, labels = self.data.batch(step, place.first_sample + mb * mb_size, mb_size)
+                    x = tokens.to(self.comms.device)
+                else:
+                    x = self.prev.recv(hidden_shape, self.dtype, tag).requires_grad_()
+                waited = time.perf_counter() - t0
+                with self._scope():
+                    out = self.model(x)
+                    if place.is_last:
+                        _, labels = self.data.batch(step, place.first_sample + mb * mb_size, mb_size)
+                        out = self.model.loss(out, labels.to(self.comms.device), reduction="sum") / total_tokens
+                        if place.tp_rank == 0:   # every TP rank holds the same loss
+                            loss_sum += float(out.detach()) * total_tokens
+                self.accel.synchronize()
+                inputs[mb], outputs[mb] = x, out
+                if self.next:
+                    self.next.send(out, tag)
+            else:
+                grad = None if place.is_last else self.next.recv(hidden_shape, self.dtype, tag)
+                waited = time.perf_counter() - t0
+                x, out = inputs.pop(mb), outputs.pop(mb)
+                with self._scope():
+                    out.backward(grad)
+                self.accel.synchronize()
+                if self.prev:
+                    self.prev.send(x.grad, tag)
+            compute = time.perf_counter() - t0 - waited
+            self._time(step, mb, kind, t0, compute, waited)
+        return loss_sum
+
+    def _time(self, step, mb, kind, start, compute, waited) -> None:
+        if self.timing:
+            self.timing.write(json.dumps({"step": step + 1, "mb": mb, "phase": "forward" if kind == "F" else "backward",
+                                          "start": start, "compute_s": compute, "p2p_wait_s": waited}) + "\n")
+
+    # -- gradients ------------------------------------------------------------------
+    def _reduce_gradients(self) -> None:
+        """Sum gradients over the stage's DP group and between tied embedding copies."""
+        self.comms.flush()
+        if self.place.stage.dp > 1:
+            for param in self.params.values():
+                dist.all_reduce(param.grad, group=self.comms.dp_group)
+        if self.tied_partner is not None:
+            name = "model.embed_tokens.weight" if self.place.is_first else "lm_head.weight"
+            grad = self.params[name].grad
+            transport = self.comms.transport_to(self.tied_partner)
+            transport.isend(grad, self.tied_partner, 1 << 20)
+            other = transport.recv(tuple(grad.shape), grad.dtype, self.tied_partner, 1 << 20)
+            transport.flush()
+            grad.add_(other)
+
+    def _local_grad_sq_norm(self) -> float:
+        """This rank's share of the global squared gradient norm, counting each value once."""
+        if self.place.dp_rank != 0:
+            return 0.0
+        total = 0.0
+        for name, param in self.params.items():
+            hf = self.model.hf_name(name)
+            if name == "lm_head.weight" and self.model.tied_lm_head:
+                continue   # the first stage counts the tied embedding
+            if layout.split_dim(hf) is None and self.place.tp_rank != 0:
+                continue   # replicated across TP ranks
+            total += float(param.grad.double().pow(2).sum())
+        return total
+
+    def _clip(self, grad_norm: float) -> None:
+        limit = self.train.grad_clip
+        if limit and grad_norm > limit:
+            scale = limit / (grad_norm + 1e-6)
+            for param in self.params.values():
+                param.grad.mul_(scale)
+
+    # -- checkpoints ------------------------------------------------------------------
+    def _save(self, step: int) -> None:
+        root = self.train.checkpoint.dir
+        if self.place.rank == 0:
+            ckpt.prepare(root, step)
+        self.comms.barrier(f"ckpt-prepare-{step}")
+        model = full_state_dict(self.model)
+        moments = {}
+        for kind, store in (("exp_avg", self.optimizer.exp_avg), ("exp_avg_sq", self.optimizer.exp_avg_sq)):
+            for name, tensor in store.items():
+                hf = self.model.hf_name(name)
+                dim = layout.split_dim(hf)
+                whole = tensor if dim is None else self.model.tp.all_gather(tensor, dim)
+                moments[f"{kind}.{hf}"] = whole.to("cpu", copy=True)
+        writer = self.place.tp_rank == 0 and self.place.dp_rank == 0 and self.place.stage.pipeline == 0
+        if writer:
+            ckpt.write_stage_files(root, step, self.place.stage.index, model, moments)
+        self.comms.barrier(f"ckpt-written-{step}")
+        if self.place.rank == 0:
+            final = ckpt.commit(root, step, self.model_config, {"data_position": {"next_step": step}})
+            self.log(f"checkpoint {final}")
+        self.comms.barrier(f"ckpt-done-{step}")
+
+
+def _open_jsonl(run_dir: str | None, relative: str):
+    if not run_dir:
+        return None
+    path = os.path.join(run_dir, relative)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "a", encoding="utf-8")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
