@@ -8,6 +8,10 @@ one-process run of the same model, data and seed within 1e-5 relative (fp32).
 import dataclasses
 import json
 import os
+import re
+import signal
+import threading
+import time
 
 import pytest
 
@@ -44,17 +48,28 @@ def make_plan(job, stages_spec, micro_batch=2):
                 ranks=tuple(ranks), predicted_step_s=1.0, tokens_per_s=1.0, mfu={})
 
 
-def run_fleet(tmp_path, plan, job_path=CONFIG, max_restarts=0, extra_env=None, steps=STEPS):
-    plan_path = tmp_path / "plan.json"
+def run_fleet(tmp_path, plan, job_path=CONFIG, max_restarts=0, steps=STEPS, name="run", checkpoints=None,
+              during=None):
+    """Launch the worker over the fleet; `during(run_dir)` runs beside it (e.g. to kill a worker)."""
+    plan_path = tmp_path / f"{name}-plan.json"
     plan_path.write_text(plan.to_json())
-    run_dir = tmp_path / "run"
-    env = dict(os.environ, **(extra_env or {}))
+    run_dir = tmp_path / name
+    checkpoints = checkpoints or run_dir / "checkpoints"
     args = ["--plan", str(plan_path), "--cluster", job_path, "--model", job_path, "--train", job_path,
-            "--steps", str(steps), "--checkpoint-dir", str(run_dir / "checkpoints")]
-    with open(tmp_path / "launcher.log", "w") as log:
-        code = launch_fleet(job_path, str(plan_path), "-m hetero.engine.worker", args, run_dir=str(run_dir),
-                            max_restarts=max_restarts, env=env, stdout=log, stderr=log)
-    log_text = (tmp_path / "launcher.log").read_text()
+            "--steps", str(steps), "--checkpoint-dir", str(checkpoints)]
+    outcome = {}
+    with open(tmp_path / f"{name}.log", "w") as log:
+        def launch():
+            outcome["code"] = launch_fleet(job_path, str(plan_path), "-m hetero.engine.worker", args,
+                                           run_dir=str(run_dir), max_restarts=max_restarts,
+                                           stdout=log, stderr=log)
+        thread = threading.Thread(target=launch)
+        thread.start()
+        if during:
+            during(run_dir, thread)
+        thread.join(timeout=240)
+    code = outcome.get("code")
+    log_text = (tmp_path / f"{name}.log").read_text()
     assert code == 0, log_text[-3000:]
     with open(run_dir / "metrics" / "steps.jsonl") as handle:
         records = [json.loads(line) for line in handle]
@@ -105,3 +120,61 @@ def test_dp_and_reverse_order_and_tp_mismatch_3_stages(tmp_path, job):
     reference = solo_losses(tmp_path, job)
     for got, want in zip(fleet, reference):
         assert abs(got - want) <= 1e-5 * abs(want), (fleet, reference)
+
+
+def test_resume_under_another_plan_continues_the_same_losses(tmp_path, job):
+    checkpoints = tmp_path / "shared-checkpoints"
+    first = make_plan(job, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (2, 3), 0)])
+    run_fleet(tmp_path, first, steps=4, name="first", checkpoints=checkpoints)
+    # Another layout entirely: one island, TP1 + TP1 stages with DP 2 on the first.
+    second = make_plan(job, [("wide", 1, 2, (0, 1), 0), ("wide", 1, 2, (1, 3), 2)])
+    records, _, log = run_fleet(tmp_path, second, steps=6, name="second", checkpoints=checkpoints)
+    assert "resumed from" in log and "(step 4)" in log
+    resumed = [r["loss"] for r in last_attempt(records)]
+    assert [r["step"] for r in last_attempt(records)] == [5, 6]
+    reference = solo_losses(tmp_path, job, steps=6)[4:]
+    for got, want in zip(resumed, reference):
+        assert abs(got - want) <= 1e-5 * abs(want), (resumed, reference)
+
+
+def _worker_pids(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    cmdline = handle.read().decode(errors="replace")
+            except OSError:
+                continue
+            if "hetero.engine.worker" in cmdline and marker in cmdline and "island_agent" not in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+def test_killed_worker_restarts_job_from_last_checkpoint(tmp_path, job):
+    plan = make_plan(job, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (2, 3), 0)])
+    steps, every = 7, job.train.checkpoint.every
+    killed = {}
+
+    def kill_one_worker(run_dir, thread):
+        steps_file = run_dir / "metrics" / "steps.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and thread.is_alive():
+            if steps_file.exists() and len(steps_file.read_text().splitlines()) >= 3:
+                pids = _worker_pids(str(tmp_path))
+                if pids:
+                    killed["at_step"] = len(steps_file.read_text().splitlines())
+                    os.kill(pids[-1], signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    records, _, log = run_fleet(tmp_path, plan, steps=steps, max_restarts=1, during=kill_one_worker)
+    assert killed, "no worker was killed"
+    assert "restarting the whole job" in log
+    resumed_at = int(re.search(r"resumed from \S+ \(step (\d+)\)", log).group(1))
+    assert killed["at_step"] - resumed_at <= every          # steps lost <= the checkpoint interval
+    final = last_attempt(records)
+    assert [r["step"] for r in final] == list(range(1, steps + 1))
+    reference = solo_losses(tmp_path, job, steps=steps)
+    for got, want in zip([r["loss"] for r in final], reference):
+        assert abs(got - want) <= 1e-5 * abs(want)

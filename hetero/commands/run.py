@@ -75,22 +75,20 @@ def run(args) -> int:
     worker_args = ["--plan", plan_path, "--steps", str(steps), "--checkpoint-dir", os.path.join(run_dir, "checkpoints")]
     worker_args += [arg for kind in DEFAULTS for arg in (f"--{kind}", os.path.abspath(paths[kind]))]
     log_path = os.path.join(run_dir, "launcher.log")
-    outcome: dict = {}
-    with open(log_path, "a", encoding="utf-8") as log:
-        def launch() -> None:
-            try:
-                outcome["code"] = launch_fleet(job.cluster, plan_path, "-m hetero.engine.worker", worker_args,
-                                               max_restarts=args.max_restarts, run_dir=run_dir,
-                                               stdout=log, stderr=log)
-            except UserError as exc:
-                outcome["error"] = exc
-        thread = threading.Thread(target=launch, name="hetero-launch", daemon=True)
-        thread.start()
-        records = _follow(os.path.join(run_dir, "metrics", "steps.jsonl"), steps, thread)
-        thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    code = outcome.get("code", 1)
+    # The launcher keeps the main thread (it owns SIGINT/SIGTERM and stops every
+    # island on them); a follower thread prints progress from metrics/steps.jsonl.
+    stop = threading.Event()
+    records: list[dict] = []
+    follower = threading.Thread(target=_follow, args=(os.path.join(run_dir, "metrics", "steps.jsonl"), steps,
+                                                      stop, records), name="hetero-progress", daemon=True)
+    follower.start()
+    try:
+        with open(log_path, "a", encoding="utf-8") as log:
+            code = launch_fleet(job.cluster, plan_path, "-m hetero.engine.worker", worker_args,
+                                max_restarts=args.max_restarts, run_dir=run_dir, stdout=log, stderr=log)
+    finally:
+        stop.set()
+        follower.join()
     summary = _summary(records, steps, predicted, run_dir, code)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -105,14 +103,13 @@ def run(args) -> int:
     return 0
 
 
-def _follow(path: str, steps: int, thread: threading.Thread) -> list[dict]:
-    """Print a progress line per finished step while the launcher runs."""
-    records: list[dict] = []
+def _follow(path: str, steps: int, stop: threading.Event, records: list) -> None:
+    """Print a progress line per finished step until `stop`; collect the records."""
     offset = 0
     started = time.monotonic()
     tty = sys.stderr.isatty()
     while True:
-        alive = thread.is_alive()
+        finished = stop.is_set()
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
                 handle.seek(offset)
@@ -121,16 +118,16 @@ def _follow(path: str, steps: int, thread: threading.Thread) -> list[dict]:
                         break
                     offset += len(line.encode())
                     record = json.loads(line)
-                    records = [r for r in records if r["step"] < record["step"]] + [record]  # a restart rewinds
+                    records[:] = [r for r in records if r["step"] < record["step"]] + [record]  # a restart rewinds
                     eta = (time.monotonic() - started) / record["step"] * (steps - record["step"])
                     text = (f"step {record['step']}/{steps}  loss {record['loss']:.4f}  "
                             f"{record['tokens_per_s']:.0f} tokens/s  {record['step_s']:.2f} s/step  ETA {eta:.0f}s")
                     print(("\r" + text.ljust(78)) if tty else text, end="" if tty else "\n",
                           file=sys.stderr, flush=True)
-        if not alive:
+        if finished:
             if tty and records:
                 print(file=sys.stderr)
-            return records
+            return
         time.sleep(0.2)
 
 

@@ -1,0 +1,84 @@
+"""Checkpoints: atomic, verified, plan-independent; bad ones give a clear error."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+import accelerators
+from hetero.config import load_job
+from hetero.config.train import CheckpointConfig
+from hetero.engine import checkpoint as ckpt
+from hetero.engine.solo import train_solo
+from hetero.errors import UserError
+from hetero.model import layout
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine", "two-islands.yaml")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A solo run of 3 steps checkpointing every step."""
+    root = tmp_path_factory.mktemp("ckpt")
+    job = load_job(model=CONFIG, train=CONFIG)
+    train = dataclasses.replace(job.train, checkpoint=CheckpointConfig(str(root / "checkpoints"), 1))
+    train_solo(accelerators.get_accelerator("cpu"), job.model, train, str(root / "run"), steps=3)
+    return job, root / "checkpoints"
+
+
+def test_layout_and_pointer(saved):
+    job, root = saved
+    assert sorted(os.listdir(root)) == ["latest", "step-00000001", "step-00000002", "step-00000003"]
+    newest = ckpt.latest(str(root))
+    assert newest.endswith("step-00000003")
+    loaded = ckpt.Checkpoint(newest, job.model)
+    assert loaded.step == 3 and loaded.state["data_position"] == {"next_step": 3}
+    # full tensors under Hugging Face names, plus the AdamW moments
+    names = layout.model_names(job.model)
+    embed = loaded.tensor("model.embed_tokens.weight")
+    assert embed.shape == (job.model.vocab, job.model.hidden)
+    assert all(isinstance(loaded.tensor(n), torch.Tensor) for n in names)
+    assert loaded.tensor("exp_avg_sq.lm_head.weight").abs().sum() > 0
+
+
+def test_corrupt_file_is_refused(saved, tmp_path):
+    job, root = saved
+    copy = tmp_path / "copy"
+    import shutil
+    shutil.copytree(ckpt.latest(str(root)), copy)
+    target = copy / "model-stage0.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupt"):
+        ckpt.Checkpoint(str(copy), job.model)
+
+
+def test_other_model_is_refused(saved):
+    job, root = saved
+    other = dataclasses.replace(job.model, hidden=128)
+    with pytest.raises(UserError, match="another model .*hidden"):
+        ckpt.Checkpoint(ckpt.latest(str(root)), other)
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(saved, tmp_path):
+    job, root = saved
+    import shutil
+    work = tmp_path / "ck"
+    shutil.copytree(root, work)
+    # A writer died after writing its stage file, before the commit.
+    ckpt.prepare(str(work), 4)
+    ckpt.write_stage_files(str(work), 4, 0, {"x": torch.zeros(2)}, {"y": torch.zeros(2)})
+    assert ckpt.latest(str(work)).endswith("step-00000003")
+    # A broken pointer is reported, not silently ignored.
+    (work / "latest").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt checkpoint pointer"):
+        ckpt.latest(str(work))
+
+
+def test_missing_state_is_refused(tmp_path, saved):
+    job, _ = saved
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        ckpt.Checkpoint(str(tmp_path / "empty"), job.model)
