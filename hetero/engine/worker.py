@@ -11,6 +11,8 @@ import dataclasses
 import os
 import sys
 
+import torch
+
 import accelerators
 from hetero.config import load_job
 from hetero.engine.comms import Comms
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     topology = Topology(plan)
     accelerator = accelerators.get_accelerator()
+    if accelerator.device_type == "cpu":
+        _share_host_cores(topology, job.cluster)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = accelerator.device(local % max(1, accelerator.device_count()))
     comms = Comms.start(topology, accelerator, device, job.cluster)
@@ -58,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         comms.close()
     return 0
+
+
+def _share_host_cores(topology, cluster) -> None:
+    """Host-run chips (cpu, emulated) split this host's cores instead of oversubscribing them."""
+    def host(entry):
+        return cluster.island(entry.island).nodes[entry.node].host
+    me = host(topology.by_rank[int(os.environ.get("HETERO_GLOBAL_RANK", "0"))])
+    neighbours = sum(1 for entry in topology.plan.ranks if host(entry) == me)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // neighbours))
 
 
 if __name__ == "__main__":
