@@ -1,0 +1,54 @@
+"""`hetero launch`: run a script over the fleet, one torch elastic world per island."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "launch",
+        help="start a script's workers on every island of the fleet (torchrun-style)",
+        description=(
+            "Start SCRIPT on every chip of the fleet (or on those the plan uses), torchrun-style: each "
+            "island is its own torch.distributed world (RANK, WORLD_SIZE, MASTER_ADDR... are island-local), "
+            "and every worker also gets HETERO_* variables (global rank, island, plan, coordinator, job "
+            "token, restart count). Without --node the whole fleet runs on this host; with --node HOST, "
+            "run one launcher per host; the coordinator's host also runs the job's coordinator. When any "
+            "island fails, every island stops and the whole job restarts, up to --max-restarts times. "
+            "Island i's rendezvous port is the coordinator port + 1 + i."
+        ),
+    )
+    parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
+    parser.add_argument("--plan", metavar="FILE", help="plan JSON from 'hetero plan --out'")
+    parser.add_argument("--node", metavar="HOST", help="the host this launcher runs, as in the cluster file")
+    parser.add_argument("--max-restarts", type=_non_negative, default=0, metavar="N",
+                        help="restart the whole job at most N times after a failure (default 0)")
+    parser.add_argument("--run-dir", metavar="DIR", help="run directory: per-rank logs, HETERO_RUN_DIR")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="file with the job token (else HETERO_JOB_TOKEN; the head node makes one)")
+    parser.add_argument("--rdzv-timeout", type=float, default=300.0, metavar="S",
+                        help="seconds an island waits for all its nodes (default 300)")
+    parser.add_argument("-m", "--module", action="store_true", help="SCRIPT is a module name (python -m)")
+    parser.add_argument("script", metavar="SCRIPT", help="the worker script (or module, with -m)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for SCRIPT")
+    parser.set_defaults(func=run)
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def run(args) -> int:
+    from hetero.launch.fleet import launch_fleet
+
+    entrypoint = f"-m {args.script}" if args.module else args.script
+    return launch_fleet(args.cluster, args.plan, entrypoint, args.args, node=args.node,
+                        max_restarts=args.max_restarts, run_dir=args.run_dir, token_file=args.token_file,
+                        rdzv_timeout=args.rdzv_timeout)

@@ -1,0 +1,259 @@
+"""Job-level control across nodes, through comm_bridge's coordinator.
+
+The head node (the cluster's coordinator host; in local mode, this launcher)
+runs a fresh coordinator for every attempt, so a new attempt never sees the
+last one's registrations, failures or keys. The launchers talk through its
+key-value store:
+
+    hetero.launch/state                    head: {"attempt", "state": running|done|failed, "restart", "reason"}
+    hetero.launch/<attempt>/node/<host>    each other node: {"state": pending|running|done|failed, "reason", "beat"}
+    hetero.launch/<attempt>/ack/<host>     each other node, once it has read the verdict and stopped
+
+The head decides: an attempt fails when an island on any node fails, when the
+coordinator declares a registered worker failed for missed heartbeats (the
+coordinator's failure notification: a hung worker, a lost node; workers that
+finish call Leave, which is not a failure), or when a launcher is interrupted; it
+succeeds when every island on every node has finished. The head publishes the
+verdict, waits for every other node to stop its islands and acknowledge, and
+then restarts the whole job (if restarts are left) or ends. A node that never
+joins (within join_timeout) or stops beating (for lost_timeout) fails the attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from comm_bridge.client import CoordinatorClient
+from comm_bridge.coordinator import Coordinator
+from comm_bridge.errors import AuthenticationError, CoordinatorError
+from hetero.launch.agents import LocalStatus
+from hetero.launch.layout import LOCAL_HOST, FleetLayout
+
+STATE_KEY = "hetero.launch/state"
+BEAT_S = 1.0   # a non-head node rewrites its status at least this often
+# The reason comm_bridge's coordinator records when a worker calls Leave (a clean exit).
+LEFT_REASON = "left the job"
+
+
+def node_key(attempt: int, host: str) -> str:
+    return f"hetero.launch/{attempt}/node/{host}"
+
+
+def ack_key(attempt: int, host: str) -> str:
+    return f"hetero.launch/{attempt}/ack/{host}"
+
+
+class LaunchAbort(Exception):
+    """The job cannot go on (coordinator lost, token refused); the message says why."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    attempt: int
+    state: str              # running | done | failed
+    reason: str = ""
+    restart: bool = False   # failed, and the whole job starts again
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Verdict":
+        data = json.loads(text)
+        return cls(int(data["attempt"]), str(data["state"]), str(data.get("reason", "")),
+                   bool(data.get("restart", False)))
+
+
+class HeadControl:
+    """Owns the coordinator and decides every attempt's outcome."""
+
+    def __init__(self, layout: FleetLayout, token: str, members: list[str], max_restarts: int,
+                 heartbeat_timeout: float, ack_timeout: float, join_timeout: float, lost_timeout: float):
+        self.layout = layout
+        self.join_timeout = join_timeout
+        self.lost_timeout = lost_timeout
+        self._seen: dict = {}    # member -> (last value, when it last changed)
+        self._silent: set = set()
+        self.token = token
+        self.members = members
+        self.max_restarts = max_restarts
+        self.heartbeat_timeout = heartbeat_timeout
+        self.ack_timeout = ack_timeout
+        self.coordinator: Coordinator | None = None
+        self.client: CoordinatorClient | None = None
+        self.attempt = 0
+
+    def begin(self, attempt: int) -> int:
+        """Start a fresh coordinator for `attempt` and tell the other nodes to run it."""
+        cluster = self.layout.cluster.coordinator
+        host = LOCAL_HOST if self.layout.local else cluster.host
+        self.attempt = attempt
+        self.coordinator = Coordinator(self.token, max(1, self.layout.world_size), host=host,
+                                       port=cluster.port, bind_all=cluster.bind_all and not self.layout.local,
+                                       heartbeat_timeout=self.heartbeat_timeout)
+        try:
+            self.coordinator.start()
+        except (OSError, RuntimeError) as exc:
+            raise LaunchAbort(f"cannot start the coordinator on {host}:{cluster.port}: {exc}") from None
+        self.client = CoordinatorClient(self.coordinator.address, self.token, 0, timeout=10.0)
+        for host_name in self.members:
+            self.client.kv_set(node_key(attempt, host_name), json.dumps({"state": "pending"}))
+            self.client.kv_set(ack_key(attempt, host_name), "")
+        self.client.kv_set(STATE_KEY, Verdict(attempt, "running").to_json())
+        self._seen = {h: ("", time.monotonic()) for h in self.members}
+        self._silent = set()     # members given up on: end() does not wait for their ack
+        return attempt
+
+    def step(self, local: LocalStatus, interrupted: str | None) -> Verdict | None:
+        """The verdict once the attempt is over (published to every node), else None."""
+        failures = []
+        if interrupted:
+            failures.append(interrupted)
+        if local.state == "failed":
+            failures.append(local.reason)
+        for rank, why in sorted(self.coordinator.failed.items()):
+            if why != LEFT_REASON:   # a worker that leaves has finished; its agent reports how
+                failures.append(f"the coordinator reports global rank {rank} failed: {why}")
+        members_done = True
+        for host_name in self.members:
+            status = self._member(host_name)
+            if status["state"] == "failed":
+                failures.append(status.get("reason") or f"node {host_name} failed")
+                if status.get("final"):
+                    interrupted = interrupted or failures[-1]
+            members_done &= status["state"] == "done"
+        if failures:
+            restart = not interrupted and self.attempt < self.max_restarts
+            verdict = Verdict(self.attempt, "failed", failures[0], restart)
+        elif local.state == "done" and members_done:
+            verdict = Verdict(self.attempt, "done")
+        else:
+            return None
+        self.client.kv_set(STATE_KEY, verdict.to_json())
+        return verdict
+
+    def _member(self, host_name: str) -> dict:
+        """A member's last report; a silent member counts as failed."""
+        try:
+            text = self.client.kv_get(node_key(self.attempt, host_name))
+        except (CoordinatorError, AuthenticationError) as exc:
+            raise LaunchAbort(f"the job's own coordinator stopped answering: {exc}") from None
+        now = time.monotonic()
+        last, since = self._seen[host_name]
+        if text != last:
+            self._seen[host_name] = (text, now)
+            since = now
+        status = json.loads(text)
+        if status["state"] == "pending" and now - since > self.join_timeout:
+            self._silent.add(host_name)
+            return {"state": "failed", "reason": f"node {host_name} never joined attempt {self.attempt} "
+                                                 f"(is its launcher running?)"}
+        if status["state"] in ("running", "done") and now - since > self.lost_timeout:
+            self._silent.add(host_name)
+            return {"state": "failed", "reason": f"node {host_name} stopped reporting for "
+                                                 f"{now - since:.0f} s (its launcher died?)"}
+        return status
+
+    def end(self) -> None:
+        """Wait until every other node has stopped and read the verdict, then stop the coordinator."""
+        deadline = time.monotonic() + self.ack_timeout
+        waiting = [h for h in self.members if h not in self._silent]
+        while waiting and time.monotonic() < deadline:
+            try:
+                waiting = [h for h in waiting if self.client.kv_get(ack_key(self.attempt, h)) != "1"]
+            except (CoordinatorError, AuthenticationError):
+                break
+            if waiting:
+                time.sleep(0.1)
+        self.close()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.coordinator is not None:
+            self.coordinator.stop()
+            self.coordinator = None
+
+
+class MemberControl:
+    """A node that is not the head: reports its islands, follows the head's verdicts."""
+
+    def __init__(self, layout: FleetLayout, token: str, host: str, join_timeout: float, lost_timeout: float):
+        self.layout = layout
+        self.host = host
+        self.join_timeout = join_timeout
+        self.lost_timeout = lost_timeout
+        self.client = CoordinatorClient(layout.coordinator_address, token, 0, timeout=5.0)
+        self.attempt = 0
+        self._reported = ""
+        self._reported_at = 0.0
+        self._beat = 0
+        self._last_ok = time.monotonic()
+
+    def begin(self, attempt: int) -> int:
+        """Wait until the head runs attempt >= `attempt`; return the attempt to run."""
+        deadline = time.monotonic() + self.join_timeout
+        while True:
+            state = self._read(1.0)
+            if state is not None and state.attempt >= attempt:
+                if state.state == "running":
+                    self.attempt, self._reported, self._reported_at = state.attempt, "", 0.0
+                    self._last_ok = time.monotonic()
+                    return state.attempt
+                if not state.restart:
+                    raise LaunchAbort(f"the job ended before this node joined: {state.reason or state.state}")
+            if time.monotonic() > deadline:
+                raise LaunchAbort(f"no coordinator running attempt {attempt} at {self.layout.coordinator_address} "
+                                  f"after {self.join_timeout:.0f} s (is the head node's launcher running?)")
+            time.sleep(0.2)
+
+    def step(self, local: LocalStatus, interrupted: str | None) -> Verdict | None:
+        if interrupted:
+            self._report({"state": "failed", "reason": interrupted, "final": True})
+        else:
+            self._report({"state": local.state, "reason": local.reason})
+        state = self._read(0.0)
+        if state is None:
+            if time.monotonic() - self._last_ok > self.lost_timeout:
+                return Verdict(self.attempt, "failed", f"lost the coordinator at {self.layout.coordinator_address}")
+            return None
+        self._last_ok = time.monotonic()
+        if state.attempt == self.attempt and state.state != "running":
+            return state
+        if state.attempt > self.attempt:   # the head gave up on this node and moved on
+            return Verdict(self.attempt, "failed", f"the head moved on to attempt {state.attempt}", restart=True)
+        return None
+
+    def end(self) -> None:
+        try:
+            self.client.kv_set(ack_key(self.attempt, self.host), "1")
+        except (CoordinatorError, AuthenticationError):
+            pass   # the head gave up waiting; nothing left to tell it
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _report(self, status: dict) -> None:
+        """Write this node's status when it changes, and at least every BEAT_S (the head's liveness check)."""
+        text = json.dumps(status)
+        now = time.monotonic()
+        if text == self._reported and now - self._reported_at < BEAT_S:
+            return
+        self._beat += 1
+        try:
+            self.client.kv_set(node_key(self.attempt, self.host), json.dumps({**status, "beat": self._beat}))
+            self._reported, self._reported_at = text, now
+        except CoordinatorError:
+            pass   # retried on the next step
+
+    def _read(self, wait: float) -> Verdict | None:
+        try:
+            return Verdict.from_json(self.client.kv_get(STATE_KEY, timeout=wait))
+        except AuthenticationError:
+            raise LaunchAbort(f"the coordinator at {self.layout.coordinator_address} refused this node's "
+                              f"job token (give every node the head's HETERO_JOB_TOKEN)") from None
+        except CoordinatorError:
+            return None

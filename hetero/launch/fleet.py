@@ -1,0 +1,204 @@
+"""launch_fleet: run a worker script over a mixed fleet, island by island, with job-wide restarts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+from hetero.errors import UserError
+from hetero.launch import inputs
+from hetero.launch.agents import LocalIslands, LocalStatus
+from hetero.launch.control import HeadControl, LaunchAbort, MemberControl
+from hetero.launch.environment import island_env
+from hetero.launch.layout import FleetLayout, build_layout
+from hetero.launch.logs import attempt_log_dir
+
+POLL_S = 0.1
+
+
+def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node: str | None = None,
+                 max_restarts: int = 0, run_dir: str | None = None, env: dict | None = None, *,
+                 token_file: str | None = None, rdzv_timeout: float = 300.0, join_timeout: float = 300.0,
+                 shutdown_timeout: float = 15.0, heartbeat_timeout: float = 5.0,
+                 stdout=None, stderr=None) -> int:
+    """Run `entrypoint` on this node's share of the fleet (all of it when `node` is None).
+
+    cluster:      path of a cluster YAML, or a loaded hetero.config.ClusterConfig.
+    plan_path:    a Plan JSON (`hetero plan --out`): which chips run a worker and their global
+                  ranks; None: every chip runs one, global ranks island by island.
+    entrypoint:   a script path, or "-m package.module"; `args` are passed to it.
+    node:         the host (as written in the cluster file) this launcher runs; the head node
+                  (the coordinator's host) also runs the coordinator. None: the whole fleet here.
+    max_restarts: when any island fails, every island on every node is stopped and the whole
+                  job starts again, at most this many times; workers see HETERO_RESTART_COUNT.
+    run_dir:      HETERO_RUN_DIR for the workers, and where per-rank logs go
+                  (<run_dir>/logs/attempt_<k>/<island>.<rank>/); None: a fresh temporary folder.
+    env:          base environment of the workers (default os.environ); HETERO_* is added on top.
+    token_file:   file holding the job token; else HETERO_JOB_TOKEN from `env`; else (head
+                  node only) a fresh random token, written to <run_dir>/job-token for other nodes.
+    stdout/stderr: files (with a fileno) the agents write the prefixed worker lines to; None: inherit.
+    rdzv_timeout: seconds an island's agents wait for all its nodes; join_timeout: seconds a
+                  non-head node waits for the head's coordinator; shutdown_timeout: seconds workers
+                  get between SIGTERM and SIGKILL; heartbeat_timeout: the coordinator's.
+
+    Every node must be given the same cluster, plan, entrypoint and token; the head's
+    max_restarts is the one that counts. SIGINT/SIGTERM (handled when called from the main
+    thread) stop every island on every node.
+
+    Returns 0 when every worker of the last attempt succeeded, 1 when the job failed,
+    128 + signal number when interrupted by SIGINT/SIGTERM. Raises UserError on bad input.
+    """
+    base_env = dict(os.environ if env is None else env)
+    config, cluster_path = inputs.load_cluster(cluster)
+    plan = inputs.load_plan(plan_path, config) if plan_path else None
+    layout = build_layout(config, plan, node)
+    entry = inputs.entry_command(entrypoint, args)
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
+    is_head = node is None or node == layout.head
+    token, generated = inputs.job_token(token_file, base_env, needed=not is_head)
+    run_dir = os.path.abspath(run_dir) if run_dir else tempfile.mkdtemp(prefix="hetero-run-")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--run-dir {run_dir}: cannot create: {exc.strerror or exc}") from None
+    members = [h for h in layout.hosts if h != layout.head] if node is not None and is_head else []
+    if generated and members:
+        _write_token(run_dir, token, stderr)
+    job = _FleetJob(layout, node, entry, token, run_dir, os.path.abspath(plan_path) if plan_path else None,
+                    cluster_path, base_env, rdzv_timeout, shutdown_timeout, stdout, stderr)
+    job.agent_work(0)   # every per-island input checked before anything starts
+    lost_timeout = max(10.0, 2 * heartbeat_timeout)   # a silent node (or head) counts as lost
+    if is_head:
+        control = HeadControl(layout, token, members, max_restarts, heartbeat_timeout,
+                              ack_timeout=shutdown_timeout + 30.0, join_timeout=join_timeout,
+                              lost_timeout=lost_timeout)
+    else:
+        control = MemberControl(layout, token, node, join_timeout, lost_timeout)
+    with _Interrupts() as interrupts:
+        return job.run(control, interrupts, max_restarts)
+
+
+class _FleetJob:
+    def __init__(self, layout: FleetLayout, node, entry, token, run_dir, plan_path, cluster_path, base_env,
+                 rdzv_timeout, shutdown_timeout, stdout, stderr):
+        self.layout = layout
+        self.node = node
+        self.entry = entry
+        self.token = token
+        self.run_dir = run_dir
+        self.plan_path = plan_path
+        self.cluster_path = cluster_path
+        self.base_env = base_env
+        self.rdzv_timeout = rdzv_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.stdout = stdout
+        self.stderr = stderr
+        # Same on every node (all share the token), different for every job: the
+        # islands' rendezvous run ids, which must agree across nodes.
+        self.job_id = "hetero-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+    def say(self, message: str) -> None:
+        print(f"hetero launch: {message}", file=self.stderr or sys.stderr, flush=True)
+
+    def run(self, control, interrupts: "_Interrupts", max_restarts: int) -> int:
+        attempt = 0
+        try:
+            while True:
+                attempt = control.begin(attempt)   # a late member joins the head's current attempt
+                verdict = self.run_attempt(control, attempt, interrupts)
+                if verdict.state == "done":
+                    return 0
+                if interrupts.signum:
+                    self.say(f"job stopped: {verdict.reason}")
+                    return 128 + interrupts.signum
+                if not verdict.restart:
+                    self.say(f"job failed: {verdict.reason}")
+                    return 1
+                attempt += 1
+                self.say(f"{verdict.reason}; restarting the whole job (restart {attempt} of {max_restarts})")
+        except LaunchAbort as exc:
+            self.say(f"job failed: {exc}")
+            return 128 + interrupts.signum if interrupts.signum else 1
+        finally:
+            control.close()
+
+    def run_attempt(self, control, attempt: int, interrupts: "_Interrupts"):
+        islands = LocalIslands.start(self.agent_work(attempt), self.shutdown_timeout, self.stdout, self.stderr)
+        stopped = False
+        try:
+            while True:
+                interrupted = interrupts.reason()
+                if interrupted and not stopped:
+                    islands.stop()   # at once: the user asked to stop
+                    stopped = True
+                status = LocalStatus("failed", interrupted) if stopped else islands.status()
+                verdict = control.step(status, interrupted)
+                if verdict is not None:
+                    break
+                time.sleep(POLL_S)
+            if status.state == "failed" and verdict.reason != status.reason:
+                self.say(status.reason)
+            if verdict.state == "failed" and status.state == "running":
+                self.say(f"stopping this node's islands: {verdict.reason}")
+        finally:
+            islands.stop()
+        control.end()
+        return verdict
+
+    def agent_work(self, attempt: int) -> list:
+        log_dir = attempt_log_dir(self.run_dir, attempt)
+        work = []
+        for island, node in self.layout.on_host(self.node):
+            spec = {
+                "island": island.name, "host": node.host, "group_rank": node.group_rank,
+                "nnodes": len(island.nodes), "nproc": node.nproc, "master_addr": island.master_addr,
+                "rdzv_port": island.rdzv_port, "run_id": f"{self.job_id}-{island.name}-{attempt}",
+                "entry": self.entry, "log_dir": log_dir, "rdzv_timeout": self.rdzv_timeout,
+                "shutdown_timeout": self.shutdown_timeout,
+            }
+            env = island_env(self.layout, island, node, attempt=attempt, token=self.token, run_dir=self.run_dir,
+                             plan_path=self.plan_path, cluster_path=self.cluster_path, base=self.base_env)
+            work.append((island, node, spec, env))
+        return work
+
+
+class _Interrupts:
+    """SIGINT/SIGTERM to the launcher: remember it; the job loop stops every island.
+
+    Only the main thread can install handlers: called from another thread,
+    launch_fleet leaves signals to its caller."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def reason(self) -> str | None:
+        return f"interrupted by {signal.Signals(self.signum).name}" if self.signum else None
+
+
+def _write_token(run_dir: str, token: str, stderr) -> None:
+    path = os.path.join(run_dir, "job-token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    print(f"hetero launch: job token written to {path}; start the other nodes with --token-file {path} "
+          f"(or HETERO_JOB_TOKEN)", file=stderr or sys.stderr, flush=True)

@@ -1,0 +1,30 @@
+"""Fails on the job's first attempt, succeeds after a restart (tests/test_launch.py).
+
+On attempt 0 (HETERO_RESTART_COUNT) global rank argv[2] (default 0) exits
+with code 3 once its island's world is up; every other rank would sleep far
+longer than the test allows, so it finishes only if the launcher stops it. Every worker records
+"<attempt> <pid>" in argv[1]/<global rank>.<attempt> before acting.
+"""
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+attempt = int(os.environ["HETERO_RESTART_COUNT"])
+global_rank = int(os.environ["HETERO_GLOBAL_RANK"])
+failing_rank = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+with open(os.path.join(sys.argv[1], f"{global_rank}.{attempt}"), "w") as fh:
+    fh.write(f"{attempt} {os.getpid()}\n")
+dist.init_process_group("gloo")
+value = torch.ones(1)
+dist.all_reduce(value)
+if attempt == 0:
+    if global_rank == failing_rank:
+        print("failing on purpose", flush=True)
+        os._exit(3)
+    time.sleep(300)
+print(f"attempt {attempt} done, island sum {int(value.item())}", flush=True)
+dist.destroy_process_group()
