@@ -9,4 +9,4 @@ hetero=(.venv/bin/hetero)
 cluster=configs/emulated-mixed.yaml model=configs/llama-tiny.yaml train=configs/train-tiny.yaml
 
 "${hetero[@]}" validate "$cluster" "$model" "$train"
-"${hetero[@]}" plan --cluster "$cluster" --model "$model" --train "$train" "$@"
+"${hetero[@]}" run --cluster "$cluster" --model "$model" --train "$train" "$@"

@@ -128,14 +128,15 @@ class Trainer:
         inputs, outputs, loss_sum = {}, {}, 0.0
         for kind, mb in self.schedule:
             tag = 2 * mb + (FORWARD if kind == "F" else BACKWARD)
-            t0 = time.perf_counter()
+            t0, posted = time.perf_counter(), time.time()
+            sent_at = None
             if kind == "F":
                 if place.is_first:
                     tokens, labels = self.data.batch(step, place.first_sample + mb * mb_size, mb_size)
                     x = tokens.to(self.comms.device)
                 else:
                     x = self.prev.recv(hidden_shape, self.dtype, tag).requires_grad_()
-                waited = time.perf_counter() - t0
+                waited, received = time.perf_counter() - t0, time.time()
                 with self._scope():
                     out = self.model(x)
                     if place.is_last:
@@ -146,24 +147,31 @@ class Trainer:
                 self.accel.synchronize()
                 inputs[mb], outputs[mb] = x, out
                 if self.next:
+                    sent_at = time.time()
                     self.next.send(out, tag)
+                link = self.prev
             else:
                 grad = None if place.is_last else self.next.recv(hidden_shape, self.dtype, tag)
-                waited = time.perf_counter() - t0
+                waited, received = time.perf_counter() - t0, time.time()
                 x, out = inputs.pop(mb), outputs.pop(mb)
                 with self._scope():
                     out.backward(grad)
                 self.accel.synchronize()
                 if self.prev:
+                    sent_at = time.time()
                     self.prev.send(x.grad, tag)
+                link = self.next
             compute = time.perf_counter() - t0 - waited
-            self._time(step, mb, kind, t0, compute, waited)
+            self._time(step, mb, kind, compute, waited, posted, received, sent_at, link)
         return loss_sum
 
-    def _time(self, step, mb, kind, start, compute, waited) -> None:
+    def _time(self, step, mb, kind, compute, waited, posted, received, sent_at, link) -> None:
+        """One line per micro-batch action; wall-clock stamps let a reader pair a send with its receive."""
         if self.timing:
-            self.timing.write(json.dumps({"step": step + 1, "mb": mb, "phase": "forward" if kind == "F" else "backward",
-                                          "start": start, "compute_s": compute, "p2p_wait_s": waited}) + "\n")
+            self.timing.write(json.dumps({
+                "step": step + 1, "mb": mb, "phase": "forward" if kind == "F" else "backward",
+                "compute_s": compute, "p2p_wait_s": waited, "posted_at": posted, "received_at": received,
+                "sent_at": sent_at, "recv_link": link.kind if link else None}) + "\n")
 
     # -- gradients ------------------------------------------------------------------
     def _reduce_gradients(self) -> None:

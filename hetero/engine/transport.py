@@ -75,6 +75,7 @@ class StageLink:
 
     def __init__(self, transport, my_tp_rank: int, my_tp_size: int, tp_group, peers: list[int]):
         self.transport = transport
+        self.kind = "bridge" if isinstance(transport, BridgeTransport) else "native"
         self.tp_rank, self.tp_size, self.tp_group = my_tp_rank, my_tp_size, tp_group
         self.peers = peers        # the other stage's ranks, by their tp_rank
 

@@ -1,0 +1,114 @@
+"""`hetero bench runtime`: the engine on the emulated mixed fleet against the planner.
+
+Two numbers: measured step time over the partitioner's predicted step time
+(goal <= 1.10), and the bridge time left exposed on the critical path as a share
+of the step (goal <= 5%). Exposed bridge time of one receive = when the data
+arrived minus when the sender handed it over (or when the receiver started
+waiting, if later): the transfer time nobody overlapped. Per step we take the
+receiving rank with the most of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+
+from hetero.config import load_job
+from hetero.runner import default_paths, train_fleet
+
+HELP = "measured vs predicted step time and exposed bridge time on the emulated mixed fleet"
+RATIO_GOAL = 1.10
+BRIDGE_SHARE_GOAL = 0.05
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default configs/emulated-mixed.yaml)")
+    parser.add_argument("--model", metavar="FILE", help="model YAML (default configs/llama-tiny.yaml)")
+    parser.add_argument("--train", metavar="FILE", help="train YAML (default configs/train-tiny.yaml)")
+    parser.add_argument("--steps", type=int, default=8, help="steps to train; the first two are warm-up (default 8)")
+    parser.add_argument("--out", metavar="DIR", help="run directory (default: a temporary one)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    paths = default_paths(cluster=args.cluster, model=args.model, train=args.train)
+    job = load_job(**paths).require("cluster", "model", "train")
+    run_dir = args.out or tempfile.mkdtemp(prefix="hetero-bench-runtime-")
+    say = (lambda message: None) if args.json else (lambda message: print(f"bench runtime: {message}", flush=True))
+    result = train_fleet(job, paths, os.path.join(run_dir, "run"), args.steps, progress=not args.json, say=say)
+    if result.code != 0:
+        print(f"bench runtime: the run failed (exit {result.code}); see {result.run_dir}/launcher.log")
+        return 1
+    report = analyse(result.run_dir, result.plan, warmup=min(2, args.steps - 1))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0 if report["ratio_ok"] and report["bridge_ok"] else 1
+
+
+def analyse(run_dir: str, plan: dict, warmup: int = 2) -> dict:
+    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics", "steps.jsonl"), encoding="utf-8")]
+    by_step = {r["step"]: r for r in steps}
+    steady = [by_step[s] for s in sorted(by_step) if s > warmup] or list(by_step.values())
+    measured = statistics.median(r["step_s"] for r in steady)
+    exposed = exposed_bridge_per_step(run_dir, plan)
+    exposed_steady = [exposed.get(r["step"], 0.0) for r in steady]
+    share = statistics.median(e / r["step_s"] for e, r in zip(exposed_steady, steady))
+    predicted = plan["predicted_step_s"]
+    return {
+        "cluster": plan["cluster"], "model": plan["model"], "emulated": True, "run_dir": run_dir,
+        "steps_measured": len(steady), "measured_step_s": measured, "predicted_step_s": predicted,
+        "ratio": measured / predicted, "ratio_goal": RATIO_GOAL, "ratio_ok": measured / predicted <= RATIO_GOAL,
+        "exposed_bridge_s": statistics.median(exposed_steady), "exposed_bridge_share": share,
+        "bridge_share_goal": BRIDGE_SHARE_GOAL, "bridge_ok": share <= BRIDGE_SHARE_GOAL,
+    }
+
+
+def exposed_bridge_per_step(run_dir: str, plan: dict) -> dict:
+    """{step: seconds of un-overlapped bridge transfer on the worst receiving rank}."""
+    stage_of = {r["rank"]: r["stage"] for r in plan["ranks"]}
+    records = {}
+    for rank in stage_of:
+        path = os.path.join(run_dir, "metrics", f"rank{rank:05d}.jsonl")
+        if os.path.exists(path):
+            records[rank] = [json.loads(line) for line in open(path, encoding="utf-8")]
+    # When did each stage hand over micro-batch mb of a step (latest TP piece)?
+    sent = defaultdict(float)
+    for rank, lines in records.items():
+        for r in lines:
+            if r.get("sent_at"):
+                key = (stage_of[rank], r["step"], r["mb"], r["phase"])
+                sent[key] = max(sent[key], r["sent_at"])
+    order = {}
+    for pipeline in plan["pipelines"]:
+        for i, stage in enumerate(pipeline["stages"]):
+            order[stage] = (pipeline["stages"][i - 1] if i else None,
+                            pipeline["stages"][i + 1] if i + 1 < len(pipeline["stages"]) else None)
+    exposed = defaultdict(lambda: defaultdict(float))
+    for rank, lines in records.items():
+        before, after = order[stage_of[rank]]
+        for r in lines:
+            if r.get("recv_link") != "bridge":
+                continue
+            source = before if r["phase"] == "forward" else after
+            handed = sent.get((source, r["step"], r["mb"], r["phase"]))
+            if handed is not None:
+                exposed[r["step"]][rank] += max(0.0, r["received_at"] - max(handed, r["posted_at"]))
+    return {step: max(per_rank.values()) for step, per_rank in exposed.items()}
+
+
+def print_report(report: dict) -> None:
+    print(f"runtime on {report['cluster']} x {report['model']} (EMULATED chips), "
+          f"{report['steps_measured']} steady steps")
+    print(f"  measured step   {report['measured_step_s']:.3f} s (median)")
+    print(f"  predicted step  {report['predicted_step_s']:.3f} s (partitioner, same plan)   <- anchor")
+    verdict = "met" if report["ratio_ok"] else "MISSED"
+    print(f"  measured / predicted = {report['ratio']:.3f} (goal <= {RATIO_GOAL}: {verdict})")
+    verdict = "met" if report["bridge_ok"] else "MISSED"
+    print(f"  exposed bridge  {report['exposed_bridge_s'] * 1e3:.1f} ms/step = "
+          f"{report['exposed_bridge_share'] * 100:.2f}% of the step (goal <= {BRIDGE_SHARE_GOAL:.0%}: {verdict})")
+    print(f"  run directory   {report['run_dir']}")
