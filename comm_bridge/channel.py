@@ -1,27 +1,31 @@
-"""The data plane: point-to-point tensor channels between ranks, over pyzmq.
+"""The data plane: point-to-point tensor channels between ranks.
 
-One `Endpoint` per process. It binds `stripes` PULL sockets (one per stripe) on
-the bridge host and connects PUSH sockets to peers on demand. `isend`/`irecv`
-return `Handle`s; `wait()` gives the tensor (or raises).
+One `Endpoint` per process. `isend`/`irecv` return `Handle`s; `wait()` gives the
+tensor (or raises). Each peer gets exactly one channel, so its messages stay in
+send order:
 
-Wire: every message is [header, chunk descriptor, raw chunk] (see frames.py). A
-tensor is cut into `chunk_bytes` pieces dealt round-robin over the stripes, so
-one transfer keeps several TCP connections (and zmq I/O threads) busy and the
-receiver copies chunk i while chunk i+1 is still on the wire. Sends are
-zero-copy (zmq holds the tensor's memory until the kernel has it); receives copy
-each chunk straight into the posted buffer.
-Peers on the same host move the bytes through a shared-memory ring instead and
-zmq only carries doorbells and credits.
+- Peers on another host (or any peer when shared memory is off) get a plain-TCP
+  stream (stream.py): [header, raw payload] back to back, sent with one
+  sendmsg from the tensor's own memory and read with recv_into straight into
+  the posted tensor: the copies of plain sockets, nothing more.
+- Peers on the same host move the bytes through a shared-memory ring (shm.py);
+  zmq PUSH/PULL sockets carry the doorbells and credits, and small messages as
+  [header, chunk descriptor, raw chunk] (frames.py), cut into `chunk_bytes`
+  pieces dealt round-robin over `stripes` sockets.
 
-Threads: a background I/O thread owns the PULL sockets and finishes handles; a
-PUSH socket is touched by the caller (fast path for small messages) or the I/O
-thread, always under the endpoint lock. Matching is MPI-like: per (source, tag),
-messages match receives in the order the source sent them.
+Threads: whoever holds the driving lock polls the sockets, pumps queued sends
+and finishes handles: a caller blocked in `Handle.wait` (so a reply wakes the
+waiting thread straight from the kernel, with no hand-off between Python
+threads) or, when nobody has waited for a moment, a background I/O thread. Send
+sockets are touched by the caller (fast path: an idle channel sends from the
+caller's thread) or the driver, always under the endpoint lock. Matching is
+MPI-like: per (source, tag), messages match receives in the order the source
+sent them.
 
 Memory is bounded: messages that arrive before their irecv are held up to
-`max_unexpected_bytes`, after which the endpoint stops reading and zmq's high
-water marks push back on the senders; `isend` blocks once
-`max_pending_send_bytes` are queued.
+`max_unexpected_bytes`, after which the endpoint stops reading new messages
+and TCP flow control (zmq high-water marks) pushes back on the senders; `isend`
+blocks once `max_pending_send_bytes` are queued.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 import zmq
 
 from comm_bridge import frames as F
+from comm_bridge import stream as S
 from comm_bridge.errors import BridgeError, BridgeTimeoutError, PeerFailedError, TransferMismatchError
 from comm_bridge.shm import ShmReader, ShmRing, host_id, ring_path, shm_dir
 from comm_bridge.staging import Stager
@@ -48,6 +53,7 @@ SMALL_BYTES = 64 << 10   # below this: copy into zmq, one stripe, never shared m
 MAX_CHUNK_BYTES = 64 << 20  # zmq drops a peer that sends a bigger frame
 MAX_STRIPES = 16
 HWM_MESSAGES = 8         # zmq high-water mark per socket, in messages
+IO_GRACE_SECONDS = 0.002  # the I/O thread leaves the sockets to returning waiters this long
 _ids = itertools.count()
 
 
@@ -76,7 +82,10 @@ class Handle:
 
     def wait(self, timeout: float | None = None) -> torch.Tensor | None:
         limit = self._endpoint.default_timeout if timeout is None else timeout
-        if not self._event.wait(limit):
+        if not self._event.is_set():
+            # Drive the sockets from this thread: no hand-off from the I/O thread.
+            self._endpoint._drive_until(self._event, time.monotonic() + limit)
+        if not self._event.is_set():
             raise BridgeTimeoutError(f"{self.what}: no progress after {limit:.1f}s "
                                      f"(peer rank {self.peer} is alive as far as the coordinator knows)")
         if self._error is not None:
@@ -104,7 +113,7 @@ class Handle:
 
 class _SendJob:
     __slots__ = ("handle", "dst", "header", "header_bytes", "staged", "nbytes", "nstripes",
-                 "trackers", "shm", "next_chunk", "nchunks", "held_slot")
+                 "trackers", "shm", "next_chunk", "nchunks", "held_slot", "stream", "sent")
 
     def __init__(self, handle, dst, header, header_bytes, staged, nstripes, shm, chunk_bytes):
         self.handle = handle
@@ -119,6 +128,8 @@ class _SendJob:
         self.next_chunk = 0
         self.nchunks = F.chunk_count(self.nbytes, chunk_bytes)
         self.held_slot: int | None = None  # shm: slot written but doorbell not yet sent
+        self.stream = False                # travels on the peer's plain-TCP stream
+        self.sent = 0                      # stream: bytes of header + payload handed to the kernel
 
 
 class _Transfer:
@@ -153,7 +164,8 @@ class Endpoint:
                  advertise_host: str | None = None, stripes: int = 2, chunk_bytes: int = 4 << 20,
                  shm: bool = True, shm_slots: int = 8, max_message_bytes: int = 16 << 30,
                  max_unexpected_bytes: int = 256 << 20, max_pending_send_bytes: int = 1 << 30,
-                 default_timeout: float = 300.0, accelerator=None, io_threads: int = 2):
+                 default_timeout: float = 300.0, accelerator=None, io_threads: int = 2,
+                 stream: bool = True):
         if not 1 <= stripes <= MAX_STRIPES:
             raise ValueError(f"stripes must be 1..{MAX_STRIPES}, got {stripes}")
         if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
@@ -186,6 +198,14 @@ class Endpoint:
             port = sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
             self.endpoints.append(f"tcp://{advertise_host or host}:{port}")
             self._pulls.append(sock)
+        # Tensors to peers on other hosts (or with shm off) travel on plain-TCP streams.
+        self._listener = S.listen(host) if stream else None
+        self.stream_address = (f"{S.SCHEME}{advertise_host or host}:{self._listener.getsockname()[1]}"
+                               if stream else None)
+        self._stream_out: dict[int, object] = {}   # dst rank -> connected socket
+        self._stream_in: dict[int, S.Inbound] = {}  # fd -> accepted stream
+        self._doomed: list = []                     # sockets for the driver to unregister and close
+        self._fd_flags: dict[int, int] = {}         # raw fds registered in the poller
         wake_addr = f"inproc://bridge-wake-{id(self)}-{next(_ids)}"
         self._wake_rx = self._ctx.socket(zmq.PAIR)
         self._wake_rx.bind(wake_addr)
@@ -215,13 +235,25 @@ class Endpoint:
         self._shm_current: dict[int, _Transfer] = {}
         self._counters = collections.Counter()
         self._closing = False
+        # Whoever holds `_driving` polls the receive sockets and pumps sends: the
+        # I/O thread, or a caller blocked in Handle.wait (`_drivers` counts those;
+        # the I/O thread stands aside while any is there).
+        self._driving = threading.Lock()
+        self._drivers = 0
+        self._driver_left = 0.0
+        self._io_wanted = False
+        self._no_drivers = threading.Condition(self._lock)
+        self._poller = zmq.Poller()
+        self._poller.register(self._wake_rx, zmq.POLLIN)
+        self._reading = [False] * len(self._pulls)
         self._thread = threading.Thread(target=self._io_loop, name=f"bridge-io-{rank}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ peers
     def address(self) -> dict:
         """What peers need to reach this endpoint (goes into the address book)."""
-        return {"rank": self.rank, "endpoints": list(self.endpoints), "host_id": self.host_id}
+        extra = [self.stream_address] if self.stream_address else []
+        return {"rank": self.rank, "endpoints": list(self.endpoints) + extra, "host_id": self.host_id}
 
     def add_peers(self, book) -> None:
         """Learn peers from address-book entries ({rank, endpoints, host_id} each)."""
@@ -230,7 +262,11 @@ class Endpoint:
             for entry in entries:
                 rank = int(entry["rank"])
                 if rank != self.rank:
-                    self._peers[rank] = {"endpoints": list(entry["endpoints"]), "host_id": entry.get("host_id")}
+                    listed = [str(e) for e in entry["endpoints"]]
+                    streams = [e for e in listed if e.startswith(S.SCHEME)]
+                    self._peers[rank] = {"endpoints": [e for e in listed if not e.startswith(S.SCHEME)],
+                                         "stream": streams[0] if streams else None,
+                                         "host_id": entry.get("host_id")}
 
     def fail_peer(self, rank: int, reason: str) -> None:
         """Declare `rank` dead: every pending call on it raises PeerFailedError."""
@@ -250,6 +286,12 @@ class Endpoint:
             for key in [k for k in self._parked if k[0] == rank]:
                 self._release_parked(key)
             self._shm_current.pop(rank, None)
+            for conn in [c for c in self._stream_in.values() if c.rank == rank]:
+                self._stream_in.pop(conn.fd, None)
+                self._doomed.append(conn.sock)
+            out = self._stream_out.pop(rank, None)
+            if out is not None:
+                self._doomed.append(out)
             reader = self._readers.pop(rank, None)
             if reader is not None:
                 reader.close()
@@ -279,6 +321,7 @@ class Endpoint:
                 "parked_bytes": self._parked_bytes,
                 "posted": sum(len(q) for q in self._posted.values()),
                 "tracking": len(self._tracking),
+                "streams_in": len(self._stream_in),
                 **dict(self._counters),
             }
 
@@ -307,7 +350,10 @@ class Endpoint:
             self._check_peer(dst)
             seq = self._next_seq[dst]
             self._next_seq[dst] = seq + 1
-            shm = (self.use_shm and nbytes >= SMALL_BYTES and peer["host_id"] == self.host_id)
+            same_host = self.use_shm and peer["host_id"] == self.host_id
+            # One channel per peer keeps its messages in order: shm/zmq on this host, else the stream.
+            via_stream = bool(peer.get("stream")) and self._listener is not None and not same_host
+            shm = same_host and nbytes >= SMALL_BYTES
             kind = F.KIND_SHM if shm else F.KIND_TENSOR
             header = F.Header(sender=self.rank, tag=int(tag), seq=seq, dtype=staged.tensor.dtype,
                               shape=tuple(staged.tensor.shape), nbytes=nbytes, step=int(step),
@@ -315,6 +361,7 @@ class Endpoint:
             nstripes = 1 if (shm or nbytes <= self.chunk_bytes) else min(self.stripes, len(peer["endpoints"]))
             job = _SendJob(handle, dst, header, F.pack_header(header, self._auth), staged, nstripes, shm,
                            self.chunk_bytes)
+            job.stream = via_stream
             queue = self._sendq[dst]
             queue.append(job)
             self._pending_send_bytes += nbytes
@@ -359,9 +406,11 @@ class Endpoint:
         if self._closing:
             return
         self._closing = True
+        with self._lock:
+            self._no_drivers.notify_all()
         self._wake()
         self._thread.join(timeout=10)
-        with self._lock:
+        with self._driving, self._lock:  # no driver is inside a poll any more
             error = BridgeError(f"endpoint rank {self.rank} closed")
             for queue in self._posted.values():
                 for posted in queue:
@@ -375,6 +424,12 @@ class Endpoint:
                 reader.close()
             for sock in [*self._pulls, *self._push.values(), self._wake_rx, self._wake_tx]:
                 sock.close(linger=0)
+            plain = [*self._stream_out.values(), *self._doomed, *(c.sock for c in self._stream_in.values())]
+            for sock in plain + ([self._listener] if self._listener is not None else []):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
         self._ctx.term()
 
     def __enter__(self) -> "Endpoint":
@@ -418,7 +473,20 @@ class Endpoint:
             job = queue[0]
             if not job.staged.ready():
                 return
-            if not (self._advance_shm(job) if job.shm else self._advance_tcp(job)):
+            if job.stream:
+                try:
+                    if not self._advance_stream(job):
+                        return
+                except OSError as exc:  # connection refused or lost: this send fails, later ones reconnect
+                    queue.popleft()
+                    self._pending_send_bytes -= job.nbytes
+                    sock = self._stream_out.pop(dst, None)
+                    if sock is not None:
+                        self._doomed.append(sock)
+                    job.handle._fail(PeerFailedError(dst, f"stream connection: {exc}"))
+                    self._send_room.notify_all()
+                    continue
+            elif not (self._advance_shm(job) if job.shm else self._advance_tcp(job)):
                 return
             queue.popleft()
             if not job.trackers:
@@ -452,6 +520,15 @@ class Endpoint:
             job.next_chunk += 1
         return True
 
+    def _advance_stream(self, job: _SendJob) -> bool:
+        """Hand header + payload to the kernel without blocking; True once all of it is out."""
+        sock = self._stream_out.get(job.dst)
+        if sock is None:
+            sock = S.connect(self._peers[job.dst]["stream"], self.rank, self._auth, timeout=10.0)
+            self._stream_out[job.dst] = sock
+        job.sent = S.send_some(sock, job.header_bytes, as_bytes(job.staged.tensor), job.sent)
+        return job.sent >= F.HEADER_BYTES + job.nbytes
+
     def _advance_shm(self, job: _SendJob) -> bool:
         ring = self._rings.get(job.dst)
         if ring is None:
@@ -477,6 +554,14 @@ class Endpoint:
         return True
 
     def _wake(self) -> None:
+        """Work for whoever drives: get the I/O thread going even in its grace period."""
+        with self._lock:
+            self._io_wanted = True
+            self._no_drivers.notify_all()
+        self._kick()
+
+    def _kick(self) -> None:
+        """Interrupt the poll of whoever drives."""
         with self._wake_lock:
             try:
                 self._wake_tx.send(b"", flags=zmq.NOBLOCK)
@@ -485,47 +570,205 @@ class Endpoint:
 
     # --------------------------------------------------------- receive side
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._wake_rx, zmq.POLLIN)
-        reading = [False] * len(self._pulls)
         while not self._closing:
             with self._lock:
-                busy = any(self._sendq.values()) or bool(self._tracking) or any(self._credits_owed.values())
-                want = [self._may_read(stripe) for stripe in range(len(self._pulls))]
-            for stripe, sock in enumerate(self._pulls):
-                if want[stripe] != reading[stripe]:
-                    if want[stripe]:
-                        poller.register(sock, zmq.POLLIN)
-                    else:
-                        poller.unregister(sock)
-                        self._counters["backpressure_pauses"] += 1
-                    reading[stripe] = want[stripe]
-            try:
-                events = dict(poller.poll(1 if busy else 100))
-            except zmq.ZMQError:
-                break
+                # Stand aside while a caller drives, and for a moment after: a caller
+                # that soon waits again then takes the sockets without waking us
+                # (each wake costs a GIL hand-off on the caller's critical path).
+                while not self._closing and (self._drivers or (
+                        not self._io_wanted and time.monotonic() - self._driver_left < IO_GRACE_SECONDS)):
+                    self._no_drivers.wait(IO_GRACE_SECONDS)
+                self._io_wanted = False
+            with self._driving:
+                if not self._closing and not self._progress_once(100):
+                    break
+
+    def _drive_until(self, event: threading.Event, deadline: float) -> None:
+        """Make progress from the waiting thread until `event` is set or `deadline` passes.
+
+        A small message then wakes the waiting thread straight from zmq's I/O
+        thread, with no hand-off between Python threads. One thread drives at a
+        time; other waiters watch their own event and take over when it leaves."""
+        if self._closing:
+            event.wait(max(0.0, deadline - time.monotonic()))
+            return
+        with self._lock:
+            self._drivers += 1
+        driving = self._driving.acquire(blocking=False)
+        if not driving:
+            self._kick()  # the I/O thread (or another waiter) sits in poll: make it look up
+        try:
+            while not event.is_set() and not self._closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                if not driving:
+                    driving = self._driving.acquire(timeout=min(remaining, 0.001))
+                    if not driving:
+                        event.wait(min(remaining, 0.001))  # another waiter drives
+                        continue
+                remaining_ms = max(1, int(remaining * 1000))
+                if not self._progress_once(min(100, remaining_ms)):
+                    break
             if self._closing:
-                break
-            if self._wake_rx in events:
-                while True:
-                    try:
-                        self._wake_rx.recv(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-            for stripe, sock in enumerate(self._pulls):
-                if sock in events:
-                    self._drain(sock, stripe)
+                if driving:
+                    self._driving.release()
+                    driving = False
+                event.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            if driving:
+                self._driving.release()
             with self._lock:
-                for dst in [d for d, q in self._sendq.items() if q] + [d for d, q in self._credits_owed.items() if q]:
-                    self._pump(dst)
-                if self._tracking:
-                    still = []
-                    for job in self._tracking:
-                        if all(t.done for t in job.trackers):
-                            self._sent(job)
-                        else:
-                            still.append(job)
-                    self._tracking = still
+                self._drivers -= 1
+                if not self._drivers:
+                    # No notify: the I/O thread looks again within IO_GRACE_SECONDS anyway,
+                    # and waking it here would contend for the GIL with our caller.
+                    self._driver_left = time.monotonic()
+
+    def _progress_once(self, idle_ms: int) -> bool:
+        """One round of I/O: poll, read, pump sends, retire tracked sends (`_driving` held).
+        Returns False once the endpoint is closing."""
+        poller, reading = self._poller, self._reading
+        with self._lock:
+            # Streams say when they can move (POLLOUT); anything else queued is polled for.
+            busy = any(q and not (q[0].stream and q[0].staged.ready()) for q in self._sendq.values()) \
+                or bool(self._tracking) or any(self._credits_owed.values())
+            want = [self._may_read(stripe) for stripe in range(len(self._pulls))]
+            doomed, self._doomed = self._doomed, []
+            want_fds = self._stream_interest()
+        for sock in doomed:
+            fd = sock.fileno()
+            if fd in self._fd_flags:
+                poller.unregister(fd)
+                del self._fd_flags[fd]
+            sock.close()
+        for fd in [fd for fd in self._fd_flags if fd not in want_fds]:
+            poller.unregister(fd)
+            del self._fd_flags[fd]
+        for fd, flags in want_fds.items():
+            if self._fd_flags.get(fd) != flags:
+                poller.register(fd, flags)
+                self._fd_flags[fd] = flags
+        for stripe, sock in enumerate(self._pulls):
+            if want[stripe] != reading[stripe]:
+                if want[stripe]:
+                    poller.register(sock, zmq.POLLIN)
+                else:
+                    poller.unregister(sock)
+                    self._counters["backpressure_pauses"] += 1
+                reading[stripe] = want[stripe]
+        try:
+            events = dict(poller.poll(1 if busy else idle_ms))
+        except zmq.ZMQError:
+            return False
+        if self._closing:
+            return False
+        if self._wake_rx in events:
+            while True:
+                try:
+                    self._wake_rx.recv(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        for stripe, sock in enumerate(self._pulls):
+            if sock in events:
+                self._drain(sock, stripe)
+        if self._listener is not None and self._listener.fileno() in events:
+            self._accept_streams()
+        for fd in [fd for fd in events if isinstance(fd, int) and fd in self._stream_in]:
+            with self._lock:
+                conn = self._stream_in.get(fd)
+                if conn is not None:
+                    self._read_stream(conn)
+        with self._lock:
+            for dst in [d for d, q in self._sendq.items() if q] + [d for d, q in self._credits_owed.items() if q]:
+                self._pump(dst)
+            if self._tracking:
+                still = []
+                for job in self._tracking:
+                    if all(t.done for t in job.trackers):
+                        self._sent(job)
+                    else:
+                        still.append(job)
+                self._tracking = still
+        return True
+
+    # Plain-TCP streams (driver thread only, except where noted).
+    def _stream_interest(self) -> dict[int, int]:
+        """Poller flags each raw fd should have now (lock held)."""
+        flags = {}
+        if self._listener is not None:
+            flags[self._listener.fileno()] = zmq.POLLIN
+        for fd, conn in self._stream_in.items():
+            if conn.rank is None or conn.mid_message() or self._may_read(0):
+                flags[fd] = zmq.POLLIN
+            elif self._fd_flags.get(fd):
+                self._counters["backpressure_pauses"] += 1  # unexpected-message budget is full
+        for dst, sock in self._stream_out.items():
+            queue = self._sendq.get(dst)
+            if queue and queue[0].stream:
+                flags[sock.fileno()] = zmq.POLLOUT
+        return flags
+
+    def _accept_streams(self) -> None:
+        while True:
+            try:
+                sock, _peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("rank %d: accepting a stream failed: %s", self.rank, exc)
+                return
+            conn = S.Inbound(sock)
+            with self._lock:
+                self._stream_in[conn.fd] = conn
+
+    def _read_stream(self, conn: S.Inbound) -> None:
+        """Read what one stream has: hello, then headers and payloads straight into their tensors (lock held)."""
+        try:
+            for _ in range(64):  # messages per round: a chatty peer must not starve the rest
+                if conn.rank is None:
+                    if not conn.read_hello(self._auth):
+                        return
+                    continue
+                if conn.transfer is None:
+                    if not self._may_read(0):
+                        return
+                    raw = conn.read_header()
+                    if raw is None:
+                        return
+                    header = F.parse_header(raw, self._auth, self.max_message_bytes)
+                    if header.kind != F.KIND_TENSOR or header.sender != conn.rank:
+                        raise F.FrameError("bad_kind", f"stream from rank {conn.rank} carried kind "
+                                                       f"{header.kind} from rank {header.sender}")
+                    self._check_seq(header)
+                    conn.transfer = self._begin(header, 1)
+                    conn.body_got = 0
+                transfer = conn.transfer
+                if not conn.read_body(transfer.flat, transfer.header.nbytes):
+                    return
+                conn.transfer = None
+                transfer.parts_seen.add(0)
+                self._progress(transfer, (transfer.header.sender, transfer.header.seq))
+        except EOFError:
+            if conn.mid_message():
+                self.rejected.add("truncated")
+                self._end_stream(conn, f"stream from rank {conn.rank} closed mid-message")
+            else:
+                self._end_stream(conn, None)
+        except F.FrameError as exc:
+            self.rejected.add(exc.reason)
+            log.warning("rank %d: %s", self.rank, exc)
+            self._end_stream(conn, str(exc))
+
+    def _end_stream(self, conn: S.Inbound, problem: str | None) -> None:
+        """Close a stream; a message cut off on it fails its receive (lock held)."""
+        transfer = conn.transfer
+        if transfer is not None:
+            self._inflight.pop((transfer.header.sender, transfer.header.seq), None)
+            self._drop_transfer(transfer, TransferMismatchError(f"truncated message: {problem}"))
+            conn.transfer = None
+        self._stream_in.pop(conn.fd, None)
+        self._doomed.append(conn.sock)
 
     def _may_read(self, stripe: int) -> bool:
         """Backpressure: stop reading when unmatched data fills its budget.

@@ -3,8 +3,11 @@
 The bridge moves host bytes. A device tensor is copied to host on a side stream
 (so the copy overlaps the compute queued on the main stream) and the sender
 waits on an event before its bytes hit the socket; on the receiver the host
-tensor goes back to the device the same way. With no accelerator, or a CPU
-tensor, staging is a no-op apart from making the tensor contiguous.
+tensor goes back to the device the same way. A tensor counts as the
+accelerator's when its device type is the accelerator's `device_type`: that
+includes host-memory vendors (`cpu`, and `emulated`, whose D2H copy must wait
+for its virtual device to finish the work that produced the tensor). With no
+accelerator, a plain CPU tensor only gets made contiguous.
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ class Stager:
         return self._stream
 
     def to_host(self, tensor: torch.Tensor) -> Staged:
-        if tensor.device.type == "cpu":
-            # The wire needs one flat run of bytes; non-contiguous views get copied.
-            return Staged(tensor if tensor.is_contiguous() else tensor.contiguous())
         accel = self.accelerator
-        if accel is None:
+        if accel is None or tensor.device.type != getattr(accel, "device_type", None):
+            if tensor.device.type == "cpu":
+                # The wire needs one flat run of bytes; non-contiguous views get copied.
+                return Staged(tensor if tensor.is_contiguous() else tensor.contiguous())
             return Staged(tensor.to("cpu").contiguous())
         stream = self._side_stream()
         if stream is None:
@@ -60,7 +63,7 @@ class Stager:
             host = accel.to_host(tensor.contiguous(), non_blocking=True)
             event = accel.new_event(enable_timing=False)
             event.record(stream)
-        return Staged(host, event)
+        return Staged(host if host.is_contiguous() else host.contiguous(), event)
 
     def host_buffer(self, dtype: torch.dtype, shape, device: str | None) -> torch.Tensor:
         """A receive buffer; pinned when the bytes are headed to a device that has pinning."""

@@ -29,10 +29,13 @@ def pair(**kw):
     return a, b
 
 
-@pytest.fixture(params=["tcp", "shm"])
+@pytest.fixture(params=["tcp", "shm", "zmq"])
 def endpoints(request):
-    # Small chunks so that modest tensors still cross many chunks and both stripes.
-    a, b = pair(shm=request.param == "shm", chunk_bytes=64 << 10, default_timeout=30)
+    # tcp: plain-TCP stream; shm: same-host ring (+ zmq for small messages);
+    # zmq: striped zmq chunks (stream off). Small chunks so that modest tensors
+    # still cross many chunks and both stripes.
+    a, b = pair(shm=request.param == "shm", stream=request.param != "zmq", chunk_bytes=64 << 10,
+                default_timeout=30)
     yield a, b
     a.close()
     b.close()
@@ -303,3 +306,105 @@ def test_unexpected_messages_are_bounded_by_backpressure():
     finally:
         a.close()
         b.close()
+
+
+# ------------------------------------------------------- plain-TCP streams
+def raw_stream(endpoint, rank=0, token=TOKEN):
+    """A plain socket to `endpoint`'s stream port, introduced as `rank` with `token`."""
+    import socket
+    import struct
+    from comm_bridge import stream as S
+    sock = socket.create_connection(S.parse_address(endpoint.stream_address), timeout=10)
+    sock.sendall(struct.pack(f"<4sI{F.AUTH_BYTES}s", S.HELLO_MAGIC, rank, F.auth_tag(token)))
+    return sock
+
+
+def hung_up(sock) -> bool:
+    """True if the other end closed (a reset counts: it closed with our bytes unread)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def wait_for(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_tcp_peers_use_the_stream_and_same_host_shm_peers_do_not():
+    for shm, expect_streams in ((False, 1), (True, 0)):
+        a, b = pair(shm=shm, default_timeout=30)
+        try:
+            x = torch.randn(100_000)
+            pending = b.irecv(0, 0)
+            a.send(x, 1, 0)
+            assert torch.equal(pending.wait(30), x)
+            assert wait_for(lambda: b.stats()["streams_in"] == expect_streams), (shm, b.stats())
+        finally:
+            a.close()
+            b.close()
+
+
+def test_stream_with_a_wrong_token_is_refused_and_counted():
+    a, b = pair(shm=False, default_timeout=30)
+    sock = raw_stream(b, token="intruder")
+    try:
+        auth = F.auth_tag("intruder")
+        sock.sendall(F.pack_header(F.Header(sender=0, tag=0, seq=0, dtype=torch.uint8, shape=(4,), nbytes=4),
+                                   auth) + b"\1\2\3\4")
+        assert wait_for(lambda: b.stats()["rejected"].get("unauthenticated") == 1), b.stats()
+        assert hung_up(sock)
+        x = torch.arange(10.0)
+        pending = b.irecv(0, 0)
+        a.send(x, 1, 0)
+        assert torch.equal(pending.wait(30), x)  # nothing the intruder sent was delivered
+    finally:
+        sock.close()
+        a.close()
+        b.close()
+
+
+def test_stream_garbage_header_closes_that_stream_only():
+    a, b = pair(shm=False, default_timeout=30)
+    sock = raw_stream(b)
+    try:
+        sock.sendall(b"\0" * F.HEADER_BYTES)
+        assert wait_for(lambda: b.stats()["rejected"].get("bad_magic") == 1), b.stats()
+        assert hung_up(sock)
+        x = torch.randn(300, 7)
+        pending = b.irecv(0, 2)
+        a.send(x, 1, 2)
+        assert torch.equal(pending.wait(30), x)
+    finally:
+        sock.close()
+        a.close()
+        b.close()
+
+
+def test_stream_cut_mid_payload_fails_the_receive():
+    a, b = pair(shm=False, default_timeout=30)
+    sock = raw_stream(b)
+    try:
+        pending = b.irecv(0, 0)
+        header = F.Header(sender=0, tag=0, seq=0, dtype=torch.uint8, shape=(8192,), nbytes=8192)
+        sock.sendall(F.pack_header(header, F.auth_tag(TOKEN)) + b"\1" * 4000)
+        sock.close()
+        with pytest.raises(TransferMismatchError, match="truncated"):
+            pending.wait(20)
+        assert b.stats()["rejected"].get("truncated") == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_send_to_a_closed_peer_fails_instead_of_hanging():
+    a, b = pair(shm=False, default_timeout=30)
+    b.close()
+    try:
+        with pytest.raises(PeerFailedError, match="rank 1"):
+            a.isend(torch.ones(10), 1, 0).wait(20)
+    finally:
+        a.close()

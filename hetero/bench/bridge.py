@@ -5,7 +5,9 @@ Every transport moves the same tensor sizes between two processes on this host
 One iteration sends the tensor and waits for the reply: for small tensors the
 reply echoes the payload (a true round trip), for large ones it is a one-byte
 ack. gbps = bytes / p50 iteration time, in GB/s. The anchors (memcpy, raw TCP,
-gloo, gRPC) are measured in the same run, so the goals compare like with like.
+gloo, gRPC) are measured in the same run, so the goals compare like with like;
+the transports take turns over several rounds and each p50 pools all rounds, so
+a burst of load from elsewhere on a shared host does not land on one transport.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ BENCH_TOKEN = "hetero-bench-bridge"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     parser.add_argument("--quick", action="store_true", help="fewer iterations (for smoke tests)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="times each transport is measured, in turns (default 3, --quick 1)")
     parser.add_argument("--transports", default=",".join(TRANSPORTS),
                         help=f"comma-separated subset of {','.join(TRANSPORTS)}")
 
@@ -38,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _iterations(nbytes: int, quick: bool) -> tuple[int, int]:
     """(warm-up, measured) iterations for one size."""
     if nbytes <= ECHO_LIMIT:
-        return (20, 100) if quick else (100, 1000)
+        return (20, 100) if quick else (100, 500)
     if nbytes <= 8 << 20:
-        return (2, 8) if quick else (5, 40)
+        return (2, 8) if quick else (5, 30)
     return (1, 3) if quick else (2, 12)
 
 
@@ -80,6 +84,10 @@ def _recv_exact(sock, view) -> None:
         got += n
 
 
+# The raw TCP anchor is what a careful user writes with plain sockets: sendall of
+# a memoryview (no copy in Python), recv_into a preallocated buffer, TCP_NODELAY.
+# Socket buffers stay kernel-autotuned: fixing SO_SNDBUF/SO_RCVBUF (1 or 4 MiB)
+# measured slower on loopback here, as it turns autotuning off.
 def _serve_raw_tcp(conn, sizes, quick):
     import numpy as np
     listener = socket.socket()
@@ -342,18 +350,31 @@ def run(args) -> int:
     if unknown:
         from hetero.errors import UserError
         raise UserError(f"--transports: unknown transport(s) {', '.join(unknown)}; known: {', '.join(TRANSPORTS)}")
-    results, failures = [], {}
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1:
+        from hetero.errors import UserError
+        raise UserError(f"--rounds: must be at least 1, got {rounds}")
+    samples: dict[str, dict[int, list]] = {name: {} for name in names}
+    failures = {}
     started = time.perf_counter()
+    for round_index in range(rounds):
+        for name in names:
+            if name in failures:
+                continue
+            if not args.json:
+                print(f"measuring {name} (round {round_index + 1}/{rounds}) ...", file=sys.stderr, flush=True)
+            try:
+                for nbytes, times in measure(name, quick=args.quick).items():
+                    samples[name].setdefault(nbytes, []).extend(times)
+            except Exception as exc:  # one broken anchor must not hide the others
+                failures[name] = f"{type(exc).__name__}: {exc}"
+    results = []
     for name in names:
-        if not args.json:
-            print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        try:
-            results += summarize(name, measure(name, quick=args.quick))
-        except Exception as exc:  # one broken anchor must not hide the others
-            failures[name] = f"{type(exc).__name__}: {exc}"
+        if name not in failures:
+            results += summarize(name, samples[name])
     verdicts = goals(results)
     report = {"results": results, "goals": verdicts, "errors": failures,
-              "seconds": round(time.perf_counter() - started, 1),
+              "seconds": round(time.perf_counter() - started, 1), "rounds": rounds,
               "host": {"cpus": os.cpu_count()}}
     if args.json:
         print(json.dumps(report, indent=2))
