@@ -39,7 +39,9 @@ def fleet_spec(cluster) -> FleetSpec:
                    nodes=tuple(n.chips for n in i.nodes))
         for i in cluster.islands)
     return FleetSpec(name=cluster.name, islands=islands, inter_node_bandwidth=net.inter_node_gbps * GB,
-                     bridge_bandwidth=net.bridge.gbps * GB, bridge_latency=net.bridge.latency_us * 1e-6)
+                     bridge_bandwidth=net.bridge.gbps * GB, bridge_latency=net.bridge.latency_us * 1e-6,
+                     intra_node_latency=net.intra_node_latency_us * 1e-6,
+                     inter_node_latency=net.inter_node_latency_us * 1e-6)
 
 
 def model_spec(model) -> ModelSpec:

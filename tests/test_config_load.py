@@ -30,6 +30,7 @@ def test_default_fleet(configs_dir):
     assert cluster.total_chips == 4
     assert cluster.coordinator.host == "127.0.0.1" and not cluster.coordinator.bind_all
     assert cluster.network.bridge.transport == "auto"
+    assert cluster.network.intra_node_latency_us == 1000 and cluster.network.inter_node_latency_us == 10
     assert job.model.head_dim == 32 and job.model.kv_heads == 2
     assert job.train.checkpoint.dir == os.path.join(configs_dir, "checkpoints")
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -44,6 +44,8 @@ class BridgeConfig:
 class NetworkConfig:
     intra_node_gbps: float | None = None   # GB/s; None: each chip's catalog figure
     inter_node_gbps: float = 12.5          # GB/s (100 Gb Ethernet)
+    intra_node_latency_us: float = 5.0     # per hop of a collective between chips of one node
+    inter_node_latency_us: float = 10.0    # per hop between nodes
     bridge: BridgeConfig = BridgeConfig()
 
 
@@ -141,6 +143,10 @@ def _read_network(section: Section | None) -> NetworkConfig:
     network = NetworkConfig(
         intra_node_gbps=section.get("intra_node_gbps", number(0.0, 1e6), None),
         inter_node_gbps=inter,
+        intra_node_latency_us=section.get("intra_node_latency_us", number(0.0, 1e7, low_inclusive=True),
+                                          defaults.intra_node_latency_us),
+        inter_node_latency_us=section.get("inter_node_latency_us", number(0.0, 1e7, low_inclusive=True),
+                                          defaults.inter_node_latency_us),
         bridge=_read_bridge(section.section("bridge", None), inter),
     )
     section.finish()
