@@ -39,8 +39,8 @@ def default_paths(**given) -> dict:
 def search_plan(job):
     from hetero.planning import plan_job
 
-    # The engine runs 1F1B pipelines without activation recompute so far.
-    return plan_job(job, modes=("pipeline",), recompute_modes=("none",)).best
+    # The engine does not recompute activations yet.
+    return plan_job(job, recompute_modes=("none",)).best
 
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,

@@ -178,3 +178,43 @@ def test_killed_worker_restarts_job_from_last_checkpoint(tmp_path, job):
     reference = solo_losses(tmp_path, job, steps=steps)
     for got, want in zip([r["loss"] for r in final], reference):
         assert abs(got - want) <= 1e-5 * abs(want)
+
+
+def make_replicas_plan(job, replicas, micro_batch=2):
+    """replicas: [(island, [(tp, (start, end)), ...], samples)]: one whole-model pipeline per island."""
+    stages, pipelines, ranks_by_island = [], [], {}
+    for p, (island, stage_specs, samples) in enumerate(replicas):
+        indices, offset = [], 0
+        for tp, layers in stage_specs:
+            index = len(stages)
+            stages.append(StagePlan(index, p, island, "cpu", tp, 1, layers, "none", offset, 0.1, 0.0))
+            for t in range(tp):
+                ranks_by_island.setdefault(island, []).append((offset + t, index, p, t))
+            indices.append(index)
+            offset += tp
+        pipelines.append(PipelinePlan(p, tuple(indices), 1, micro_batch, samples // micro_batch))
+    ranks = []
+    for island in [i.name for i in job.cluster.islands]:
+        for local, stage, p, t in sorted(ranks_by_island.get(island, [])):
+            ranks.append(RankPlan(len(ranks), island, local, 0, p, stage, t, 0))
+    return Plan(kind="replicas", cluster=job.cluster.name, model=job.model.name, dtype="fp32",
+                layers=job.model.layers, heads=job.model.heads, kv_heads=job.model.kv_heads,
+                global_batch=job.train.global_batch, micro_batch=micro_batch,
+                num_micro_batches=pipelines[0].num_micro_batches, recompute="none", zero1=False,
+                stages=tuple(stages), pipelines=tuple(pipelines), ranks=tuple(ranks),
+                predicted_step_s=1.0, tokens_per_s=1.0, mfu={})
+
+
+@pytest.mark.parametrize("replicas", [
+    # unequal islands (3 ranks vs 1): the star reduction; uneven batch split 6 / 2
+    [("wide", [(2, (0, 2)), (1, (2, 3))], 6), ("narrow", [(1, (0, 3))], 2)],
+    # one rank per island: the island-aware bridge ring; uneven split 2 / 6
+    [("wide", [(1, (0, 3))], 2), ("narrow", [(1, (0, 3))], 6)],
+], ids=["star", "ring"])
+def test_hetero_dp_replicas_match_one_process(tmp_path, job, replicas):
+    plan = make_replicas_plan(job, replicas)
+    records, _, _ = run_fleet(tmp_path, plan, steps=3)
+    fleet = [r["loss"] for r in last_attempt(records)]
+    reference = solo_losses(tmp_path, job, steps=3)
+    for got, want in zip(fleet, reference):
+        assert abs(got - want) <= 1e-5 * abs(want), (fleet, reference)

@@ -113,6 +113,25 @@ class Comms:
         self.endpoint.send(values.contiguous(), 0, TAG_FLEET_REDUCE, timeout=TIMEOUT_S)
         return self.endpoint.recv(0, TAG_FLEET_RESULT, timeout=TIMEOUT_S)
 
+    def replica_sum(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum a full-model vector over every rank of every island (hetero-DP gradients).
+
+        Islands of equal size use comm_bridge's island-aware ring (every
+        same-local-rank peer carries a shard: no leader); otherwise the small
+        star through rank 0 does it.
+        """
+        islands = [i for i in dict.fromkeys(r.island for r in self.topology.plan.ranks)]
+        sizes = {i: sum(1 for r in self.topology.plan.ranks if r.island == i) for i in islands}
+        if self.endpoint is None or len(set(sizes.values())) != 1:
+            return self.fleet_sum(flat)
+        from comm_bridge.allreduce import cross_island_all_reduce
+
+        mine = self.topology.world_rank(self.rank)
+        peers = [next(r.rank for r in self.topology.plan.ranks if r.island == island and
+                      self.topology.world_rank(r.rank) == mine) for island in islands]
+        group = dist.group.WORLD if dist.is_initialized() else None
+        return cross_island_all_reduce(flat, self.endpoint, peers, island_group=group, timeout=TIMEOUT_S)
+
     def barrier(self, name: str) -> None:
         if self.client is not None:
             self.client.barrier(name, timeout=TIMEOUT_S)

@@ -97,6 +97,7 @@ class Trainer:
             started = time.perf_counter()
             loss_sum = self._step_compute(step)
             self._reduce_gradients()
+            self._reduce_across_pipelines()
             sq_norm = self._local_grad_sq_norm()
             totals = self.comms.fleet_sum(torch.tensor([loss_sum, sq_norm], dtype=torch.float64))
             loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
@@ -189,19 +190,59 @@ class Trainer:
             transport.flush()
             grad.add_(other)
 
+    def _reduce_across_pipelines(self) -> None:
+        """hetero-DP: sum gradients over the pipelines (one whole replica per island).
+
+        Replicas may split layers and TP differently, so the sum runs over a
+        full-model flat vector: each rank writes its own TP shard of the
+        gradients of pipeline-unique values at their full-model positions (zeros
+        elsewhere), and the island-aware all-reduce (reduce-scatter in the island,
+        bridge ring between same-local-rank peers, all-gather) adds them up.
+        """
+        if len(self.comms.topology.plan.pipelines) == 1:
+            return
+        offsets, total = self._flat_layout()
+        flat = torch.zeros(total, dtype=torch.float32)
+        for name, param in self.params.items():
+            if self._counts_once(name):
+                self._shard_region(flat, offsets, name).copy_(param.grad)
+        flat = self.comms.replica_sum(flat)
+        for name, param in self.params.items():
+            param.grad.copy_(self._shard_region(flat, offsets, name))
+
+    def _flat_layout(self) -> tuple[dict, int]:
+        offsets, total = {}, 0
+        for hf in layout.model_names(self.model_config):
+            numel = math.prod(layout.full_shape(self.model_config, hf))
+            offsets[hf] = total
+            total += numel
+        return offsets, total
+
+    def _shard_region(self, flat: torch.Tensor, offsets: dict, name: str) -> torch.Tensor:
+        """This rank's TP shard of parameter `name`, as a view into the full-model vector."""
+        hf = self.model.hf_name(name)
+        shape = layout.full_shape(self.model_config, hf)
+        region = flat[offsets[hf]:offsets[hf] + math.prod(shape)].view(shape)
+        dim = layout.split_dim(hf)
+        if dim is None:
+            return region
+        start, stop = self.model.tp.part(shape[dim], hf)
+        return region.narrow(dim, start, stop - start)
+
+    def _counts_once(self, name: str) -> bool:
+        """Whether this rank's copy of `name` is the one that counts in a fleet-wide sum:
+        one DP replica, one TP rank for replicated values, the first stage for tied embeddings."""
+        if self.place.dp_rank != 0:
+            return False
+        if name == "lm_head.weight" and self.model.tied_lm_head:
+            return False
+        return layout.split_dim(self.model.hf_name(name)) is not None or self.place.tp_rank == 0
+
     def _local_grad_sq_norm(self) -> float:
         """This rank's share of the global squared gradient norm, counting each value once."""
-        if self.place.dp_rank != 0:
+        if self.place.dp_rank != 0 or self.place.stage.pipeline != 0:
             return 0.0
-        total = 0.0
-        for name, param in self.params.items():
-            hf = self.model.hf_name(name)
-            if name == "lm_head.weight" and self.model.tied_lm_head:
-                continue   # the first stage counts the tied embedding
-            if layout.split_dim(hf) is None and self.place.tp_rank != 0:
-                continue   # replicated across TP ranks
-            total += float(param.grad.double().pow(2).sum())
-        return total
+        return sum(float(p.grad.double().pow(2).sum()) for n, p in self.params.items() if self._counts_once(n))
 
     def _clip(self, grad_norm: float) -> None:
         limit = self.train.grad_clip

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 
 import torch
 
@@ -41,10 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         train = dataclasses.replace(train, checkpoint=dataclasses.replace(train.checkpoint, dir=args.checkpoint_dir))
     with open(args.plan, encoding="utf-8") as handle:
         plan = Plan.from_json(handle.read())
-    if plan.kind != "pipeline":
-        print(f"hetero worker: plans of kind {plan.kind!r} are not executed yet; plan with a pipeline",
-              file=sys.stderr)
-        return 2
     topology = Topology(plan)
     accelerator = accelerators.get_accelerator()
     if accelerator.device_type == "cpu":
