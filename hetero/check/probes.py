@@ -1,0 +1,155 @@
+"""The measurements `hetero check` runs, each in its own process (so probes of different
+chips run in parallel and a stuck one can be killed). Every function takes and
+returns plain data; link probes come in pairs that meet through a torch TCPStore
+on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+MATMUL_TARGET_S = 0.02        # one matmul at the expected speed takes about this long
+MATMUL_REPS, MATMUL_ROUNDS = 4, 3
+PINGS = 50
+LINK_ROUNDS = 3
+
+
+def matmul_size(expected_flops: float) -> int:
+    """Square matmul side n (a multiple of 64, 64..8192) that takes ~MATMUL_TARGET_S at the expected speed."""
+    n = (MATMUL_TARGET_S * expected_flops / 2.0) ** (1.0 / 3.0)
+    return int(min(8192, max(64, round(n / 64) * 64)))
+
+
+def matmul(accelerator: str, chip: dict, device_index: int, dtype: str, n: int, threads: int) -> dict:
+    """Achieved FLOP/s of n x n x n matmuls on one chip: best of a few rounds of back-to-back products."""
+    import contextlib
+
+    import torch
+
+    import accelerators
+
+    torch.set_num_threads(max(1, threads))
+    started = time.perf_counter()
+    accel = (accelerators.get_accelerator("emulated", chip=chip) if accelerator == "emulated"
+             else accelerators.get_accelerator(accelerator))
+    if accelerator not in ("cpu", "emulated"):
+        accel.set_device(device_index)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    device = accel.device(device_index if accelerator not in ("cpu", "emulated") else None)
+    a = torch.randn(n, n).to(device=device, dtype=torch_dtype)
+    b = torch.randn(n, n).to(device=device, dtype=torch_dtype)
+    scope = accel.device_scope() if hasattr(accel, "device_scope") else contextlib.nullcontext()
+    best = float("inf")
+    with scope:
+        (a @ b).sum()                       # warm-up: kernels, allocator, first touch
+        accel.synchronize()
+        init_s = time.perf_counter() - started
+        for _ in range(MATMUL_ROUNDS):
+            t0 = time.perf_counter()
+            for _ in range(MATMUL_REPS):
+                c = a @ b
+            accel.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    del c
+    memory = None
+    with contextlib.suppress(Exception):
+        memory = int(accel.total_memory())
+    return {"flops_per_s": 2.0 * n ** 3 * MATMUL_REPS / best, "n": n, "dtype": dtype,
+            "seconds": time.perf_counter() - started, "init_s": init_s, "memory_bytes": memory}
+
+
+def _store(port: int, rank: int):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=30))
+
+
+def allreduce_pair(rank: int, port: int, nbytes: int, accelerator: str = "cpu", backend: str = "gloo",
+                   device_index: int = 0) -> dict:
+    """One side of a two-process all-reduce on the island's backend: latency (per ring hop) and
+    bus bandwidth. cpu and emulated islands use gloo on host tensors, vendor islands their own."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    device, sync = "cpu", (lambda: None)
+    if accelerator not in ("cpu", "emulated"):
+        import accelerators
+
+        accel = accelerators.get_accelerator(accelerator)
+        accel.set_device(device_index)
+        device, sync = accel.device(device_index), accel.synchronize
+    store = _store(port, rank)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    try:
+        small = torch.ones(1, device=device)
+        big = torch.ones(nbytes // 4, device=device)
+        for _ in range(3):
+            dist.all_reduce(small)
+        dist.all_reduce(big)
+        times = []
+        for _ in range(PINGS):
+            t0 = time.perf_counter()
+            dist.all_reduce(small)
+            sync()
+            times.append(time.perf_counter() - t0)
+        best = float("inf")
+        for _ in range(LINK_ROUNDS):
+            t0 = time.perf_counter()
+            dist.all_reduce(big)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        dist.destroy_process_group()
+    # Two ranks: a ring all-reduce is 2 hops and moves 2(n-1)/n = 1x the buffer per rank.
+    return {"latency_s": statistics.median(times) / 2, "bandwidth": nbytes / best, "bytes": nbytes}
+
+
+def bridge_pair(rank: int, port: int, nbytes: int, shm: bool) -> dict:
+    """One side of a comm_bridge Endpoint pair: one-way latency of a 1-element ping-pong and the
+    bandwidth of one large message (timed from send to the receiver's acknowledgement)."""
+    import torch
+
+    from comm_bridge.channel import Endpoint
+
+    torch.set_num_threads(1)
+    store = _store(port, rank)
+    endpoint = Endpoint(rank, "hetero-check", host="127.0.0.1", shm=shm, default_timeout=60.0)
+    try:
+        store.set(f"addr{rank}", json.dumps(endpoint.address()))
+        endpoint.add_peers([json.loads(store.get(f"addr{1 - rank}"))])
+        peer = 1 - rank
+        tiny = torch.ones(1)
+        big = torch.ones(nbytes // 4)
+        times, best = [], float("inf")
+        for i in range(PINGS + 3):
+            t0 = time.perf_counter()
+            if rank == 0:
+                endpoint.send(tiny, peer, 1)
+                endpoint.recv(peer, 2)
+            else:
+                endpoint.recv(peer, 1)
+                endpoint.send(tiny, peer, 2)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        for _ in range(LINK_ROUNDS + 1):
+            t0 = time.perf_counter()
+            if rank == 0:
+                endpoint.send(big, peer, 3)
+                endpoint.recv(peer, 4)
+            else:
+                endpoint.recv(peer, 3)
+                endpoint.send(tiny, peer, 4)
+            best = min(best, time.perf_counter() - t0)
+        store.set(f"done{rank}", "1")
+        store.get(f"done{peer}")            # keep both ends open until both are finished
+    finally:
+        endpoint.close()
+    return {"latency_s": statistics.median(times) / 2, "bandwidth": nbytes / best, "bytes": nbytes,
+            "transport": "shm" if shm else "tcp"}

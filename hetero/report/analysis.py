@@ -1,0 +1,218 @@
+"""The report's numbers, computed from a loaded run (hetero.report.load.Run).
+
+Definitions (the page repeats them):
+- measured step time: median step_s of the steady steps (all but the first,
+  which pays for allocation and first touch, when there are two or more);
+- MFU of a chip type: model FLOPs its stages do per step (forward + backward,
+  no recompute; the partitioner's FLOP count) / (measured step time x its
+  chips x their peak FLOP/s at the training dtype);
+- idle (bubble) of a rank in a step: step time - compute - exposed bridge
+  time; bubble share = sum of idle over ranks / (ranks x step time);
+- exposed bridge share: exposed bridge time of the worst receiving rank /
+  step time (hetero.bench.runtime's definition), median over steady steps;
+- E = mixed fleet tokens/s / sum of the sub-fleets' tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from hetero.errors import UserError
+from hetero.report import timeline
+from hetero.report.units import flops_text
+
+GB = 1e9
+
+
+def analyse(run) -> dict:
+    plan = run.plan
+    steady = steady_steps(run.steps)
+    measured = statistics.median(s["step_s"] for s in steady)
+    predicted = float(plan["predicted_step_s"])
+    per_rank = timeline.breakdown(plan, run.ranks, run.steps)
+    exposed = exposed_bridge(run)
+    tokens_per_step = plan["global_batch"] * run.model.seq_len
+    notes = list(run.notes)
+    return {
+        "run_dir": run.run_dir, "cluster": plan.get("cluster"), "model": plan.get("model"),
+        "plan_label": (plan.get("provenance") or {}).get("label", ""),
+        "emulated": any(c["emulated"] for c in chip_types(run).values()),
+        "steps": len(run.steps), "steady_steps": [s["step"] for s in steady],
+        "measured_step_s": measured, "predicted_step_s": predicted, "ratio": measured / predicted,
+        "tokens_per_s": tokens_per_step / measured,
+        "predicted_tokens_per_s": tokens_per_step / predicted,
+        "mfu": mfu_per_chip(run, measured, notes),
+        "bubble_share": bubble_share(per_rank, steady),
+        "predicted_bubble_share": predicted_bubble_share(plan),
+        "exposed_bridge_s": statistics.median(exposed.get(s["step"], 0.0) for s in steady),
+        "exposed_bridge_share": statistics.median(exposed.get(s["step"], 0.0) / s["step_s"] for s in steady),
+        "time_split": time_split(per_rank, steady),
+        "ranks": rank_rows(run, per_rank, steady),
+        "memory": memory_per_stage(run),
+        "loss": [[s["step"], s["loss"]] for s in run.steps],
+        "step_times": [[s["step"], s["step_s"]] for s in run.steps],
+        "efficiency": efficiency(run.efficiency, run.efficiency_path) if run.efficiency else None,
+        "notes": notes,
+    }
+
+
+def steady_steps(steps: list[dict]) -> list[dict]:
+    return steps[1:] if len(steps) > 1 else steps
+
+
+def chip_types(run) -> dict:
+    """{chip: {peak_flops, memory_gb, usable_gb, emulated, chips}} for the chip types the plan uses."""
+    out = {}
+    for stage in run.plan["stages"]:
+        spec = run.cluster.chip(stage["chip"])
+        entry = out.setdefault(stage["chip"], {
+            "peak_flops": spec.peak_flops(run.plan["dtype"]), "memory_gb": spec.memory_gb,
+            "usable_gb": spec.memory_gb - spec.memory_reserve_gb, "emulated": bool(spec.emulated), "chips": 0})
+        entry["chips"] += stage["tp"] * stage["dp"]
+    return out
+
+
+def stage_flops(run) -> dict:
+    """{stage index: model FLOPs per step}: the partitioner's count, so plan and report agree."""
+    from hetero.planning import model_spec
+    from partitioner.costs import head_forward_flops, layer_forward_flops
+
+    spec = model_spec(run.model)
+    per_layer = 3.0 * layer_forward_flops(spec, 1)      # forward + backward (2x) per sample
+    head = 3.0 * head_forward_flops(spec, 1)
+    out = {}
+    for pipeline in run.plan["pipelines"]:
+        samples = pipeline["dp"] * pipeline["micro_batch"] * pipeline["num_micro_batches"]
+        last = pipeline["stages"][-1]
+        for index in pipeline["stages"]:
+            start, end = run.plan["stages"][index]["layers"]
+            out[index] = samples * ((end - start) * per_layer + (head if index == last else 0.0))
+    return out
+
+
+def mfu_per_chip(run, step_s: float, notes: list | None = None) -> dict:
+    types = chip_types(run)
+    flops = stage_flops(run)
+    done = dict.fromkeys(types, 0.0)
+    for stage in run.plan["stages"]:
+        done[stage["chip"]] += flops[stage["index"]]
+    predicted = run.plan.get("mfu") or {}
+    out = {}
+    for chip, info in types.items():
+        peak = run_peak(run, chip, info, done[chip], notes)
+        per_chip = done[chip] / step_s / info["chips"]
+        out[chip] = {"chips": info["chips"], "emulated": info["emulated"], "flops_per_step": done[chip],
+                     "peak_tflops": peak / 1e12, "achieved_tflops": per_chip / 1e12,
+                     "mfu": per_chip / peak, "predicted_mfu": predicted.get(chip)}
+    return out
+
+
+def run_peak(run, chip: str, info: dict, flops_per_step: float, notes: list | None) -> float:
+    """The peak FLOP/s the run was planned with. The run directory keeps no copy of the chip
+    catalog, so a catalog edited since the run would skew MFU; the plan's own MFU and step time
+    give the figure it used (peak = FLOPs / (mfu x step x chips)), which wins when they differ."""
+    catalog = info["peak_flops"]
+    planned_mfu = (run.plan.get("mfu") or {}).get(chip)
+    if not planned_mfu:
+        return catalog
+    planned = flops_per_step / (planned_mfu * run.plan["predicted_step_s"] * info["chips"])
+    if abs(planned - catalog) > 0.01 * catalog:
+        if notes is not None:
+            notes.append(f"the catalog's peak for {chip} ({flops_text(catalog)}) differs from the one this run "
+                         f"was planned with ({flops_text(planned)}); MFU uses the run's")
+        return planned
+    return catalog
+
+
+def exposed_bridge(run) -> dict:
+    from hetero.bench.runtime import exposed_bridge_per_step
+
+    try:
+        return exposed_bridge_per_step(run.run_dir, run.plan)
+    except json.JSONDecodeError:   # load_run accepted a last line still being written
+        raise UserError(f"{run.run_dir}/metrics: a rank file is still being written; report after the run") from None
+
+
+def bubble_share(per_rank: dict, steady: list[dict]) -> float:
+    shares = []
+    for s in steady:
+        idle = sum(cells[s["step"]][timeline.WAIT] + cells[s["step"]][timeline.TAIL] for cells in per_rank.values())
+        shares.append(idle / (len(per_rank) * s["step_s"]))
+    return statistics.median(shares)
+
+
+def predicted_bubble_share(plan: dict) -> float:
+    """The same quantity from the plan: 1 - mean over ranks of (micro-batches x stage time) / step."""
+    m = {p["index"]: p["num_micro_batches"] for p in plan["pipelines"]}
+    stages = {s["index"]: s for s in plan["stages"]}
+    busy = [m[stages[r["stage"]]["pipeline"]] * stages[r["stage"]]["time_s"] for r in plan["ranks"]]
+    return 1.0 - sum(busy) / len(busy) / plan["predicted_step_s"]
+
+
+def time_split(per_rank: dict, steady: list[dict]) -> dict:
+    """Share of all ranks' steady step time in each kind (adds up to 1)."""
+    total = sum(s["step_s"] for s in steady) * len(per_rank)
+    return {kind: sum(cells[s["step"]][kind] for cells in per_rank.values() for s in steady) / total
+            for kind in timeline.KINDS}
+
+
+def rank_rows(run, per_rank: dict, steady: list[dict]) -> list[dict]:
+    """Per rank: where it sits and its mean seconds per steady step in each kind."""
+    rows = []
+    stages = {s["index"]: s for s in run.plan["stages"]}
+    micro_batches = {p["index"]: p["num_micro_batches"] for p in run.plan["pipelines"]}
+    for entry in sorted(run.plan["ranks"], key=lambda r: (r["pipeline"], stages[r["stage"]]["index"], r["rank"])):
+        stage = stages[entry["stage"]]
+        cells = per_rank[entry["rank"]]
+        mean = {k: statistics.fmean(cells[s["step"]][k] for s in steady) for k in timeline.KINDS}
+        rows.append({"rank": entry["rank"], "island": entry["island"], "chip": stage["chip"],
+                     "emulated": bool(run.cluster.chip(stage["chip"]).emulated), "stage": stage["index"],
+                     "tp_rank": entry["tp_rank"], "dp_rank": entry["dp_rank"], "seconds": mean,
+                     "predicted_compute_s": micro_batches[stage["pipeline"]] * stage["time_s"]})
+    return rows
+
+
+def memory_per_stage(run) -> list[dict]:
+    rows = []
+    for stage in run.plan["stages"]:
+        spec = run.cluster.chip(stage["chip"])
+        rows.append({"stage": stage["index"], "island": stage["island"], "chip": stage["chip"],
+                     "emulated": bool(spec.emulated), "predicted_gb": stage["memory_gb"],
+                     "measured_gb": None,    # the trainer does not record peak memory yet
+                     "capacity_gb": spec.memory_gb, "usable_gb": spec.memory_gb - spec.memory_reserve_gb})
+    return rows
+
+
+def efficiency(data: dict, source: str = "efficiency.json") -> dict:
+    """E recomputed from the recorded tokens/s (and the recorded value beside it)."""
+    try:
+        mixed = float(data["mixed"]["tokens_per_s"])
+        subs = {str(name): float(entry["tokens_per_s"]) for name, entry in data["subfleets"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{source}: expected mixed.tokens_per_s and subfleets.<island>.tokens_per_s "
+                        f"as numbers ({type(exc).__name__}: {exc})") from None
+    total = sum(subs.values())
+    return {"efficiency": mixed / total if total else None, "recorded_efficiency": data.get("efficiency"),
+            "predicted_efficiency": data.get("predicted_efficiency"), "mixed_tokens_per_s": mixed,
+            "subfleet_tokens_per_s": subs, "subfleet_sum_tokens_per_s": total,
+            "subfleet_plans": {name: _plan_label(entry.get("plan")) for name, entry in data["subfleets"].items()},
+            "subfleet_predicted_tokens_per_s": {name: entry.get("predicted_tokens_per_s")
+                                                for name, entry in data["subfleets"].items()},
+            "mixed_predicted_tokens_per_s": data["mixed"].get("predicted_tokens_per_s"),
+            "mixed_plan": _plan_label(data["mixed"].get("plan"))}
+
+
+def _plan_label(plan) -> str:
+    """One line for a plan summary as `bench efficiency` records it (kind, stages), a full plan, or text."""
+    if not isinstance(plan, dict):
+        return str(plan or "")
+    label = (plan.get("provenance") or {}).get("label") or plan.get("label")
+    if label:
+        return label
+    try:
+        stages = " -> ".join(f"{s['island']}(tp{s['tp']} dp{s['dp']} layers {s['layers'][0]}-{s['layers'][1]})"
+                             for s in plan.get("stages", []))
+    except (KeyError, TypeError, IndexError):
+        stages = ""
+    return f"{plan.get('kind', '')} {stages}".strip()
