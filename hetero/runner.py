@@ -36,15 +36,19 @@ def default_paths(**given) -> dict:
     return {kind: given.get(kind) or os.path.join(ROOT, "configs", name) for kind, name in DEFAULTS.items()}
 
 
-def search_plan(job):
+KINDS = {"auto": ("pipeline", "replicas"), "pipeline": ("pipeline",), "replicas": ("replicas",)}
+
+
+def search_plan(job, kind: str = "auto"):
+    """The planner's best plan the engine can run; `kind` narrows hetero-PP vs hetero-DP."""
     from hetero.planning import plan_job
 
     # The engine does not recompute activations yet.
-    return plan_job(job, recompute_modes=("none",)).best
+    return plan_job(job, modes=KINDS[kind], recompute_modes=("none",)).best
 
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,
-                progress: bool = True, say=None) -> RunResult:
+                progress: bool = True, say=None, kind: str = "auto") -> RunResult:
     """Plan (unless given a plan file), launch every planned worker, train `steps` steps."""
     from hetero.launch.fleet import launch_fleet
 
@@ -61,7 +65,7 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
     if plan_file:
         shutil.copyfile(plan_file, plan_path)
     else:
-        plan = search_plan(job)
+        plan = search_plan(job, kind)
         with open(plan_path, "w", encoding="utf-8") as handle:
             handle.write(plan.to_json())
         say(f"plan: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step")

@@ -8,7 +8,7 @@ import sys
 import time
 
 from hetero.config import load_job
-from hetero.runner import DEFAULTS, default_paths, train_fleet
+from hetero.runner import DEFAULTS, KINDS, default_paths, train_fleet
 
 
 def register(subparsers) -> None:
@@ -28,6 +28,9 @@ def register(subparsers) -> None:
         parser.add_argument(f"--{kind}", metavar="FILE", help=f"{kind} YAML (default configs/{default})")
     parser.add_argument("--plan", metavar="FILE", help="use this plan JSON instead of searching")
     parser.add_argument("--steps", type=int, metavar="N", help="train N steps (default: the train file's)")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="auto",
+                        help="plan hetero-PP (pipeline across islands), hetero-DP (replicas, one per island) "
+                             "or let the planner pick (auto, the default)")
     parser.add_argument("--out", metavar="DIR", help="run directory (default runs/<cluster>-<time>)")
     parser.add_argument("--max-restarts", type=int, default=1, metavar="N",
                         help="after a failure, restart the job from its last checkpoint at most N times (default 1)")
@@ -41,7 +44,7 @@ def run(args) -> int:
     steps = args.steps or job.train.steps
     run_dir = args.out or os.path.join("runs", f"{job.cluster.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train_fleet(job, paths, run_dir, steps, plan_file=args.plan, max_restarts=args.max_restarts,
-                         progress=not args.json)
+                         progress=not args.json, kind=args.kind)
     predicted = result.plan.get("predicted_step_s")
     step_s = result.steady_step_s
     summary = {

@@ -1,0 +1,145 @@
+"""`hetero bench efficiency`: how much of its islands' combined power the mixed fleet keeps.
+
+Each island trains the model alone, on its own best plan, then the whole mixed
+fleet trains it; same model, same global batch. E = tokens/s(mixed) /
+sum over islands of tokens/s(island alone). The sub-fleet runs are the anchor,
+measured in the same invocation. The cost model's E (predicted_efficiency) is
+printed beside it, and for the 1,024-chip example as well (planned only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import yaml
+
+from hetero.config import load_job
+from hetero.errors import UserError
+from hetero.runner import KINDS, ROOT, default_paths, search_plan, train_fleet
+
+HELP = "mixed-fleet efficiency E against each island training alone (goal E >= 0.97 on emulated-mixed)"
+GOAL = 0.97
+BIG_EXAMPLE = ("a800-910b-kunlun-1024.yaml", "llama2-70b.yaml", "train-llama2.yaml")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default configs/emulated-mixed.yaml)")
+    parser.add_argument("--model", metavar="FILE", help="model YAML (default configs/llama-tiny.yaml)")
+    parser.add_argument("--train", metavar="FILE", help="train YAML (default configs/train-efficiency.yaml)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per run; the first is warm-up (default 4)")
+    parser.add_argument("--out", metavar="DIR", help="where every run directory goes (default: a temporary one)")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="auto",
+                        help="the mixed fleet's plan: pipeline, replicas, or the planner's pick (auto)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    paths = default_paths(cluster=args.cluster, model=args.model,
+                          train=args.train or os.path.join(ROOT, "configs", "train-efficiency.yaml"))
+    job = load_job(**paths).require("cluster", "model", "train")
+    if len(job.cluster.islands) < 2:
+        raise UserError(f"{paths['cluster']}: efficiency compares islands; this cluster has only one")
+    if args.steps < 2:
+        raise UserError("--steps must be at least 2 (the first step is warm-up)")
+    out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="hetero-bench-efficiency-"))
+    os.makedirs(out, exist_ok=True)
+    say = (lambda message: None) if args.json else (lambda message: print(f"bench efficiency: {message}", flush=True))
+
+    subfleets, predicted_sub = {}, 0.0
+    for island in job.cluster.islands:
+        sub_paths = dict(paths, cluster=_write_subfleet(paths["cluster"], island.name, out))
+        sub_job = load_job(**sub_paths)
+        say(f"island {island.name} alone ({island.size} x {island.chip})")
+        result = _train(sub_job, sub_paths, os.path.join(out, "subfleets", island.name), args, say)
+        subfleets[island.name] = _summary(result, job)
+        predicted_sub += result.plan["tokens_per_s"]
+    say("the mixed fleet")
+    mixed_result = _train(job, paths, os.path.join(out, "mixed"), args, say, kind=args.kind)
+    mixed = _summary(mixed_result, job)
+
+    combined = sum(s["tokens_per_s"] for s in subfleets.values())
+    report = {
+        "efficiency": mixed["tokens_per_s"] / combined,
+        "mixed": mixed, "subfleets": subfleets,
+        "predicted_efficiency": mixed_result.plan["tokens_per_s"] / predicted_sub,
+        "goal": GOAL, "emulated": any(job.cluster.chip(i.chip).emulated for i in job.cluster.islands),
+        "cluster": job.cluster.name, "model": job.model.name, "global_batch": job.train.global_batch,
+        "big_example": predicted_efficiency_of(*BIG_EXAMPLE), "out": out,
+    }
+    report["goal_met"] = report["efficiency"] >= GOAL
+    with open(os.path.join(out, "efficiency.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
+    return 0 if report["goal_met"] else 1
+
+
+def _train(job, paths, run_dir, args, say, kind="auto"):
+    result = train_fleet(job, paths, run_dir, args.steps, progress=False, say=say, kind=kind)
+    if result.code != 0:
+        raise UserError(f"the run in {run_dir} failed (exit {result.code}); see its launcher.log")
+    return result
+
+
+def _summary(result, job) -> dict:
+    tokens = job.train.global_batch * job.model.seq_len
+    plan = result.plan
+    return {
+        "tokens_per_s": tokens / result.steady_step_s, "step_s": result.steady_step_s,
+        "predicted_tokens_per_s": plan["tokens_per_s"], "run_dir": result.run_dir,
+        "plan": {"kind": plan["kind"],
+                 "stages": [{k: s[k] for k in ("island", "chip", "tp", "dp", "layers")} for s in plan["stages"]],
+                 "samples": [p["samples"] for p in plan["pipelines"]]},
+    }
+
+
+def _write_subfleet(cluster_path: str, island: str, out: str) -> str:
+    """The cluster file with only one island, for that island's run alone."""
+    with open(cluster_path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    section = data["cluster"] if "cluster" in data else data
+    section = dict(section, name=f"{section['name']}-{island}",
+                   islands=[i for i in section["islands"] if i["name"] == island])
+    path = os.path.join(out, "subfleets", f"{island}.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(section, handle, sort_keys=False)
+    return path
+
+
+def predicted_efficiency_of(cluster: str, model: str, train: str) -> dict:
+    """The cost model's E for a fleet that is only planned (never launched from here)."""
+    configs = os.path.join(ROOT, "configs")
+    job = load_job(cluster=os.path.join(configs, cluster), model=os.path.join(configs, model),
+                   train=os.path.join(configs, train))
+    mixed = search_plan(job).tokens_per_s
+    alone = {}
+    for island in job.cluster.islands:
+        sub = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, islands=(island,)))
+        try:
+            alone[island.name] = search_plan(sub).tokens_per_s
+        except UserError:
+            alone[island.name] = 0.0   # the model does not fit that island alone
+    return {"cluster": job.cluster.name, "model": job.model.name, "mixed_tokens_per_s": mixed,
+            "subfleet_tokens_per_s": alone, "predicted_efficiency": mixed / sum(alone.values())}
+
+
+def _print(report: dict) -> None:
+    label = " (EMULATED chips)" if report["emulated"] else ""
+    print(f"efficiency on {report['cluster']} x {report['model']}{label}, global batch {report['global_batch']}")
+    for name, sub in report["subfleets"].items():
+        print(f"  {name:10s} alone  {sub['tokens_per_s']:9.1f} tokens/s   <- anchor (measured in this run)")
+    print(f"  {'sum':10s}        {sum(s['tokens_per_s'] for s in report['subfleets'].values()):9.1f} tokens/s")
+    mixed = report["mixed"]
+    kind = mixed["plan"]["kind"]
+    print(f"  mixed fleet   {mixed['tokens_per_s']:9.1f} tokens/s   ({kind}, samples {mixed['plan']['samples']})")
+    verdict = "met" if report["goal_met"] else "MISSED"
+    print(f"  E = {report['efficiency']:.3f} (goal >= {GOAL}: {verdict}); cost model's E {report['predicted_efficiency']:.3f}")
+    big = report["big_example"]
+    print(f"  cost model's E for {big['cluster']} x {big['model']} (planned only): {big['predicted_efficiency']:.3f}")
+    print(f"  run directories under {report['out']}")
