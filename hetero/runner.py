@@ -39,12 +39,12 @@ def default_paths(**given) -> dict:
 KINDS = {"auto": ("pipeline", "replicas"), "pipeline": ("pipeline",), "replicas": ("replicas",)}
 
 
-def search_plan(job, kind: str = "auto"):
+def search_plan(job, kind: str = "auto", profile=None):
     """The planner's best plan the engine can run; `kind` narrows hetero-PP vs hetero-DP."""
     from hetero.planning import plan_job
 
     # The engine does not recompute activations yet.
-    return plan_job(job, modes=KINDS[kind], recompute_modes=("none",)).best
+    return plan_job(job, profile=profile, modes=KINDS[kind], recompute_modes=("none",)).best
 
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,

@@ -55,16 +55,25 @@ def run(args) -> int:
         say(f"island {island.name} alone ({island.size} x {island.chip})")
         result = _train(sub_job, sub_paths, os.path.join(out, "subfleets", island.name), args, say)
         subfleets[island.name] = _summary(result, job)
+        subfleets[island.name]["predicted_step_s"] = result.plan["predicted_step_s"]
         predicted_sub += result.plan["tokens_per_s"]
-    say("the mixed fleet")
-    mixed_result = _train(job, paths, os.path.join(out, "mixed"), args, say, kind=args.kind)
+    # Plan the mixed fleet with each island's speed as just measured alone (as
+    # `hetero profile` would), so the split between islands follows reality.
+    profile = calibration_profile(job, subfleets)
+    mixed_plan = search_plan(job, args.kind, profile)
+    plan_file = os.path.join(out, "mixed-plan.json")
+    with open(plan_file, "w", encoding="utf-8") as handle:
+        handle.write(mixed_plan.to_json())
+    say("the mixed fleet, planned with the measured island speeds")
+    mixed_result = _train(job, paths, os.path.join(out, "mixed"), args, say, plan_file=plan_file)
     mixed = _summary(mixed_result, job)
 
     combined = sum(s["tokens_per_s"] for s in subfleets.values())
     report = {
         "efficiency": mixed["tokens_per_s"] / combined,
         "mixed": mixed, "subfleets": subfleets,
-        "predicted_efficiency": mixed_result.plan["tokens_per_s"] / predicted_sub,
+        # The cost model alone, before any measurement: its mixed plan against its island plans.
+        "predicted_efficiency": search_plan(job, args.kind).tokens_per_s / predicted_sub,
         "goal": GOAL, "emulated": any(job.cluster.chip(i.chip).emulated for i in job.cluster.islands),
         "cluster": job.cluster.name, "model": job.model.name, "global_batch": job.train.global_batch,
         "big_example": predicted_efficiency_of(*BIG_EXAMPLE), "out": out,
@@ -79,8 +88,8 @@ def run(args) -> int:
     return 0 if report["goal_met"] else 1
 
 
-def _train(job, paths, run_dir, args, say, kind="auto"):
-    result = train_fleet(job, paths, run_dir, args.steps, progress=False, say=say, kind=kind)
+def _train(job, paths, run_dir, args, say, plan_file=None):
+    result = train_fleet(job, paths, run_dir, args.steps, plan_file=plan_file, progress=False, say=say)
     if result.code != 0:
         raise UserError(f"the run in {run_dir} failed (exit {result.code}); see its launcher.log")
     return result
@@ -94,8 +103,29 @@ def _summary(result, job) -> dict:
         "predicted_tokens_per_s": plan["tokens_per_s"], "run_dir": result.run_dir,
         "plan": {"kind": plan["kind"],
                  "stages": [{k: s[k] for k in ("island", "chip", "tp", "dp", "layers")} for s in plan["stages"]],
-                 "samples": [p["samples"] for p in plan["pipelines"]]},
+                 "samples": [p["samples"] for p in plan["pipelines"]], "micro_batch": plan["micro_batch"]},
     }
+
+
+def calibration_profile(job, subfleets: dict):
+    """A profile whose layer times are the analytic ones scaled by each chip's
+    measured/predicted step time alone; the planner calibrates every other entry."""
+    from hetero.planning import fleet_spec, model_spec, train_spec
+    from partitioner.costs import CostModel
+    from partitioner.profile import ProfileDB
+
+    fleet, model, train = fleet_spec(job.cluster), model_spec(job.model), train_spec(job.train)
+    costs = CostModel(fleet, model, train)
+    profile = ProfileDB(model={k: getattr(model, k) for k in ("hidden", "heads", "kv_heads", "ffn_hidden", "seq_len")})
+    for island in fleet.islands:
+        sub = subfleets[island.name]
+        factor = sub["step_s"] / sub["predicted_step_s"]
+        stage = sub["plan"]["stages"][0]
+        layer = costs.layer_cost(island.name, stage["tp"], sub["plan"]["micro_batch"])
+        profile.add_layer(island.chip.name, stage["tp"], sub["plan"]["micro_batch"],
+                          factor * layer.forward_s, factor * layer.backward_s)
+        profile.chips[island.chip.name] = island.chip
+    return profile
 
 
 def _write_subfleet(cluster_path: str, island: str, out: str) -> str:
