@@ -70,34 +70,22 @@ def analyse(run_dir: str, plan: dict, warmup: int = 2) -> dict:
 
 def exposed_bridge_per_step(run_dir: str, plan: dict) -> dict:
     """{step: seconds of un-overlapped bridge transfer on the worst receiving rank}."""
+    from hetero.report import timeline
+
     stage_of = {r["rank"]: r["stage"] for r in plan["ranks"]}
     records = {}
     for rank in stage_of:
         path = os.path.join(run_dir, "metrics", f"rank{rank:05d}.jsonl")
         if os.path.exists(path):
-            records[rank] = [json.loads(line) for line in open(path, encoding="utf-8")]
-    # When did each stage hand over micro-batch mb of a step (latest TP piece)?
-    sent = defaultdict(float)
-    for rank, lines in records.items():
-        for r in lines:
-            if r.get("sent_at"):
-                key = (stage_of[rank], r["step"], r["mb"], r["phase"])
-                sent[key] = max(sent[key], r["sent_at"])
-    order = {}
-    for pipeline in plan["pipelines"]:
-        for i, stage in enumerate(pipeline["stages"]):
-            order[stage] = (pipeline["stages"][i - 1] if i else None,
-                            pipeline["stages"][i + 1] if i + 1 < len(pipeline["stages"]) else None)
+            with open(path, encoding="utf-8") as handle:
+                records[rank] = [json.loads(line) for line in handle]
+    sent, order = timeline.handoffs(plan, records), timeline.neighbours(plan)
     exposed = defaultdict(lambda: defaultdict(float))
     for rank, lines in records.items():
-        before, after = order[stage_of[rank]]
-        for r in lines:
-            if r.get("recv_link") != "bridge":
-                continue
-            source = before if r["phase"] == "forward" else after
-            handed = sent.get((source, r["step"], r["mb"], r["phase"]))
-            if handed is not None:
-                exposed[r["step"]][rank] += max(0.0, r["received_at"] - max(handed, r["posted_at"]))
+        for record in lines:
+            _, seconds = timeline.exposed_bridge(record, stage_of[rank], order, sent)
+            if seconds:
+                exposed[record["step"]][rank] += seconds
     return {step: max(per_rank.values()) for step, per_rank in exposed.items()}
 
 
