@@ -33,6 +33,7 @@ class AscendAccelerator(Accelerator):
     vendor = "ascend"
     device_type = "npu"
     dist_backend = "hccl"
+    startup_seconds = 20.0
     visible_devices_env = "ASCEND_RT_VISIBLE_DEVICES"
     env_prefixes = ("ASCEND_", "HCCL_", "ACL_", "CANN_", "TASK_QUEUE_ENABLE", "PYTORCH_NPU_")
 

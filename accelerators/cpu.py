@@ -16,6 +16,7 @@ class CpuAccelerator(Accelerator):
     vendor = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
+    startup_seconds = 3.0
     visible_devices_env = None
     env_prefixes = ("OMP_", "MKL_", "GLOO_")
 

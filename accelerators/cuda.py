@@ -14,6 +14,7 @@ class CudaAccelerator(Accelerator):
     vendor = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
+    startup_seconds = 10.0
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
     env_prefixes = ("CUDA_", "NCCL_", "TORCH_NCCL_", "NVIDIA_", "PYTORCH_CUDA_")
 

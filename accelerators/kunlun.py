@@ -22,6 +22,7 @@ class KunlunAccelerator(Accelerator):
     vendor = "kunlun"
     device_type = "cuda"      # what torch_xmlir presents itself as
     dist_backend = "nccl"     # BKCL under the nccl name
+    startup_seconds = 15.0
     visible_devices_env = "XPU_VISIBLE_DEVICES"
     env_prefixes = ("XPU_", "BKCL_", "XMLIR_", "XPUAPI_", "XRE_")
 

@@ -65,7 +65,9 @@ def test_simulate_text_says_the_estimate(hetero_cli, configs_dir, no_network):
 def test_estimate_model_adds_up(tmp_path):
     cluster = load_job(cluster=_cluster_file(tmp_path)).cluster
     est = simulate.estimate(cluster, check_items.build(cluster), 16 << 20, 64 << 20)
-    assert est["phases"]["start-up"] == simulate.STARTUP_S["emulated"]
+    from accelerators.registry import accelerator_class
+
+    assert est["phases"]["start-up"] == accelerator_class("emulated").startup_seconds
     assert est["phases"]["inter-node links"] == 0                        # one node per island
     # one bridge pair, 64 MiB at 1 GB/s four times, plus pings at 50 us and the set-up
     assert est["phases"]["bridge links"] == pytest.approx(simulate.link_s({"bandwidth": 1e9, "latency_s": 50e-6}, 64 << 20))

@@ -2,7 +2,7 @@
 
 The model (every node runs its own `hetero check --node HOST`, all at once):
   start-up   per node, in parallel: start the process and the vendor runtime
-             (STARTUP_S, by accelerator; chips of a node start together);
+             (each accelerator's startup_seconds; chips of a node start together);
   chips      per node, in parallel, the node's chips in parallel: one warm-up and
              MATMUL_ROUNDS x MATMUL_REPS matmuls at the expected speed;
   intra-node per node, in parallel: chip pairs in two rounds (0-1, 2-3, ...; then
@@ -17,10 +17,9 @@ Phases run one after another; the total is their sum.
 
 from __future__ import annotations
 
+from accelerators.registry import accelerator_class
 from hetero.check import probes
 
-STARTUP_S = {"cpu": 3.0, "emulated": 3.0, "cuda": 10.0, "ascend": 20.0, "kunlun": 15.0}
-STARTUP_DEFAULT_S = 20.0
 GROUP_SETUP_S = 1.0           # rendezvous and process-group creation for one link test
 GATHER_PER_NODE_S = 0.01
 GOAL_S = 120.0
@@ -34,7 +33,7 @@ def link_s(expected: dict, nbytes: int) -> float:
 
 def estimate(cluster, items, link_bytes: int, bridge_bytes: int) -> dict:
     """{total_s, phases: {name: s}, model, goal_s, within_goal}."""
-    startup = max(STARTUP_S.get(i.accelerator, STARTUP_DEFAULT_S) for i in cluster.islands)
+    startup = max(accelerator_class(i.accelerator).startup_seconds for i in cluster.islands)
     chip_s = 0.0
     for item in (i for i in items if i.kind == "chip"):
         flops = item.expected["flops_per_s"]
