@@ -97,7 +97,9 @@ class Trainer:
             started = time.perf_counter()
             loss_sum = self._step_compute(step)
             self._reduce_gradients()
+            reduce_started = time.perf_counter()
             self._reduce_across_pipelines()
+            cross_island_s = time.perf_counter() - reduce_started
             sq_norm = self._local_grad_sq_norm()
             totals = self.comms.fleet_sum(torch.tensor([loss_sum, sq_norm], dtype=torch.float64))
             loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
@@ -109,7 +111,8 @@ class Trainer:
             step_s = time.perf_counter() - started
             if self.steps_log:
                 record = {"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
-                          "step_s": step_s, "grad_norm": grad_norm, "time": time.time()}
+                          "step_s": step_s, "grad_norm": grad_norm, "time": time.time(),
+                          "cross_island_reduce_s": cross_island_s}
                 self.steps_log.write(json.dumps(record) + "\n")
                 self.steps_log.flush()
             every = self.train.checkpoint.every if self.train.checkpoint else 0
