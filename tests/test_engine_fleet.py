@@ -218,3 +218,15 @@ def test_hetero_dp_replicas_match_one_process(tmp_path, job, replicas):
     reference = solo_losses(tmp_path, job, steps=3)
     for got, want in zip(fleet, reference):
         assert abs(got - want) <= 1e-5 * abs(want), (fleet, reference)
+
+
+def test_tied_embeddings_split_over_islands_match_one_process(tmp_path):
+    """The embedding on one island, its tied LM head on the other: their gradients are summed."""
+    path = os.path.join(HERE, "two-islands-tied.yaml")
+    tied = load_job(cluster=path, model=path, train=path)
+    plan = make_plan(tied, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (2, 3), 0)])
+    records, _, _ = run_fleet(tmp_path, plan, job_path=path, steps=3)
+    fleet = [r["loss"] for r in last_attempt(records)]
+    reference = solo_losses(tmp_path, tied, steps=3)
+    for got, want in zip(fleet, reference):
+        assert abs(got - want) <= 1e-5 * abs(want), (fleet, reference)

@@ -96,13 +96,12 @@ class Topology:
                 dp_groups.append([self.world_rank(r.rank) for r in ranks if r.tp_rank == t])
         return tp_groups, dp_groups
 
-    def tied_partner(self, place: Place) -> int | None:
-        """For tied embeddings split over two stages: the rank holding the other copy."""
-        if place.is_first == place.is_last or not (place.is_first or place.is_last):
-            return None
+    def tied_partners(self, place: Place) -> list[int] | None:
+        """For tied embeddings split over two stages: the other copy's ranks (by tp_rank)."""
+        if place.is_first == place.is_last:
+            return None   # one stage holds both (or neither)
         other = place.pipeline_stages[-1] if place.is_first else place.pipeline_stages[0]
-        match = [r.rank for r in self.stage_ranks(other, place.dp_rank) if r.tp_rank == place.tp_rank]
-        return match[0] if match else None
+        return [r.rank for r in self.stage_ranks(other, place.dp_rank)]
 
     def replica_peers(self, place: Place) -> list[int]:
         """Ranks holding the same parameters in other pipelines (hetero-DP), this one included."""

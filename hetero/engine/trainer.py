@@ -4,6 +4,7 @@ metrics and checkpoints. Every rank of the job runs this with its own Place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from hetero.model.state import full_state_dict, load_full_state_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORWARD, BACKWARD = 0, 1
+TIED_TAG = 1 << 20          # above every micro-batch tag
 
 
 class Trainer:
@@ -46,7 +48,8 @@ class Trainer:
         topology = comms.topology
         self.prev = self._link(topology.neighbour(place, -1))
         self.next = self._link(topology.neighbour(place, +1))
-        self.tied_partner = topology.tied_partner(place) if model_config.tie_embeddings else None
+        partners = topology.tied_partners(place) if model_config.tie_embeddings else None
+        self.tied_link = self._link(partners)
         self.data = SampleSource(train_config.data, model_config.vocab, model_config.seq_len,
                                  train_config.seed, train_config.global_batch)
         self.schedule = one_f_one_b(place.position, len(place.pipeline_stages), place.num_micro_batches)
@@ -57,7 +60,7 @@ class Trainer:
     # -- set-up helpers ---------------------------------------------------------
     def _scope(self):
         scope = getattr(self.accel, "device_scope", None)
-        return scope() if scope else _nullcontext()
+        return scope() if scope else contextlib.nullcontext()
 
     def _track_memory(self) -> None:
         track = getattr(self.accel, "track", None)
@@ -184,14 +187,16 @@ class Trainer:
         if self.place.stage.dp > 1:
             for param in self.params.values():
                 dist.all_reduce(param.grad, group=self.comms.dp_group)
-        if self.tied_partner is not None:
+        if self.tied_link is not None:
+            # The two copies may differ in TP: swap full gradients (resharded like
+            # activations), then add the other copy's share of ours.
             name = "model.embed_tokens.weight" if self.place.is_first else "lm_head.weight"
             grad = self.params[name].grad
-            transport = self.comms.transport_to(self.tied_partner)
-            transport.isend(grad, self.tied_partner, 1 << 20)
-            other = transport.recv(tuple(grad.shape), grad.dtype, self.tied_partner, 1 << 20)
-            transport.flush()
-            grad.add_(other)
+            full = self.model.tp.all_gather(grad, 0)
+            self.tied_link.send(full, TIED_TAG)
+            other = self.tied_link.recv(tuple(full.shape), full.dtype, TIED_TAG)
+            self.comms.flush()
+            grad.add_(self.model.tp.shard(other, 0))
 
     def _reduce_across_pipelines(self) -> None:
         """hetero-DP: sum gradients over the pipelines (one whole replica per island).
@@ -284,11 +289,3 @@ def _open_jsonl(run_dir: str | None, relative: str):
     path = os.path.join(run_dir, relative)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return open(path, "a", encoding="utf-8")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
