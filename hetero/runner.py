@@ -16,6 +16,7 @@ from hetero.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {"cluster": "emulated-mixed.yaml", "model": "llama-tiny.yaml", "train": "train-tiny.yaml"}
+KINDS = {"auto": ("pipeline", "replicas"), "pipeline": ("pipeline",), "replicas": ("replicas",)}
 
 
 @dataclass
@@ -32,11 +33,19 @@ class RunResult:
         return sum(r["step_s"] for r in steady) / len(steady) if steady else None
 
 
+def add_job_arguments(parser, train_default: str = DEFAULTS["train"]) -> None:
+    """--cluster/--model/--train (defaults: the embedded example) and --kind, shared by
+    `hetero run` and the benchmarks that train."""
+    defaults = dict(DEFAULTS, train=train_default)
+    for kind, name in defaults.items():
+        parser.add_argument(f"--{kind}", metavar="FILE", help=f"{kind} YAML (default configs/{name})")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="auto",
+                        help="plan hetero-PP (pipeline across islands), hetero-DP (replicas, one per island) "
+                             "or let the planner pick (auto, the default)")
+
+
 def default_paths(**given) -> dict:
     return {kind: given.get(kind) or os.path.join(ROOT, "configs", name) for kind, name in DEFAULTS.items()}
-
-
-KINDS = {"auto": ("pipeline", "replicas"), "pipeline": ("pipeline",), "replicas": ("replicas",)}
 
 
 def search_plan(job, kind: str = "auto", profile=None):

@@ -18,7 +18,7 @@ import yaml
 
 from hetero.config import load_job
 from hetero.errors import UserError
-from hetero.runner import KINDS, ROOT, default_paths, search_plan, train_fleet
+from hetero.runner import ROOT, add_job_arguments, default_paths, search_plan, train_fleet
 
 HELP = "mixed-fleet efficiency E against each island training alone (goal E >= 0.97 on emulated-mixed)"
 GOAL = 0.97
@@ -26,13 +26,9 @@ BIG_EXAMPLE = ("a800-910b-kunlun-1024.yaml", "llama2-70b.yaml", "train-llama2.ya
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default configs/emulated-mixed.yaml)")
-    parser.add_argument("--model", metavar="FILE", help="model YAML (default configs/llama-tiny.yaml)")
-    parser.add_argument("--train", metavar="FILE", help="train YAML (default configs/train-efficiency.yaml)")
+    add_job_arguments(parser, train_default="train-efficiency.yaml")
     parser.add_argument("--steps", type=int, default=4, help="steps per run; the first is warm-up (default 4)")
     parser.add_argument("--out", metavar="DIR", help="where every run directory goes (default: a temporary one)")
-    parser.add_argument("--kind", choices=sorted(KINDS), default="auto",
-                        help="the mixed fleet's plan: pipeline, replicas, or the planner's pick (auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

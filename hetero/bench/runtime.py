@@ -18,7 +18,7 @@ import tempfile
 from collections import defaultdict
 
 from hetero.config import load_job
-from hetero.runner import KINDS, default_paths, train_fleet
+from hetero.runner import add_job_arguments, default_paths, train_fleet
 
 HELP = "measured vs predicted step time and exposed bridge time on the emulated mixed fleet"
 RATIO_GOAL = 1.10
@@ -26,13 +26,9 @@ BRIDGE_SHARE_GOAL = 0.05
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default configs/emulated-mixed.yaml)")
-    parser.add_argument("--model", metavar="FILE", help="model YAML (default configs/llama-tiny.yaml)")
-    parser.add_argument("--train", metavar="FILE", help="train YAML (default configs/train-tiny.yaml)")
+    add_job_arguments(parser)
     parser.add_argument("--steps", type=int, default=8, help="steps to train; the first two are warm-up (default 8)")
     parser.add_argument("--out", metavar="DIR", help="run directory (default: a temporary one)")
-    parser.add_argument("--kind", choices=sorted(KINDS), default="auto",
-                        help="plan kind: pipeline (hetero-PP), replicas (hetero-DP), or the planner's pick")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

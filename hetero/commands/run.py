@@ -8,7 +8,7 @@ import sys
 import time
 
 from hetero.config import load_job
-from hetero.runner import DEFAULTS, KINDS, default_paths, train_fleet
+from hetero.runner import add_job_arguments, default_paths, train_fleet
 
 
 def register(subparsers) -> None:
@@ -24,13 +24,9 @@ def register(subparsers) -> None:
             "(per rank, every micro-batch: compute, p2p wait, bridge)."
         ),
     )
-    for kind, default in DEFAULTS.items():
-        parser.add_argument(f"--{kind}", metavar="FILE", help=f"{kind} YAML (default configs/{default})")
+    add_job_arguments(parser)
     parser.add_argument("--plan", metavar="FILE", help="use this plan JSON instead of searching")
     parser.add_argument("--steps", type=int, metavar="N", help="train N steps (default: the train file's)")
-    parser.add_argument("--kind", choices=sorted(KINDS), default="auto",
-                        help="plan hetero-PP (pipeline across islands), hetero-DP (replicas, one per island) "
-                             "or let the planner pick (auto, the default)")
     parser.add_argument("--out", metavar="DIR", help="run directory (default runs/<cluster>-<time>)")
     parser.add_argument("--max-restarts", type=int, default=1, metavar="N",
                         help="after a failure, restart the job from its last checkpoint at most N times (default 1)")
