@@ -106,8 +106,6 @@ def load_job(cluster: str | None = None, model: str | None = None, train: str | 
 
 def check_job(job: Job, origin: dict) -> None:
     """Rules that span files."""
-    if job.model and job.train and job.train.data.kind == "synthetic" and job.model.vocab < 2:
-        raise ConfigError(origin["model"], "vocab", "synthetic data needs a vocabulary of at least 2 tokens")
     if job.model and job.cluster:
         for island in job.cluster.islands:
             chip = job.cluster.chip(island.chip)

@@ -56,7 +56,7 @@ class Comms:
                 raise RuntimeError(f"launcher gave island rank {dist.get_rank()}, "
                                    f"the plan says {topology.world_rank(rank)}")
             comms._make_groups()
-            comms.native = NativeTransport(topology, place.island, device)
+            comms.native = NativeTransport(topology, device)
         if topology.plan.world_size > 1 and len({r.island for r in topology.plan.ranks}) > 1:
             comms._open_bridge(accelerator, cluster)
         return comms

@@ -43,7 +43,6 @@ class Topology:
         self.plan = plan
         self.by_rank = {r.rank: r for r in plan.ranks}
         self.island_of = {r.rank: r.island for r in plan.ranks}
-        self._local = {(r.island, r.local_rank): r for r in plan.ranks}
 
     def world_rank(self, rank: int) -> int:
         """Rank inside the island's native world: the plan's used chips of that island,
@@ -51,12 +50,6 @@ class Topology:
         entry = self.by_rank[rank]
         used = sorted(r.local_rank for r in self.plan.ranks if r.island == entry.island)
         return used.index(entry.local_rank)
-
-    def rank_of(self, island: str, local_rank: int) -> int:
-        try:
-            return self._local[(island, local_rank)].rank
-        except KeyError:
-            raise ValueError(f"the plan has no rank for island {island!r} local rank {local_rank}") from None
 
     def place(self, rank: int) -> Place:
         entry = self.by_rank[rank]
@@ -102,13 +95,3 @@ class Topology:
             return None   # one stage holds both (or neither)
         other = place.pipeline_stages[-1] if place.is_first else place.pipeline_stages[0]
         return [r.rank for r in self.stage_ranks(other, place.dp_rank)]
-
-    def replica_peers(self, place: Place) -> list[int]:
-        """Ranks holding the same parameters in other pipelines (hetero-DP), this one included."""
-        peers = []
-        for pipeline in self.plan.pipelines:
-            stage_index = pipeline.stages[place.position] if place.position < len(pipeline.stages) else None
-            for r in self.plan.ranks:
-                if r.stage == stage_index and r.tp_rank == place.tp_rank and r.dp_rank == 0:
-                    peers.append(r.rank)
-        return peers

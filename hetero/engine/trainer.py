@@ -138,16 +138,18 @@ class Trainer:
             t0, posted = time.perf_counter(), time.time()
             sent_at = None
             if kind == "F":
+                first_sample = place.first_sample + mb * mb_size
                 if place.is_first:
-                    tokens, labels = self.data.batch(step, place.first_sample + mb * mb_size, mb_size)
+                    tokens, labels = self.data.batch(step, first_sample, mb_size)
                     x = tokens.to(self.comms.device)
                 else:
                     x = self.prev.recv(hidden_shape, self.dtype, tag).requires_grad_()
                 waited, received = time.perf_counter() - t0, time.time()
+                if place.is_last and not place.is_first:
+                    _, labels = self.data.batch(step, first_sample, mb_size)
                 with self._scope():
                     out = self.model(x)
                     if place.is_last:
-                        _, labels = self.data.batch(step, place.first_sample + mb * mb_size, mb_size)
                         out = self.model.loss(out, labels.to(self.comms.device), reduction="sum") / total_tokens
                         if place.tp_rank == 0:   # every TP rank holds the same loss
                             loss_sum += float(out.detach()) * total_tokens

@@ -14,9 +14,8 @@ from comm_bridge.reshard import overlap_plan, share
 class NativeTransport:
     """torch.distributed send/recv inside the island world (gloo, nccl, hccl...)."""
 
-    def __init__(self, topology, island: str, device: torch.device):
+    def __init__(self, topology, device: torch.device):
         self.topology = topology
-        self.island = island
         self.device = device
         self._pending: list = []
 
