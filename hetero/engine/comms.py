@@ -120,7 +120,7 @@ class Comms:
         same-local-rank peer carries a shard: no leader); otherwise the small
         star through rank 0 does it.
         """
-        islands = [i for i in dict.fromkeys(r.island for r in self.topology.plan.ranks)]
+        islands = list(dict.fromkeys(r.island for r in self.topology.plan.ranks))
         sizes = {i: sum(1 for r in self.topology.plan.ranks if r.island == i) for i in islands}
         if self.endpoint is None or len(set(sizes.values())) != 1:
             return self.fleet_sum(flat)
