@@ -31,9 +31,11 @@ blocks once `max_pending_send_bytes` are queued.
 from __future__ import annotations
 
 import collections
-import itertools
+import ctypes
 import logging
 import os
+import select
+import socket
 import threading
 import time
 
@@ -54,38 +56,64 @@ MAX_CHUNK_BYTES = 64 << 20  # zmq drops a peer that sends a bigger frame
 MAX_STRIPES = 16
 HWM_MESSAGES = 8         # zmq high-water mark per socket, in messages
 IO_GRACE_SECONDS = 0.002  # the I/O thread leaves the sockets to returning waiters this long
-_ids = itertools.count()
+EXPRESS_SLICE_SECONDS = 0.001  # an express wait looks at the other sockets at least this often
+EXPRESS_SPIN_SECONDS = 200e-6 # ... after spinning this long for a reply (a sleeping core wakes slowly)
+EXPRESS_IDLE_SLICES = 20       # ... and gives up on express after this many empty slices
 
 
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
-    """A flat uint8 numpy view of a contiguous CPU tensor's bytes (no copy)."""
-    if tensor.numel() == 0:
-        return np.empty(0, dtype=np.uint8)
-    return tensor.reshape(-1).view(torch.uint8).numpy()
+    """A flat uint8 numpy view of a contiguous CPU tensor's bytes (no copy).
+
+    numpy does the reshaping: a torch call costs several times a numpy one, and
+    this runs for every message."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.dtype is torch.bfloat16:  # numpy has no bfloat16; the bytes are what count
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().reshape(-1).view(np.uint8)
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A writable flat byte view of a contiguous CPU tensor's memory, for copying into it.
+    It does not keep the tensor alive: use it while holding the tensor."""
+    raw = (ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())
+    return memoryview(raw).cast("B")
 
 
 class Handle:
     """One pending send or receive. `wait()` returns the received tensor (None for sends)."""
 
-    def __init__(self, endpoint: "Endpoint", peer: int, what: str):
+    __slots__ = ("_endpoint", "peer", "tag", "receiving", "_done", "_sleeper", "_result", "_error",
+                 "_out", "_device")
+
+    def __init__(self, endpoint: "Endpoint", peer: int, tag: int, receiving: bool, done: bool = False):
         self._endpoint = endpoint
         self.peer = peer
-        self.what = what
-        self._event = threading.Event()
+        self.tag = tag
+        self.receiving = receiving
+        # A flag, not an Event: the waiting thread usually drives the sockets itself and
+        # sees the flag flip. Only a waiter that cannot drive sleeps, on `_sleeper`.
+        self._done = done
+        self._sleeper: threading.Event | None = None
         self._result: torch.Tensor | None = None
         self._error: BaseException | None = None
         self._out: torch.Tensor | None = None      # receive: the caller's buffer
         self._device: str | None = None            # receive: move here after arrival
 
+    @property
+    def what(self) -> str:
+        return f"irecv from rank {self.peer} tag {self.tag}" if self.receiving else \
+            f"isend to rank {self.peer} tag {self.tag}"
+
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def wait(self, timeout: float | None = None) -> torch.Tensor | None:
         limit = self._endpoint.default_timeout if timeout is None else timeout
-        if not self._event.is_set():
+        if not self._done:
             # Drive the sockets from this thread: no hand-off from the I/O thread.
-            self._endpoint._drive_until(self._event, time.monotonic() + limit)
-        if not self._event.is_set():
+            self._endpoint._drive_until(self, time.monotonic() + limit)
+        if not self._done:
             raise BridgeTimeoutError(f"{self.what}: no progress after {limit:.1f}s "
                                      f"(peer rank {self.peer} is alive as far as the coordinator knows)")
         if self._error is not None:
@@ -95,33 +123,47 @@ class Handle:
             return None
         out = self._out
         if out is not None and result is not out:
-            out.copy_(result.reshape(out.shape))
+            if result.data_ptr() != out.data_ptr():  # not already a view of the caller's tensor
+                out.copy_(result.reshape(out.shape))
             result = out
         return self._endpoint._stager.to_device(result, self._device)
 
+    def _sleep(self, timeout: float) -> None:
+        """Wait for another thread to finish this handle (at most `timeout` seconds)."""
+        with self._endpoint._lock:
+            if self._done:
+                return
+            if self._sleeper is None:
+                self._sleeper = threading.Event()
+            sleeper = self._sleeper
+        sleeper.wait(timeout)
+
     # Called by the endpoint, under its lock.
     def _finish(self, result: torch.Tensor | None = None) -> None:
-        if not self._event.is_set():
+        if not self._done:
             self._result = result
-            self._event.set()
+            self._done = True
+            if self._sleeper is not None:
+                self._sleeper.set()
 
     def _fail(self, error: BaseException) -> None:
-        if not self._event.is_set():
+        if not self._done:
             self._error = error
-            self._event.set()
+            self._done = True
+            if self._sleeper is not None:
+                self._sleeper.set()
 
 
 class _SendJob:
-    __slots__ = ("handle", "dst", "header", "header_bytes", "staged", "nbytes", "nstripes",
+    __slots__ = ("handle", "dst", "header_bytes", "staged", "nbytes", "nstripes",
                  "trackers", "shm", "next_chunk", "nchunks", "held_slot", "stream", "sent")
 
-    def __init__(self, handle, dst, header, header_bytes, staged, nstripes, shm, chunk_bytes):
+    def __init__(self, handle, dst, nbytes, header_bytes, staged, nstripes, shm, chunk_bytes):
         self.handle = handle
         self.dst = dst
-        self.header = header
         self.header_bytes = header_bytes
         self.staged = staged
-        self.nbytes = header.nbytes
+        self.nbytes = nbytes
         self.nstripes = nstripes
         self.trackers: list = []
         self.shm = shm
@@ -206,12 +248,10 @@ class Endpoint:
         self._stream_in: dict[int, S.Inbound] = {}  # fd -> accepted stream
         self._doomed: list = []                     # sockets for the driver to unregister and close
         self._fd_flags: dict[int, int] = {}         # raw fds registered in the poller
-        wake_addr = f"inproc://bridge-wake-{id(self)}-{next(_ids)}"
-        self._wake_rx = self._ctx.socket(zmq.PAIR)
-        self._wake_rx.bind(wake_addr)
-        self._wake_tx = self._ctx.socket(zmq.PAIR)
-        self._wake_tx.connect(wake_addr)
-        self._wake_lock = threading.Lock()
+        # A plain socket pair, not a zmq one: the express wait (select.poll) watches it too.
+        self._wake_rx, self._wake_tx = socket.socketpair()
+        self._wake_rx.setblocking(False)
+        self._wake_tx.setblocking(False)
 
         self._lock = threading.RLock()
         self._send_room = threading.Condition(self._lock)
@@ -244,7 +284,7 @@ class Endpoint:
         self._io_wanted = False
         self._no_drivers = threading.Condition(self._lock)
         self._poller = zmq.Poller()
-        self._poller.register(self._wake_rx, zmq.POLLIN)
+        self._poller.register(self._wake_rx.fileno(), zmq.POLLIN)
         self._reading = [False] * len(self._pulls)
         self._thread = threading.Thread(target=self._io_loop, name=f"bridge-io-{rank}", daemon=True)
         self._thread.start()
@@ -334,12 +374,29 @@ class Endpoint:
         if tensor.dim() > F.MAX_DIMS:
             raise ValueError(f"the bridge carries at most {F.MAX_DIMS} dims, got shape {tuple(tensor.shape)}")
         staged = self._stager.to_host(tensor)
-        nbytes = staged.tensor.numel() * staged.tensor.element_size()
+        host = staged.tensor
+        nbytes = host.nbytes
         if nbytes > self.max_message_bytes:
             raise ValueError(f"{nbytes} bytes exceeds max_message_bytes={self.max_message_bytes}")
-        handle = Handle(self, dst, f"isend to rank {dst} tag {tag}")
-        wake = False
+        tag = int(tag)
         with self._lock:
+            sock = self._stream_out.get(dst)  # open only to live peers on the stream path
+            if sock is not None and nbytes <= SMALL_BYTES and staged.event is None and \
+                    not self._sendq.get(dst) and not self._closing:
+                # Express: an idle stream takes a small message in one sendmsg from this thread.
+                seq = self._next_seq[dst]
+                self._next_seq[dst] = seq + 1
+                header_bytes = F.pack(F.KIND_TENSOR, self.rank, tag, seq, host.dtype, host.shape, nbytes,
+                                      self._auth, step=int(step), micro_batch=int(micro_batch))
+                try:
+                    sent = S.send_some(sock, header_bytes, as_bytes(host), 0)
+                except OSError:
+                    sent = 0  # the queued path below meets the same error and reports it
+                if sent == F.HEADER_BYTES + nbytes:
+                    self._counters["messages_sent"] += 1
+                    self._counters["bytes_sent"] += nbytes
+                    return Handle(self, dst, tag, receiving=False, done=True)
+                return self._queue_send(dst, tag, staged, header_bytes, sent, via_stream=True, shm=False)
             peer = self._check_peer(dst)
             deadline = time.monotonic() + self.default_timeout
             while self._pending_send_bytes and self._pending_send_bytes + nbytes > self.max_pending_send_bytes:
@@ -354,28 +411,33 @@ class Endpoint:
             # One channel per peer keeps its messages in order: shm/zmq on this host, else the stream.
             via_stream = bool(peer.get("stream")) and self._listener is not None and not same_host
             shm = same_host and nbytes >= SMALL_BYTES
-            kind = F.KIND_SHM if shm else F.KIND_TENSOR
-            header = F.Header(sender=self.rank, tag=int(tag), seq=seq, dtype=staged.tensor.dtype,
-                              shape=tuple(staged.tensor.shape), nbytes=nbytes, step=int(step),
-                              micro_batch=int(micro_batch), kind=kind)
-            nstripes = 1 if (shm or nbytes <= self.chunk_bytes) else min(self.stripes, len(peer["endpoints"]))
-            job = _SendJob(handle, dst, header, F.pack_header(header, self._auth), staged, nstripes, shm,
-                           self.chunk_bytes)
-            job.stream = via_stream
-            queue = self._sendq[dst]
-            queue.append(job)
-            self._pending_send_bytes += nbytes
-            if len(queue) == 1:
-                self._pump(dst)  # fast path: send from the caller's thread
-            wake = bool(queue) or bool(job.trackers)
-        if wake:
-            self._wake()
+            header_bytes = F.pack(F.KIND_SHM if shm else F.KIND_TENSOR, self.rank, tag, seq, host.dtype,
+                                  host.shape, nbytes, self._auth, step=int(step), micro_batch=int(micro_batch))
+            return self._queue_send(dst, tag, staged, header_bytes, 0, via_stream=via_stream, shm=shm)
+
+    def _queue_send(self, dst: int, tag: int, staged, header_bytes: bytes, sent: int, *,
+                    via_stream: bool, shm: bool) -> Handle:
+        """Queue a send (lock held); push it at once if the channel is idle."""
+        nbytes = staged.tensor.nbytes
+        handle = Handle(self, dst, tag, receiving=False)
+        nstripes = 1 if (shm or nbytes <= self.chunk_bytes) else \
+            min(self.stripes, len(self._peers[dst]["endpoints"]))
+        job = _SendJob(handle, dst, nbytes, header_bytes, staged, nstripes, shm, self.chunk_bytes)
+        job.stream = via_stream
+        job.sent = sent
+        queue = self._sendq[dst]
+        queue.append(job)
+        self._pending_send_bytes += nbytes
+        if len(queue) == 1:
+            self._pump(dst)  # send from the caller's thread while the channel is idle
+        if queue or job.trackers:
+            self._wake()  # the rest is the driver's job
         return handle
 
     def irecv(self, src: int, tag: int = 0, *, out: torch.Tensor | None = None,
               device: str | None = None) -> Handle:
         src = int(src)
-        handle = Handle(self, src, f"irecv from rank {src} tag {tag}")
+        handle = Handle(self, src, int(tag), receiving=True)
         handle._out = out
         handle._device = device
         resume = False
@@ -422,9 +484,10 @@ class Endpoint:
                 ring.close()
             for reader in self._readers.values():
                 reader.close()
-            for sock in [*self._pulls, *self._push.values(), self._wake_rx, self._wake_tx]:
+            for sock in [*self._pulls, *self._push.values()]:
                 sock.close(linger=0)
-            plain = [*self._stream_out.values(), *self._doomed, *(c.sock for c in self._stream_in.values())]
+            plain = [*self._stream_out.values(), *self._doomed, *(c.sock for c in self._stream_in.values()),
+                     self._wake_rx, self._wake_tx]
             for sock in plain + ([self._listener] if self._listener is not None else []):
                 try:
                     sock.close()
@@ -562,11 +625,10 @@ class Endpoint:
 
     def _kick(self) -> None:
         """Interrupt the poll of whoever drives."""
-        with self._wake_lock:
-            try:
-                self._wake_tx.send(b"", flags=zmq.NOBLOCK)
-            except (zmq.Again, zmq.ZMQError):
-                pass  # a wake is already queued, or we are closing
+        try:
+            self._wake_tx.send(b"\0")
+        except OSError:
+            pass  # the pair is full (a wake is already queued), or we are closing
 
     # --------------------------------------------------------- receive side
     def _io_loop(self) -> None:
@@ -583,30 +645,44 @@ class Endpoint:
                 if not self._closing and not self._progress_once(100):
                     break
 
-    def _drive_until(self, event: threading.Event, deadline: float) -> None:
-        """Make progress from the waiting thread until `event` is set or `deadline` passes.
+    def _drive_until(self, handle: Handle, deadline: float) -> None:
+        """Make progress from the waiting thread until `handle` is done or `deadline` passes.
 
-        A small message then wakes the waiting thread straight from zmq's I/O
-        thread, with no hand-off between Python threads. One thread drives at a
-        time; other waiters watch their own event and take over when it leaves."""
+        A small message then wakes the waiting thread straight from the kernel,
+        with no hand-off between Python threads. One thread drives at a time;
+        other waiters sleep on their handle and take over when it leaves. A
+        receive from a peer with an open stream first tries the express wait."""
         if self._closing:
-            event.wait(max(0.0, deadline - time.monotonic()))
+            handle._sleep(max(0.0, deadline - time.monotonic()))
             return
+        express_src = handle.peer if handle.receiving else None
         with self._lock:
             self._drivers += 1
         driving = self._driving.acquire(blocking=False)
         if not driving:
             self._kick()  # the I/O thread (or another waiter) sits in poll: make it look up
+        idle_slices = 0
         try:
-            while not event.is_set() and not self._closing:
+            while not handle._done and not self._closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
                 if not driving:
                     driving = self._driving.acquire(timeout=min(remaining, 0.001))
                     if not driving:
-                        event.wait(min(remaining, 0.001))  # another waiter drives
+                        handle._sleep(min(remaining, 0.001))  # another waiter drives
                         continue
+                if express_src is not None:
+                    outcome = self._express_once(express_src, min(remaining, EXPRESS_SLICE_SECONDS))
+                    if outcome:
+                        idle_slices = 0
+                        continue
+                    idle_slices = idle_slices + 1 if outcome is False else EXPRESS_IDLE_SLICES
+                    if idle_slices >= EXPRESS_IDLE_SLICES:
+                        express_src = None  # a long wait: the plain rounds serve it as well
+                    if not self._progress_once(0):  # keep everything else moving
+                        break
+                    continue
                 remaining_ms = max(1, int(remaining * 1000))
                 if not self._progress_once(min(100, remaining_ms)):
                     break
@@ -614,7 +690,7 @@ class Endpoint:
                 if driving:
                     self._driving.release()
                     driving = False
-                event.wait(max(0.0, deadline - time.monotonic()))
+                handle._sleep(max(0.0, deadline - time.monotonic()))
         finally:
             if driving:
                 self._driving.release()
@@ -624,6 +700,54 @@ class Endpoint:
                     # No notify: the I/O thread looks again within IO_GRACE_SECONDS anyway,
                     # and waking it here would contend for the GIL with our caller.
                     self._driver_left = time.monotonic()
+
+    def _express_once(self, src: int, timeout: float) -> bool | None:
+        """The express wait (`_driving` held): watch only the stream from `src` and read the
+        next message as soon as it lands, skipping the full round's bookkeeping. It spins
+        on the socket for a moment first (a core that went to sleep wakes slowly), then
+        blocks in poll on the stream and the wake pair. True: something came; False:
+        nothing did, or a wake asks for a full round; None: not possible now (no open
+        stream from `src`, or other work is queued)."""
+        with self._lock:
+            if self._doomed or self._tracking or not self._may_read(0) or \
+                    any(self._sendq.values()) or any(self._credits_owed.values()):
+                return None
+            conn = None
+            for candidate in self._stream_in.values():
+                if candidate.rank == src:
+                    conn = candidate
+            if conn is None:
+                return None
+            if conn.mid_message():
+                self._read_stream(conn)
+                return True
+        spin_until = time.perf_counter() + min(timeout, EXPRESS_SPIN_SECONDS)
+        room = conn.room()
+        try:
+            while not (got := conn.fill()):  # only this (driving) thread reads the stream
+                if time.perf_counter() >= spin_until:
+                    if conn.express is None:
+                        conn.express = select.poll()
+                        conn.express.register(conn.fd, select.POLLIN)
+                        conn.express.register(self._wake_rx.fileno(), select.POLLIN)
+                    events = conn.express.poll(timeout * 1000)
+                    if not events or any(fd != conn.fd for fd, _ in events):
+                        return False
+                    spin_until = time.perf_counter() + EXPRESS_SPIN_SECONDS
+                    room = conn.room()
+        except (EOFError, F.FrameError, OSError):
+            got = room = 0  # the read below meets the same end and reports it
+        with self._lock:
+            if self._stream_in.get(conn.fd) is conn:
+                self._read_stream(conn, drained=0 < got < room)
+        return True
+
+    def _drain_wakes(self) -> None:
+        try:
+            while self._wake_rx.recv(4096):
+                pass
+        except OSError:
+            pass
 
     def _progress_once(self, idle_ms: int) -> bool:
         """One round of I/O: poll, read, pump sends, retire tracked sends (`_driving` held).
@@ -663,21 +787,18 @@ class Endpoint:
             return False
         if self._closing:
             return False
-        if self._wake_rx in events:
-            while True:
-                try:
-                    self._wake_rx.recv(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+        if self._wake_rx.fileno() in events:
+            self._drain_wakes()
         for stripe, sock in enumerate(self._pulls):
             if sock in events:
                 self._drain(sock, stripe)
         if self._listener is not None and self._listener.fileno() in events:
             self._accept_streams()
-        for fd in [fd for fd in events if isinstance(fd, int) and fd in self._stream_in]:
-            with self._lock:
-                conn = self._stream_in.get(fd)
-                if conn is not None:
+        with self._lock:
+            # Readable streams, and those holding read-ahead bytes a full budget left unparsed.
+            ready = [conn for fd, conn in self._stream_in.items() if fd in events or conn.mid_message()]
+            for conn in ready:
+                if self._stream_in.get(conn.fd) is conn:
                     self._read_stream(conn)
         with self._lock:
             for dst in [d for d, q in self._sendq.items() if q] + [d for d, q in self._credits_owed.items() if q]:
@@ -722,29 +843,41 @@ class Endpoint:
             with self._lock:
                 self._stream_in[conn.fd] = conn
 
-    def _read_stream(self, conn: S.Inbound) -> None:
-        """Read what one stream has: hello, then headers and payloads straight into their tensors (lock held)."""
+    def _read_stream(self, conn: S.Inbound, drained: bool = False) -> None:
+        """Handle what one stream has: hello, then headers, and payloads straight into their
+        tensors (lock held). Each round reads at most READ_ROUND_BYTES off the socket, so a
+        chatty peer cannot starve the rest, and stops at the first short read."""
+        budget = S.READ_ROUND_BYTES
         try:
-            for _ in range(64):  # messages per round: a chatty peer must not starve the rest
-                if conn.rank is None:
-                    if not conn.read_hello(self._auth):
-                        return
-                    continue
+            while True:
                 if conn.transfer is None:
-                    if not self._may_read(0):
+                    if conn.rank is not None and not self._may_read(0):
                         return
-                    raw = conn.read_header()
+                    raw = conn.take(S.HELLO_BYTES if conn.rank is None else F.HEADER_BYTES)
                     if raw is None:
-                        return
+                        if drained or budget <= 0:
+                            return
+                        room = conn.room()
+                        got = conn.fill()
+                        budget -= got
+                        drained = got < room
+                        continue
+                    if conn.rank is None:
+                        conn.check_hello(raw, self._auth)
+                        continue
                     header = F.parse_header(raw, self._auth, self.max_message_bytes)
                     if header.kind != F.KIND_TENSOR or header.sender != conn.rank:
                         raise F.FrameError("bad_kind", f"stream from rank {conn.rank} carried kind "
                                                        f"{header.kind} from rank {header.sender}")
                     self._check_seq(header)
+                    if header.nbytes <= conn.buffered() and self._deliver_buffered(conn, header):
+                        continue
                     conn.transfer = self._begin(header, 1)
                     conn.body_got = 0
                 transfer = conn.transfer
-                if not conn.read_body(transfer.flat, transfer.header.nbytes):
+                done, read = conn.read_body(transfer.flat, transfer.header.nbytes, budget)
+                budget -= read
+                if not done:
                     return
                 conn.transfer = None
                 transfer.parts_seen.add(0)
@@ -759,6 +892,26 @@ class Endpoint:
             self.rejected.add(exc.reason)
             log.warning("rank %d: %s", self.rank, exc)
             self._end_stream(conn, str(exc))
+
+    def _deliver_buffered(self, conn: S.Inbound, header: F.Header) -> bool:
+        """The small-message lane (lock held): a payload already in the read-ahead buffer
+        whose receive is posted with a matching CPU tensor goes straight into that tensor,
+        skipping the bookkeeping of a transfer in progress. False: take the general path."""
+        queue = self._posted.get((header.sender, header.tag))
+        if not queue:
+            return False
+        posted = queue[0]
+        out = posted.out
+        if out is None or posted.device is not None or not out.is_cpu or out.dtype is not header.dtype \
+                or out.nbytes != header.nbytes or not out.is_contiguous():
+            return False
+        queue.popleft()
+        if header.nbytes:
+            conn.take_into(byte_view(out), header.nbytes)
+        self._counters["messages_received"] += 1
+        self._counters["bytes_received"] += header.nbytes
+        posted.handle._finish(out)
+        return True
 
     def _end_stream(self, conn: S.Inbound, problem: str | None) -> None:
         """Close a stream; a message cut off on it fails its receive (lock held)."""
@@ -882,9 +1035,10 @@ class Endpoint:
         if posted_queue:
             posted = posted_queue.popleft()
             out = posted.out
-            if out is not None and out.device.type == "cpu" and out.is_contiguous() and \
-                    out.dtype == header.dtype and out.numel() == _numel(header.shape):
-                buffer = out.view(header.shape)
+            if out is not None and out.is_cpu and out.is_contiguous() and \
+                    out.dtype is header.dtype and out.nbytes == header.nbytes:
+                # The bytes land in the caller's tensor; a view only where the shapes differ.
+                buffer = out if out.shape == header.shape else out.view(header.shape)
             else:
                 buffer = self._stager.host_buffer(header.dtype, header.shape, posted.device)
             transfer = _Transfer(header, buffer, parts_total)
@@ -898,7 +1052,7 @@ class Endpoint:
 
     def _bind(self, transfer: _Transfer, handle: Handle, out: torch.Tensor | None) -> None:
         header = transfer.header
-        if out is not None and (out.dtype != header.dtype or out.numel() != _numel(header.shape)):
+        if out is not None and (out.dtype is not header.dtype or out.nbytes != header.nbytes):
             transfer.error = TransferMismatchError(
                 f"rank {header.sender} sent {header.dtype}{list(header.shape)} with tag {header.tag}, "
                 f"but the irecv posted {out.dtype}{list(out.shape)}")

@@ -16,6 +16,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from threading import Lock
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +46,7 @@ _ITEMSIZE = {code: torch.empty((), dtype=dtype).element_size() for dtype, code i
 # reserved, nbytes, shape[8], auth
 _STRUCT = struct.Struct(f"<4sBBHIIqiQBBHQ{MAX_DIMS}q{AUTH_BYTES}s")
 HEADER_BYTES = _STRUCT.size
+_PADS = tuple((0,) * (MAX_DIMS - n) for n in range(MAX_DIMS + 1))  # zeros after the last dim
 
 # Shared-memory chunk descriptor, sent after a KIND_SHM header:
 # chunk index, chunk count, slot, offset into the tensor, length.
@@ -60,8 +62,7 @@ class FrameError(ValueError):
         super().__init__(f"rejected frame ({reason}): {detail}")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):  # a tuple, not a dataclass: built once per message received
     sender: int
     tag: int
     seq: int
@@ -90,14 +91,21 @@ def nbytes_for(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 
 
 def pack_header(header: Header, auth: bytes) -> bytes:
-    if header.dtype not in DTYPE_CODES:
-        raise TypeError(f"the bridge cannot carry dtype {header.dtype}")
-    if len(header.shape) > MAX_DIMS:
-        raise ValueError(f"the bridge carries at most {MAX_DIMS} dims, got shape {tuple(header.shape)}")
-    shape = tuple(int(d) for d in header.shape) + (0,) * (MAX_DIMS - len(header.shape))
-    return _STRUCT.pack(MAGIC, VERSION, header.kind, header.flags, header.sender, header.tag,
-                        header.step, header.micro_batch, header.seq, DTYPE_CODES[header.dtype],
-                        len(header.shape), 0, header.nbytes, *shape, auth)
+    return pack(header.kind, header.sender, header.tag, header.seq, header.dtype, header.shape,
+                header.nbytes, auth, step=header.step, micro_batch=header.micro_batch, flags=header.flags)
+
+
+
+def pack(kind: int, sender: int, tag: int, seq: int, dtype: torch.dtype, shape, nbytes: int, auth: bytes,
+         *, step: int = 0, micro_batch: int = 0, flags: int = 0) -> bytes:
+    """A header's bytes straight from its fields (the send path's per-message cost)."""
+    code = DTYPE_CODES.get(dtype)
+    if code is None:
+        raise TypeError(f"the bridge cannot carry dtype {dtype}")
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"the bridge carries at most {MAX_DIMS} dims, got shape {tuple(shape)}")
+    return _STRUCT.pack(MAGIC, VERSION, kind, flags, sender, tag, step, micro_batch, seq, code,
+                        len(shape), 0, nbytes, *shape, *_PADS[len(shape)], auth)
 
 
 def parse_header(data, auth: bytes, max_bytes: int) -> Header:
@@ -124,21 +132,19 @@ def parse_header(data, auth: bytes, max_bytes: int) -> Header:
         raise FrameError("bad_dtype", f"dtype code {code}")
     if ndim > MAX_DIMS:
         raise FrameError("bad_ndim", f"{ndim} dims")
-    if any(d < 0 for d in dims) or any(dims[ndim:]):
-        raise FrameError("bad_shape", f"dims {dims[:ndim]} (unused dims {dims[ndim:]})")
-    shape = tuple(dims[:ndim])
+    shape = dims[:ndim]
+    if (shape and min(shape) < 0) or dims[ndim:] != _PADS[ndim]:
+        raise FrameError("bad_shape", f"dims {shape} (unused dims {dims[ndim:]})")
     if nbytes > max_bytes:
         raise FrameError("oversized", f"{nbytes} bytes, limit {max_bytes}")
-    expected = 1
+    expected = _ITEMSIZE[code]
     for d in shape:
         expected *= d
-        if expected * _ITEMSIZE[code] > max_bytes:
+        if expected > max_bytes:
             raise FrameError("oversized", f"shape {shape} exceeds limit {max_bytes} bytes")
-    expected *= _ITEMSIZE[code]
     if expected != nbytes:
         raise FrameError("bad_nbytes", f"shape {shape} of {CODE_DTYPES[code]} is {expected} bytes, header says {nbytes}")
-    return Header(sender=sender, tag=tag, seq=seq, dtype=CODE_DTYPES[code], shape=shape,
-                  nbytes=nbytes, step=step, micro_batch=micro_batch, kind=kind, flags=flags)
+    return Header(sender, tag, seq, CODE_DTYPES[code], shape, nbytes, step, micro_batch, kind, flags)
 
 
 @dataclass(frozen=True)

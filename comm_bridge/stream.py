@@ -18,6 +18,8 @@ import hmac
 import socket
 import struct
 
+import numpy as np
+
 from comm_bridge import frames as F
 
 _HELLO = struct.Struct(f"<4sI{F.AUTH_BYTES}s")
@@ -25,6 +27,7 @@ HELLO_MAGIC = b"HBST"
 HELLO_BYTES = _HELLO.size
 SCHEME = "stream+tcp://"
 READ_ROUND_BYTES = 16 << 20  # per connection per poll round, so one big sender cannot starve others
+READ_AHEAD_BYTES = 256 << 10  # per inbound stream
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -51,7 +54,12 @@ def connect(address: str, rank: int, auth: bytes, timeout: float) -> socket.sock
 
 
 class Inbound:
-    """The receiving end of one accepted stream: hello, then header/payload pairs."""
+    """The receiving end of one accepted stream: hello, then header/payload pairs.
+
+    Reads go into a read-ahead buffer, so a small message (header and payload)
+    usually arrives in one recv, and several queued ones in one too; only the
+    rest of a payload bigger than what the buffer holds is read straight into
+    its tensor. Driver thread only."""
 
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
@@ -59,66 +67,92 @@ class Inbound:
         self.sock = sock
         self.fd = sock.fileno()
         self.rank: int | None = None          # set once the hello checks out
-        self._hello = bytearray(HELLO_BYTES)
-        self._head = bytearray(F.HEADER_BYTES)
-        self.got = 0                          # bytes of the hello or header read so far
+        self._buf = bytearray(READ_AHEAD_BYTES)
+        self._view = memoryview(self._buf)
+        self._array = np.frombuffer(self._buf, dtype=np.uint8)
+        self._start = 0                       # buffered bytes are _buf[_start:_end]
+        self._end = 0
+        self.received = 0                     # bytes read off the socket, ever
         self.transfer = None                  # the message whose payload is being read
         self.body_got = 0
+        self.express = None                   # the endpoint's select.poll for express waits
 
-    def read_hello(self, auth: bytes) -> bool | None:
-        """True once authenticated, None while incomplete; raises FrameError if refused or EOF."""
-        got = self._recv_into(memoryview(self._hello)[self.got:])
-        if got is None:
+    def fill(self) -> int:
+        """One recv into the read-ahead buffer: bytes read, 0 if none are ready. EOF raises
+        EOFError, a reset FrameError. A short read means the socket is drained for now."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start > READ_AHEAD_BYTES // 2:  # keep room for the next header behind the leftovers
+            size = self._end - self._start
+            self._buf[:size] = self._view[self._start:self._end]
+            self._start, self._end = 0, size
+        got = self._recv_into(self._view[self._end:])
+        if got:
+            self._end += got
+        return got
+
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    def take_into(self, dest: memoryview, nbytes: int) -> None:
+        """Copy the next `nbytes` buffered bytes into `dest` (a flat byte view), consuming them."""
+        dest[:nbytes] = self._view[self._start:self._start + nbytes]
+        self._start += nbytes
+
+    def room(self) -> int:
+        return READ_AHEAD_BYTES - self._end
+
+    def take(self, nbytes: int) -> bytes | None:
+        """The next `nbytes` buffered bytes, consumed; None if fewer are buffered."""
+        if self._end - self._start < nbytes:
             return None
-        self.got += got
-        if self.got < HELLO_BYTES:
-            return None
-        magic, rank, their_auth = _HELLO.unpack(self._hello)
+        data = self._buf[self._start:self._start + nbytes]
+        self._start += nbytes
+        return bytes(data)
+
+    def check_hello(self, raw: bytes, auth: bytes) -> None:
+        """Accept the stream's hello or raise FrameError."""
+        magic, rank, their_auth = _HELLO.unpack(raw)
         if magic != HELLO_MAGIC:
             raise F.FrameError("bad_magic", f"stream hello magic {magic!r}")
         if not hmac.compare_digest(their_auth, auth):
             raise F.FrameError("unauthenticated", f"stream from claimed rank {rank}: job tag does not match")
         self.rank = rank
-        self.got = 0
-        return True
 
-    def read_header(self) -> bytes | None:
-        """The next complete header's bytes, or None while it is still arriving."""
-        got = self._recv_into(memoryview(self._head)[self.got:])
-        if got is None:
-            return None
-        self.got += got
-        if self.got < F.HEADER_BYTES:
-            return None
-        self.got = 0
-        return bytes(self._head)
+    def read_body(self, flat, nbytes: int, budget: int) -> tuple[bool, int]:
+        """Move payload bytes into `flat`: buffered ones first, then straight from the socket.
+        Returns (all `nbytes` in, bytes read off the socket)."""
+        buffered = min(self._end - self._start, nbytes - self.body_got)
+        if buffered:
+            flat[self.body_got:self.body_got + buffered] = self._array[self._start:self._start + buffered]
+            self._start += buffered
+            self.body_got += buffered
+        read = 0
+        if self.body_got < nbytes:
+            target = memoryview(flat)
+            while self.body_got < nbytes and read < budget:
+                got = self._recv_into(target[self.body_got:nbytes])
+                if not got:
+                    break
+                self.body_got += got
+                read += got
+        return self.body_got >= nbytes, read
 
-    def read_body(self, flat, nbytes: int) -> bool:
-        """Read payload bytes straight into `flat`; True once all `nbytes` are in."""
-        target = memoryview(flat)
-        budget = READ_ROUND_BYTES
-        while self.body_got < nbytes and budget > 0:
-            got = self._recv_into(target[self.body_got:nbytes])
-            if got is None:
-                return False
-            self.body_got += got
-            budget -= got
-        return self.body_got >= nbytes
-
-    def _recv_into(self, view) -> int | None:
-        """Bytes read, or None if none are ready; EOF or a reset raises FrameError."""
+    def _recv_into(self, view) -> int:
+        """Bytes read, 0 if none are ready; EOF or a reset raises."""
         try:
             got = self.sock.recv_into(view)
         except (BlockingIOError, InterruptedError):
-            return None
+            return 0
         except OSError as exc:
             raise F.FrameError("truncated", f"stream from rank {self.rank}: {exc}") from None
         if got == 0:
             raise EOFError
+        self.received += got
         return got
 
     def mid_message(self) -> bool:
-        return self.got > 0 or self.transfer is not None
+        return self._end > self._start or self.transfer is not None
 
     def close(self) -> None:
         try:
