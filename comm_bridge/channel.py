@@ -76,15 +76,17 @@ def as_bytes(tensor: torch.Tensor) -> np.ndarray:
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A writable flat byte view of a contiguous CPU tensor's memory, for copying into it.
     It does not keep the tensor alive: use it while holding the tensor."""
-    raw = (ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())
-    return memoryview(raw).cast("B")
+    nbytes = tensor.nbytes
+    if not nbytes:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 class Handle:
     """One pending send or receive. `wait()` returns the received tensor (None for sends)."""
 
     __slots__ = ("_endpoint", "peer", "tag", "receiving", "_done", "_sleeper", "_result", "_error",
-                 "_out", "_device")
+                 "_out", "_device", "_landing")
 
     def __init__(self, endpoint: "Endpoint", peer: int, tag: int, receiving: bool, done: bool = False):
         self._endpoint = endpoint
@@ -99,6 +101,7 @@ class Handle:
         self._error: BaseException | None = None
         self._out: torch.Tensor | None = None      # receive: the caller's buffer
         self._device: str | None = None            # receive: move here after arrival
+        self._landing: memoryview | None = None    # receive: bytes of `_out` a small message may fill as is
 
     @property
     def what(self) -> str:
@@ -188,15 +191,6 @@ class _Transfer:
         self.parts_seen: set[int] = set()
         self.done = False
         self.error: BaseException | None = None
-
-
-class _PostedRecv:
-    __slots__ = ("handle", "out", "device")
-
-    def __init__(self, handle, out, device):
-        self.handle = handle
-        self.out = out
-        self.device = device
 
 
 class Endpoint:
@@ -318,7 +312,7 @@ class Endpoint:
             for (src, _tag), queue in self._posted.items():
                 if src == rank:
                     for posted in queue:
-                        posted.handle._fail(error)
+                        posted._fail(error)
                     queue.clear()
             for key in [k for k in self._inflight if k[0] == rank]:
                 transfer = self._inflight.pop(key)
@@ -389,12 +383,16 @@ class Endpoint:
                 header_bytes = F.pack(F.KIND_TENSOR, self.rank, tag, seq, host.dtype, host.shape, nbytes,
                                       self._auth, step=int(step), micro_batch=int(micro_batch))
                 try:
-                    sent = S.send_some(sock, header_bytes, as_bytes(host), 0)
+                    sent = sock.sendmsg([header_bytes, byte_view(host)])
+                except BlockingIOError:
+                    sent = 0
                 except OSError:
                     sent = 0  # the queued path below meets the same error and reports it
                 if sent == F.HEADER_BYTES + nbytes:
-                    self._counters["messages_sent"] += 1
-                    self._counters["bytes_sent"] += nbytes
+                    counters = self._counters
+                    counters["messages_sent"] += 1
+                    counters["bytes_sent"] += nbytes
+                    counters["small_lane_sent"] += 1
                     return Handle(self, dst, tag, receiving=False, done=True)
                 return self._queue_send(dst, tag, staged, header_bytes, sent, via_stream=True, shm=False)
             peer = self._check_peer(dst)
@@ -437,12 +435,16 @@ class Endpoint:
     def irecv(self, src: int, tag: int = 0, *, out: torch.Tensor | None = None,
               device: str | None = None) -> Handle:
         src = int(src)
-        handle = Handle(self, src, int(tag), receiving=True)
-        handle._out = out
+        tag = int(tag)
+        handle = Handle(self, src, tag, receiving=True)
+        if out is not None:
+            handle._out = out
+            if device is None and out.is_cpu and out.is_contiguous() and out.nbytes <= SMALL_BYTES:
+                handle._landing = byte_view(out)
         handle._device = device
         resume = False
         with self._lock:
-            queue = self._unexpected.get((src, int(tag)))
+            queue = self._unexpected.get((src, tag))
             if queue:
                 transfer = queue.popleft()
                 resume = self._unexpected_bytes >= self.max_unexpected_bytes
@@ -453,7 +455,7 @@ class Endpoint:
             else:
                 if src in self._failed:
                     raise PeerFailedError(src, self._failed[src])
-                self._posted[(src, int(tag))].append(_PostedRecv(handle, out, device))
+                self._posted[(src, tag)].append(handle)
         if resume:
             self._wake()  # the I/O thread may have paused reading for lack of room
         return handle
@@ -476,7 +478,7 @@ class Endpoint:
             error = BridgeError(f"endpoint rank {self.rank} closed")
             for queue in self._posted.values():
                 for posted in queue:
-                    posted.handle._fail(error)
+                    posted._fail(error)
             for queue in self._sendq.values():
                 for job in queue:
                     job.handle._fail(error)
@@ -901,16 +903,16 @@ class Endpoint:
         if not queue:
             return False
         posted = queue[0]
-        out = posted.out
-        if out is None or posted.device is not None or not out.is_cpu or out.dtype is not header.dtype \
-                or out.nbytes != header.nbytes or not out.is_contiguous():
+        landing = posted._landing
+        if landing is None or len(landing) != header.nbytes or posted._out.dtype is not header.dtype:
             return False
         queue.popleft()
-        if header.nbytes:
-            conn.take_into(byte_view(out), header.nbytes)
-        self._counters["messages_received"] += 1
-        self._counters["bytes_received"] += header.nbytes
-        posted.handle._finish(out)
+        conn.take_into(landing, header.nbytes)
+        counters = self._counters
+        counters["messages_received"] += 1
+        counters["bytes_received"] += header.nbytes
+        counters["small_lane_received"] += 1
+        posted._finish(posted._out)
         return True
 
     def _end_stream(self, conn: S.Inbound, problem: str | None) -> None:
@@ -1034,15 +1036,15 @@ class Endpoint:
         posted_queue = self._posted.get(key)
         if posted_queue:
             posted = posted_queue.popleft()
-            out = posted.out
+            out = posted._out
             if out is not None and out.is_cpu and out.is_contiguous() and \
                     out.dtype is header.dtype and out.nbytes == header.nbytes:
                 # The bytes land in the caller's tensor; a view only where the shapes differ.
                 buffer = out if out.shape == header.shape else out.view(header.shape)
             else:
-                buffer = self._stager.host_buffer(header.dtype, header.shape, posted.device)
+                buffer = self._stager.host_buffer(header.dtype, header.shape, posted._device)
             transfer = _Transfer(header, buffer, parts_total)
-            self._bind(transfer, posted.handle, out)
+            self._bind(transfer, posted, out)
         else:
             transfer = _Transfer(header, torch.empty(header.shape, dtype=header.dtype), parts_total)
             self._unexpected[key].append(transfer)

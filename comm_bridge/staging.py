@@ -49,6 +49,8 @@ class Stager:
 
     def to_host(self, tensor: torch.Tensor) -> Staged:
         accel = self.accelerator
+        if accel is None and tensor.is_cpu:  # the common case, kept cheap: it runs per message
+            return Staged(tensor if tensor.is_contiguous() else tensor.contiguous())
         if accel is None or tensor.device.type != getattr(accel, "device_type", None):
             if tensor.device.type == "cpu":
                 # The wire needs one flat run of bytes; non-contiguous views get copied.

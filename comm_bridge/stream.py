@@ -102,13 +102,14 @@ class Inbound:
     def room(self) -> int:
         return READ_AHEAD_BYTES - self._end
 
-    def take(self, nbytes: int) -> bytes | None:
-        """The next `nbytes` buffered bytes, consumed; None if fewer are buffered."""
-        if self._end - self._start < nbytes:
+    def take(self, nbytes: int) -> memoryview | None:
+        """The next `nbytes` buffered bytes, consumed (a view: parse it before the next fill);
+        None if fewer are buffered."""
+        start = self._start
+        if self._end - start < nbytes:
             return None
-        data = self._buf[self._start:self._start + nbytes]
-        self._start += nbytes
-        return bytes(data)
+        self._start = start + nbytes
+        return self._view[start:start + nbytes]
 
     def check_hello(self, raw: bytes, auth: bytes) -> None:
         """Accept the stream's hello or raise FrameError."""
