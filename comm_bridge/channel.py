@@ -705,11 +705,12 @@ class Endpoint:
 
     def _express_once(self, src: int, timeout: float) -> bool | None:
         """The express wait (`_driving` held): watch only the stream from `src` and read the
-        next message as soon as it lands, skipping the full round's bookkeeping. It spins
-        on the socket for a moment first (a core that went to sleep wakes slowly), then
-        blocks in poll on the stream and the wake pair. True: something came; False:
-        nothing did, or a wake asks for a full round; None: not possible now (no open
-        stream from `src`, or other work is queued)."""
+        next message as soon as it lands, skipping the full round's bookkeeping. Waiting
+        for a new message it spins on the socket for a moment first (a core that went to
+        sleep wakes slowly); in the middle of a payload, whose bytes go straight into their
+        tensor, it blocks in poll. True: something came; False: nothing did, or a wake asks
+        for a full round; None: not possible now (no open stream from `src`, or other work
+        is queued)."""
         with self._lock:
             if self._doomed or self._tracking or not self._may_read(0) or \
                     any(self._sendq.values()) or any(self._credits_owed.values()):
@@ -721,28 +722,39 @@ class Endpoint:
             if conn is None:
                 return None
             if conn.mid_message():
+                before = conn.received
                 self._read_stream(conn)
-                return True
-        spin_until = time.perf_counter() + min(timeout, EXPRESS_SPIN_SECONDS)
-        room = conn.room()
+                if conn.received != before:
+                    return True
+        got = room = 0
         try:
-            while not (got := conn.fill()):  # only this (driving) thread reads the stream
-                if time.perf_counter() >= spin_until:
-                    if conn.express is None:
-                        conn.express = select.poll()
-                        conn.express.register(conn.fd, select.POLLIN)
-                        conn.express.register(self._wake_rx.fileno(), select.POLLIN)
-                    events = conn.express.poll(timeout * 1000)
-                    if not events or any(fd != conn.fd for fd, _ in events):
-                        return False
-                    spin_until = time.perf_counter() + EXPRESS_SPIN_SECONDS
-                    room = conn.room()
+            if conn.transfer is not None:
+                if not self._express_poll(conn, timeout):
+                    return False
+            else:
+                spin_until = time.perf_counter() + min(timeout, EXPRESS_SPIN_SECONDS)
+                room = conn.room()
+                while not (got := conn.fill()):  # only this (driving) thread reads the stream
+                    if time.perf_counter() >= spin_until:
+                        if not self._express_poll(conn, timeout):
+                            return False
+                        spin_until = time.perf_counter() + EXPRESS_SPIN_SECONDS
+                        room = conn.room()
         except (EOFError, F.FrameError, OSError):
             got = room = 0  # the read below meets the same end and reports it
         with self._lock:
             if self._stream_in.get(conn.fd) is conn:
                 self._read_stream(conn, drained=0 < got < room)
         return True
+
+    def _express_poll(self, conn: S.Inbound, timeout: float) -> bool:
+        """Block until the stream is readable (True) or `timeout` passes or a wake comes (False)."""
+        if conn.express is None:
+            conn.express = select.poll()
+            conn.express.register(conn.fd, select.POLLIN)
+            conn.express.register(self._wake_rx.fileno(), select.POLLIN)
+        events = conn.express.poll(timeout * 1000)
+        return bool(events) and all(fd == conn.fd for fd, _ in events)
 
     def _drain_wakes(self) -> None:
         try:

@@ -113,28 +113,26 @@ def parse_header(data, auth: bytes, max_bytes: int) -> Header:
     if len(data) != HEADER_BYTES:
         raise FrameError("bad_length", f"header is {len(data)} bytes, expected {HEADER_BYTES}")
     fields = _STRUCT.unpack(data)
-    (magic, version, kind, flags, sender, tag, step, micro_batch, seq, code, ndim,
-     reserved, nbytes) = fields[:13]
-    dims = fields[13:13 + MAX_DIMS]
-    their_auth = fields[13 + MAX_DIMS]
+    magic, version, kind, flags, sender, tag, step, micro_batch, seq, code, ndim, reserved, nbytes = fields[:13]
     if magic != MAGIC:
         raise FrameError("bad_magic", f"magic {magic!r}")
     if version != VERSION:
         raise FrameError("bad_version", f"version {version}, this bridge speaks {VERSION}")
     # Authenticate before trusting anything else the frame says.
-    if not hmac.compare_digest(their_auth, auth):
+    if not hmac.compare_digest(fields[-1], auth):
         raise FrameError("unauthenticated", f"job tag does not match (sender claims rank {sender})")
     if kind not in KINDS:
         raise FrameError("bad_kind", f"kind {kind}")
     if flags & ~FLAGS_KNOWN or reserved:
         raise FrameError("bad_flags", f"flags {flags:#x}, reserved {reserved:#x}")
-    if code not in CODE_DTYPES:
+    dtype = CODE_DTYPES.get(code)
+    if dtype is None:
         raise FrameError("bad_dtype", f"dtype code {code}")
     if ndim > MAX_DIMS:
         raise FrameError("bad_ndim", f"{ndim} dims")
-    shape = dims[:ndim]
-    if (shape and min(shape) < 0) or dims[ndim:] != _PADS[ndim]:
-        raise FrameError("bad_shape", f"dims {shape} (unused dims {dims[ndim:]})")
+    shape = fields[13:13 + ndim]
+    if fields[13 + ndim:13 + MAX_DIMS] != _PADS[ndim] or (shape and min(shape) < 0):
+        raise FrameError("bad_shape", f"dims {shape} (unused dims {fields[13 + ndim:13 + MAX_DIMS]})")
     if nbytes > max_bytes:
         raise FrameError("oversized", f"{nbytes} bytes, limit {max_bytes}")
     expected = _ITEMSIZE[code]
@@ -143,8 +141,8 @@ def parse_header(data, auth: bytes, max_bytes: int) -> Header:
         if expected > max_bytes:
             raise FrameError("oversized", f"shape {shape} exceeds limit {max_bytes} bytes")
     if expected != nbytes:
-        raise FrameError("bad_nbytes", f"shape {shape} of {CODE_DTYPES[code]} is {expected} bytes, header says {nbytes}")
-    return Header(sender, tag, seq, CODE_DTYPES[code], shape, nbytes, step, micro_batch, kind, flags)
+        raise FrameError("bad_nbytes", f"shape {shape} of {dtype} is {expected} bytes, header says {nbytes}")
+    return Header(sender, tag, seq, dtype, shape, nbytes, step, micro_batch, kind, flags)
 
 
 @dataclass(frozen=True)

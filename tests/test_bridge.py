@@ -408,3 +408,47 @@ def test_send_to_a_closed_peer_fails_instead_of_hanging():
             a.isend(torch.ones(10), 1, 0).wait(20)
     finally:
         a.close()
+
+
+def test_small_messages_take_the_lane_into_posted_tensors_intact():
+    """Between stream peers a small message goes out in one sendmsg and lands straight
+    in the posted tensor; every dtype and shape, including empty ones, arrives intact."""
+    a, b = pair(shm=False, default_timeout=30)
+    try:
+        b.irecv(0, 99)
+        a.send(torch.ones(3), 1, 99)  # opens the stream; the lane needs it open
+        for tag, dtype in enumerate(F.DTYPE_CODES):
+            for shape in SHAPES[:-1]:  # all but the one above the small-message limit
+                x = sample(dtype, shape)
+                x = x.t() if x.dim() == 2 else x  # non-contiguous too
+                out = torch.empty(x.shape, dtype=dtype)
+                pending = b.irecv(0, tag, out=out)
+                a.isend(x, 1, tag).wait(30)
+                assert pending.wait(30) is out
+                assert torch.equal(out, x), (dtype, shape)
+        # Same bytes, other shape: the bytes land in the caller's tensor as they are.
+        out = torch.empty(4, 3)
+        pending = b.irecv(0, 0, out=out)
+        a.send(torch.arange(12.0).reshape(3, 4), 1, 0)
+        assert pending.wait(30) is out and torch.equal(out.flatten(), torch.arange(12.0))
+        sent, landed = a.stats()["small_lane_sent"], b.stats()["small_lane_received"]
+        assert sent >= len(F.DTYPE_CODES) * (len(SHAPES) - 1) and landed >= sent - 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_small_lane_refuses_a_dtype_mismatch_of_equal_size():
+    a, b = pair(shm=False, default_timeout=30)
+    try:
+        a.send(torch.ones(1), 1, 1)
+        b.recv(0, 1, timeout=30)
+        pending = b.irecv(0, 2, out=torch.empty(4, dtype=torch.float32))
+        a.send(torch.arange(4, dtype=torch.int32), 1, 2)  # 16 bytes either way
+        with pytest.raises(TransferMismatchError, match="int32"):
+            pending.wait(30)
+        a.send(torch.arange(3.0), 1, 2)
+        assert torch.equal(b.recv(0, 2, timeout=30), torch.arange(3.0))
+    finally:
+        a.close()
+        b.close()

@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _iterations(nbytes: int, quick: bool) -> tuple[int, int]:
     """(warm-up, measured) iterations for one size."""
     if nbytes <= ECHO_LIMIT:
-        return (20, 100) if quick else (100, 500)
+        # Small round trips take a thousand or so to settle (sockets, caches, the
+        # interpreter's specialisation) and cost ~0.1 ms each: warm up long, sample many.
+        return (20, 100) if quick else (1000, 2000)
     if nbytes <= 8 << 20:
         return (2, 8) if quick else (5, 30)
     return (1, 3) if quick else (2, 12)
