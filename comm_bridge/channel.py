@@ -4,14 +4,22 @@ One `Endpoint` per process. `isend`/`irecv` return `Handle`s; `wait()` gives the
 tensor (or raises). Each peer gets exactly one channel, so its messages stay in
 send order:
 
-- Peers on another host (or any peer when shared memory is off) get a plain-TCP
-  stream (stream.py): [header, raw payload] back to back, sent with one
-  sendmsg from the tensor's own memory and read with recv_into straight into
-  the posted tensor: the copies of plain sockets, nothing more.
-- Peers on the same host move the bytes through a shared-memory ring (shm.py);
-  zmq PUSH/PULL sockets carry the doorbells and credits, and small messages as
-  [header, chunk descriptor, raw chunk] (frames.py), cut into `chunk_bytes`
-  pieces dealt round-robin over `stripes` sockets.
+- Peers that have a plain-TCP stream (stream.py, the default) get one: [header,
+  raw payload] back to back, sent with one sendmsg from the tensor's own memory
+  and read into a read-ahead buffer (small messages: header and payload in one
+  recv) or, for the rest of a big payload, straight into the posted tensor.
+  For a peer on the same host, payloads of `SMALL_BYTES` and more sit in a
+  shared-memory ring (shm.py) instead and the stream carries only their
+  doorbells; the receiver hands ring slots back over zmq (credits).
+- Endpoints without streams send over zmq PUSH/PULL sockets: [header, chunk
+  descriptor, raw chunk] (frames.py), cut into `chunk_bytes` pieces dealt
+  round-robin over `stripes` sockets (doorbells too, when shm is on).
+
+Small messages take a lane of their own: an idle stream gets them in one
+sendmsg from the caller's thread, and a receive posted with a CPU tensor gets
+the bytes copied from the read-ahead buffer straight into it. Waiting for a
+receive from a stream peer first watches only that stream (the express wait,
+which spins for a moment before it sleeps in poll).
 
 Threads: whoever holds the driving lock polls the sockets, pumps queued sends
 and finishes handles: a caller blocked in `Handle.wait` (so a reply wakes the
@@ -159,7 +167,7 @@ class Handle:
 
 class _SendJob:
     __slots__ = ("handle", "dst", "header_bytes", "staged", "nbytes", "nstripes",
-                 "trackers", "shm", "next_chunk", "nchunks", "held_slot", "stream", "sent")
+                 "trackers", "shm", "next_chunk", "nchunks", "held_slot", "stream", "sent", "awaits_credit")
 
     def __init__(self, handle, dst, nbytes, header_bytes, staged, nstripes, shm, chunk_bytes):
         self.handle = handle
@@ -174,7 +182,8 @@ class _SendJob:
         self.nchunks = F.chunk_count(self.nbytes, chunk_bytes)
         self.held_slot: int | None = None  # shm: slot written but doorbell not yet sent
         self.stream = False                # travels on the peer's plain-TCP stream
-        self.sent = 0                      # stream: bytes of header + payload handed to the kernel
+        self.sent = 0                      # stream: bytes of header + payload (or doorbell) handed to the kernel
+        self.awaits_credit = False         # shm: the ring is full until the receiver hands slots back
 
 
 class _Transfer:
@@ -356,6 +365,7 @@ class Endpoint:
                 "posted": sum(len(q) for q in self._posted.values()),
                 "tracking": len(self._tracking),
                 "streams_in": len(self._stream_in),
+                "stream_bytes_received": sum(conn.received for conn in self._stream_in.values()),
                 **dict(self._counters),
             }
 
@@ -405,10 +415,11 @@ class Endpoint:
             self._check_peer(dst)
             seq = self._next_seq[dst]
             self._next_seq[dst] = seq + 1
-            same_host = self.use_shm and peer["host_id"] == self.host_id
-            # One channel per peer keeps its messages in order: shm/zmq on this host, else the stream.
-            via_stream = bool(peer.get("stream")) and self._listener is not None and not same_host
-            shm = same_host and nbytes >= SMALL_BYTES
+            # One channel per peer keeps its messages in order: the stream where both ends have
+            # one (big payloads to a peer on this host sit in shared memory, the stream rings
+            # the doorbell), else zmq.
+            via_stream = bool(peer.get("stream")) and self._listener is not None
+            shm = self.use_shm and peer["host_id"] == self.host_id and nbytes >= SMALL_BYTES
             header_bytes = F.pack(F.KIND_SHM if shm else F.KIND_TENSOR, self.rank, tag, seq, host.dtype,
                                   host.shape, nbytes, self._auth, step=int(step), micro_batch=int(micro_batch))
             return self._queue_send(dst, tag, staged, header_bytes, 0, via_stream=via_stream, shm=shm)
@@ -591,29 +602,40 @@ class Endpoint:
         if sock is None:
             sock = S.connect(self._peers[job.dst]["stream"], self.rank, self._auth, timeout=10.0)
             self._stream_out[job.dst] = sock
+        if job.shm:
+            return self._advance_shm(job, sock)
         job.sent = S.send_some(sock, job.header_bytes, as_bytes(job.staged.tensor), job.sent)
         return job.sent >= F.HEADER_BYTES + job.nbytes
 
-    def _advance_shm(self, job: _SendJob) -> bool:
+    def _advance_shm(self, job: _SendJob, stream=None) -> bool:
+        """Copy chunks into the ring as credits allow and ring a doorbell per chunk: on the
+        peer's stream if it has one, else on zmq."""
         ring = self._rings.get(job.dst)
         if ring is None:
             ring = ShmRing(ring_path(self._job_hex, self.rank, job.dst), self.shm_slots, self.chunk_bytes)
             self._rings[job.dst] = ring
         data = as_bytes(job.staged.tensor)
-        sock = self._socket(job.dst, 0)
         while job.next_chunk < job.nchunks:
             offset = job.next_chunk * self.chunk_bytes
             length = min(self.chunk_bytes, job.nbytes - offset)
             if job.held_slot is None:
-                if not ring.free:
+                job.awaits_credit = not ring.free
+                if job.awaits_credit:
                     return False  # wait for the receiver's credit
                 job.held_slot = ring.free.pop()
                 ring.write(job.held_slot, data[offset:offset + length])
             desc = F.pack_shm_chunk(F.ShmChunk(job.next_chunk, job.nchunks, job.held_slot, offset, length))
-            try:
-                sock.send_multipart([job.header_bytes, desc], flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return False
+            if stream is not None:
+                bell = job.header_bytes + desc
+                job.sent = S.send_some(stream, bell, b"", job.sent)
+                if job.sent < len(bell):
+                    return False
+                job.sent = 0
+            else:
+                try:
+                    self._socket(job.dst, 0).send_multipart([job.header_bytes, desc], flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    return False
             job.held_slot = None
             job.next_chunk += 1
         return True
@@ -840,7 +862,7 @@ class Endpoint:
                 self._counters["backpressure_pauses"] += 1  # unexpected-message budget is full
         for dst, sock in self._stream_out.items():
             queue = self._sendq.get(dst)
-            if queue and queue[0].stream:
+            if queue and queue[0].stream and not queue[0].awaits_credit:
                 flags[sock.fileno()] = zmq.POLLOUT
         return flags
 
@@ -864,6 +886,19 @@ class Endpoint:
         budget = S.READ_ROUND_BYTES
         try:
             while True:
+                if conn.bell is not None:  # a shared-memory doorbell: its chunk descriptor follows
+                    raw = conn.take(F.SHM_CHUNK_BYTES)
+                    if raw is None:
+                        if drained or budget <= 0:
+                            return
+                        room = conn.room()
+                        got = conn.fill()
+                        budget -= got
+                        drained = got < room
+                        continue
+                    header, conn.bell = conn.bell, None
+                    self._on_shm_chunk(header, raw)
+                    continue
                 if conn.transfer is None:
                     if conn.rank is not None and not self._may_read(0):
                         return
@@ -880,9 +915,12 @@ class Endpoint:
                         conn.check_hello(raw, self._auth)
                         continue
                     header = F.parse_header(raw, self._auth, self.max_message_bytes)
-                    if header.kind != F.KIND_TENSOR or header.sender != conn.rank:
+                    if header.kind == F.KIND_CREDIT or header.sender != conn.rank:
                         raise F.FrameError("bad_kind", f"stream from rank {conn.rank} carried kind "
                                                        f"{header.kind} from rank {header.sender}")
+                    if header.kind == F.KIND_SHM:
+                        conn.bell = header
+                        continue
                     self._check_seq(header)
                     if header.nbytes <= conn.buffered() and self._deliver_buffered(conn, header):
                         continue
@@ -1087,6 +1125,10 @@ class Endpoint:
     def _on_shm(self, header: F.Header, parts) -> None:
         if len(parts) != 2:
             raise F.FrameError("truncated", f"shm doorbell with {len(parts)} parts")
+        self._on_shm_chunk(header, parts[1].bytes)
+
+    def _on_shm_chunk(self, header: F.Header, descriptor) -> None:
+        """A doorbell (from zmq or a stream): copy its chunk out of the sender's ring."""
         reader = self._readers.get(header.sender)
         if reader is None:
             try:
@@ -1094,7 +1136,7 @@ class Endpoint:
             except (OSError, ValueError) as exc:
                 raise F.FrameError("bad_shm", f"rank {header.sender}: cannot map ring: {exc}") from None
             self._readers[header.sender] = reader
-        chunk = F.parse_shm_chunk(parts[1].bytes, header.nbytes, reader.slots, reader.slot_bytes)
+        chunk = F.parse_shm_chunk(descriptor, header.nbytes, reader.slots, reader.slot_bytes)
         key = (header.sender, header.seq)
         if chunk.index == 0:
             self._check_seq(header)

@@ -75,6 +75,7 @@ class Inbound:
         self.received = 0                     # bytes read off the socket, ever
         self.transfer = None                  # the message whose payload is being read
         self.body_got = 0
+        self.bell = None                      # a shared-memory doorbell's header, its descriptor still to come
         self.express = None                   # the endpoint's select.poll for express waits
 
     def fill(self) -> int:
@@ -153,7 +154,7 @@ class Inbound:
         return got
 
     def mid_message(self) -> bool:
-        return self._end > self._start or self.transfer is not None
+        return self._end > self._start or self.transfer is not None or self.bell is not None
 
     def close(self) -> None:
         try:

@@ -334,15 +334,20 @@ def wait_for(predicate, seconds=10.0):
     return predicate()
 
 
-def test_tcp_peers_use_the_stream_and_same_host_shm_peers_do_not():
-    for shm, expect_streams in ((False, 1), (True, 0)):
+def test_tcp_peers_stream_the_payload_and_same_host_shm_peers_only_ring_doorbells_on_it():
+    for shm in (False, True):
         a, b = pair(shm=shm, default_timeout=30)
         try:
             x = torch.randn(100_000)
             pending = b.irecv(0, 0)
             a.send(x, 1, 0)
             assert torch.equal(pending.wait(30), x)
-            assert wait_for(lambda: b.stats()["streams_in"] == expect_streams), (shm, b.stats())
+            assert wait_for(lambda: b.stats()["streams_in"] == 1), (shm, b.stats())
+            streamed = b.stats()["stream_bytes_received"]
+            if shm:
+                assert streamed < 4096, streamed  # header + descriptor per chunk
+            else:
+                assert streamed >= x.nbytes
         finally:
             a.close()
             b.close()
