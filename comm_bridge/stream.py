@@ -1,15 +1,16 @@
-"""Plain-TCP byte streams between two endpoints: the bridge's path for tensors between hosts.
+"""Plain-TCP byte streams between two endpoints: the bridge's main data path.
 
 zmq costs a tensor two extra thread hops per message and one extra copy on the
 receiver (kernel -> zmq message -> tensor). On a stream the sender hands the
-tensor's own memory to the kernel (sendmsg, header and payload in one call) and
-the receiver reads straight into the posted tensor (recv_into), from whichever
-thread drives the endpoint. One stream per (sender, receiver) pair keeps
-messages in send order.
+tensor's own memory to the kernel (sendmsg, header and payload in one call);
+the receiver reads small messages into a read-ahead buffer and big payloads
+straight into the posted tensor (recv_into), from whichever thread drives the
+endpoint. One stream per (sender, receiver) pair keeps messages in send order.
 
 Wire: a connection opens with a hello (magic, sender rank, job tag); after that
-it carries [header (frames.py), raw payload] back to back. A connection whose
-hello or header is refused is closed: a byte stream has no way to resync.
+it carries [header (frames.py), raw payload] back to back, or, for a payload in
+shared memory, [header, chunk descriptor] doorbells. A connection whose hello
+or header is refused is closed: a byte stream has no way to resync.
 """
 
 from __future__ import annotations
