@@ -886,8 +886,12 @@ class Endpoint:
         budget = S.READ_ROUND_BYTES
         try:
             while True:
-                if conn.bell is not None:  # a shared-memory doorbell: its chunk descriptor follows
-                    raw = conn.take(F.SHM_CHUNK_BYTES)
+                if conn.transfer is None:
+                    if conn.bell is None and conn.rank is not None and not self._may_read(0):
+                        return
+                    # The next record: a doorbell's chunk descriptor, the hello, or a header.
+                    raw = conn.take(F.SHM_CHUNK_BYTES if conn.bell is not None else
+                                    S.HELLO_BYTES if conn.rank is None else F.HEADER_BYTES)
                     if raw is None:
                         if drained or budget <= 0:
                             return
@@ -896,20 +900,9 @@ class Endpoint:
                         budget -= got
                         drained = got < room
                         continue
-                    header, conn.bell = conn.bell, None
-                    self._on_shm_chunk(header, raw)
-                    continue
-                if conn.transfer is None:
-                    if conn.rank is not None and not self._may_read(0):
-                        return
-                    raw = conn.take(S.HELLO_BYTES if conn.rank is None else F.HEADER_BYTES)
-                    if raw is None:
-                        if drained or budget <= 0:
-                            return
-                        room = conn.room()
-                        got = conn.fill()
-                        budget -= got
-                        drained = got < room
+                    if conn.bell is not None:
+                        header, conn.bell = conn.bell, None
+                        self._on_shm_chunk(header, raw)
                         continue
                     if conn.rank is None:
                         conn.check_hello(raw, self._auth)

@@ -95,7 +95,6 @@ def pack_header(header: Header, auth: bytes) -> bytes:
                 header.nbytes, auth, step=header.step, micro_batch=header.micro_batch, flags=header.flags)
 
 
-
 def pack(kind: int, sender: int, tag: int, seq: int, dtype: torch.dtype, shape, nbytes: int, auth: bytes,
          *, step: int = 0, micro_batch: int = 0, flags: int = 0) -> bytes:
     """A header's bytes straight from its fields (the send path's per-message cost)."""
