@@ -1168,9 +1168,3 @@ class Endpoint:
         ring.free.append(chunk.slot)
         self._pump(header.sender)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
