@@ -48,6 +48,7 @@ class Accelerator:
     visible_devices_env: str | None = None  # env var that restricts visible devices
     env_prefixes: tuple[str, ...] = ()  # env vars the launcher forwards to workers
     is_emulated: bool = False
+    time_dilation: float = 1.0          # wall seconds per device second (emulated chips may stretch time)
     startup_seconds: float = 20.0       # typical runtime start-up, for estimating preflight checks
 
     def __init__(self) -> None:

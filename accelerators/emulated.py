@@ -23,6 +23,14 @@ Memory: every storage an op produces inside the scope is counted once, until
 it is freed, against `memory_gb` (1 GB = 1e9 bytes, the catalog's unit);
 going over raises `EmulatedOutOfMemory` naming the chip and its capacity.
 
+Time dilation: the host keeps ahead of the clock only while it has the cores
+for it. Several emulated chips on a small host (4 chips on 2 cores) share the
+CPU, and a fast chip's short ops then wait on the host, not on the clock. With
+HETERO_EMULATED_TIME_DILATION=k every device cost lasts k wall seconds per
+chip second, so the host has k times the room; whoever reads wall times
+divides them by k (`time_dilation`). Host-side communication (gloo, the
+bridge) is not dilated, so it weighs 1/k as much in chip time.
+
 The chip spec is a plain dict (the catalog's `ChipSpec.to_dict()`):
 `name`, `tflops` {fp32|tf32|bf16|fp16|fp8: TFLOP/s}, `memory_gb`,
 `memory_bandwidth_gbps` (GB/s); other keys are ignored. Without an explicit
@@ -48,6 +56,7 @@ from accelerators.cpu import CpuAccelerator
 from accelerators.errors import AcceleratorUnavailable, EmulatedOutOfMemory
 
 CHIP_ENV = "HETERO_EMULATED_CHIP"
+DILATION_ENV = "HETERO_EMULATED_TIME_DILATION"
 GB = 1e9
 TFLOPS = 1e12
 
@@ -90,10 +99,12 @@ for _packet, _formula in (
 
 
 class ChipPace:
-    """The numbers of a chip spec that pace the emulation."""
+    """The numbers of a chip spec that pace the emulation; `dilation` wall
+    seconds pass per second of the chip's time."""
 
-    def __init__(self, chip: Mapping[str, Any]):
+    def __init__(self, chip: Mapping[str, Any], dilation: float = 1.0):
         self.name = _require(chip, "name", str)
+        self.dilation = float(dilation)
         tflops = _require(chip, "tflops", Mapping)
         if not tflops or any(not isinstance(v, (int, float)) or v <= 0 for v in tflops.values()):
             raise ValueError(f"emulated chip {self.name!r}: 'tflops' must map dtypes to positive "
@@ -114,8 +125,8 @@ class ChipPace:
         return self._flops_per_second.get(dtype, self._default_flops_per_second)
 
     def seconds(self, flops: float, nbytes: float, dtype: torch.dtype) -> float:
-        """Roofline time of one op on this chip."""
-        return max(flops / self.flops_per_second(dtype), nbytes / self.bytes_per_second)
+        """Roofline time of one op on this chip, in wall seconds."""
+        return self.dilation * max(flops / self.flops_per_second(dtype), nbytes / self.bytes_per_second)
 
 
 class VirtualClock:
@@ -278,12 +289,13 @@ class EmulatedAccelerator(CpuAccelerator):
     env_prefixes = ("HETERO_EMULATED_", "OMP_", "GLOO_")
     is_emulated = True
 
-    def __init__(self, chip: Mapping[str, Any] | None = None):
+    def __init__(self, chip: Mapping[str, Any] | None = None, time_dilation: float | None = None):
         super().__init__()
         if chip is None:
             chip = _chip_from_env()
         self.chip = dict(chip)
-        self.pace = ChipPace(chip)
+        self.time_dilation = _dilation_from_env() if time_dilation is None else _checked_dilation(time_dilation)
+        self.pace = ChipPace(chip, self.time_dilation)
         self.clock = VirtualClock()
         self.ledger = MemoryLedger(self.pace)
         self._scope = threading.local()
@@ -393,6 +405,8 @@ class EmulatedAccelerator(CpuAccelerator):
                         "memory_gb": self.pace.memory_gb,
                         "memory_bandwidth_gbps": self.pace.bandwidth_gbps}
         info["note"] = "emulated chip: a test and benchmark device, paced by its spec"
+        if self.time_dilation != 1.0:
+            info["time_dilation"] = self.time_dilation
         return info
 
 
@@ -410,6 +424,24 @@ def _chip_from_env() -> dict:
     if not isinstance(chip, dict):
         raise AcceleratorUnavailable(f"{CHIP_ENV} must be a JSON object, got {type(chip).__name__}")
     return chip
+
+
+def _dilation_from_env() -> float:
+    raw = os.environ.get(DILATION_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise AcceleratorUnavailable(f"{DILATION_ENV} must be a number >= 1, got {raw!r}") from None
+    return _checked_dilation(value, source=DILATION_ENV)
+
+
+def _checked_dilation(value: float, source: str = "time_dilation") -> float:
+    # Below 1 the host would need to outrun the chip; NaN or inf would stop the clock.
+    if not (isinstance(value, (int, float)) and 1.0 <= value < float("inf")):
+        raise AcceleratorUnavailable(f"{source} must be a number >= 1 (wall seconds per chip second), got {value!r}")
+    return float(value)
 
 
 def _require(chip: Mapping[str, Any], key: str, kind: type) -> Any:

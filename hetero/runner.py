@@ -28,7 +28,8 @@ class RunResult:
 
     @property
     def steady_step_s(self) -> float | None:
-        """Mean step time without the first step (start-up: allocation, first touch)."""
+        """Mean step time without the first step (start-up: allocation, first touch).
+        In the chips' time: a dilated emulation's workers record it so."""
         steady = self.records[1:] or self.records
         return sum(r["step_s"] for r in steady) / len(steady) if steady else None
 
@@ -129,6 +130,8 @@ def _follow(path: str, steps: int, stop: threading.Event, records: list, show: b
                         eta = (time.monotonic() - started) / record["step"] * (steps - record["step"])
                         text = (f"step {record['step']}/{steps}  loss {record['loss']:.4f}  "
                                 f"{record['tokens_per_s']:.0f} tokens/s  {record['step_s']:.2f} s/step  ETA {eta:.0f}s")
+                        if record.get("time_dilation"):
+                            text += f"  (chip time; wall x{record['time_dilation']:g})"
                         print(("\r" + text.ljust(78)) if tty else text, end="" if tty else "\n",
                               file=sys.stderr, flush=True)
         if finished:

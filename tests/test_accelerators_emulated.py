@@ -185,3 +185,28 @@ def test_missing_chip_is_a_clear_error(monkeypatch):
 def test_bad_chip_spec_names_the_field(change, message):
     with pytest.raises(ValueError, match=message):
         EmulatedAccelerator({**CHIP, **change})
+
+
+def test_time_dilation_stretches_every_charge():
+    plain = EmulatedAccelerator(CHIP)
+    stretched = EmulatedAccelerator(CHIP, time_dilation=3.0)
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    for accel in (plain, stretched):
+        with accel.device_scope():
+            (a @ b).relu()
+    assert plain.clock.busy_seconds > 0
+    assert stretched.clock.busy_seconds == pytest.approx(3.0 * plain.clock.busy_seconds)
+    assert (plain.time_dilation, stretched.time_dilation) == (1.0, 3.0)
+    assert stretched.describe()["time_dilation"] == 3.0 and "time_dilation" not in plain.describe()
+
+
+def test_time_dilation_from_env(monkeypatch):
+    monkeypatch.setenv("HETERO_EMULATED_TIME_DILATION", "2.5")
+    assert EmulatedAccelerator(CHIP).pace.seconds(1e9, 0, torch.float32) == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("raw", ["fast", "0.5", "0", "-2", "inf", "nan"])
+def test_bad_time_dilation_is_a_clear_error(monkeypatch, raw):
+    monkeypatch.setenv("HETERO_EMULATED_TIME_DILATION", raw)
+    with pytest.raises(accelerators.AcceleratorUnavailable, match="HETERO_EMULATED_TIME_DILATION.*>= 1"):
+        EmulatedAccelerator(CHIP)

@@ -37,6 +37,9 @@ class Trainer:
         self.run_dir = run_dir
         self.log = log
         self.dtype = DTYPES[train_config.dtype]
+        # Metrics are in the chip's time: an emulated chip may run dilated (k wall
+        # seconds per chip second), and every stamp and duration is divided alike.
+        self.dilation = float(getattr(accelerator, "time_dilation", 1.0))
         stage = place.stage
         tp = TensorParallel(stage.tp, place.tp_rank, comms.tp_group)
         with self._scope():
@@ -97,12 +100,12 @@ class Trainer:
     def run(self) -> None:
         tokens_per_step = self.train.global_batch * self.model_config.seq_len
         for step in range(self.start_step, self.steps):
-            started = time.perf_counter()
+            started = self._clock()
             loss_sum = self._step_compute(step)
             self._reduce_gradients()
-            reduce_started = time.perf_counter()
+            reduce_started = self._clock()
             self._reduce_across_pipelines()
-            cross_island_s = time.perf_counter() - reduce_started
+            cross_island_s = self._clock() - reduce_started
             sq_norm = self._local_grad_sq_norm()
             totals = self.comms.fleet_sum(torch.tensor([loss_sum, sq_norm], dtype=torch.float64))
             loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
@@ -111,11 +114,13 @@ class Trainer:
                 self.optimizer.step(self._lr(step))
             self.optimizer.zero_grad()
             self.accel.synchronize()
-            step_s = time.perf_counter() - started
+            step_s = self._clock() - started
             if self.steps_log:
                 record = {"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
-                          "step_s": step_s, "grad_norm": grad_norm, "time": time.time(),
+                          "step_s": step_s, "grad_norm": grad_norm, "time": self._stamp(),
                           "cross_island_reduce_s": cross_island_s}
+                if self.dilation != 1.0:
+                    record["time_dilation"] = self.dilation
                 self.steps_log.write(json.dumps(record) + "\n")
                 self.steps_log.flush()
             every = self.train.checkpoint.every if self.train.checkpoint else 0
@@ -135,7 +140,7 @@ class Trainer:
         inputs, outputs, loss_sum = {}, {}, 0.0
         for kind, mb in self.schedule:
             tag = 2 * mb + (FORWARD if kind == "F" else BACKWARD)
-            t0, posted = time.perf_counter(), time.time()
+            t0, posted = self._clock(), self._stamp()
             sent_at = None
             if kind == "F":
                 first_sample = place.first_sample + mb * mb_size
@@ -144,7 +149,7 @@ class Trainer:
                     x = tokens.to(self.comms.device)
                 else:
                     x = self.prev.recv(hidden_shape, self.dtype, tag).requires_grad_()
-                waited, received = time.perf_counter() - t0, time.time()
+                waited, received = self._clock() - t0, self._stamp()
                 if place.is_last and not place.is_first:
                     _, labels = self.data.batch(step, first_sample, mb_size)
                 with self._scope():
@@ -156,23 +161,31 @@ class Trainer:
                 self.accel.synchronize()
                 inputs[mb], outputs[mb] = x, out
                 if self.next:
-                    sent_at = time.time()
+                    sent_at = self._stamp()
                     self.next.send(out, tag)
                 link = self.prev
             else:
                 grad = None if place.is_last else self.next.recv(hidden_shape, self.dtype, tag)
-                waited, received = time.perf_counter() - t0, time.time()
+                waited, received = self._clock() - t0, self._stamp()
                 x, out = inputs.pop(mb), outputs.pop(mb)
                 with self._scope():
                     out.backward(grad)
                 self.accel.synchronize()
                 if self.prev:
-                    sent_at = time.time()
+                    sent_at = self._stamp()
                     self.prev.send(x.grad, tag)
                 link = self.next
-            compute = time.perf_counter() - t0 - waited
+            compute = self._clock() - t0 - waited
             self._time(step, mb, kind, compute, waited, posted, received, sent_at, link)
         return loss_sum
+
+    def _clock(self) -> float:
+        """Monotonic seconds of chip time, for durations."""
+        return time.perf_counter() / self.dilation
+
+    def _stamp(self) -> float:
+        """Epoch seconds of chip time, for stamps that ranks compare with each other."""
+        return time.time() / self.dilation
 
     def _time(self, step, mb, kind, compute, waited, posted, received, sent_at, link) -> None:
         """One line per micro-batch action; wall-clock stamps let a reader pair a send with its receive."""
