@@ -126,6 +126,16 @@ def test_catalog_drift_uses_the_run_s_peak(run_copy):
     assert any("fixture-slow" in note for note in report["notes"])
 
 
+def test_a_dilated_run_says_its_times_are_chip_time(run_copy):
+    steps = run_copy / "metrics" / "steps.jsonl"
+    records = [json.loads(line) for line in steps.read_text().splitlines()]
+    steps.write_text("".join(json.dumps(dict(r, time_dilation=2.0)) + "\n" for r in records))
+    report = analysis.analyse(load_run(str(run_copy)))
+    assert report["measured_step_s"] == pytest.approx(STEP)   # recorded in chip time already
+    assert any("time-dilated (x2 wall seconds per chip second)" in note for note in report["notes"])
+    assert not any("dilated" in note for note in analysis.analyse(load_run(FIXTURE))["notes"])
+
+
 def _remove(path):
     os.remove(path)
 

@@ -48,7 +48,12 @@ def load_run(path: str) -> Run:
                                                   lambda r: (r["step"], r["mb"], r["phase"]))
     cluster, model = _configs(run_dir)
     efficiency = read_json(efficiency_path, ("mixed", "subfleets")) if efficiency_path else None
-    return Run(run_dir, plan, steps, ranks, cluster, model, efficiency, efficiency_path)
+    run = Run(run_dir, plan, steps, ranks, cluster, model, efficiency, efficiency_path)
+    dilation = steps[0].get("time_dilation")
+    if dilation:
+        run.notes.append(f"the emulated chips ran time-dilated (x{dilation:g} wall seconds per chip second); "
+                         "every time here is the chips' time")
+    return run
 
 
 def locate(path: str) -> tuple[str, str | None]:
