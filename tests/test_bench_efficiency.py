@@ -43,3 +43,19 @@ def test_given_value_is_used_and_checked(emulated):
     for bad in ("0.5", "0", "fast", "inf", "nan"):
         with pytest.raises(UserError, match="--time-dilation must be a number >= 1"):
             time_dilation(emulated, bad)
+
+
+def test_auto_measures_the_best_plan_of_each_kind():
+    from hetero.bench.efficiency import candidate_plans
+
+    job = load_job(cluster=os.path.join(CONFIGS, "emulated-mixed.yaml"), model=os.path.join(CONFIGS, "llama-tiny.yaml"),
+                   train=os.path.join(CONFIGS, "train-efficiency.yaml"))
+    assert [p.kind for p in candidate_plans(job, "auto", None)] == ["pipeline", "replicas"]
+    only = candidate_plans(job, "replicas", None)
+    assert [p.kind for p in only] == ["replicas"] and sum(p.samples for p in only[0].pipelines) == 64
+
+
+def test_an_out_dir_that_holds_a_run_is_refused(hetero_cli, tmp_path):
+    (tmp_path / "mixed").mkdir()
+    code, _, stderr = hetero_cli("bench", "efficiency", "--out", str(tmp_path), "--json")
+    assert code != 0 and "already holds an efficiency run" in stderr
