@@ -132,8 +132,9 @@ class ChipPace:
 class VirtualClock:
     """When the emulated device will have finished everything issued so far.
 
-    Times are `time.perf_counter()` seconds. `busy_seconds` is the sum of all
-    costs charged: deterministic, whatever the host is doing.
+    Times are `time.perf_counter()` seconds (wall, dilation included).
+    `busy_seconds` is the sum of all costs charged: deterministic, whatever
+    the host is doing.
     """
 
     def __init__(self) -> None:
@@ -260,6 +261,7 @@ class EmulatedEvent:
 
     def __init__(self, accelerator: "EmulatedAccelerator", enable_timing: bool = True):
         self._clock = accelerator.clock
+        self._dilation = accelerator.time_dilation
         self.time: float | None = None
 
     def record(self, stream=None) -> None:
@@ -276,10 +278,10 @@ class EmulatedEvent:
         return None  # one queue: already ordered
 
     def elapsed_time(self, end: "EmulatedEvent") -> float:
-        """Virtual milliseconds from this event to `end`."""
+        """Milliseconds of the chip's time from this event to `end`."""
         if self.time is None or end.time is None:
             raise RuntimeError("both events must be recorded before elapsed_time")
-        return (end.time - self.time) * 1000.0
+        return (end.time - self.time) * 1000.0 / self._dilation
 
 
 class EmulatedAccelerator(CpuAccelerator):

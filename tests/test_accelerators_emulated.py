@@ -200,6 +200,19 @@ def test_time_dilation_stretches_every_charge():
     assert stretched.describe()["time_dilation"] == 3.0 and "time_dilation" not in plain.describe()
 
 
+def test_dilated_events_measure_the_chip_s_time():
+    stretched = EmulatedAccelerator(CHIP, time_dilation=3.0)
+    a = torch.randn(256, 256)
+    start = stretched.new_event()
+    start.record()
+    with stretched.device_scope():
+        a @ a                                   # 33.6 ms of the chip's time, 101 ms of wall time
+    end = stretched.new_event()
+    end.record()
+    assert end.time - start.time >= 3.0 * 2 * 256 ** 3 / 1e9
+    assert start.elapsed_time(end) == pytest.approx(2 * 256 ** 3 / 1e6, abs=1.0)
+
+
 def test_time_dilation_from_env(monkeypatch):
     monkeypatch.setenv("HETERO_EMULATED_TIME_DILATION", "2.5")
     assert EmulatedAccelerator(CHIP).pace.seconds(1e9, 0, torch.float32) == pytest.approx(2.5)

@@ -35,7 +35,8 @@ def collect() -> dict:
         "probe_order": registry.probe_order(),
         "probes": [result.to_dict() for result in registry.probe_all()],
         "environment": {var: os.environ.get(var) for var in
-                        (registry.SELECT_ENV, ops.REFERENCE_ENV, "HETERO_EMULATED_CHIP")},
+                        (registry.SELECT_ENV, ops.REFERENCE_ENV, "HETERO_EMULATED_CHIP",
+                         "HETERO_EMULATED_TIME_DILATION")},
     }
     try:
         name, why = registry.select_name()

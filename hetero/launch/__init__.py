@@ -22,6 +22,7 @@ Each worker's environment:
     HETERO_ISLAND, HETERO_ISLAND_INDEX, HETERO_CHIP, HETERO_BACKEND
     HETERO_ACCELERATOR         the island's accelerator (accelerators.get_accelerator() picks it)
     HETERO_EMULATED_CHIP       the chip spec as JSON (emulated chips only)
+    HETERO_EMULATED_TIME_DILATION  wall seconds per chip second (emulated chips; passed through when set)
     HETERO_NODE                the node's host, as in the cluster file
     HETERO_PLAN                absolute path of the Plan JSON (only with a plan)
     HETERO_CLUSTER             absolute path of the cluster YAML (when given as a path)
