@@ -59,3 +59,39 @@ def test_an_out_dir_that_holds_a_run_is_refused(hetero_cli, tmp_path):
     (tmp_path / "mixed").mkdir()
     code, _, stderr = hetero_cli("bench", "efficiency", "--out", str(tmp_path), "--json")
     assert code != 0 and "already holds an efficiency run" in stderr
+
+
+def _tiny_job():
+    return load_job(cluster=os.path.join(CONFIGS, "emulated-mixed.yaml"), model=os.path.join(CONFIGS, "llama-tiny.yaml"),
+                    train=os.path.join(CONFIGS, "train-efficiency.yaml"))
+
+
+def test_chip_time_network_is_k_times_faster():
+    from hetero.bench.efficiency import in_chip_time
+
+    job = _tiny_job()
+    assert in_chip_time(job, 1.0) is job
+    net, fast = job.cluster.network, in_chip_time(job, 2.0).cluster.network
+    assert fast.intra_node_latency_us == net.intra_node_latency_us / 2
+    assert fast.intra_node_gbps == net.intra_node_gbps * 2 and fast.inter_node_gbps == net.inter_node_gbps * 2
+    assert (fast.bridge.gbps, fast.bridge.latency_us) == (net.bridge.gbps * 2, net.bridge.latency_us / 2)
+
+
+@pytest.mark.parametrize("slowdown", [{"fast": 0.9, "slow": 1.0}, {"fast": 1.2, "slow": 0.8}])
+def test_calibration_reproduces_each_island_s_measured_step(slowdown):
+    from hetero.bench.efficiency import calibration_profile
+    from hetero.runner import search_plan
+
+    job = _tiny_job()
+    subfleets = {}
+    for island in job.cluster.islands:
+        alone = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, islands=(island,)))
+        plan = search_plan(alone)
+        subfleets[island.name] = {
+            "step_s": slowdown[island.name] * plan.predicted_step_s, "predicted_step_s": plan.predicted_step_s,
+            "plan": {"stages": [{"tp": plan.stages[0].tp}], "micro_batch": plan.micro_batch}}
+    profile = calibration_profile(job, subfleets)
+    for island in job.cluster.islands:
+        alone = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, islands=(island,)))
+        assert search_plan(alone, "auto", profile).predicted_step_s == pytest.approx(
+            subfleets[island.name]["step_s"], rel=0.005)

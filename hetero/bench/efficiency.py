@@ -61,7 +61,7 @@ def run(args) -> int:
     dilation, why = time_dilation(job.cluster, args.time_dilation)
     say(f"time dilation {dilation:g}: {why}")
     with _dilated(dilation):
-        report = _measure(job, paths, out, args, say)
+        report = _measure(in_chip_time(job, dilation), paths, out, args, say)
     report["time_dilation"] = dilation
     report["goal_met"] = report["efficiency"] >= GOAL
     with open(os.path.join(out, "efficiency.json"), "w", encoding="utf-8") as handle:
@@ -78,7 +78,8 @@ def _measure(job, paths, out, args, say) -> dict:
     subfleets, predicted_sub = {}, 0.0
     for island in job.cluster.islands:
         sub_paths = dict(paths, cluster=_write_subfleet(paths["cluster"], island.name, out))
-        sub_job = load_job(**sub_paths)
+        sub_job = dataclasses.replace(job, cluster=dataclasses.replace(
+            job.cluster, name=_subfleet_name(job.cluster.name, island.name), islands=(island,)))
         say(f"island {island.name} alone ({island.size} x {island.chip})")
         result = _train(sub_job, sub_paths, os.path.join(out, "subfleets", island.name), args, say)
         subfleets[island.name] = _summary(result, job)
@@ -157,6 +158,21 @@ def time_dilation(cluster, given: str = "auto", cores: int | None = None) -> tup
                "seconds per chip second and figures are in chip time")
 
 
+def in_chip_time(job, k: float):
+    """The job with its network figures as a run dilated k times sees them: host-side
+    communication (gloo, the bridge) is not stretched, so in chip time it is k times
+    faster, and plans made for the run must know it."""
+    if k == 1.0:
+        return job
+    net = job.cluster.network
+    network = dataclasses.replace(
+        net, intra_node_latency_us=net.intra_node_latency_us / k, inter_node_latency_us=net.inter_node_latency_us / k,
+        intra_node_gbps=None if net.intra_node_gbps is None else net.intra_node_gbps * k,
+        inter_node_gbps=net.inter_node_gbps * k,
+        bridge=dataclasses.replace(net.bridge, gbps=net.bridge.gbps * k, latency_us=net.bridge.latency_us / k))
+    return dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, network=network))
+
+
 def _emulated(cluster, island) -> bool:
     return island.accelerator == "emulated" or cluster.chip(island.chip).emulated
 
@@ -181,7 +197,7 @@ def _dilated(k: float):
 
 
 def _train(job, paths, run_dir, args, say, plan_file=None):
-    result = train_fleet(job, paths, run_dir, args.steps, plan_file=plan_file, progress=False, say=say)
+    result = train_fleet(job, paths, run_dir, args.steps, plan_file=plan_file, progress=not args.json, say=say)
     if result.code != 0:
         raise UserError(f"the run in {run_dir} failed (exit {result.code}); see its launcher.log")
     return result
@@ -199,23 +215,38 @@ def _summary(result, job) -> dict:
     }
 
 
-def calibration_profile(job, subfleets: dict):
-    """A profile whose layer times are the analytic ones scaled by each chip's
-    measured/predicted step time alone; the planner calibrates every other entry."""
+def calibration_profile(job, subfleets: dict, rounds: int = 4):
+    """A profile whose layer times are the analytic ones scaled, per chip, until the
+    planner predicts each island's step alone as measured; the planner calibrates
+    every other entry. (One scale from measured/predicted is not enough: it would
+    scale only the layers' share of a step that also holds TP collectives, the
+    embedding, the head and the optimizer, and misjudge the split between islands.)"""
     from hetero.planning import fleet_spec, model_spec, train_spec
     from partitioner.costs import CostModel
-    from partitioner.profile import ProfileDB
 
     fleet, model, train = fleet_spec(job.cluster), model_spec(job.model), train_spec(job.train)
     costs = CostModel(fleet, model, train)
+    factors = {island.name: subfleets[island.name]["step_s"] / subfleets[island.name]["predicted_step_s"]
+               for island in fleet.islands}
+    for _ in range(rounds):
+        profile = _scaled_profile(costs, fleet, model, subfleets, factors)
+        for island in job.cluster.islands:
+            alone = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, islands=(island,)))
+            predicted = search_plan(alone, "auto", profile).predicted_step_s
+            factors[island.name] *= subfleets[island.name]["step_s"] / predicted
+    return _scaled_profile(costs, fleet, model, subfleets, factors)
+
+
+def _scaled_profile(costs, fleet, model, subfleets: dict, factors: dict):
+    from partitioner.profile import ProfileDB
+
     profile = ProfileDB(model={k: getattr(model, k) for k in ("hidden", "heads", "kv_heads", "ffn_hidden", "seq_len")})
     for island in fleet.islands:
-        sub = subfleets[island.name]
-        factor = sub["step_s"] / sub["predicted_step_s"]
-        stage = sub["plan"]["stages"][0]
-        layer = costs.layer_cost(island.name, stage["tp"], sub["plan"]["micro_batch"])
-        profile.add_layer(island.chip.name, stage["tp"], sub["plan"]["micro_batch"],
-                          factor * layer.forward_s, factor * layer.backward_s)
+        plan = subfleets[island.name]["plan"]
+        tp, micro_batch = plan["stages"][0]["tp"], plan["micro_batch"]
+        layer = costs.layer_cost(island.name, tp, micro_batch)
+        factor = factors[island.name]
+        profile.add_layer(island.chip.name, tp, micro_batch, factor * layer.forward_s, factor * layer.backward_s)
         profile.chips[island.chip.name] = island.chip
     return profile
 
@@ -225,13 +256,17 @@ def _write_subfleet(cluster_path: str, island: str, out: str) -> str:
     with open(cluster_path, encoding="utf-8") as handle:
         data = yaml.safe_load(handle)
     section = data["cluster"] if "cluster" in data else data
-    section = dict(section, name=f"{section['name']}-{island}",
+    section = dict(section, name=_subfleet_name(section["name"], island),
                    islands=[i for i in section["islands"] if i["name"] == island])
     path = os.path.join(out, "subfleets", f"{island}.yaml")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(section, handle, sort_keys=False)
     return path
+
+
+def _subfleet_name(cluster: str, island: str) -> str:
+    return f"{cluster}-{island}"
 
 
 def predicted_efficiency_of(cluster: str, model: str, train: str) -> dict:
