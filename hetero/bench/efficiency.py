@@ -138,7 +138,7 @@ def candidate_plans(job, kind: str, profile) -> list:
 def time_dilation(cluster, given: str = "auto", cores: int | None = None) -> tuple[float, str]:
     """(k, why) for `--time-dilation`: how much to stretch the emulated chips' time."""
     real = [i.name for i in cluster.islands if not _emulated(cluster, i)]
-    cores = cores or os.cpu_count() or 1
+    cores = cores or _host_cores()
     if given != "auto":
         try:
             k = float(given)
@@ -171,6 +171,13 @@ def in_chip_time(job, k: float):
         inter_node_gbps=net.inter_node_gbps * k,
         bridge=dataclasses.replace(net.bridge, gbps=net.bridge.gbps * k, latency_us=net.bridge.latency_us / k))
     return dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, network=network))
+
+
+def _host_cores() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than the host has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _emulated(cluster, island) -> bool:
