@@ -188,7 +188,8 @@ class Trainer:
         return time.time() / self.dilation
 
     def _time(self, step, mb, kind, compute, waited, posted, received, sent_at, link) -> None:
-        """One line per micro-batch action; wall-clock stamps let a reader pair a send with its receive."""
+        """One line per micro-batch action; the stamps (chip time, alike on every rank) let a reader
+        pair a send with its receive."""
         if self.timing:
             self.timing.write(json.dumps({
                 "step": step + 1, "mb": mb, "phase": "forward" if kind == "F" else "backward",
