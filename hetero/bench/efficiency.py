@@ -53,12 +53,12 @@ def run(args) -> int:
         raise UserError(f"{paths['cluster']}: efficiency compares islands; this cluster has only one")
     if args.steps < 2:
         raise UserError("--steps must be at least 2 (the first step is warm-up)")
+    dilation, why = time_dilation(job.cluster, args.time_dilation)
     out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="hetero-bench-efficiency-"))
     if os.path.exists(os.path.join(out, "mixed")):
         raise UserError(f"{out} already holds an efficiency run; pass another --out")
     os.makedirs(out, exist_ok=True)
     say = (lambda message: None) if args.json else (lambda message: print(f"bench efficiency: {message}", flush=True))
-    dilation, why = time_dilation(job.cluster, args.time_dilation)
     say(f"time dilation {dilation:g}: {why}")
     with _dilated(dilation):
         report = _measure(in_chip_time(job, dilation), paths, out, args, say)
