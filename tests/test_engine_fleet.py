@@ -220,6 +220,26 @@ def test_hetero_dp_replicas_match_one_process(tmp_path, job, replicas):
         assert abs(got - want) <= 1e-5 * abs(want), (fleet, reference)
 
 
+@pytest.mark.parametrize("transport", ["zmq", "auto"])
+def test_bridge_transport_from_the_cluster_file_is_honoured(tmp_path, job, transport):
+    """zmq keeps the bridge on the zmq data plane (no direct stream); auto puts these
+    same-host peers' traffic on the stream (shared-memory doorbells ride it)."""
+    with open(CONFIG) as handle:
+        text = handle.read()
+    path = tmp_path / "two-islands.yaml"
+    path.write_text(text.replace("  coordinator:", f"  network: {{bridge: {{transport: {transport}}}}}\n  coordinator:", 1))
+    plan = make_replicas_plan(job, [("wide", [(1, (0, 3))], 2), ("narrow", [(1, (0, 3))], 6)])
+    records, run_dir, _ = run_fleet(tmp_path, plan, job_path=str(path), steps=2)
+    reference = solo_losses(tmp_path, job, steps=2)
+    for got, want in zip([r["loss"] for r in last_attempt(records)], reference):
+        assert abs(got - want) <= 1e-5 * abs(want)
+    for rank in (0, 1):
+        with open(run_dir / "metrics" / f"bridge-rank{rank:05d}.json") as handle:
+            stats = json.load(handle)
+        assert stats["bytes_received"] > 0
+        assert (stats["streams_in"] == 0) == (transport == "zmq"), stats
+
+
 def test_tied_embeddings_split_over_islands_match_one_process(tmp_path):
     """The embedding on one island, its tied LM head on the other: their gradients are summed."""
     path = os.path.join(HERE, "two-islands-tied.yaml")

@@ -10,6 +10,7 @@ one-process stand-in that the reference run and single-chip plans use.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 
@@ -80,7 +81,8 @@ class Comms:
         token = os.environ["HETERO_JOB_TOKEN"]
         entry = self.topology.by_rank[self.rank]
         host = cluster.island(entry.island).nodes[entry.node].host
-        self.endpoint = Endpoint(self.rank, token, host=host, accelerator=accelerator, default_timeout=TIMEOUT_S)
+        self.endpoint = Endpoint(self.rank, token, host=host, accelerator=accelerator, default_timeout=TIMEOUT_S,
+                                 **bridge_options(cluster.network.bridge.transport))
         self.client = CoordinatorClient(os.environ["HETERO_COORDINATOR"], token, self.rank, timeout=TIMEOUT_S)
         self.client.register_endpoint(self.endpoint, island=entry.island, local_rank=entry.local_rank)
         self.client.on_failure(_stop_on_peer_failure)
@@ -138,6 +140,15 @@ class Comms:
         elif dist.is_initialized():
             dist.barrier()
 
+    def record_bridge_stats(self, run_dir: str | None) -> None:
+        """metrics/bridge-rankNNNNN.json: what this rank's bridge endpoint carried, and how."""
+        if self.endpoint is None or not run_dir:
+            return
+        path = os.path.join(run_dir, "metrics", f"bridge-rank{self.rank:05d}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.endpoint.stats(), handle, indent=1)
+
     def finish(self) -> None:
         """Every rank is done: from here on a peer leaving is the end of the job, not a fault."""
         self.barrier("done")
@@ -160,6 +171,18 @@ class Comms:
 
 
 _finishing = False
+
+
+def bridge_options(transport: str) -> dict:
+    """Endpoint options for the cluster file's network.bridge.transport. zmq keeps every
+    message on the zmq data plane (no shared memory, no extra direct-stream ports, say
+    where only the zmq ports are open); auto and shm put same-host peers on shared
+    memory and the others on a direct TCP stream, as `hetero check` measures them."""
+    if transport == "zmq":
+        return {"shm": False, "stream": False}
+    if transport in ("auto", "shm"):
+        return {"shm": True, "stream": True}
+    raise ValueError(f"network.bridge.transport must be zmq, shm or auto, got {transport!r}")
 
 
 def _stop_on_peer_failure(rank: int, reason: str) -> None:

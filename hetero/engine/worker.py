@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(comms, accelerator, job.model, train, args.run_dir, steps=args.steps, log=log)
         trainer.run()
+        comms.record_bridge_stats(args.run_dir)
         comms.finish()
     finally:
         comms.close()
