@@ -69,6 +69,18 @@ EXPRESS_SPIN_SECONDS = 200e-6 # ... after spinning this long for a reply (a slee
 EXPRESS_IDLE_SLICES = 20       # ... and gives up on express after this many empty slices
 
 
+def transport_options(transport: str) -> dict:
+    """Endpoint options for a cluster file's network.bridge.transport. zmq keeps every
+    message on the zmq data plane (no shared memory, no extra direct-stream ports, say
+    where only the zmq ports are open); auto and shm put same-host peers on shared
+    memory and the others on a direct TCP stream."""
+    if transport == "zmq":
+        return {"shm": False, "stream": False}
+    if transport in ("auto", "shm"):
+        return {"shm": True, "stream": True}
+    raise ValueError(f"network.bridge.transport must be zmq, shm or auto, got {transport!r}")
+
+
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
     """A flat uint8 numpy view of a contiguous CPU tensor's bytes (no copy).
 

@@ -63,8 +63,8 @@ def _pool(workers: int):
 def _pair(pool, item):
     port = _free_port()
     if item.kind == "bridge":
-        shm = item.spec["transport"] != "zmq"        # auto: shm between peers on one host, like the bridge
-        jobs = [pool.apply_async(probes.bridge_pair, (rank, port, BRIDGE_BYTES, shm)) for rank in (0, 1)]
+        jobs = [pool.apply_async(probes.bridge_pair, (rank, port, BRIDGE_BYTES, item.spec["transport"]))
+                for rank in (0, 1)]
     else:
         jobs = [pool.apply_async(probes.allreduce_pair, (rank, port, LINK_BYTES, item.spec["accelerator"],
                                                          item.spec["backend"], rank)) for rank in (0, 1)]

@@ -111,45 +111,41 @@ def allreduce_pair(rank: int, port: int, nbytes: int, accelerator: str = "cpu", 
     return {"latency_s": statistics.median(times) / 2, "bandwidth": nbytes / best, "bytes": nbytes}
 
 
-def bridge_pair(rank: int, port: int, nbytes: int, shm: bool) -> dict:
-    """One side of a comm_bridge Endpoint pair: one-way latency of a 1-element ping-pong and the
-    bandwidth of one large message (timed from send to the receiver's acknowledgement)."""
+def bridge_pair(rank: int, port: int, nbytes: int, transport: str) -> dict:
+    """One side of a comm_bridge Endpoint pair, opened as the engine opens it for the cluster's
+    bridge `transport`: one-way latency of a 1-element ping-pong and the bandwidth of one large
+    message (timed from send to the receiver's acknowledgement)."""
     import torch
 
-    from comm_bridge.channel import Endpoint
+    from comm_bridge.channel import Endpoint, transport_options
 
     torch.set_num_threads(1)
     store = _store(port, rank)
-    endpoint = Endpoint(rank, "hetero-check", host="127.0.0.1", shm=shm, default_timeout=60.0)
+    options = transport_options(transport)
+    endpoint = Endpoint(rank, "hetero-check", host="127.0.0.1", default_timeout=60.0, **options)
     try:
         store.set(f"addr{rank}", json.dumps(endpoint.address()))
         endpoint.add_peers([json.loads(store.get(f"addr{1 - rank}"))])
         peer = 1 - rank
         tiny = torch.ones(1)
         big = torch.ones(nbytes // 4)
-        times, best = [], float("inf")
-        for i in range(PINGS + 3):
+
+        def round_trip(payload, tag: int) -> float:
+            """Rank 0 sends `payload`, rank 1 answers with `tiny`; seconds on this side."""
             t0 = time.perf_counter()
             if rank == 0:
-                endpoint.send(tiny, peer, 1)
-                endpoint.recv(peer, 2)
+                endpoint.send(payload, peer, tag)
+                endpoint.recv(peer, tag + 1)
             else:
-                endpoint.recv(peer, 1)
-                endpoint.send(tiny, peer, 2)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-        for _ in range(LINK_ROUNDS + 1):
-            t0 = time.perf_counter()
-            if rank == 0:
-                endpoint.send(big, peer, 3)
-                endpoint.recv(peer, 4)
-            else:
-                endpoint.recv(peer, 3)
-                endpoint.send(tiny, peer, 4)
-            best = min(best, time.perf_counter() - t0)
+                endpoint.recv(peer, tag)
+                endpoint.send(tiny, peer, tag + 1)
+            return time.perf_counter() - t0
+
+        times = [round_trip(tiny, 1) for _ in range(PINGS + 3)][3:]
+        best = min(round_trip(big, 3) for _ in range(LINK_ROUNDS + 1))
         store.set(f"done{rank}", "1")
         store.get(f"done{peer}")            # keep both ends open until both are finished
     finally:
         endpoint.close()
     return {"latency_s": statistics.median(times) / 2, "bandwidth": nbytes / best, "bytes": nbytes,
-            "transport": "shm" if shm else "tcp"}
+            "transport": "shm" if options["shm"] else "tcp"}

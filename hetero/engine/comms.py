@@ -75,14 +75,14 @@ class Comms:
                 self.dp_group = group
 
     def _open_bridge(self, accelerator, cluster) -> None:
-        from comm_bridge.channel import Endpoint
+        from comm_bridge.channel import Endpoint, transport_options
         from comm_bridge.client import CoordinatorClient
 
         token = os.environ["HETERO_JOB_TOKEN"]
         entry = self.topology.by_rank[self.rank]
         host = cluster.island(entry.island).nodes[entry.node].host
         self.endpoint = Endpoint(self.rank, token, host=host, accelerator=accelerator, default_timeout=TIMEOUT_S,
-                                 **bridge_options(cluster.network.bridge.transport))
+                                 **transport_options(cluster.network.bridge.transport))
         self.client = CoordinatorClient(os.environ["HETERO_COORDINATOR"], token, self.rank, timeout=TIMEOUT_S)
         self.client.register_endpoint(self.endpoint, island=entry.island, local_rank=entry.local_rank)
         self.client.on_failure(_stop_on_peer_failure)
@@ -171,18 +171,6 @@ class Comms:
 
 
 _finishing = False
-
-
-def bridge_options(transport: str) -> dict:
-    """Endpoint options for the cluster file's network.bridge.transport. zmq keeps every
-    message on the zmq data plane (no shared memory, no extra direct-stream ports, say
-    where only the zmq ports are open); auto and shm put same-host peers on shared
-    memory and the others on a direct TCP stream, as `hetero check` measures them."""
-    if transport == "zmq":
-        return {"shm": False, "stream": False}
-    if transport in ("auto", "shm"):
-        return {"shm": True, "stream": True}
-    raise ValueError(f"network.bridge.transport must be zmq, shm or auto, got {transport!r}")
 
 
 def _stop_on_peer_failure(rank: int, reason: str) -> None:
