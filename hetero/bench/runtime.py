@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import tempfile
-from collections import defaultdict
 
 from hetero.config import load_job
 from hetero.runner import add_job_arguments, default_paths, train_fleet
@@ -71,24 +70,17 @@ def analyse(run_dir: str, plan: dict, warmup: int = 2) -> dict:
 
 
 def exposed_bridge_per_step(run_dir: str, plan: dict) -> dict:
-    """{step: seconds of un-overlapped bridge transfer on the worst receiving rank}."""
+    """{step: seconds of un-overlapped bridge transfer on the worst receiving rank}, from the
+    run directory's timing files."""
     from hetero.report import timeline
 
-    stage_of = {r["rank"]: r["stage"] for r in plan["ranks"]}
     records = {}
-    for rank in stage_of:
-        path = os.path.join(run_dir, "metrics", f"rank{rank:05d}.jsonl")
+    for entry in plan["ranks"]:
+        path = os.path.join(run_dir, "metrics", f"rank{entry['rank']:05d}.jsonl")
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
-                records[rank] = [json.loads(line) for line in handle]
-    sent, order = timeline.handoffs(plan, records), timeline.neighbours(plan)
-    exposed = defaultdict(lambda: defaultdict(float))
-    for rank, lines in records.items():
-        for record in lines:
-            _, seconds = timeline.exposed_bridge(record, stage_of[rank], order, sent)
-            if seconds:
-                exposed[record["step"]][rank] += seconds
-    return {step: max(per_rank.values()) for step, per_rank in exposed.items()}
+                records[entry["rank"]] = [json.loads(line) for line in handle]
+    return timeline.exposed_per_step(plan, records)
 
 
 def print_report(report: dict) -> None:

@@ -15,7 +15,6 @@ Definitions (the page repeats them):
 
 from __future__ import annotations
 
-import json
 import statistics
 
 from hetero.errors import UserError
@@ -31,7 +30,7 @@ def analyse(run) -> dict:
     measured = statistics.median(s["step_s"] for s in steady)
     predicted = float(plan["predicted_step_s"])
     per_rank = timeline.breakdown(plan, run.ranks, run.steps)
-    exposed = exposed_bridge(run)
+    exposed = timeline.exposed_per_step(plan, run.ranks)
     tokens_per_step = plan["global_batch"] * run.model.seq_len
     notes = list(run.notes)
     return {
@@ -123,15 +122,6 @@ def run_peak(run, chip: str, info: dict, flops_per_step: float, notes: list | No
                          f"was planned with ({flops_text(planned)}); MFU uses the run's")
         return planned
     return catalog
-
-
-def exposed_bridge(run) -> dict:
-    from hetero.bench.runtime import exposed_bridge_per_step
-
-    try:
-        return exposed_bridge_per_step(run.run_dir, run.plan)
-    except json.JSONDecodeError:   # load_run accepted a last line still being written
-        raise UserError(f"{run.run_dir}/metrics: a rank file is still being written; report after the run") from None
 
 
 def bubble_share(per_rank: dict, steady: list[dict]) -> float:

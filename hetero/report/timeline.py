@@ -51,6 +51,19 @@ def exposed_bridge(record: dict, stage: int, order: dict, sent: dict) -> tuple[f
     return start, max(0.0, record["received_at"] - start)
 
 
+def exposed_per_step(plan: dict, ranks: dict) -> dict:
+    """{step: seconds of un-overlapped bridge transfer on the worst receiving rank}."""
+    order, sent = neighbours(plan), handoffs(plan, ranks)
+    stage_of = {r["rank"]: r["stage"] for r in plan["ranks"]}
+    exposed = defaultdict(lambda: defaultdict(float))
+    for rank, records in ranks.items():
+        for record in records:
+            _, seconds = exposed_bridge(record, stage_of[rank], order, sent)
+            if seconds:
+                exposed[record["step"]][rank] += seconds
+    return {step: max(per_rank.values()) for step, per_rank in exposed.items()}
+
+
 def segments(plan: dict, ranks: dict, step: int, step_start: float, step_s: float) -> dict:
     """{rank: [(kind, start_s, seconds)]} for one step, times from the step's start."""
     order = neighbours(plan)
