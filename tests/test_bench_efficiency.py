@@ -79,19 +79,17 @@ def test_chip_time_network_is_k_times_faster():
 
 @pytest.mark.parametrize("slowdown", [{"fast": 0.9, "slow": 1.0}, {"fast": 1.2, "slow": 0.8}])
 def test_calibration_reproduces_each_island_s_measured_step(slowdown):
-    from hetero.bench.efficiency import calibration_profile
+    from hetero.bench.efficiency import alone, calibration_profile
     from hetero.runner import search_plan
 
     job = _tiny_job()
     subfleets = {}
     for island in job.cluster.islands:
-        alone = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, islands=(island,)))
-        plan = search_plan(alone)
+        plan = search_plan(alone(job, island))
         subfleets[island.name] = {
             "step_s": slowdown[island.name] * plan.predicted_step_s, "predicted_step_s": plan.predicted_step_s,
             "plan": {"stages": [{"tp": plan.stages[0].tp}], "micro_batch": plan.micro_batch}}
     profile = calibration_profile(job, subfleets)
     for island in job.cluster.islands:
-        alone = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, islands=(island,)))
-        assert search_plan(alone, "auto", profile).predicted_step_s == pytest.approx(
+        assert search_plan(alone(job, island), "auto", profile).predicted_step_s == pytest.approx(
             subfleets[island.name]["step_s"], rel=0.005)

@@ -78,8 +78,7 @@ def _measure(job, paths, out, args, say) -> dict:
     subfleets, predicted_sub = {}, 0.0
     for island in job.cluster.islands:
         sub_paths = dict(paths, cluster=_write_subfleet(paths["cluster"], island.name, out))
-        sub_job = dataclasses.replace(job, cluster=dataclasses.replace(
-            job.cluster, name=_subfleet_name(job.cluster.name, island.name), islands=(island,)))
+        sub_job = alone(job, island)
         say(f"island {island.name} alone ({island.size} x {island.chip})")
         result = _train(sub_job, sub_paths, os.path.join(out, "subfleets", island.name), args, say)
         subfleets[island.name] = _summary(result, job)
@@ -238,8 +237,7 @@ def calibration_profile(job, subfleets: dict, rounds: int = 4):
     for _ in range(rounds):
         profile = _scaled_profile(costs, fleet, model, subfleets, factors)
         for island in job.cluster.islands:
-            alone = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, islands=(island,)))
-            predicted = search_plan(alone, "auto", profile).predicted_step_s
+            predicted = search_plan(alone(job, island), "auto", profile).predicted_step_s
             factors[island.name] *= subfleets[island.name]["step_s"] / predicted
     return _scaled_profile(costs, fleet, model, subfleets, factors)
 
@@ -272,6 +270,12 @@ def _write_subfleet(cluster_path: str, island: str, out: str) -> str:
     return path
 
 
+def alone(job, island):
+    """The job on one island of its cluster: that island's sub-fleet."""
+    return dataclasses.replace(job, cluster=dataclasses.replace(
+        job.cluster, name=_subfleet_name(job.cluster.name, island.name), islands=(island,)))
+
+
 def _subfleet_name(cluster: str, island: str) -> str:
     return f"{cluster}-{island}"
 
@@ -284,7 +288,7 @@ def predicted_efficiency_of(cluster: str, model: str, train: str) -> dict:
     mixed = search_plan(job).tokens_per_s
     alone = {}
     for island in job.cluster.islands:
-        sub = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, islands=(island,)))
+        sub = alone(job, island)
         try:
             alone[island.name] = search_plan(sub).tokens_per_s
         except UserError:
