@@ -400,16 +400,11 @@ class Endpoint:
             if sock is not None and nbytes <= SMALL_BYTES and staged.event is None and \
                     not self._sendq.get(dst) and not self._closing:
                 # Express: an idle stream takes a small message in one sendmsg from this thread.
-                seq = self._next_seq[dst]
-                self._next_seq[dst] = seq + 1
-                header_bytes = F.pack(F.KIND_TENSOR, self.rank, tag, seq, host.dtype, host.shape, nbytes,
-                                      self._auth, step=int(step), micro_batch=int(micro_batch))
+                header_bytes = self._next_header(dst, F.KIND_TENSOR, tag, host, step, micro_batch)
                 try:
                     sent = sock.sendmsg([header_bytes, byte_view(host)])
-                except BlockingIOError:
+                except OSError:  # full (BlockingIOError), or broken: the queued path reports that
                     sent = 0
-                except OSError:
-                    sent = 0  # the queued path below meets the same error and reports it
                 if sent == F.HEADER_BYTES + nbytes:
                     counters = self._counters
                     counters["messages_sent"] += 1
@@ -425,16 +420,20 @@ class Endpoint:
                 if not self._send_room.wait(max(0.0, deadline - time.monotonic())):
                     raise BridgeTimeoutError(f"isend to rank {dst}: send queue full for {self.default_timeout:.0f}s")
             self._check_peer(dst)
-            seq = self._next_seq[dst]
-            self._next_seq[dst] = seq + 1
             # One channel per peer keeps its messages in order: the stream where both ends have
             # one (big payloads to a peer on this host sit in shared memory, the stream rings
             # the doorbell), else zmq.
             via_stream = bool(peer.get("stream")) and self._listener is not None
             shm = self.use_shm and peer["host_id"] == self.host_id and nbytes >= SMALL_BYTES
-            header_bytes = F.pack(F.KIND_SHM if shm else F.KIND_TENSOR, self.rank, tag, seq, host.dtype,
-                                  host.shape, nbytes, self._auth, step=int(step), micro_batch=int(micro_batch))
+            header_bytes = self._next_header(dst, F.KIND_SHM if shm else F.KIND_TENSOR, tag, host, step, micro_batch)
             return self._queue_send(dst, tag, staged, header_bytes, 0, via_stream=via_stream, shm=shm)
+
+    def _next_header(self, dst: int, kind: int, tag: int, host: torch.Tensor, step, micro_batch) -> bytes:
+        """The header bytes of the next message to `dst`, taking its sequence number (lock held)."""
+        seq = self._next_seq[dst]
+        self._next_seq[dst] = seq + 1
+        return F.pack(kind, self.rank, tag, seq, host.dtype, host.shape, host.nbytes, self._auth,
+                      step=int(step), micro_batch=int(micro_batch))
 
     def _queue_send(self, dst: int, tag: int, staged, header_bytes: bytes, sent: int, *,
                     via_stream: bool, shm: bool) -> Handle:

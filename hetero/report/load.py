@@ -81,9 +81,7 @@ def read_json(path: str, required=()) -> dict:
         raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object at the top level")
-    missing = [key for key in required if key not in data]
-    if missing:
-        raise UserError(f"{path}: missing field(s) {', '.join(missing)}")
+    _require_fields(data, required, path)
     return data
 
 
@@ -104,11 +102,15 @@ def read_jsonl(path: str, required=()) -> list[dict]:
             raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}: line {number}: expected a JSON object")
-        missing = [key for key in required if key not in record]
-        if missing:
-            raise UserError(f"{path}: line {number}: missing field(s) {', '.join(missing)}")
+        _require_fields(record, required, f"{path}: line {number}")
         records.append(record)
     return records
+
+
+def _require_fields(data: dict, required, where: str) -> None:
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
 
 
 def _read(path: str) -> str:
