@@ -10,14 +10,17 @@ import os
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-
 attempt = int(os.environ["HETERO_RESTART_COUNT"])
 global_rank = int(os.environ["HETERO_GLOBAL_RANK"])
 failing_rank = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+# The mark first, before the seconds torch takes to import: a rank that failed meanwhile
+# would otherwise tear attempt 0 down before a slow starter had recorded that it ran.
 with open(os.path.join(sys.argv[1], f"{global_rank}.{attempt}"), "w") as fh:
     fh.write(f"{attempt} {os.getpid()}\n")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
 dist.init_process_group("gloo")
 value = torch.ones(1)
 dist.all_reduce(value)
