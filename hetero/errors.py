@@ -16,3 +16,14 @@ class ConfigError(UserError):
         self.message = message
         where = f"{source}: {path}" if path else source
         super().__init__(f"{where}: {message}")
+
+
+class JobFatalError(UserError):
+    """A failure every restart would repeat: a plan for another model, a corrupt
+    checkpoint with no good one left, a full disk. The job stops at once instead
+    of burning its restarts; the message names the file and what is wrong."""
+
+
+# A worker that stops on a JobFatalError exits with this code, after printing one
+# line and writing it to <run dir>/fatal/rankNNNNN.txt; launchers do not restart on it.
+FATAL_EXIT_CODE = 3
