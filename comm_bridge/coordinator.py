@@ -7,7 +7,8 @@ fail instead of hanging. Only small JSON messages travel here; tensors never do.
 
 No protobuf code generation: methods are generic handlers taking and returning
 JSON-encoded bytes. Every call must carry the job token in metadata
-(`x-hetero-job-token`); a wrong or missing token is refused and counted.
+(`x-hetero-job-token`); a wrong or missing token is refused and counted by
+reason (`refusals`: missing_token, wrong_token).
 The server binds 127.0.0.1 unless told to bind all interfaces.
 """
 
@@ -58,7 +59,7 @@ class Coordinator:
         self._kv: dict[str, str] = {}
         self._barriers: dict[str, dict] = {}
         self._watchers: list[queue.Queue] = []
-        self.refused = 0
+        self.refusals: dict[str, int] = {"missing_token": 0, "wrong_token": 0}
         self._stopping = threading.Event()
         self._server: grpc.Server | None = None
         self.address: str | None = None
@@ -98,14 +99,22 @@ class Coordinator:
         self.stop()
 
     # ------------------------------------------------------------ plumbing
+    @property
+    def refused(self) -> int:
+        """Every refused call, whatever the reason (see `refusals` for the split)."""
+        with self._cond:
+            return sum(self.refusals.values())
+
     def _authorized(self, context) -> bool:
+        reason = "missing_token"
         for key, value in context.invocation_metadata():
             if key == TOKEN_METADATA:
                 given = value.encode() if isinstance(value, str) else bytes(value)
                 if hmac.compare_digest(given, self._token):
                     return True
+                reason = "wrong_token"
         with self._cond:
-            self.refused += 1
+            self.refusals[reason] += 1
         return False
 
     def _unary(self, method):

@@ -77,7 +77,9 @@ def test_wrong_or_missing_token_is_refused(coordinator, token):
         intruder.register(endpoints=["tcp://127.0.0.1:1"])
     with pytest.raises(AuthenticationError):
         intruder.heartbeat()
-    assert coordinator.refused >= 2
+    reason, other = ("wrong_token", "missing_token") if token else ("missing_token", "wrong_token")
+    assert coordinator.refusals[reason] == 2 and coordinator.refusals[other] == 0
+    assert coordinator.refused == 2
     assert 0 not in coordinator.workers
     intruder.close()
 
