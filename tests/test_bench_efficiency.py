@@ -1,6 +1,7 @@
-"""`hetero bench efficiency`'s time dilation: when the emulated fleet is stretched, and by how much."""
+"""`hetero bench efficiency`: time dilation, the plans it measures, and its whole path on a tiny fleet."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -93,3 +94,29 @@ def test_calibration_reproduces_each_island_s_measured_step(slowdown):
     for island in job.cluster.islands:
         assert search_plan(alone(job, island), "auto", profile).predicted_step_s == pytest.approx(
             subfleets[island.name]["step_s"], rel=0.005)
+
+
+def test_the_whole_bench_runs_on_a_tiny_fleet_and_writes_its_report(tmp_path):
+    """Every step of `hetero bench efficiency` (islands alone, calibration, the mixed
+    candidates, the planned-only example) on one chip per island; a defect anywhere
+    on the path (like a local name shadowing a function) fails here, not after
+    fifteen minutes of a full run."""
+    from conftest import ROOT, hetero_subprocess
+
+    tiny = os.path.join(ROOT, "tests", "bench", "efficiency-tiny.yaml")
+    out = tmp_path / "bench"
+    done = hetero_subprocess("bench", "efficiency", "--cluster", tiny, "--model", tiny, "--train", tiny,
+                             "--steps", "2", "--kind", "auto", "--out", str(out), "--json", timeout=240)
+    assert done.returncode in (0, 1), done.stderr[-2000:]   # 1: goal missed, still a report
+    report = json.loads(done.stdout)
+    assert report == json.loads((out / "efficiency.json").read_text())
+    assert set(report["subfleets"]) == {"fast", "slow"}
+    assert all(s["tokens_per_s"] > 0 for s in report["subfleets"].values())
+    assert sorted(c["kind"] for c in report["mixed_candidates"]) == ["pipeline", "replicas"]
+    assert report["efficiency"] == pytest.approx(
+        report["mixed"]["tokens_per_s"] / sum(s["tokens_per_s"] for s in report["subfleets"].values()))
+    assert report["goal_met"] == (report["efficiency"] >= report["goal"]) == (done.returncode == 0)
+    big = report["big_example"]
+    assert big["cluster"] == "a800-910b-kunlun-1024" and 0 < big["predicted_efficiency"] <= 1.0
+    assert set(big["subfleet_tokens_per_s"]) == {"a800", "ascend", "kunlun"}
+    assert (out / "mixed" / "plan.json").is_file()

@@ -286,15 +286,15 @@ def predicted_efficiency_of(cluster: str, model: str, train: str) -> dict:
     job = load_job(cluster=os.path.join(configs, cluster), model=os.path.join(configs, model),
                    train=os.path.join(configs, train))
     mixed = search_plan(job).tokens_per_s
-    alone = {}
+    island_tokens_per_s = {}
     for island in job.cluster.islands:
-        sub = alone(job, island)
         try:
-            alone[island.name] = search_plan(sub).tokens_per_s
+            island_tokens_per_s[island.name] = search_plan(alone(job, island)).tokens_per_s
         except UserError:
-            alone[island.name] = 0.0   # the model does not fit that island alone
+            island_tokens_per_s[island.name] = 0.0   # the model does not fit that island alone
     return {"cluster": job.cluster.name, "model": job.model.name, "mixed_tokens_per_s": mixed,
-            "subfleet_tokens_per_s": alone, "predicted_efficiency": mixed / sum(alone.values())}
+            "subfleet_tokens_per_s": island_tokens_per_s,
+            "predicted_efficiency": mixed / sum(island_tokens_per_s.values())}
 
 
 def _print(report: dict) -> None:
