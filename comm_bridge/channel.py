@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
-import os
 import select
 import socket
 import threading
@@ -54,7 +53,7 @@ import zmq
 from comm_bridge import frames as F
 from comm_bridge import stream as S
 from comm_bridge.errors import BridgeError, BridgeTimeoutError, PeerFailedError, TransferMismatchError
-from comm_bridge.shm import ShmReader, ShmRing, host_id, ring_path, shm_dir
+from comm_bridge.shm import ShmReader, ShmRing, host_id, job_hex_of, ring_path, shm_dir
 from comm_bridge.staging import Stager
 
 log = logging.getLogger(__name__)
@@ -222,7 +221,15 @@ class Endpoint:
                  shm: bool = True, shm_slots: int = 8, max_message_bytes: int = 16 << 30,
                  max_unexpected_bytes: int = 256 << 20, max_pending_send_bytes: int = 1 << 30,
                  default_timeout: float = 300.0, accelerator=None, io_threads: int = 2,
-                 stream: bool = True):
+                 stream: bool = True, hello_timeout: float = S.HELLO_TIMEOUT_SECONDS,
+                 max_unauthenticated: int = S.MAX_UNAUTHENTICATED, bind_all: bool = False):
+        if S.is_wildcard(host) and not bind_all:
+            raise ValueError(f"bridge endpoint host {host!r} listens on every interface; give the node's own "
+                             f"address (or bind_all=True)")
+        if not hello_timeout > 0:
+            raise ValueError(f"hello_timeout must be > 0 seconds, got {hello_timeout}")
+        if max_unauthenticated < 1:
+            raise ValueError(f"max_unauthenticated must be >= 1, got {max_unauthenticated}")
         if not 1 <= stripes <= MAX_STRIPES:
             raise ValueError(f"stripes must be 1..{MAX_STRIPES}, got {stripes}")
         if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
@@ -234,12 +241,14 @@ class Endpoint:
         self.max_unexpected_bytes = int(max_unexpected_bytes)
         self.max_pending_send_bytes = int(max_pending_send_bytes)
         self.default_timeout = float(default_timeout)
+        self.hello_timeout = float(hello_timeout)
+        self.max_unauthenticated = int(max_unauthenticated)
         self.use_shm = bool(shm) and shm_dir() is not None
         self.shm_slots = shm_slots
         self.host_id = host_id()
         self.rejected = F.RejectCounter()
         self._auth = F.auth_tag(token)
-        self._job_hex = self._auth.hex()[:12]
+        self._job_hex = job_hex_of(token)
         self._stager = Stager(accelerator)
 
         self._ctx = zmq.Context(io_threads=io_threads)
@@ -261,6 +270,8 @@ class Endpoint:
                                if stream else None)
         self._stream_out: dict[int, object] = {}   # dst rank -> connected socket
         self._stream_in: dict[int, S.Inbound] = {}  # fd -> accepted stream
+        self._unauthenticated: dict[int, S.Inbound] = {}  # fd -> accepted stream still owing its hello,
+        # in accept order, so in hello-deadline order too
         self._doomed: list = []                     # sockets for the driver to unregister and close
         self._fd_flags: dict[int, int] = {}         # raw fds registered in the poller
         # A plain socket pair, not a zmq one: the express wait (select.poll) watches it too.
@@ -349,12 +360,7 @@ class Endpoint:
                 self._doomed.append(out)
             reader = self._readers.pop(rank, None)
             if reader is not None:
-                reader.close()
-                # A dead sender cannot unlink its ring; the receiver does.
-                try:
-                    os.unlink(ring_path(self._job_hex, rank, self.rank))
-                except OSError:
-                    pass
+                reader.close()  # its file went when we mapped it (shm.ShmReader)
             for job in self._sendq.pop(rank, ()):
                 self._pending_send_bytes -= job.nbytes
                 job.handle._fail(error)
@@ -377,6 +383,8 @@ class Endpoint:
                 "posted": sum(len(q) for q in self._posted.values()),
                 "tracking": len(self._tracking),
                 "streams_in": len(self._stream_in),
+                "streams_unauthenticated": len(self._unauthenticated),
+                "stream_buffer_bytes": sum(conn.buffer_bytes() for conn in self._stream_in.values()),
                 "stream_bytes_received": sum(conn.received for conn in self._stream_in.values()),
                 **dict(self._counters),
             }
@@ -847,6 +855,8 @@ class Endpoint:
             for conn in ready:
                 if self._stream_in.get(conn.fd) is conn:
                     self._read_stream(conn)
+            if self._unauthenticated:
+                self._expire_hellos()
         with self._lock:
             for dst in [d for d, q in self._sendq.items() if q] + [d for d, q in self._credits_owed.items() if q]:
                 self._pump(dst)
@@ -886,9 +896,30 @@ class Endpoint:
             except OSError as exc:
                 log.warning("rank %d: accepting a stream failed: %s", self.rank, exc)
                 return
-            conn = S.Inbound(sock)
             with self._lock:
+                if len(self._unauthenticated) >= self.max_unauthenticated:
+                    sock.close()
+                    self._refused("unauthenticated_cap", f"{self.max_unauthenticated} stream connections "
+                                                         f"already owe their hello; closing new ones")
+                    continue
+                conn = S.Inbound(sock, hello_deadline=time.monotonic() + self.hello_timeout)
                 self._stream_in[conn.fd] = conn
+                self._unauthenticated[conn.fd] = conn
+
+    def _expire_hellos(self) -> None:
+        """Close accepted streams whose hello deadline has passed (lock held)."""
+        now = time.monotonic()
+        for conn in list(self._unauthenticated.values()):
+            if conn.hello_deadline > now:
+                break  # the rest were accepted later
+            self._refused("hello_timeout", f"a stream connection said no hello within {self.hello_timeout:g}s")
+            self._end_stream(conn, None)
+
+    def _refused(self, reason: str, detail: str) -> None:
+        """Count a refused stream connection; only the first of each reason is logged as a warning
+        (a flood of knocks must not flood the log)."""
+        first = self.rejected.add(reason) == 1
+        log.log(logging.WARNING if first else logging.DEBUG, "rank %d: %s", self.rank, detail)
 
     def _read_stream(self, conn: S.Inbound, drained: bool = False) -> None:
         """Handle what one stream has: hello, then headers, and payloads straight into their
@@ -917,6 +948,7 @@ class Endpoint:
                         continue
                     if conn.rank is None:
                         conn.check_hello(raw, self._auth)
+                        self._unauthenticated.pop(conn.fd, None)
                         continue
                     header = F.parse_header(raw, self._auth, self.max_message_bytes)
                     if header.kind == F.KIND_CREDIT or header.sender != conn.rank:
@@ -943,6 +975,8 @@ class Endpoint:
                 self.rejected.add("truncated")
                 self._end_stream(conn, f"stream from rank {conn.rank} closed mid-message")
             else:
+                if conn.rank is None:
+                    self._refused("no_hello", "a stream connection closed without a hello")
                 self._end_stream(conn, None)
         except F.FrameError as exc:
             self.rejected.add(exc.reason)
@@ -977,6 +1011,7 @@ class Endpoint:
             self._drop_transfer(transfer, TransferMismatchError(f"truncated message: {problem}"))
             conn.transfer = None
         self._stream_in.pop(conn.fd, None)
+        self._unauthenticated.pop(conn.fd, None)
         self._doomed.append(conn.sock)
 
     def _may_read(self, stripe: int) -> bool:

@@ -177,9 +177,11 @@ class RejectCounter:
         self._counts: Counter = Counter()
         self._lock = Lock()
 
-    def add(self, reason: str) -> None:
+    def add(self, reason: str) -> int:
+        """Count one rejection; returns how many of this reason there have been (1: the first)."""
         with self._lock:
             self._counts[reason] += 1
+            return self._counts[reason]
 
     def total(self) -> int:
         with self._lock:

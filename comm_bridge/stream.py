@@ -11,6 +11,12 @@ Wire: a connection opens with a hello (magic, sender rank, job tag); after that
 it carries [header (frames.py), raw payload] back to back, or, for a payload in
 shared memory, [header, chunk descriptor] doorbells. A connection whose hello
 or header is refused is closed: a byte stream has no way to resync.
+
+Until its hello checks out, an accepted connection costs only a hello-sized
+buffer, must say hello within a deadline (HELLO_TIMEOUT_SECONDS by default),
+and counts against a per-listener cap on unauthenticated connections
+(MAX_UNAUTHENTICATED by default); the endpoint enforces both. Only an
+authenticated stream gets the full read-ahead buffer.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ HELLO_MAGIC = b"HBST"
 HELLO_BYTES = _HELLO.size
 SCHEME = "stream+tcp://"
 READ_ROUND_BYTES = 16 << 20  # per connection per poll round, so one big sender cannot starve others
-READ_AHEAD_BYTES = 256 << 10  # per inbound stream
+READ_AHEAD_BYTES = 256 << 10  # per authenticated inbound stream
+HELLO_TIMEOUT_SECONDS = 5.0   # an accepted connection that has not said hello by then is closed
+MAX_UNAUTHENTICATED = 64      # per listener: connections beyond this many without a hello are closed at once
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -36,7 +44,13 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def is_wildcard(host: str) -> bool:
+    """True for an address that means every interface (IPv4 or IPv6)."""
+    return host.strip("[]") in ("", "*", "0.0.0.0", "::", "0:0:0:0:0:0:0:0")
+
+
 def listen(host: str) -> socket.socket:
+    """A non-blocking listener on `host` (the node's own address), on a free port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
@@ -62,29 +76,43 @@ class Inbound:
     rest of a payload bigger than what the buffer holds is read straight into
     its tensor. Driver thread only."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, hello_deadline: float = float("inf")):
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.fd = sock.fileno()
         self.rank: int | None = None          # set once the hello checks out
-        self._buf = bytearray(READ_AHEAD_BYTES)
+        self.hello_deadline = hello_deadline  # time.monotonic() by which the hello must have come
+        self._buf = bytearray()               # buffered bytes are _buf[_start:_end]
         self._view = memoryview(self._buf)
-        self._array = np.frombuffer(self._buf, dtype=np.uint8)
-        self._start = 0                       # buffered bytes are _buf[_start:_end]
-        self._end = 0
+        self._start = self._end = 0
+        self._set_buffer(HELLO_BYTES)         # just the hello until it checks out: an idle knock costs little
         self.received = 0                     # bytes read off the socket, ever
         self.transfer = None                  # the message whose payload is being read
         self.body_got = 0
         self.bell = None                      # a shared-memory doorbell's header, its descriptor still to come
         self.express = None                   # the endpoint's select.poll for express waits
 
+    def _set_buffer(self, size: int) -> None:
+        """Make the read-ahead buffer `size` bytes, keeping what it holds at its front."""
+        old = self._view[self._start:self._end]
+        buf = bytearray(size)
+        buf[:len(old)] = old
+        self._buf = buf
+        self._view = memoryview(buf)
+        self._array = np.frombuffer(buf, dtype=np.uint8)
+        self._start, self._end = 0, len(old)
+
+    def buffer_bytes(self) -> int:
+        """What this connection's read-ahead buffer costs."""
+        return len(self._buf)
+
     def fill(self) -> int:
         """One recv into the read-ahead buffer: bytes read, 0 if none are ready. EOF raises
         EOFError, a reset FrameError. A short read means the socket is drained for now."""
         if self._start == self._end:
             self._start = self._end = 0
-        elif self._start > READ_AHEAD_BYTES // 2:  # keep room for the next header behind the leftovers
+        elif self._start > len(self._buf) // 2:  # keep room for the next header behind the leftovers
             size = self._end - self._start
             self._buf[:size] = self._view[self._start:self._end]
             self._start, self._end = 0, size
@@ -102,7 +130,7 @@ class Inbound:
         self._start += nbytes
 
     def room(self) -> int:
-        return READ_AHEAD_BYTES - self._end
+        return len(self._buf) - self._end
 
     def take(self, nbytes: int) -> memoryview | None:
         """The next `nbytes` buffered bytes, consumed (a view: parse it before the next fill);
@@ -114,13 +142,14 @@ class Inbound:
         return self._view[start:start + nbytes]
 
     def check_hello(self, raw: bytes, auth: bytes) -> None:
-        """Accept the stream's hello or raise FrameError."""
+        """Accept the stream's hello (and give it the full read-ahead buffer) or raise FrameError."""
         magic, rank, their_auth = _HELLO.unpack(raw)
         if magic != HELLO_MAGIC:
             raise F.FrameError("bad_magic", f"stream hello magic {magic!r}")
         if not hmac.compare_digest(their_auth, auth):
             raise F.FrameError("unauthenticated", f"stream from claimed rank {rank}: job tag does not match")
         self.rank = rank
+        self._set_buffer(READ_AHEAD_BYTES)
 
     def read_body(self, flat, nbytes: int, budget: int) -> tuple[bool, int]:
         """Move payload bytes into `flat`: buffered ones first, then straight from the socket.
