@@ -65,3 +65,35 @@ def test_real_command_exits_2_without_traceback(name):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error ")
+
+
+@pytest.mark.timeout(20)   # guards against a hang; the old cycle check walked every expanded path
+def test_alias_bombs_far_deeper_than_the_corpus_are_refused_without_expanding(tmp_path, hetero_cli):
+    """200 levels, each referring twice to the level below: 2**200 nodes expanded,
+    a few hundred distinct ones. The checks visit each distinct node once."""
+    rows = ["l0: &l0 [x, x]"] + [f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}]" for i in range(1, 200)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(rows) + "\n")
+    code, _, err = hetero_cli("validate", str(bomb))
+    assert code == 2 and "aliases repeated too often" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(20)
+def test_a_cycle_behind_a_long_shared_chain_is_found(tmp_path):
+    from hetero.config.yaml_io import read_yaml
+    from hetero.errors import ConfigError
+
+    rows = ["l0: &l0 [x, x]"] + [f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}]" for i in range(1, 100)]
+    rows.append("loop: &loop [*l99, *l99, [*loop]]")
+    cyclic = tmp_path / "cyclic.yaml"
+    cyclic.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ConfigError, match="refers to itself"):
+        read_yaml(str(cyclic))
+
+
+def test_shared_aliases_within_bounds_still_load(tmp_path):
+    from hetero.config.yaml_io import read_yaml
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("base: &b {chips: 2, host: 127.0.0.1}\nnodes: [*b, *b, *b]\n")
+    assert read_yaml(str(ok)).data["nodes"] == [{"chips": 2, "host": "127.0.0.1"}] * 3

@@ -55,6 +55,8 @@ def read_yaml(path: str) -> YamlDocument:
         data = loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ConfigError(path, _where(exc), _describe(exc)) from None
+    except RecursionError:
+        raise ConfigError(path, "", "nests too deeply to be a configuration file") from None
     finally:
         loader.dispose()
     lines: dict = {}
@@ -82,39 +84,43 @@ def _read_text(path: str) -> str:
 
 
 def _check_expansion(path: str, root) -> None:
-    """Count nodes as if every alias were expanded; refuse a 'billion laughs'."""
-    sizes: dict = {}
+    """Refuse alias cycles and 'billion laughs' in one pass over the distinct nodes.
 
-    def size(node) -> int:
+    Each node is visited once however often aliases repeat it, so the cost is
+    linear in the file, not in the expansion it refuses. A node's expanded size
+    is one plus its children's; a child that is still on the current path is a
+    cycle."""
+    sizes: dict = {}     # id(node) -> expanded node count, once its children are done
+    on_path: set = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
         key = id(node)
+        if children_done:
+            on_path.discard(key)
+            total = 1 + sum(sizes[id(child)] for child in _children(node))
+            if total > MAX_EXPANDED_NODES:
+                raise ConfigError(path, "", f"expands to more than {MAX_EXPANDED_NODES} YAML nodes "
+                                            "(aliases repeated too often); refusing to load it")
+            sizes[key] = total
+            continue
         if key in sizes:
-            return sizes[key]
-        sizes[key] = 1  # guards recursive structures; they are refused below anyway
-        if isinstance(node, yaml.SequenceNode):
-            total = 1 + sum(size(child) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            total = 1 + sum(size(k) + size(v) for k, v in node.value)
-        else:
-            total = 1
-        if total > MAX_EXPANDED_NODES:
-            raise ConfigError(path, "", f"expands to more than {MAX_EXPANDED_NODES} YAML nodes "
-                                        "(aliases repeated too often); refusing to load it")
-        sizes[key] = total
-        return total
-
-    _refuse_cycles(path, root, set())
-    size(root)
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                raise ConfigError(path, "", f"line {child.start_mark.line + 1}: an alias refers to itself")
+            if id(child) not in sizes:
+                stack.append((child, False))
 
 
-def _refuse_cycles(path: str, node, active: set) -> None:
-    if id(node) in active:
-        raise ConfigError(path, "", f"line {node.start_mark.line + 1}: an alias refers to itself")
-    if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
-        active.add(id(node))
-        children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
-        for child in children:
-            _refuse_cycles(path, child, active)
-        active.discard(id(node))
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for key_value in node.value for n in key_value]
+    return []
 
 
 def _record_lines(node, path: str, lines: dict, seen: set) -> None:
