@@ -9,6 +9,7 @@ from hetero.config.fields import Section, choice, integer, number, text
 
 DTYPES = ("fp32", "bf16", "fp16")
 DATA_KINDS = ("synthetic", "tokens", "text")
+ON_NAN = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    on_nan: str = "stop"     # a non-finite loss or gradient norm: stop the job, or skip that step's update
     checkpoint: CheckpointConfig | None = None
     data: DataConfig = DataConfig(kind="synthetic")
 
@@ -51,6 +53,7 @@ def read_train(section: Section) -> TrainConfig:
         weight_decay=section.get("weight_decay", number(0.0, 10.0, low_inclusive=True), 0.0),
         grad_clip=section.get("grad_clip", number(0.0, 1e6, low_inclusive=True), 1.0),
         warmup_steps=section.get("warmup_steps", integer(0, 1 << 30), 0),
+        on_nan=section.get("on_nan", choice(*ON_NAN), "stop"),
         checkpoint=_read_checkpoint(section, base),
         data=_read_data(section, base),
     )

@@ -1,10 +1,15 @@
 """One worker's training loop: its stage of the model, 1F1B, reductions, AdamW,
 metrics and checkpoints. Every rank of the job runs this with its own Place.
+
+Every decision that could split the fleet (which checkpoint to resume from, a
+non-finite loss, a failed checkpoint write) is taken from fleet-wide sums, so
+all ranks take it alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -18,6 +23,7 @@ from hetero.engine.data import SampleSource
 from hetero.engine.optimizer import AdamW
 from hetero.engine.schedule import one_f_one_b
 from hetero.engine.transport import StageLink
+from hetero.errors import JobFatalError
 from hetero.model import LlamaStage, TensorParallel
 from hetero.model import layout
 from hetero.model.state import full_state_dict, load_full_state_dict
@@ -80,21 +86,35 @@ class Trainer:
         return StageLink(transport, self.place.tp_rank, self.place.stage.tp, self.comms.tp_group, peers)
 
     def _resume(self) -> int:
+        """Load the newest good checkpoint (falling back past bad ones); return its step."""
         root = self.train.checkpoint.dir if self.train.checkpoint else None
-        found = ckpt.latest(root)
-        if not found:
+        saved = ckpt.load(root, self.model_config, log=self._log_once, agree=self._any_rank)
+        if saved is None:
             return 0
-        saved = ckpt.Checkpoint(found, self.model_config)
+        found = saved.directory
         names = {self.model.hf_name(n): n for n in self.params}
         load_full_state_dict(self.model, saved.tensors(names), source=found)
         for kind, store in (("exp_avg", self.optimizer.exp_avg), ("exp_avg_sq", self.optimizer.exp_avg_sq)):
             full = saved.tensors([f"{kind}.{hf}" for hf in names])
             for hf, module_name in names.items():
                 store[module_name].copy_(self.model.tp.shard(full[f"{kind}.{hf}"], layout.split_dim(hf)))
-        self.optimizer.steps = saved.step
-        if self.place.rank == 0:
-            self.log(f"resumed from {found} (step {saved.step})")
+        self.optimizer.steps = saved.optimizer_steps
+        self._log_once(f"resumed from {found} (step {saved.step})")
         return saved.step
+
+    def _log_once(self, message: str) -> None:
+        """A line for the whole job: rank 0 says it."""
+        if self.place.rank == 0:
+            self.log(message)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank of the job (a fleet-wide sum; every rank must call it)."""
+        return self._fleet_count([flag])[0] > 0
+
+    def _fleet_count(self, flags) -> list[int]:
+        """How many ranks raise each flag (a fleet-wide sum; every rank must call it)."""
+        totals = self.comms.fleet_sum(torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64))
+        return [int(round(float(t))) for t in totals]
 
     # -- the loop -----------------------------------------------------------------
     def run(self) -> None:
@@ -109,13 +129,15 @@ class Trainer:
             sq_norm = self._local_grad_sq_norm()
             totals = self.comms.fleet_sum(torch.tensor([loss_sum, sq_norm], dtype=torch.float64))
             loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
-            self._clip(grad_norm)
-            with self._scope():
-                self.optimizer.step(self._lr(step))
+            finite = self._check_finite(step, loss, grad_norm)
+            if finite:
+                self._clip(grad_norm)
+                with self._scope():
+                    self.optimizer.step(self._lr(step))
             self.optimizer.zero_grad()
             self.accel.synchronize()
             step_s = self._clock() - started
-            if self.steps_log:
+            if self.steps_log and finite:
                 record = {"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
                           "step_s": step_s, "grad_norm": grad_norm, "time": self._stamp(),
                           "cross_island_reduce_s": cross_island_s}
@@ -127,6 +149,18 @@ class Trainer:
             if every and ((step + 1) % every == 0 or step + 1 == self.steps):
                 self._save(step + 1)
         self.comms.flush()
+
+    def _check_finite(self, step: int, loss: float, grad_norm: float) -> bool:
+        """False when this step's update must be skipped (train.on_nan: skip); raises JobFatalError
+        (train.on_nan: stop) before anything is checkpointed. Loss and norm are fleet-wide sums, the
+        same on every rank, so every rank decides alike."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return True
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        if self.train.on_nan == "stop":
+            raise JobFatalError(f"step {step + 1}: {what}; stopping before checkpointing (train.on_nan: stop)")
+        self._log_once(f"step {step + 1}: {what}; skipping this step's update (train.on_nan: skip)")
+        return False
 
     def _lr(self, step: int) -> float:
         warmup = self.train.warmup_steps
@@ -277,10 +311,12 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------
     def _save(self, step: int) -> None:
+        """Write checkpoint `step`; each phase ends in a fleet-wide count of ranks whose part failed
+        for want of space (it doubles as the barrier), so every rank stops alike and `latest` keeps
+        naming the previous checkpoint."""
         root = self.train.checkpoint.dir
-        if self.place.rank == 0:
-            ckpt.prepare(root, step)
-        self.comms.barrier(f"ckpt-prepare-{step}")
+        self._refuse_non_finite_state(step)
+        self._agree_written(root, step, self._only_rank0(ckpt.prepare, root, step))
         model = full_state_dict(self.model)
         moments = {}
         for kind, store in (("exp_avg", self.optimizer.exp_avg), ("exp_avg_sq", self.optimizer.exp_avg_sq)):
@@ -290,13 +326,52 @@ class Trainer:
                 whole = tensor if dim is None else self.model.tp.all_gather(tensor, dim)
                 moments[f"{kind}.{hf}"] = whole.to("cpu", copy=True)
         writer = self.place.tp_rank == 0 and self.place.dp_rank == 0 and self.place.stage.pipeline == 0
+        failed = None
         if writer:
-            ckpt.write_stage_files(root, step, self.place.stage.index, model, moments)
-        self.comms.barrier(f"ckpt-written-{step}")
+            failed = _out_of_space(ckpt.write_stage_files, root, step, self.place.stage.index, model, moments)
+        self._agree_written(root, step, failed)
+        extra = {"data_position": {"next_step": step}, "optimizer_steps": self.optimizer.steps}
+        failed = self._only_rank0(ckpt.commit, root, step, self.model_config, extra)
+        self._agree_written(root, step, failed)
+        self._log_once(f"checkpoint {ckpt.step_dir(root, step)}")
+
+    def _only_rank0(self, write, *args) -> int | None:
+        """Rank 0 runs `write`; the errno of a full disk or quota it hit, else None."""
+        return _out_of_space(write, *args) if self.place.rank == 0 else None
+
+    def _agree_written(self, root: str, step: int, failed: int | None) -> None:
+        """Every rank: raise JobFatalError if any rank ran out of space writing checkpoint `step`."""
+        no_space, quota = self._fleet_count([failed == errno.ENOSPC, failed == errno.EDQUOT])
+        if not (no_space or quota):
+            return
         if self.place.rank == 0:
-            final = ckpt.commit(root, step, self.model_config, {"data_position": {"next_step": step}})
-            self.log(f"checkpoint {final}")
-        self.comms.barrier(f"ckpt-done-{step}")
+            ckpt.discard(root, step)
+        what = "no space left on device" if no_space else "disk quota exceeded"
+        kept = ckpt.pointed_step(root)
+        previous = f"latest is still step {kept}" if kept else "no earlier checkpoint"
+        raise JobFatalError(f"{root}: {what} while writing checkpoint {os.path.basename(ckpt.step_dir(root, step))}"
+                            f" ({previous}); free space there and restart")
+
+    def _refuse_non_finite_state(self, step: int) -> None:
+        """Raise JobFatalError on every rank if any rank's weights or moments hold nan or inf."""
+        stores = (self.params, self.optimizer.exp_avg, self.optimizer.exp_avg_sq)
+        bad = next((name for store in stores for name, t in store.items()
+                    if not bool(torch.isfinite(t.detach()).all())), None)
+        if self._any_rank(bad is not None):
+            where = f" ({self.model.hf_name(bad)} on rank {self.place.rank})" if bad else ""
+            raise JobFatalError(f"step {step}: weights are not finite{where}; stopping before checkpointing")
+
+
+def _out_of_space(write, *args) -> int | None:
+    """Run a checkpoint write; the errno if it failed for want of space (ENOSPC, EDQUOT), else None.
+    Other failures propagate."""
+    try:
+        write(*args)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc.errno
+        raise
+    return None
 
 
 def _open_jsonl(run_dir: str | None, relative: str):
