@@ -17,16 +17,29 @@ is tp consecutive chips inside one node.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
+
+from partitioner.inputs import DTYPE_BYTES, RECOMPUTE_MODES
 
 FORMAT = "hetero-plan"
 VERSION = 1
 KINDS = ("pipeline", "replicas")
 
 
+MAX_COUNT = 1 << 20      # chips, ranks, stages, layers, heads: far beyond any fleet or model
+MAX_BATCH = 10 ** 9
+
+
 class PlanError(ValueError):
-    """A plan that breaks the format or its invariants."""
+    """A plan that breaks the format or its invariants. `field` names the offending
+    field ("stages[1].tp") when there is one; `reason` is the message without it."""
+
+    def __init__(self, reason: str, field: str = ""):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}" if field else reason)
 
 
 @dataclass(frozen=True)
@@ -133,43 +146,40 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Plan":
+        """A Plan from its JSON object, every field checked for type and range (a PlanError
+        naming the field otherwise: a fractional `tp` or a NaN time is refused, not truncated)."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise PlanError(f"not a hetero plan (expected \"format\": \"{FORMAT}\")")
-        if data.get("version") != VERSION:
-            raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {VERSION})")
-        try:
-            stages = tuple(StagePlan(
-                index=int(s["index"]), pipeline=int(s["pipeline"]), island=str(s["island"]),
-                chip=str(s["chip"]), tp=int(s["tp"]), dp=int(s["dp"]),
-                layers=(int(s["layers"][0]), int(s["layers"][1])), recompute=str(s["recompute"]),
-                offset=int(s["offset"]), time_s=float(s["time_s"]), memory_gb=float(s["memory_gb"]),
-                source=str(s.get("source", "estimated"))) for s in data["stages"])
-            pipelines = tuple(PipelinePlan(
-                index=int(p["index"]), stages=tuple(int(i) for i in p["stages"]), dp=int(p["dp"]),
-                micro_batch=int(p["micro_batch"]), num_micro_batches=int(p["num_micro_batches"]))
-                for p in data["pipelines"])
-            ranks = tuple(RankPlan(**{k: (str(r[k]) if k == "island" else int(r[k]))
-                                      for k in RankPlan.__dataclass_fields__}) for r in data["ranks"])
-            plan = cls(
-                kind=str(data["kind"]), cluster=str(data["cluster"]), model=str(data["model"]),
-                dtype=str(data["dtype"]), layers=int(data["layers"]), heads=int(data["heads"]),
-                kv_heads=int(data["kv_heads"]), global_batch=int(data["global_batch"]),
-                micro_batch=int(data["micro_batch"]), num_micro_batches=int(data["num_micro_batches"]),
-                recompute=str(data["recompute"]), zero1=bool(data["zero1"]),
-                stages=stages, pipelines=pipelines, ranks=ranks,
-                predicted_step_s=float(data["predicted_step_s"]), tokens_per_s=float(data["tokens_per_s"]),
-                mfu={str(k): float(v) for k, v in dict(data["mfu"]).items()},
-                breakdown={str(k): float(v) for k, v in dict(data.get("breakdown", {})).items()},
-                measured=bool(data.get("measured", False)), provenance=dict(data.get("provenance", {})),
-                idle={str(k): int(v) for k, v in dict(data.get("idle", {})).items()},
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from None
-        return plan
+        if data.get("version") != VERSION or isinstance(data.get("version"), bool):
+            raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {VERSION})", "version")
+        return cls(
+            kind=_text(data, "kind", choices=KINDS), cluster=_text(data, "cluster"), model=_text(data, "model"),
+            dtype=_text(data, "dtype", choices=tuple(DTYPE_BYTES)), layers=_int(data, "layers", low=1),
+            heads=_int(data, "heads", low=1), kv_heads=_int(data, "kv_heads", low=1),
+            global_batch=_int(data, "global_batch", low=1, high=MAX_BATCH),
+            micro_batch=_int(data, "micro_batch", low=1, high=MAX_BATCH),
+            num_micro_batches=_int(data, "num_micro_batches", low=1, high=MAX_BATCH),
+            recompute=_text(data, "recompute", choices=RECOMPUTE_MODES + ("mixed",)), zero1=_flag(data, "zero1"),
+            stages=tuple(_stage(s, f"stages[{i}]") for i, s in enumerate(_items(data, "stages"))),
+            pipelines=tuple(_pipeline(p, f"pipelines[{i}]") for i, p in enumerate(_items(data, "pipelines"))),
+            ranks=tuple(_rank(r, f"ranks[{i}]") for i, r in enumerate(_items(data, "ranks"))),
+            predicted_step_s=_number(data, "predicted_step_s", positive=True),
+            tokens_per_s=_number(data, "tokens_per_s"),
+            mfu=_table(data, "mfu", _number), breakdown=_table(data, "breakdown", _number, low=None, default={}),
+            measured=_flag(data, "measured", default=False),
+            provenance=dict(_mapping(data, "provenance", default={})),
+            idle=_table(data, "idle", _int, default={}),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)     # NaN / Infinity parse, and the field readers refuse them by name
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        except RecursionError:
+            raise PlanError("not valid JSON (nested too deeply)") from None
+        return cls.from_dict(data)
 
     # -- checks ------------------------------------------------------------------
 
@@ -311,3 +321,120 @@ def assign_ranks(fleet, stages: list[StagePlan]) -> tuple[RankPlan, ...]:
                                   node=island.node_of(local), pipeline=s.pipeline, stage=s.index,
                                   tp_rank=tp_rank, dp_rank=dp_rank))
     return tuple(ranks)
+
+
+# -- reading the JSON form: one function per field type, each naming the field it refuses --------
+
+_MISSING = object()
+
+
+def _stage(data, where: str) -> StagePlan:
+    layers = _items(data, "layers", where)
+    if len(layers) != 2:
+        raise PlanError(f"expected [start, end], got {_show(layers)}", f"{where}.layers")
+    start, end = (_int({"layers": layers}, "layers", where, index=i) for i in (0, 1))
+    return StagePlan(
+        index=_int(data, "index", where), pipeline=_int(data, "pipeline", where), island=_text(data, "island", where),
+        chip=_text(data, "chip", where), tp=_int(data, "tp", where, low=1), dp=_int(data, "dp", where, low=1),
+        layers=(start, end), recompute=_text(data, "recompute", where, choices=RECOMPUTE_MODES),
+        offset=_int(data, "offset", where), time_s=_number(data, "time_s", where),
+        memory_gb=_number(data, "memory_gb", where), source=_text(data, "source", where, default="estimated"))
+
+
+def _pipeline(data, where: str) -> PipelinePlan:
+    stages = _items(data, "stages", where)
+    return PipelinePlan(
+        index=_int(data, "index", where),
+        stages=tuple(_int({"stages": stages}, "stages", where, index=i) for i in range(len(stages))),
+        dp=_int(data, "dp", where, low=1), micro_batch=_int(data, "micro_batch", where, low=1, high=MAX_BATCH),
+        num_micro_batches=_int(data, "num_micro_batches", where, low=1, high=MAX_BATCH))
+
+
+def _rank(data, where: str) -> RankPlan:
+    return RankPlan(**{key: _text(data, key, where) if key == "island" else _int(data, key, where)
+                       for key in RankPlan.__dataclass_fields__})
+
+
+def _get(data, key: str, where: str, default=_MISSING):
+    if not isinstance(data, Mapping):
+        raise PlanError(f"expected an object, got {_show(data)}", where)
+    if key not in data:
+        if default is _MISSING:
+            raise PlanError("missing", _join(where, key))
+        return default
+    return data[key]
+
+
+def _int(data, key: str, where: str = "", low: int = 0, high: int = MAX_COUNT, index: int | None = None) -> int:
+    value = _get(data, key, where)
+    name = _join(where, key)
+    if index is not None:
+        value, name = value[index], f"{name}[{index}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(f"expected a whole number, got {_show(value)}", name)
+    if not low <= value <= high:
+        raise PlanError(f"expected a whole number from {low} to {high}, got {value}", name)
+    return value
+
+
+def _number(data, key: str, where: str = "", low: float | None = 0.0, positive: bool = False) -> float:
+    value = _get(data, key, where)
+    name = _join(where, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(f"expected a number, got {_show(value)}", name)
+    if not math.isfinite(value):
+        raise PlanError(f"expected a finite number, got {value}", name)
+    if positive and value <= 0:
+        raise PlanError(f"expected a number > 0, got {value}", name)
+    if low is not None and value < low:
+        raise PlanError(f"expected a number >= {low:g}, got {value}", name)
+    return float(value)
+
+
+def _text(data, key: str, where: str = "", choices: tuple | None = None, default=_MISSING) -> str:
+    value = _get(data, key, where, default)
+    name = _join(where, key)
+    if not isinstance(value, str) or not value:
+        raise PlanError(f"expected a non-empty string, got {_show(value)}", name)
+    if choices is not None and value not in choices:
+        raise PlanError(f"expected one of {', '.join(choices)}, got {_show(value)}", name)
+    return value
+
+
+def _flag(data, key: str, where: str = "", default=_MISSING) -> bool:
+    value = _get(data, key, where, default)
+    if not isinstance(value, bool):
+        raise PlanError(f"expected true or false, got {_show(value)}", _join(where, key))
+    return value
+
+
+def _items(data, key: str, where: str = "") -> list:
+    value = _get(data, key, where)
+    if not isinstance(value, list):
+        raise PlanError(f"expected a list, got {_show(value)}", _join(where, key))
+    return value
+
+
+def _mapping(data, key: str, where: str = "", default=_MISSING) -> Mapping:
+    value = _get(data, key, where, default)
+    if not isinstance(value, Mapping):
+        raise PlanError(f"expected an object, got {_show(value)}", _join(where, key))
+    return value
+
+
+def _table(data, key: str, read, default=_MISSING, **limits) -> dict:
+    """{name: value} with every value read by `read` (_int or _number) under `limits`."""
+    table = _mapping(data, key, default=default)
+    return {name: read(table, name, key, **limits) for name in table}
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _show(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
