@@ -8,6 +8,7 @@ the coordinator itself fails every peer, so nothing waits forever.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Callable
 import grpc
 
 from comm_bridge.coordinator import SERVICE, TOKEN_METADATA
-from comm_bridge.errors import AuthenticationError, CoordinatorError
+from comm_bridge.errors import AuthenticationError, CoordinatorError, CoordinatorTimeoutError
 
 
 class CoordinatorClient:
@@ -47,7 +48,8 @@ class CoordinatorClient:
             code = exc.code()
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise AuthenticationError(f"coordinator {self.address} refused rank {self.rank}: {exc.details()}") from None
-            raise CoordinatorError(f"coordinator {self.address}: {method} failed "
+            error = CoordinatorTimeoutError if code == grpc.StatusCode.DEADLINE_EXCEEDED else CoordinatorError
+            raise error(f"coordinator {self.address}: {method} failed "
                                    f"({code.name if code else 'unknown'}): {exc.details()}") from None
         return json.loads(reply.decode())
 
@@ -75,11 +77,42 @@ class CoordinatorClient:
         timeout = self.timeout if timeout is None else timeout
         return self._call("Barrier", {"rank": self.rank, "name": name, "timeout": timeout}, timeout)["generation"]
 
+    # ------------------------------------------------------- key-value store
     def kv_set(self, key: str, value: str) -> None:
         self._call("KVSet", {"key": key, "value": value})
 
     def kv_get(self, key: str, timeout: float = 0.0) -> str:
+        """The key's value; waits up to `timeout` s for it to be set (CoordinatorTimeoutError after)."""
         return self._call("KVGet", {"key": key, "timeout": timeout}, timeout)["value"]
+
+    def kv_set_bytes(self, key: str, value: bytes) -> None:
+        self._call("KVSet", {"key": key, "b64": _b64(value)})
+
+    def kv_get_bytes(self, key: str, timeout: float = 0.0) -> bytes:
+        reply = self._call("KVGet", {"key": key, "timeout": timeout, "encoding": "b64"}, timeout)
+        return base64.b64decode(reply["b64"])
+
+    def kv_add(self, key: str, amount: int) -> int:
+        """Add to the integer a key holds (absent: 0), atomically; return the new value."""
+        return int(self._call("KVAdd", {"key": key, "amount": int(amount)})["value"])
+
+    def kv_compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        """Set `desired` if the key holds `expected` (absent counts as b""); return what it holds then."""
+        reply = self._call("KVCompareSet", {"key": key, "expected_b64": _b64(expected), "desired_b64": _b64(desired)})
+        return base64.b64decode(reply["b64"])
+
+    def kv_wait(self, keys: list[str], timeout: float) -> None:
+        """Return once every key is set; CoordinatorTimeoutError after `timeout` s."""
+        self._call("KVWait", {"keys": list(keys), "timeout": timeout}, timeout)
+
+    def kv_check(self, keys: list[str]) -> bool:
+        return bool(self._call("KVCheck", {"keys": list(keys)})["ready"])
+
+    def kv_delete(self, key: str) -> bool:
+        return bool(self._call("KVDelete", {"key": key})["deleted"])
+
+    def kv_count(self, prefix: str = "") -> int:
+        return int(self._call("KVCount", {"prefix": prefix})["count"])
 
     def heartbeat(self) -> dict[int, str]:
         reply = self._call("Heartbeat", {"rank": self.rank}, 5.0)
@@ -158,3 +191,7 @@ class CoordinatorClient:
         for thread in self._threads:
             thread.join(timeout=5)
         self._channel.close()
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(bytes(value)).decode()

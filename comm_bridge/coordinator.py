@@ -9,26 +9,45 @@ No protobuf code generation: methods are generic handlers taking and returning
 JSON-encoded bytes. Every call must carry the job token in metadata
 (`x-hetero-job-token`); a wrong or missing token is refused and counted by
 reason (`refusals`: missing_token, wrong_token).
-The server binds 127.0.0.1 unless told to bind all interfaces.
+The server binds 127.0.0.1 unless told to bind all interfaces, and never
+shares its port (SO_REUSEPORT off): a port in use fails `start()` with
+AddressInUseError instead of splitting another job's connections.
+
+The key-value store holds bytes, bounded in key size, value size, key count
+and total size. Besides set/get (get may wait for the key) it has what a
+torch.distributed Store needs: add, compare-and-set, wait for keys, check,
+delete and count. Values travel as UTF-8 text ("value") or base64 ("b64").
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import errno
 import hmac
 import json
+import math
 import queue
+import socket
 import threading
 import time
 from concurrent import futures
 
 import grpc
 
+from comm_bridge.errors import AddressInUseError
+
 SERVICE = "hetero.bridge.Coordinator"
 TOKEN_METADATA = "x-hetero-job-token"
 MAX_REQUEST_BYTES = 1 << 20
-MAX_KV_VALUE_BYTES = 64 << 10
+MAX_KV_KEY_BYTES = 4 << 10
+MAX_KV_VALUE_BYTES = 256 << 10
+MAX_KV_KEYS = 1 << 16
+MAX_KV_TOTAL_BYTES = 64 << 20
+MAX_WAIT_S = 3600.0
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
-METHODS_UNARY = ("Register", "AddressBook", "Barrier", "KVSet", "KVGet", "Heartbeat", "Leave")
+METHODS_UNARY = ("Register", "AddressBook", "Barrier", "Heartbeat", "Leave",
+                 "KVSet", "KVGet", "KVAdd", "KVCompareSet", "KVWait", "KVCheck", "KVDelete", "KVCount")
 
 
 class _Abort(Exception):
@@ -56,7 +75,8 @@ class Coordinator:
         self._last_seen: dict[int, float] = {}
         self.failed: dict[int, str] = {}
         self.finished: set[int] = set()
-        self._kv: dict[str, str] = {}
+        self._kv: dict[str, bytes] = {}
+        self._kv_bytes = 0          # sum of len(key) + len(value) over the store
         self._barriers: dict[str, dict] = {}
         self._watchers: list[queue.Queue] = []
         self.refusals: dict[str, int] = {"missing_token": 0, "wrong_token": 0}
@@ -69,14 +89,19 @@ class Coordinator:
         handlers = {name: grpc.unary_unary_rpc_method_handler(self._unary(getattr(self, f"_do_{name}")))
                     for name in METHODS_UNARY}
         handlers["Watch"] = grpc.unary_stream_rpc_method_handler(self._watch)
-        # Barrier, KVGet and Watch park a thread each; size the pool for a full job.
-        pool = futures.ThreadPoolExecutor(max_workers=max(16, 3 * self.world_size + 8),
+        # Barrier, KVGet, KVWait and Watch park a thread each (workers and island agents).
+        pool = futures.ThreadPoolExecutor(max_workers=max(16, 4 * self.world_size + 16),
                                           thread_name_prefix="coordinator")
-        self._server = grpc.server(pool, options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+        self._server = grpc.server(pool, options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                                                  ("grpc.so_reuseport", 0)])
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        port = self._server.add_insecure_port(self._bind)
+        _check_free(self._bind)   # before grpc, which would also log the failure to stderr
+        try:
+            port = self._server.add_insecure_port(self._bind)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"coordinator cannot bind {self._bind}")
+            raise AddressInUseError(_in_use_message(self._bind))
         self._server.start()
         self.address = f"{self._host}:{port}"
         threading.Thread(target=self._monitor, name="coordinator-monitor", daemon=True).start()
@@ -214,21 +239,89 @@ class Coordinator:
                            str(r) for r in range(self.world_size) if r not in barrier["arrived"])})
             return {"generation": generation}
 
+    # ------------------------------------------------------- key-value store
     def _do_KVSet(self, body: dict) -> dict:
-        key, value = str(body["key"]), body["value"]
-        if not isinstance(value, str) or len(value.encode()) > MAX_KV_VALUE_BYTES:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"value must be a string of at most {MAX_KV_VALUE_BYTES} bytes")
+        key, value = _key(body["key"]), _value(body)
         with self._cond:
-            self._kv[key] = value
-            self._cond.notify_all()
+            self._put(key, value)
         return {}
 
     def _do_KVGet(self, body: dict) -> dict:
-        key = str(body["key"])
+        key = _key(body["key"])
         with self._cond:
-            self._wait(lambda: key in self._kv, body.get("timeout", 0),
+            self._wait(lambda: key in self._kv, _timeout(body),
                        {"message": lambda: f"key '{key}' was never set", "fail_fast": False})
-            return {"value": self._kv[key]}
+            return _reply(self._kv[key], body)
+
+    def _do_KVAdd(self, body: dict) -> dict:
+        key, amount = _key(body["key"]), body["amount"]
+        if not isinstance(amount, int) or isinstance(amount, bool):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "amount must be an integer")
+        with self._cond:
+            try:
+                total = int(self._kv.get(key, b"0")) + amount
+            except ValueError:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"key '{key}' holds a value that is not an integer") from None
+            self._put(key, str(total).encode())
+        return {"value": total}
+
+    def _do_KVCompareSet(self, body: dict) -> dict:
+        """Set `desired` if the key holds `expected` (or is absent and `expected` is empty).
+
+        Returns what the key holds afterwards; for an absent key and a non-empty
+        `expected`, returns `expected` (torch's TCPStore semantics)."""
+        key = _key(body["key"])
+        expected, desired = _b64(body["expected_b64"]), _b64(body["desired_b64"])
+        with self._cond:
+            current = self._kv.get(key)
+            if (current is None and not expected) or current == expected:
+                self._put(key, desired)
+                current = desired
+            elif current is None:
+                current = expected
+        return {"b64": base64.b64encode(current).decode()}
+
+    def _do_KVWait(self, body: dict) -> dict:
+        keys = _keys(body["keys"])
+        with self._cond:
+            self._wait(lambda: all(k in self._kv for k in keys), _timeout(body),
+                       {"message": lambda: "keys never set: " + ", ".join(
+                           f"'{k}'" for k in keys[:8] if k not in self._kv), "fail_fast": False})
+        return {}
+
+    def _do_KVCheck(self, body: dict) -> dict:
+        keys = _keys(body["keys"])
+        with self._cond:
+            return {"ready": all(k in self._kv for k in keys)}
+
+    def _do_KVDelete(self, body: dict) -> dict:
+        key = _key(body["key"])
+        with self._cond:
+            value = self._kv.pop(key, None)
+            if value is not None:
+                self._kv_bytes -= len(key) + len(value)
+        return {"deleted": value is not None}
+
+    def _do_KVCount(self, body: dict) -> dict:
+        prefix = body.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "prefix must be a string")
+        with self._cond:
+            return {"count": sum(1 for k in self._kv if k.startswith(prefix))}
+
+    def _put(self, key: str, value: bytes) -> None:
+        """Store a value within the store's bounds and wake every waiter. Caller holds self._cond."""
+        old = self._kv.get(key)
+        grown = len(value) - (len(old) if old is not None else -len(key))
+        if old is None and len(self._kv) >= MAX_KV_KEYS:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the key-value store is full ({MAX_KV_KEYS} keys)")
+        if self._kv_bytes + grown > MAX_KV_TOTAL_BYTES:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"the key-value store is full ({MAX_KV_TOTAL_BYTES >> 20} MiB)")
+        self._kv[key] = value
+        self._kv_bytes += grown
+        self._cond.notify_all()
 
     def _do_Heartbeat(self, body: dict) -> dict:
         rank = self._rank(body)
@@ -268,3 +361,78 @@ class Coordinator:
         finally:
             with self._cond:
                 self._watchers.remove(events)
+
+
+# ------------------------------------------------------------------ helpers
+def _key(key) -> str:
+    if not isinstance(key, str) or not key or len(key.encode()) > MAX_KV_KEY_BYTES:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"key must be a non-empty string of at most {MAX_KV_KEY_BYTES} bytes")
+    return key
+
+
+def _keys(keys) -> list[str]:
+    if not isinstance(keys, list) or not keys:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "keys must be a non-empty list of strings")
+    return [_key(k) for k in keys]
+
+
+def _b64(text) -> bytes:
+    if not isinstance(text, str):
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a b64 value must be a base64 string")
+    try:
+        value = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a b64 value is not valid base64") from None
+    if len(value) > MAX_KV_VALUE_BYTES:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"value must be at most {MAX_KV_VALUE_BYTES} bytes")
+    return value
+
+
+def _value(body: dict) -> bytes:
+    """A request's value: text in "value" (UTF-8) or bytes in "b64"."""
+    if "b64" in body:
+        return _b64(body["b64"])
+    value = body["value"]
+    if not isinstance(value, str) or len(value.encode()) > MAX_KV_VALUE_BYTES:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"value must be a string of at most {MAX_KV_VALUE_BYTES} bytes")
+    return value.encode()
+
+
+def _reply(value: bytes, body: dict) -> dict:
+    if body.get("encoding") == "b64":
+        return {"b64": base64.b64encode(value).decode()}
+    return {"value": value.decode("utf-8", errors="replace")}
+
+
+def _timeout(body: dict) -> float:
+    timeout = body.get("timeout", 0)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout) \
+            or timeout < 0:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "timeout must be a finite number of seconds >= 0")
+    return min(float(timeout), MAX_WAIT_S)
+
+
+def _in_use_message(bind: str) -> str:
+    return f"{bind} is already in use (another job may hold it; give this job another coordinator port)"
+
+
+def _check_free(bind: str) -> None:
+    """Raise AddressInUseError when something already listens on host:port (port 0: any free one)."""
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    if int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return   # grpc reports an unknown host itself
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as grpc does: TIME_WAIT is free
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressInUseError(_in_use_message(bind)) from None
+                raise

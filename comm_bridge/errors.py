@@ -28,3 +28,11 @@ class AuthenticationError(BridgeError):
 
 class CoordinatorError(BridgeError):
     """The coordinator refused or could not answer a request."""
+
+
+class CoordinatorTimeoutError(CoordinatorError, TimeoutError):
+    """A coordinator call that waits (a key, a barrier, the address book) ran past its timeout."""
+
+
+class AddressInUseError(BridgeError):
+    """A server's host:port is already taken (by another job, most likely); the message names it."""

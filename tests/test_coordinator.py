@@ -6,7 +6,7 @@ import time
 import pytest
 
 from comm_bridge.client import CoordinatorClient
-from comm_bridge.coordinator import Coordinator
+from comm_bridge.coordinator import MAX_KV_VALUE_BYTES, Coordinator
 from comm_bridge.errors import AuthenticationError, CoordinatorError
 
 pytestmark = pytest.mark.timeout(60)
@@ -91,7 +91,7 @@ def test_bad_requests_are_refused_not_crashing(coordinator):
     with pytest.raises(CoordinatorError, match="INVALID_ARGUMENT"):
         client._call("Register", {"rank": 0, "endpoints": "tcp://x"})
     with pytest.raises(CoordinatorError, match="INVALID_ARGUMENT"):
-        client._call("KVSet", {"key": "k", "value": "x" * (128 << 10)})
+        client._call("KVSet", {"key": "k", "value": "x" * (MAX_KV_VALUE_BYTES + 1)})
     client.register(endpoints=[])  # still serving
     client.close()
 
