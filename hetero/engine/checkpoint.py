@@ -132,9 +132,11 @@ def latest(root: str | None) -> str | None:
     try:
         with open(path, encoding="utf-8") as handle:
             pointer = json.load(handle)
-        name, step = pointer["dir"], pointer["step"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CorruptCheckpoint(path, f"corrupt checkpoint pointer ({_one_line(exc)})") from None
+    if not isinstance(pointer, dict) or not {"dir", "step"} <= set(pointer):
+        raise CorruptCheckpoint(path, 'corrupt checkpoint pointer (expected {"step": N, "dir": "step-NNNNNNNN"})')
+    name, step = pointer["dir"], pointer["step"]
     if not isinstance(name, str):
         raise CorruptCheckpoint(path, f"corrupt checkpoint pointer (dir is {name!r}, not a folder name)")
     if os.path.isabs(name):
