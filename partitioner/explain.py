@@ -33,7 +33,7 @@ def compare(best: Plan, other: Plan, other_name: str = "runner-up") -> list[str]
         if abs(b - a) > 1e-12:
             diffs.append((b - a, key, text, a, b))
     diffs.sort(key=lambda d: -d[0])
-    for delta, key, text, a, b in diffs[:3]:
+    for delta, _key, text, a, b in diffs[:3]:
         more = "more" if delta > 0 else "less"
         lines.append(f"  {other_name} spends {abs(delta):.3g} s {more} on {text}: {b:.4g} s vs {a:.4g} s")
     ca, cb = best.breakdown.get("cycle_s", 0.0), other.breakdown.get("cycle_s", 0.0)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from partitioner.costs import (CostModel, divisors, head_forward_flops, layer_forward_flops, layer_params,
+from partitioner.costs import (CostModel, divisors, head_forward_flops, layer_forward_flops,
                                pipeline_step_s, tp_choices)
 from partitioner.inputs import (RECOMPUTE_MODES, FleetSpec, InfeasibleError, IslandSpec, ModelSpec,
                                 SearchLimits, TrainSpec)

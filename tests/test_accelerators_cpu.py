@@ -82,7 +82,7 @@ def test_passthrough_to_device_module(cpu):
     assert cpu.is_available() is True
     assert cpu.get_capabilities is torch.cpu.get_capabilities  # not wrapped: forwarded
     with pytest.raises(AttributeError, match="device module"):
-        cpu.no_such_thing
+        _ = cpu.no_such_thing
 
 
 def test_describe(cpu):
