@@ -51,8 +51,7 @@ class Comms:
         island_size = int(os.environ.get("WORLD_SIZE", "1"))
         backend = cluster.island(place.island).backend
         if island_size > 1:
-            dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=island_size,
-                                    timeout=datetime.timedelta(seconds=TIMEOUT_S))
+            _init_island_group(backend, int(os.environ["RANK"]), island_size)
             if dist.get_rank() != topology.world_rank(rank):
                 raise RuntimeError(f"launcher gave island rank {dist.get_rank()}, "
                                    f"the plan says {topology.world_rank(rank)}")
@@ -171,6 +170,17 @@ class Comms:
 
 
 _finishing = False
+
+
+def _init_island_group(backend: str, rank: int, world_size: int) -> None:
+    """Join the island's native world through the coordinator's authenticated store.
+
+    The store is this island's and attempt's (hetero.launch.store.worker_store): no
+    TCPStore is opened, and only holders of the job token can read or write it."""
+    from hetero.launch.store import worker_store
+
+    dist.init_process_group(backend, store=worker_store(TIMEOUT_S), rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
 
 
 def _stop_on_peer_failure(rank: int, reason: str) -> None:
