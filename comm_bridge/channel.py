@@ -214,7 +214,12 @@ class _Transfer:
 
 
 class Endpoint:
-    """This process's end of the bridge. Thread-safe; close() when done."""
+    """This process's end of the bridge. Thread-safe; close() when done.
+
+    Every socket listens on `host`, the node's own address (a wildcard needs
+    `bind_all=True`). An inbound stream connection must say its hello within
+    `hello_timeout` seconds, and at most `max_unauthenticated` may be waiting to
+    (more are closed at once); refusals are counted in `rejected` by reason."""
 
     def __init__(self, rank: int, token: str | bytes | None = None, *, host: str = "127.0.0.1",
                  advertise_host: str | None = None, stripes: int = 2, chunk_bytes: int = 4 << 20,

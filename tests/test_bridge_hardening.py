@@ -175,6 +175,21 @@ def test_a_connection_without_a_hello_is_closed_at_the_deadline_and_counted():
         b.close()
 
 
+def test_a_garbage_hello_is_refused_counted_and_costs_no_read_ahead():
+    a, b = pair(shm=False)
+    sock = socket.create_connection(S.parse_address(b.stream_address), timeout=10)
+    try:
+        sock.sendall(os.urandom(S.HELLO_BYTES) + b"\0" * 4096)  # garbage, and more behind it
+        assert hung_up(sock)
+        assert wait_for(lambda: b.stats()["rejected"].get("bad_magic") == 1), b.stats()
+        assert b.stats()["stream_buffer_bytes"] == 0 and b.stats()["stream_bytes_received"] == 0
+        assert transfers(a, b, [torch.randn(1000)])
+    finally:
+        sock.close()
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("option, value", [("hello_timeout", 0), ("max_unauthenticated", 0)])
 def test_endpoint_refuses_nonsense_hello_limits(option, value):
     with pytest.raises(ValueError, match=option):
