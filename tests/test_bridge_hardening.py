@@ -11,6 +11,7 @@ import re
 import resource
 import select
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -175,14 +176,41 @@ def test_a_connection_without_a_hello_is_closed_at_the_deadline_and_counted():
         b.close()
 
 
-def test_a_garbage_hello_is_refused_counted_and_costs_no_read_ahead():
+def test_an_inbound_stream_gets_the_full_read_ahead_only_after_its_hello():
+    from comm_bridge import frames as F
+    for token, grows in ((TOKEN, True), ("intruder", False)):
+        listener = S.listen("127.0.0.1")
+        there = socket.create_connection(listener.getsockname(), timeout=10)
+        assert wait_for(lambda listener=listener: select.select([listener], [], [], 0)[0])
+        here = listener.accept()[0]
+        listener.close()
+        try:
+            conn = S.Inbound(here)
+            assert conn.buffer_bytes() == S.HELLO_BYTES
+            there.sendall(struct.pack(f"<4sI{F.AUTH_BYTES}s", S.HELLO_MAGIC, 3, F.auth_tag(token)) + b"x" * 100)
+            assert wait_for(lambda conn=conn: conn.buffered() or conn.fill())
+            assert conn.buffered() == S.HELLO_BYTES  # never more than the hello before it checks out
+            raw = conn.take(S.HELLO_BYTES)
+            if grows:
+                conn.check_hello(raw, F.auth_tag(TOKEN))
+                assert conn.rank == 3 and conn.buffer_bytes() == S.READ_AHEAD_BYTES
+                assert wait_for(lambda conn=conn: conn.buffered() or conn.fill()) and conn.buffered() == 100
+            else:
+                with pytest.raises(F.FrameError, match="job tag"):
+                    conn.check_hello(raw, F.auth_tag(TOKEN))
+                assert conn.rank is None and conn.buffer_bytes() == S.HELLO_BYTES
+        finally:
+            here.close()
+            there.close()
+
+
+def test_a_garbage_hello_is_refused_and_counted():
     a, b = pair(shm=False)
     sock = socket.create_connection(S.parse_address(b.stream_address), timeout=10)
     try:
         sock.sendall(os.urandom(S.HELLO_BYTES) + b"\0" * 4096)  # garbage, and more behind it
         assert hung_up(sock)
         assert wait_for(lambda: b.stats()["rejected"].get("bad_magic") == 1), b.stats()
-        assert b.stats()["stream_buffer_bytes"] == 0 and b.stats()["stream_bytes_received"] == 0
         assert transfers(a, b, [torch.randn(1000)])
     finally:
         sock.close()
