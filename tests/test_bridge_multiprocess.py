@@ -33,6 +33,7 @@ def test_transfer_then_peer_death_raises_within_heartbeat_timeout(shm):
     from comm_bridge.client import CoordinatorClient
     from comm_bridge.coordinator import Coordinator
     from comm_bridge.errors import PeerFailedError
+    from comm_bridge.shm import job_hex_of, ring_path
 
     with Coordinator(TOKEN, world_size=2, heartbeat_timeout=HEARTBEAT_TIMEOUT) as coordinator:
         ctx = mp.get_context("spawn")
@@ -59,6 +60,9 @@ def test_transfer_then_peer_death_raises_within_heartbeat_timeout(shm):
             elapsed = time.monotonic() - start
             assert elapsed < HEARTBEAT_TIMEOUT + 5.0, elapsed
             assert endpoint.stats()["rejected_total"] == 0
+            if shm:  # each receiver unlinked its ring once mapped: the killed peer left none behind
+                assert [p for p in (ring_path(job_hex_of(TOKEN), 0, 1), ring_path(job_hex_of(TOKEN), 1, 0))
+                        if os.path.exists(p)] == []
         finally:
             client.close()
             endpoint.close()
