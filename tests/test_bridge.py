@@ -265,7 +265,7 @@ def test_memory_stays_bounded_over_1000_transfers(shm):
             a.send(x, 1, 0)
         baseline = rss_bytes()
         handles = []
-        for i in range(1000):
+        for _ in range(1000):
             handles.append(b.irecv(0, 0, out=out))
             a.isend(x, 1, 0)
             if len(handles) >= 8:
@@ -342,7 +342,7 @@ def test_tcp_peers_stream_the_payload_and_same_host_shm_peers_only_ring_doorbell
             pending = b.irecv(0, 0)
             a.send(x, 1, 0)
             assert torch.equal(pending.wait(30), x)
-            assert wait_for(lambda: b.stats()["streams_in"] == 1), (shm, b.stats())
+            assert wait_for(lambda b=b: b.stats()["streams_in"] == 1), (shm, b.stats())
             streamed = b.stats()["stream_bytes_received"]
             if shm:
                 assert streamed < 4096, streamed  # header + descriptor per chunk
