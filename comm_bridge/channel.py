@@ -219,7 +219,8 @@ class Endpoint:
     Every socket listens on `host`, the node's own address (a wildcard needs
     `bind_all=True`). An inbound stream connection must say its hello within
     `hello_timeout` seconds, and at most `max_unauthenticated` may be waiting to
-    (more are closed at once); refusals are counted in `rejected` by reason."""
+    (beyond that, the oldest silent one is closed); refusals are counted in
+    `rejected` by reason."""
 
     def __init__(self, rank: int, token: str | bytes | None = None, *, host: str = "127.0.0.1",
                  advertise_host: str | None = None, stripes: int = 2, chunk_bytes: int = 4 << 20,
@@ -903,13 +904,22 @@ class Endpoint:
                 return
             with self._lock:
                 if len(self._unauthenticated) >= self.max_unauthenticated:
-                    sock.close()
-                    self._refused("unauthenticated_cap", f"{self.max_unauthenticated} stream connections "
-                                                         f"already owe their hello; closing new ones")
-                    continue
+                    self._make_room_for_a_hello()
                 conn = S.Inbound(sock, hello_deadline=time.monotonic() + self.hello_timeout)
                 self._stream_in[conn.fd] = conn
                 self._unauthenticated[conn.fd] = conn
+
+    def _make_room_for_a_hello(self) -> None:
+        """At the cap on connections owing their hello (lock held): read what they have
+        sent (a real peer says hello as soon as it connects, and leaves the count), then
+        close the oldest still silent. Idle knockers push each other out, never a peer."""
+        for conn in list(self._unauthenticated.values()):
+            self._read_stream(conn)
+        while len(self._unauthenticated) >= self.max_unauthenticated:
+            oldest = next(iter(self._unauthenticated.values()))
+            self._refused("unauthenticated_cap", f"{self.max_unauthenticated} stream connections owe their "
+                                                 "hello; closing the oldest")
+            self._end_stream(oldest, None)
 
     def _expire_hellos(self) -> None:
         """Close accepted streams whose hello deadline has passed (lock held)."""

@@ -36,7 +36,7 @@ SCHEME = "stream+tcp://"
 READ_ROUND_BYTES = 16 << 20  # per connection per poll round, so one big sender cannot starve others
 READ_AHEAD_BYTES = 256 << 10  # per authenticated inbound stream
 HELLO_TIMEOUT_SECONDS = 5.0   # an accepted connection that has not said hello by then is closed
-MAX_UNAUTHENTICATED = 64      # per listener: connections beyond this many without a hello are closed at once
+MAX_UNAUTHENTICATED = 64      # per listener: beyond this many owing a hello, the oldest silent one is closed
 
 
 def parse_address(address: str) -> tuple[str, int]:

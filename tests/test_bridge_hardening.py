@@ -156,6 +156,26 @@ def test_connections_over_the_cap_are_closed_and_counted_and_a_real_peer_still_g
         b.close()
 
 
+def test_knockers_holding_the_cap_cannot_keep_a_real_peer_out():
+    """The cap closes the oldest silent connection, not the newcomer: a peer that says its
+    hello at once gets through while a full cap of idle knockers is still held open."""
+    a, b = pair(shm=False, max_unauthenticated=8)
+    clients = []
+    try:
+        clients = idle_connections(b, 8, batch=8)
+        assert b.stats()["streams_unauthenticated"] == 8
+        assert transfers(a, b, [torch.arange(10.0), torch.randn(200, 100)])
+        stats = b.stats()
+        assert stats["rejected"].get("unauthenticated_cap") == 1, stats   # the oldest knocker made room
+        assert stats["streams_unauthenticated"] == 7, stats
+        assert stats["messages_received"] == 2, stats
+    finally:
+        for sock in clients:
+            sock.close()
+        a.close()
+        b.close()
+
+
 def test_a_connection_without_a_hello_is_closed_at_the_deadline_and_counted():
     a, b = pair(shm=False, hello_timeout=0.2)
     silent = socket.create_connection(S.parse_address(b.stream_address), timeout=10)
