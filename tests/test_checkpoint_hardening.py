@@ -22,7 +22,7 @@ from hetero.engine.comms import Comms
 from hetero.engine.solo import single_chip_plan, train_solo
 from hetero.engine.topology import Topology
 from hetero.engine.trainer import Trainer
-from hetero.errors import JobFatalError
+from hetero.errors import ConfigError, JobFatalError
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine", "two-islands.yaml")
 WEIGHT = "model.layers.0.mlp.up_proj.weight"
@@ -381,3 +381,28 @@ def test_other_write_errors_still_propagate(job, root, tmp_path, monkeypatch):
     with pytest.raises(OSError) as caught:
         made.run()
     assert caught.value.errno == errno.EIO and not isinstance(caught.value, JobFatalError)
+
+
+# -- train.on_nan ------------------------------------------------------------------------
+
+def train_file(tmp_path, extra):
+    path = tmp_path / "train.yaml"
+    path.write_text("train:\n  global_batch: 8\n  micro_batch: 2\n  steps: 3\n  lr: 0.01\n" + extra)
+    return str(path)
+
+
+def test_on_nan_defaults_to_stop_and_accepts_skip(tmp_path):
+    assert load_job(train=train_file(tmp_path, "")).train.on_nan == "stop"
+    assert load_job(train=train_file(tmp_path, "  on_nan: skip\n")).train.on_nan == "skip"
+
+
+@pytest.mark.parametrize("line,message", [
+    ("  on_nan: skp\n", "train.on_nan (line 6): expected one of stop, skip, got 'skp' (a string); did you mean 'skip'?"),
+    ("  on_nan: true\n", "train.on_nan (line 6): expected one of stop, skip, got true (a boolean)"),
+    ("  on_nam: skip\n", "unknown field 'on_nam'; did you mean 'on_nan'?"),
+])
+def test_on_nan_typos_name_the_field(tmp_path, line, message):
+    path = train_file(tmp_path, line)
+    with pytest.raises(ConfigError) as caught:
+        load_job(train=path)
+    assert str(caught.value).startswith(f"{path}: ") and str(caught.value).endswith(message)

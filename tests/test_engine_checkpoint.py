@@ -34,6 +34,7 @@ def test_layout_and_pointer(saved):
     assert newest.endswith("step-00000003")
     loaded = ckpt.Checkpoint(newest, job.model)
     assert loaded.step == 3 and loaded.state["data_position"] == {"next_step": 3}
+    assert loaded.optimizer_steps == 3 and loaded.state["optimizer_steps"] == 3
     # full tensors under Hugging Face names, plus the AdamW moments
     names = layout.model_names(job.model)
     embed = loaded.tensor("model.embed_tokens.weight")

@@ -243,7 +243,11 @@ class Checkpoint:
             path = os.path.join(directory, file)
             if not os.path.isfile(path):
                 raise CorruptCheckpoint(path, "missing")
-            if _sha256(path) != digest:
+            try:
+                actual = _sha256(path)
+            except OSError as exc:
+                raise CorruptCheckpoint(path, f"unreadable ({_one_line(exc)})") from None
+            if actual != digest:
                 raise CorruptCheckpoint(path, "checksum mismatch (corrupt or edited)")
         self._where = self._check_tensors(model_config, sorted(files))
 
