@@ -141,7 +141,7 @@ def latest(root: str | None) -> str | None:
         raise CorruptCheckpoint(path, f"corrupt checkpoint pointer (dir is {name!r}, not a folder name)")
     if os.path.isabs(name):
         raise CorruptCheckpoint(path, f"names an absolute path {name!r}, outside the checkpoint directory")
-    if "/" in name or os.sep in name or name in (".", "..") or ".." in name.split("/"):
+    if "/" in name or os.sep in name or name in (".", ".."):
         raise CorruptCheckpoint(path, f"names {name!r}, outside the checkpoint directory")
     if not _STEP_DIR.fullmatch(name):
         raise CorruptCheckpoint(path, f"names {name!r}, not a step-NNNNNNNN folder")
@@ -160,7 +160,7 @@ def pointed_step(root: str) -> int | None:
         found = latest(root)
     except CorruptCheckpoint:
         return None
-    return None if found is None else int(_STEP_DIR.fullmatch(os.path.basename(found)).group(1))
+    return None if found is None else _step_of(found)
 
 
 def sealed_steps(root: str) -> list[int]:
@@ -184,7 +184,7 @@ def load(root: str | None, model_config, *, log=print, agree=None) -> "Checkpoin
     agree = agree or (lambda bad: bad)
     if not root or not os.path.lexists(os.path.join(root, LATEST)):
         return None
-    skipped = []                        # (what, why) of each rejected pointer or checkpoint
+    skipped = []                        # (what, verdict, why) of each rejected pointer or checkpoint
     try:
         newest = latest(root)
         steps = [s for s in sealed_steps(root) if s < _step_of(newest)]
