@@ -354,11 +354,12 @@ class Trainer:
 
     def _refuse_non_finite_state(self, step: int) -> None:
         """Raise JobFatalError on every rank if any rank's weights or moments hold nan or inf."""
-        stores = (self.params, self.optimizer.exp_avg, self.optimizer.exp_avg_sq)
-        bad = next((name for store in stores for name, t in store.items()
+        stores = (("", self.params), ("exp_avg.", self.optimizer.exp_avg),
+                  ("exp_avg_sq.", self.optimizer.exp_avg_sq))
+        bad = next((prefix + self.model.hf_name(name) for prefix, store in stores for name, t in store.items()
                     if not bool(torch.isfinite(t.detach()).all())), None)
         if self._any_rank(bad is not None):
-            where = f" ({self.model.hf_name(bad)} on rank {self.place.rank})" if bad else ""
+            where = f" ({bad} on rank {self.place.rank})" if bad else ""
             raise JobFatalError(f"step {step}: weights are not finite{where}; stopping before checkpointing")
 
 
