@@ -16,6 +16,7 @@ from hetero.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {"cluster": "emulated-mixed.yaml", "model": "llama-tiny.yaml", "train": "train-tiny.yaml"}
+MAX_STEPS = 10 ** 9
 KINDS = {"auto": ("pipeline", "replicas"), "pipeline": ("pipeline",), "replicas": ("replicas",)}
 
 
@@ -59,30 +60,40 @@ def search_plan(job, kind: str = "auto", profile=None):
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,
                 progress: bool = True, say=None, kind: str = "auto") -> RunResult:
-    """Plan (unless given a plan file), launch every planned worker, train `steps` steps."""
+    """Plan (unless given a plan file), launch every planned worker, train `steps` steps.
+
+    Every input is checked (the plan file against the job: hetero.plan_check) before the
+    run directory is made; a UserError raised before any worker starts leaves nothing behind."""
     from hetero.launch.fleet import launch_fleet
 
     say = say or (lambda message: print(f"hetero run: {message}", file=sys.stderr, flush=True))
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
     if max_restarts < 0:
         raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
     run_dir = os.path.abspath(run_dir)
-    if os.path.exists(os.path.join(run_dir, "metrics", "steps.jsonl")):
-        raise UserError(f"{run_dir} already holds a run; pass another --out")
-    os.makedirs(os.path.join(run_dir, "metrics"), exist_ok=True)
-    plan_path = os.path.join(run_dir, "plan.json")
+    check_run_dir(run_dir)
     if plan_file:
-        shutil.copyfile(plan_file, plan_path)
+        from hetero.plan_check import load_checked_plan
+
+        plan = load_checked_plan(plan_file, job)
     else:
         plan = search_plan(job, kind)
-        with open(plan_path, "w", encoding="utf-8") as handle:
-            handle.write(plan.to_json())
         say(f"plan: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step")
-    with open(plan_path, encoding="utf-8") as handle:
-        plan_data = json.load(handle)
-    for kind, path in paths.items():
-        shutil.copyfile(path, os.path.join(run_dir, f"{kind}.yaml"))
+    try:
+        made = RunDir(run_dir)
+    except OSError as exc:
+        raise UserError(f"--out {run_dir}: cannot make the run directory: {exc.strerror or exc}") from None
+    try:
+        made.folder("metrics")
+        made.write("plan.json", plan.to_json())
+        for part, path in paths.items():
+            made.copy(path, f"{part}.yaml")
+    except OSError as exc:
+        made.undo()
+        raise UserError(f"--out {run_dir}: cannot write the run directory: {exc.strerror or exc}") from None
+    plan_path = os.path.join(run_dir, "plan.json")
+    plan_data = plan.to_dict()
     say(f"run directory: {run_dir}")
 
     # Checkpoints live in the run directory, so a run only ever resumes its own.
@@ -96,13 +107,82 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
                                 args=(os.path.join(run_dir, "metrics", "steps.jsonl"), steps, stop, records, progress))
     follower.start()
     try:
-        with open(os.path.join(run_dir, "launcher.log"), "a", encoding="utf-8") as log:
+        with open(made.claim("launcher.log"), "a", encoding="utf-8") as log:
             code = launch_fleet(job.cluster, plan_path, "-m hetero.engine.worker", worker_args,
                                 max_restarts=max_restarts, run_dir=run_dir, stdout=log, stderr=log)
+    except UserError:
+        if made.only_ours():
+            made.undo()      # refused before any worker started: leave nothing behind
+        raise
     finally:
         stop.set()
         follower.join()
     return RunResult(code, run_dir, plan_data, records)
+
+
+def check_run_dir(run_dir: str) -> None:
+    """A UserError unless `run_dir` can become a fresh run directory."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"--out {run_dir}: is a file, not a directory; pass another --out")
+    if os.path.exists(os.path.join(run_dir, "metrics", "steps.jsonl")):
+        raise UserError(f"{run_dir} already holds a run; pass another --out")
+    parent = run_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {run_dir}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {run_dir}: cannot write in {parent}")
+
+
+class RunDir:
+    """The run directory this invocation fills, and how to take back what it made (folders it
+    created, files it wrote) when the run is refused before any worker starts."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.made: list[str] = []
+        missing = path
+        while not os.path.exists(missing):
+            self.made.insert(0, missing)      # outermost first: undo removes it whole
+            missing = os.path.dirname(missing)
+        os.makedirs(path, exist_ok=True)
+        self.before = set(os.listdir(path))
+
+    def claim(self, relative: str) -> str:
+        """The path of `relative`, which this invocation is about to make (unless it exists)."""
+        target = os.path.join(self.path, relative)
+        if not os.path.lexists(target):
+            self.made.append(target)
+        return target
+
+    def folder(self, relative: str) -> None:
+        os.makedirs(self.claim(relative), exist_ok=True)
+
+    def write(self, relative: str, text: str) -> None:
+        with open(self.claim(relative), "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    def copy(self, source: str, relative: str) -> None:
+        shutil.copyfile(source, self.claim(relative))
+
+    def only_ours(self) -> bool:
+        """Nothing but what this invocation made has appeared (no worker logs, no metrics)."""
+        ours = {os.path.basename(p) for p in self.made if os.path.dirname(p) == self.path}
+        metrics = os.path.join(self.path, "metrics")
+        return (set(os.listdir(self.path)) <= self.before | ours
+                and (not os.path.isdir(metrics) or not os.listdir(metrics)))
+
+    def undo(self) -> None:
+        for target in reversed(self.made):
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.lexists(target):
+                try:
+                    os.remove(target)
+                except OSError:
+                    pass
+        self.made.clear()
 
 
 def describe(plan) -> str:

@@ -163,7 +163,7 @@ class Plan:
             stages=tuple(_stage(s, f"stages[{i}]") for i, s in enumerate(_items(data, "stages"))),
             pipelines=tuple(_pipeline(p, f"pipelines[{i}]") for i, p in enumerate(_items(data, "pipelines"))),
             ranks=tuple(_rank(r, f"ranks[{i}]") for i, r in enumerate(_items(data, "ranks"))),
-            predicted_step_s=_number(data, "predicted_step_s", positive=True),
+            predicted_step_s=_number(data, "predicted_step_s"),
             tokens_per_s=_number(data, "tokens_per_s"),
             mfu=_table(data, "mfu", _number), breakdown=_table(data, "breakdown", _number, low=None, default={}),
             measured=_flag(data, "measured", default=False),
@@ -174,7 +174,8 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         try:
-            data = json.loads(text)     # NaN / Infinity parse, and the field readers refuse them by name
+            # NaN / Infinity parse, and the field readers refuse them by name.
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise PlanError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
         except RecursionError:
@@ -377,15 +378,13 @@ def _int(data, key: str, where: str = "", low: int = 0, high: int = MAX_COUNT, i
     return value
 
 
-def _number(data, key: str, where: str = "", low: float | None = 0.0, positive: bool = False) -> float:
+def _number(data, key: str, where: str = "", low: float | None = 0.0) -> float:
     value = _get(data, key, where)
     name = _join(where, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PlanError(f"expected a number, got {_show(value)}", name)
     if not math.isfinite(value):
         raise PlanError(f"expected a finite number, got {value}", name)
-    if positive and value <= 0:
-        raise PlanError(f"expected a number > 0, got {value}", name)
     if low is not None and value < low:
         raise PlanError(f"expected a number >= {low:g}, got {value}", name)
     return float(value)
@@ -426,6 +425,16 @@ def _table(data, key: str, read, default=_MISSING, **limits) -> dict:
     """{name: value} with every value read by `read` (_int or _number) under `limits`."""
     table = _mapping(data, key, default=default)
     return {name: read(table, name, key, **limits) for name in table}
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique: a hand-edited plan naming a field twice is ambiguous."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise PlanError(f"not valid JSON: the key {_show(key)} appears twice in one object")
+        out[key] = value
+    return out
 
 
 def _join(where: str, key: str) -> str:

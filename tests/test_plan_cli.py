@@ -96,7 +96,7 @@ def test_plan_bad_profile(hetero_cli, tmp_path):
 
 def test_plan_bad_top(hetero_cli):
     code, _out, err = hetero_cli("plan", *EMU, "--top", "0")
-    assert code == 2 and "positive integer" in err
+    assert code == 2 and "argument --top: expected a whole number from 1 to 1000, got 0" in err
 
 
 def test_profile_then_plan(hetero_cli, tmp_path):

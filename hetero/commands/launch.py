@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from hetero.commands.flags import number, whole
+
+MAX_RESTARTS = 1000
+MAX_WAIT_S = 7 * 24 * 3600.0
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -22,27 +27,17 @@ def register(subparsers) -> None:
     parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
     parser.add_argument("--plan", metavar="FILE", help="plan JSON from 'hetero plan --out'")
     parser.add_argument("--node", metavar="HOST", help="the host this launcher runs, as in the cluster file")
-    parser.add_argument("--max-restarts", type=_non_negative, default=0, metavar="N",
+    parser.add_argument("--max-restarts", type=whole(0, MAX_RESTARTS), default=0, metavar="N",
                         help="restart the whole job at most N times after a failure (default 0)")
     parser.add_argument("--run-dir", metavar="DIR", help="run directory: per-rank logs, HETERO_RUN_DIR")
     parser.add_argument("--token-file", metavar="FILE",
                         help="file with the job token (else HETERO_JOB_TOKEN; the head node makes one)")
-    parser.add_argument("--rdzv-timeout", type=float, default=300.0, metavar="S",
+    parser.add_argument("--rdzv-timeout", type=number(0, MAX_WAIT_S, low_open=True), default=300.0, metavar="S",
                         help="seconds an island waits for all its nodes (default 300)")
     parser.add_argument("-m", "--module", action="store_true", help="SCRIPT is a module name (python -m)")
     parser.add_argument("script", metavar="SCRIPT", help="the worker script (or module, with -m)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for SCRIPT")
     parser.set_defaults(func=run)
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def run(args) -> int:

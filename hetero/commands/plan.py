@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 
+from hetero.commands.flags import whole
 from hetero.config import load_job
 from hetero.errors import UserError
 from hetero.planning import Progress, load_profile, plan_job
 from partitioner import explain
+
+MAX_TOP = 1000
 
 
 def register(subparsers) -> None:
@@ -28,21 +31,10 @@ def register(subparsers) -> None:
     parser.add_argument("--train", required=True, metavar="FILE", help="train YAML")
     parser.add_argument("--profile", metavar="FILE", help="measured profile from 'hetero profile'")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--top", type=_positive, default=1, metavar="K", help="show the K best plans (default 1)")
+    parser.add_argument("--top", type=whole(1, MAX_TOP), default=1, metavar="K", help="show the K best plans (default 1)")
     parser.add_argument("--explain", action="store_true", help="say why the runner-up lost")
     parser.add_argument("--out", metavar="FILE", help="also write the chosen Plan (JSON) to FILE")
     parser.set_defaults(func=run)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        import argparse
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def run(args) -> int:

@@ -7,8 +7,11 @@ import os
 import sys
 import time
 
+from hetero.commands.flags import whole
 from hetero.config import load_job
-from hetero.runner import add_job_arguments, default_paths, train_fleet
+from hetero.runner import MAX_STEPS, add_job_arguments, default_paths, train_fleet
+
+MAX_RESTARTS = 1000
 
 
 def register(subparsers) -> None:
@@ -26,9 +29,10 @@ def register(subparsers) -> None:
     )
     add_job_arguments(parser)
     parser.add_argument("--plan", metavar="FILE", help="use this plan JSON instead of searching")
-    parser.add_argument("--steps", type=int, metavar="N", help="train N steps (default: the train file's)")
+    parser.add_argument("--steps", type=whole(1, MAX_STEPS), metavar="N",
+                        help=f"train N steps, 1 to {MAX_STEPS} (default: the train file's)")
     parser.add_argument("--out", metavar="DIR", help="run directory (default runs/<cluster>-<time>)")
-    parser.add_argument("--max-restarts", type=int, default=1, metavar="N",
+    parser.add_argument("--max-restarts", type=whole(0, MAX_RESTARTS), default=1, metavar="N",
                         help="after a failure, restart the job from its last checkpoint at most N times (default 1)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     parser.set_defaults(func=run)
@@ -37,7 +41,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     paths = default_paths(cluster=args.cluster, model=args.model, train=args.train)
     job = load_job(**paths).require("cluster", "model", "train")
-    steps = args.steps or job.train.steps
+    steps = job.train.steps if args.steps is None else args.steps
     run_dir = args.out or os.path.join("runs", f"{job.cluster.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train_fleet(job, paths, run_dir, steps, plan_file=args.plan, max_restarts=args.max_restarts,
                          progress=not args.json, kind=args.kind)

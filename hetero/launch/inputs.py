@@ -24,26 +24,12 @@ def load_cluster(cluster) -> tuple[ClusterConfig, str | None]:
 
 
 def load_plan(path: str, cluster: ClusterConfig):
-    """The Plan in `path`, checked against `cluster` (islands, chips, node placement)."""
-    from hetero.planning import fleet_spec
-    from partitioner.plan import Plan
+    """The Plan in `path`, checked for format, types and ranges and against `cluster` (name,
+    islands, chips, node placement, memory): hetero.plan_check, one ConfigError otherwise."""
+    from hetero.config import Job
+    from hetero.plan_check import check_plan, read_plan
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise UserError(f"--plan {path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        plan = Plan.from_json(text)
-    except ValueError as exc:   # PlanError and JSON errors alike
-        raise UserError(f"--plan {path}: {exc}") from None
-    if plan.cluster != cluster.name:
-        raise UserError(f"--plan {path}: made for cluster '{plan.cluster}', not '{cluster.name}'")
-    problems = plan.problems(fleet_spec(cluster))
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"--plan {path}: does not match cluster '{cluster.name}': {problems[0]}{more}")
-    return plan
+    return check_plan(read_plan(path), Job(cluster=cluster), os.fspath(path))
 
 
 def entry_command(entrypoint: str, args=()) -> list[str]:
