@@ -169,7 +169,7 @@ def test_failed_island_restarts_whole_job_then_succeeds(tmp_path):
     assert sorted(p.name for p in marks.iterdir()) == ["0.0", "0.1", "1.0", "1.1"]
     done = sorted((island, rank) for island, rank, text in prefixed_lines(stdout) if text.startswith("attempt 1 done"))
     assert done == [("fast", 0), ("host", 0)], stdout
-    assert "restarting the whole job (restart 1 of 1)" in stderr
+    assert "restarting the whole job from the start (restart 1 of 1): rank 0 on 127.0.0.1 exited with 7" in stderr
     for mark in marks.iterdir():
         assert not alive(int(mark.read_text().split()[1])), mark.name
 
@@ -187,8 +187,8 @@ def test_failed_island_without_restarts_stops_every_island(tmp_path):
     assert sorted(p.name for p in marks.iterdir()) == ["0.0", "1.0"]
     for mark in marks.iterdir():
         assert not alive(int(mark.read_text().split()[1])), mark.name
-    assert "worker rank 0 failed with exit code 3" in stderr
-    assert "job failed: island fast on 127.0.0.1 failed" in stderr
+    assert "worker rank 0 (global rank 0) failed with exit code 7" in stderr
+    assert "job failed: rank 0 on 127.0.0.1 exited with 7 (island fast" in stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -57,8 +57,8 @@ def test_failure_on_one_node_restarts_the_job_on_both(tmp_path):
     assert head_code == 0, head_err
     assert other_code == 0, other_err
     assert sorted(p.name for p in marks.iterdir()) == ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"]
-    assert "island right on 127.0.0.3 failed" in head_err
-    assert "restarting the whole job (restart 1 of 1)" in head_err + other_err
+    assert "rank 2 on 127.0.0.3 exited with 7 (island right" in head_err
+    assert "restarting the whole job from the start (restart 1 of 1): rank 2 on 127.0.0.3" in head_err + other_err
     done = [line[:2] for line in prefixed_lines(head_out) + prefixed_lines(other_out)
             if line[2].startswith("attempt 1 done")]
     assert sorted(done) == [("right", 0), ("wide", 0), ("wide", 1)]

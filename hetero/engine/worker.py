@@ -2,13 +2,23 @@
 
 `hetero run` starts one per rank through the launcher, which provides the
 island-local torchrun environment and HETERO_* (global rank, coordinator, token).
+
+A failure that every restart would repeat (a hetero.errors.UserError such as
+JobFatalError: a corrupt checkpoint with no good one left, a plan for another
+model; or a full disk: ENOSPC, EDQUOT, EROFS) stops the worker with one line on
+stderr, `hetero: rank R on HOST: <what, naming the file>`, the same line in
+<run dir>/fatal/rankNNNNN.txt, and exit code FATAL_EXIT_CODE, on which the
+launcher stops the job instead of restarting it. Anything else is a traceback
+and exit 1: the launcher restarts the job from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
+import sys
 
 import torch
 
@@ -17,7 +27,12 @@ from hetero.config import load_job
 from hetero.engine.comms import Comms
 from hetero.engine.topology import Topology
 from hetero.engine.trainer import Trainer
+from hetero.errors import FATAL_EXIT_CODE, UserError
+from hetero.launch.logs import fatal_path
 from partitioner.plan import Plan
+
+# A disk that is full, over quota or read-only fails the same way on every attempt.
+FATAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,20 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    job = load_job(cluster=args.cluster, model=args.model, train=args.train).require("cluster", "model", "train")
-    train = job.train
-    if args.checkpoint_dir and train.checkpoint:
-        train = dataclasses.replace(train, checkpoint=dataclasses.replace(train.checkpoint, dir=args.checkpoint_dir))
-    with open(args.plan, encoding="utf-8") as handle:
-        plan = Plan.from_json(handle.read())
-    topology = Topology(plan)
-    accelerator = accelerators.get_accelerator()
-    if accelerator.device_type == "cpu":
-        _share_host_cores(topology, job.cluster)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = accelerator.device(local % max(1, accelerator.device_count()))
-    comms = Comms.start(topology, accelerator, device, job.cluster)
+    comms = None
     try:
+        job = load_job(cluster=args.cluster, model=args.model, train=args.train).require("cluster", "model", "train")
+        train = job.train
+        if args.checkpoint_dir and train.checkpoint:
+            train = dataclasses.replace(train, checkpoint=dataclasses.replace(train.checkpoint,
+                                                                              dir=args.checkpoint_dir))
+        with open(args.plan, encoding="utf-8") as handle:
+            plan = Plan.from_json(handle.read())
+        topology = Topology(plan)
+        accelerator = accelerators.get_accelerator()
+        if accelerator.device_type == "cpu":
+            _share_host_cores(topology, job.cluster)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = accelerator.device(local % max(1, accelerator.device_count()))
+        comms = Comms.start(topology, accelerator, device, job.cluster)
+
         def log(message: str) -> None:
             print(message, flush=True)
 
@@ -55,9 +73,45 @@ def main(argv: list[str] | None = None) -> int:
         trainer.run()
         comms.record_bridge_stats(args.run_dir)
         comms.finish()
+    except (UserError, OSError) as exc:
+        message = fatal_message(exc)
+        if message is None:
+            raise
+        report_fatal(message, args.run_dir)
+        return FATAL_EXIT_CODE
     finally:
-        comms.close()
+        if comms is not None:
+            comms.close()
     return 0
+
+
+def fatal_message(exc: BaseException) -> str | None:
+    """What to say about a failure every restart would repeat, or None for one a restart may cure."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or os.strerror(exc.errno)}"
+    return None
+
+
+def report_fatal(message: str, run_dir: str | None) -> str:
+    """Print `hetero: rank R on HOST: message` to stderr and keep it in <run dir>/fatal/rankNNNNN.txt
+    (where the launcher reads it); returns the line. A file that cannot be written (the very disk
+    that is full) is skipped: the line on stderr is in the rank's log either way."""
+    rank = int(os.environ.get("HETERO_GLOBAL_RANK", "0"))
+    host = os.environ.get("HETERO_NODE", "this host")
+    line = f"hetero: rank {rank} on {host}: {' '.join(message.split())}"
+    print(line, file=sys.stderr, flush=True)
+    if run_dir:
+        path = fatal_path(run_dir, rank)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        except OSError:
+            pass
+    return line
 
 
 def _share_host_cores(topology, cluster) -> None:

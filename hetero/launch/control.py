@@ -5,8 +5,9 @@ runs a fresh coordinator for every attempt, so a new attempt never sees the
 last one's registrations, failures or keys. The launchers talk through its
 key-value store:
 
-    hetero.launch/state                    head: {"attempt", "state": running|done|failed, "restart", "reason"}
-    hetero.launch/<attempt>/node/<host>    each other node: {"state": pending|running|done|failed, "reason", "beat"}
+    hetero.launch/state                    head: {"attempt", "state": running|done|failed, "restart", "reason", "fatal"}
+    hetero.launch/<attempt>/node/<host>    each other node: {"state": pending|running|done|failed, "reason",
+                                           "fatal", "priority", "beat"}
     hetero.launch/<attempt>/ack/<host>     each other node, once it has read the verdict and stopped
 
 The head decides: an attempt fails when an island on any node fails, when the
@@ -17,18 +18,29 @@ succeeds when every island on every node has finished. The head publishes the
 verdict, waits for every other node to stop its islands and acknowledge, and
 then restarts the whole job (if restarts are left) or ends. A node that never
 joins (within join_timeout) or stops beating (for lost_timeout) fails the attempt.
+
+A failure every restart would repeat (a worker's JobFatalError, a full disk), on
+any node, ends the job at once: the verdict is failed, fatal, with no restart, and
+its reason is the fatal rank's line. Otherwise the reason names the most telling
+failure (hetero.launch.agents: a worker that exited on its own before a peer that
+stopped itself); a head whose only failures tell little waits SETTLE_S for a better one.
+
+At the end of every attempt the head writes what its coordinators refused, summed
+over the attempts so far, to <run dir>/metrics/coordinator.json:
+{"refusals": {reason: count}, "refused_total": n}.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 
 from comm_bridge.client import CoordinatorClient
 from comm_bridge.coordinator import Coordinator
 from comm_bridge.errors import AuthenticationError, CoordinatorError
-from hetero.launch.agents import LocalStatus
+from hetero.launch.agents import CRASHED, FATAL, SETTLE_S, STOPPED, LocalStatus
 from hetero.launch.layout import LOCAL_HOST, FleetLayout
 
 STATE_KEY = "hetero.launch/state"
@@ -55,6 +67,7 @@ class Verdict:
     state: str              # running | done | failed
     reason: str = ""
     restart: bool = False   # failed, and the whole job starts again
+    fatal: bool = False     # failed in a way every restart would repeat (never restarts)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -63,15 +76,19 @@ class Verdict:
     def from_json(cls, text: str) -> "Verdict":
         data = json.loads(text)
         return cls(int(data["attempt"]), str(data["state"]), str(data.get("reason", "")),
-                   bool(data.get("restart", False)))
+                   bool(data.get("restart", False)), bool(data.get("fatal", False)))
 
 
 class HeadControl:
     """Owns the coordinator and decides every attempt's outcome."""
 
     def __init__(self, layout: FleetLayout, token: str, members: list[str], max_restarts: int,
-                 heartbeat_timeout: float, ack_timeout: float, join_timeout: float, lost_timeout: float):
+                 heartbeat_timeout: float, ack_timeout: float, join_timeout: float, lost_timeout: float,
+                 run_dir: str | None = None):
         self.layout = layout
+        self.run_dir = run_dir
+        self.refusals: dict = {}           # reason -> count, over every attempt's coordinator
+        self._failing_since: float | None = None
         self.join_timeout = join_timeout
         self.lost_timeout = lost_timeout
         self._seen: dict = {}    # member -> (last value, when it last changed)
@@ -104,29 +121,43 @@ class HeadControl:
         self.client.kv_set(STATE_KEY, Verdict(attempt, "running").to_json())
         self._seen = {h: ("", time.monotonic()) for h in self.members}
         self._silent = set()     # members given up on: end() does not wait for their ack
+        self._failing_since = None
         return attempt
 
     def step(self, local: LocalStatus, interrupted: str | None) -> Verdict | None:
         """The verdict once the attempt is over (published to every node), else None."""
-        failures = []
+        failures = []   # (priority, reason): the most telling first, then in this order
         if interrupted:
-            failures.append(interrupted)
+            failures.append((FATAL - 1, interrupted))
         if local.state == "failed":
-            failures.append(local.reason)
+            failures.append((local.priority, local.reason))
         for rank, why in sorted(self.coordinator.failed.items()):
             if why != LEFT_REASON:   # a worker that leaves has finished; its agent reports how
-                failures.append(f"the coordinator reports global rank {rank} failed: {why}")
-        members_done = True
+                failures.append((CRASHED, f"the coordinator reports global rank {rank} failed: {why}"))
+        members_done, members_running = True, False
         for host_name in self.members:
             status = self._member(host_name)
             if status["state"] == "failed":
-                failures.append(status.get("reason") or f"node {host_name} failed")
+                priority = FATAL if status.get("fatal") else _priority(status.get("priority"))
+                if status.get("final"):   # that node's launcher was interrupted: the job stops
+                    priority = FATAL - 1
+                failures.append((priority, status.get("reason") or f"node {host_name} failed"))
                 if status.get("final"):
-                    interrupted = interrupted or failures[-1]
+                    interrupted = interrupted or failures[-1][1]
             members_done &= status["state"] == "done"
+            members_running |= status["state"] == "running"
+        if failures and not interrupted and min(f[0] for f in failures) > CRASHED and self.members:
+            # Only failures that tell little (a peer that stopped itself): a moment for the node
+            # where it started to say so.
+            now = time.monotonic()
+            self._failing_since = self._failing_since or now
+            if members_running and now - self._failing_since < SETTLE_S:
+                return None
         if failures:
-            restart = not interrupted and self.attempt < self.max_restarts
-            verdict = Verdict(self.attempt, "failed", failures[0], restart)
+            priority, reason = min(enumerate(failures), key=lambda f: (f[1][0], f[0]))[1]
+            fatal = priority == FATAL and not interrupted
+            restart = not interrupted and not fatal and self.attempt < self.max_restarts
+            verdict = Verdict(self.attempt, "failed", reason, restart, fatal)
         elif local.state == "done" and members_done:
             verdict = Verdict(self.attempt, "done")
         else:
@@ -175,7 +206,25 @@ class HeadControl:
             self.client = None
         if self.coordinator is not None:
             self.coordinator.stop()
+            self._count_refusals(self.coordinator)
             self.coordinator = None
+
+    def _count_refusals(self, coordinator: Coordinator) -> None:
+        """Add this attempt's refused calls to the totals and rewrite metrics/coordinator.json."""
+        refusals = getattr(coordinator, "refusals", None)
+        counts = dict(refusals) if isinstance(refusals, dict) else {"token": int(coordinator.refused)}
+        for reason, count in counts.items():
+            self.refusals[reason] = self.refusals.get(reason, 0) + int(count)
+        if not self.run_dir:
+            return
+        path = os.path.join(self.run_dir, "metrics", "coordinator.json")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w", encoding="utf-8") as handle:
+                json.dump({"refusals": self.refusals, "refused_total": sum(self.refusals.values())}, handle, indent=1)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass   # a full disk: the job's own failure says so
 
 
 class MemberControl:
@@ -214,7 +263,8 @@ class MemberControl:
         if interrupted:
             self._report({"state": "failed", "reason": interrupted, "final": True})
         else:
-            self._report({"state": local.state, "reason": local.reason})
+            self._report({"state": local.state, "reason": local.reason, "fatal": local.fatal,
+                          "priority": local.priority})
         state = self._read(0.0)
         if state is None:
             if time.monotonic() - self._last_ok > self.lost_timeout:
@@ -257,3 +307,8 @@ class MemberControl:
                               f"job token (give every node the head's HETERO_JOB_TOKEN)") from None
         except CoordinatorError:
             return None
+
+
+def _priority(value) -> int:
+    """A member's reported priority, if it is one (older or odd reports: the least telling)."""
+    return value if isinstance(value, int) and FATAL <= value <= STOPPED else STOPPED

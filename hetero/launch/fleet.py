@@ -10,9 +10,9 @@ import tempfile
 import threading
 import time
 
-from hetero.errors import UserError
+from hetero.errors import JobFatalError, UserError
 from hetero.launch import inputs
-from hetero.launch.agents import LocalIslands, LocalStatus
+from hetero.launch.agents import LocalIslands, LocalStatus, remove_rings
 from hetero.launch.control import HeadControl, LaunchAbort, MemberControl
 from hetero.launch.environment import island_env
 from hetero.launch.layout import FleetLayout, build_layout
@@ -25,7 +25,7 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
                  max_restarts: int = 0, run_dir: str | None = None, env: dict | None = None, *,
                  token_file: str | None = None, rdzv_timeout: float = 300.0, join_timeout: float = 300.0,
                  shutdown_timeout: float = 15.0, heartbeat_timeout: float = 5.0,
-                 stdout=None, stderr=None) -> int:
+                 stdout=None, stderr=None, checkpoint_dir: str | None = None) -> int:
     """Run `entrypoint` on this node's share of the fleet (all of it when `node` is None).
 
     cluster:      path of a cluster YAML, or a loaded hetero.config.ClusterConfig.
@@ -42,6 +42,10 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
     token_file:   file holding the job token; else HETERO_JOB_TOKEN from `env`; else (head
                   node only) a fresh random token, written to <run_dir>/job-token for other nodes.
     stdout/stderr: files (with a fileno) the agents write the prefixed worker lines to; None: inherit.
+                  Restarts and the job's end are also announced on this process's own stderr
+                  (the console) when `stderr` is another file.
+    checkpoint_dir: where the workers keep checkpoints (default <run_dir>/checkpoints): a restart
+                  is announced as resuming from its `latest` step.
     rdzv_timeout: seconds an island's agents wait for all its nodes; join_timeout: seconds a
                   non-head node waits for the head's coordinator; shutdown_timeout: seconds workers
                   get between SIGTERM and SIGKILL; heartbeat_timeout: the coordinator's.
@@ -51,7 +55,12 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
     thread) stop every island on every node.
 
     Returns 0 when every worker of the last attempt succeeded, 1 when the job failed,
-    128 + signal number when interrupted by SIGINT/SIGTERM. Raises UserError on bad input.
+    128 + signal number when interrupted by SIGINT/SIGTERM. Raises UserError on bad input, and
+    JobFatalError (a UserError: the CLI prints it as one line and exits 2) when a worker stopped
+    on a failure every restart would repeat (hetero.errors.FATAL_EXIT_CODE), naming its rank,
+    host and file; no restart is spent on it. The head writes the coordinator's refused calls
+    to <run_dir>/metrics/coordinator.json after every attempt. The job's shared-memory rings
+    are removed from this host when the job ends, however it ends (and on the head, before it starts).
     """
     base_env = dict(os.environ if env is None else env)
     config, cluster_path = inputs.load_cluster(cluster)
@@ -71,23 +80,30 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
     if generated and members:
         _write_token(run_dir, token, stderr)
     job = _FleetJob(layout, node, entry, token, run_dir, os.path.abspath(plan_path) if plan_path else None,
-                    cluster_path, base_env, rdzv_timeout, shutdown_timeout, stdout, stderr)
+                    cluster_path, base_env, rdzv_timeout, shutdown_timeout, stdout, stderr,
+                    os.path.abspath(checkpoint_dir) if checkpoint_dir else os.path.join(run_dir, "checkpoints"))
     job.agent_work(0)   # every per-island input checked before anything starts
     lost_timeout = max(10.0, 2 * heartbeat_timeout)   # a silent node (or head) counts as lost
     if is_head:
+        # Only the head: a member's workers may meet the head's on this host once its coordinator runs.
+        remove_rings(token)
         control = HeadControl(layout, token, members, max_restarts, heartbeat_timeout,
                               ack_timeout=shutdown_timeout + 30.0, join_timeout=join_timeout,
-                              lost_timeout=lost_timeout)
+                              lost_timeout=lost_timeout, run_dir=run_dir)
     else:
         control = MemberControl(layout, token, node, join_timeout, lost_timeout)
-    with _Interrupts() as interrupts:
-        return job.run(control, interrupts, max_restarts)
+    try:
+        with _Interrupts() as interrupts:
+            return job.run(control, interrupts, max_restarts)
+    finally:
+        remove_rings(token)
 
 
 class _FleetJob:
     def __init__(self, layout: FleetLayout, node, entry, token, run_dir, plan_path, cluster_path, base_env,
-                 rdzv_timeout, shutdown_timeout, stdout, stderr):
+                 rdzv_timeout, shutdown_timeout, stdout, stderr, checkpoint_dir):
         self.layout = layout
+        self.checkpoint_dir = checkpoint_dir
         self.node = node
         self.entry = entry
         self.token = token
@@ -103,8 +119,13 @@ class _FleetJob:
         # islands' rendezvous run ids, which must agree across nodes.
         self.job_id = "hetero-" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
-    def say(self, message: str) -> None:
-        print(f"hetero launch: {message}", file=self.stderr or sys.stderr, flush=True)
+    def say(self, message: str, console: bool = False) -> None:
+        """A line for the launcher's log (`stderr`); `console`: also for the person at the
+        terminal, when the log is a file of its own (hetero run's launcher.log)."""
+        line = f"hetero launch: {message}"
+        print(line, file=self.stderr or sys.stderr, flush=True)
+        if console and self.stderr is not None and self.stderr is not sys.stderr:
+            print(line, file=sys.stderr, flush=True)
 
     def run(self, control, interrupts: "_Interrupts", max_restarts: int) -> int:
         attempt = 0
@@ -115,29 +136,48 @@ class _FleetJob:
                 if verdict.state == "done":
                     return 0
                 if interrupts.signum:
-                    self.say(f"job stopped: {verdict.reason}")
+                    self.say(f"job stopped: {verdict.reason}", console=True)
                     return 128 + interrupts.signum
+                if verdict.fatal:
+                    # The CLI prints it as the last line (exit 2); the log keeps it too.
+                    self.say(f"job failed, not restarted (it would fail the same way): {verdict.reason}")
+                    raise JobFatalError(verdict.reason)
                 if not verdict.restart:
-                    self.say(f"job failed: {verdict.reason}")
+                    self.say(f"job failed: {verdict.reason}", console=True)
                     return 1
                 attempt += 1
-                self.say(f"{verdict.reason}; restarting the whole job (restart {attempt} of {max_restarts})")
+                self.say(f"restarting the whole job {self.resume_point()} (restart {attempt} of {max_restarts}): "
+                         f"{verdict.reason}", console=True)
         except LaunchAbort as exc:
-            self.say(f"job failed: {exc}")
+            self.say(f"job failed: {exc}", console=True)
             return 128 + interrupts.signum if interrupts.signum else 1
         finally:
             control.close()
 
+    def resume_point(self) -> str:
+        """Where a restart resumes: the step the checkpoint directory's `latest` names."""
+        from hetero.engine.checkpoint import pointed_step
+
+        step = pointed_step(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else None
+        return f"from step {step}" if step else "from the start"
+
     def run_attempt(self, control, attempt: int, interrupts: "_Interrupts"):
-        islands = LocalIslands.start(self.agent_work(attempt), self.shutdown_timeout, self.stdout, self.stderr)
-        stopped = False
+        islands = LocalIslands.start(self.agent_work(attempt), self.shutdown_timeout, self.stdout, self.stderr,
+                                     run_dir=self.run_dir)
+        final = None   # this node's status once its islands are stopped
         try:
             while True:
                 interrupted = interrupts.reason()
-                if interrupted and not stopped:
+                if interrupted and (final is None or final.reason != interrupted):
                     islands.stop()   # at once: the user asked to stop
-                    stopped = True
-                status = LocalStatus("failed", interrupted) if stopped else islands.status()
+                    final = LocalStatus("failed", interrupted)
+                status = final or islands.status()
+                if status.state == "failed" and final is None:
+                    # Name the failure that came first, not a peer that stopped itself after it:
+                    # let the failing islands finish saying why, stop the rest, then look again.
+                    islands.settle()
+                    islands.stop()
+                    final = status = islands.first_failure()
                 verdict = control.step(status, interrupted)
                 if verdict is not None:
                     break

@@ -7,6 +7,14 @@ log_line_prefix_template). We only choose readable paths:
     <run_dir>/logs/attempt_<k>/<island>.<rank>/stdout.log   (and stderr.log, error.json)
 
 where <rank> is the island-local rank, as in the console prefix "[island:rank] ".
+Beside them, each island agent that saw workers fail leaves
+
+    <run_dir>/logs/attempt_<k>/<island>.agent<node>.json   {"failures": [{"rank", "island_rank", "exitcode", "time"}]}
+
+(global and island-local rank; <node> is the agent's rendezvous member number), and a
+worker that stops on a failure every restart would repeat leaves its one line in
+
+    <run_dir>/fatal/rank<global rank, 5 digits>.txt
 """
 
 from __future__ import annotations
@@ -23,6 +31,16 @@ LINE_PREFIX = "[${role_name}:${rank}] "
 
 def attempt_log_dir(run_dir: str, attempt: int) -> str:
     return os.path.join(run_dir, "logs", f"attempt_{attempt}")
+
+
+def agent_outcome_path(log_dir: str, island: str, group_rank: int) -> str:
+    """Where the agent of `island`'s rendezvous member `group_rank` records its workers' failures."""
+    return os.path.join(log_dir, f"{island}.agent{group_rank}.json")
+
+
+def fatal_path(run_dir: str, rank: int) -> str:
+    """Where global rank `rank` keeps the line of a failure every restart would repeat."""
+    return os.path.join(run_dir, "fatal", f"rank{rank:05d}.txt")
 
 
 class IslandLogs(LogsSpecs):

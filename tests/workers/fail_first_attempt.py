@@ -1,9 +1,10 @@
 """Fails on the job's first attempt, succeeds after a restart (tests/test_launch.py).
 
 On attempt 0 (HETERO_RESTART_COUNT) global rank argv[2] (default 0) exits
-with code 3 once its island's world is up; every other rank would sleep far
-longer than the test allows, so it finishes only if the launcher stops it. Every worker records
-"<attempt> <pid>" in argv[1]/<global rank>.<attempt> before acting.
+with code 7 (an ordinary failure: 3 is hetero.errors.FATAL_EXIT_CODE) once its
+island's world is up; every other rank would sleep far longer than the test allows,
+so it finishes only if the launcher stops it. Every worker records "<attempt> <pid>"
+in argv[1]/<global rank>.<attempt> before acting.
 """
 
 import os
@@ -27,7 +28,7 @@ dist.all_reduce(value)
 if attempt == 0:
     if global_rank == failing_rank:
         print("failing on purpose", flush=True)
-        os._exit(3)
+        os._exit(7)
     time.sleep(300)
 print(f"attempt {attempt} done, island sum {int(value.item())}", flush=True)
 dist.destroy_process_group()

@@ -1,0 +1,129 @@
+"""The launcher's lifecycle: failures that would repeat stop the job at once, restarts are
+announced on the console naming the rank that failed first, refused coordinator calls are
+counted in the run directory, and no signal to the launcher leaves a process or a
+shared-memory ring behind.
+
+Workers are small scripts (tests/workers/), not training: every test runs in seconds.
+"""
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from test_launch import WORKERS, finish, launcher, prefixed_lines, write_cluster
+
+pytestmark = pytest.mark.timeout(120)
+FOLLOWS = os.path.join(WORKERS, "fail_then_peer_follows.py")
+
+
+def job_processes(marker: str) -> list[int]:
+    """Live (not zombie) processes whose environment holds HETERO_LIFECYCLE_TEST=<marker>."""
+    needle = f"HETERO_LIFECYCLE_TEST={marker}".encode() + b"\0"
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                if needle not in fh.read() + b"\0":
+                    continue
+            with open(f"/proc/{name}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        found.append(int(name))
+    return found
+
+
+def test_fatal_failure_stops_the_job_at_once_naming_rank_host_and_file(tmp_path):
+    cluster = write_cluster(tmp_path, "two-island", chips=1)
+    marks, run = tmp_path / "marks", tmp_path / "run"
+    marks.mkdir()
+    # Global rank 1 (island "host") stops on a failure every restart would repeat; rank 0
+    # (island "fast") stops itself at once, so its island fails first.
+    proc = launcher(cluster, "--max-restarts", "2", "--run-dir", str(run), FOLLOWS, str(marks), "1", "3")
+    code, _, stderr = finish(proc)
+    fatal = f"rank 1 on 127.0.0.1: {marks}/state.json: corrupt checkpoint (no good one left)"
+    assert code == 2, stderr
+    assert stderr.strip().splitlines()[-1] == f"hetero launch: error: {fatal}", stderr
+    # No restart spent: only attempt 0 ran.
+    assert sorted(p.name for p in marks.iterdir()) == ["0.0", "1.0", "failing"]
+    assert "restarting" not in stderr
+    assert (run / "fatal" / "rank00001.txt").read_text() == f"hetero: {fatal}\n"
+
+
+def test_restart_is_announced_on_the_console_naming_the_rank_that_failed_first(tmp_path, capsys):
+    from hetero.launch import launch_fleet
+
+    cluster = write_cluster(tmp_path, "two-island", chips=1)
+    marks, run = tmp_path / "marks", tmp_path / "run"
+    marks.mkdir()
+    checkpoints = run / "checkpoints"
+    (checkpoints / "step-00000005").mkdir(parents=True)
+    (checkpoints / "latest").write_text(json.dumps({"step": 5, "dir": "step-00000005"}))
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log:   # as `hetero run` does: the launcher's own lines go to a log
+        code = launch_fleet(cluster, None, FOLLOWS, [str(marks), "1", "7"], max_restarts=1, run_dir=str(run),
+                            env={**os.environ, "HETERO_JOB_TOKEN": uuid.uuid4().hex}, stdout=log, stderr=log)
+    assert code == 0
+    announcement = ("hetero launch: restarting the whole job from step 5 (restart 1 of 1): "
+                    "rank 1 on 127.0.0.1 exited with 7 (island host")
+    console = capsys.readouterr().err
+    assert announcement in console
+    assert announcement in log_path.read_text()
+    # Rank 0 stopped itself (exit 43) before rank 1's island reported; it is not the one named.
+    assert "rank 0 on" not in console
+    assert sorted(p.name for p in marks.iterdir()) == ["0.0", "0.1", "1.0", "1.1", "failing"]
+
+
+def test_refused_coordinator_calls_are_counted_in_the_run_directory(tmp_path):
+    cluster = write_cluster(tmp_path, "two-island", chips=1)
+    run = tmp_path / "run"
+    proc = launcher(cluster, "--run-dir", str(run), os.path.join(WORKERS, "knock_wrong_token.py"))
+    code, stdout, stderr = finish(proc)
+    assert code == 0, stderr
+    assert ("fast", 0, "refused") in prefixed_lines(stdout)
+    metrics = json.loads((run / "metrics" / "coordinator.json").read_text())
+    assert metrics["refusals"].get("wrong_token", metrics["refusals"].get("token", 0)) >= 1
+    assert metrics["refused_total"] == sum(metrics["refusals"].values()) >= 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_no_process_or_ring_outlives_a_signalled_launcher(tmp_path, sig):
+    from comm_bridge.shm import job_hex_of, ring_path
+
+    cluster = write_cluster(tmp_path, "two-island", chips=1)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    marker, token = uuid.uuid4().hex, uuid.uuid4().hex
+    # The workers exit the moment the launcher is gone, as training workers do when the
+    # coordinator in the launcher vanishes: the race that left agents orphaned.
+    proc = launcher(cluster, os.path.join(WORKERS, "record_and_sleep.py"), str(marks), "--exit-with-launcher",
+                    env={"HETERO_LIFECYCLE_TEST": marker, "HETERO_JOB_TOKEN": token})
+    deadline = time.monotonic() + 60
+    while len([p for p in marks.iterdir() if p.suffix == ".pid"]) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    assert len(job_processes(marker)) == 5   # launcher, two agents, two workers
+    # A ring the job's bridge would have left behind (a receiver that never mapped it).
+    ring = ring_path(job_hex_of(token), 0, 1)
+    with open(ring, "wb") as fh:
+        fh.write(b"\0" * 64)
+    try:
+        proc.send_signal(sig)
+        finish(proc, timeout=40)
+        deadline = time.monotonic() + 30
+        while job_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert job_processes(marker) == []
+        assert not os.path.exists(ring)
+    finally:
+        for pid in job_processes(marker):
+            os.kill(pid, signal.SIGKILL)
+        if os.path.exists(ring):
+            os.unlink(ring)
