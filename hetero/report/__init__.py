@@ -91,6 +91,7 @@ def summary_lines(report: dict) -> list[str]:
         e = report["efficiency"]
         subs = " + ".join(f"{n} {v:,.0f}" for n, v in e["subfleet_tokens_per_s"].items())
         lines.append(f"  E           {e['efficiency']:.3f} = {e['mixed_tokens_per_s']:,.0f} / ({subs}) tokens/s")
+    lines.append(f"  refused     {analysis.refusal_text(report['refusals'])}")
     lines += [f"  note        {note}" for note in report["notes"]]
     lines.append(f"  page        {report['html']}")
     return lines

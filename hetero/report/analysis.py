@@ -10,7 +10,9 @@ Definitions (the page repeats them):
   time; bubble share = sum of idle over ranks / (ranks x step time);
 - exposed bridge share: exposed bridge time of the worst receiving rank /
   step time (hetero.bench.runtime's definition), median over steady steps;
-- E = mixed fleet tokens/s / sum of the sub-fleets' tokens/s.
+- E = mixed fleet tokens/s / sum of the sub-fleets' tokens/s;
+- refused: connections and calls the coordinator (wrong or missing job token)
+  and the bridge endpoints (bad frames, failed hellos) turned away, by reason.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def analyse(run) -> dict:
         "loss": [[s["step"], s["loss"]] for s in run.steps],
         "step_times": [[s["step"], s["step_s"]] for s in run.steps],
         "efficiency": efficiency(run.efficiency, run.efficiency_path) if run.efficiency else None,
+        "refusals": refusals(run.refusals),
         "notes": notes,
     }
 
@@ -172,6 +175,22 @@ def memory_per_stage(run) -> list[dict]:
                      "measured_gb": None,    # the trainer does not record peak memory yet
                      "capacity_gb": spec.memory_gb, "usable_gb": spec.memory_gb - spec.memory_reserve_gb})
     return rows
+
+
+def refusals(counts: dict) -> dict:
+    """{"coordinator": {reason: n}, "bridge": {reason: n}, "total": n}, zero when nothing knocked."""
+    coordinator, bridge = dict(counts.get("coordinator", {})), dict(counts.get("bridge", {}))
+    return {"coordinator": coordinator, "bridge": bridge,
+            "total": sum(coordinator.values()) + sum(bridge.values())}
+
+
+def refusal_text(r: dict) -> str:
+    """One line: the total, then who refused what."""
+    if not r["total"]:
+        return "0 connections / calls"
+    parts = [f"{who} " + ", ".join(f"{reason} {n}" for reason, n in sorted(r[who].items()))
+             for who in ("coordinator", "bridge") if r[who]]
+    return f"{r['total']} connections / calls ({'; '.join(parts)})"
 
 
 def efficiency(data: dict, source: str = "efficiency.json") -> dict:

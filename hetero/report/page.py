@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 
-from hetero.report import timeline
+from hetero.report import analysis, timeline
 from hetero.report.units import flops_text
 
 CSS = """
@@ -57,6 +57,7 @@ def render(report: dict, images: dict, timeline_step: int) -> str:
         out.append(_efficiency(r["efficiency"], images["efficiency"]))
     out.append("<h2>Numbers</h2>")
     out.append(_mfu_table(r) + _memory_table(r) + _rank_table(r))
+    out.append(_refusals(r["refusals"]))
     out.append(DEFINITIONS)
     out.append("</body></html>")
     return "\n".join(out)
@@ -150,6 +151,17 @@ def _rank_table(r: dict) -> str:
     return f"<table><tr><th>rank (ms per steady step, mean)</th>{head}</tr>{rows}</table>"
 
 
+def _refusals(refused: dict) -> str:
+    """Who knocked and was turned away: the coordinator's and the bridge endpoints' refusals."""
+    head = f"<h2>Refused connections / calls: {refused['total']}</h2>"
+    rows = "".join(f"<tr><td>{who}</td><td>{_e(reason)}</td><td>{n:,}</td></tr>"
+                   for who in ("coordinator", "bridge") for reason, n in sorted(refused[who].items()))
+    if not rows:
+        return head + "<div class='sub'>None: no call or connection was refused during the run.</div>"
+    return (head + "<div class='sub'>" + _e(analysis.refusal_text(refused)) + "</div>"
+            f"<table><tr><th>refused by</th><th>reason</th><th>count</th></tr>{rows}</table>")
+
+
 DEFINITIONS = """<h2>Definitions</h2><dl class='defs'>
 <dt>Measured step time</dt><dd>Median of metrics/steps.jsonl step_s over the steady steps (every step but the first,
 which pays for allocation). Predicted: plan.json predicted_step_s, the partitioner's cost model for this plan.</dd>
@@ -163,6 +175,9 @@ gradient (pipeline fill, drain and imbalance) plus the step tail after the rank'
 optimizer and waiting for the slowest rank, which the timing lines do not separate). Bubble share = Σ idle over ranks /
 (ranks × step time), median over steady steps; predicted: 1 − mean over ranks of micro-batches × stage time_s / predicted
 step.</dd>
+<dt>Refused connections / calls</dt><dd>Calls the coordinator turned away (a wrong or missing job token:
+metrics/coordinator.json) and connections or frames the ranks' bridge endpoints rejected (metrics/bridge-rank*.json),
+summed by reason; 0 when nothing knocked.</dd>
 <dt>MFU</dt><dd>Model FLOPs the chip type's stages do per step (forward + backward, no recompute, the partitioner's
 count) / (measured step time × its chips × their peak FLOP/s at the training dtype from the catalog).</dd>
 </dl>"""
