@@ -182,3 +182,17 @@ def test_rendezvous_gives_fixed_ranks_and_reports_who_never_came(coordinator, mo
     with pytest.raises(RendezvousTimeoutError, match="only 1 of 2 nodes joined rendezvous job-island-1"):
         lonely.next_rendezvous()
     lonely.shutdown()
+
+
+def test_island_agents_use_the_hetero_rendezvous_not_a_tcp_store(monkeypatch, tmp_path):
+    from hetero.launch.island_agent import launch_config
+
+    monkeypatch.setenv("HETERO_COORDINATOR", "127.0.0.1:29400")
+    monkeypatch.setenv("HETERO_JOB_TOKEN", TOKEN)
+    spec = {"nnodes": 2, "nproc": 2, "run_id": "hetero-abc-fast-0", "island": "fast", "group_rank": 1,
+            "master_addr": "127.0.0.1", "rdzv_port": 29401, "rdzv_timeout": 30, "log_dir": str(tmp_path),
+            "shutdown_timeout": 5}
+    config = launch_config(spec)
+    assert config.rdzv_backend == "hetero" and config.rdzv_endpoint == "127.0.0.1:29400"
+    assert config.rdzv_configs["rank"] == 1 and config.rdzv_configs["master_port"] == 29401
+    assert TOKEN not in repr(config)        # elastic logs its configuration; the token stays in the environment
