@@ -77,6 +77,8 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
         from hetero.plan_check import load_checked_plan
 
         plan = load_checked_plan(plan_file, job)
+        if plan.kind not in KINDS[kind]:
+            raise UserError(f"--kind {kind}: the plan {plan_file} is a '{plan.kind}' plan")
     else:
         plan = search_plan(job, kind)
         say(f"plan: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step")

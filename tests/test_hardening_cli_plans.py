@@ -233,3 +233,18 @@ def test_run_steps_one_is_one_step(hetero_cli, fake_launcher, tmp_path, good_pla
 ])
 def test_numeric_flags_have_ranges(hetero_cli, argv, flag):
     flag_refused(*hetero_cli(*argv), argv[0], flag)
+
+
+def test_kind_must_match_the_given_plan(hetero_cli, fake_launcher, tmp_path, good_plan):
+    kind = json.loads(open(good_plan).read())["kind"]
+    other = "pipeline" if kind == "replicas" else "replicas"
+    one_line(*hetero_cli("run", *JOB_FLAGS, "--plan", good_plan, "--kind", other, "--out", str(tmp_path / "run")),
+             "run", f"--kind {other}: the plan {good_plan} is a '{kind}' plan")
+    assert not fake_launcher.calls and not (tmp_path / "run").exists()
+
+
+def test_a_run_that_recorded_no_step_says_so(hetero_cli, monkeypatch, tmp_path, good_plan):
+    monkeypatch.setattr("hetero.launch.fleet.launch_fleet", lambda *args, **kwargs: 0)
+    code, _, err = hetero_cli("run", *JOB_FLAGS, "--plan", good_plan, "--out", str(tmp_path / "run"))
+    assert code == 0 and "Traceback" not in err
+    assert "no step was recorded" in err.strip().splitlines()[-1]

@@ -64,8 +64,11 @@ def run(args) -> int:
             for line in handle.readlines()[-15:]:
                 sys.stderr.write("  " + line)
         return 1
-    if not args.json:
+    if not args.json and not result.records:
+        print(f"hetero run: done, but no step was recorded in {result.run_dir}/metrics/steps.jsonl", file=sys.stderr)
+    elif not args.json:
+        ratio = summary["measured_over_predicted"]
+        versus = f"predicted {predicted:.3f} s, ratio {ratio:.2f}" if ratio else "no prediction in the plan"
         print(f"hetero run: done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"{summary['tokens_per_s']:.0f} tokens/s, step time {step_s:.3f} s "
-              f"(predicted {predicted:.3f} s, ratio {summary['measured_over_predicted']:.2f})", file=sys.stderr)
+              f"{summary['tokens_per_s']:.0f} tokens/s, step time {step_s:.3f} s ({versus})", file=sys.stderr)
     return 0
