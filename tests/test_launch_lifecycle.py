@@ -6,6 +6,7 @@ shared-memory ring behind.
 Workers are small scripts (tests/workers/), not training: every test runs in seconds.
 """
 
+import errno
 import json
 import os
 import signal
@@ -127,3 +128,59 @@ def test_no_process_or_ring_outlives_a_signalled_launcher(tmp_path, sig):
             os.kill(pid, signal.SIGKILL)
         if os.path.exists(ring):
             os.unlink(ring)
+
+
+# ------------------------------------------------------------- the worker's side
+CONFIGS = os.path.join(os.path.dirname(WORKERS), "..", "configs")
+
+
+def worker_args(tmp_path, cluster: str) -> list[str]:
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    return ["--plan", str(plan), "--cluster", cluster, "--model", os.path.join(CONFIGS, "llama-tiny.yaml"),
+            "--train", os.path.join(CONFIGS, "train-tiny.yaml"), "--run-dir", str(tmp_path / "run")]
+
+
+@pytest.fixture
+def rank_two(monkeypatch):
+    monkeypatch.setenv("HETERO_GLOBAL_RANK", "2")
+    monkeypatch.setenv("HETERO_NODE", "127.0.0.1")
+
+
+def test_worker_stops_on_a_user_error_with_one_line_and_the_fatal_code(tmp_path, capsys, rank_two):
+    from hetero.engine import worker
+    from hetero.errors import FATAL_EXIT_CODE
+
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("name: [unclosed\n")
+    assert worker.main(worker_args(tmp_path, str(bad))) == FATAL_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"hetero: rank 2 on 127.0.0.1: {bad}"), err
+    assert (tmp_path / "run" / "fatal" / "rank00002.txt").read_text() == err[0] + "\n"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_worker_stops_on_a_full_disk_naming_the_file(tmp_path, capsys, monkeypatch, rank_two, code):
+    from hetero.engine import worker
+    from hetero.errors import FATAL_EXIT_CODE
+
+    def full(*args, **kwargs):
+        raise OSError(code, os.strerror(code), "/data/ckpt/step-00000004.partial/model-stage0.safetensors")
+
+    monkeypatch.setattr(worker.Plan, "from_json", full)
+    assert worker.main(worker_args(tmp_path, os.path.join(CONFIGS, "emulated-mixed.yaml"))) == FATAL_EXIT_CODE
+    line = f"hetero: rank 2 on 127.0.0.1: /data/ckpt/step-00000004.partial/model-stage0.safetensors: {os.strerror(code)}"
+    assert capsys.readouterr().err.strip() == line
+    assert (tmp_path / "run" / "fatal" / "rank00002.txt").read_text() == line + "\n"
+
+
+def test_worker_leaves_other_failures_to_a_restart(tmp_path, monkeypatch, rank_two):
+    from hetero.engine import worker
+
+    def flaky(*args, **kwargs):
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(worker.Plan, "from_json", flaky)
+    with pytest.raises(ConnectionResetError):
+        worker.main(worker_args(tmp_path, os.path.join(CONFIGS, "emulated-mixed.yaml")))
+    assert not (tmp_path / "run" / "fatal").exists()
