@@ -176,3 +176,15 @@ def test_a_coordinator_file_without_reasons_still_counts(hetero_cli, run_copy):
     code, stdout, stderr = hetero_cli("report", str(run_copy), "--json")
     assert code == 0, stderr
     assert json.loads(stdout)["refusals"]["total"] == 2
+
+
+def test_reasons_counted_zero_are_not_listed(hetero_cli, run_copy):
+    """What the launcher writes when nobody knocked: every reason at 0."""
+    (run_copy / "metrics" / "coordinator.json").write_text(json.dumps(
+        {"refusals": {"missing_token": 0, "wrong_token": 0}, "refused_total": 0}))
+    (run_copy / "metrics" / "bridge-rank00000.json").write_text(json.dumps({"rejected": {}, "rejected_total": 0}))
+    code, stdout, stderr = hetero_cli("report", str(run_copy), "--json")
+    assert code == 0, stderr
+    numbers = json.loads(stdout)
+    assert numbers["refusals"] == {"coordinator": {}, "bridge": {}, "total": 0}
+    assert "<th>reason</th>" not in open(numbers["html"], encoding="utf-8").read()

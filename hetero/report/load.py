@@ -167,7 +167,8 @@ def read_refusals(metrics_dir: str) -> dict:
             problem = whole(0)(count)
             if problem:
                 raise UserError(f"{path}: {by_reason}.{reason}: {problem}")
-            out[who][reason] = out[who].get(reason, 0) + count
+            if count:
+                out[who][reason] = out[who].get(reason, 0) + count
         total = data.get(total_key, sum(reasons.values()))
         problem = whole(0)(total)
         if problem:
