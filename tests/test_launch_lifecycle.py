@@ -159,6 +159,32 @@ def test_worker_stops_on_a_user_error_with_one_line_and_the_fatal_code(tmp_path,
     assert (tmp_path / "run" / "fatal" / "rank00002.txt").read_text() == err[0] + "\n"
 
 
+def test_worker_rechecks_the_plan_against_its_job_and_stops_on_a_mismatch(tmp_path, capsys, rank_two):
+    """A plan the launcher did not see (hetero launch knows no model) is checked by each rank."""
+    import json
+
+    from hetero.engine import worker
+    from hetero.errors import FATAL_EXIT_CODE
+
+    args = worker_args(tmp_path, os.path.join(CONFIGS, "emulated-mixed.yaml"))
+    assert _plan_for_tiny(tmp_path) == 0
+    plan = json.loads((tmp_path / "good.json").read_text())
+    plan["model"] = "llama-other"
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert worker.main(args) == FATAL_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"hetero: rank 2 on 127.0.0.1: {tmp_path / 'plan.json'}"), err
+    assert "llama-other" in err[0] and "llama-tiny" in err[0]
+
+
+def _plan_for_tiny(tmp_path) -> int:
+    from hetero.cli import main
+
+    return main(["plan", "--cluster", os.path.join(CONFIGS, "emulated-mixed.yaml"),
+                 "--model", os.path.join(CONFIGS, "llama-tiny.yaml"), "--train", os.path.join(CONFIGS, "train-tiny.yaml"),
+                 "--out", str(tmp_path / "good.json")])
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
 def test_worker_stops_on_a_full_disk_naming_the_file(tmp_path, capsys, monkeypatch, rank_two, code):
     from hetero.engine import worker
@@ -167,7 +193,7 @@ def test_worker_stops_on_a_full_disk_naming_the_file(tmp_path, capsys, monkeypat
     def full(*args, **kwargs):
         raise OSError(code, os.strerror(code), "/data/ckpt/step-00000004.partial/model-stage0.safetensors")
 
-    monkeypatch.setattr(worker.Plan, "from_json", full)
+    monkeypatch.setattr(worker, "load_checked_plan", full)
     assert worker.main(worker_args(tmp_path, os.path.join(CONFIGS, "emulated-mixed.yaml"))) == FATAL_EXIT_CODE
     line = f"hetero: rank 2 on 127.0.0.1: /data/ckpt/step-00000004.partial/model-stage0.safetensors: {os.strerror(code)}"
     assert capsys.readouterr().err.strip() == line
@@ -180,7 +206,7 @@ def test_worker_leaves_other_failures_to_a_restart(tmp_path, monkeypatch, rank_t
     def flaky(*args, **kwargs):
         raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
 
-    monkeypatch.setattr(worker.Plan, "from_json", flaky)
+    monkeypatch.setattr(worker, "load_checked_plan", flaky)
     with pytest.raises(ConnectionResetError):
         worker.main(worker_args(tmp_path, os.path.join(CONFIGS, "emulated-mixed.yaml")))
     assert not (tmp_path / "run" / "fatal").exists()

@@ -29,7 +29,7 @@ from hetero.engine.topology import Topology
 from hetero.engine.trainer import Trainer
 from hetero.errors import FATAL_EXIT_CODE, UserError
 from hetero.launch.logs import fatal_path
-from partitioner.plan import Plan
+from hetero.plan_check import load_checked_plan
 
 # A disk that is full, over quota or read-only fails the same way on every attempt.
 FATAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint_dir and train.checkpoint:
             train = dataclasses.replace(train, checkpoint=dataclasses.replace(train.checkpoint,
                                                                               dir=args.checkpoint_dir))
-        with open(args.plan, encoding="utf-8") as handle:
-            plan = Plan.from_json(handle.read())
+        plan = load_checked_plan(args.plan, job)   # the launcher checked it too; this rank's copy may differ
         topology = Topology(plan)
         accelerator = accelerators.get_accelerator()
         if accelerator.device_type == "cpu":
