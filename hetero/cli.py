@@ -18,8 +18,16 @@ from hetero.errors import UserError
 SUBCOMMANDS = ["validate", "plan", "profile", "run", "launch", "bench", "report", "check", "env"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line, like every other bad input (argparse's own error prints
+    the whole usage first). Subcommand parsers are made of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hetero",
         description=(
             "Train one model on a mixed fleet of chips (NVIDIA, Ascend, Kunlun, CPU, emulated). "

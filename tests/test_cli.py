@@ -35,3 +35,16 @@ def test_no_command_prints_help_and_exits_2(hetero_cli):
 def test_unknown_flag_exits_2(hetero_cli):
     code, _, err = hetero_cli("validate", "--frobnicate", "x.yaml")
     assert code == 2 and "unrecognized arguments" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "--steps", "0"], "hetero run: error: argument --steps"),
+    (["plan", "--top", "many"], "hetero plan: error: argument --top"),
+    (["validate", "--frobnicate", "x.yaml"], "unrecognized arguments: --frobnicate"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_a_bad_flag_is_one_line_naming_it(hetero_cli, argv, expected):
+    code, out, err = hetero_cli(*argv)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "--help" in lines[0], lines
