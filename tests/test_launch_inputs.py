@@ -170,3 +170,15 @@ def test_ports_beyond_range(tmp_path, hetero_cli):
     path.write_text(open(os.path.join(ROOT, "tests", "launch", "two-island.yaml")).read()
                     .replace("port: 29400", "port: 65535"))
     one_line_error(*hetero_cli("launch", "--cluster", str(path), SCRIPT), "rendezvous ports")
+
+
+def test_a_coordinator_port_held_by_another_job_is_one_line(tmp_path, hetero_cli):
+    """A second job on the same ports fails at once, in one line naming host:port, before any worker."""
+    import socket
+
+    cluster = write_cluster(tmp_path, "two-island")
+    port = int(open(cluster).read().split("port: ")[1].split()[0])
+    with socket.create_server(("127.0.0.1", port)):
+        one_line_error(*hetero_cli("launch", "--cluster", cluster, "--run-dir", str(tmp_path / "run"), SCRIPT),
+                       f"127.0.0.1:{port} is already in use")
+    assert not (tmp_path / "run" / "metrics" / "coordinator.json").exists()   # a coordinator that never served

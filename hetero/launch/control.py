@@ -39,8 +39,9 @@ from dataclasses import asdict, dataclass
 
 from comm_bridge.client import CoordinatorClient
 from comm_bridge.coordinator import Coordinator
-from comm_bridge.errors import AuthenticationError, CoordinatorError
+from comm_bridge.errors import AddressInUseError, AuthenticationError, CoordinatorError
 from hetero.launch.agents import CRASHED, FATAL, SETTLE_S, STOPPED, LocalStatus
+from hetero.errors import UserError
 from hetero.launch.layout import LOCAL_HOST, FleetLayout
 
 STATE_KEY = "hetero.launch/state"
@@ -112,7 +113,11 @@ class HeadControl:
                                        heartbeat_timeout=self.heartbeat_timeout)
         try:
             self.coordinator.start()
+        except AddressInUseError as exc:   # the user picks another port: bad input, not a fault
+            self.coordinator = None        # never served: nothing to stop or count
+            raise UserError(f"cannot start the job's coordinator: {exc}") from None
         except (OSError, RuntimeError) as exc:
+            self.coordinator = None
             raise LaunchAbort(f"cannot start the coordinator on {host}:{cluster.port}: {exc}") from None
         self.client = CoordinatorClient(self.coordinator.address, self.token, 0, timeout=10.0)
         for host_name in self.members:
