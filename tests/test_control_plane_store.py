@@ -196,3 +196,23 @@ def test_island_agents_use_the_hetero_rendezvous_not_a_tcp_store(monkeypatch, tm
     assert config.rdzv_backend == "hetero" and config.rdzv_endpoint == "127.0.0.1:29400"
     assert config.rdzv_configs["rank"] == 1 and config.rdzv_configs["master_port"] == 29401
     assert TOKEN not in repr(config)        # elastic logs its configuration; the token stays in the environment
+
+
+def test_a_plain_env_script_under_hetero_launch_opens_no_store_on_any_interface(tmp_path):
+    """torch's env:// would make island rank 0 host a TCPStore on MASTER_PORT, on every
+    interface, for anyone; under a hetero launcher it meets in the coordinator's store."""
+    import json
+
+    from test_launch import WORKERS, finish, launcher, write_cluster
+
+    cluster = write_cluster(tmp_path, "two-island", chips=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, stderr = finish(launcher(cluster, os.path.join(WORKERS, "env_listeners.py"), str(out)))
+    assert code == 0, stderr
+    reports = [json.loads(p.read_text()) for p in out.iterdir()]
+    assert len(reports) >= 2 and all(r["sum"] >= 1 for r in reports)
+    wildcard = ("00000000", "00000000000000000000000000000000")
+    for report in reports:
+        assert not [port for address, port in report["listening"] if address in wildcard], report
+        assert report["master_port"] not in [port for _, port in report["listening"]], report

@@ -3,9 +3,10 @@
 torch elastic gives every worker of an island the same command and sets only
 torchrun's per-worker variables; this small step adds the per-worker
 HETERO_GLOBAL_RANK (from the island's rank table and RANK), arranges for the
-worker to get SIGTERM if its agent dies, then execs the real entrypoint, so the
-worker is an ordinary `python script.py` process (same pid, same argv).
-Imports nothing heavy: it runs once per worker start.
+worker to get SIGTERM if its agent dies, routes torch's env:// rendezvous
+through the job coordinator's token-checked store (hetero.launch.store: no
+TCPStore on MASTER_PORT listening on every interface), then runs the real
+entrypoint in this process as `python script.py` / `python -m module` would.
 
 Also the island agent's guards against outliving its launcher (hetero.launch.island_agent):
 PDEATHSIG alone is not enough. It fires, but elastic's shutdown can be cut short
@@ -130,7 +131,25 @@ def main(argv: list[str]) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if table:
         os.environ["HETERO_GLOBAL_RANK"] = table.split(",")[rank]
-    os.execv(sys.executable, [sys.executable, *argv])
+    from hetero.launch.store import install_env_rendezvous
+
+    install_env_rendezvous()
+    run_entrypoint(argv)
+
+
+def run_entrypoint(argv: list[str]) -> None:
+    """Run `-m module args...` or `script args...` in this process, as `python` itself would:
+    the same sys.argv, and sys.path[0] the current directory (-m) or the script's own."""
+    import runpy
+
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+        runpy.run_path(argv[0], run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -116,12 +116,51 @@ def _bytes(value) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
-def worker_store(timeout: float) -> CoordinatorStore:
-    """The process-group store of this worker's island and attempt (from the launcher's environment)."""
+def worker_store(timeout: float, name: str = "") -> CoordinatorStore:
+    """The process-group store of this worker's island and attempt (from the launcher's environment);
+    `name` keeps apart several stores of one attempt."""
     island = os.environ["HETERO_ISLAND"]
     attempt = os.environ.get("HETERO_RESTART_COUNT", "0")
-    return CoordinatorStore(os.environ[COORDINATOR_ENV], os.environ[TOKEN_ENV], f"pg/{island}/{attempt}/",
+    return CoordinatorStore(os.environ[COORDINATOR_ENV], os.environ[TOKEN_ENV], f"pg/{island}/{attempt}/{name}",
                             timeout=timeout, rank=int(os.environ.get("HETERO_GLOBAL_RANK", "0")))
+
+
+_env_rendezvous_calls = 0
+
+
+def env_rendezvous(url: str, timeout: datetime.timedelta = datetime.timedelta(minutes=30), **kwargs):
+    """torch's env:// rendezvous (init_process_group's default) for a worker under a hetero
+    launcher: rank and world size as torch's own handler reads them (the URL's query, else RANK and
+    WORLD_SIZE), the store in the coordinator instead of a TCPStore that island rank 0 would open
+    on MASTER_PORT, on every interface, for anyone. Each call in a process gets a store of its own
+    (every rank makes the same calls in the same order), so a script may init, destroy and init again."""
+    global _env_rendezvous_calls
+    from urllib.parse import parse_qs, urlparse
+
+    query = {k: v[-1] for k, v in parse_qs(urlparse(url).query).items()}
+    rank = int(query.get("rank", os.environ.get("RANK", "")) or _missing("RANK"))
+    world_size = int(query.get("world_size", os.environ.get("WORLD_SIZE", "")) or _missing("WORLD_SIZE"))
+    _env_rendezvous_calls += 1
+    yield worker_store(timeout.total_seconds(), f"env{_env_rendezvous_calls}/"), rank, world_size
+    raise RuntimeError("Unable to perform re-rendezvous using env:// method")
+
+
+def _missing(var: str):
+    raise ValueError(f"env:// rendezvous: environment variable {var} expected, but not set")
+
+
+def install_env_rendezvous() -> bool:
+    """Route env:// through `env_rendezvous` in this process, when it runs under a hetero launcher
+    (HETERO_COORDINATOR and HETERO_JOB_TOKEN set); True if it did."""
+    if not (os.environ.get(COORDINATOR_ENV) and os.environ.get(TOKEN_ENV) and os.environ.get("HETERO_ISLAND")):
+        return False
+    import importlib
+
+    # The module, not the function torch.distributed exports under the same name;
+    # its register_rendezvous_handler refuses to replace a scheme, so set the table's entry.
+    module = importlib.import_module("torch.distributed.rendezvous")
+    module._rendezvous_handlers["env"] = env_rendezvous
+    return True
 
 
 class CoordinatorRendezvous(RendezvousHandler):
