@@ -27,3 +27,7 @@ class JobFatalError(UserError):
 # A worker that stops on a JobFatalError exits with this code, after printing one
 # line and writing it to <run dir>/fatal/rankNNNNN.txt; launchers do not restart on it.
 FATAL_EXIT_CODE = 3
+
+# A worker that stops because the coordinator reported a peer failed exits with this
+# code: the launcher names the peer's failure, not this follower's.
+PEER_STOPPED_EXIT_CODE = 43

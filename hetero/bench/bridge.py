@@ -132,7 +132,10 @@ def _drive_raw_tcp(conn, sizes, quick):
 
 def _gloo_init(rank: int, port: int):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://{HOST}:{port}", rank=rank, world_size=2)
+
+    from hetero.launch.store import loopback_store
+
+    dist.init_process_group("gloo", store=loopback_store(port, rank, 2), rank=rank, world_size=2)
     return dist
 
 

@@ -61,18 +61,9 @@ def matmul(accelerator: str, chip: dict, device_index: int, dtype: str, n: int, 
 
 
 def _store(port: int, rank: int):
-    """The pair's meeting point on loopback. TCPStore's own server would listen on every
-    interface, so rank 0 binds 127.0.0.1 itself and hands the socket over."""
-    import socket
-    from datetime import timedelta
+    from hetero.launch.store import loopback_store
 
-    import torch.distributed as dist
-
-    if rank != 0:
-        return dist.TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=30))
-    listener = socket.create_server(("127.0.0.1", port), backlog=16)
-    return dist.TCPStore("127.0.0.1", port, 2, True, timeout=timedelta(seconds=30),
-                         master_listen_fd=listener.detach())
+    return loopback_store(port, rank, 2)
 
 
 def allreduce_pair(rank: int, port: int, nbytes: int, accelerator: str = "cpu", backend: str = "gloo",

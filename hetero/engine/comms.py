@@ -1,7 +1,8 @@
 """This worker's communication: island process groups, the bridge, fleet-wide sums.
 
 `Comms.start()` reads the launcher's environment (torchrun's island-local
-RANK/WORLD_SIZE/MASTER_*, plus HETERO_*), joins the island's native world,
+RANK/WORLD_SIZE, plus HETERO_*), joins the island's native world through the
+coordinator's token-checked store (hetero.launch.store),
 creates every TP and DP group of the island in plan order, opens a comm_bridge
 endpoint and registers it with the coordinator. `Comms.solo()` is the
 one-process stand-in that the reference run and single-chip plans use.
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hetero.engine.topology import Topology
+from hetero.errors import PEER_STOPPED_EXIT_CODE
 from hetero.engine.transport import BridgeTransport, NativeTransport
 
 TAG_FLEET_REDUCE = 1 << 24       # bridge tags above every pipeline tag
@@ -189,4 +191,4 @@ def _stop_on_peer_failure(rank: int, reason: str) -> None:
     # A blocked native collective cannot be interrupted; leave now so the
     # launcher tears the job down and restarts it from the last checkpoint.
     print(f"hetero: peer rank {rank} failed ({reason}); stopping this worker", file=sys.stderr, flush=True)
-    os._exit(43)
+    os._exit(PEER_STOPPED_EXIT_CODE)

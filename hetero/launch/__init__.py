@@ -8,7 +8,9 @@ Python API (what `hetero run` and tests call):
 
 See hetero/launch/fleet.py for every argument. On each node the launcher starts,
 per island with workers there, one torch elastic agent (hetero/launch/island_agent.py),
-with that island's own static rendezvous: one native world per island. The head
+meeting its island's other nodes in the coordinator's token-checked store
+(hetero/launch/store.py; a script's env:// init goes there too): one native
+world per island. The head
 node (the cluster's coordinator host) also runs comm_bridge's coordinator and
 decides, for every attempt, whether the job is done, failed, or restarts as a
 whole (hetero/launch/control.py). Who runs where: hetero/launch/layout.py.

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 # Imported here, not when needed: the agent calls remove_rings from its parent-watch thread
 # too, and an import racing the main thread's can see a half-initialised module.
 from comm_bridge.shm import job_hex_of, remove_job_rings
-from hetero.errors import FATAL_EXIT_CODE
+from hetero.errors import FATAL_EXIT_CODE, PEER_STOPPED_EXIT_CODE
 from hetero.launch.layout import IslandLayout, NodeWorkers
 from hetero.launch.logs import agent_outcome_path, fatal_path
 
@@ -37,8 +37,6 @@ from hetero.launch.logs import agent_outcome_path, fatal_path
 # error (rendezvous timeout, ...); a worker that stopped because a peer failed or was
 # killed by a signal; an agent stopped by a signal.
 FATAL, CRASHED, AGENT_ERROR, FOLLOWED, STOPPED = range(5)
-# hetero.engine.comms: a worker that stops because the coordinator reported a peer failed.
-PEER_STOPPED_EXIT_CODE = 43
 SETTLE_S = 3.0   # after a failure, how long agents get to stop on their own and say why
 
 

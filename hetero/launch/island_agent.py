@@ -1,9 +1,11 @@
 """One island's workers on one node: `python -m hetero.launch.island_agent SPEC_JSON`.
 
-A torch elastic agent (torch.distributed.launcher.api.launch_agent) with a
-static rendezvous: the Plan fixes which node holds which island-local ranks, so
-node order must be deterministic (node = rendezvous rank), which dynamic c10d
-rendezvous does not promise. Elastic's own restarts are off (max_restarts 0):
+A torch elastic agent (torch.distributed.launcher.api.launch_agent) whose
+rendezvous (hetero.launch.store, backend "hetero") meets in the job
+coordinator's token-checked store, with fixed node ranks: the Plan fixes which
+node holds which island-local ranks, so node order must be deterministic (node =
+rendezvous rank), which dynamic c10d rendezvous does not promise. No agent
+listens: there is no TCPStore. Elastic's own restarts are off (max_restarts 0):
 restarts are job-wide, decided by the launcher for all islands at once.
 
 Runs as its own process because an elastic agent owns its process's signal

@@ -10,8 +10,10 @@ Pure data, no processes. Rules the rest of the launcher relies on:
   rank); a chip the Plan leaves idle runs no worker. Without a Plan, every chip
   runs a worker and global ranks go island by island in cluster order, then by
   chip index (the same numbering a Plan uses).
-- Rendezvous port of island i (cluster order, from 0): coordinator.port + 1 + i;
-  MASTER_ADDR is the island's first node (with a worker).
+- MASTER_PORT of island i (cluster order, from 0): coordinator.port + 1 + i;
+  MASTER_ADDR is the island's first node (with a worker). Nothing of hetero's
+  listens there (islands meet in the coordinator's store); they are torchrun's
+  variables, kept for scripts that read them.
 - Device indices on a host: per accelerator kind, islands in cluster order take
   consecutive indices, so two islands of one vendor on one host never share a
   device. A worker sees its node's devices of its island (LOCAL_RANK picks one).

@@ -228,6 +228,19 @@ def create_rendezvous(params: RendezvousParameters) -> CoordinatorRendezvous:
                                  str(params.get("master_addr")), int(params.get("master_port")))
 
 
+def loopback_store(port: int, rank: int, world_size: int, timeout: float = 30.0) -> dist.TCPStore:
+    """A TCPStore on 127.0.0.1:`port` for processes of one host that meet without a coordinator
+    (hetero check's link probes, hetero bench bridge). TCPStore's own server would listen on every
+    interface, so rank 0 binds loopback itself and hands the socket over."""
+    import socket
+
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world_size, False, timeout=datetime.timedelta(seconds=timeout))
+    listener = socket.create_server(("127.0.0.1", port), backlog=max(16, world_size))
+    return dist.TCPStore("127.0.0.1", port, world_size, True, timeout=datetime.timedelta(seconds=timeout),
+                         master_listen_fd=listener.detach())
+
+
 def register_rendezvous() -> str:
     """Make the "hetero" rendezvous backend known to torch elastic (idempotent); return its name."""
     from torch.distributed.elastic.rendezvous.registry import handler_registry
