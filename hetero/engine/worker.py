@@ -15,6 +15,7 @@ and exit 1: the launcher restarts the job from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import os
@@ -70,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(comms, accelerator, job.model, train, args.run_dir, steps=args.steps, log=log)
         trainer.run()
-        comms.record_bridge_stats(args.run_dir)
         comms.finish()
     except (UserError, OSError) as exc:
         message = fatal_message(exc)
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return FATAL_EXIT_CODE
     finally:
         if comms is not None:
+            with contextlib.suppress(OSError):   # what it carried and refused, however the worker ends
+                comms.record_bridge_stats(args.run_dir)
             comms.close()
     return 0
 
