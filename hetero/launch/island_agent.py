@@ -23,7 +23,7 @@ import signal
 import sys
 import traceback
 
-from hetero.launch.bootstrap import die_with_parent
+from hetero.launch.lifeline import die_with_parent
 
 
 def launch_config(spec: dict):
@@ -91,13 +91,13 @@ def run(spec: dict) -> int:
 
 def main(argv: list[str]) -> int:
     """Start the agent; it leaves through exit_now, and on its own when the launcher is gone
-    (hetero.launch.bootstrap.watch_parent), whatever elastic does."""
+    (hetero.launch.lifeline.watch_parent), whatever elastic does."""
     spec = json.loads(argv[0])
     die_with_parent()
     if os.getppid() != spec["parent_pid"]:   # the launcher is already gone
         return 1
     from hetero.launch.agents import remove_rings
-    from hetero.launch.bootstrap import AGENT_PID_ENV, exit_now, stop_children_and_exit, watch_parent
+    from hetero.launch.lifeline import AGENT_PID_ENV, exit_now, stop_children_and_exit, watch_parent
 
     # Before the workers start, a stop request just ends the agent (nothing to clean up);
     # elastic installs its own handlers once workers run.
