@@ -96,6 +96,7 @@ def test_calibration_reproduces_each_island_s_measured_step(slowdown):
             subfleets[island.name]["step_s"], rel=0.005)
 
 
+@pytest.mark.slow
 def test_the_whole_bench_runs_on_a_tiny_fleet_and_writes_its_report(tmp_path):
     """Every step of `hetero bench efficiency` (islands alone, calibration, the mixed
     candidates, the planned-only example) on one chip per island; a defect anywhere
