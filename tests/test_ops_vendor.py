@@ -54,13 +54,26 @@ def test_rotary_uses_npu_rotary_mul_for_4d_only(npu):
     assert len(recorder.named("npu_rotary_mul")) == 1  # 3-D went to the reference
 
 
+def half(*shape):
+    """bf16 inputs: the only dtypes (with fp16) npu_fusion_attention takes."""
+    return torch.randn(*shape, dtype=torch.bfloat16)
+
+
+def assert_close_bf16(out, q, k, v, causal, mask):
+    """The kernel against the reference run in fp32 on the same bf16 inputs."""
+    expected = reference.attention(q.float(), k.float(), v.float(), causal, mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_attention_causal_mask_polarity_layout_and_scale(npu, kv_heads):
     recorder, kernels = npu
-    q, k, v = rand(2, 4, 5, 8), rand(2, kv_heads, 5, 8), rand(2, kv_heads, 5, 8)
+    q, k, v = half(2, 4, 5, 8), half(2, kv_heads, 5, 8), half(2, kv_heads, 5, 8)
     out = kernels["attention"](q, k, v, True, None)
-    torch.testing.assert_close(out, reference.attention(q, k, v, True, None))
+    assert_close_bf16(out, q, k, v, True, None)
     (args, kwargs), = recorder.named("npu_fusion_attention")
+    assert args[0] is q and args[1] is k and args[2] is v  # no cast on the way in
     assert args[3:] == (4, "BNSD")  # head_num = q heads, layout named
     assert kwargs["scale"] == pytest.approx(1 / math.sqrt(8))
     assert kwargs["keep_prob"] == 1.0
@@ -70,11 +83,11 @@ def test_attention_causal_mask_polarity_layout_and_scale(npu, kv_heads):
 
 def test_attention_user_bool_mask_is_inverted_and_lifted_to_4d(npu):
     recorder, kernels = npu
-    q, k, v = rand(2, 2, 4, 8), rand(2, 2, 4, 8), rand(2, 2, 4, 8)
+    q, k, v = half(2, 2, 4, 8), half(2, 2, 4, 8), half(2, 2, 4, 8)
     allowed = torch.rand(2, 4, 4) > 0.4  # (batch, q, kv): 3-D, not accepted as is
     allowed[..., 0] = True
     out = kernels["attention"](q, k, v, False, allowed)
-    torch.testing.assert_close(out, reference.attention(q, k, v, False, allowed))
+    assert_close_bf16(out, q, k, v, False, allowed)
     (_args, kwargs), = recorder.named("npu_fusion_attention")
     assert kwargs["atten_mask"].shape == (1, 2, 4, 4)
     assert torch.equal(kwargs["atten_mask"], ~allowed.reshape(1, 2, 4, 4))
@@ -82,16 +95,15 @@ def test_attention_user_bool_mask_is_inverted_and_lifted_to_4d(npu):
 
 def test_attention_without_mask_passes_none(npu):
     recorder, kernels = npu
-    q = rand(1, 2, 3, 4)
-    torch.testing.assert_close(kernels["attention"](q, q, q, False, None),
-                               reference.attention(q, q, q, False, None))
+    q = half(1, 2, 3, 4)
+    assert_close_bf16(kernels["attention"](q, q, q, False, None), q, q, q, False, None)
     (_args, kwargs), = recorder.named("npu_fusion_attention")
     assert kwargs["atten_mask"] is None
 
 
 def test_attention_float_mask_falls_back_to_reference(npu):
     recorder, kernels = npu
-    q, bias = rand(1, 2, 3, 4), rand(3, 3)
+    q, bias = half(1, 2, 3, 4), half(3, 3)  # a dtype the kernel takes, but a float mask
     torch.testing.assert_close(kernels["attention"](q, q, q, True, bias),
                                reference.attention(q, q, q, True, bias))
     assert recorder.named("npu_fusion_attention") == []
@@ -168,12 +180,14 @@ def test_kunlun_kernels_defer_to_reference_when_grad_is_needed():
     assert x.grad is not None and recorder.calls == []
 
 
-def test_kunlun_without_kunlun_ops_uses_reference(monkeypatch):
+def test_kunlun_without_kunlun_ops_uses_reference_but_blocked_attention(monkeypatch):
     install_kunlun(monkeypatch, Recorder(), with_ops=False)
     accelerators.reset_accelerator()
     try:
         assert accelerators.get_accelerator("kunlun").kunlun_ops is None
-        assert set(ops.kernel_sources().values()) == {"reference"}
+        sources = ops.kernel_sources()
+        assert sources.pop("attention") == "kunlun"  # accelerators.ops.blocked
+        assert set(sources.values()) == {"reference"}
     finally:
         accelerators.reset_accelerator()
 

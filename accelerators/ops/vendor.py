@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from accelerators.ops import reference
+from accelerators.ops import blocked, reference
 
 Kernels = dict[str, Callable]
 
@@ -67,6 +67,10 @@ def cuda_kernels() -> Kernels:
 
 # Huawei Ascend (torch_npu) ---------------------------------------------------------
 
+# What npu_fusion_attention accepts for query/key/value (torch_npu's API reference).
+_FUSION_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def ascend_kernels(torch_npu: ModuleType) -> Kernels:
     """Adapters over torch_npu's fused ops (all of which have autograd)."""
 
@@ -83,6 +87,11 @@ def ascend_kernels(torch_npu: ModuleType) -> Kernels:
         return torch_npu.npu_rotary_mul(x, cos, sin)
 
     def attention(q, k, v, causal=True, mask=None):
+        # npu_fusion_attention takes fp16/bf16 only. fp32 (the default dtype)
+        # and fp64 run the reference, exact in their own precision: casting to
+        # bf16 and back would silently cost the fp32 parity the fleet relies on.
+        if q.dtype not in _FUSION_ATTENTION_DTYPES:
+            return reference.attention(q, k, v, causal, mask)
         if mask is not None and mask.dtype != torch.bool:
             return reference.attention(q, k, v, causal, mask)  # the kernel takes bool masks only
         allowed = allowed_positions(q, k, causal, mask)
@@ -126,10 +135,13 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def kunlun_kernels(kunlun_ops: ModuleType | None) -> Kernels:
-    """Adapters over kunlun_ops. Its kernels write into out-tensors and have no
-    autograd, so they serve only when no gradient is needed."""
+    """Attention blocked over queries (`accelerators.ops.blocked`: exact, with a
+    backward, never the full seq x seq scores per head), since neither
+    torch_xmlir nor kunlun_ops documents a fused attention with a backward;
+    plus adapters over kunlun_ops, whose kernels write into out-tensors and have
+    no autograd, so they serve only when no gradient is needed."""
     if kunlun_ops is None:
-        return {}
+        return {"attention": blocked.attention}
 
     def rms_norm(x, weight, eps=1e-6):
         if _needs_grad(x, weight):
@@ -145,7 +157,7 @@ def kunlun_kernels(kunlun_ops: ModuleType | None) -> Kernels:
         kunlun_ops.swiglu(x=torch.cat((gate, up), dim=-1), y=out)
         return out
 
-    return {"rms_norm": rms_norm, "swiglu": swiglu}
+    return {"rms_norm": rms_norm, "swiglu": swiglu, "attention": blocked.attention}
 
 
 # Emulated chip ------------------------------------------------------------------------

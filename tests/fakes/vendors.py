@@ -64,15 +64,18 @@ def make_torch_npu(recorder: Recorder) -> ModuleType:
                       "sparse_mode": sparse_mode})
         assert input_layout == "BNSD"
         assert head_num == query.shape[1]
+        # documented: query/key/value are float16 or bfloat16 only
+        assert all(t.dtype in (torch.float16, torch.bfloat16) for t in (query, key, value)), \
+            f"npu_fusion_attention takes fp16/bf16, got {query.dtype}"
         group = query.shape[1] // key.shape[1]
-        k = key.repeat_interleave(group, dim=1)
-        v = value.repeat_interleave(group, dim=1)
-        scores = (query @ k.transpose(-2, -1)) * scale  # documented default scale is 1.0
+        k = key.float().repeat_interleave(group, dim=1)
+        v = value.float().repeat_interleave(group, dim=1)
+        scores = (query.float() @ k.transpose(-2, -1)) * scale  # documented default scale is 1.0
         if atten_mask is not None:
             assert atten_mask.dtype == torch.bool and atten_mask.dim() in (2, 4)
             scores = scores.masked_fill(atten_mask, float("-inf"))  # True = masked OUT
-        probs = scores.softmax(-1)
-        out = probs @ v
+        probs = scores.softmax(-1)  # accumulates in fp32, returns the input dtype
+        out = (probs @ v).to(query.dtype)
         return out, scores.amax(-1), probs.sum(-1), probs, 0, 0, 0
 
     def npu_swiglu(input, dim=-1):
