@@ -167,6 +167,10 @@ class Accelerator:
         """Device-to-host copy (the hook `comm_bridge` stages tensors through)."""
         return tensor.to("cpu", non_blocking=non_blocking)
 
+    def to_device(self, tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        """Host-to-device copy onto the current device (the one copy API into device memory)."""
+        return tensor.to(self.device(), non_blocking=non_blocking)
+
     # Dtypes -----------------------------------------------------------------
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return COMMON_DTYPES

@@ -19,9 +19,30 @@ the device blocks until wall time reaches it: `synchronize()`, an event's
 emulated chip differ in speed by the spec's ratio, whatever the host CPU does,
 as long as the host keeps ahead of the virtual clock.
 
-Memory: every storage an op produces inside the scope is counted once, until
-it is freed, against `memory_gb` (1 GB = 1e9 bytes, the catalog's unit);
-going over raises `EmulatedOutOfMemory` naming the chip and its capacity.
+Memory: what the emulated device allocates inside its scope (every storage an
+op produces there, once, until it is freed) and what `to_device` or `track`
+hands it is *device memory*, counted by the ledger against the usable capacity
+`memory_gb - memory_reserve_gb` (1 GB = 1e9 bytes, the catalog's unit); going
+over raises `EmulatedOutOfMemory`, which is also a `torch.OutOfMemoryError`
+like a real vendor's. Every other tensor is host memory.
+
+Host link: `to_device` (host -> device) and `to_host` (device -> host) are the
+copy API; each charges bytes / `host_link_gbps` to the clock (a spec without
+the key copies at its memory bandwidth; the catalog always names one). A blocking `to_host`
+then waits for the clock; `non_blocking=True` only queues the copy (wait on an
+event recorded after it, as on a real chip).
+
+Strict mode (HETERO_EMULATED_STRICT=1, or strict=True; off by default): the
+chip refuses what a real device would refuse, with a `DeviceContractError`:
+- an op inside the scope that reads a host tensor (one the ledger does not
+  hold and that is not a 0-dim scalar); `copy_` between host and device memory
+  is a transfer, allowed and charged at the host link;
+- device work (entering the scope, `to_device`, `to_host`, `synchronize`)
+  before `set_device`, when more than one device index is visible.
+
+Devices: HETERO_EMULATED_VISIBLE_DEVICES (a comma-separated list, set by the
+launcher like CUDA_VISIBLE_DEVICES) says how many device indices this process
+sees; without it, one. Every index is the same emulated chip of this process.
 
 Time dilation: the host keeps ahead of the clock only while it has the cores
 for it. Several emulated chips on a small host (4 chips on 2 cores) share the
@@ -33,7 +54,8 @@ bridge) is not dilated, so it weighs 1/k as much in chip time.
 
 The chip spec is a plain dict (the catalog's `ChipSpec.to_dict()`):
 `name`, `tflops` {fp32|tf32|bf16|fp16|fp8: TFLOP/s}, `memory_gb`,
-`memory_bandwidth_gbps` (GB/s); other keys are ignored. Without an explicit
+`memory_bandwidth_gbps` (GB/s), optional `host_link_gbps` (GB/s per direction)
+and `memory_reserve_gb` (default 0); other keys are ignored. Without an explicit
 spec the accelerator reads it as JSON from HETERO_EMULATED_CHIP.
 """
 
@@ -53,10 +75,12 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from accelerators.base import ProbeResult
 from accelerators.cpu import CpuAccelerator
-from accelerators.errors import AcceleratorUnavailable, EmulatedOutOfMemory
+from accelerators.errors import AcceleratorUnavailable, DeviceContractError, EmulatedOutOfMemory
 
 CHIP_ENV = "HETERO_EMULATED_CHIP"
 DILATION_ENV = "HETERO_EMULATED_TIME_DILATION"
+STRICT_ENV = "HETERO_EMULATED_STRICT"
+VISIBLE_ENV = "HETERO_EMULATED_VISIBLE_DEVICES"
 GB = 1e9
 TFLOPS = 1e12
 
@@ -76,6 +100,12 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnu
 _FREE_OPS = {
     aten.detach, aten._unsafe_view, aten.empty, aten.empty_strided, aten.new_empty,
     aten.new_empty_strided, aten.empty_like, aten.lift_fresh, aten._local_scalar_dense,
+}
+# Free ops whose output is a fresh allocation on the device (lift_fresh: torch.tensor(data)
+# inside the scope, the constant becoming a device tensor).
+_ALLOCATING_OPS = {
+    aten.empty, aten.empty_strided, aten.new_empty, aten.new_empty_strided, aten.empty_like,
+    aten.lift_fresh,
 }
 
 
@@ -112,8 +142,16 @@ class ChipPace:
         self.tflops = {str(k): float(v) for k, v in tflops.items()}
         self.memory_gb = _positive(chip, "memory_gb", self.name)
         self.bandwidth_gbps = _positive(chip, "memory_bandwidth_gbps", self.name)
-        self.capacity_bytes = int(self.memory_gb * GB)
+        self.host_link_gbps = (_positive(chip, "host_link_gbps", self.name) if "host_link_gbps" in chip
+                               else self.bandwidth_gbps)
+        self.reserve_gb = float(_require(chip, "memory_reserve_gb", (int, float))) \
+            if "memory_reserve_gb" in chip else 0.0
+        if not 0.0 <= self.reserve_gb < self.memory_gb:
+            raise ValueError(f"emulated chip {self.name!r}: 'memory_reserve_gb' must be in "
+                             f"[0, memory_gb={self.memory_gb:g}), got {self.reserve_gb:g}")
+        self.capacity_bytes = int((self.memory_gb - self.reserve_gb) * GB)   # usable device memory
         self.bytes_per_second = self.bandwidth_gbps * GB
+        self.host_link_bytes_per_second = self.host_link_gbps * GB
         fallback = self.tflops.get("fp32", min(self.tflops.values()))
         self._flops_per_second = {
             dtype: TFLOPS * self.tflops.get(key, fallback) for dtype, key in _DTYPE_RATE_KEY.items()
@@ -127,6 +165,10 @@ class ChipPace:
     def seconds(self, flops: float, nbytes: float, dtype: torch.dtype) -> float:
         """Roofline time of one op on this chip, in wall seconds."""
         return self.dilation * max(flops / self.flops_per_second(dtype), nbytes / self.bytes_per_second)
+
+    def copy_seconds(self, nbytes: float) -> float:
+        """Time of a host <-> device copy of `nbytes` over the host link, in wall seconds."""
+        return self.dilation * nbytes / self.host_link_bytes_per_second
 
 
 class VirtualClock:
@@ -166,6 +208,14 @@ class VirtualClock:
         self.wait_until(self.ready_at)
 
 
+class EmulatedDeviceOutOfMemory(torch.OutOfMemoryError, EmulatedOutOfMemory):
+    """What the ledger raises: a `torch.OutOfMemoryError` (what real vendors raise) that is
+    also the layer's torch-free `EmulatedOutOfMemory`, with its byte counts."""
+
+    def __init__(self, message: str, **numbers: Any):
+        EmulatedOutOfMemory.__init__(self, message, **numbers)
+
+
 class MemoryLedger:
     """Bytes of the storages the emulated device holds, against its capacity."""
 
@@ -176,6 +226,10 @@ class MemoryLedger:
         self._live: dict[int, int] = {}  # storage data_ptr -> bytes
         self._lock = threading.Lock()
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor`'s storage is device memory (a view of device memory is too)."""
+        return tensor.untyped_storage().data_ptr() in self._live
+
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         key, nbytes = storage.data_ptr(), storage.nbytes()
@@ -183,10 +237,13 @@ class MemoryLedger:
             return
         with self._lock:
             if self.allocated + nbytes > self.chip.capacity_bytes:
-                raise EmulatedOutOfMemory(
+                reserve = f" - memory_reserve_gb={self.chip.reserve_gb:g}" if self.chip.reserve_gb else ""
+                raise EmulatedDeviceOutOfMemory(
                     f"emulated chip {self.chip.name!r} is out of memory: tried to allocate "
                     f"{_mib(nbytes)} with {_mib(self.allocated)} of {_mib(self.chip.capacity_bytes)} "
-                    f"(memory_gb={self.chip.memory_gb:g}) already in use"
+                    f"(memory_gb={self.chip.memory_gb:g}{reserve}) already in use",
+                    chip=self.chip.name, requested=nbytes, in_use=self.allocated,
+                    capacity=self.chip.capacity_bytes,
                 )
             self._live[key] = nbytes
             self.allocated += nbytes
@@ -204,32 +261,60 @@ class MemoryLedger:
 class EmulationMode(TorchDispatchMode):
     """Charges every aten op to the virtual clock and its outputs to the ledger."""
 
-    def __init__(self, accelerator: "EmulatedAccelerator"):
+    def __init__(self, accelerator: "EmulatedAccelerator", strict: bool = False):
         super().__init__()
         self.pace = accelerator.pace
         self.clock = accelerator.clock
         self.ledger = accelerator.ledger
+        self.strict = strict
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         issued_at = time.perf_counter()
-        out = func(*args, **kwargs)
         packet = func.overloadpacket
+        free = func.is_view or packet in _FREE_OPS
+        inputs = _tensors(args) + _tensors(kwargs.values())
+        transfer = self._check_inputs(func, args, inputs) if self.strict and not free else None
+        out = func(*args, **kwargs)
         if packet is aten._local_scalar_dense:
             self.clock.wait()  # .item(): the host reads device memory
             return out
-        if func.is_view or packet in _FREE_OPS:
+        if free:
+            if packet in _ALLOCATING_OPS:
+                for tensor in _tensors(out):
+                    self.ledger.track(tensor)
             return out
         outputs = _tensors(out)
-        inputs = _tensors(args) + _tensors(kwargs.values())
         for tensor in outputs:
             self.ledger.track(tensor)
+        if transfer is not None:   # copy_ between host and device memory: the host link's time
+            self.clock.charge(self.pace.copy_seconds(transfer.nbytes), issued_at)
+            return out
         formula = _FLOP_FORMULAS.get(packet)
         flops = formula(*args, out_val=out, **kwargs) if formula is not None else 0
         nbytes = sum(t.nbytes for t in inputs) + sum(t.nbytes for t in outputs)
         dtype = _compute_dtype(inputs or outputs)
         self.clock.charge(self.pace.seconds(flops, nbytes, dtype), issued_at)
         return out
+
+    def _check_inputs(self, func, args, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        """Strict mode: refuse a device op that reads host memory. A copy_ between host and
+        device memory is a transfer: returns the tensor whose bytes cross the host link."""
+        host = [t for t in inputs if self._is_host(t)]
+        if not host:
+            return None
+        if func.overloadpacket is aten.copy_ and len(host) == 1:
+            dst, src = args[0], args[1]
+            if self.ledger.holds(dst) or self.ledger.holds(src):
+                return src
+        tensor = host[0]
+        raise DeviceContractError(
+            f"emulated chip {self.pace.name!r} (strict): {func} reads a host tensor "
+            f"(shape {tuple(tensor.shape)}, {tensor.dtype}) that is not in device memory; move it "
+            f"with the accelerator's copy API first (accelerator.to_device(tensor))")
+
+    def _is_host(self, tensor: torch.Tensor) -> bool:
+        return tensor.dim() > 0 and tensor.numel() > 0 and not self.ledger.holds(tensor)
 
 
 class EmulatedStream:
@@ -289,18 +374,22 @@ class EmulatedAccelerator(CpuAccelerator):
 
     vendor = "emulated"
     env_prefixes = ("HETERO_EMULATED_", "OMP_", "GLOO_")
+    visible_devices_env = VISIBLE_ENV
     is_emulated = True
 
-    def __init__(self, chip: Mapping[str, Any] | None = None, time_dilation: float | None = None):
+    def __init__(self, chip: Mapping[str, Any] | None = None, time_dilation: float | None = None,
+                 strict: bool | None = None):
         super().__init__()
         if chip is None:
             chip = _chip_from_env()
         self.chip = dict(chip)
         self.time_dilation = _dilation_from_env() if time_dilation is None else _checked_dilation(time_dilation)
+        self.strict = _strict_from_env() if strict is None else bool(strict)
         self.pace = ChipPace(chip, self.time_dilation)
         self.clock = VirtualClock()
         self.ledger = MemoryLedger(self.pace)
         self._scope = threading.local()
+        self._device_index: int | None = None   # set by set_device
         # The first op a dispatch mode sees imports torch._dynamo (~1-2 s): pay
         # that now, then start the clock and the ledger afresh.
         with EmulationMode(self):
@@ -322,9 +411,10 @@ class EmulatedAccelerator(CpuAccelerator):
         if getattr(self._scope, "active", False):
             yield self
             return
+        self.require_device("device work")
         self._scope.active = True
         try:
-            with EmulationMode(self):
+            with EmulationMode(self, strict=self.strict):
                 yield self
         finally:
             self._scope.active = False
@@ -342,17 +432,45 @@ class EmulatedAccelerator(CpuAccelerator):
         self.ledger.track(tensor)
         return tensor
 
+    def is_device_memory(self, tensor: torch.Tensor) -> bool:
+        """Whether the ledger holds `tensor`'s storage (device memory) rather than the host."""
+        return self.ledger.holds(tensor)
+
     # Device ---------------------------------------------------------------------
+    def device_count(self) -> int:
+        raw = os.environ.get(VISIBLE_ENV, "").strip()
+        return max(1, len([part for part in raw.split(",") if part.strip()])) if raw else 1
+
+    def set_device(self, index: int) -> None:
+        count = self.device_count()
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            raise ValueError(f"the emulated accelerator sees {count} device(s) (0..{count - 1}), "
+                             f"not {index!r}" + (f" ({VISIBLE_ENV})" if count > 1 else ""))
+        self._device_index = index
+
+    def current_device(self) -> int:
+        return self._device_index or 0
+
+    def require_device(self, what: str) -> None:
+        """Strict mode: refuse device work before set_device when more than one device is visible
+        (a real worker would land on device 0, beside every other rank of its node)."""
+        if self.strict and self._device_index is None and self.device_count() > 1:
+            raise DeviceContractError(
+                f"emulated chip {self.pace.name!r} (strict): {what} before set_device, with "
+                f"{self.device_count()} devices visible ({VISIBLE_ENV}); call "
+                "accelerator.set_device(local_rank) first, or every rank of the node lands on device 0")
+
     def device_name(self, index: int | None = None) -> str:
         return f"emulated {self.pace.name}"
 
     def synchronize(self, index: int | None = None) -> None:
+        self.require_device("synchronize()")
         self.clock.wait()
 
     def properties(self, index: int | None = None) -> dict:
         return {"name": self.device_name(), "total_memory": self.pace.capacity_bytes,
                 "tflops": dict(self.pace.tflops), "memory_bandwidth_gbps": self.pace.bandwidth_gbps,
-                "emulated": True}
+                "host_link_gbps": self.pace.host_link_gbps, "emulated": True}
 
     # Streams and events -----------------------------------------------------------
     def new_stream(self, priority: int = 0) -> EmulatedStream:
@@ -391,10 +509,30 @@ class EmulatedAccelerator(CpuAccelerator):
 
     # Host transfers ---------------------------------------------------------------
     def to_host(self, tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
-        """Wait for the device (a D2H copy does), then hand over a host copy."""
-        self.clock.wait()
+        """Device -> host copy: charged at the host link; a blocking one waits for the device.
+
+        In strict mode a tensor already in host memory is copied free of charge (a real
+        `.to("cpu")` of a host tensor moves nothing)."""
+        self.require_device("to_host()")
+        if not (self.strict and not self.ledger.holds(tensor)):
+            self.clock.charge(self.pace.copy_seconds(tensor.nbytes))
+        if not non_blocking:
+            self.clock.wait()
         with _disable_current_modes():  # the copy lands in host memory, not the chip's
             return tensor.detach().clone()
+
+    def to_device(self, tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        """Host -> device copy: a new tensor in device memory (counted by the ledger, so it may
+        raise out-of-memory), its bytes charged at the host link. A tensor already in device
+        memory is returned as it is (like `.to(device)`)."""
+        self.require_device("to_device()")
+        if self.ledger.holds(tensor):
+            return tensor
+        with _disable_current_modes():
+            copy = tensor.clone(memory_format=torch.contiguous_format)
+        self.ledger.track(copy)
+        self.clock.charge(self.pace.copy_seconds(copy.nbytes))
+        return copy
 
     def kernels(self) -> dict:
         from accelerators.ops import vendor
@@ -405,10 +543,14 @@ class EmulatedAccelerator(CpuAccelerator):
         info = super().describe()
         info["chip"] = {"name": self.pace.name, "tflops": dict(self.pace.tflops),
                         "memory_gb": self.pace.memory_gb,
-                        "memory_bandwidth_gbps": self.pace.bandwidth_gbps}
+                        "memory_bandwidth_gbps": self.pace.bandwidth_gbps,
+                        "host_link_gbps": self.pace.host_link_gbps,
+                        "memory_reserve_gb": self.pace.reserve_gb}
         info["note"] = "emulated chip: a test and benchmark device, paced by its spec"
         if self.time_dilation != 1.0:
             info["time_dilation"] = self.time_dilation
+        if self.strict:
+            info["strict"] = True
         return info
 
 
@@ -437,6 +579,15 @@ def _dilation_from_env() -> float:
     except ValueError:
         raise AcceleratorUnavailable(f"{DILATION_ENV} must be a number >= 1, got {raw!r}") from None
     return _checked_dilation(value, source=DILATION_ENV)
+
+
+def _strict_from_env() -> bool:
+    raw = os.environ.get(STRICT_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise AcceleratorUnavailable(f"{STRICT_ENV} must be 1 or 0, got {raw!r}")
 
 
 def _checked_dilation(value: float, source: str = "time_dilation") -> float:

@@ -1,4 +1,4 @@
-"""Errors raised by the accelerator layer."""
+"""Errors raised by the accelerator layer (torch-free: importing `accelerators` stays cheap)."""
 
 from __future__ import annotations
 
@@ -16,4 +16,19 @@ class UnknownAccelerator(AcceleratorUnavailable):
 
 
 class EmulatedOutOfMemory(RuntimeError):
-    """The emulated chip's declared memory capacity was exceeded."""
+    """The emulated chip's usable memory (memory_gb - memory_reserve_gb) was exceeded.
+
+    What the emulated chip raises is also a `torch.OutOfMemoryError` (see
+    accelerators/emulated.py), like a real vendor's; the numbers are kept as
+    attributes (bytes) for whoever reports it: `chip`, `requested`, `in_use`, `capacity`.
+    """
+
+    def __init__(self, message: str, *, chip: str = "", requested: int = 0, in_use: int = 0,
+                 capacity: int = 0):
+        super().__init__(message)
+        self.chip, self.requested, self.in_use, self.capacity = chip, requested, in_use, capacity
+
+
+class DeviceContractError(RuntimeError):
+    """An emulated chip in strict mode refused what a real device would refuse: a host
+    tensor read by a device op, or device work before `set_device` picked a device."""

@@ -2,6 +2,11 @@
 
 The figures live in chips.yaml (data, with a public source for each); a cluster
 file may add its own chips in the same format under `chips:`.
+
+`host_link_gbps` (host <-> device GB/s per direction, what the emulated chips
+charge a copy between host and device memory) is required of catalog chips and
+optional in a cluster file's chips: by default PCIe 4.0 x16's 32 GB/s, or the
+chip's memory_bandwidth_gbps where that is lower.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from hetero.config.yaml_io import read_yaml
 
 CATALOG_PATH = os.path.join(os.path.dirname(__file__), "chips.yaml")
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
+DEFAULT_HOST_LINK_GBPS = 32.0   # PCIe 4.0 x16, per direction: a custom chip's default host link
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class ChipSpec:
     memory_bandwidth_gbps: float          # GB/s
     intra_node_gbps: float                # GB/s between chips of one node
     memory_reserve_gb: float = 0.0
+    host_link_gbps: float = DEFAULT_HOST_LINK_GBPS   # GB/s per direction, host <-> device
     emulated: bool = False
     sources: Mapping[str, str] = field(default_factory=dict)
 
@@ -42,12 +49,13 @@ class ChipSpec:
             "tflops": dict(self.tflops), "memory_gb": self.memory_gb,
             "memory_bandwidth_gbps": self.memory_bandwidth_gbps,
             "intra_node_gbps": self.intra_node_gbps, "memory_reserve_gb": self.memory_reserve_gb,
-            "emulated": self.emulated,
+            "host_link_gbps": self.host_link_gbps, "emulated": self.emulated,
         }
 
 
 def read_chip(section: Section, chip_name: str, require_sources: bool) -> ChipSpec:
-    """One chip entry, from the catalog or from a cluster file's `chips:`."""
+    """One chip entry, from the catalog (require_sources: every figure cited, host_link_gbps
+    required) or from a cluster file's `chips:`."""
     tflops_section = section.section("tflops")
     tflops = {}
     for dtype in DTYPES:
@@ -57,13 +65,16 @@ def read_chip(section: Section, chip_name: str, require_sources: bool) -> ChipSp
     tflops_section.finish()
     if not tflops:
         tflops_section.fail("", f"expected at least one of {', '.join(DTYPES)}")
+    memory_bandwidth_gbps = section.get("memory_bandwidth_gbps", number(0.0, 1e6))
     spec = ChipSpec(
         name=chip_name,
         accelerator=section.get("accelerator", name),
         vendor=section.get("vendor", text(80), "custom"),
         tflops=tflops,
         memory_gb=section.get("memory_gb", number(0.0, 1e5)),
-        memory_bandwidth_gbps=section.get("memory_bandwidth_gbps", number(0.0, 1e6)),
+        memory_bandwidth_gbps=memory_bandwidth_gbps,
+        host_link_gbps=section.get("host_link_gbps", number(0.0, 1e5), REQUIRED if require_sources
+                                   else min(DEFAULT_HOST_LINK_GBPS, memory_bandwidth_gbps)),
         intra_node_gbps=section.get("intra_node_gbps", number(0.0, 1e6)),
         memory_reserve_gb=section.get("memory_reserve_gb", number(0.0, 1e5, low_inclusive=True), 0.0),
         emulated=section.get("emulated", boolean, False),
