@@ -6,10 +6,15 @@ coordinator's token-checked store (hetero.launch.store),
 creates every TP and DP group of the island in plan order, opens a comm_bridge
 endpoint and registers it with the coordinator. `Comms.solo()` is the
 one-process stand-in that the reference run and single-chip plans use.
+
+Every collective on the island's native backend runs on the worker's device
+(NCCL and HCCL refuse host tensors); only the hop between islands goes through
+host memory, because the bridge is CPU-mediated by design.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -20,7 +25,7 @@ import torch.distributed as dist
 
 from hetero.engine.topology import Topology
 from hetero.errors import PEER_STOPPED_EXIT_CODE
-from hetero.engine.transport import BridgeTransport, NativeTransport
+from hetero.engine.transport import BridgeTransport, NativeTransport, device_scope
 
 TAG_FLEET_REDUCE = 1 << 24       # bridge tags above every pipeline tag
 TAG_FLEET_RESULT = TAG_FLEET_REDUCE + 1
@@ -28,11 +33,12 @@ TIMEOUT_S = float(os.environ.get("HETERO_COMM_TIMEOUT", "300"))
 
 
 class Comms:
-    def __init__(self, topology: Topology, rank: int, device: torch.device):
+    def __init__(self, topology: Topology, rank: int, device: torch.device, accelerator=None):
         self.topology = topology
         self.rank = rank
         self.place = topology.place(rank)
         self.device = device
+        self.accelerator = accelerator   # device memory scope and host staging; None: plain torch
         self.tp_group = self.dp_group = None
         self.native = None
         self.bridge = None
@@ -40,15 +46,15 @@ class Comms:
 
     # -- construction -------------------------------------------------------
     @classmethod
-    def solo(cls, topology: Topology, device: torch.device) -> "Comms":
+    def solo(cls, topology: Topology, device: torch.device, accelerator=None) -> "Comms":
         if topology.plan.world_size != 1:
             raise ValueError("a solo run needs a one-rank plan")
-        return cls(topology, 0, device)
+        return cls(topology, 0, device, accelerator)
 
     @classmethod
     def start(cls, topology: Topology, accelerator, device: torch.device, cluster) -> "Comms":
         rank = int(os.environ["HETERO_GLOBAL_RANK"])
-        comms = cls(topology, rank, device)
+        comms = cls(topology, rank, device, accelerator)
         place = comms.place
         island_size = int(os.environ.get("WORLD_SIZE", "1"))
         backend = cluster.island(place.island).backend
@@ -58,7 +64,7 @@ class Comms:
                 raise RuntimeError(f"launcher gave island rank {dist.get_rank()}, "
                                    f"the plan says {topology.world_rank(rank)}")
             comms._make_groups()
-            comms.native = NativeTransport(topology, device)
+            comms.native = NativeTransport(topology, device, accelerator)
         if topology.plan.world_size > 1 and len({r.island for r in topology.plan.ranks}) > 1:
             comms._open_bridge(accelerator, cluster)
         return comms
@@ -89,51 +95,96 @@ class Comms:
         self.client.on_failure(_stop_on_peer_failure)
         self.client.start_heartbeats()
         self.endpoint.add_peers(self.client.address_book().values())
-        self.bridge = BridgeTransport(self.endpoint, self.device, TIMEOUT_S)
+        self.bridge = BridgeTransport(self.endpoint, self.device, TIMEOUT_S, accelerator)
 
     # -- use ------------------------------------------------------------------
     def transport_to(self, rank: int):
         """Native inside the island, bridge across islands."""
         return self.native if self.topology.island_of[rank] == self.place.island else self.bridge
 
+    def batch(self):
+        """Native point-to-point issued inside the block goes out as one batch (NativeTransport.batch)."""
+        return self.native.batch() if self.native is not None else contextlib.nullcontext()
+
     def fleet_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum a small float64 vector over every rank of the job (star through rank 0)."""
-        world = self.topology.plan.world_size
-        if world == 1:
-            return values
-        if self.endpoint is None:  # one island: its native world is the whole job
-            total = values.clone()
-            dist.all_reduce(total)
-            return total
-        if self.rank == 0:
-            total = values.clone()
-            for peer in range(1, world):
-                total += self.endpoint.recv(peer, TAG_FLEET_REDUCE, timeout=TIMEOUT_S)
-            handles = [self.endpoint.isend(total, peer, TAG_FLEET_RESULT) for peer in range(1, world)]
-            for handle in handles:
-                handle.wait(TIMEOUT_S)
-            return total
-        self.endpoint.send(values.contiguous(), 0, TAG_FLEET_REDUCE, timeout=TIMEOUT_S)
-        return self.endpoint.recv(0, TAG_FLEET_RESULT, timeout=TIMEOUT_S)
+        """Sum a small host vector over every rank of the job; returns a float64 host vector.
 
-    def replica_sum(self, flat: torch.Tensor) -> torch.Tensor:
-        """Sum a full-model vector over every rank of every island (hetero-DP gradients).
-
-        Islands of equal size use comm_bridge's island-aware ring (every
-        same-local-rank peer carries a shard: no leader); otherwise the small
-        star through rank 0 does it.
+        The island sums on its device (float64 where the device has it, else
+        float32); the islands' first ranks ring their sums over the bridge; the
+        island broadcasts the total (comm_bridge.allreduce.lane_all_reduce).
         """
-        islands = list(dict.fromkeys(r.island for r in self.topology.plan.ranks))
-        sizes = {i: sum(1 for r in self.topology.plan.ranks if r.island == i) for i in islands}
-        if self.endpoint is None or len(set(sizes.values())) != 1:
-            return self.fleet_sum(flat)
-        from comm_bridge.allreduce import cross_island_all_reduce
+        values = values.detach().to("cpu", torch.float64)
+        if self.topology.plan.world_size == 1:
+            return values
+        dtype = torch.float64 if _supports(self.accelerator, torch.float64) else torch.float32
+        on_device = self._to_device(values, dtype)
+        if self.endpoint is None:  # one island: its native world is the whole job
+            with device_scope(self.accelerator):
+                dist.all_reduce(on_device)
+        else:
+            from comm_bridge.allreduce import lane_all_reduce
 
-        mine = self.topology.world_rank(self.rank)
-        peers = [next(r.rank for r in self.topology.plan.ranks if r.island == island and
-                      self.topology.world_rank(r.rank) == mine) for island in islands]
-        group = dist.group.WORLD if dist.is_initialized() else None
-        return cross_island_all_reduce(flat, self.endpoint, peers, island_group=group, timeout=TIMEOUT_S)
+            lane_all_reduce(on_device, self.endpoint, self._island_ranks_at(lambda size: 0), 0,
+                            island_group=self._island_group(), tag=TAG_FLEET_REDUCE, timeout=TIMEOUT_S,
+                            accelerator=self.accelerator)
+        return self._to_host(on_device).to(torch.float64)
+
+    def replica_sum(self, bucket: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """Sum one gradient bucket (a 1-D tensor on this rank's device) over every rank of every
+        island, in place (hetero-DP). Every rank calls it for the same buckets in the same order.
+
+        Islands of equal size use comm_bridge's island-aware ring (reduce-scatter in the
+        island, bridge ring between same-local-rank peers, all-gather: every rank's link
+        carries a shard). Islands of different sizes reduce bucket `index` onto island rank
+        `index mod size`, ring those ranks' sums over the bridge and broadcast: consecutive
+        buckets use different ranks, so the traffic is shared among every island's ranks.
+        """
+        if self.topology.plan.world_size == 1:
+            return bucket
+        if self.endpoint is None:  # one island
+            with device_scope(self.accelerator):
+                dist.all_reduce(bucket)
+            return bucket
+        from comm_bridge.allreduce import cross_island_all_reduce, lane_all_reduce
+
+        sizes = self._island_sizes()
+        group = self._island_group()
+        if len(set(sizes.values())) == 1:
+            mine = self.topology.world_rank(self.rank)
+            peers = self._island_ranks_at(lambda size: mine)
+            return cross_island_all_reduce(bucket, self.endpoint, peers, island_group=group, timeout=TIMEOUT_S,
+                                           accelerator=self.accelerator)
+        holder = index % sizes[self.place.island]
+        return lane_all_reduce(bucket, self.endpoint, self._island_ranks_at(lambda size: index % size), holder,
+                               island_group=group, timeout=TIMEOUT_S, accelerator=self.accelerator)
+
+    def _island_sizes(self) -> dict[str, int]:
+        islands = list(dict.fromkeys(r.island for r in self.topology.plan.ranks))
+        return {i: sum(1 for r in self.topology.plan.ranks if r.island == i) for i in islands}
+
+    def _island_ranks_at(self, world_rank_of) -> list[int]:
+        """Global ranks, one per island in plan order: the rank at island world rank
+        `world_rank_of(island size)`."""
+        found = []
+        for island, size in self._island_sizes().items():
+            want = world_rank_of(size)
+            found.append(next(r.rank for r in self.topology.plan.ranks
+                              if r.island == island and self.topology.world_rank(r.rank) == want))
+        return found
+
+    @staticmethod
+    def _island_group():
+        return dist.group.WORLD if dist.is_initialized() else None
+
+    def _to_device(self, host: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A copy of `host` in this rank's device memory (host -> device through the device's copy)."""
+        with device_scope(self.accelerator):
+            return host.to(self.device, dtype, copy=True)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator is not None:
+            return self.accelerator.to_host(tensor)
+        return tensor.to("cpu")
 
     def barrier(self, name: str) -> None:
         if self.client is not None:
@@ -172,6 +223,12 @@ class Comms:
 
 
 _finishing = False
+
+
+def _supports(accelerator, dtype: torch.dtype) -> bool:
+    """Whether the device computes in `dtype` (no accelerator: the host, which does)."""
+    check = getattr(accelerator, "supports_dtype", None)
+    return True if check is None else bool(check(dtype))
 
 
 def _init_island_group(backend: str, rank: int, world_size: int) -> None:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -23,12 +24,14 @@ from hetero.engine.data import SampleSource
 from hetero.engine.optimizer import AdamW
 from hetero.engine.schedule import one_f_one_b
 from hetero.engine.transport import StageLink
-from hetero.errors import JobFatalError
+from hetero.errors import JobFatalError, UserError
 from hetero.model import LlamaStage, TensorParallel
 from hetero.model import layout
 from hetero.model.state import full_state_dict, load_full_state_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRAD_BUCKET_ENV = "HETERO_GRAD_BUCKET_MB"
+DEFAULT_GRAD_BUCKET_MB = 25.0        # fp32 elements of one hetero-DP bucket: MB = 1e6 bytes
 FORWARD, BACKWARD = 0, 1
 TIED_TAG = 1 << 20          # above every micro-batch tag
 
@@ -53,6 +56,7 @@ class Trainer:
                                     tp=tp, dtype=self.dtype, device=comms.device, seed=train_config.seed)
         self.params = dict(self.model.named_parameters())
         self.optimizer = AdamW(self.params, train_config.lr, train_config.weight_decay)
+        self._buckets = None      # hetero-DP gradient buckets, made on first use
         self._track_memory()
         topology = comms.topology
         self.prev = self._link(topology.neighbour(place, -1))
@@ -167,22 +171,39 @@ class Trainer:
         return self.train.lr * min(1.0, (step + 1) / warmup) if warmup else self.train.lr
 
     def _step_compute(self, step: int) -> float:
-        """Run this stage's 1F1B schedule for one step; return the summed loss (last stage)."""
+        """Run this stage's 1F1B schedule for one step; return the summed loss (last stage).
+
+        Each action's receive is posted ahead: together with the previous action's send,
+        in one batch (NCCL/HCCL: two stages that send to each other at once must not
+        block on a receive while their own send is unmatched), or at the step's start.
+        """
         place, mb_size = self.place, self.place.micro_batch
         hidden_shape = (mb_size, self.model_config.seq_len, self.model_config.hidden)
         total_tokens = self.train.global_batch * self.model_config.seq_len
         inputs, outputs, loss_sum = {}, {}, 0.0
-        for kind, mb in self.schedule:
+        posted: dict = {}
+
+        def post(index: int) -> None:
+            """Post the receive that action `index` will need, if it needs one."""
+            if index >= len(self.schedule) or index in posted:
+                return
+            kind, mb = self.schedule[index]
+            link = self.prev if kind == "F" else self.next
+            if link is not None:
+                posted[index] = link.post(hidden_shape, self.dtype, 2 * mb + (FORWARD if kind == "F" else BACKWARD))
+
+        for index, (kind, mb) in enumerate(self.schedule):
             tag = 2 * mb + (FORWARD if kind == "F" else BACKWARD)
-            t0, posted = self._clock(), self._stamp()
+            t0, posted_at = self._clock(), self._stamp()
             sent_at = None
+            post(index)
             if kind == "F":
                 first_sample = place.first_sample + mb * mb_size
                 if place.is_first:
                     tokens, labels = self.data.batch(step, first_sample, mb_size)
                     x = tokens.to(self.comms.device)
                 else:
-                    x = self.prev.recv(hidden_shape, self.dtype, tag).requires_grad_()
+                    x = posted.pop(index).wait().requires_grad_()
                 waited, received = self._clock() - t0, self._stamp()
                 if place.is_last and not place.is_first:
                     _, labels = self.data.batch(step, first_sample, mb_size)
@@ -194,23 +215,22 @@ class Trainer:
                             loss_sum += float(out.detach()) * total_tokens
                 self.accel.synchronize()
                 inputs[mb], outputs[mb] = x, out
-                if self.next:
-                    sent_at = self._stamp()
-                    self.next.send(out, tag)
-                link = self.prev
+                send_link, payload, link = self.next, out, self.prev
             else:
-                grad = None if place.is_last else self.next.recv(hidden_shape, self.dtype, tag)
+                grad = None if place.is_last else posted.pop(index).wait()
                 waited, received = self._clock() - t0, self._stamp()
                 x, out = inputs.pop(mb), outputs.pop(mb)
                 with self._scope():
                     out.backward(grad)
                 self.accel.synchronize()
-                if self.prev:
+                send_link, payload, link = self.prev, (x.grad if self.prev else None), self.next
+            with self.comms.batch():
+                if send_link is not None:
                     sent_at = self._stamp()
-                    self.prev.send(x.grad, tag)
-                link = self.next
+                    send_link.send(payload, tag)
+                post(index + 1)
             compute = self._clock() - t0 - waited
-            self._time(step, mb, kind, compute, waited, posted, received, sent_at, link)
+            self._time(step, mb, kind, compute, waited, posted_at, received, sent_at, link)
         return loss_sum
 
     def _clock(self) -> float:
@@ -243,49 +263,34 @@ class Trainer:
             name = "model.embed_tokens.weight" if self.place.is_first else "lm_head.weight"
             grad = self.params[name].grad
             full = self.model.tp.all_gather(grad, 0)
-            self.tied_link.send(full, TIED_TAG)
-            other = self.tied_link.recv(tuple(full.shape), full.dtype, TIED_TAG)
+            other = self.tied_link.exchange(full, TIED_TAG)
             self.comms.flush()
             grad.add_(self.model.tp.shard(other, 0))
 
     def _reduce_across_pipelines(self) -> None:
         """hetero-DP: sum gradients over the pipelines (one whole replica per island).
 
-        Replicas may split layers and TP differently, so the sum runs over a
-        full-model flat vector: each rank writes its own TP shard of the
-        gradients of pipeline-unique values at their full-model positions (zeros
-        elsewhere), and the island-aware all-reduce (reduce-scatter in the island,
-        bridge ring between same-local-rank peers, all-gather) adds them up.
+        Replicas may split layers and TP differently, so the sum runs over the
+        full-model layout, streamed in fixed-size buckets (GradBuckets): each rank
+        writes its own TP shard of the gradients of pipeline-unique values at their
+        full-model positions (zeros elsewhere) into a device bucket, and the
+        island-aware all-reduce (Comms.replica_sum) adds the bucket up fleet-wide.
+        No full-model vector is ever built.
         """
         if len(self.comms.topology.plan.pipelines) == 1:
             return
-        offsets, total = self._flat_layout()
-        flat = torch.zeros(total, dtype=torch.float32)
+        if self._buckets is None:
+            self._buckets = GradBuckets(self.model_config, grad_bucket_elements())
+        shards = {}
         for name, param in self.params.items():
-            if self._counts_once(name):
-                self._shard_region(flat, offsets, name).copy_(param.grad)
-        flat = self.comms.replica_sum(flat)
-        for name, param in self.params.items():
-            param.grad.copy_(self._shard_region(flat, offsets, name))
-
-    def _flat_layout(self) -> tuple[dict, int]:
-        offsets, total = {}, 0
-        for hf in layout.model_names(self.model_config):
-            numel = math.prod(layout.full_shape(self.model_config, hf))
-            offsets[hf] = total
-            total += numel
-        return offsets, total
-
-    def _shard_region(self, flat: torch.Tensor, offsets: dict, name: str) -> torch.Tensor:
-        """This rank's TP shard of parameter `name`, as a view into the full-model vector."""
-        hf = self.model.hf_name(name)
-        shape = layout.full_shape(self.model_config, hf)
-        region = flat[offsets[hf]:offsets[hf] + math.prod(shape)].view(shape)
-        dim = layout.split_dim(hf)
-        if dim is None:
-            return region
-        start, stop = self.model.tp.part(shape[dim], hf)
-        return region.narrow(dim, start, stop - start)
+            hf = self.model.hf_name(name)
+            dim = layout.split_dim(hf)
+            part = None
+            if dim is not None and self.model.tp.size > 1:
+                part = (dim, *self.model.tp.part(layout.full_shape(self.model_config, hf)[dim], hf))
+            shards.setdefault(hf, []).append(GradShard(param.grad, part, self._counts_once(name)))
+        with self._scope():
+            self._buckets.all_reduce(shards, self.comms.replica_sum, self.comms.device)
 
     def _counts_once(self, name: str) -> bool:
         """Whether this rank's copy of `name` is the one that counts in a fleet-wide sum:
@@ -361,6 +366,114 @@ class Trainer:
         if self._any_rank(bad is not None):
             where = f" ({bad} on rank {self.place.rank})" if bad else ""
             raise JobFatalError(f"step {step}: weights are not finite{where}; stopping before checkpointing")
+
+
+def grad_bucket_elements(environ=None) -> int:
+    """fp32 elements per hetero-DP gradient bucket, from HETERO_GRAD_BUCKET_MB (default 25)."""
+    raw = (os.environ if environ is None else environ).get(GRAD_BUCKET_ENV, "")
+    try:
+        mb = float(raw) if raw.strip() else DEFAULT_GRAD_BUCKET_MB
+    except ValueError:
+        mb = float("nan")
+    if not math.isfinite(mb) or mb <= 0:
+        raise UserError(f"{GRAD_BUCKET_ENV}={raw!r}: the gradient bucket size must be a positive number of MB")
+    return max(1, int(mb * 1e6) // 4)
+
+
+class GradShard(NamedTuple):
+    """One rank's gradient of a parameter: `part` = (split dim, start, stop) of its TP shard, or None
+    for the whole tensor; `counts` = whether this copy counts in a fleet-wide sum."""
+    grad: torch.Tensor
+    part: tuple[int, int, int] | None
+    counts: bool
+
+
+class BucketPiece(NamedTuple):
+    """Rows [start, stop) of parameter `hf` (seen as rows x cols), at `offset` in its bucket."""
+    hf: str
+    start: int
+    stop: int
+    cols: int
+    offset: int
+
+
+class GradBuckets:
+    """The full model's gradient layout (HF names, in order), cut into buckets of whole rows.
+
+    A bucket holds at most `capacity` elements (at least one row, so a row wider than the
+    capacity makes a bucket of one row). Every rank of the job cuts the same buckets from
+    the model config, so they sum bucket by bucket, in the same order, without a full-model
+    vector anywhere.
+    """
+
+    def __init__(self, config, capacity: int):
+        self.buckets: list[list[BucketPiece]] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        current: list[BucketPiece] = []
+        used = 0
+        for hf in layout.model_names(config):
+            shape = tuple(layout.full_shape(config, hf))
+            self.shapes[hf] = shape
+            rows, cols = _rows_cols(shape)
+            row = 0
+            while row < rows:
+                if used and used + cols > capacity:
+                    self.buckets.append(current)
+                    current, used = [], 0
+                take = min(rows - row, max(1, (capacity - used) // cols))
+                current.append(BucketPiece(hf, row, row + take, cols, used))
+                used += take * cols
+                row += take
+        if current:
+            self.buckets.append(current)
+        self.widest = max(sum((p.stop - p.start) * p.cols for p in b) for b in self.buckets)
+
+    def all_reduce(self, shards: dict, sum_bucket, device) -> None:
+        """Sum every rank's `shards` (HF name -> [GradShard]: a tied LM head is a second copy of the
+        embedding) over the fleet, in place, bucket by bucket.
+
+        `sum_bucket(buffer, index)` sums one 1-D fp32 device tensor fleet-wide, in place."""
+        buffer = torch.empty(self.widest, dtype=torch.float32, device=device)
+        for index, pieces in enumerate(self.buckets):
+            length = pieces[-1].offset + (pieces[-1].stop - pieces[-1].start) * pieces[-1].cols
+            bucket = buffer[:length]
+            bucket.zero_()
+            for piece in pieces:
+                for shard in shards.get(piece.hf, ()):
+                    pair = self._pair(bucket, piece, shard) if shard.counts else None
+                    if pair:
+                        pair[0].copy_(pair[1])
+            sum_bucket(bucket, index)
+            for piece in pieces:
+                for shard in shards.get(piece.hf, ()):
+                    pair = self._pair(bucket, piece, shard)
+                    if pair:
+                        pair[1].copy_(pair[0])
+
+    def _pair(self, bucket: torch.Tensor, piece: BucketPiece, shard: GradShard):
+        """(bucket region, gradient region) of `piece` that this shard holds, or None."""
+        rows, cols = piece.stop - piece.start, piece.cols
+        region = bucket[piece.offset:piece.offset + rows * cols].view(rows, cols)
+        shape = self.shapes[piece.hf]
+        if shard.part is None:
+            return region, shard.grad.view(_rows_cols(shape))[piece.start:piece.stop]
+        dim, start, stop = shard.part
+        if dim == 0:
+            lo, hi = max(piece.start, start), min(piece.stop, stop)
+            if lo >= hi:
+                return None
+            grad = shard.grad.view(stop - start, cols)
+            return region[lo - piece.start:hi - piece.start], grad[lo - start:hi - start]
+        if dim != 1 or len(shape) != 2:
+            raise ValueError(f"{piece.hf}: cannot bucket a shard split along dim {dim} of {shape}")
+        return region[:, start:stop], shard.grad[piece.start:piece.stop]
+
+
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A parameter seen as rows x cols: its first dim by the rest (a vector is a column)."""
+    if len(shape) == 1:
+        return shape[0], 1
+    return shape[0], math.prod(shape[1:])
 
 
 def _out_of_space(write, *args) -> int | None:
