@@ -109,3 +109,19 @@ def test_two_island_plan_is_a_valid_two_stage_pipeline():
     assert [s["island"] for s in data["stages"]] == ["gpu", "host"]
     assert [tuple(s["layers"]) for s in data["stages"]] == [(0, 2), (2, 4)]
     assert data["num_micro_batches"] * data["micro_batch"] == job.train.global_batch
+
+
+@pytest.mark.slow
+def test_mixed_stage_on_two_cpu_islands_matches_one_process(tmp_path):
+    """The mixed stage's own machinery (plan, launch, losses vs solo), with the GPU
+    island swapped for a CPU one: on a GPU machine only the device differs."""
+    with open(gpu_check.MIXED_CONFIG, encoding="utf-8") as handle:
+        text = handle.read()
+    assert "accelerator: cuda" in text
+    config = tmp_path / "cpu-only.yaml"
+    config.write_text(text.replace("accelerator: cuda", "accelerator: cpu").replace("chip: H100-SXM", "chip: cpu")
+                      .replace("port: 29741", "port: 29747"))
+    report = gpu_check.mixed_run(2, config=str(config))
+    assert report["ok"] is True, report
+    assert len(report["fleet_losses"]) == 2
+    assert report["max_rel_difference"] <= 1e-5  # both sides on the host: fp32 parity as in the fleet tests
