@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from hetero.engine.topology import Topology
 from hetero.errors import PEER_STOPPED_EXIT_CODE
-from hetero.engine.transport import BridgeTransport, NativeTransport, device_scope
+from hetero.engine.transport import BridgeTransport, NativeTransport, device_scope, to_device
 
 TAG_FLEET_REDUCE = 1 << 24       # bridge tags above every pipeline tag
 TAG_FLEET_RESULT = TAG_FLEET_REDUCE + 1
@@ -178,8 +178,7 @@ class Comms:
 
     def _to_device(self, host: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A copy of `host` in this rank's device memory (host -> device through the device's copy)."""
-        with device_scope(self.accelerator):
-            return host.to(self.device, dtype, copy=True)
+        return to_device(self.accelerator, host.to(dtype, copy=True), self.device)
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator is not None:

@@ -23,7 +23,7 @@ from hetero.engine import checkpoint as ckpt
 from hetero.engine.data import SampleSource
 from hetero.engine.optimizer import AdamW
 from hetero.engine.schedule import one_f_one_b
-from hetero.engine.transport import StageLink
+from hetero.engine.transport import StageLink, to_device
 from hetero.errors import JobFatalError, UserError
 from hetero.model import LlamaStage, TensorParallel
 from hetero.model import layout
@@ -201,7 +201,7 @@ class Trainer:
                 first_sample = place.first_sample + mb * mb_size
                 if place.is_first:
                     tokens, labels = self.data.batch(step, first_sample, mb_size)
-                    x = tokens.to(self.comms.device)
+                    x = to_device(self.accel, tokens, self.comms.device)
                 else:
                     x = posted.pop(index).wait().requires_grad_()
                 waited, received = self._clock() - t0, self._stamp()
@@ -210,7 +210,8 @@ class Trainer:
                 with self._scope():
                     out = self.model(x)
                     if place.is_last:
-                        out = self.model.loss(out, labels.to(self.comms.device), reduction="sum") / total_tokens
+                        labels = to_device(self.accel, labels, self.comms.device)
+                        out = self.model.loss(out, labels, reduction="sum") / total_tokens
                         if place.tp_rank == 0:   # every TP rank holds the same loss
                             loss_sum += float(out.detach()) * total_tokens
                 self.accel.synchronize()

@@ -38,6 +38,13 @@ def device_scope(accelerator):
     return scope() if scope else contextlib.nullcontext()
 
 
+def to_device(accelerator, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device memory through the accelerator's copy API (plain `.to` without one)."""
+    if accelerator is not None and hasattr(accelerator, "to_device"):
+        return accelerator.to_device(tensor)
+    return tensor.to(device)
+
+
 class PendingRecv:
     """A receive that has been posted; `wait()` returns the tensor."""
 
@@ -163,10 +170,7 @@ class BridgeTransport:
             if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
                 raise RuntimeError(f"bridge: rank {src} sent {tuple(out.shape)} {out.dtype}, "
                                    f"expected {tuple(shape)} {dtype}")
-            # host -> device memory; an emulated chip counts the copy as its own memory
-            copy = getattr(self.accelerator, "device_scope", None) is not None
-            with device_scope(self.accelerator):
-                return out.to(self.device, copy=copy)
+            return to_device(self.accelerator, out, self.device)
         return PendingRecv(finish)
 
     def recv(self, shape, dtype, src: int, tag: int, timeout: float | None = None) -> torch.Tensor:
