@@ -33,7 +33,9 @@ then waits for the clock; `non_blocking=True` only queues the copy (wait on an
 event recorded after it, as on a real chip).
 
 Strict mode (HETERO_EMULATED_STRICT=1, or strict=True; off by default): the
-chip refuses what a real device would refuse, with a `DeviceContractError`:
+chip refuses what a real device would refuse, with a `DeviceContractError`
+(HETERO_EMULATED_STRICT=warn instead prints each distinct violation once, with
+the first caller outside torch and this package, and carries on: a survey):
 - an op inside the scope that reads a host tensor (one the ledger does not
   hold and that is not a 0-dim scalar); `copy_` between host and device memory
   is a transfer, allowed and charged at the host link;
@@ -64,8 +66,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
 import time
+import traceback
 import weakref
 from typing import Any, Mapping
 
@@ -263,6 +267,7 @@ class EmulationMode(TorchDispatchMode):
 
     def __init__(self, accelerator: "EmulatedAccelerator", strict: bool = False):
         super().__init__()
+        self.accelerator = accelerator
         self.pace = accelerator.pace
         self.clock = accelerator.clock
         self.ledger = accelerator.ledger
@@ -308,10 +313,10 @@ class EmulationMode(TorchDispatchMode):
             if self.ledger.holds(dst) or self.ledger.holds(src):
                 return src
         tensor = host[0]
-        raise DeviceContractError(
-            f"emulated chip {self.pace.name!r} (strict): {func} reads a host tensor "
-            f"(shape {tuple(tensor.shape)}, {tensor.dtype}) that is not in device memory; move it "
-            f"with the accelerator's copy API first (accelerator.to_device(tensor))")
+        self.accelerator.violation(
+            f"{func} reads a host tensor (shape {tuple(tensor.shape)}, {tensor.dtype}) that is not in "
+            f"device memory; move it with the accelerator's copy API first (accelerator.to_device(tensor))")
+        return None
 
     def _is_host(self, tensor: torch.Tensor) -> bool:
         return tensor.dim() > 0 and tensor.numel() > 0 and not self.ledger.holds(tensor)
@@ -384,7 +389,8 @@ class EmulatedAccelerator(CpuAccelerator):
             chip = _chip_from_env()
         self.chip = dict(chip)
         self.time_dilation = _dilation_from_env() if time_dilation is None else _checked_dilation(time_dilation)
-        self.strict = _strict_from_env() if strict is None else bool(strict)
+        self.strict, self.strict_warns = _strict_from_env() if strict is None else (bool(strict), False)
+        self._warned: set = set()
         self.pace = ChipPace(chip, self.time_dilation)
         self.clock = VirtualClock()
         self.ledger = MemoryLedger(self.pace)
@@ -455,10 +461,20 @@ class EmulatedAccelerator(CpuAccelerator):
         """Strict mode: refuse device work before set_device when more than one device is visible
         (a real worker would land on device 0, beside every other rank of its node)."""
         if self.strict and self._device_index is None and self.device_count() > 1:
-            raise DeviceContractError(
-                f"emulated chip {self.pace.name!r} (strict): {what} before set_device, with "
-                f"{self.device_count()} devices visible ({VISIBLE_ENV}); call "
-                "accelerator.set_device(local_rank) first, or every rank of the node lands on device 0")
+            self.violation(f"{what} before set_device, with {self.device_count()} devices visible "
+                           f"({VISIBLE_ENV}); call accelerator.set_device(local_rank) first, or every "
+                           "rank of the node lands on device 0")
+
+    def violation(self, what: str) -> None:
+        """Strict mode refuses `what` (a DeviceContractError); warn mode prints it once per call site."""
+        message = f"emulated chip {self.pace.name!r} (strict): {what}"
+        if not self.strict_warns:
+            raise DeviceContractError(message)
+        site = _caller_outside()
+        key = (what.split(" (", 1)[0], site)
+        if key not in self._warned:
+            self._warned.add(key)
+            print(f"hetero: strict-mode violation at {site}: {message}", file=sys.stderr, flush=True)
 
     def device_name(self, index: int | None = None) -> str:
         return f"emulated {self.pace.name}"
@@ -581,13 +597,32 @@ def _dilation_from_env() -> float:
     return _checked_dilation(value, source=DILATION_ENV)
 
 
-def _strict_from_env() -> bool:
+def _strict_from_env() -> tuple[bool, bool]:
+    """(strict, warn only) from HETERO_EMULATED_STRICT: 1, 0 or warn."""
     raw = os.environ.get(STRICT_ENV, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
-        return False
+        return False, False
     if raw in ("1", "true", "yes", "on"):
-        return True
-    raise AcceleratorUnavailable(f"{STRICT_ENV} must be 1 or 0, got {raw!r}")
+        return True, False
+    if raw == "warn":
+        return True, True
+    raise AcceleratorUnavailable(f"{STRICT_ENV} must be 1, 0 or warn, got {raw!r}")
+
+
+def _caller_outside(depth: int = 3) -> str:
+    """file:line (function) of the innermost `depth` frames outside torch, the standard library
+    and this package, innermost first: the code that did what strict mode refuses."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    sites = []
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.abspath(frame.filename)
+        if path.startswith(here) or f"{os.sep}torch{os.sep}" in path or "site-packages" in path \
+                or path.startswith(os.path.dirname(os.__file__)):
+            continue
+        sites.append(f"{os.path.relpath(path)}:{frame.lineno} ({frame.name})")
+        if len(sites) == depth:
+            break
+    return " <- ".join(sites) or "an unknown caller"
 
 
 def _checked_dilation(value: float, source: str = "time_dilation") -> float:
