@@ -43,7 +43,7 @@ if [[ -z "$torch_cuda" ]]; then
     # shellcheck disable=SC2086  # HETERO_TORCH_SPEC may carry pip options
     "$py" -m pip --disable-pip-version-check -q install $spec >&2
 fi
-"$py" -m hetero.bench.gpu_check --stages preflight >&2 || exit "$NO_GPU"
+"$py" -m hetero.bench.gpu_check --accelerator cuda --stages preflight >&2 || exit "$NO_GPU"
 
 # 3. The accelerator tests on the device.
 say "pytest: accelerator and ops tests on cuda"
@@ -51,4 +51,4 @@ say "pytest: accelerator and ops tests on cuda"
     tests/test_ops_vendor.py tests/test_vendor_attention.py >&2
 
 # 4. Op parity, the mixed run and MFU (text, or one JSON object with --json).
-exec "$py" -m hetero.bench.gpu_check "$@"
+exec "$py" -m hetero.bench.gpu_check --accelerator cuda "$@"

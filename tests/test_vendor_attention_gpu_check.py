@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -47,22 +48,26 @@ def test_script_without_a_gpu_says_one_line_and_exits_4(tmp_path, nvidia_smi, re
     assert not (tmp_path / ".venv").exists()  # it stopped before any set-up
 
 
-def test_preflight_without_cuda_is_one_line_and_exit_code(monkeypatch, capsys):
+@pytest.mark.parametrize("argv, start", [
+    (["--accelerator", "cuda"], "gpu-check: no cuda device: "),
+    ([], "gpu-check: no accelerator device found ("),  # the probe picks the host: no device
+])
+def test_preflight_without_a_device_is_one_line_and_exit_code(monkeypatch, capsys, argv, start):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    code = gpu_check.main(["--stages", "preflight"])
+    monkeypatch.delenv("HETERO_ACCELERATOR", raising=False)
+    code = gpu_check.main(argv + ["--stages", "preflight"])
     captured = capsys.readouterr()
     assert code == gpu_check.NO_GPU_EXIT_CODE
     assert captured.out == ""
     line, = captured.err.strip().splitlines()
-    assert line.startswith("gpu-check: no CUDA GPU:")
+    assert line.startswith(start) and "cuda" in line
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--stages", "ops,warp"], "unknown stage"),
     (["--stages", ""], "unknown stage"),
     (["--mfu-steps", "0"], "--mfu-steps must be >= 1"),
-    (["--device", "cpu", "--stages", "mixed"], "mixed run needs a GPU"),
-    (["--device", "tpu"], "invalid choice"),
+    (["--accelerator", "cpu", "--stages", "mixed"], "mixed run needs a GPU"),
 ])
 def test_bad_arguments_are_one_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -73,12 +78,13 @@ def test_bad_arguments_are_one_usage_error(argv, message, capsys):
 
 def test_json_report_shape_on_the_host():
     result = subprocess.run(
-        [sys.executable, "-m", "hetero.bench.gpu_check", "--device", "cpu", "--stages", "ops,mfu",
+        [sys.executable, "-m", "hetero.bench.gpu_check", "--accelerator", "cpu", "--stages", "ops,mfu",
          "--mfu-model", TINY, "--mfu-batch", "1", "--mfu-steps", "1", "--json"],
         capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert report["ok"] is True and report["device"] == "cpu" and report["stages"] == ["ops", "mfu"]
+    assert report["ok"] is True and report["accelerator"] == "cpu" and report["stages"] == ["ops", "mfu"]
+    assert report["preflight"]["torch"] == torch.__version__
     assert set(report["ops"]["kernel_sources"]) == {"rms_norm", "rotary", "attention", "swiglu", "adamw_step"}
     cases = report["ops"]["cases"]
     assert {"attention/fp32", "attention_blocked/bf16", "adamw_step/fp32"} <= set(cases)
@@ -91,12 +97,13 @@ def test_json_report_shape_on_the_host():
     assert mfu["step_s"] > 0 and mfu["final_loss"] > 0
 
 
-def test_catalog_chip_from_device_names(monkeypatch):
+def test_catalog_chip_from_device_names():
     for device_name, chip in [("NVIDIA H200", "H200"), ("NVIDIA H100 80GB HBM3", "H100-SXM"),
-                              ("NVIDIA A100-SXM4-80GB", "A100-80G"), ("NVIDIA GeForce RTX 4090", None)]:
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0, name=device_name: name)
-        assert gpu_check.catalog_chip("cuda") == chip
-    assert gpu_check.catalog_chip("cpu") == "cpu"
+                              ("NVIDIA A100-SXM4-80GB", "A100-80G"), ("Ascend910B2", "Ascend-910B"),
+                              ("NVIDIA GeForce RTX 4090", None)]:
+        accelerator = SimpleNamespace(vendor="cuda", device_name=lambda index=0, name=device_name: name)
+        assert gpu_check.catalog_chip(accelerator) == chip
+    assert gpu_check.catalog_chip(SimpleNamespace(vendor="cpu")) == "cpu"
 
 
 def test_two_island_plan_is_a_valid_two_stage_pipeline():

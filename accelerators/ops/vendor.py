@@ -90,7 +90,7 @@ def ascend_kernels(torch_npu: ModuleType) -> Kernels:
         # npu_fusion_attention takes fp16/bf16 only. fp32 (the default dtype)
         # and fp64 run the reference, exact in their own precision: casting to
         # bf16 and back would silently cost the fp32 parity the fleet relies on.
-        if q.dtype not in _FUSION_ATTENTION_DTYPES:
+        if q.dtype not in _FUSION_ATTENTION_DTYPES or not q.dtype == k.dtype == v.dtype:
             return reference.attention(q, k, v, causal, mask)
         if mask is not None and mask.dtype != torch.bool:
             return reference.attention(q, k, v, causal, mask)  # the kernel takes bool masks only

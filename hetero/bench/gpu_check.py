@@ -1,14 +1,17 @@
 """The Python half of scripts/gpu-check.sh: what hetero does on one real NVIDIA GPU.
 
-    python -m hetero.bench.gpu_check [--stages preflight,ops,mixed,mfu] [--json]
+    python -m hetero.bench.gpu_check [--accelerator NAME] [--stages preflight,ops,mixed,mfu] [--json]
+
+The code names no vendor (the script passes `--accelerator cuda`), so the same
+stages run on any accelerator that `accelerators` drives.
 
 Stages (each prints what it measured beside what it compares against):
 
-- preflight: a CUDA build of torch and a visible GPU, else one line and exit
-  code NO_GPU_EXIT_CODE (the script stops there);
-- ops:   every `accelerators.ops` op on the device (what the cuda accelerator
-  dispatches: torch SDPA for attention, the reference elsewhere; plus the
-  blocked attention Kunlun uses) against the plain-torch reference run in
+- preflight: the accelerator probes available (for cuda: a CUDA build of torch
+  and a visible GPU), else one line and exit code NO_GPU_EXIT_CODE;
+- ops:   every `accelerators.ops` op on the device (what the accelerator
+  dispatches: on cuda torch SDPA for attention, the reference elsewhere; plus
+  the blocked attention Kunlun uses) against the plain-torch reference run in
   float64 on the host, values and attention gradients;
 - mixed: a 1-GPU `cuda` island and a 1-chip `cpu` island (configs/gpu-check.yaml)
   train through the bridge; the losses are compared with one process on the
@@ -16,8 +19,9 @@ Stages (each prints what it measured beside what it compares against):
 - mfu:   single-chip MFU of a ~1B-parameter Llama (configs/llama-1b.yaml) in
   bf16, forward + backward + AdamW, against the catalog chip's peak.
 
-`--device cpu` runs ops and mfu on the host (for testing this module without a
-GPU); the numbers then say nothing about a GPU.
+`--accelerator cpu` runs ops and mfu on the host (to test this module without
+a GPU); the numbers then say nothing about a GPU. Without --accelerator, the
+one the probe picks is used, and the host CPU counts as no device.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ OPS_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 MIXED_TOLERANCE = 1e-4
 # The catalog chip for a device name (first match wins).
 CHIP_BY_DEVICE_NAME = (("H200", "H200"), ("H100", "H100-SXM"), ("H800", "H100-SXM"),
-                       ("A800", "A800-80G"), ("A100", "A100-80G"))
+                       ("A800", "A800-80G"), ("A100", "A100-80G"), ("910B", "Ascend-910B"),
+                       ("P800", "Kunlun-P800"))
 
 
 class NoGpu(Exception):
@@ -53,8 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hetero.bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default=",".join(STAGES), type=_stages,
                         help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                        help="cuda (default); cpu only exercises this module without a GPU")
+    parser.add_argument("--accelerator", default=None, metavar="NAME",
+                        help="accelerator to check (default: the one the probe picks; "
+                             "cpu only exercises this module)")
     parser.add_argument("--chip", default=None,
                         help="catalog chip whose peak MFU is measured against (default: from the device name)")
     parser.add_argument("--mfu-model", default=MFU_MODEL, metavar="YAML",
@@ -67,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("mfu_batch", "mfu_steps", "mixed_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.device == "cpu" and "mixed" in args.stages:
-        parser.error("--device cpu runs the ops and mfu stages only (the mixed run needs a GPU island)")
+    if args.accelerator == "cpu" and "mixed" in args.stages:
+        parser.error("--accelerator cpu runs the ops and mfu stages only (the mixed run needs a GPU island)")
     return args
 
 
@@ -82,15 +88,15 @@ def _stages(value: str) -> tuple[str, ...]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report: dict = {"device": args.device, "stages": list(args.stages)}
     try:
-        report["preflight"] = preflight(args.device)
+        name, found = preflight(args.accelerator)
     except NoGpu as exc:
         print(f"gpu-check: {exc}", file=sys.stderr)
         return NO_GPU_EXIT_CODE
-    runners = {"ops": lambda: ops_parity(args.device),
+    report: dict = {"accelerator": name, "stages": list(args.stages), "preflight": found}
+    runners = {"ops": lambda: ops_parity(name),
                "mixed": lambda: mixed_run(args.mixed_steps),
-               "mfu": lambda: mfu(args.device, args.mfu_model, args.mfu_batch, args.mfu_steps, args.chip)}
+               "mfu": lambda: mfu(name, args.mfu_model, args.mfu_batch, args.mfu_steps, args.chip)}
     for stage in args.stages:
         if stage in runners:
             if not args.json:
@@ -106,26 +112,33 @@ def main(argv=None) -> int:
 
 # preflight ------------------------------------------------------------------------------------
 
-def preflight(device: str) -> dict:
-    """What torch and the device are; raises NoGpu (one line) when there is no CUDA GPU."""
-    import torch
+def preflight(name: str | None) -> tuple[str, dict]:
+    """(accelerator name, what torch and the device are); raises NoGpu (one line) without a device."""
+    import accelerators
+    from accelerators import registry
 
-    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
-    if device == "cpu":
-        return {**info, "device_name": "host CPU (not a GPU)"}
-    from accelerators.cuda import CudaAccelerator
-
-    found = CudaAccelerator.probe()
+    if name is None:
+        name, _why = registry.select_name()
+        if name == "cpu":
+            missing = "; ".join(f"{r.name}: {r.reason}" for r in registry.probe_all()
+                                if not r.available and r.name != "emulated")
+            raise NoGpu(f"no accelerator device found ({missing})")
+    found = registry.probe(name)
     if not found.available:
-        hint = (" (install a CUDA build: pip install torch==2.13.0 from the default index on a CUDA host)"
-                if torch.version.cuda is None else "")
-        raise NoGpu(f"no CUDA GPU: {found.reason}{hint}")
-    return {**info, "device_name": torch.cuda.get_device_name(0), "device_count": torch.cuda.device_count()}
+        raise NoGpu(f"no {name} device: {found.reason} (scripts/gpu-check.sh says how it gets a CUDA torch)")
+    accelerators.reset_accelerator()
+    accelerator = accelerators.get_accelerator(name)
+    try:
+        info = {**registry.runtime_versions(), "probe": found.reason,
+                "device_name": accelerator.device_name(0), "device_count": accelerator.device_count()}
+    finally:
+        accelerators.reset_accelerator()
+    return name, info
 
 
 # ops ----------------------------------------------------------------------------------------
 
-def ops_parity(device: str) -> dict:
+def ops_parity(name: str) -> dict:
     """Max relative error of each op on the device against the host float64 reference."""
     import torch
 
@@ -134,7 +147,7 @@ def ops_parity(device: str) -> dict:
     from accelerators.ops import blocked, reference
 
     accelerators.reset_accelerator()
-    accelerators.get_accelerator(device)
+    device = accelerators.get_accelerator(name).device(0)
     try:
         sources = ops.kernel_sources()
         torch.manual_seed(0)
@@ -267,7 +280,7 @@ def two_island_plan(job, first, second, micro_batch: int | None = None):
 
 # mfu ----------------------------------------------------------------------------------------
 
-def mfu(device: str, model_path: str, batch: int, steps: int, chip: str | None) -> dict:
+def mfu(name: str, model_path: str, batch: int, steps: int, chip: str | None) -> dict:
     """Model FLOPs per second of bf16 training steps on one chip over the catalog's bf16 peak."""
     import torch
 
@@ -279,10 +292,11 @@ def mfu(device: str, model_path: str, batch: int, steps: int, chip: str | None) 
     from partitioner.costs import model_flops_per_sample, total_params
 
     model = load_sections(model_path, want="model")["model"]
-    chip = chip or catalog_chip(device)
+    accelerators.reset_accelerator()
+    accelerator = accelerators.get_accelerator(name)
+    chip = chip or catalog_chip(accelerator)
     catalog = load_catalog()
     peak = catalog[chip].peak_flops("bf16") if chip in catalog else None
-    accelerator = accelerators.get_accelerator(device)
     try:
         stage = LlamaStage(model, dtype=torch.bfloat16, device=accelerator.device(0), seed=0)
         optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-5)
@@ -301,14 +315,13 @@ def mfu(device: str, model_path: str, batch: int, steps: int, chip: str | None) 
         for _ in range(3):
             step()
         accelerator.synchronize()
-        if device == "cuda":
-            accelerator.reset_peak_memory_stats()
+        accelerator.reset_peak_memory_stats()
         started = time.perf_counter()
         for _ in range(steps):
             loss = step()
         accelerator.synchronize()
         step_s = (time.perf_counter() - started) / steps
-        peak_memory = accelerator.max_memory_allocated() / 1e9 if device == "cuda" else None
+        peak_memory = accelerator.max_memory_allocated() / 1e9  # 0 on the host, which keeps no ledger
         final_loss = float(loss.detach())
     finally:
         accelerators.reset_accelerator()
@@ -324,21 +337,19 @@ def mfu(device: str, model_path: str, batch: int, steps: int, chip: str | None) 
             "ok": final_loss == final_loss}  # a NaN loss fails the stage
 
 
-def catalog_chip(device: str) -> str | None:
-    """The catalog chip for this device ('cpu' on the host), or None when unknown."""
-    if device == "cpu":
+def catalog_chip(accelerator) -> str | None:
+    """The catalog chip for the accelerator's device 0 ('cpu' on the host), or None when unknown."""
+    if accelerator.vendor == "cpu":
         return "cpu"
-    import torch
-
-    name = torch.cuda.get_device_name(0)
-    return next((chip for marker, chip in CHIP_BY_DEVICE_NAME if marker in name), None)
+    device_name = accelerator.device_name(0)
+    return next((chip for marker, chip in CHIP_BY_DEVICE_NAME if marker in device_name), None)
 
 
 # text ---------------------------------------------------------------------------------------
 
 def print_text(report: dict) -> None:
     pre = report["preflight"]
-    print(f"gpu-check on {pre['device_name']} (torch {pre['torch']}, CUDA {pre['torch_cuda']})")
+    print(f"gpu-check: {report['accelerator']} on {pre['device_name']} (torch {pre['torch']}; {pre['probe']})")
     if "ops" in report:
         ops = report["ops"]
         print(f"ops parity vs {ops['anchor']}: {'ok' if ops['ok'] else 'FAILED'}")
