@@ -8,8 +8,14 @@ JobFatalError: a corrupt checkpoint with no good one left, a plan for another
 model; or a full disk: ENOSPC, EDQUOT, EROFS) stops the worker with one line on
 stderr, `hetero: rank R on HOST: <what, naming the file>`, the same line in
 <run dir>/fatal/rankNNNNN.txt, and exit code FATAL_EXIT_CODE, on which the
-launcher stops the job instead of restarting it. Anything else is a traceback
-and exit 1: the launcher restarts the job from its last checkpoint.
+launcher stops the job instead of restarting it. Running out of device memory
+(torch.OutOfMemoryError, the emulated chip's, or a vendor's class of that
+name) is such a failure too: its line names the rank, island, stage, chip, the
+allocation, what was in use and the capacity, and what to try. Anything else is
+a traceback and exit 1: the launcher restarts the job from its last checkpoint.
+
+Every worker selects its device (`set_device(LOCAL_RANK % device_count)`)
+before any device work.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import re
 import sys
 
 import torch
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    comms = None
+    comms = accelerator = topology = None
     try:
         job = load_job(cluster=args.cluster, model=args.model, train=args.train).require("cluster", "model", "train")
         train = job.train
@@ -60,10 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = load_checked_plan(args.plan, job)   # the launcher checked it too; this rank's copy may differ
         topology = Topology(plan)
         accelerator = accelerators.get_accelerator()
+        device = select_device(accelerator)
         if accelerator.device_type == "cpu":
             _share_host_cores(topology, job.cluster)
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = accelerator.device(local % max(1, accelerator.device_count()))
         comms = Comms.start(topology, accelerator, device, job.cluster)
 
         def log(message: str) -> None:
@@ -72,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(comms, accelerator, job.model, train, args.run_dir, steps=args.steps, log=log)
         trainer.run()
         comms.finish()
-    except (UserError, OSError) as exc:
-        message = fatal_message(exc)
+    except Exception as exc:  # anything fatal_message does not know is re-raised as it was
+        message = fatal_message(exc, accelerator, topology)
         if message is None:
             raise
         report_fatal(message, args.run_dir)
@@ -86,14 +92,82 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fatal_message(exc: BaseException) -> str | None:
+def select_device(accelerator) -> torch.device:
+    """Make this worker's device current (LOCAL_RANK picks one of the node's visible devices)
+    before any device work, so that no two ranks of a node share device 0; returns it."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    index = local % max(1, accelerator.device_count())
+    accelerator.set_device(index)
+    return accelerator.device(index)
+
+
+def fatal_message(exc: BaseException, accelerator=None, topology: Topology | None = None) -> str | None:
     """What to say about a failure every restart would repeat, or None for one a restart may cure."""
     if isinstance(exc, UserError):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS:
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{exc.strerror or os.strerror(exc.errno)}"
+    if is_out_of_memory(exc):
+        return out_of_memory_message(exc, accelerator, topology)
     return None
+
+
+# Vendor out-of-memory classes by name, for plug-ins whose class cannot be imported here
+# (torch_npu's and torch_xmlir's, where they are not torch.OutOfMemoryError itself).
+_OOM_CLASS_NAMES = ("OutOfMemoryError", "NPUOutOfMemoryError", "XPUOutOfMemoryError", "EmulatedOutOfMemory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device out-of-memory error: torch.OutOfMemoryError or a vendor's class of that kind."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(
+        cls.__name__ in _OOM_CLASS_NAMES for cls in type(exc).__mro__)
+
+
+def out_of_memory_message(exc: BaseException, accelerator=None, topology: Topology | None = None) -> str:
+    """One line: where (rank, island, stage, chip), the allocation against what was in use and
+    the capacity, and what to try. The numbers come from the emulated chip's error, else from the
+    vendor's message and the accelerator's counters."""
+    rank = int(os.environ.get("HETERO_GLOBAL_RANK", "0"))
+    entry = topology.by_rank.get(rank) if topology is not None else None
+    stage = topology.plan.stages[entry.stage] if entry is not None else None
+    island = entry.island if entry is not None else os.environ.get("HETERO_ISLAND", "?")
+    chip = stage.chip if stage is not None else os.environ.get("HETERO_CHIP", "?")
+    where = f"rank {rank} (island {island}, stage {entry.stage if entry else '?'}, chip {chip})"
+    requested, in_use, capacity = _oom_numbers(exc, accelerator)
+    numbers = ", ".join(part for part in (
+        f"tried to allocate {_size(requested)}" if requested is not None else "an allocation failed",
+        f"{_size(in_use)} in use" if in_use is not None else "",
+        f"capacity {_size(capacity)}" if capacity is not None else "",
+        f"the plan predicted {stage.memory_gb:.3g} GB for this stage" if stage is not None else "",
+    ) if part)
+    recompute = f" (this stage: recompute {stage.recompute})" if stage is not None else ""
+    return (f"out of device memory on {where}: {numbers}; try activation recompute{recompute}, "
+            f"more chips, or a smaller micro-batch (train.micro_batch), then re-plan")
+
+
+def _oom_numbers(exc: BaseException, accelerator) -> tuple[int | None, int | None, int | None]:
+    """(requested, in use, capacity) in bytes, each None where unknown."""
+    if all(hasattr(exc, key) for key in ("requested", "in_use", "capacity")):
+        return exc.requested, exc.in_use, exc.capacity
+    found = re.search(r"[Tt]ried to allocate ([\d.]+) ?([KMGT]i?B|B)", str(exc))
+    requested = int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
+    in_use = capacity = None
+    if accelerator is not None:
+        with contextlib.suppress(Exception):   # a device that just failed may refuse questions too
+            in_use = int(accelerator.memory_allocated())
+        with contextlib.suppress(Exception):
+            capacity = int(accelerator.total_memory())
+    return requested, in_use, capacity
+
+
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+          "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in the catalog's decimal units (GB = 1e9 bytes)."""
+    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3g} MB"
 
 
 def report_fatal(message: str, run_dir: str | None) -> str:
