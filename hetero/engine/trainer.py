@@ -135,8 +135,8 @@ class Trainer:
             loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
             finite = self._check_finite(step, loss, grad_norm)
             if finite:
-                self._clip(grad_norm)
                 with self._scope():
+                    self._clip(grad_norm)
                     self.optimizer.step(self._lr(step))
             self.optimizer.zero_grad()
             self.accel.synchronize()
@@ -253,20 +253,24 @@ class Trainer:
 
     # -- gradients ------------------------------------------------------------------
     def _reduce_gradients(self) -> None:
-        """Sum gradients over the stage's DP group and between tied embedding copies."""
+        """Sum gradients over the stage's DP group and between tied embedding copies
+        (island collectives on device memory)."""
         self.comms.flush()
         if self.place.stage.dp > 1:
-            for param in self.params.values():
-                dist.all_reduce(param.grad, group=self.comms.dp_group)
+            with self._scope():
+                for param in self.params.values():
+                    dist.all_reduce(param.grad, group=self.comms.dp_group)
         if self.tied_link is not None:
             # The two copies may differ in TP: swap full gradients (resharded like
             # activations), then add the other copy's share of ours.
             name = "model.embed_tokens.weight" if self.place.is_first else "lm_head.weight"
             grad = self.params[name].grad
-            full = self.model.tp.all_gather(grad, 0)
+            with self._scope():
+                full = self.model.tp.all_gather(grad, 0)
             other = self.tied_link.exchange(full, TIED_TAG)
             self.comms.flush()
-            grad.add_(self.model.tp.shard(other, 0))
+            with self._scope():
+                grad.add_(self.model.tp.shard(other, 0))
 
     def _reduce_across_pipelines(self) -> None:
         """hetero-DP: sum gradients over the pipelines (one whole replica per island).
@@ -290,8 +294,7 @@ class Trainer:
             if dim is not None and self.model.tp.size > 1:
                 part = (dim, *self.model.tp.part(layout.full_shape(self.model_config, hf)[dim], hf))
             shards.setdefault(hf, []).append(GradShard(param.grad, part, self._counts_once(name)))
-        with self._scope():
-            self._buckets.all_reduce(shards, self.comms.replica_sum, self.comms.device)
+        self._buckets.all_reduce(shards, self.comms.replica_sum, self.comms.device, self._scope)
 
     def _counts_once(self, name: str) -> bool:
         """Whether this rank's copy of `name` is the one that counts in a fleet-wide sum:
@@ -323,14 +326,16 @@ class Trainer:
         root = self.train.checkpoint.dir
         self._refuse_non_finite_state(step)
         self._agree_written(root, step, self._only_rank0(ckpt.prepare, root, step))
-        model = full_state_dict(self.model)
+        with self._scope():       # TP gathers run on device memory
+            model = full_state_dict(self.model)
         moments = {}
         for kind, store in (("exp_avg", self.optimizer.exp_avg), ("exp_avg_sq", self.optimizer.exp_avg_sq)):
             for name, tensor in store.items():
                 hf = self.model.hf_name(name)
                 dim = layout.split_dim(hf)
-                whole = tensor if dim is None else self.model.tp.all_gather(tensor, dim)
-                moments[f"{kind}.{hf}"] = whole.to("cpu", copy=True)
+                with self._scope():
+                    whole = tensor if dim is None else self.model.tp.all_gather(tensor, dim)
+                moments[f"{kind}.{hf}"] = self._host_copy(whole)
         writer = self.place.tp_rank == 0 and self.place.dp_rank == 0 and self.place.stage.pipeline == 0
         failed = None
         if writer:
@@ -340,6 +345,12 @@ class Trainer:
         failed = self._only_rank0(ckpt.commit, root, step, self.model_config, extra)
         self._agree_written(root, step, failed)
         self._log_once(f"checkpoint {ckpt.step_dir(root, step)}")
+
+    def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy of a device tensor, through the accelerator's copy API (never the live tensor)."""
+        to_host = getattr(self.accel, "to_host", None)
+        host = to_host(tensor) if to_host else tensor.to("cpu")
+        return host.clone() if host.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else host
 
     def _only_rank0(self, write, *args) -> int | None:
         """Rank 0 runs `write`; the errno of a full disk or quota it hit, else None."""
@@ -429,27 +440,31 @@ class GradBuckets:
             self.buckets.append(current)
         self.widest = max(sum((p.stop - p.start) * p.cols for p in b) for b in self.buckets)
 
-    def all_reduce(self, shards: dict, sum_bucket, device) -> None:
+    def all_reduce(self, shards: dict, sum_bucket, device, scope=contextlib.nullcontext) -> None:
         """Sum every rank's `shards` (HF name -> [GradShard]: a tied LM head is a second copy of the
         embedding) over the fleet, in place, bucket by bucket.
 
-        `sum_bucket(buffer, index)` sums one 1-D fp32 device tensor fleet-wide, in place."""
-        buffer = torch.empty(self.widest, dtype=torch.float32, device=device)
+        `sum_bucket(buffer, index)` sums one 1-D fp32 device tensor fleet-wide, in place (outside
+        `scope`, the device scope the buffer is made and filled in: its bridge hop is host work)."""
+        with scope():
+            buffer = torch.empty(self.widest, dtype=torch.float32, device=device)
         for index, pieces in enumerate(self.buckets):
             length = pieces[-1].offset + (pieces[-1].stop - pieces[-1].start) * pieces[-1].cols
             bucket = buffer[:length]
-            bucket.zero_()
-            for piece in pieces:
-                for shard in shards.get(piece.hf, ()):
-                    pair = self._pair(bucket, piece, shard) if shard.counts else None
-                    if pair:
-                        pair[0].copy_(pair[1])
+            with scope():
+                bucket.zero_()
+                for piece in pieces:
+                    for shard in shards.get(piece.hf, ()):
+                        pair = self._pair(bucket, piece, shard) if shard.counts else None
+                        if pair:
+                            pair[0].copy_(pair[1])
             sum_bucket(bucket, index)
-            for piece in pieces:
-                for shard in shards.get(piece.hf, ()):
-                    pair = self._pair(bucket, piece, shard)
-                    if pair:
-                        pair[1].copy_(pair[0])
+            with scope():
+                for piece in pieces:
+                    for shard in shards.get(piece.hf, ()):
+                        pair = self._pair(bucket, piece, shard)
+                        if pair:
+                            pair[1].copy_(pair[0])
 
     def _pair(self, bucket: torch.Tensor, piece: BucketPiece, shard: GradShard):
         """(bucket region, gradient region) of `piece` that this shard holds, or None."""

@@ -221,13 +221,14 @@ class StageLink:
         accelerator = getattr(self.transport, "accelerator", None)
 
         def finish() -> torch.Tensor:
+            arrived = [(piece, pending.wait()) for piece, pending in parts]   # host work (the bridge's)
             with device_scope(accelerator):
-                if len(parts) == 1 and parts[0][0].start == start and parts[0][0].stop == stop:
-                    mine = parts[0][1].wait()
+                if len(arrived) == 1 and arrived[0][0].start == start and arrived[0][0].stop == stop:
+                    mine = arrived[0][1]
                 else:
                     mine = torch.empty(stop - start, dtype=dtype, device=self.transport.device)
-                    for piece, pending in parts:
-                        mine[piece.start - start:piece.stop - start].copy_(pending.wait())
+                    for piece, part in arrived:
+                        mine[piece.start - start:piece.stop - start].copy_(part)
                 if self.tp_size == 1:
                     return mine.view(shape)
                 return _all_gather_flat(mine, numel, self.tp_size, self.tp_group).view(shape)
