@@ -1,0 +1,122 @@
+"""One rank of a two-rank `hetero-strict` group on loopback, running one named scenario.
+
+    python strict_pair.py SCENARIO RANK PORT BACKEND
+
+Prints one JSON line with what the scenario saw. Device memory is marked by
+a predicate (tensors whose `_device` attribute is set), so no emulated chip is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import accelerators.strict_backend as strict
+from hetero.launch.store import loopback_store
+
+BIG = 1 << 18  # 1 MiB of float32: past NCCL's eager size
+
+
+def dev(tensor: torch.Tensor) -> torch.Tensor:
+    tensor._device = True  # pylint: disable=protected-access
+    return tensor
+
+
+def host_refused(rank: int) -> dict:
+    seen = {}
+    for name, call in (("all_reduce", lambda t: dist.all_reduce(t)),
+                       ("send", lambda t: dist.send(t, 1 - rank))):
+        try:
+            call(torch.ones(4))
+            seen[name] = "accepted"
+        except strict.HostTensorRefused as exc:
+            seen[name] = str(exc)
+    dist.barrier()
+    return seen
+
+
+def ordered_p2p(rank: int) -> dict:
+    peer = 1 - rank
+    got = []
+    if rank == 0:  # two sends with tags in reverse order, then a batch
+        works = [dist.isend(dev(torch.full((3,), 10.0 + i)), peer, tag=9 - i) for i in range(2)]
+        for work in works:
+            work.wait()
+    else:
+        bufs = [dev(torch.zeros(3)) for _ in range(2)]
+        works = [dist.irecv(bufs[0], peer, tag=5), dist.irecv(bufs[1], peer, tag=0)]
+        for work in works:
+            work.wait()
+        got = [b[0].item() for b in bufs]
+    out = dev(torch.full((BIG,), float(rank)))
+    inp = dev(torch.zeros(BIG))
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, out, peer, tag=1),
+                                   dist.P2POp(dist.irecv, inp, peer, tag=2)])
+    for req in reqs:
+        req.wait()
+    return {"ordered": got, "batched": [inp[0].item(), inp[-1].item()]}
+
+
+def crossing_sends(rank: int) -> dict:
+    try:
+        dist.send(dev(torch.ones(BIG)), 1 - rank)
+        return {"error": None}
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+
+
+def crossing_isend_recv(rank: int) -> dict:
+    work = dist.isend(dev(torch.ones(BIG)), 1 - rank)
+    try:
+        dist.recv(dev(torch.zeros(BIG)), 1 - rank)
+        work.wait()
+        return {"error": None}
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+
+
+def collectives(rank: int) -> dict:
+    torch.manual_seed(7 + rank)
+    x = dev(torch.randn(5, dtype=torch.float64))
+    reduced = x.clone()
+    _ = dev(reduced)
+    dist.all_reduce(reduced)
+    gathered = [dev(torch.zeros(5, dtype=torch.float64)) for _ in range(2)]
+    dist.all_gather(gathered, x)
+    flat = dev(torch.zeros(10, dtype=torch.float64))
+    dist.all_gather_into_tensor(flat, x)
+    scattered = dev(torch.zeros(5, dtype=torch.float64))
+    dist.reduce_scatter_tensor(scattered, dev(torch.cat([x, x])))
+    dist.broadcast(x, 0)
+    dist.barrier()
+    return {"all_reduce": reduced.tolist(), "all_gather": [g.tolist() for g in gathered],
+            "all_gather_into_tensor": flat.tolist(), "reduce_scatter": scattered.tolist(),
+            "broadcast": x.tolist()}
+
+
+def contract(rank: int) -> dict:
+    """What a healthy schedule sees: refusals, ordered and batched p2p, collectives."""
+    return {"host_refused": host_refused(rank), **ordered_p2p(rank), "collectives": collectives(rank)}
+
+
+SCENARIOS = {f.__name__: f for f in (contract, collectives, crossing_sends, crossing_isend_recv)}
+
+
+def main() -> None:
+    scenario, rank, port, backend = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    strict.register()
+    strict.set_device_tensor_predicate(lambda t: getattr(t, "_device", False))
+    store = loopback_store(port, rank, 2, timeout=20)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=2)
+    try:
+        result = SCENARIOS[scenario](rank)
+    finally:
+        dist.destroy_process_group()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
