@@ -140,3 +140,16 @@ def test_a_vendor_out_of_memory_class_is_matched_by_name():
     assert "tried to allocate 2.15 GB, 60 GB in use, capacity 64 GB" in message
     assert worker.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert worker.fatal_message(RuntimeError("out of patience"), Counters(), None) is None
+
+
+def test_the_launcher_shows_each_emulated_worker_its_node_s_devices(env):
+    from hetero.launch.environment import island_env
+    from hetero.launch.layout import build_layout
+
+    layout = build_layout(load_job(**CONFIGS).cluster, node="127.0.0.1")
+    for island, node in layout.on_host("127.0.0.1"):
+        shown = island_env(layout, island, node, attempt=0, token="t", run_dir="/r", plan_path=None,
+                           cluster_path=None, base={})[VISIBLE_ENV]
+        assert shown == ",".join(map(str, node.devices)) and len(node.devices) == 2
+        env.setenv(VISIBLE_ENV, shown)
+        assert EmulatedAccelerator(TINY).device_count() == 2     # so set_device(LOCAL_RANK) matters
