@@ -28,14 +28,14 @@ like a real vendor's. Every other tensor is host memory.
 
 Host link: `to_device` (host -> device) and `to_host` (device -> host) are the
 copy API; each charges bytes / `host_link_gbps` to the clock (a spec without
-the key copies at its memory bandwidth; the catalog always names one). A blocking `to_host`
-then waits for the clock; `non_blocking=True` only queues the copy (wait on an
-event recorded after it, as on a real chip).
+the key copies at its memory bandwidth; the catalog always names one). A
+blocking `to_host` then waits for the clock; `non_blocking=True` only queues
+the copy (wait on an event recorded after it, as on a real chip).
 
 Strict mode (HETERO_EMULATED_STRICT=1, or strict=True; off by default): the
 chip refuses what a real device would refuse, with a `DeviceContractError`
 (HETERO_EMULATED_STRICT=warn instead prints each distinct violation once, with
-the first caller outside torch and this package, and carries on: a survey):
+its innermost callers outside torch and this package, and carries on: a survey):
 - an op inside the scope that reads a host tensor (one the ledger does not
   hold and that is not a 0-dim scalar); `copy_` between host and device memory
   is a transfer, allowed and charged at the host link;
