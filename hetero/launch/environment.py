@@ -16,7 +16,8 @@ from hetero.launch.layout import FleetLayout, IslandLayout, NodeWorkers
 # Internal: island-local rank -> global rank, read by hetero.launch.bootstrap.
 RANK_TABLE_ENV = "HETERO_RANK_TABLE"
 # Variables a stale parent launch (e.g. a launcher started from a worker) must not leak.
-_OWNED = ("HETERO_PLAN", "HETERO_EMULATED_CHIP", "HETERO_GLOBAL_RANK")
+_OWNED = ("HETERO_PLAN", "HETERO_EMULATED_CHIP", "HETERO_GLOBAL_RANK",
+          "HETERO_EMULATED_VISIBLE_DEVICES")   # emulated chips have no host list to narrow
 
 
 def island_env(layout: FleetLayout, island: IslandLayout, node: NodeWorkers, *, attempt: int,
