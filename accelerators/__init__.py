@@ -7,12 +7,15 @@
 
 `accelerators.names()` lists the known vendors without importing torch or any
 vendor package. See registry.py for the selection rules, base.py for the
-Accelerator interface, ops/ for the fused ops.
+Accelerator interface, ops/ for the fused ops, strict_backend.py for
+`hetero-strict`, the torch.distributed backend with NCCL/HCCL's contract
+(registered here when torch is already loaded, else by `register_dist_backends()`).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from accelerators.errors import AcceleratorUnavailable, EmulatedOutOfMemory, UnknownAccelerator
@@ -31,8 +34,19 @@ from accelerators.registry import (
 __all__ = [
     "Accelerator", "AcceleratorUnavailable", "EmulatedOutOfMemory", "UnknownAccelerator",
     "SELECT_ENV", "backends", "current_accelerator", "get_accelerator", "names", "ops", "probe_all",
-    "probe_order", "reset_accelerator", "set_accelerator",
+    "probe_order", "register_dist_backends", "reset_accelerator", "set_accelerator",
 ]
+
+
+def register_dist_backends() -> list[str]:
+    """Make the torch.distributed backends `accelerators` provides known to torch (imports torch)."""
+    from accelerators import strict_backend
+
+    return [strict_backend.register()]
+
+
+if "torch.distributed" in sys.modules:  # cheap then; never import torch just for this
+    register_dist_backends()
 
 
 def __getattr__(name: str) -> Any:

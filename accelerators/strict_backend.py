@@ -139,7 +139,7 @@ class _Abandoned(Exception):
     """The pair failed while this entry waited for its peer."""
 
 
-_POLL = datetime.timedelta(milliseconds=50)
+_POLL_MIN_S, _POLL_MAX_S = 0.0005, 0.02  # how often a waiting entry looks at the store
 
 
 class _Op:
@@ -271,6 +271,7 @@ class _PairStream:
             else:
                 waiting[op] = f"ready/{me}->{peer}/{op.seq}"
         works = []
+        pause = _POLL_MIN_S
         while waiting:
             if self.error is not None:
                 raise _Abandoned()
@@ -282,11 +283,9 @@ class _PairStream:
                     works.append((op, self.pg.gloo.send([op.tensor], peer, op.seq)))
                 else:
                     works.append((op, self.pg.gloo.recv([op.tensor], peer, op.seq)))
-            if waiting and not moved:
-                try:
-                    store.wait([next(iter(waiting.values()))], _POLL)
-                except RuntimeError:  # not yet: look again (and at self.error)
-                    pass
+            if waiting and not moved:  # poll: a store wait with a timeout logs a warning per expiry
+                time.sleep(pause)
+                pause = min(2 * pause, _POLL_MAX_S)
         for op, work in works:
             work.wait()
             with self.lock:
@@ -323,7 +322,7 @@ class StrictProcessGroup(dist.ProcessGroup):
     """A process group with NCCL/HCCL's contract, moving data through gloo."""
 
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: datetime.timedelta):
-        super().__init__(rank, size)
+        super().__init__(rank, size)  # pylint: disable=no-value-for-parameter  # pybind overload (rank, size)
         self.gloo = dist.ProcessGroupGloo(dist.PrefixStore(f"{BACKEND_NAME}/gloo/", store), rank, size, timeout)
         self.state_store = dist.PrefixStore(f"{BACKEND_NAME}/p2p/", store)
         self.deadlock_timeout = deadlock_timeout()
@@ -567,6 +566,6 @@ def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> StrictP
 
 def register() -> str:
     """Make `hetero-strict` known to torch.distributed (idempotent); return its name."""
-    if BACKEND_NAME.upper() not in dist.Backend._plugins:  # pylint: disable=protected-access
+    if dist.is_available() and BACKEND_NAME.upper() not in dist.Backend._plugins:  # pylint: disable=protected-access
         dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu"])
     return BACKEND_NAME

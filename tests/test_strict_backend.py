@@ -25,10 +25,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_pair(scenario: str, backend: str = STRICT) -> list[dict]:
+def run_pair(scenario: str, backend: str = STRICT, deadlock_timeout: str = DEADLOCK_TIMEOUT_S) -> list[dict]:
     """Both ranks' JSON results; each process is bounded by a timeout (the host is a shared 2-core box)."""
     port = free_port()
-    env = dict(os.environ, HETERO_STRICT_TIMEOUT=DEADLOCK_TIMEOUT_S, PYTHONPATH=ROOT)
+    env = dict(os.environ, HETERO_STRICT_TIMEOUT=deadlock_timeout, PYTHONPATH=ROOT)
     procs = [subprocess.Popen([sys.executable, WORKER, scenario, str(rank), str(port), backend],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
              for rank in range(2)]
@@ -60,6 +60,10 @@ def test_host_tensors_are_refused_with_a_clear_error(contract):
             assert "device memory" in message
 
 
+def test_a_send_completes_only_after_its_receive_is_posted(contract):
+    assert contract[0]["receive_posted_before_send_finished"] is True
+
+
 def test_p2p_matches_in_issue_order_whatever_the_tags(contract):
     assert contract[1]["ordered"] == [10.0, 11.0]  # sent with tags 9, 8; received asking 5, 0
 
@@ -86,6 +90,21 @@ def test_a_schedule_that_deadlocks_under_nccl_is_reported_naming_both_ranks(scen
         assert f"rank {rank} is running [send #0 to rank {1 - rank}" in error
         assert f"rank {1 - rank} is running [send #0 to rank {rank}" in error
         assert "batch_isend_irecv" in error
+
+
+def test_a_receive_nobody_sends_to_is_reported_after_the_timeout():
+    error = run_pair("silent_peer", deadlock_timeout="2")[0]["error"]
+    assert error is not None and "deadlock between rank 0 and rank 1 (no progress in 2 s (HETERO_STRICT_TIMEOUT))" in error
+    assert "rank 0 is running [recv #0 from rank 1 (tag 0, float32[4] on cpu)]" in error
+    assert "rank 1 is running [nothing toward it]" in error
+
+
+def test_importing_accelerators_after_torch_registers_the_backend():
+    code = ("import torch.distributed as dist, accelerators; "
+            "print('HETERO-STRICT' in dist.Backend._plugins, dist.Backend.default_device_backend_map['cpu'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.stdout.split() == ["True", "gloo"], out.stderr[-2000:]  # registered, not made the default
 
 
 def test_bad_timeout_is_one_clear_line(monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -97,12 +98,40 @@ def collectives(rank: int) -> dict:
             "broadcast": x.tolist()}
 
 
+def rendezvous(rank: int) -> dict:
+    """Rank 1 marks the store just before it posts its receive: rank 0's send may not finish earlier."""
+    store = dist.distributed_c10d._get_default_store()  # pylint: disable=protected-access
+    if rank == 0:
+        dist.send(dev(torch.ones(4)), 1)
+        return {"receive_posted_before_send_finished": store.check(["posting"])}
+    time.sleep(1.0)  # let a send that does not wait finish first
+    store.set("posting", b"1")
+    dist.recv(dev(torch.zeros(4)), 0)
+    return {}
+
+
+def silent_peer(rank: int) -> dict:
+    """Rank 0 waits on a receive rank 1 never posts a send for (rank 1 waits in the store)."""
+    store = dist.distributed_c10d._get_default_store()  # pylint: disable=protected-access
+    if rank == 1:
+        store.wait(["rank0 done"])
+        return {}
+    try:
+        dist.recv(dev(torch.zeros(4)), 1)
+        return {"error": None}
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    finally:
+        store.set("rank0 done", b"1")
+
+
 def contract(rank: int) -> dict:
-    """What a healthy schedule sees: refusals, ordered and batched p2p, collectives."""
-    return {"host_refused": host_refused(rank), **ordered_p2p(rank), "collectives": collectives(rank)}
+    """What a healthy schedule sees: refusals, rendezvous, ordered and batched p2p, collectives."""
+    return {"host_refused": host_refused(rank), **rendezvous(rank), **ordered_p2p(rank),
+            "collectives": collectives(rank)}
 
 
-SCENARIOS = {f.__name__: f for f in (contract, collectives, crossing_sends, crossing_isend_recv)}
+SCENARIOS = {f.__name__: f for f in (contract, collectives, crossing_sends, crossing_isend_recv, silent_peer)}
 
 
 def main() -> None:
