@@ -17,7 +17,9 @@ Enforced (NCCL/HCCL rules):
   memory ledger holds the tensor's storage); otherwise a non-`cpu` tensor.
   A host tensor raises `HostTensorRefused` naming the op and the tensor.
 - **Rendezvous.** A send completes only once the peer's matching receive is
-  running (gloo's transport already waits for a posted receive).
+  running: the receive announces itself in the group's store, the send waits
+  for that, and only then do both post to gloo (a few store round trips per
+  op: about twice gloo's latency for small messages on loopback).
 - **Issue order per pair.** The point-to-point operations between two ranks run
   one after the other, in the order each rank issued them, sends and receives
   alike (PyTorch's NCCL runs each pair's ops on one stream): a receive issued
@@ -140,6 +142,7 @@ class _Abandoned(Exception):
 
 
 _POLL_MIN_S, _POLL_MAX_S = 0.0005, 0.02  # how often a waiting entry looks at the store
+_QUEUED_SHOWN = 4  # queued ops a deadlock report lists per rank
 
 
 class _Op:
@@ -252,9 +255,10 @@ class _PairStream:
                 continue
             for op in entry.ops:
                 op.future.set_result([op.tensor])
-            if self.published:
-                self.pg.publish(self.peer, None)
-                self.published = False
+            with self.lock:
+                if self.published:  # the peer must not read a finished entry as running
+                    self.pg.publish(self.peer, None)
+                    self.published = False
 
     def _rendezvous_and_move(self, entry: _Entry) -> None:
         """Run one entry: each receive announces itself; each send waits for its receive's
@@ -312,10 +316,13 @@ class _PairStream:
             entry = self.active
             if entry is None or entry.started is None:
                 return None
+            queued = [op.describe(self.pg.rank(), self.peer) for later in self.pending[1:] for op in later.ops]
             return {"entry": entry.id, "since": entry.started,
                     "completed": dict(self.completed),
                     "ops": [{"kind": op.kind, "seq": op.seq, "text": op.describe(self.pg.rank(), self.peer)}
-                            for op in entry.ops if not op.done]}
+                            for op in entry.ops if not op.done],
+                    "queued": queued[:_QUEUED_SHOWN] + ([f"{len(queued) - _QUEUED_SHOWN} more"]
+                                                        if len(queued) > _QUEUED_SHOWN else [])}
 
 
 class StrictProcessGroup(dist.ProcessGroup):
@@ -371,11 +378,12 @@ class StrictProcessGroup(dist.ProcessGroup):
     def _batched(self, p2p_op_list: list):
         """Inside dist.batch_isend_irecv: issue the whole batch on its first op, one entry per peer."""
         if self._batch is None or self._batch[0] is not p2p_op_list:
+            for p2p in p2p_op_list:  # all refused or none issued: a half-issued batch would shift the order
+                _check_device(f"batch_isend_irecv {'send' if p2p.op is dist.isend else 'recv'}", [p2p.tensor])
             entries: dict[int, list[_Op]] = {}
             works = []
             for p2p in p2p_op_list:
                 kind = "send" if p2p.op is dist.isend else "recv"
-                _check_device(f"batch_isend_irecv {kind}", [p2p.tensor])
                 peer = p2p.group_peer
                 op = self._stream(peer).new_op(kind, p2p.tensor, p2p.tag)
                 entries.setdefault(peer, []).append(op)
@@ -423,9 +431,10 @@ class StrictProcessGroup(dist.ProcessGroup):
         waited = time.monotonic() - mine["since"]
         if waited < self.stall_s:
             return
-        if not stream.published:
-            self.publish(stream.peer, mine)
-            stream.published = True
+        with stream.lock:
+            if not stream.published and stream.active is not None and stream.active.id == mine["entry"]:
+                self.publish(stream.peer, mine)
+                stream.published = True
         theirs = self._peer_state(stream.peer)
         if _stuck(mine, theirs, stream.completed):
             key = (mine["entry"], theirs["entry"])
@@ -443,11 +452,10 @@ class StrictProcessGroup(dist.ProcessGroup):
 
     def _deadlock(self, peer: int, mine: dict, theirs: dict, why: str) -> P2PDeadlock:
         me = self.rank()
-        their_ops = "; ".join(op["text"] for op in theirs.get("ops", [])) or "nothing toward it"
         return P2PDeadlock(
             f"{BACKEND_NAME}: point-to-point deadlock between rank {me} and rank {peer} ({why}): "
-            f"rank {me} is running [{'; '.join(op['text'] for op in mine['ops'])}], "
-            f"rank {peer} is running [{their_ops}]. NCCL/HCCL would hang here: each pair's ops run in "
+            f"rank {me} is running {_pending_text(mine)}, "
+            f"rank {peer} is running {_pending_text(theirs)}. NCCL/HCCL would hang here: each pair's ops run in "
             "issue order and a send waits for its receive. Exchange in both directions with "
             "dist.batch_isend_irecv, or have one side receive first.")
 
@@ -513,9 +521,20 @@ class StrictProcessGroup(dist.ProcessGroup):
         with self._streams_lock:
             streams = list(self._streams.values())
         for stream in streams:
+            if stream.pending:  # ops the peer never matched: fail them rather than wait forever
+                stream.fail_all(StrictBackendError(
+                    f"{BACKEND_NAME}: the process group was destroyed while rank {self.rank()} still had "
+                    f"point-to-point operations toward rank {stream.peer} pending"))
             stream.queue.put(None)
         for stream in streams:
             stream.thread.join(timeout=5)
+
+
+def _pending_text(state: dict) -> str:
+    """'[running ops]' plus what is queued behind them, from a published snapshot."""
+    running = "; ".join(op["text"] for op in state.get("ops", [])) or "nothing toward it"
+    queued = state.get("queued") or []
+    return f"[{running}]" + (f" with [{'; '.join(queued)}] queued behind" if queued else "")
 
 
 def _calling_batch() -> list | None:

@@ -90,6 +90,8 @@ def test_a_schedule_that_deadlocks_under_nccl_is_reported_naming_both_ranks(scen
         assert f"rank {rank} is running [send #0 to rank {1 - rank}" in error
         assert f"rank {1 - rank} is running [send #0 to rank {rank}" in error
         assert "batch_isend_irecv" in error
+        if scenario == "crossing_isend_recv":  # the receive each rank queued behind its send is named
+            assert f"with [recv #0 from rank {1 - rank} (tag 0, float32[262144] on cpu)] queued behind" in error
 
 
 def test_a_receive_nobody_sends_to_is_reported_after_the_timeout():
