@@ -64,6 +64,7 @@ class Comms:
                 raise RuntimeError(f"launcher gave island rank {dist.get_rank()}, "
                                    f"the plan says {topology.world_rank(rank)}")
             comms._make_groups()
+            comms._first_collective()
             comms.native = NativeTransport(topology, device, accelerator)
         if topology.plan.world_size > 1 and len({r.island for r in topology.plan.ranks}) > 1:
             comms._open_bridge(accelerator, cluster)
@@ -80,6 +81,16 @@ class Comms:
             group = dist.new_group(members)
             if local in members:
                 self.dp_group = group
+
+    def _first_collective(self) -> None:
+        """One all-reduce over the whole island before any point-to-point: NCCL leaves a batched
+        send/receive undefined when it is a group's first operation and not every rank takes part."""
+        flag = self._to_device(torch.ones(1), torch.float32)
+        with device_scope(self.accelerator):
+            dist.all_reduce(flag)
+        answered = int(round(float(self._to_host(flag)[0])))
+        if answered != dist.get_world_size():
+            raise RuntimeError(f"island world check: {answered} ranks answered, {dist.get_world_size()} expected")
 
     def _open_bridge(self, accelerator, cluster) -> None:
         from comm_bridge.channel import Endpoint, transport_options
