@@ -348,6 +348,14 @@ class StrictProcessGroup(dist.ProcessGroup):
     def name(self) -> str:
         return BACKEND_NAME
 
+    # torch keeps a group's name on its C++ backends, which a Python group has none of.
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
+
+    @property
+    def group_name(self) -> str:
+        return getattr(self, "_group_name", "")
+
     # Point-to-point ------------------------------------------------------------------
     def send(self, tensors, dst: int, tag: int = 0):
         _check_device("send", tensors)

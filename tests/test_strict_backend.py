@@ -79,6 +79,7 @@ def test_collectives_equal_gloo(contract):
     expected = [torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(7 + r)) for r in range(2)]
     reduced = torch.tensor(gloo[0]["all_reduce"], dtype=torch.float64)
     assert torch.allclose(reduced, expected[0] + expected[1])
+    assert contract[0]["collectives"]["subgroup_all_reduce"] == [3.0, 3.0]
 
 
 @pytest.mark.parametrize("scenario", ["crossing_sends", "crossing_isend_recv"])

@@ -93,7 +93,11 @@ def collectives(rank: int) -> dict:
     dist.reduce_scatter_tensor(scattered, dev(torch.cat([x, x])))
     dist.broadcast(x, 0)
     dist.barrier()
-    return {"all_reduce": reduced.tolist(), "all_gather": [g.tolist() for g in gathered],
+    pair = dist.new_group([0, 1])  # a subgroup gets the world's backend
+    summed = dev(torch.full((2,), float(rank + 1)))
+    dist.all_reduce(summed, group=pair)
+    dist.destroy_process_group(pair)
+    return {"subgroup_all_reduce": summed.tolist(), "all_reduce": reduced.tolist(), "all_gather": [g.tolist() for g in gathered],
             "all_gather_into_tensor": flat.tolist(), "reduce_scatter": scattered.tolist(),
             "broadcast": x.tolist()}
 
