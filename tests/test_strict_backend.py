@@ -28,7 +28,8 @@ def free_port() -> int:
 def run_pair(scenario: str, backend: str = STRICT, deadlock_timeout: str = DEADLOCK_TIMEOUT_S) -> list[dict]:
     """Both ranks' JSON results; each process is bounded by a timeout (the host is a shared 2-core box)."""
     port = free_port()
-    env = dict(os.environ, HETERO_STRICT_TIMEOUT=deadlock_timeout, PYTHONPATH=ROOT)
+    env = dict(os.environ, HETERO_STRICT_TIMEOUT=deadlock_timeout, PYTHONPATH=ROOT,
+               GLOO_SOCKET_IFNAME="lo")  # gloo's pairs on loopback only
     procs = [subprocess.Popen([sys.executable, WORKER, scenario, str(rank), str(port), backend],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
              for rank in range(2)]
