@@ -14,6 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "workers", "strict_pair.py")
 STRICT = "hetero-strict"
+pytestmark = pytest.mark.timeout(150)
 # Far longer than the crossing takes to be seen: a report naming the crossing
 # ("neither can match the other") proves it was recognised, not waited out.
 DEADLOCK_TIMEOUT_S = "60"
@@ -72,6 +73,8 @@ def test_p2p_matches_in_issue_order_whatever_the_tags(contract):
 def test_batch_isend_irecv_exchanges_both_ways(contract):
     assert contract[0]["batched"] == [1.0, 1.0]
     assert contract[1]["batched"] == [0.0, 0.0]
+    assert contract[0]["exchanged"] == [[100.0 + step] for step in range(10)]
+    assert contract[1]["exchanged"] == [[float(step)] for step in range(10)]
 
 
 def test_collectives_equal_gloo(contract):

@@ -58,7 +58,15 @@ def ordered_p2p(rank: int) -> dict:
                                    dist.P2POp(dist.irecv, inp, peer, tag=2)])
     for req in reqs:
         req.wait()
-    return {"ordered": got, "batched": [inp[0].item(), inp[-1].item()]}
+    exchanged = []  # 1F1B-like: an activation one way and a gradient the other, batched, ten times
+    for step in range(10):
+        mine = dev(torch.full((1000 * (step + 1),), 100.0 * rank + step))
+        theirs = dev(torch.zeros(1000 * (step + 1)))
+        ops = [dist.P2POp(dist.irecv, theirs, peer), dist.P2POp(dist.isend, mine, peer)]
+        for req in dist.batch_isend_irecv(ops if rank else ops[::-1]):
+            req.wait()
+        exchanged.append(theirs.unique().tolist())
+    return {"ordered": got, "batched": [inp[0].item(), inp[-1].item()], "exchanged": exchanged}
 
 
 def crossing_sends(rank: int) -> dict:
