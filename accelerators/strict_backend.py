@@ -47,7 +47,15 @@ Not enforced (documented differences from the vendors):
 - collectives are gloo's (after the device check): their order across ranks and
   their results are gloo's, with no device time charged;
 - `set_device` (which device a process drives) and stream semantics of the
-  returned work objects: `wait()` blocks the host.
+  returned work objects: `wait()` blocks the host (its timeout argument is
+  ignored: the pair's watchdog bounds it).
+
+Notes: a crossing is reported about a second after both sides stall (they
+publish their running entries in the store; a peer's entry must look stuck on
+two looks half a second apart). A batch is recognised by its caller's frame
+(`dist.batch_isend_irecv` issues a Python group's ops one by one). Object
+collectives (`all_gather_object`, `broadcast_object_list`) stage through host
+tensors and are refused, as a device-only backend's would need device ones.
 """
 
 from __future__ import annotations
