@@ -153,3 +153,14 @@ def test_the_launcher_shows_each_emulated_worker_its_node_s_devices(env):
         assert shown == ",".join(map(str, node.devices)) and len(node.devices) == 2
         env.setenv(VISIBLE_ENV, shown)
         assert EmulatedAccelerator(TINY).device_count() == 2     # so set_device(LOCAL_RANK) matters
+
+
+def test_a_schedule_the_strict_backend_refuses_is_one_fatal_line():
+    """A deadlocking exchange or a host tensor fails the same way on every attempt: no restart."""
+    from accelerators.strict_backend import HostTensorRefused, P2PDeadlock
+    from hetero.engine.worker import fatal_message
+
+    line = fatal_message(P2PDeadlock("rank 0 is running [send #0 to rank 1], rank 1 is running [send #0 to rank 0]"))
+    assert line.startswith("the island's collective backend (hetero-strict) refused this: rank 0 is running")
+    assert "hetero-strict" in fatal_message(HostTensorRefused("all_reduce was given a host tensor"))
+    assert fatal_message(RuntimeError("connection reset")) is None

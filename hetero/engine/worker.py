@@ -31,6 +31,8 @@ import sys
 import torch
 
 import accelerators
+from accelerators.strict_backend import BACKEND_NAME as STRICT_BACKEND
+from accelerators.strict_backend import StrictBackendError
 from hetero.config import load_job
 from hetero.engine.comms import Comms
 from hetero.engine.topology import Topology
@@ -110,6 +112,8 @@ def fatal_message(exc: BaseException, accelerator=None, topology: Topology | Non
         return f"{where}{exc.strerror or os.strerror(exc.errno)}"
     if is_out_of_memory(exc):
         return out_of_memory_message(exc, accelerator, topology)
+    if isinstance(exc, StrictBackendError):   # a host tensor or a deadlocking schedule: the same every time
+        return f"the island's collective backend ({STRICT_BACKEND}) refused this: {exc}"
     return None
 
 
