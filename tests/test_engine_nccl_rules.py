@@ -465,3 +465,26 @@ def test_bucket_layout_is_the_same_on_every_rank_and_covers_the_model_once():
         assert spans[0][0] == 0 and spans[-1][1] == rows
         assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
     assert trainer_module.DEFAULT_GRAD_BUCKET_MB >= 10
+
+
+def test_the_bucket_shrinks_to_fit_the_tightest_rank_and_every_rank_agrees():
+    """A 25 MB bucket on a 20 MB emulated chip would be an out-of-memory error: the bucket halves
+    until it takes at most half of the free memory of the tightest rank, the same on every rank."""
+    import torch
+
+    from hetero.engine.trainer import fitting_bucket_elements
+
+    wanted = 6_250_000                      # 25 MB of fp32
+    free = {"roomy": 80 << 30, "tight": 6_100_000}
+    alone = {rank: fitting_bucket_elements(wanted, nbytes, lambda v: v) for rank, nbytes in free.items()}
+    assert alone["roomy"] == wanted and 4 * alone["tight"] <= free["tight"] // 2 < 8 * alone["tight"]
+
+    def vote(nbytes):                        # a rank's one-hot vote, as fitting_bucket_elements casts it
+        seen = []
+        fitting_bucket_elements(wanted, nbytes, lambda v: seen.append(v) or v)
+        return seen[0]
+
+    fleet = sum(vote(nbytes) for nbytes in free.values())   # what Comms.fleet_sum returns on every rank
+    agreed = {rank: fitting_bucket_elements(wanted, nbytes, lambda v: fleet) for rank, nbytes in free.items()}
+    assert agreed["roomy"] == agreed["tight"] == alone["tight"]
+    assert torch.equal(fleet, vote(free["roomy"]) + vote(free["tight"]))

@@ -272,6 +272,9 @@ class Trainer:
             with self._scope():
                 grad.add_(self.model.tp.shard(other, 0))
 
+    def _fitting_bucket_elements(self) -> int:
+        return fitting_bucket_elements(grad_bucket_elements(), self.accel.free_memory(), self.comms.fleet_sum)
+
     def _reduce_across_pipelines(self) -> None:
         """hetero-DP: sum gradients over the pipelines (one whole replica per island).
 
@@ -285,7 +288,7 @@ class Trainer:
         if len(self.comms.topology.plan.pipelines) == 1:
             return
         if self._buckets is None:
-            self._buckets = GradBuckets(self.model_config, grad_bucket_elements())
+            self._buckets = GradBuckets(self.model_config, self._fitting_bucket_elements())
         shards = {}
         for name, param in self.params.items():
             hf = self.model.hf_name(name)
@@ -378,6 +381,17 @@ class Trainer:
         if self._any_rank(bad is not None):
             where = f" ({bad} on rank {self.place.rank})" if bad else ""
             raise JobFatalError(f"step {step}: weights are not finite{where}; stopping before checkpointing")
+
+
+def fitting_bucket_elements(wanted: int, free_bytes: int, fleet_sum) -> int:
+    """The bucket size every rank uses: `wanted` fp32 elements, halved until the bucket takes at
+    most half of the device memory free on the tightest rank (a 25 MB bucket is nothing on an
+    80 GB chip and too much on a small one). Every rank must cut the same buckets, so the ranks
+    agree through `fleet_sum` (a sum of one-hot votes over the halvings: the smallest wins)."""
+    ladder = [max(1, wanted >> k) for k in range(24)]
+    fits = next((k for k, n in enumerate(ladder) if 4 * n <= free_bytes // 2), len(ladder) - 1)
+    votes = fleet_sum(torch.tensor([float(k == fits) for k in range(len(ladder))], dtype=torch.float64))
+    return ladder[max(k for k, count in enumerate(votes.tolist()) if count > 0)]
 
 
 def grad_bucket_elements(environ=None) -> int:
