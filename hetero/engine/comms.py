@@ -246,8 +246,10 @@ def _init_island_group(backend: str, rank: int, world_size: int) -> None:
 
     The store is this island's and attempt's (hetero.launch.store.worker_store): no
     TCPStore is opened, and only holders of the job token can read or write it."""
+    from accelerators import register_dist_backends
     from hetero.launch.store import worker_store
 
+    register_dist_backends()   # an island may ask for accelerators' own (backend: hetero-strict)
     dist.init_process_group(backend, store=worker_store(TIMEOUT_S), rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
 
