@@ -28,6 +28,15 @@ def hetero_cli(capsys):
     return run
 
 
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (a test's own store or group)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def hetero_subprocess(*argv: str, timeout: float = 60, **kwargs):
     import subprocess
 

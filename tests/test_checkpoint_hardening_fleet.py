@@ -7,13 +7,13 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 
 import accelerators
 from hetero.config import load_job
 from hetero.config.train import CheckpointConfig
 from hetero.engine.solo import train_solo
 from partitioner.plan import PipelinePlan, Plan, RankPlan, StagePlan
+from conftest import free_port
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine", "two-islands.yaml")
 TIMEOUT_S = 60
@@ -57,12 +57,6 @@ def resume_on_rank(rank: int, port: int, plan_json: str, roots: list, results) -
         results.put((rank, made.start_step, lines))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ranks_agree_when_only_one_finds_the_newest_checkpoint_corrupt(tmp_path):

@@ -7,11 +7,11 @@ import datetime
 import multiprocessing
 import os
 import queue
-import socket
 import types
 
 import pytest
 import torch
+from conftest import free_port
 
 pytestmark = pytest.mark.timeout(120)
 MICRO_BATCHES, SEQ, HIDDEN = 4, 16, 4096        # 256 KiB messages: past any eager-send buffer
@@ -85,12 +85,6 @@ def member(rank: int, port: int, results) -> None:
         raise
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_stages_exchange_both_ways_without_deadlock():

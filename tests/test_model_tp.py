@@ -5,7 +5,6 @@ equals F.cross_entropy on the full logits."""
 import datetime
 import multiprocessing as mp
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from hetero.config.model import ModelConfig
 from hetero.model import LlamaStage, TensorParallel, full_state_dict, vocab_parallel_cross_entropy
+from conftest import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -82,12 +82,6 @@ def _worker(rank, port, outdir):
                       os.path.join(outdir, f"{key}-rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

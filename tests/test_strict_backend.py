@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "workers", "strict_pair.py")
@@ -18,12 +18,6 @@ pytestmark = pytest.mark.timeout(150)
 # Far longer than the crossing takes to be seen: a report naming the crossing
 # ("neither can match the other") proves it was recognised, not waited out.
 DEADLOCK_TIMEOUT_S = "60"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_pair(scenario: str, backend: str = STRICT, deadlock_timeout: str = DEADLOCK_TIMEOUT_S) -> list[dict]:
