@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from hetero.engine.topology import Topology
 from hetero.errors import PEER_STOPPED_EXIT_CODE
-from hetero.engine.transport import BridgeTransport, NativeTransport, device_scope, to_device
+from hetero.engine.transport import BridgeTransport, NativeTransport, device_scope, to_device, to_host
 
 TAG_FLEET_REDUCE = 1 << 24       # bridge tags above every pipeline tag
 TAG_FLEET_RESULT = TAG_FLEET_REDUCE + 1
@@ -192,9 +192,7 @@ class Comms:
         return to_device(self.accelerator, host.to(dtype, copy=True), self.device)
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.accelerator is not None:
-            return self.accelerator.to_host(tensor)
-        return tensor.to("cpu")
+        return to_host(self.accelerator, tensor)
 
     def barrier(self, name: str) -> None:
         if self.client is not None:

@@ -23,7 +23,7 @@ from hetero.engine import checkpoint as ckpt
 from hetero.engine.data import SampleSource
 from hetero.engine.optimizer import AdamW
 from hetero.engine.schedule import one_f_one_b
-from hetero.engine.transport import StageLink, to_device
+from hetero.engine.transport import StageLink, device_scope, to_device, to_host
 from hetero.errors import JobFatalError, UserError
 from hetero.model import LlamaStage, TensorParallel
 from hetero.model import layout
@@ -72,8 +72,7 @@ class Trainer:
 
     # -- set-up helpers ---------------------------------------------------------
     def _scope(self):
-        scope = getattr(self.accel, "device_scope", None)
-        return scope() if scope else contextlib.nullcontext()
+        return device_scope(self.accel)
 
     def _track_memory(self) -> None:
         track = getattr(self.accel, "track", None)
@@ -351,8 +350,7 @@ class Trainer:
 
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of a device tensor, through the accelerator's copy API (never the live tensor)."""
-        to_host = getattr(self.accel, "to_host", None)
-        host = to_host(tensor) if to_host else tensor.to("cpu")
+        host = to_host(self.accel, tensor)
         return host.clone() if host.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else host
 
     def _only_rank0(self, write, *args) -> int | None:

@@ -45,6 +45,13 @@ def to_device(accelerator, tensor: torch.Tensor, device: torch.device) -> torch.
     return tensor.to(device)
 
 
+def to_host(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Device -> host memory through the accelerator's copy API (plain `.to("cpu")` without one)."""
+    if accelerator is not None and hasattr(accelerator, "to_host"):
+        return accelerator.to_host(tensor)
+    return tensor.to("cpu")
+
+
 class PendingRecv:
     """A receive that has been posted; `wait()` returns the tensor."""
 
