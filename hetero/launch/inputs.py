@@ -27,9 +27,9 @@ def load_plan(path: str, cluster: ClusterConfig):
     """The Plan in `path`, checked for format, types and ranges and against `cluster` (name,
     islands, chips, node placement, memory): hetero.plan_check, one ConfigError otherwise."""
     from hetero.config import Job
-    from hetero.plan_check import check_plan, read_plan
+    from hetero.plan_check import load_checked_plan
 
-    return check_plan(read_plan(path), Job(cluster=cluster), os.fspath(path))
+    return load_checked_plan(path, Job(cluster=cluster))
 
 
 def entry_command(entrypoint: str, args=()) -> list[str]:
