@@ -27,6 +27,14 @@ value = torch.ones(1)
 dist.all_reduce(value)
 if attempt == 0:
     if global_rank == failing_rank:
+        # Fail only once every rank of the job has started (its mark is written): another
+        # island's agent may still be spawning its worker, and the test asserts that
+        # the launcher stopped a running rank, not that one never started.
+        world = int(os.environ["HETERO_WORLD_SIZE"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(
+                name.endswith(".0") for name in os.listdir(sys.argv[1])) < world:
+            time.sleep(0.05)
         print("failing on purpose", flush=True)
         os._exit(7)
     time.sleep(300)
