@@ -21,6 +21,7 @@ from hetero.engine import checkpoint as ckpt
 from hetero.engine.comms import Comms
 from hetero.engine.solo import single_chip_plan, train_solo
 from hetero.engine.topology import Topology
+from hetero.engine.gradients import GradientSync
 from hetero.engine.trainer import Trainer
 from hetero.errors import ConfigError, JobFatalError
 
@@ -277,14 +278,14 @@ def test_non_finite_loss_stops_before_the_checkpoint(job, tmp_path, monkeypatch,
 
 
 def test_non_finite_gradient_norm_stops_before_the_checkpoint(job, tmp_path, monkeypatch):
-    original = Trainer._local_grad_sq_norm
+    original = GradientSync.local_sq_norm
     calls = []
 
     def patched(self):
         calls.append(1)
         return float("inf") if len(calls) == 2 else original(self)
 
-    monkeypatch.setattr(Trainer, "_local_grad_sq_norm", patched)
+    monkeypatch.setattr(GradientSync, "local_sq_norm", patched)
     train = with_checkpoints(job, tmp_path / "checkpoints", 1)
     with pytest.raises(JobFatalError, match=r"^step 2: gradient norm is inf; stopping before checkpointing "
                                             r"\(train.on_nan: stop\)$"):

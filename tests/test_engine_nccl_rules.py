@@ -17,11 +17,13 @@ import torch.distributed as dist
 
 from comm_bridge.allreduce import lane_all_reduce
 from comm_bridge.channel import Endpoint
-from hetero.engine import trainer as trainer_module
+from hetero.engine import buckets as buckets_module
 from hetero.engine.comms import Comms
+from hetero.engine.metrics import ChipClock, MetricsRecorder
 from hetero.engine.schedule import one_f_one_b
 from hetero.engine.topology import Topology
-from hetero.engine.trainer import GradBuckets, GradShard, Trainer, grad_bucket_elements
+from hetero.engine.buckets import GradBuckets, GradShard, grad_bucket_elements
+from hetero.engine.trainer import Trainer
 from hetero.engine.transport import BridgeTransport, NativeTransport, StageLink
 from hetero.errors import UserError
 from hetero.model import layout
@@ -190,8 +192,8 @@ def middle_stage(num_stages=4, position=1, micro_batches=4):
     trainer.accel = types.SimpleNamespace(synchronize=lambda: None)
     trainer.model = Doubler()
     trainer.dtype = torch.float32
-    trainer.dilation = 1.0
-    trainer.timing = None
+    trainer.clock = ChipClock()
+    trainer.metrics = MetricsRecorder(None, 0, trainer.clock)
     return trainer, native
 
 
@@ -464,7 +466,7 @@ def test_bucket_layout_is_the_same_on_every_rank_and_covers_the_model_once():
         spans = sorted(covered[hf])
         assert spans[0][0] == 0 and spans[-1][1] == rows
         assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
-    assert trainer_module.DEFAULT_GRAD_BUCKET_MB >= 10
+    assert buckets_module.DEFAULT_GRAD_BUCKET_MB >= 10
 
 
 def test_the_bucket_shrinks_to_fit_the_tightest_rank_and_every_rank_agrees():
@@ -472,7 +474,7 @@ def test_the_bucket_shrinks_to_fit_the_tightest_rank_and_every_rank_agrees():
     until it takes at most half of the free memory of the tightest rank, the same on every rank."""
     import torch
 
-    from hetero.engine.trainer import fitting_bucket_elements
+    from hetero.engine.buckets import fitting_bucket_elements
 
     wanted = 6_250_000                      # 25 MB of fp32
     free = {"roomy": 80 << 30, "tight": 6_100_000}

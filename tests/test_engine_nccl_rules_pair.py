@@ -36,6 +36,7 @@ class Scale(torch.nn.Module):
 
 def two_stage_trainer(rank: int):
     from hetero.engine.schedule import one_f_one_b
+    from hetero.engine.metrics import ChipClock, MetricsRecorder
     from hetero.engine.trainer import Trainer
     from hetero.engine.transport import NativeTransport, StageLink
 
@@ -54,8 +55,8 @@ def two_stage_trainer(rank: int):
                                                                          torch.ones(size, SEQ, HIDDEN)))
     trainer.model = Scale()
     trainer.dtype = torch.float32
-    trainer.dilation = 1.0
-    trainer.timing = None
+    trainer.clock = ChipClock()
+    trainer.metrics = MetricsRecorder(None, 0, trainer.clock)
     return trainer, native, link
 
 

@@ -23,12 +23,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+from hetero.engine import tags
 from hetero.engine.topology import Topology
 from hetero.errors import PEER_STOPPED_EXIT_CODE
 from hetero.engine.transport import BridgeTransport, NativeTransport, device_scope, to_device, to_host
 
-TAG_FLEET_REDUCE = 1 << 24       # bridge tags above every pipeline tag
-TAG_FLEET_RESULT = TAG_FLEET_REDUCE + 1
 TIMEOUT_S = float(os.environ.get("HETERO_COMM_TIMEOUT", "300"))
 
 
@@ -136,7 +135,7 @@ class Comms:
             from comm_bridge.allreduce import lane_all_reduce
 
             lane_all_reduce(on_device, self.endpoint, self._island_ranks_at(lambda size: 0), 0,
-                            island_group=self._island_group(), tag=TAG_FLEET_REDUCE, timeout=TIMEOUT_S,
+                            island_group=self._island_group(), tag=tags.FLEET_REDUCE, timeout=TIMEOUT_S,
                             accelerator=self.accelerator)
         return self._to_host(on_device).to(torch.float64)
 

@@ -8,32 +8,26 @@ all ranks take it alike.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import math
 import os
-import time
-from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from hetero.engine import checkpoint as ckpt
+from hetero.engine import tags
 from hetero.engine.data import SampleSource
+from hetero.engine.gradients import GradientSync
+from hetero.engine.metrics import ChipClock, MetricsRecorder
 from hetero.engine.optimizer import AdamW
 from hetero.engine.schedule import one_f_one_b
 from hetero.engine.transport import StageLink, device_scope, to_device, to_host
-from hetero.errors import JobFatalError, UserError
+from hetero.errors import JobFatalError
 from hetero.model import LlamaStage, TensorParallel
 from hetero.model import layout
 from hetero.model.state import full_state_dict, load_full_state_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GRAD_BUCKET_ENV = "HETERO_GRAD_BUCKET_MB"
-DEFAULT_GRAD_BUCKET_MB = 25.0        # fp32 elements of one hetero-DP bucket: MB = 1e6 bytes
-FORWARD, BACKWARD = 0, 1
-TIED_TAG = 1 << 20          # above every micro-batch tag
 
 
 class Trainer:
@@ -48,7 +42,7 @@ class Trainer:
         self.dtype = DTYPES[train_config.dtype]
         # Metrics are in the chip's time: an emulated chip may run dilated (k wall
         # seconds per chip second), and every stamp and duration is divided alike.
-        self.dilation = float(getattr(accelerator, "time_dilation", 1.0))
+        self.clock = ChipClock(float(getattr(accelerator, "time_dilation", 1.0)))
         stage = place.stage
         tp = TensorParallel(stage.tp, place.tp_rank, comms.tp_group)
         with self._scope():
@@ -56,19 +50,17 @@ class Trainer:
                                     tp=tp, dtype=self.dtype, device=comms.device, seed=train_config.seed)
         self.params = dict(self.model.named_parameters())
         self.optimizer = AdamW(self.params, train_config.lr, train_config.weight_decay)
-        self._buckets = None      # hetero-DP gradient buckets, made on first use
         self._track_memory()
         topology = comms.topology
         self.prev = self._link(topology.neighbour(place, -1))
         self.next = self._link(topology.neighbour(place, +1))
         partners = topology.tied_partners(place) if model_config.tie_embeddings else None
-        self.tied_link = self._link(partners)
+        self.grads = GradientSync(comms, self.model, self.params, accelerator, self._scope, self._link(partners))
         self.data = SampleSource(train_config.data, model_config.vocab, model_config.seq_len,
                                  train_config.seed, train_config.global_batch)
         self.schedule = one_f_one_b(place.position, len(place.pipeline_stages), place.num_micro_batches)
         self.start_step = self._resume()
-        self.timing = _open_jsonl(run_dir, f"metrics/rank{place.rank:05d}.jsonl")
-        self.steps_log = _open_jsonl(run_dir, "metrics/steps.jsonl") if place.rank == 0 else None
+        self.metrics = MetricsRecorder(run_dir, place.rank, self.clock)
 
     # -- set-up helpers ---------------------------------------------------------
     def _scope(self):
@@ -123,35 +115,31 @@ class Trainer:
     def run(self) -> None:
         tokens_per_step = self.train.global_batch * self.model_config.seq_len
         for step in range(self.start_step, self.steps):
-            started = self._clock()
+            started = self.clock.now()
             loss_sum = self._step_compute(step)
-            self._reduce_gradients()
-            reduce_started = self._clock()
-            self._reduce_across_pipelines()
-            cross_island_s = self._clock() - reduce_started
-            sq_norm = self._local_grad_sq_norm()
-            totals = self.comms.fleet_sum(torch.tensor([loss_sum, sq_norm], dtype=torch.float64))
+            self.grads.within_stage()
+            reduce_started = self.clock.now()
+            self.grads.across_pipelines()
+            cross_island_s = self.clock.now() - reduce_started
+            totals = self.comms.fleet_sum(torch.tensor([loss_sum, self.grads.local_sq_norm()], dtype=torch.float64))
             loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
             finite = self._check_finite(step, loss, grad_norm)
             if finite:
+                self.grads.clip(grad_norm, self.train.grad_clip)
                 with self._scope():
-                    self._clip(grad_norm)
                     self.optimizer.step(self._lr(step))
             self.optimizer.zero_grad()
             self.accel.synchronize()
-            step_s = self._clock() - started
-            if self.steps_log and finite:
-                record = {"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
-                          "step_s": step_s, "grad_norm": grad_norm, "time": self._stamp(),
-                          "cross_island_reduce_s": cross_island_s}
-                if self.dilation != 1.0:
-                    record["time_dilation"] = self.dilation
-                self.steps_log.write(json.dumps(record) + "\n")
-                self.steps_log.flush()
+            step_s = self.clock.now() - started
+            if finite:
+                self.metrics.step({"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
+                                   "step_s": step_s, "grad_norm": grad_norm, "time": self.clock.stamp(),
+                                   "cross_island_reduce_s": cross_island_s})
             every = self.train.checkpoint.every if self.train.checkpoint else 0
             if every and ((step + 1) % every == 0 or step + 1 == self.steps):
                 self._save(step + 1)
         self.comms.flush()
+        self.metrics.close()
 
     def _check_finite(self, step: int, loss: float, grad_norm: float) -> bool:
         """False when this step's update must be skipped (train.on_nan: skip); raises JobFatalError
@@ -189,11 +177,11 @@ class Trainer:
             kind, mb = self.schedule[index]
             link = self.prev if kind == "F" else self.next
             if link is not None:
-                posted[index] = link.post(hidden_shape, self.dtype, 2 * mb + (FORWARD if kind == "F" else BACKWARD))
+                posted[index] = link.post(hidden_shape, self.dtype, tags.micro_batch(mb, kind))
 
         for index, (kind, mb) in enumerate(self.schedule):
-            tag = 2 * mb + (FORWARD if kind == "F" else BACKWARD)
-            t0, posted_at = self._clock(), self._stamp()
+            tag = tags.micro_batch(mb, kind)
+            t0, posted_at = self.clock.now(), self.clock.stamp()
             sent_at = None
             post(index)
             if kind == "F":
@@ -203,7 +191,7 @@ class Trainer:
                     x = to_device(self.accel, tokens, self.comms.device)
                 else:
                     x = posted.pop(index).wait().requires_grad_()
-                waited, received = self._clock() - t0, self._stamp()
+                waited, received = self.clock.now() - t0, self.clock.stamp()
                 if place.is_last and not place.is_first:
                     _, labels = self.data.batch(step, first_sample, mb_size)
                 with self._scope():
@@ -218,7 +206,7 @@ class Trainer:
                 send_link, payload, link = self.next, out, self.prev
             else:
                 grad = None if place.is_last else posted.pop(index).wait()
-                waited, received = self._clock() - t0, self._stamp()
+                waited, received = self.clock.now() - t0, self.clock.stamp()
                 x, out = inputs.pop(mb), outputs.pop(mb)
                 with self._scope():
                     out.backward(grad)
@@ -226,99 +214,12 @@ class Trainer:
                 send_link, payload, link = self.prev, (x.grad if self.prev else None), self.next
             with self.comms.batch():
                 if send_link is not None:
-                    sent_at = self._stamp()
+                    sent_at = self.clock.stamp()
                     send_link.send(payload, tag)
                 post(index + 1)
-            compute = self._clock() - t0 - waited
-            self._time(step, mb, kind, compute, waited, posted_at, received, sent_at, link)
+            compute = self.clock.now() - t0 - waited
+            self.metrics.action(step, mb, kind, compute, waited, posted_at, received, sent_at, link)
         return loss_sum
-
-    def _clock(self) -> float:
-        """Monotonic seconds of chip time, for durations."""
-        return time.perf_counter() / self.dilation
-
-    def _stamp(self) -> float:
-        """Epoch seconds of chip time, for stamps that ranks compare with each other."""
-        return time.time() / self.dilation
-
-    def _time(self, step, mb, kind, compute, waited, posted, received, sent_at, link) -> None:
-        """One line per micro-batch action; the stamps (chip time, alike on every rank) let a reader
-        pair a send with its receive."""
-        if self.timing:
-            self.timing.write(json.dumps({
-                "step": step + 1, "mb": mb, "phase": "forward" if kind == "F" else "backward",
-                "compute_s": compute, "p2p_wait_s": waited, "posted_at": posted, "received_at": received,
-                "sent_at": sent_at, "recv_link": link.kind if link else None}) + "\n")
-
-    # -- gradients ------------------------------------------------------------------
-    def _reduce_gradients(self) -> None:
-        """Sum gradients over the stage's DP group and between tied embedding copies
-        (island collectives on device memory)."""
-        self.comms.flush()
-        if self.place.stage.dp > 1:
-            with self._scope():
-                for param in self.params.values():
-                    dist.all_reduce(param.grad, group=self.comms.dp_group)
-        if self.tied_link is not None:
-            # The two copies may differ in TP: swap full gradients (resharded like
-            # activations), then add the other copy's share of ours.
-            name = "model.embed_tokens.weight" if self.place.is_first else "lm_head.weight"
-            grad = self.params[name].grad
-            with self._scope():
-                full = self.model.tp.all_gather(grad, 0)
-            other = self.tied_link.exchange(full, TIED_TAG)
-            self.comms.flush()
-            with self._scope():
-                grad.add_(self.model.tp.shard(other, 0))
-
-    def _fitting_bucket_elements(self) -> int:
-        return fitting_bucket_elements(grad_bucket_elements(), self.accel.free_memory(), self.comms.fleet_sum)
-
-    def _reduce_across_pipelines(self) -> None:
-        """hetero-DP: sum gradients over the pipelines (one whole replica per island).
-
-        Replicas may split layers and TP differently, so the sum runs over the
-        full-model layout, streamed in fixed-size buckets (GradBuckets): each rank
-        writes its own TP shard of the gradients of pipeline-unique values at their
-        full-model positions (zeros elsewhere) into a device bucket, and the
-        island-aware all-reduce (Comms.replica_sum) adds the bucket up fleet-wide.
-        No full-model vector is ever built.
-        """
-        if len(self.comms.topology.plan.pipelines) == 1:
-            return
-        if self._buckets is None:
-            self._buckets = GradBuckets(self.model_config, self._fitting_bucket_elements())
-        shards = {}
-        for name, param in self.params.items():
-            hf = self.model.hf_name(name)
-            dim = layout.split_dim(hf)
-            part = None
-            if dim is not None and self.model.tp.size > 1:
-                part = (dim, *self.model.tp.part(layout.full_shape(self.model_config, hf)[dim], hf))
-            shards.setdefault(hf, []).append(GradShard(param.grad, part, self._counts_once(name)))
-        self._buckets.all_reduce(shards, self.comms.replica_sum, self.comms.device, self._scope)
-
-    def _counts_once(self, name: str) -> bool:
-        """Whether this rank's copy of `name` is the one that counts in a fleet-wide sum:
-        one DP replica, one TP rank for replicated values, the first stage for tied embeddings."""
-        if self.place.dp_rank != 0:
-            return False
-        if name == "lm_head.weight" and self.model.tied_lm_head:
-            return False
-        return layout.split_dim(self.model.hf_name(name)) is not None or self.place.tp_rank == 0
-
-    def _local_grad_sq_norm(self) -> float:
-        """This rank's share of the global squared gradient norm, counting each value once."""
-        if self.place.dp_rank != 0 or self.place.stage.pipeline != 0:
-            return 0.0
-        return sum(float(p.grad.double().pow(2).sum()) for n, p in self.params.items() if self._counts_once(n))
-
-    def _clip(self, grad_norm: float) -> None:
-        limit = self.train.grad_clip
-        if limit and grad_norm > limit:
-            scale = limit / (grad_norm + 1e-6)
-            for param in self.params.values():
-                param.grad.mul_(scale)
 
     # -- checkpoints ------------------------------------------------------------------
     def _save(self, step: int) -> None:
@@ -381,129 +282,6 @@ class Trainer:
             raise JobFatalError(f"step {step}: weights are not finite{where}; stopping before checkpointing")
 
 
-def fitting_bucket_elements(wanted: int, free_bytes: int, fleet_sum) -> int:
-    """The bucket size every rank uses: `wanted` fp32 elements, halved until the bucket takes at
-    most half of the device memory free on the tightest rank (a 25 MB bucket is nothing on an
-    80 GB chip and too much on a small one). Every rank must cut the same buckets, so the ranks
-    agree through `fleet_sum` (a sum of one-hot votes over the halvings: the smallest wins)."""
-    ladder = [max(1, wanted >> k) for k in range(24)]
-    fits = next((k for k, n in enumerate(ladder) if 4 * n <= free_bytes // 2), len(ladder) - 1)
-    votes = fleet_sum(torch.tensor([float(k == fits) for k in range(len(ladder))], dtype=torch.float64))
-    return ladder[max(k for k, count in enumerate(votes.tolist()) if count > 0)]
-
-
-def grad_bucket_elements(environ=None) -> int:
-    """fp32 elements per hetero-DP gradient bucket, from HETERO_GRAD_BUCKET_MB (default 25)."""
-    raw = (os.environ if environ is None else environ).get(GRAD_BUCKET_ENV, "")
-    try:
-        mb = float(raw) if raw.strip() else DEFAULT_GRAD_BUCKET_MB
-    except ValueError:
-        mb = float("nan")
-    if not math.isfinite(mb) or mb <= 0:
-        raise UserError(f"{GRAD_BUCKET_ENV}={raw!r}: the gradient bucket size must be a positive number of MB")
-    return max(1, int(mb * 1e6) // 4)
-
-
-class GradShard(NamedTuple):
-    """One rank's gradient of a parameter: `part` = (split dim, start, stop) of its TP shard, or None
-    for the whole tensor; `counts` = whether this copy counts in a fleet-wide sum."""
-    grad: torch.Tensor
-    part: tuple[int, int, int] | None
-    counts: bool
-
-
-class BucketPiece(NamedTuple):
-    """Rows [start, stop) of parameter `hf` (seen as rows x cols), at `offset` in its bucket."""
-    hf: str
-    start: int
-    stop: int
-    cols: int
-    offset: int
-
-
-class GradBuckets:
-    """The full model's gradient layout (HF names, in order), cut into buckets of whole rows.
-
-    A bucket holds at most `capacity` elements (at least one row, so a row wider than the
-    capacity makes a bucket of one row). Every rank of the job cuts the same buckets from
-    the model config, so they sum bucket by bucket, in the same order, without a full-model
-    vector anywhere.
-    """
-
-    def __init__(self, config, capacity: int):
-        self.buckets: list[list[BucketPiece]] = []
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        current: list[BucketPiece] = []
-        used = 0
-        for hf in layout.model_names(config):
-            shape = tuple(layout.full_shape(config, hf))
-            self.shapes[hf] = shape
-            rows, cols = _rows_cols(shape)
-            row = 0
-            while row < rows:
-                if used and used + cols > capacity:
-                    self.buckets.append(current)
-                    current, used = [], 0
-                take = min(rows - row, max(1, (capacity - used) // cols))
-                current.append(BucketPiece(hf, row, row + take, cols, used))
-                used += take * cols
-                row += take
-        if current:
-            self.buckets.append(current)
-        self.widest = max(sum((p.stop - p.start) * p.cols for p in b) for b in self.buckets)
-
-    def all_reduce(self, shards: dict, sum_bucket, device, scope=contextlib.nullcontext) -> None:
-        """Sum every rank's `shards` (HF name -> [GradShard]: a tied LM head is a second copy of the
-        embedding) over the fleet, in place, bucket by bucket.
-
-        `sum_bucket(buffer, index)` sums one 1-D fp32 device tensor fleet-wide, in place (outside
-        `scope`, the device scope the buffer is made and filled in: its bridge hop is host work)."""
-        with scope():
-            buffer = torch.empty(self.widest, dtype=torch.float32, device=device)
-        for index, pieces in enumerate(self.buckets):
-            length = pieces[-1].offset + (pieces[-1].stop - pieces[-1].start) * pieces[-1].cols
-            bucket = buffer[:length]
-            with scope():
-                bucket.zero_()
-                for piece in pieces:
-                    for shard in shards.get(piece.hf, ()):
-                        pair = self._pair(bucket, piece, shard) if shard.counts else None
-                        if pair:
-                            pair[0].copy_(pair[1])
-            sum_bucket(bucket, index)
-            with scope():
-                for piece in pieces:
-                    for shard in shards.get(piece.hf, ()):
-                        pair = self._pair(bucket, piece, shard)
-                        if pair:
-                            pair[1].copy_(pair[0])
-
-    def _pair(self, bucket: torch.Tensor, piece: BucketPiece, shard: GradShard):
-        """(bucket region, gradient region) of `piece` that this shard holds, or None."""
-        rows, cols = piece.stop - piece.start, piece.cols
-        region = bucket[piece.offset:piece.offset + rows * cols].view(rows, cols)
-        shape = self.shapes[piece.hf]
-        if shard.part is None:
-            return region, shard.grad.view(_rows_cols(shape))[piece.start:piece.stop]
-        dim, start, stop = shard.part
-        if dim == 0:
-            lo, hi = max(piece.start, start), min(piece.stop, stop)
-            if lo >= hi:
-                return None
-            grad = shard.grad.view(stop - start, cols)
-            return region[lo - piece.start:hi - piece.start], grad[lo - start:hi - start]
-        if dim != 1 or len(shape) != 2:
-            raise ValueError(f"{piece.hf}: cannot bucket a shard split along dim {dim} of {shape}")
-        return region[:, start:stop], shard.grad[piece.start:piece.stop]
-
-
-def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-    """A parameter seen as rows x cols: its first dim by the rest (a vector is a column)."""
-    if len(shape) == 1:
-        return shape[0], 1
-    return shape[0], math.prod(shape[1:])
-
-
 def _out_of_space(write, *args) -> int | None:
     """Run a checkpoint write; the errno if it failed for want of space (ENOSPC, EDQUOT), else None.
     Other failures propagate."""
@@ -514,11 +292,3 @@ def _out_of_space(write, *args) -> int | None:
             return exc.errno
         raise
     return None
-
-
-def _open_jsonl(run_dir: str | None, relative: str):
-    if not run_dir:
-        return None
-    path = os.path.join(run_dir, relative)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return open(path, "a", encoding="utf-8")
