@@ -59,13 +59,16 @@ def search_plan(job, kind: str = "auto", profile=None):
 
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,
-                progress: bool = True, say=None, kind: str = "auto") -> RunResult:
+                progress: bool = True, say=None, kind: str = "auto", target=None) -> RunResult:
     """Plan (unless given a plan file), launch every planned worker, train `steps` steps.
 
-    Every input is checked (the plan file against the job: hetero.plan_check) before the
-    run directory is made; a UserError raised before any worker starts leaves nothing behind."""
-    from hetero.launch.fleet import launch_fleet
+    `target`: a hetero.launch.targets.Target (`--on ray`), or None: every island on this
+    machine, which refuses a cluster file naming other hosts. Every input is checked (the plan
+    file against the job: hetero.plan_check) before the run directory is made; a UserError
+    raised before any worker starts leaves nothing behind."""
+    from hetero.launch.targets import launcher_for
 
+    launch = launcher_for(target, job.cluster)
     say = say or (lambda message: print(f"hetero run: {message}", file=sys.stderr, flush=True))
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise UserError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
@@ -110,8 +113,8 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
     follower.start()
     try:
         with open(made.claim("launcher.log"), "a", encoding="utf-8") as log:
-            code = launch_fleet(job.cluster, plan_path, "-m hetero.engine.worker", worker_args,
-                                max_restarts=max_restarts, run_dir=run_dir, stdout=log, stderr=log)
+            code = launch(job.cluster, plan_path, "-m hetero.engine.worker", worker_args,
+                          max_restarts=max_restarts, run_dir=run_dir, stdout=log, stderr=log)
     except UserError:
         if made.only_ours():
             made.undo()      # refused before any worker started: leave nothing behind

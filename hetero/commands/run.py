@@ -24,7 +24,8 @@ def register(subparsers) -> None:
             "default: configs/emulated-mixed.yaml, llama-tiny.yaml and train-tiny.yaml. The run "
             "directory holds plan.json, launcher.log, logs/, checkpoints/, metrics/steps.jsonl (one "
             "line per step: step, loss, tokens_per_s, step_s, grad_norm) and metrics/rank*.jsonl "
-            "(per rank, every micro-batch: compute, p2p wait, bridge)."
+            "(per rank, every micro-batch: compute, p2p wait, bridge). Every island starts on this "
+            "machine, so a cluster file naming other hosts is refused."
         ),
     )
     add_job_arguments(parser)
