@@ -125,10 +125,18 @@ class Accelerator:
         return int(self._module.memory_reserved(self._index(index)))
 
     def max_memory_allocated(self, index: int | None = None) -> int:
+        """Peak bytes held by tensors on the device since the last reset_peak_memory_stats()."""
         return int(self._module.max_memory_allocated(self._index(index)))
 
     def reset_peak_memory_stats(self, index: int | None = None) -> None:
+        """Start a new peak window: max_memory_allocated() drops to what is allocated now."""
         self._module.reset_peak_memory_stats(self._index(index))
+
+    @property
+    def measures_memory(self) -> bool:
+        """Whether max_memory_allocated() measures this device (its module has the peak counters);
+        metrics record "not measured" rather than a zero where it does not."""
+        return all(hasattr(self._module, name) for name in ("max_memory_allocated", "reset_peak_memory_stats"))
 
     def total_memory(self, index: int | None = None) -> int:
         return int(self._module.get_device_properties(self._index(index)).total_memory)

@@ -79,6 +79,12 @@ class CpuAccelerator(Accelerator):
     def reset_peak_memory_stats(self, index: int | None = None) -> None:
         return None
 
+    @property
+    def measures_memory(self) -> bool:
+        """The plain host keeps no allocator ledger, so its zeros are not a measurement; the
+        emulated chip (a subclass) keeps one."""
+        return self.is_emulated
+
     def total_memory(self, index: int | None = None) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

@@ -18,7 +18,7 @@ from hetero.engine import checkpoint as ckpt
 from hetero.engine import tags
 from hetero.engine.data import SampleSource
 from hetero.engine.gradients import GradientSync
-from hetero.engine.metrics import ChipClock, MetricsRecorder
+from hetero.engine.metrics import ChipClock, MetricsRecorder, PeakMemory
 from hetero.engine.optimizer import AdamW
 from hetero.engine.schedule import one_f_one_b
 from hetero.engine.transport import StageLink, device_scope, to_device, to_host
@@ -60,7 +60,8 @@ class Trainer:
                                  train_config.seed, train_config.global_batch)
         self.schedule = one_f_one_b(place.position, len(place.pipeline_stages), place.num_micro_batches)
         self.start_step = self._resume()
-        self.metrics = MetricsRecorder(run_dir, place.rank, self.clock)
+        self.metrics = MetricsRecorder(run_dir, place.rank, self.clock,
+                                       PeakMemory(accelerator, comms.topology.plan, place.rank))
 
     # -- set-up helpers ---------------------------------------------------------
     def _scope(self):
@@ -116,12 +117,14 @@ class Trainer:
         tokens_per_step = self.train.global_batch * self.model_config.seq_len
         for step in range(self.start_step, self.steps):
             started = self.clock.now()
+            self.metrics.peaks.step_started()
             loss_sum = self._step_compute(step)
             self.grads.within_stage()
             reduce_started = self.clock.now()
             self.grads.across_pipelines()
             cross_island_s = self.clock.now() - reduce_started
-            totals = self.comms.fleet_sum(torch.tensor([loss_sum, self.grads.local_sq_norm()], dtype=torch.float64))
+            sums = torch.tensor([loss_sum, self.grads.local_sq_norm()], dtype=torch.float64)
+            totals = self.comms.fleet_sum(torch.cat([sums, self.metrics.peaks.slots()]))   # peaks ride along
             loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
             finite = self._check_finite(step, loss, grad_norm)
             if finite:
@@ -130,11 +133,12 @@ class Trainer:
                     self.optimizer.step(self._lr(step))
             self.optimizer.zero_grad()
             self.accel.synchronize()
+            self.metrics.peaks.update_done()
             step_s = self.clock.now() - started
             if finite:
                 self.metrics.step({"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
                                    "step_s": step_s, "grad_norm": grad_norm, "time": self.clock.stamp(),
-                                   "cross_island_reduce_s": cross_island_s})
+                                   "cross_island_reduce_s": cross_island_s}, peak_slots=totals[2:])
             every = self.train.checkpoint.every if self.train.checkpoint else 0
             if every and ((step + 1) % every == 0 or step + 1 == self.steps):
                 self._save(step + 1)
