@@ -47,7 +47,8 @@ class Trainer:
         tp = TensorParallel(stage.tp, place.tp_rank, comms.tp_group)
         with self._scope():
             self.model = LlamaStage(model_config, tuple(stage.layers), first=place.is_first, last=place.is_last,
-                                    tp=tp, dtype=self.dtype, device=comms.device, seed=train_config.seed)
+                                    tp=tp, dtype=self.dtype, device=comms.device, seed=train_config.seed,
+                                    recompute=stage.recompute)
         self.params = dict(self.model.named_parameters())
         self.optimizer = AdamW(self.params, train_config.lr, train_config.weight_decay)
         self._track_memory()

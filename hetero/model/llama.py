@@ -7,6 +7,9 @@ Parameter names follow Hugging Face (model.layers.{global i}.self_attn.q_proj.we
 ...), so a stage's named_parameters() are a slice of a HF checkpoint's keys
 (with TP-split shapes; see hetero.model.state for full <-> shard).
 
+Activation recompute (hetero.model.recompute) is per stage: `full` recomputes every
+decoder layer in backward, `selective` the attention core of each.
+
 GQA under TP: rank r holds q heads [r*heads/tp, ...) and kv heads
 [r*kv_heads/tp, ...); since each kv head serves heads/kv_heads consecutive q
 heads, every q head's kv head is on the same rank.
@@ -32,6 +35,7 @@ from hetero.model.parallel import (
     gather_from_tensor_parallel,
     vocab_parallel_cross_entropy,
 )
+from hetero.model.recompute import checked_mode, recomputed
 from hetero.model.rope import rotary_tables
 
 
@@ -46,11 +50,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, *, dtype: torch.dtype, device):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, *, dtype: torch.dtype, device,
+                 recompute_core: bool = False):
         super().__init__()
         hidden, head_dim = config.hidden, config.head_dim
         column = dict(copy_input=False, dtype=dtype, device=device)  # one copy for q, k and v
         self.tp, self.head_dim = tp, head_dim
+        self.recompute_core = recompute_core    # selective recompute: softmax(QK^T)V again in backward
         self.q_proj = ColumnParallelLinear(hidden, config.heads * head_dim, tp, **column)
         self.k_proj = ColumnParallelLinear(hidden, config.kv_heads * head_dim, tp, **column)
         self.v_proj = ColumnParallelLinear(hidden, config.kv_heads * head_dim, tp, **column)
@@ -65,7 +71,11 @@ class Attention(nn.Module):
 
         q = ops.rotary(heads(self.q_proj(x)), cos, sin)
         k = ops.rotary(heads(self.k_proj(x)), cos, sin)
-        out = ops.attention(q, k, heads(self.v_proj(x)), causal=True)
+        v = heads(self.v_proj(x))
+        if self.recompute_core:
+            out = recomputed(ops.attention, q, k, v, causal=True)
+        else:
+            out = ops.attention(q, k, v, causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -84,14 +94,22 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, *, dtype: torch.dtype, device):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, *, dtype: torch.dtype, device,
+                 recompute: str = "none"):
         super().__init__()
+        self.recompute = recompute
         self.input_layernorm = RMSNorm(config.hidden, config.norm_eps, dtype=dtype, device=device)
-        self.self_attn = Attention(config, tp, dtype=dtype, device=device)
+        self.self_attn = Attention(config, tp, dtype=dtype, device=device,
+                                   recompute_core=recompute == "selective")
         self.post_attention_layernorm = RMSNorm(config.hidden, config.norm_eps, dtype=dtype, device=device)
         self.mlp = MLP(config, tp, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "full":
+            return recomputed(self._layer, x, cos, sin)
+        return self._layer(x, cos, sin)
+
+    def _layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -108,12 +126,15 @@ class LlamaStage(nn.Module):
     tie_embeddings on a last stage that is not first (`tied_lm_head`), the LM
     head is a separate copy of model.embed_tokens.weight: whoever trains it
     must sum its gradient with the first stage's embedding gradient.
+
+    `recompute` (none | selective | full, hetero.model.recompute) is the plan's
+    activation recompute mode for this stage, applied to every decoder layer.
     """
 
     def __init__(self, config: ModelConfig, layer_range: tuple[int, int] | range | None = None,
                  first: bool | None = None, last: bool | None = None,
                  tp: TensorParallel | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", *, seed: int | None = 0):
+                 device: str | torch.device = "cpu", *, seed: int | None = 0, recompute: str = "none"):
         super().__init__()
         start, end = _check_range(config, layer_range)
         first = start == 0 if first is None else first
@@ -121,6 +142,7 @@ class LlamaStage(nn.Module):
         tp = tp or NO_TP
         _check_stage(config, start, end, first, last, tp)
         self.config, self.tp = config, tp
+        self.recompute = checked_mode(recompute)
         self.layer_range = (start, end)
         self.first, self.last = first, last
         self.tied_lm_head = config.tie_embeddings and last and not first
@@ -131,7 +153,7 @@ class LlamaStage(nn.Module):
             self.model.embed_tokens = VocabParallelEmbedding(config.vocab, config.hidden, tp, **kinds)
         # String keys give HF names with global indices: model.layers.7.mlp...
         self.model.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(config, tp, **kinds) for i in range(start, end)})
+            {str(i): DecoderLayer(config, tp, recompute=recompute, **kinds) for i in range(start, end)})
         if last:
             self.model.norm = RMSNorm(config.hidden, config.norm_eps, **kinds)
             self.lm_head = ColumnParallelLinear(config.hidden, config.vocab, tp, **kinds)
