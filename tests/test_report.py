@@ -8,6 +8,9 @@ its start):
   slow (rank 1): F0 0.00-0.10 | F1 0.10-0.20 | B0 waits 0.20-0.64 (grad handed over
                  at 0.61) then 0.20 | B1 waits 0.84-0.99 (handed 0.96) then 0.08
   fast (rank 0): F0 waits 0.00-0.12 (handed 0.09) then 0.20 | B0 0.30 | F1 0.20 | B1 0.15
+
+Peak memory per stage (GB): predicted 0.006 and 0.013 (plan.json); measured 0.0055 and 0.0121
+in step 1, 0.0058 and 0.0124 in step 2.
 """
 
 import json
@@ -17,7 +20,7 @@ import shutil
 import pytest
 
 from hetero.errors import UserError
-from hetero.report import analysis, load_run, timeline
+from hetero.report import analysis, build, load_run, timeline
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "report-run")
 
@@ -91,6 +94,53 @@ def test_report_writes_self_contained_html(hetero_cli, tmp_path):
     lines = stdout.strip().splitlines()
     assert 5 <= len(lines) <= 8 and str(out) in lines[-1]
     assert not os.path.exists(os.path.join(FIXTURE, "report.html"))
+
+
+def _rewrite_steps(run_dir, change) -> None:
+    steps = run_dir / "metrics" / "steps.jsonl"
+    records = [json.loads(line) for line in steps.read_text().splitlines()]
+    steps.write_text("".join(json.dumps(change(r)) + "\n" for r in records))
+
+
+def test_measured_peak_memory_beside_predicted(hetero_cli, tmp_path):
+    report = analysis.analyse(load_run(FIXTURE))
+    slow, fast = report["memory"]
+    assert (slow["predicted_gb"], slow["measured_gb"]) == (0.006, 0.0058)     # the larger of the two steps
+    assert (fast["predicted_gb"], fast["measured_gb"]) == (0.013, 0.0124)
+    assert fast["measured_over_predicted"] == pytest.approx(0.0124 / 0.013)
+    code, stdout, stderr = hetero_cli("report", FIXTURE, "--json", "--out", str(tmp_path / "r.html"))
+    assert code == 0, stderr
+    assert [(m["predicted_gb"], m["measured_gb"]) for m in json.loads(stdout)["memory"]] == [(0.006, 0.0058),
+                                                                                            (0.013, 0.0124)]
+    page = (tmp_path / "r.html").read_text()
+    assert "measured peak GB per chip" in page and "<td>0.006</td><td>0.0058</td><td>×0.97</td>" in page
+    assert "<td>0.013</td><td>0.0124</td><td>×0.95</td>" in page
+
+
+def test_a_run_recorded_before_peak_memory_still_reports(run_copy):
+    _rewrite_steps(run_copy, lambda r: {k: v for k, v in r.items() if k != "peak_memory_gb"})
+    report, out = build(str(run_copy))
+    assert [m["measured_gb"] for m in report["memory"]] == [None, None]
+    assert any("no measured peak memory" in note for note in report["notes"])
+    assert "not measured" in open(out).read()
+
+
+def test_a_stage_its_chips_cannot_measure_is_not_measured(run_copy):
+    _rewrite_steps(run_copy, lambda r: dict(r, peak_memory_gb=[None, r["peak_memory_gb"][1]]))
+    slow, fast = analysis.analyse(load_run(str(run_copy)))["memory"]
+    assert slow["measured_gb"] is None and slow["measured_over_predicted"] is None
+    assert fast["measured_gb"] == 0.0124
+
+
+@pytest.mark.parametrize("peaks, message", [
+    ([0.005], "peak_memory_gb: expected 2 entries (one per plan stage), got 1"),
+    ([0.005, -1.0], "peak_memory_gb: [1]: expected a number >= 0, got -1.0"),
+    ("0.005", "peak_memory_gb: expected a list of numbers or null"),
+])
+def test_bad_peak_memory_is_named(hetero_cli, run_copy, peaks, message):
+    _rewrite_steps(run_copy, lambda r: dict(r, peak_memory_gb=peaks))
+    code, _, stderr = hetero_cli("report", str(run_copy))
+    assert code == 2 and "steps.jsonl" in stderr and message in stderr, stderr
 
 
 def _efficiency_out(tmp_path) -> str:

@@ -35,6 +35,9 @@ def analyse(run) -> dict:
     exposed = timeline.exposed_per_step(plan, run.ranks)
     tokens_per_step = plan["global_batch"] * run.model.seq_len
     notes = list(run.notes)
+    if not any("peak_memory_gb" in s for s in run.steps):
+        notes.append("this run recorded no measured peak memory (metrics/steps.jsonl has no peak_memory_gb); "
+                     "memory shows the plan's prediction only")
     return {
         "run_dir": run.run_dir, "cluster": plan.get("cluster"), "model": plan.get("model"),
         "plan_label": (plan.get("provenance") or {}).get("label", ""),
@@ -167,14 +170,29 @@ def rank_rows(run, per_rank: dict, steady: list[dict]) -> list[dict]:
 
 
 def memory_per_stage(run) -> list[dict]:
+    """Per stage: the plan's predicted peak per chip beside the measured one (measured_peaks)."""
+    measured = measured_peaks(run.steps, len(run.plan["stages"]))
     rows = []
     for stage in run.plan["stages"]:
         spec = run.cluster.chip(stage["chip"])
+        predicted, got = stage["memory_gb"], measured[stage["index"]]
         rows.append({"stage": stage["index"], "island": stage["island"], "chip": stage["chip"],
-                     "emulated": bool(spec.emulated), "predicted_gb": stage["memory_gb"],
-                     "measured_gb": None,    # the trainer does not record peak memory yet
+                     "emulated": bool(spec.emulated), "predicted_gb": predicted, "measured_gb": got,
+                     "measured_over_predicted": got / predicted if got is not None and predicted > 0 else None,
                      "capacity_gb": spec.memory_gb, "usable_gb": spec.memory_gb - spec.memory_reserve_gb})
     return rows
+
+
+def measured_peaks(steps: list[dict], stages: int) -> list:
+    """Per stage, the largest `peak_memory_gb` over the recorded steps (the largest peak device
+    memory of the stage's ranks); None where no step measured it (a run recorded before the
+    field existed, or chips that keep no memory counters, like the plain host)."""
+    out = [None] * stages
+    for record in steps:
+        for index, value in enumerate(record.get("peak_memory_gb") or []):
+            if value is not None and (out[index] is None or value > out[index]):
+                out[index] = value
+    return out
 
 
 def refusals(counts: dict) -> dict:

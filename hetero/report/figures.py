@@ -108,22 +108,33 @@ def mfu(report: dict) -> bytes:
 
 
 def memory(report: dict) -> bytes:
+    """Per stage: chip memory (outline), the plan's predicted peak and the measured peak per chip."""
     rows = report["memory"]
     unit, scale = ("MB", 1e3) if max(r["capacity_gb"] for r in rows) < 1 else ("GB", 1.0)
-    fig, ax = plt.subplots(figsize=(5.4, 1.6 + 0.6 * len(rows)), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(5.4, 1.6 + 0.8 * len(rows)), dpi=DPI)
     for y, row in enumerate(rows):
-        ax.barh(y, row["capacity_gb"] * scale, color="none", edgecolor="#555555",
-                label="chip memory" if y == 0 else None)
-        ax.barh(y, row["predicted_gb"] * scale, color="#8172B3", label="predicted peak (plan)" if y == 0 else None)
-        ax.text(row["predicted_gb"] * scale, y, f" {row['predicted_gb'] / row['capacity_gb']:.0%} of memory",
-                va="center", fontsize=8)
+        first = y == 0
+        ax.barh(y, row["capacity_gb"] * scale, height=0.8, color="none", edgecolor="#555555",
+                label="chip memory" if first else None)
+        ax.barh(y - 0.18, row["predicted_gb"] * scale, height=0.34, color=PREDICTED,
+                label="predicted (plan)" if first else None)
+        ax.text(row["predicted_gb"] * scale, y - 0.18, f" {row['predicted_gb'] / row['capacity_gb']:.0%} of memory",
+                va="center", fontsize=7)
+        measured = row["measured_gb"]
+        if measured is None:
+            ax.text(0, y + 0.18, " not measured", va="center", fontsize=7, color="#666666")
+            continue
+        ax.barh(y + 0.18, measured * scale, height=0.34, color="#4C72B0", label="measured" if first else None)
+        ratio = row["measured_over_predicted"]
+        ax.text(measured * scale, y + 0.18, f" {measured * scale:.3g} {unit}" + (f" (x{ratio:.2f})" if ratio else ""),
+                va="center", fontsize=7)
     ax.set_yticks(range(len(rows)),
                   [f"stage {r['stage']} {r['island']}\n{r['chip']}{' EMULATED' if r['emulated'] else ''}" for r in rows],
                   fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"{unit} per chip")
-    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    ax.set_title("memory per stage vs capacity", fontsize=10, pad=22)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    ax.set_title("peak memory per stage: measured vs predicted", fontsize=10, pad=22)
     return _png(fig)
 
 

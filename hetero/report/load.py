@@ -52,9 +52,22 @@ def one_of(*choices: str):
     return check
 
 
+def numbers_or_null(low: float):
+    """A field check: a list whose entries are finite numbers >= low or null (not measured)."""
+    entry = finite(low, nullable=True)
+
+    def check(value):
+        if not isinstance(value, list):
+            return f"expected a list of numbers or null, got {_show(value)}"
+        problems = [f"[{i}]: {p}" for i, p in ((i, entry(v)) for i, v in enumerate(value)) if p]
+        return problems[0] if problems else None
+    return check
+
+
 # Required fields of each record, and optional ones checked when present.
 STEP_FIELDS = {"step": whole(1), "loss": finite(0.0), "tokens_per_s": finite(0.0), "step_s": finite(0.0, above=True)}
-STEP_OPTIONAL = {"time": finite(), "time_dilation": finite(0.0, above=True, nullable=True)}
+STEP_OPTIONAL = {"time": finite(), "time_dilation": finite(0.0, above=True, nullable=True),
+                 "peak_memory_gb": numbers_or_null(0.0)}
 RANK_FIELDS = {"step": whole(1), "mb": whole(0), "phase": one_of("forward", "backward"),
                "compute_s": finite(0.0), "p2p_wait_s": finite(0.0), "posted_at": finite(), "received_at": finite()}
 RANK_OPTIONAL = {"sent_at": finite(nullable=True)}
@@ -79,8 +92,10 @@ def load_run(path: str) -> Run:
     plan = read_plan(os.path.join(run_dir, "plan.json"))
     steps = _last_per_key(read_jsonl(os.path.join(run_dir, "metrics", "steps.jsonl"), STEP_FIELDS, STEP_OPTIONAL),
                           lambda r: r["step"])
+    steps_path = os.path.join(run_dir, "metrics", "steps.jsonl")
     if not steps:
-        raise UserError(f"{os.path.join(run_dir, 'metrics', 'steps.jsonl')}: no finished step recorded")
+        raise UserError(f"{steps_path}: no finished step recorded")
+    _check_peaks_fit(steps, len(plan["stages"]), steps_path)
     ranks = {}
     for entry in plan["ranks"]:
         rank_path = os.path.join(run_dir, "metrics", f"rank{entry['rank']:05d}.jsonl")
@@ -95,6 +110,15 @@ def load_run(path: str) -> Run:
         run.notes.append(f"the emulated chips ran time-dilated (x{dilation:g} wall seconds per chip second); "
                          "every time here is the chips' time")
     return run
+
+
+def _check_peaks_fit(steps: list[dict], stages: int, path: str) -> None:
+    """`peak_memory_gb` has one entry per plan stage (a run recorded before it existed has none)."""
+    for record in steps:
+        peaks = record.get("peak_memory_gb")
+        if peaks is not None and len(peaks) != stages:
+            raise UserError(f"{path}: step {record['step']}: peak_memory_gb: expected {stages} entries "
+                            f"(one per plan stage), got {len(peaks)}")
 
 
 def locate(path: str) -> tuple[str, str | None]:

@@ -132,13 +132,22 @@ def _mfu_table(r: dict) -> str:
 
 
 def _memory_table(r: dict) -> str:
+    def measured(m: dict) -> str:
+        return "not measured" if m["measured_gb"] is None else f"{m['measured_gb']:.4g}"
+
+    def ratio(m: dict) -> str:
+        return "" if m["measured_over_predicted"] is None else f"×{m['measured_over_predicted']:.2f}"
+
     rows = "".join(
         f"<tr><td>stage {m['stage']} {_e(m['island'])}</td><td>{_e(m['chip'])}{' <b>EMULATED</b>' if m['emulated'] else ''}</td>"
-        f"<td>{m['predicted_gb']:.4g} (predicted)</td><td>{m['capacity_gb']:.4g}</td><td>{m['usable_gb']:.4g}</td></tr>"
+        f"<td>{m['predicted_gb']:.4g}</td><td>{measured(m)}</td><td>{ratio(m)}</td>"
+        f"<td>{m['capacity_gb']:.4g}</td><td>{m['usable_gb']:.4g}</td></tr>"
         for m in r["memory"])
-    return ("<table><tr><th>stage</th><th>chip</th><th>peak GB per chip</th><th>capacity GB</th>"
+    return ("<table><tr><th>stage</th><th>chip</th><th>predicted peak GB per chip</th><th>measured peak GB per chip</th>"
+            "<th>measured / predicted</th><th>capacity GB</th>"
             f"<th>usable GB (less vendor reserve)</th></tr>{rows}</table>"
-            "<div class='sub'>Peak memory is the plan's prediction; the run does not record a measured peak.</div>")
+            "<div class='sub'>Predicted: plan.json memory_gb. Measured: the largest peak_memory_gb of the recorded "
+            "steps (see Definitions).</div>")
 
 
 def _rank_table(r: dict) -> str:
@@ -178,6 +187,12 @@ step.</dd>
 <dt>Refused connections / calls</dt><dd>Calls the coordinator turned away (a wrong or missing job token:
 metrics/coordinator.json) and connections or frames the ranks' bridge endpoints rejected (metrics/bridge-rank*.json),
 summed by reason; 0 when nothing knocked.</dd>
+<dt>Peak memory</dt><dd>Predicted: the plan's memory_gb per stage (per chip; GB = 10<sup>9</sup> bytes).
+Measured: metrics/steps.jsonl peak_memory_gb, per stage the largest peak device memory of its ranks in a step (the
+device's allocator counters: max_memory_allocated after a reset at the step's start; an emulated chip's memory ledger),
+covering the step's forward, backward and reductions and the previous step's optimizer update, not checkpoint writes;
+the page shows the largest over the recorded steps. Chips that keep no counters (the plain host CPU) are not
+measured.</dd>
 <dt>MFU</dt><dd>Model FLOPs the chip type's stages do per step (forward + backward, no recompute, the partitioner's
 count) / (measured step time × its chips × their peak FLOP/s at the training dtype from the catalog).</dd>
 </dl>"""
