@@ -129,3 +129,20 @@ def test_embedding_only_first_stage_is_allowed():
     stage = LlamaStage(CONFIG, (0, 0), first=True)
     assert [n for n, _ in stage.named_parameters()] == ["model.embed_tokens.weight"]
     assert stage(torch.tensor([[1, 2, 3]])).shape == (1, 3, 64)
+
+
+def test_full_state_dict_copies_an_emulated_chip_s_tensors_to_host_memory_over_its_link():
+    from accelerators.emulated import EmulatedAccelerator
+
+    chip = EmulatedAccelerator({"name": "state-chip", "tflops": {"fp32": 1.0}, "memory_gb": 1.0,
+                                "memory_bandwidth_gbps": 100.0, "host_link_gbps": 1.0}, strict=True)
+    stage = LlamaStage(CONFIG, seed=11)
+    for param in stage.parameters():
+        chip.track(param)                                   # the weights live on the chip
+    before = chip.clock.busy_seconds
+    with chip.device_scope():
+        full = full_state_dict(stage, accelerator=chip)
+    assert not any(chip.is_device_memory(tensor) for tensor in full.values())
+    nbytes = sum(tensor.nbytes for tensor in full.values())
+    assert chip.clock.busy_seconds - before == pytest.approx(nbytes / 1e9)   # every byte over the 1 GB/s link
+    assert all(torch.equal(full[name], tensor) for name, tensor in params(stage).items())

@@ -51,10 +51,12 @@ def load_full_state_dict(stage, full: Mapping[str, torch.Tensor], *, source: str
 
 
 @torch.no_grad()
-def full_state_dict(stage, *, grads: bool = False) -> dict[str, torch.Tensor]:
+def full_state_dict(stage, *, grads: bool = False, accelerator=None) -> dict[str, torch.Tensor]:
     """{HF name: full tensor} of this stage's parameters (or, with grads, their
     gradients), gathered over the TP group: a collective every TP rank must
-    call. Tensors come back on the CPU. With tie_embeddings, a last-only stage
+    call. Tensors come back in host memory, copied through `accelerator`'s copy
+    API (`to_host`: an emulated chip charges its host link) or `.to("cpu")`
+    without one; never the live tensor. With tie_embeddings, a last-only stage
     reports its LM head as model.embed_tokens.weight."""
     out = {}
     for module_name, param in stage.named_parameters():
@@ -64,6 +66,15 @@ def full_state_dict(stage, *, grads: bool = False) -> dict[str, torch.Tensor]:
             raise RuntimeError(f"{module_name} has no gradient")
         dim = layout.split_dim(hf)
         whole = tensor.detach() if dim is None else stage.tp.all_gather(tensor.detach(), dim)
-        # Clone: on the CPU with tp 1, .cpu() would hand out the live parameter.
-        out[hf] = whole.to("cpu", copy=True)
+        out[hf] = _host_copy(whole, accelerator)
     return out
+
+
+def _host_copy(tensor: torch.Tensor, accelerator) -> torch.Tensor:
+    """`tensor` in host memory, a copy (on the CPU with tp 1 a plain move would hand out the live
+    parameter)."""
+    to_host = getattr(accelerator, "to_host", None)
+    host = to_host(tensor) if to_host is not None else tensor.to("cpu")
+    if host.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        host = host.clone()
+    return host
