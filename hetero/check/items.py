@@ -77,13 +77,14 @@ def build(cluster, this_node: str | None = None) -> list[Item]:
                                   {"bandwidth": model.intra_node_bandwidth,
                                    "latency_s": getattr(net, "intra_node_latency_us", 5.0) * 1e-6},
                                   {"accelerator": island.accelerator, "backend": island.backend,
-                                   "island": island.name, "chips": node.chips}, local))
+                                   "chip": spec.to_dict(), "island": island.name, "chips": node.chips}, local))
             base += node.chips
         for a, b in zip(island.nodes, island.nodes[1:]):
             items.append(Item("inter-node", f"{island.name}/{a.host}~{b.host}", (a.host, b.host),
                               {"bandwidth": net.inter_node_gbps * 1e9,
                                "latency_s": getattr(net, "inter_node_latency_us", 10.0) * 1e-6},
-                              {"accelerator": island.accelerator, "backend": island.backend, "island": island.name},
+                              {"accelerator": island.accelerator, "backend": island.backend,
+                               "chip": spec.to_dict(), "island": island.name},
                               is_local(a.host, this_node) and is_local(b.host, this_node)))
     for x, y in itertools.combinations(cluster.islands, 2):
         hx, hy = x.nodes[0].host, y.nodes[0].host

@@ -67,7 +67,8 @@ def _pair(pool, item):
                 for rank in (0, 1)]
     else:
         jobs = [pool.apply_async(probes.allreduce_pair, (rank, port, LINK_BYTES, item.spec["accelerator"],
-                                                         item.spec["backend"], rank)) for rank in (0, 1)]
+                                                         item.spec["backend"], rank, item.spec.get("chip")))
+                for rank in (0, 1)]
     deadline = time.monotonic() + PROBE_TIMEOUT_S
     results = [_result(job, deadline) for job in jobs]
     errors = [error for _, error in results if error]

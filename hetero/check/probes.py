@@ -23,26 +23,22 @@ def matmul_size(expected_flops: float) -> int:
 
 
 def matmul(accelerator: str, chip: dict, device_index: int, dtype: str, n: int, threads: int) -> dict:
-    """Achieved FLOP/s of n x n x n matmuls on one chip: best of a few rounds of back-to-back products."""
+    """Achieved FLOP/s of n x n x n matmuls on one chip: best of a few rounds of back-to-back products.
+    The operands are allocated on the chip (an emulated chip's device memory), n shrunk to fit."""
     import contextlib
 
     import torch
 
-    import accelerators
-
     torch.set_num_threads(max(1, threads))
     started = time.perf_counter()
-    accel = (accelerators.get_accelerator("emulated", chip=chip) if accelerator == "emulated"
-             else accelerators.get_accelerator(accelerator))
-    if accelerator not in ("cpu", "emulated"):
-        accel.set_device(device_index)
+    accel = _select(accelerator, chip, device_index)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    n = _fitting_side(accel, n, torch_dtype.itemsize)
     device = accel.device(device_index if accelerator not in ("cpu", "emulated") else None)
-    a = torch.randn(n, n).to(device=device, dtype=torch_dtype)
-    b = torch.randn(n, n).to(device=device, dtype=torch_dtype)
-    scope = accel.device_scope() if hasattr(accel, "device_scope") else contextlib.nullcontext()
     best = float("inf")
-    with scope:
+    with _device_scope(accel):
+        a = torch.randn(n, n, device=device, dtype=torch_dtype)
+        b = torch.randn(n, n, device=device, dtype=torch_dtype)
         (a @ b).sum()                       # warm-up: kernels, allocator, first touch
         accel.synchronize()
         init_s = time.perf_counter() - started
@@ -52,12 +48,47 @@ def matmul(accelerator: str, chip: dict, device_index: int, dtype: str, n: int, 
                 c = a @ b
             accel.synchronize()
             best = min(best, time.perf_counter() - t0)
-    del c
+    del a, b, c
     memory = None
     with contextlib.suppress(Exception):
         memory = int(accel.total_memory())
     return {"flops_per_s": 2.0 * n ** 3 * MATMUL_REPS / best, "n": n, "dtype": dtype,
             "seconds": time.perf_counter() - started, "init_s": init_s, "memory_bytes": memory}
+
+
+def _select(accelerator: str, chip: dict | None, device_index: int):
+    """The process's accelerator for a probe, selected as a worker's (vendor chips: set_device first)."""
+    import accelerators
+
+    accel = (accelerators.get_accelerator("emulated", chip=chip) if accelerator == "emulated"
+             else accelerators.get_accelerator(accelerator))
+    if accelerator not in ("cpu", "emulated"):
+        accel.set_device(device_index)
+    return accel
+
+
+def _device_scope(accel):
+    """Where device work runs: the emulated chip's scope (its allocations are device memory)."""
+    import contextlib
+
+    scope = getattr(accel, "device_scope", None)
+    return scope() if scope else contextlib.nullcontext()
+
+
+def _free_bytes(accel) -> int | None:
+    """Free device memory, where the accelerator can say (None: unknown)."""
+    try:
+        return int(accel.free_memory())
+    except Exception:   # pylint: disable=broad-except  # a vendor without the query
+        return None
+
+
+def _fitting_side(accel, n: int, itemsize: int) -> int:
+    """n, halved (not below 64) until four n x n operands fit in half the chip's free memory."""
+    free = _free_bytes(accel)
+    while free is not None and n > 64 and 4 * n * n * itemsize > free // 2:
+        n //= 2
+    return n
 
 
 def _store(port: int, rank: int):
@@ -67,44 +98,45 @@ def _store(port: int, rank: int):
 
 
 def allreduce_pair(rank: int, port: int, nbytes: int, accelerator: str = "cpu", backend: str = "gloo",
-                   device_index: int = 0) -> dict:
+                   device_index: int = 0, chip: dict | None = None) -> dict:
     """One side of a two-process all-reduce on the island's backend: latency (per ring hop) and
-    bus bandwidth. cpu and emulated islands use gloo on host tensors, vendor islands their own."""
+    bus bandwidth. The buffers are device memory, as a worker's (an emulated chip's: at most half
+    its free memory, so `nbytes` may shrink); `chip` is the emulated chip's spec."""
     from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    device, sync = "cpu", (lambda: None)
-    if accelerator not in ("cpu", "emulated"):
-        import accelerators
-
-        accel = accelerators.get_accelerator(accelerator)
-        accel.set_device(device_index)
-        device, sync = accel.device(device_index), accel.synchronize
+    accel = _select(accelerator, chip, device_index)
+    device = accel.device(device_index if accelerator not in ("cpu", "emulated") else None)
+    free = _free_bytes(accel) if accelerator == "emulated" else None
+    if free is not None:
+        nbytes = max(4, min(nbytes, free // 2))
     store = _store(port, rank)
     dist.init_process_group(backend, store=store, rank=rank, world_size=2, timeout=timedelta(seconds=30))
     try:
-        small = torch.ones(1, device=device)
-        big = torch.ones(nbytes // 4, device=device)
-        for _ in range(3):
-            dist.all_reduce(small)
-        dist.all_reduce(big)
-        times = []
-        for _ in range(PINGS):
-            t0 = time.perf_counter()
-            dist.all_reduce(small)
-            sync()
-            times.append(time.perf_counter() - t0)
-        best = float("inf")
-        for _ in range(LINK_ROUNDS):
-            t0 = time.perf_counter()
+        with _device_scope(accel):
+            small = torch.ones(1, device=device)
+            big = torch.ones(nbytes // 4, device=device)
+            for _ in range(3):
+                dist.all_reduce(small)
             dist.all_reduce(big)
-            sync()
-            best = min(best, time.perf_counter() - t0)
+            times = []
+            for _ in range(PINGS):
+                t0 = time.perf_counter()
+                dist.all_reduce(small)
+                accel.synchronize()
+                times.append(time.perf_counter() - t0)
+            best = float("inf")
+            for _ in range(LINK_ROUNDS):
+                t0 = time.perf_counter()
+                dist.all_reduce(big)
+                accel.synchronize()
+                best = min(best, time.perf_counter() - t0)
     finally:
         dist.destroy_process_group()
+    nbytes = big.nbytes
     # Two ranks: a ring all-reduce is 2 hops and moves 2(n-1)/n = 1x the buffer per rank.
     return {"latency_s": statistics.median(times) / 2, "bandwidth": nbytes / best, "bytes": nbytes}
 
