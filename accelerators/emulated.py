@@ -32,15 +32,25 @@ the key copies at its memory bandwidth; the catalog always names one). A
 blocking `to_host` then waits for the clock; `non_blocking=True` only queues
 the copy (wait on an event recorded after it, as on a real chip).
 
-Strict mode (HETERO_EMULATED_STRICT=1, or strict=True; off by default): the
-chip refuses what a real device would refuse, with a `DeviceContractError`
-(HETERO_EMULATED_STRICT=warn instead prints each distinct violation once, with
-its innermost callers outside torch and this package, and carries on: a survey):
+Strict mode (on by default; HETERO_EMULATED_STRICT=0 or strict=False turns it
+off): the chip refuses what a real device would refuse, with a
+`DeviceContractError` (HETERO_EMULATED_STRICT=warn instead prints each distinct
+violation once, with its innermost callers outside torch and this package, and
+carries on: a survey). The default lives here, not in the launcher's
+environment, because the contract is the device's: a bare
+`EmulatedAccelerator()` in a notebook refuses a host tensor in device work just
+as `model.cuda()(torch.randn(...))` fails on a GPU, and every way of driving
+the chip (hetero run/launch, Ray, Slurm, in-process profiles, checks and
+tests) gets the same rules without each launcher having to ask for them:
 - an op inside the scope that reads a host tensor (one the ledger does not
   hold and that is not a 0-dim scalar); `copy_` between host and device memory
   is a transfer, allowed and charged at the host link;
 - device work (entering the scope, `to_device`, `to_host`, `synchronize`)
   before `set_device`, when more than one device index is visible.
+
+Collectives: `dist_backend` is `hetero-strict` (accelerators/strict_backend.py:
+NCCL/HCCL's rules on gloo; registered when the accelerator is built), or plain
+`gloo` where the launcher's HETERO_BACKEND names it (`backend: gloo` on the island).
 
 Devices: HETERO_EMULATED_VISIBLE_DEVICES (a comma-separated list, set by the
 launcher like CUDA_VISIBLE_DEVICES) says how many device indices this process
@@ -77,13 +87,16 @@ import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from accelerators import strict_backend
 from accelerators.base import ProbeResult
 from accelerators.cpu import CpuAccelerator
 from accelerators.errors import AcceleratorUnavailable, DeviceContractError, EmulatedOutOfMemory
+from accelerators.strict_backend import BACKEND_NAME as STRICT_BACKEND
 
 CHIP_ENV = "HETERO_EMULATED_CHIP"
 DILATION_ENV = "HETERO_EMULATED_TIME_DILATION"
 STRICT_ENV = "HETERO_EMULATED_STRICT"
+BACKEND_ENV = "HETERO_BACKEND"          # the island's backend, set by the launcher
 VISIBLE_ENV = "HETERO_EMULATED_VISIBLE_DEVICES"
 GB = 1e9
 TFLOPS = 1e12
@@ -378,6 +391,7 @@ class EmulatedAccelerator(CpuAccelerator):
     """The host CPU's device, RNG and transfers, with a paced clock and a memory ledger."""
 
     vendor = "emulated"
+    dist_backend = STRICT_BACKEND   # NCCL/HCCL's rules on gloo; an island's `backend: gloo` picks plain gloo
     env_prefixes = ("HETERO_EMULATED_", "OMP_", "GLOO_")
     visible_devices_env = VISIBLE_ENV
     is_emulated = True
@@ -396,6 +410,9 @@ class EmulatedAccelerator(CpuAccelerator):
         self.ledger = MemoryLedger(self.pace)
         self._scope = threading.local()
         self._device_index: int | None = None   # set by set_device
+        self.dist_backend = _backend_from_env()
+        if self.dist_backend == STRICT_BACKEND:
+            strict_backend.register()   # so init_process_group(accel.dist_backend) finds it
         # The first op a dispatch mode sees imports torch._dynamo (~1-2 s): pay
         # that now, then start the clock and the ledger afresh.
         with EmulationMode(self):
@@ -598,15 +615,22 @@ def _dilation_from_env() -> float:
 
 
 def _strict_from_env() -> tuple[bool, bool]:
-    """(strict, warn only) from HETERO_EMULATED_STRICT: 1, 0 or warn."""
+    """(strict, warn only) from HETERO_EMULATED_STRICT: 1 (the default when unset), 0 or warn."""
     raw = os.environ.get(STRICT_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
+    if raw in ("0", "false", "no", "off"):
         return False, False
-    if raw in ("1", "true", "yes", "on"):
+    if raw in ("", "1", "true", "yes", "on"):
         return True, False
     if raw == "warn":
         return True, True
     raise AcceleratorUnavailable(f"{STRICT_ENV} must be 1, 0 or warn, got {raw!r}")
+
+
+def _backend_from_env() -> str:
+    """The island's backend the launcher names in HETERO_BACKEND (`backend: gloo` on an emulated
+    island), else hetero-strict; a name emulated islands cannot use is left to the config's check."""
+    raw = os.environ.get(BACKEND_ENV, "").strip()
+    return raw if raw in (STRICT_BACKEND, "gloo") else STRICT_BACKEND
 
 
 def _caller_outside(depth: int = 3) -> str:

@@ -50,7 +50,7 @@ BUILTIN_BACKENDS = {
     "ascend": ("hccl", "gloo"),
     "kunlun": ("nccl", "gloo"),  # BKCL, registered under the nccl name
     "cpu": ("gloo",),
-    "emulated": ("gloo", "hetero-strict"),   # hetero-strict: NCCL/HCCL's rules on gloo (accelerators/strict_backend.py)
+    "emulated": ("hetero-strict", "gloo"),   # hetero-strict: NCCL/HCCL's rules on gloo (accelerators/strict_backend.py)
 }
 PROBE_FIRST = ("ascend", "kunlun")   # may masquerade as CUDA: must be probed before it
 PROBE_LAST = ("cuda", "cpu")

@@ -2,7 +2,9 @@
 
 gloo forgives what NCCL, HCCL and BKCL refuse, so CPU tests of an island pass
 on code that would fail on the first real multi-chip island. This backend runs
-the same data over gloo but refuses and reports what the vendor libraries do:
+the same data over gloo but refuses and reports what the vendor libraries do.
+It is the default backend of emulated islands (the emulated accelerator's
+`dist_backend`); `backend: gloo` on an emulated island opts out of it:
 
     import accelerators.strict_backend as strict
     strict.register()                                  # importing `accelerators` does it once torch is loaded
@@ -45,10 +47,13 @@ Not enforced (documented differences from the vendors):
   (NCCL puts them on different streams), and a batch's coupling across peers;
 - matching sizes and dtypes of a send and its receive beyond what gloo checks;
 - collectives are gloo's (after the device check): their order across ranks and
-  their results are gloo's, with no device time charged;
-- `set_device` (which device a process drives) and stream semantics of the
-  returned work objects: `wait()` blocks the host (its timeout argument is
-  ignored: the pair's watchdog bounds it).
+  their results are gloo's, with no device time charged; a collective some rank
+  never calls waits for the group's timeout (as under NCCL's watchdog) and is
+  not reported by the pair watchdog above;
+- `set_device` (which device a process drives): the emulated accelerator's
+  strict mode checks that, not this backend; stream semantics of the returned
+  work objects: `wait()` blocks the host (its timeout argument is ignored: the
+  pair's watchdog bounds it).
 
 Notes: a crossing is reported about a second after both sides stall (they
 publish their running entries in the store; a peer's entry must look stuck on

@@ -7,6 +7,9 @@ upper bounds on wall time.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -30,15 +33,21 @@ def chip():
 
 def test_identity_and_spec(chip):
     assert isinstance(chip, EmulatedAccelerator) and chip.is_emulated
-    assert (chip.vendor, chip.device_type, chip.dist_backend) == ("emulated", "cpu", "gloo")
+    assert (chip.vendor, chip.device_type, chip.dist_backend) == ("emulated", "cpu", "hetero-strict")
     assert chip.device() == torch.device("cpu")
     assert chip.device_name() == "emulated unit-chip"
     assert chip.total_memory() == 10_000_000
     assert chip.describe()["chip"]["name"] == "unit-chip"
 
 
+def on_chip(accel, *tensors):
+    """The tensors as device memory of `accel` (like loaded weights: counted, not copied or charged)."""
+    found = tuple(accel.track(t) for t in tensors)
+    return found if len(found) > 1 else found[0]
+
+
 def test_matmul_is_charged_flops_over_peak(chip):
-    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    a, b = on_chip(chip, torch.randn(64, 32), torch.randn(32, 16))
     with chip.device_scope():
         a @ b
     flops = 2 * 64 * 32 * 16
@@ -46,14 +55,14 @@ def test_matmul_is_charged_flops_over_peak(chip):
 
 
 def test_dtype_picks_the_spec_rate(chip):
-    a = torch.randn(64, 64, dtype=torch.bfloat16)
+    a = on_chip(chip, torch.randn(64, 64, dtype=torch.bfloat16))
     with chip.device_scope():
         a @ a
     assert chip.clock.busy_seconds == pytest.approx(2 * 64 ** 3 / 0.5e9)
 
 
 def test_elementwise_is_charged_bytes_over_bandwidth(chip):
-    x = torch.randn(1000)
+    x = on_chip(chip, torch.randn(1000))
     with chip.device_scope():
         x + x
         x.view(10, 100)  # a view moves nothing
@@ -61,8 +70,7 @@ def test_elementwise_is_charged_bytes_over_bandwidth(chip):
 
 
 def test_backward_is_charged_too(chip):
-    x = torch.randn(8, 16)
-    w = torch.randn(16, 4, requires_grad=True)
+    x, w = on_chip(chip, torch.randn(8, 16), torch.randn(16, 4, requires_grad=True))
     with chip.device_scope():
         y = x @ w
         forward = chip.clock.busy_seconds
@@ -73,7 +81,7 @@ def test_backward_is_charged_too(chip):
 
 
 def test_attention_flops_are_counted(chip):
-    q = torch.randn(1, 2, 16, 8)
+    q = on_chip(chip, torch.randn(1, 2, 16, 8))
     with chip.device_scope():
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     # two (16x8)@(8x16)-sized matmuls per head
@@ -100,7 +108,7 @@ def test_events_measure_virtual_time_and_wait(chip):
 
 
 def test_device_to_host_copies_wait(chip):
-    x = torch.full((4,), 2.0)
+    x = on_chip(chip, torch.full((4,), 2.0))
     chip.account(flops=0.02e9)
     host = chip.to_host(x)
     assert time.perf_counter() >= chip.clock.ready_at
@@ -143,7 +151,7 @@ def test_explicit_tracking_of_outside_tensors(chip):
 
 
 def test_ops_are_charged_without_an_explicit_scope(chip):
-    x, w = torch.randn(4, 64), torch.ones(64)
+    x, w = on_chip(chip, torch.randn(4, 64), torch.ones(64))
     y = accelerators.ops.rms_norm(x, w, 1e-6)
     assert chip.clock.busy_seconds > 0
     assert accelerators.ops.kernel_sources()["rms_norm"] == "emulated"
@@ -192,6 +200,7 @@ def test_time_dilation_stretches_every_charge():
     stretched = EmulatedAccelerator(CHIP, time_dilation=3.0)
     a, b = torch.randn(64, 32), torch.randn(32, 16)
     for accel in (plain, stretched):
+        on_chip(accel, a, b)
         with accel.device_scope():
             (a @ b).relu()
     assert plain.clock.busy_seconds > 0
@@ -202,7 +211,7 @@ def test_time_dilation_stretches_every_charge():
 
 def test_dilated_events_measure_the_chip_s_time():
     stretched = EmulatedAccelerator(CHIP, time_dilation=3.0)
-    a = torch.randn(256, 256)
+    a = on_chip(stretched, torch.randn(256, 256))
     start = stretched.new_event()
     start.record()
     with stretched.device_scope():
@@ -223,3 +232,26 @@ def test_bad_time_dilation_is_a_clear_error(monkeypatch, raw):
     monkeypatch.setenv("HETERO_EMULATED_TIME_DILATION", raw)
     with pytest.raises(accelerators.AcceleratorUnavailable, match="HETERO_EMULATED_TIME_DILATION.*>= 1"):
         EmulatedAccelerator(CHIP)
+
+
+def test_dist_backend_is_hetero_strict_unless_the_launcher_names_gloo(monkeypatch):
+    monkeypatch.delenv("HETERO_BACKEND", raising=False)
+    assert EmulatedAccelerator(CHIP).dist_backend == "hetero-strict"
+    monkeypatch.setenv("HETERO_BACKEND", "gloo")                 # the island says backend: gloo
+    assert EmulatedAccelerator(CHIP).dist_backend == "gloo"
+
+
+def test_the_chip_s_backend_is_ready_for_init_process_group_even_if_accelerators_came_first():
+    script = ("import json, sys\n"
+              "import accelerators\n"
+              "assert 'torch' not in sys.modules\n"
+              "accel = accelerators.get_accelerator('emulated', chip=json.loads(sys.argv[1]))\n"
+              "import torch.distributed as dist\n"
+              "dist.init_process_group(accel.dist_backend, store=dist.HashStore(), rank=0, world_size=1)\n"
+              "print(dist.get_backend())\n"
+              "dist.destroy_process_group()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HETERO_BACKEND", "HETERO_EMULATED_STRICT")}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(CHIP)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "hetero-strict"

@@ -173,7 +173,7 @@ def test_backends_table_agrees_with_the_classes():
         assert listed[0] == registry.accelerator_class(name).dist_backend
         assert "gloo" in listed
     assert accelerators.backends("kunlun") == ["nccl", "gloo"]  # BKCL under the nccl name
-    assert accelerators.backends("emulated") == ["gloo", "hetero-strict"]   # the strict contract, opt-in
+    assert accelerators.backends("emulated") == ["hetero-strict", "gloo"]   # the strict contract by default
     with pytest.raises(accelerators.UnknownAccelerator):
         accelerators.backends("tpu")
 
