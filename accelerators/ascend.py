@@ -35,6 +35,7 @@ class AscendAccelerator(Accelerator):
     dist_backend = "hccl"
     startup_seconds = 20.0
     visible_devices_env = "ASCEND_RT_VISIBLE_DEVICES"
+    ray_resource = "NPU"        # Ray's built-in Ascend resource (it sets ASCEND_RT_VISIBLE_DEVICES)
     env_prefixes = ("ASCEND_", "HCCL_", "ACL_", "CANN_", "TASK_QUEUE_ENABLE", "PYTORCH_NPU_")
 
     @classmethod

@@ -46,6 +46,7 @@ class Accelerator:
     device_type: str = ""               # torch device type of its tensors
     dist_backend: str = ""              # torch.distributed backend inside an island
     visible_devices_env: str | None = None  # env var that restricts visible devices
+    ray_resource: str | None = None     # Ray's resource name for one chip (None: a CPU, as for cpu/emulated)
     env_prefixes: tuple[str, ...] = ()  # env vars the launcher forwards to workers
     is_emulated: bool = False
     time_dilation: float = 1.0          # wall seconds per device second (emulated chips may stretch time)

@@ -16,6 +16,7 @@ class CudaAccelerator(Accelerator):
     dist_backend = "nccl"
     startup_seconds = 10.0
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
+    ray_resource = "GPU"
     env_prefixes = ("CUDA_", "NCCL_", "TORCH_NCCL_", "NVIDIA_", "PYTORCH_CUDA_")
 
     @classmethod

@@ -24,6 +24,7 @@ class KunlunAccelerator(Accelerator):
     dist_backend = "nccl"     # BKCL under the nccl name
     startup_seconds = 15.0
     visible_devices_env = "XPU_VISIBLE_DEVICES"
+    ray_resource = "kunlun_xpu"   # a custom resource: start Ray nodes with --resources '{"kunlun_xpu": 8}'
     env_prefixes = ("XPU_", "BKCL_", "XMLIR_", "XPUAPI_", "XRE_")
 
     @classmethod

@@ -2,12 +2,12 @@
 # Make .venv beside the repository and install hetero into it. Idempotent:
 # a second run only checks that everything is present.
 #   bash scripts/setup.sh          runtime only
-#   bash scripts/setup.sh --dev    runtime + test tools
+#   bash scripts/setup.sh --dev    runtime + test tools (and Ray, for the --on ray tests)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 extra=""
-[[ "${1:-}" == "--dev" ]] && extra="[dev]"
+[[ "${1:-}" == "--dev" ]] && extra="[dev,ray]"
 
 python="${PYTHON:-python3}"
 "$python" - <<'PY' || { echo "hetero needs Python 3.10 or newer" >&2; exit 1; }

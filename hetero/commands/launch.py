@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hetero.commands.flags import number, whole
+from hetero.launch.targets import parse_target
 
 MAX_RESTARTS = 1000
 MAX_WAIT_S = 7 * 24 * 3600.0
@@ -21,12 +22,16 @@ def register(subparsers) -> None:
             "token, restart count). Without --node the whole fleet runs on this host; with --node HOST, "
             "run one launcher per host; the coordinator's host also runs the job's coordinator. When any "
             "island fails, every island stops and the whole job restarts, up to --max-restarts times. "
-            "Island i's rendezvous port is the coordinator port + 1 + i."
+            "Island i's rendezvous port is the coordinator port + 1 + i. With --on ray, one command starts "
+            "every host's agents in Ray actors."
         ),
     )
     parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
     parser.add_argument("--plan", metavar="FILE", help="plan JSON from 'hetero plan --out'")
     parser.add_argument("--node", metavar="HOST", help="the host this launcher runs, as in the cluster file")
+    parser.add_argument("--on", type=parse_target, metavar="ray[=ADDRESS]",
+                        help="start every island's agents on a Ray cluster (ADDRESS as ray.init takes it; default "
+                             "RAY_ADDRESS or a local Ray), one placement group per island, one bundle per chip")
     parser.add_argument("--max-restarts", type=whole(0, MAX_RESTARTS), default=0, metavar="N",
                         help="restart the whole job at most N times after a failure (default 0)")
     parser.add_argument("--run-dir", metavar="DIR", help="run directory: per-rank logs, HETERO_RUN_DIR")
@@ -42,8 +47,10 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from hetero.launch.fleet import launch_fleet
+    from hetero.launch.targets import launcher_for
 
     entrypoint = f"-m {args.script}" if args.module else args.script
-    return launch_fleet(args.cluster, args.plan, entrypoint, args.args, node=args.node,
-                        max_restarts=args.max_restarts, run_dir=args.run_dir, token_file=args.token_file,
-                        rdzv_timeout=args.rdzv_timeout)
+    launch = launch_fleet if args.on is None else launcher_for(args.on, None)
+    return launch(args.cluster, args.plan, entrypoint, args.args, node=args.node,
+                  max_restarts=args.max_restarts, run_dir=args.run_dir, token_file=args.token_file,
+                  rdzv_timeout=args.rdzv_timeout)

@@ -9,6 +9,7 @@ import time
 
 from hetero.commands.flags import whole
 from hetero.config import load_job
+from hetero.launch.targets import parse_target
 from hetero.runner import MAX_STEPS, add_job_arguments, default_paths, train_fleet
 
 MAX_RESTARTS = 1000
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", help="run directory (default runs/<cluster>-<time>)")
     parser.add_argument("--max-restarts", type=whole(0, MAX_RESTARTS), default=1, metavar="N",
                         help="after a failure, restart the job from its last checkpoint at most N times (default 1)")
+    parser.add_argument("--on", type=parse_target, metavar="ray[=ADDRESS]",
+                        help="start the workers on a Ray cluster (ADDRESS as ray.init takes it; default RAY_ADDRESS "
+                             "or a local Ray) instead of this machine")
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     parser.set_defaults(func=run)
 
@@ -45,7 +49,7 @@ def run(args) -> int:
     steps = job.train.steps if args.steps is None else args.steps
     run_dir = args.out or os.path.join("runs", f"{job.cluster.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train_fleet(job, paths, run_dir, steps, plan_file=args.plan, max_restarts=args.max_restarts,
-                         progress=not args.json, kind=args.kind)
+                         progress=not args.json, kind=args.kind, target=args.on)
     predicted = result.plan.get("predicted_step_s")
     step_s = result.steady_step_s
     summary = {

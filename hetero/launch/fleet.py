@@ -162,8 +162,7 @@ class _FleetJob:
         return f"from step {step}" if step else "from the start"
 
     def run_attempt(self, control, attempt: int, interrupts: "_Interrupts"):
-        islands = LocalIslands.start(self.agent_work(attempt), self.shutdown_timeout, self.stdout, self.stderr,
-                                     run_dir=self.run_dir)
+        islands = self.start_islands(attempt)
         final = None   # this node's status once its islands are stopped
         try:
             while True:
@@ -190,6 +189,11 @@ class _FleetJob:
             islands.stop()
         control.end()
         return verdict
+
+    def start_islands(self, attempt: int):
+        """This node's island agents for `attempt`, started (hetero.launch.ray_fleet starts them in Ray actors)."""
+        return LocalIslands.start(self.agent_work(attempt), self.shutdown_timeout, self.stdout, self.stderr,
+                                  run_dir=self.run_dir)
 
     def agent_work(self, attempt: int) -> list:
         log_dir = attempt_log_dir(self.run_dir, attempt)

@@ -112,4 +112,8 @@ def launcher_for(target: Target | None, cluster):
 
         refuse_foreign_hosts(cluster)
         return launch_fleet
+    if target.engine == "ray":
+        from hetero.launch.ray_fleet import ray_launcher
+
+        return ray_launcher(target.address)
     raise UserError(f"--on {target}: not available yet")
