@@ -13,7 +13,7 @@ def register(subparsers) -> None:
             "Read a run directory written by 'hetero run' (plan.json, cluster.yaml, model.yaml, "
             "metrics/steps.jsonl, metrics/rank*.jsonl) and write one self-contained HTML page with PNG "
             "figures: the pipeline timeline per rank, achieved TFLOPS and MFU per chip type, bubble share, "
-            "exposed bridge time, predicted vs measured step time, memory per stage, the loss curve, the "
+            "exposed bridge time, predicted vs measured step time and peak memory per stage, the loss curve, the "
             "connections and calls refused during the run (metrics/coordinator.json, metrics/bridge-rank*.json), and "
             "the efficiency E when the run came from 'hetero bench efficiency' (give its --out directory "
             "or its mixed/ run). Prints a short summary."

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
             "and train, printing step, loss, tokens/s and ETA. Without files it runs the embedded "
             "default: configs/emulated-mixed.yaml, llama-tiny.yaml and train-tiny.yaml. The run "
             "directory holds plan.json, launcher.log, logs/, checkpoints/, metrics/steps.jsonl (one "
-            "line per step: step, loss, tokens_per_s, step_s, grad_norm) and metrics/rank*.jsonl "
+            "line per step: step, loss, tokens_per_s, step_s, grad_norm, peak_memory_gb per stage) and metrics/rank*.jsonl "
             "(per rank, every micro-batch: compute, p2p wait, bridge). Every island starts on this "
             "machine, so a cluster file naming other hosts is refused."
         ),
