@@ -1,0 +1,253 @@
+"""`--on ray`: the placement it asks Ray for, its refusals, and the default job on a real
+two-node Ray cluster on loopback (head 127.0.0.2, second node 127.0.0.3, each with the CPUs
+of one island), started and stopped here by process id.
+
+The cluster tests compare `hetero run --on ray` with the local `hetero run` of the same
+cluster file (losses within 1e-5), kill a worker actor after the first checkpoint (the job
+restarts from it and finishes with the same losses), run `hetero launch --on ray` (prefixed
+lines, every worker's HETERO_* environment) and print the start-up overhead of --on ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import ROOT, free_port
+from hetero.config import load_job
+from hetero.launch.layout import build_layout
+from hetero.launch.ray_placement import WORKER_CPUS, missing_hosts, plan_placement, short_of
+
+CLUSTER = os.path.join(ROOT, "tests", "launch", "ray-two-node.yaml")
+MODEL = os.path.join(ROOT, "configs", "llama-tiny.yaml")
+WORKERS = os.path.join(ROOT, "tests", "workers")
+STEPS = 2
+HEAD, SECOND = "127.0.0.2", "127.0.0.3"
+
+
+def layout_of(text: str, tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    config = load_job(cluster=str(path)).cluster
+    return build_layout(config, None, node=config.coordinator.host)
+
+
+def test_one_bundle_per_chip_pinned_to_its_node(tmp_path):
+    layout = build_layout(load_job(cluster=CLUSTER).cluster, None, node=HEAD)
+    fast, slow = plan_placement(layout, {HEAD: HEAD, SECOND: SECOND})
+    assert fast.bundles == ({"CPU": WORKER_CPUS, f"node:{HEAD}": 0.001},) * 2   # emulated chips are CPUs
+    assert slow.bundles == ({"CPU": WORKER_CPUS, f"node:{SECOND}": 0.001},) * 2
+    assert [(s.ip, s.first, s.node.nproc) for s in slow.shares] == [(SECOND, 0, 2)]
+
+
+def test_accelerators_ask_for_their_ray_resource_node_by_node(tmp_path):
+    layout = layout_of("name: gpus\ncoordinator: {host: 10.0.0.1, port: 29400}\nislands:\n"
+                       "  - {name: a, accelerator: cuda, chip: A800-80G, nodes: [{host: 10.0.0.1, chips: 2}, "
+                       "{host: 10.0.0.2, chips: 1}]}\n"
+                       "  - {name: b, accelerator: ascend, chip: Ascend-910B, nodes: [{host: 10.0.0.2, chips: 1}]}\n"
+                       "  - {name: k, accelerator: kunlun, chip: Kunlun-P800, nodes: [{host: 10.0.0.3, chips: 1}]}\n",
+                       tmp_path)
+    a, b, k = plan_placement(layout, {"10.0.0.1": "10.0.0.1", "10.0.0.2": "10.0.0.2", "10.0.0.3": "10.0.0.3"})
+    assert [bundle["GPU"] for bundle in a.bundles] == [1.0, 1.0, 1.0]
+    assert [next(key for key in bundle if key.startswith("node:")) for bundle in a.bundles] == \
+        ["node:10.0.0.1", "node:10.0.0.1", "node:10.0.0.2"]
+    assert [(s.first, s.node.nproc) for s in a.shares] == [(0, 2), (2, 1)]   # a node's bundles are consecutive
+    assert b.bundles[0]["NPU"] == 1.0 and "GPU" not in b.bundles[0]
+    assert k.bundles[0]["kunlun_xpu"] == 1.0
+    nodes = {"10.0.0.1": {"GPU": 2.0, "CPU": 8.0}, "10.0.0.2": {"GPU": 1.0, "NPU": 0.0, "CPU": 8.0}}
+    assert missing_hosts({"10.0.0.1": "10.0.0.1", "n3": "10.0.0.3"}, nodes) == ["n3 (10.0.0.3)"]
+    assert short_of([a, b], nodes) == ["10.0.0.2: needs 1 NPU, has 0"]
+
+
+def test_without_ray_on_ray_says_how_to_install_it(hetero_cli, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` raises ImportError
+    code, _, stderr = hetero_cli("run", "--on", "ray", "--cluster", CLUSTER, "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert stderr.strip() == ("hetero run: error: --on ray needs Ray, which is not installed here: "
+                              "pip install -e '.[ray]' (or pip install 'ray>=2.10')")
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_on_ray_refuses_node(hetero_cli):
+    pytest.importorskip("ray")
+    code, _, stderr = hetero_cli("launch", "--on", "ray", "--node", HEAD, "--cluster", CLUSTER,
+                                 os.path.join(WORKERS, "torchrun_allreduce.py"))
+    assert code == 2 and "--node and --on ray exclude each other" in stderr
+
+
+# -- a real Ray cluster ------------------------------------------------------------------------
+
+
+class RayCluster:
+    """`ray start --block` for a head and a second node, each in its own session: stopping
+    them (SIGTERM, then their process groups) ends every process they started."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.port = free_port()
+        self.address = f"{HEAD}:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        self.env.pop("RAY_ADDRESS", None)
+
+    def start(self, timeout: float = 180.0) -> None:
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        common = ["--block", "--num-cpus", "2", "--disable-usage-stats"]
+        self._start("head", [ray, "start", "--head", "--node-ip-address", HEAD, "--port", str(self.port),
+                             "--ray-client-server-port", str(free_port()), "--include-dashboard", "false",
+                             "--temp-dir", self.root, *common])
+        self._start("second", [ray, "start", "--address", self.address, "--node-ip-address", SECOND, *common])
+        deadline = time.monotonic() + timeout
+        while not all("Ray runtime started" in self.log(name) for name in ("head", "second")):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                self.stop()
+                raise RuntimeError(f"the Ray cluster did not start:\n{self.log('head')[-2000:]}\n"
+                                   f"{self.log('second')[-2000:]}")
+            time.sleep(0.5)
+
+    def _start(self, name: str, command: list[str]) -> None:
+        with open(os.path.join(self.root, f"{name}.log"), "w") as log:
+            self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                               start_new_session=True))
+
+    def log(self, name: str) -> str:
+        with open(os.path.join(self.root, f"{name}.log"), errors="replace") as handle:
+            return handle.read()
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):   # the second node first, then the head
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)   # its own group: what it started and left
+            except OSError:
+                pass
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    pytest.importorskip("ray")
+    root = tempfile.mkdtemp(prefix="hray", dir="/tmp")   # Ray's socket paths must stay short
+    cluster = RayCluster(root)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def job_files(tmp_path_factory):
+    """The ray-two-node cluster on a free port; the default train file for STEPS steps, checkpointing every step."""
+    folder = tmp_path_factory.mktemp("ray-job")
+    cluster = folder / "cluster.yaml"
+    with open(CLUSTER) as handle:
+        cluster.write_text(handle.read().replace("port: 29400", f"port: {free_port()}"))
+    train = folder / "train.yaml"
+    with open(os.path.join(ROOT, "configs", "train-tiny.yaml")) as handle:
+        text = handle.read()
+    text = re.sub(r"^steps: \d+", f"steps: {STEPS}", text, flags=re.M)
+    train.write_text(re.sub(r"every: \d+", "every: 1", text))
+    return ["--cluster", str(cluster), "--model", MODEL, "--train", str(train)]
+
+
+def hetero(*argv: str, timeout: float = 420) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `hetero ARGV`; return it and the wall time it started at."""
+    started = time.time()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "hetero", *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)
+    return done, started
+
+
+def steps_of(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics", "steps.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def first_step_after(run_dir, started: float) -> float:
+    """Seconds from the command's start to the start of its first step."""
+    first = steps_of(run_dir)[0]
+    return first["time"] - first["step_s"] * first.get("time_dilation", 1.0) - started
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, job_files, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ray-runs")
+    local, local_started = hetero("run", *job_files, "--out", str(folder / "local"), "--json")
+    assert local.returncode == 0, local.stderr[-3000:]
+    ray, ray_started = hetero("run", "--on", f"ray={ray_cluster.address}", *job_files, "--out", str(folder / "ray"),
+                              "--json")
+    assert ray.returncode == 0, ray.stderr[-3000:]
+    return {"local": (json.loads(local.stdout), folder / "local", local_started),
+            "ray": (json.loads(ray.stdout), folder / "ray", ray_started), "stderr": ray.stderr}
+
+
+@pytest.mark.slow
+def test_default_job_on_ray_matches_the_local_run(runs):
+    local, ray = runs["local"][0], runs["ray"][0]
+    assert len(ray["losses"]) == STEPS
+    assert ray["losses"] == pytest.approx(local["losses"], abs=1e-5)
+    log = (runs["ray"][1] / "launcher.log").read_text()
+    assert re.search(r"^\[fast:0\] ", log, re.M) and re.search(r"^\[slow:1\] ", log, re.M)   # streamed, prefixed
+    for island, rank in (("fast", 0), ("slow", 1)):
+        assert (runs["ray"][1] / "logs" / "attempt_0" / f"{island}.{rank}" / "stdout.log").exists()
+    overhead = first_step_after(runs["ray"][1], runs["ray"][2]) - first_step_after(runs["local"][1], runs["local"][2])
+    print(f"\n--on ray start-up overhead over the local launcher (command to first step): {overhead:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_actor_restarts_the_job_from_its_checkpoint(ray_cluster, job_files, runs, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "hetero", "run", "--on", f"ray={ray_cluster.address}", *job_files,
+               "--out", str(out), "--max-restarts", "1", "--json"]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "latest").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+        actor = agent_actor_pid(str(out), "slow")
+        os.kill(actor, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert re.search(r"restarting the whole job from step 1 \(restart 1 of 1\): island slow on 127\.0\.0\.3", stderr)
+    assert json.loads(stdout)["losses"] == pytest.approx(runs["ray"][0]["losses"], abs=1e-5)
+    assert steps_of(out)[-1]["step"] == STEPS
+
+
+def agent_actor_pid(run_dir: str, island: str) -> int:
+    """The pid of the Ray actor running `island`'s agent for the run in `run_dir` (the agent's parent)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if b"hetero.launch.island_agent" in argv[:-1]:
+            spec = json.loads(argv[argv.index(b"hetero.launch.island_agent") + 1])
+            if spec["island"] == island and spec["log_dir"].startswith(run_dir):
+                return spec["parent_pid"]
+    raise AssertionError(f"no agent of island {island} for {run_dir}")
