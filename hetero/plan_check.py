@@ -12,15 +12,20 @@ samples, divide by 8 and report the loss doubled. So wherever a plan file is rea
   model's name, layers, heads and kv_heads; the train file's global batch and
   dtype. The train file's micro_batch is only where the planner starts searching;
   the plan's own micro_batch is what runs, and its pipelines must add up to the
-  train file's global batch.
+  train file's global batch;
+- against this engine, where the engine will run it (`engine=True`: `hetero run`, the
+  worker): every field's value is one the engine honours and every field is one it
+  knows (hetero.engine.support). `hetero launch` of another script skips this part.
 
 Every problem is one ConfigError: the plan file, the field and what was expected.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
+from hetero.engine import support
 from hetero.errors import ConfigError
 from hetero.planning import fleet_spec
 from partitioner.plan import Plan, PlanError
@@ -32,6 +37,10 @@ REMAKE = "make the plan again with 'hetero plan ... --out'"
 def read_plan(path: str) -> Plan:
     """The Plan in `path`, its format, fields and invariants checked; else a ConfigError."""
     path = os.fspath(path)
+    return _parse(path, _read_text(path))
+
+
+def _read_text(path: str) -> str:
     try:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_PLAN_BYTES + 1)
@@ -49,6 +58,10 @@ def read_plan(path: str) -> Plan:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "", f"not a plan: not UTF-8 text (byte {exc.start})") from None
+    return text
+
+
+def _parse(path: str, text: str) -> Plan:
     try:
         plan = Plan.from_json(text)
     except PlanError as exc:
@@ -90,11 +103,23 @@ def check_plan(plan: Plan, job, source: str) -> Plan:
     return plan
 
 
-def load_checked_plan(path: str, job) -> Plan:
+def check_supported(plan: Plan, source: str, raw: dict | None = None) -> Plan:
+    """`plan` if this engine runs every field of it as asked (hetero.engine.support), else a
+    ConfigError naming `source`, the first field, its value and what is supported. With `raw`
+    (the plan file's JSON object), a field the engine does not know is refused too."""
+    _refuse(source, support.refusals(plan, raw))
+    return plan
+
+
+def load_checked_plan(path: str, job, *, engine: bool = False) -> Plan:
     """Read the plan file at `path` and check it against `job`: what the launcher does before
-    starting workers, and what a worker repeats before it builds its stage. Raises ConfigError
-    (a UserError: one line naming the file and field)."""
-    return check_plan(read_plan(path), job, os.fspath(path))
+    starting workers, and what a worker repeats before it builds its stage. With `engine`
+    (`hetero run`, the worker), also against what this engine runs. Raises ConfigError (a
+    UserError: one line naming the file and field)."""
+    path = os.fspath(path)
+    text = _read_text(path)
+    plan = check_plan(_parse(path, text), job, path)
+    return check_supported(plan, path, json.loads(text)) if engine else plan
 
 
 def _refuse(source: str, problems: list[tuple[str, str]]) -> None:

@@ -51,11 +51,14 @@ def default_paths(**given) -> dict:
 
 
 def search_plan(job, kind: str = "auto", profile=None):
-    """The planner's best plan the engine can run; `kind` narrows hetero-PP vs hetero-DP."""
+    """The planner's best plan among those this engine runs (hetero.engine.support: every
+    recompute mode it implements; ZeRO-1 only once it has it); `kind` narrows hetero-PP vs
+    hetero-DP."""
+    from hetero.engine import support
     from hetero.planning import plan_job
 
-    # The engine does not recompute activations yet.
-    return plan_job(job, profile=profile, modes=KINDS[kind], recompute_modes=("none",)).best
+    return plan_job(job, profile=profile, modes=KINDS[kind], recompute_modes=support.RECOMPUTE_MODES,
+                    zero1=None if support.ZERO1 else False).best
 
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,
@@ -79,11 +82,14 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
     if plan_file:
         from hetero.plan_check import load_checked_plan
 
-        plan = load_checked_plan(plan_file, job)
+        plan = load_checked_plan(plan_file, job, engine=True)
         if plan.kind not in KINDS[kind]:
             raise UserError(f"--kind {kind}: the plan {plan_file} is a '{plan.kind}' plan")
     else:
-        plan = search_plan(job, kind)
+        from hetero.plan_check import check_supported
+
+        # What the search cannot choose around (the train file's dtype) is the train file's to fix.
+        plan = check_supported(search_plan(job, kind), dict(job.sources).get("train", "the train file"))
         say(f"plan: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step")
     try:
         made = RunDir(run_dir)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint_dir and train.checkpoint:
             train = dataclasses.replace(train, checkpoint=dataclasses.replace(train.checkpoint,
                                                                               dir=args.checkpoint_dir))
-        plan = load_checked_plan(args.plan, job)   # the launcher checked it too; this rank's copy may differ
+        plan = load_checked_plan(args.plan, job, engine=True)   # the launcher checked it too; this copy may differ
         topology = Topology(plan)
         accelerator = accelerators.get_accelerator()
         device = select_device(accelerator)
