@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from hetero.commands.flags import number, whole
 from hetero.launch.targets import parse_target
@@ -29,9 +30,12 @@ def register(subparsers) -> None:
     parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
     parser.add_argument("--plan", metavar="FILE", help="plan JSON from 'hetero plan --out'")
     parser.add_argument("--node", metavar="HOST", help="the host this launcher runs, as in the cluster file")
-    parser.add_argument("--on", type=parse_target, metavar="ray[=ADDRESS]",
-                        help="start every island's agents on a Ray cluster (ADDRESS as ray.init takes it; default "
-                             "RAY_ADDRESS or a local Ray), one placement group per island, one bundle per chip")
+    parser.add_argument("--on", type=parse_target, metavar="ray[=ADDRESS]|slurm",
+                        help="ray: start every island's agents on a Ray cluster (ADDRESS as ray.init takes it; default "
+                             "RAY_ADDRESS or a local Ray), one placement group per island, one bundle per chip; "
+                             "slurm: inside an allocation, one launcher per node under srun")
+    parser.add_argument("--slurm-by", choices=("name", "order"), default="name",
+                        help="--on slurm: match Slurm nodes to the cluster's hosts by name (default) or by order")
     parser.add_argument("--max-restarts", type=whole(0, MAX_RESTARTS), default=0, metavar="N",
                         help="restart the whole job at most N times after a failure (default 0)")
     parser.add_argument("--run-dir", metavar="DIR", help="run directory: per-rank logs, HETERO_RUN_DIR")
@@ -50,7 +54,31 @@ def run(args) -> int:
     from hetero.launch.targets import launcher_for
 
     entrypoint = f"-m {args.script}" if args.module else args.script
+    if args.on is not None and args.on.engine == "slurm":
+        return _on_slurm(args, entrypoint)
     launch = launch_fleet if args.on is None else launcher_for(args.on, None)
     return launch(args.cluster, args.plan, entrypoint, args.args, node=args.node,
                   max_restarts=args.max_restarts, run_dir=args.run_dir, token_file=args.token_file,
                   rdzv_timeout=args.rdzv_timeout)
+
+
+def _on_slurm(args, entrypoint: str) -> int:
+    """In the batch script: this command again under srun, once per node; in the step: this node's launcher."""
+    from hetero.launch.slurm import allocation, run_under_srun, slurm_launcher
+
+    _, index = allocation(dict(os.environ))
+    if index is None:
+        return run_under_srun(_argv(args), dict(os.environ))
+    return slurm_launcher(args.slurm_by)(args.cluster, args.plan, entrypoint, args.args,
+                                         max_restarts=args.max_restarts, run_dir=args.run_dir,
+                                         token_file=args.token_file, rdzv_timeout=args.rdzv_timeout)
+
+
+def _argv(args) -> list[str]:
+    """`hetero launch` arguments that repeat this command (for srun)."""
+    argv = ["launch", "--on", "slurm", "--slurm-by", args.slurm_by, "--cluster", os.path.abspath(args.cluster),
+            "--max-restarts", str(args.max_restarts), "--rdzv-timeout", str(args.rdzv_timeout)]
+    for flag, value in (("--plan", args.plan), ("--run-dir", args.run_dir), ("--token-file", args.token_file)):
+        if value:
+            argv += [flag, os.path.abspath(value)]
+    return argv + (["-m", args.script] if args.module else [os.path.abspath(args.script)]) + list(args.args)
