@@ -120,3 +120,22 @@ def test_launch_on_slurm_runs_the_fleet_across_the_allocations_nodes(tmp_path):
     envs = {int(e["HETERO_GLOBAL_RANK"]): e for e in (json.loads(p.read_text()) for p in out.iterdir())}
     assert [envs[r]["HETERO_NODE"] for r in range(3)] == ["127.0.0.2", "127.0.0.3", "127.0.0.3"]
     assert len({e["HETERO_JOB_TOKEN"] for e in envs.values()}) == 1   # one job: the token srun passed on
+
+
+def test_run_on_slurm_starts_every_nodes_launcher_from_the_batch_script(tmp_path, monkeypatch):
+    import hetero.launch.slurm as slurm
+
+    started = []
+    monkeypatch.setattr(slurm, "run_under_srun", lambda argv, env, stdout, stderr: started.append(argv) or 0)
+    monkeypatch.setattr(os, "environ", dict(BATCH))
+    cluster = cluster_of(tmp_path, ["gpu07", "gpu08"])
+    run_dir = str(tmp_path / "run")
+    code = slurm.slurm_run_launcher()(cluster, "/r/plan.json", "-m hetero.engine.worker", ["--steps", "3"],
+                                      max_restarts=1, run_dir=run_dir)
+    assert code == 0
+    assert started == [["launch", "--on", "slurm", "--slurm-by", "name", "--cluster", f"{run_dir}/cluster.yaml",
+                        "--max-restarts", "1", "--run-dir", run_dir, "--plan", "/r/plan.json",
+                        "-m", "hetero.engine.worker", "--steps", "3"]]
+    monkeypatch.setattr(os, "environ", dict(STEP_ON_SECOND))
+    with pytest.raises(UserError, match="not under srun"):
+        slurm.slurm_run_launcher()(cluster, None, "-m hetero.engine.worker", run_dir=run_dir)

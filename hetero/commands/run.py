@@ -36,9 +36,10 @@ def register(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", help="run directory (default runs/<cluster>-<time>)")
     parser.add_argument("--max-restarts", type=whole(0, MAX_RESTARTS), default=1, metavar="N",
                         help="after a failure, restart the job from its last checkpoint at most N times (default 1)")
-    parser.add_argument("--on", type=parse_target, metavar="ray[=ADDRESS]",
+    parser.add_argument("--on", type=parse_target, metavar="ray[=ADDRESS]|slurm",
                         help="start the workers on a Ray cluster (ADDRESS as ray.init takes it; default RAY_ADDRESS "
-                             "or a local Ray) instead of this machine")
+                             "or a local Ray), or, from a Slurm batch script, on the allocation's nodes under srun "
+                             "(cluster hosts named as Slurm names its nodes), instead of this machine")
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     parser.set_defaults(func=run)
 

@@ -116,4 +116,6 @@ def launcher_for(target: Target | None, cluster):
         from hetero.launch.ray_fleet import ray_launcher
 
         return ray_launcher(target.address)
-    raise UserError(f"--on {target}: not available yet")
+    from hetero.launch.slurm import slurm_run_launcher
+
+    return slurm_run_launcher()
