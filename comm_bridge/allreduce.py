@@ -11,8 +11,11 @@ and every rank's link works (no island leader funnels the traffic):
 
 Phases 1 and 3 run on the island's device memory (NCCL and HCCL refuse host
 tensors); only phase 2 stages through host memory, through the accelerator's
-copy API when one is given (`accelerator.to_host`, and inside its device scope
-for the copy back). `lane_all_reduce` is the same sum for islands of different
+copy API when one is given (`accelerator.to_host` non-blocking, with an event the
+ring waits on; `accelerator.to_device` for the copy back, both charged at the
+chip's host link). Each sum comes in two halves (`start_cross_island` /
+`start_lane`, then `PendingSum.finish`) so that a caller can issue the island
+phase and staging of the next bucket while this one is on the bridge. `lane_all_reduce` is the same sum for islands of different
 sizes: the island reduces onto one chosen rank, the chosen ranks of all islands
 ring over the bridge, and the island broadcasts; callers rotate the chosen rank
 (per bucket) so that every rank's link carries a share.
@@ -45,8 +48,26 @@ def cross_island_all_reduce(tensor: torch.Tensor, endpoint, peers: list[int], *,
     `island_group`: this island's torch.distributed group; None means the default
     group when torch.distributed is initialized, else an island of one rank.
     `average`: divide by the total number of ranks (islands x island size).
-    `accelerator`: stages the bridge hop (to_host, device scope); None: plain torch copies.
+    `accelerator`: stages the bridge hop (to_host, to_device, device scope); None: plain torch copies.
     """
+    pending = start_cross_island(tensor, endpoint, peers, island_group=island_group, wire_dtype=wire_dtype,
+                                 average=average, tag=tag, timeout=timeout, accelerator=accelerator)
+    result = pending.finish(tensor)
+    if result is not tensor:
+        with _device_scope(accelerator):
+            tensor.copy_(result.view(tensor.shape))
+    return tensor
+
+
+def start_cross_island(tensor: torch.Tensor, endpoint, peers: list[int], *, island_group=None,
+                       wire_dtype: torch.dtype | None = None, average: bool = False,
+                       tag: int = ALLREDUCE_TAG, timeout: float | None = None,
+                       accelerator=None) -> "PendingSum":
+    """Phase 1 of cross_island_all_reduce, issued now: the island's reduce-scatter and the
+    device->host copy of this rank's shard (queued, not waited for). `tensor` may be
+    overwritten as soon as this returns (the device runs its work in issue order), so a
+    caller can fill the next bucket while this one is on the bridge; `finish(out)` does
+    phases 2 and 3."""
     if endpoint.rank not in peers:
         raise ValueError(f"rank {endpoint.rank} is not among its ring peers {peers}")
     if len(set(peers)) != len(peers):
@@ -54,34 +75,24 @@ def cross_island_all_reduce(tensor: torch.Tensor, endpoint, peers: list[int], *,
     local_size = _island_size(island_group)
     flat = tensor.detach().reshape(-1)
     shard_len = -(-flat.numel() // local_size)
-
-    # 1. Island sum of this rank's shard (padding makes the shards equal, as the collectives need).
     with _device_scope(accelerator):
         padded = flat
         if shard_len * local_size != flat.numel():
             padded = torch.zeros(shard_len * local_size, dtype=flat.dtype, device=flat.device)
             padded[:flat.numel()].copy_(flat)
+        shard = padded   # one rank: a view of `tensor`, so staging copies it out (never aliases it)
         if local_size > 1:
             import torch.distributed as dist
             shard = torch.empty(shard_len, dtype=flat.dtype, device=flat.device)
             dist.reduce_scatter_tensor(shard, padded, group=island_group)
-        else:
-            shard = padded  # may be a view of `tensor`: fine, the result lands there anyway
-
-    # 2. Ring over the bridge (on host memory: the bridge moves host bytes anyway).
-    _ring_on_host(shard, endpoint, peers, accelerator, wire_dtype=wire_dtype, tag=tag, timeout=timeout,
-                  divide_by=local_size * len(peers) if average else None)
-
-    # 3. Every rank of the island gets every reduced shard.
-    with _device_scope(accelerator):
-        if local_size > 1:
-            import torch.distributed as dist
-            gathered = torch.empty(shard_len * local_size, dtype=flat.dtype, device=flat.device)
-            dist.all_gather_into_tensor(gathered, shard, group=island_group)
-        else:
-            gathered = shard
-        tensor.copy_(gathered[:flat.numel()].view(tensor.shape))
-    return tensor
+    divide_by = local_size * len(peers) if average else None
+    ring = None
+    if len(peers) > 1 or divide_by:
+        ring = _Ring(stage_to_host(shard, accelerator), endpoint, peers, wire_dtype, tag, timeout, divide_by)
+        shard = None   # its bytes are on their way to host memory; the device may reuse it
+    elif _aliases(shard, flat):
+        shard = _device_copy(shard, accelerator)   # nothing to ring: keep the result apart from `tensor`
+    return PendingSum(ring, shard, flat.numel(), tuple(tensor.shape), local_size, island_group, accelerator)
 
 
 def lane_all_reduce(tensor: torch.Tensor, endpoint, holders: list[int], holder_local: int, *,
@@ -95,41 +106,127 @@ def lane_all_reduce(tensor: torch.Tensor, endpoint, holders: list[int], holder_l
     bridge; the holder broadcasts the total back to its island. `endpoint` is
     needed only on a holder.
     """
+    pending = start_lane(tensor, endpoint, holders, holder_local, island_group=island_group, tag=tag,
+                         timeout=timeout, accelerator=accelerator)
+    result = pending.finish(tensor)
+    if result is not tensor:
+        with _device_scope(accelerator):
+            tensor.copy_(result.view(tensor.shape))
+    return tensor
+
+
+def start_lane(tensor: torch.Tensor, endpoint, holders: list[int], holder_local: int, *,
+               island_group=None, tag: int = ALLREDUCE_TAG, timeout: float | None = None,
+               accelerator=None) -> "PendingSum":
+    """Phase 1 of lane_all_reduce, issued now: the island's reduce onto its holder and the
+    holder's device->host copy (queued). `tensor` may be overwritten once this returns."""
     local_size = _island_size(island_group)
+    flat = tensor.detach().reshape(-1)
+    root = me = 0
     if local_size > 1:
         import torch.distributed as dist
         root = dist.get_global_rank(island_group, holder_local) if island_group is not None else holder_local
         me = dist.get_rank(island_group)
         with _device_scope(accelerator):
-            dist.reduce(tensor, root, group=island_group)
-    else:
-        me = 0
+            dist.reduce(flat, root, group=island_group)
+    ring = None
     if me == holder_local:
-        flat = tensor.detach().reshape(-1)
         if endpoint.rank not in holders:
             raise ValueError(f"rank {endpoint.rank} holds the island sum but is not among {holders}")
-        _ring_on_host(flat, endpoint, holders, accelerator, tag=tag, timeout=timeout)
-    if local_size > 1:
-        with _device_scope(accelerator):
-            dist.broadcast(tensor, root, group=island_group)
-    return tensor
+        if len(holders) > 1:
+            ring = _Ring(stage_to_host(flat, accelerator), endpoint, holders, None, tag, timeout, None)
+    holds = _device_copy(flat, accelerator) if ring is None and me == holder_local else None
+    return PendingSum(ring, holds, flat.numel(), tuple(tensor.shape), local_size, island_group, accelerator,
+                      broadcast_root=root if local_size > 1 else None, is_root=me == holder_local)
 
 
-def _ring_on_host(shard: torch.Tensor, endpoint, peers: list[int], accelerator, *, wire_dtype=None,
-                  tag: int, timeout: float | None, divide_by: int | None = None) -> None:
-    """Ring-sum the 1-D device tensor `shard` over the bridge through a host copy, in place."""
-    if len(peers) == 1 and divide_by is None:
-        return
-    if accelerator is not None:
-        host = accelerator.to_host(shard)
-    else:
-        host = shard if shard.device.type == "cpu" else shard.to("cpu")
-    ring_all_reduce(host, endpoint, peers, wire_dtype=wire_dtype, tag=tag, timeout=timeout)
-    if divide_by:
-        host.div_(divide_by) if host.is_floating_point() or host.is_complex() else host.floor_divide_(divide_by)
-    if host is not shard:
-        with _device_scope(accelerator):
-            shard.copy_(host)
+class _Ring:
+    """The bridge phase of one pending sum: a staged host copy and how to ring it."""
+
+    def __init__(self, staged, endpoint, peers, wire_dtype, tag, timeout, divide_by):
+        self.staged, self.endpoint, self.peers = staged, endpoint, peers
+        self.wire_dtype, self.tag, self.timeout, self.divide_by = wire_dtype, tag, timeout, divide_by
+
+    def run(self) -> torch.Tensor:
+        """Wait for the staging copy, ring-sum the host bytes; returns the host tensor."""
+        host, event = self.staged
+        if event is not None:
+            event.synchronize()
+        ring_all_reduce(host, self.endpoint, self.peers, wire_dtype=self.wire_dtype, tag=self.tag,
+                        timeout=self.timeout)
+        if self.divide_by:
+            host.div_(self.divide_by) if host.is_floating_point() or host.is_complex() \
+                else host.floor_divide_(self.divide_by)
+        return host
+
+
+class PendingSum:
+    """A cross-island sum whose island phase and staging are issued; `finish(out)` rings it
+    over the bridge, copies it back to the device and completes the island phase. Returns
+    the device tensor holding the sum: `out` where it can land there, else another tensor
+    of the same number of elements. Every rank of the island must finish its pending sums
+    in the order it started them (the island collectives must match)."""
+
+    def __init__(self, ring, device_result, numel, shape, local_size, island_group, accelerator,
+                 broadcast_root=None, is_root=True):
+        self.ring, self.device_result, self.numel, self.shape = ring, device_result, numel, shape
+        self.local_size, self.island_group, self.accelerator = local_size, island_group, accelerator
+        self.broadcast_root, self.is_root = broadcast_root, is_root
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        mine = self.device_result
+        if self.ring is not None:
+            mine = copy_to_device(self.ring.run(), out.device, self.accelerator)
+        flat_out = out.detach().reshape(-1)
+        if self.broadcast_root is not None:      # lane: the holder's total goes to the island
+            import torch.distributed as dist
+            source = mine if self.is_root else flat_out
+            with _device_scope(self.accelerator):
+                dist.broadcast(source, self.broadcast_root, group=self.island_group)
+            return source
+        if self.local_size == 1:
+            return mine[:self.numel]
+        import torch.distributed as dist
+        width = mine.numel() * self.local_size
+        with _device_scope(self.accelerator):
+            gathered = flat_out if width == flat_out.numel() else \
+                torch.empty(width, dtype=mine.dtype, device=mine.device)
+            dist.all_gather_into_tensor(gathered, mine, group=self.island_group)
+        return gathered[:self.numel]
+
+
+def stage_to_host(tensor: torch.Tensor, accelerator):
+    """(host copy of `tensor`, event that says when its bytes are there, or None), queued
+    without waiting: the accelerator's non-blocking copy where it has one. The copy never
+    aliases `tensor`, which the caller may overwrite at once."""
+    if accelerator is None:
+        host = tensor.to("cpu")
+        return (host.clone() if _aliases(host, tensor) else host), None
+    new_event = getattr(accelerator, "new_event", None)
+    host = accelerator.to_host(tensor, non_blocking=new_event is not None)   # no events: a blocking copy
+    if _aliases(host, tensor):
+        return host.clone(), None   # a host-memory device: the "copy" was the tensor itself
+    if new_event is None:
+        return host, None
+    event = new_event(enable_timing=False)
+    event.record()
+    return host, event
+
+
+def copy_to_device(host: torch.Tensor, device: torch.device, accelerator) -> torch.Tensor:
+    """Host -> device through the accelerator's copy API (charged at its host link)."""
+    if accelerator is not None and hasattr(accelerator, "to_device"):
+        return accelerator.to_device(host)
+    return host if device.type == "cpu" else host.to(device)
+
+
+def _device_copy(tensor: torch.Tensor, accelerator) -> torch.Tensor:
+    with _device_scope(accelerator):
+        return tensor.clone()
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _device_scope(accelerator):

@@ -333,6 +333,117 @@ def test_bucket_size_comes_from_the_environment_and_bad_values_are_one_line():
         grad_bucket_elements({"HETERO_GRAD_BUCKET_MB": "-1"})
 
 
+class StagedSum:
+    """A two-phase bucket sum (like Comms.replica_sum): `start` takes the bucket's bytes at once
+    (its island phase and staging), `finish` returns the fleet total. Records the order of the
+    calls, the storage each started bucket lived in, and how many were in flight at most."""
+
+    def __init__(self, index, ranks, posted, barrier, log):
+        self.index, self.ranks, self.posted, self.barrier, self.log = index, ranks, posted, barrier, log
+        self.storages, self.in_flight, self.most_in_flight = set(), 0, 0
+
+    def start(self, bucket, number):
+        self.storages.add(bucket.untyped_storage().data_ptr())
+        self.posted[(self.index, number)] = bucket.clone()   # what staging to host memory copies
+        self.log.append(("start", number))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return types.SimpleNamespace(finish=lambda out: self._finish(number, out))
+
+    def _finish(self, number, out):
+        self.log.append(("finish", number))
+        self.in_flight -= 1
+        self.barrier.wait(10)
+        total = sum(self.posted[(r, number)] for r in range(self.ranks))
+        out.copy_(total)    # the island gather lands in the caller's buffer
+        return out
+
+
+def test_bucket_rounds_overlap_next_buckets_are_started_before_one_is_finished():
+    """The pipelined rounds: buckets k+1.. are filled and started in the same device buffer before
+    bucket k is finished (double buffering through its staged copy), at most BUCKETS_AHEAD + 1 in
+    flight, and the sums stay exact."""
+    config = micro_config()
+    first, second = replica_grads(config, 1), replica_grads(config, 2)
+    ranks = tp_shards(config, first, 2) + tp_shards(config, second, 1)
+    buckets = GradBuckets(config, 100)
+    count = len(buckets.buckets)
+    assert count > buckets_module.BUCKETS_AHEAD + 2
+    posted, barrier, errors = {}, threading.Barrier(len(ranks)), []
+    logs = [[] for _ in ranks]
+    summers = [StagedSum(i, len(ranks), posted, barrier, logs[i]) for i in range(len(ranks))]
+
+    def member(index, shards):
+        try:
+            buckets.all_reduce(shards, summers[index], torch.device("cpu"))
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=member, args=(i, s)) for i, s in enumerate(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    ahead = buckets_module.BUCKETS_AHEAD
+    for log, summer in zip(logs, summers):
+        assert sorted(log) == sorted([("start", k) for k in range(count)] + [("finish", k) for k in range(count)])
+        assert [k for op, k in log if op == "finish"] == list(range(count))
+        assert log.index(("start", 1)) < log.index(("finish", 0))          # bucket 1 filled while 0 is out
+        assert log.index(("start", ahead + 1)) > log.index(("finish", 0))  # no further than BUCKETS_AHEAD
+        assert summer.most_in_flight == ahead + 1
+        assert len(summer.storages) == 1                                   # one device buffer
+    expected = {hf: first[hf] + second[hf] for hf in first}
+    for rank_shards in ranks:
+        for hf, shard_list in rank_shards.items():
+            for shard in shard_list:
+                full = expected[hf]
+                if shard.part is not None:
+                    dim, lo, hi = shard.part
+                    full = full.narrow(dim, lo, hi - lo)
+                assert torch.allclose(shard.grad, full, atol=1e-6), hf
+
+
+def test_pipelined_bucket_sums_over_the_bridge_refill_the_buffer_safely():
+    """Three one-rank islands sum buckets through the real bridge ring, started ahead (start_lane):
+    a started bucket's buffer is refilled at once, so staging must copy it out, never alias it."""
+    from comm_bridge.allreduce import start_lane
+
+    config = micro_config()
+    grads = [replica_grads(config, seed) for seed in (1, 2, 3)]
+    ranks = [tp_shards(config, g, 1)[0] for g in grads]
+    buckets = GradBuckets(config, 100)
+    endpoints = [Endpoint(r, TOKEN, shm=False, default_timeout=20) for r in range(3)]
+    try:
+        for endpoint in endpoints:
+            endpoint.add_peers([e.address() for e in endpoints])
+        copies = [HostCopies(), HostCopies(), None]    # None: plain torch, whose .to("cpu") aliases
+        errors = []
+
+        def member(r):
+            summer = types.SimpleNamespace(start=lambda bucket, index: start_lane(
+                bucket, endpoints[r], [0, 1, 2], 0, timeout=20, accelerator=copies[r]))
+            try:
+                buckets.all_reduce(ranks[r], summer, torch.device("cpu"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=member, args=(r,)) for r in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not errors, errors
+        for shards in ranks:
+            for hf, (shard,) in shards.items():
+                assert torch.allclose(shard.grad, grads[0][hf] + grads[1][hf] + grads[2][hf], atol=1e-5), hf
+        assert all(len(c.sizes) == len(buckets.buckets) for c in copies[:2])   # one staging per bucket
+    finally:
+        for endpoint in endpoints:
+            endpoint.close()
+
+
 class HostCopies:
     """An accelerator stand-in that records every device->host staging it is asked for."""
     device_type = "cpu"

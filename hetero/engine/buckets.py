@@ -5,6 +5,7 @@ differently still sum bucket by bucket without a full-model vector anywhere.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -17,6 +18,11 @@ from hetero.model import layout
 
 GRAD_BUCKET_ENV = "HETERO_GRAD_BUCKET_MB"
 DEFAULT_GRAD_BUCKET_MB = 25.0        # fp32 elements of one hetero-DP bucket: MB = 1e6 bytes
+# Buckets started (island phase done, staged to host memory) ahead of the one on the bridge.
+# They cost host memory only (one staged shard each): the device keeps one bucket buffer,
+# refilled as soon as a started bucket's bytes have left it. An island that finishes its
+# backward early stages this many buckets while the others still compute.
+BUCKETS_AHEAD = 4
 
 
 def fitting_bucket_elements(wanted: int, free_bytes: int, fleet_sum) -> int:
@@ -94,27 +100,56 @@ class GradBuckets:
         """Sum every rank's `shards` (HF name -> [GradShard]: a tied LM head is a second copy of the
         embedding) over the fleet, in place, bucket by bucket.
 
-        `sum_bucket(buffer, index)` sums one 1-D fp32 device tensor fleet-wide, in place (outside
-        `scope`, the device scope the buffer is made and filled in: its bridge hop is host work)."""
+        `sum_bucket` sums one 1-D fp32 device tensor fleet-wide: either a callable
+        `sum_bucket(buffer, index)` that sums it in place (one bucket at a time), or an object
+        whose `start(buffer, index)` issues the bucket's island phase and device->host staging
+        and returns a pending sum whose `finish(buffer)` returns the device tensor holding the
+        total (Comms.replica_sum). With the latter the rounds overlap: buckets k+1..k+BUCKETS_AHEAD
+        are filled and started (one device buffer: a started bucket's bytes have left it) before
+        bucket k's bridge ring and copy-out, so the device works while the bridge carries. Host work (the
+        bridge) runs outside `scope`, the device scope the buffer is made and filled in."""
         with scope():
             buffer = torch.empty(self.widest, dtype=torch.float32, device=device)
-        for index, pieces in enumerate(self.buckets):
-            length = pieces[-1].offset + (pieces[-1].stop - pieces[-1].start) * pieces[-1].cols
-            bucket = buffer[:length]
-            with scope():
-                bucket.zero_()
-                for piece in pieces:
-                    for shard in shards.get(piece.hf, ()):
-                        pair = self._pair(bucket, piece, shard) if shard.counts else None
-                        if pair:
-                            pair[0].copy_(pair[1])
-            sum_bucket(bucket, index)
-            with scope():
-                for piece in pieces:
-                    for shard in shards.get(piece.hf, ()):
-                        pair = self._pair(bucket, piece, shard)
-                        if pair:
-                            pair[1].copy_(pair[0])
+        start = getattr(sum_bucket, "start", None)
+        if start is None:
+            for index in range(len(self.buckets)):
+                bucket = self._fill(buffer, index, shards, scope)
+                sum_bucket(bucket, index)
+                self._copy_out(bucket, index, shards, scope)
+            return
+        pending: collections.deque = collections.deque()
+        for index in range(len(self.buckets)):
+            while len(pending) <= BUCKETS_AHEAD and index + len(pending) < len(self.buckets):
+                ahead = index + len(pending)
+                pending.append(start(self._fill(buffer, ahead, shards, scope), ahead))
+            total = pending.popleft().finish(buffer[:self._length(index)])
+            self._copy_out(total, index, shards, scope)
+
+    def _length(self, index: int) -> int:
+        last = self.buckets[index][-1]
+        return last.offset + (last.stop - last.start) * last.cols
+
+    def _fill(self, buffer: torch.Tensor, index: int, shards: dict, scope) -> torch.Tensor:
+        """Bucket `index` in `buffer`: this rank's counted shards at their places, zeros elsewhere."""
+        bucket = buffer[:self._length(index)]
+        with scope():
+            bucket.zero_()
+            for piece in self.buckets[index]:
+                for shard in shards.get(piece.hf, ()):
+                    pair = self._pair(bucket, piece, shard) if shard.counts else None
+                    if pair:
+                        pair[0].copy_(pair[1])
+        return bucket
+
+    def _copy_out(self, total: torch.Tensor, index: int, shards: dict, scope) -> None:
+        """Every shard's region of bucket `index` from the summed `total`."""
+        total = total.reshape(-1)
+        with scope():
+            for piece in self.buckets[index]:
+                for shard in shards.get(piece.hf, ()):
+                    pair = self._pair(total, piece, shard)
+                    if pair:
+                        pair[1].copy_(pair[0])
 
     def _pair(self, bucket: torch.Tensor, piece: BucketPiece, shard: GradShard):
         """(bucket region, gradient region) of `piece` that this shard holds, or None."""

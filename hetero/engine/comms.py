@@ -139,34 +139,11 @@ class Comms:
                             accelerator=self.accelerator)
         return self._to_host(on_device).to(torch.float64)
 
-    def replica_sum(self, bucket: torch.Tensor, index: int = 0) -> torch.Tensor:
-        """Sum one gradient bucket (a 1-D tensor on this rank's device) over every rank of every
-        island, in place (hetero-DP). Every rank calls it for the same buckets in the same order.
-
-        Islands of equal size use comm_bridge's island-aware ring (reduce-scatter in the
-        island, bridge ring between same-local-rank peers, all-gather: every rank's link
-        carries a shard). Islands of different sizes reduce bucket `index` onto island rank
-        `index mod size`, ring those ranks' sums over the bridge and broadcast: consecutive
-        buckets use different ranks, so the traffic is shared among every island's ranks.
-        """
-        if self.topology.plan.world_size == 1:
-            return bucket
-        if self.endpoint is None:  # one island
-            with device_scope(self.accelerator):
-                dist.all_reduce(bucket)
-            return bucket
-        from comm_bridge.allreduce import cross_island_all_reduce, lane_all_reduce
-
-        sizes = self._island_sizes()
-        group = self._island_group()
-        if len(set(sizes.values())) == 1:
-            mine = self.topology.world_rank(self.rank)
-            peers = self._island_ranks_at(lambda size: mine)
-            return cross_island_all_reduce(bucket, self.endpoint, peers, island_group=group, timeout=TIMEOUT_S,
-                                           accelerator=self.accelerator)
-        holder = index % sizes[self.place.island]
-        return lane_all_reduce(bucket, self.endpoint, self._island_ranks_at(lambda size: index % size), holder,
-                               island_group=group, timeout=TIMEOUT_S, accelerator=self.accelerator)
+    @property
+    def replica_sum(self) -> "ReplicaSum":
+        """The hetero-DP bucket sum: call it on a bucket to sum it in place, or `start` it and
+        `finish` later (ReplicaSum)."""
+        return ReplicaSum(self)
 
     def _island_sizes(self) -> dict[str, int]:
         islands = list(dict.fromkeys(r.island for r in self.topology.plan.ranks))
@@ -258,3 +235,60 @@ def _stop_on_peer_failure(rank: int, reason: str) -> None:
     # launcher tears the job down and restarts it from the last checkpoint.
     print(f"hetero: peer rank {rank} failed ({reason}); stopping this worker", file=sys.stderr, flush=True)
     os._exit(PEER_STOPPED_EXIT_CODE)
+
+
+
+class ReplicaSum:
+    """Sums hetero-DP gradient buckets (1-D tensors on this rank's device) over every rank of
+    every island. Every rank starts the same buckets in the same order.
+
+    Islands of equal size use comm_bridge's island-aware ring (reduce-scatter in the
+    island, bridge ring between same-local-rank peers, all-gather: every rank's link
+    carries a shard). Islands of different sizes reduce bucket `index` onto island rank
+    `index mod size`, ring those ranks' sums over the bridge and broadcast: consecutive
+    buckets use different ranks, so the traffic is shared among every island's ranks.
+
+    `start(bucket, index)` issues the island phase and the device->host staging and
+    returns at once (the bucket may then be refilled); `PendingSum.finish(out)` rings it
+    over the bridge and lands the sum on the device, so bucket k+1 can be filled and staged
+    while bucket k is on the bridge (hetero.engine.buckets).
+    """
+
+    def __init__(self, comms: Comms):
+        self.comms = comms
+
+    def __call__(self, bucket: torch.Tensor, index: int = 0) -> torch.Tensor:
+        result = self.start(bucket, index).finish(bucket)
+        if result is not bucket:
+            with device_scope(self.comms.accelerator):
+                bucket.copy_(result.view(bucket.shape))
+        return bucket
+
+    def start(self, bucket: torch.Tensor, index: int = 0):
+        from comm_bridge.allreduce import start_cross_island, start_lane
+
+        comms = self.comms
+        if comms.topology.plan.world_size == 1 or comms.endpoint is None:
+            return _IslandSum(bucket, comms.topology.plan.world_size > 1, comms.accelerator)
+        sizes = comms._island_sizes()
+        group = comms._island_group()
+        if len(set(sizes.values())) == 1:
+            mine = comms.topology.world_rank(comms.rank)
+            return start_cross_island(bucket, comms.endpoint, comms._island_ranks_at(lambda size: mine),
+                                      island_group=group, timeout=TIMEOUT_S, accelerator=comms.accelerator)
+        holder = index % sizes[comms.place.island]
+        return start_lane(bucket, comms.endpoint, comms._island_ranks_at(lambda size: index % size), holder,
+                          island_group=group, timeout=TIMEOUT_S, accelerator=comms.accelerator)
+
+
+class _IslandSum:
+    """One island is the whole job: its native all-reduce is the sum (no bridge to overlap)."""
+
+    def __init__(self, bucket: torch.Tensor, reduce: bool, accelerator):
+        with device_scope(accelerator):
+            self.total = bucket.clone()
+            if reduce:
+                dist.all_reduce(self.total)
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        return self.total
