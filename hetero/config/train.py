@@ -10,6 +10,7 @@ from hetero.config.fields import Section, choice, integer, number, text
 DTYPES = ("fp32", "bf16", "fp16")
 DATA_KINDS = ("synthetic", "tokens", "text")
 ON_NAN = ("stop", "skip")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"   # after warm-up: constant, or cosine / linear decay to min_lr
+    min_lr: float = 0.0
     on_nan: str = "stop"     # a non-finite loss or gradient norm: stop the job, or skip that step's update
     checkpoint: CheckpointConfig | None = None
     data: DataConfig = DataConfig(kind="synthetic")
@@ -53,6 +56,8 @@ def read_train(section: Section) -> TrainConfig:
         weight_decay=section.get("weight_decay", number(0.0, 10.0, low_inclusive=True), 0.0),
         grad_clip=section.get("grad_clip", number(0.0, 1e6, low_inclusive=True), 1.0),
         warmup_steps=section.get("warmup_steps", integer(0, 1 << 30), 0),
+        lr_schedule=section.get("lr_schedule", choice(*LR_SCHEDULES), "constant"),
+        min_lr=section.get("min_lr", number(0.0, 10.0, low_inclusive=True), 0.0),
         on_nan=section.get("on_nan", choice(*ON_NAN), "stop"),
         checkpoint=_read_checkpoint(section, base),
         data=_read_data(section, base),
@@ -62,7 +67,15 @@ def read_train(section: Section) -> TrainConfig:
         section.fail("micro_batch", f"must not exceed global_batch ({train.global_batch}); got {train.micro_batch}")
     if train.global_batch % train.micro_batch:
         section.fail("micro_batch", f"must divide global_batch ({train.global_batch}); got {train.micro_batch}")
+    _check_schedule(section, train)
     return train
+
+
+def _check_schedule(section: Section, train: TrainConfig) -> None:
+    if "min_lr" in section.data and train.lr_schedule == "constant":
+        section.fail("min_lr", "applies only to lr_schedule: cosine or linear (the schedule is constant)")
+    if train.min_lr > train.lr:
+        section.fail("min_lr", f"must not exceed lr ({train.lr:g}); got {train.min_lr:g}")
 
 
 def _read_checkpoint(section: Section, base: str) -> CheckpointConfig | None:

@@ -1,14 +1,25 @@
 """Gradient reductions and clipping for one rank's stage.
 
 After the 1F1B step every parameter holds this rank's local gradient. `GradientSync`
-makes it the fleet's: summed over the stage's DP group and between the two copies of a
-tied embedding (island collectives on device memory), then over the pipelines of a
-hetero-DP plan (bucketed, hetero.engine.buckets); it also gives this rank's share of the
-global squared norm, counting every value once, and clips.
+takes them as the step's fp32 gradients (`collect`: the parameters' own gradients in
+fp32 without ZeRO-1, else an fp32 copy in the stage's flat layout, unscaled by fp16's
+loss scale) and makes them the fleet's, in this order:
+
+1. between the two copies of a tied embedding (each DP replica with its partner),
+2. over the stage's DP group: all-reduced, or under ZeRO-1 reduce-scattered so each
+   rank holds the sum of its own shard only (zeros elsewhere),
+3. over the pipelines of a hetero-DP plan (bucketed, hetero.engine.buckets); under
+   ZeRO-1 every DP rank contributes its own shard, so the buckets still add each value once,
+4. this rank's share of the global squared norm (fp64, every value counted once: one
+   DP replica or, under ZeRO-1, each rank's own shard), and clipping.
+
+The sums are linear, so the tied swap may come before the DP sum: both stages of a
+pipeline have the same DP degree and swap replica by replica.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 from hetero.engine import tags
@@ -17,31 +28,61 @@ from hetero.model import layout
 
 
 class GradientSync:
-    def __init__(self, comms, model, params: dict, accelerator, scope, tied_link=None):
+    def __init__(self, comms, model, params: dict, accelerator, scope, tied_link=None, shard=None,
+                 zero: bool = False):
         self.comms, self.model, self.params, self.accel = comms, model, params, accelerator
         self.place = comms.place
         self.scope = scope               # () -> the device scope island collectives run in
         self.tied_link = tied_link       # the link to the other copy of a tied embedding, or None
+        self.shard = shard               # the stage's flat layout (hetero.engine.zero), or None
+        self.zero = zero                 # ZeRO-1: reduce-scatter over the DP group
+        self.grads: dict = {}            # {name: fp32 gradient} of the step being reduced
+        self.flat = None                 # their flat vector (flat layout only)
         self._buckets = None             # hetero-DP gradient buckets, made on first use
 
+    def collect(self, loss_scale: float = 1.0) -> None:
+        """Take the parameters' gradients as this step's fp32 gradients, divided by `loss_scale`."""
+        if self.shard is None:
+            self.grads = {name: param.grad for name, param in self.params.items()}
+            return
+        with self.scope():
+            self.flat = self.shard.flatten({n: p.grad for n, p in self.params.items()}, torch.float32,
+                                           self.comms.device)
+            if loss_scale != 1.0:
+                self.flat.mul_(1.0 / loss_scale)
+        for param in self.params.values():
+            param.grad = None
+        self.grads = self.shard.views(self.flat)
+
+    def release(self) -> None:
+        self.grads, self.flat = {}, None
+
     def within_stage(self) -> None:
-        """Sum gradients over the stage's DP group and between tied embedding copies."""
+        """Sum gradients between tied embedding copies, then over the stage's DP group."""
         self.comms.flush()
-        if self.place.stage.dp > 1:
-            with self.scope():
-                for param in self.params.values():
-                    dist.all_reduce(param.grad, group=self.comms.dp_group)
         if self.tied_link is not None:
             # The two copies may differ in TP: swap full gradients (resharded like
             # activations), then add the other copy's share of ours.
             name = "model.embed_tokens.weight" if self.place.is_first else "lm_head.weight"
-            grad = self.params[name].grad
+            grad = self.grads[name]
             with self.scope():
                 full = self.model.tp.all_gather(grad, 0)
             other = self.tied_link.exchange(full, tags.TIED)
             self.comms.flush()
             with self.scope():
                 grad.add_(self.model.tp.shard(other, 0))
+        if self.place.stage.dp == 1:
+            return
+        with self.scope():
+            if self.zero:
+                mine = self.shard.reduce_scatter(self.flat)
+                self.flat.zero_()
+                self.shard.shard_of(self.flat).copy_(mine)
+            elif self.flat is not None:
+                dist.all_reduce(self.flat, group=self.comms.dp_group)
+            else:
+                for grad in self.grads.values():
+                    dist.all_reduce(grad, group=self.comms.dp_group)
 
     def across_pipelines(self) -> None:
         """hetero-DP: sum gradients over the pipelines (one whole replica per island).
@@ -59,34 +100,50 @@ class GradientSync:
             wanted = fitting_bucket_elements(grad_bucket_elements(), self.accel.free_memory(), self.comms.fleet_sum)
             self._buckets = GradBuckets(self.model.config, wanted)
         shards = {}
-        for name, param in self.params.items():
+        for name in self.params:
             hf = self.model.hf_name(name)
             dim = layout.split_dim(hf)
             part = None
             if dim is not None and self.model.tp.size > 1:
                 part = (dim, *self.model.tp.part(layout.full_shape(self.model.config, hf)[dim], hf))
-            shards.setdefault(hf, []).append(GradShard(param.grad, part, self.counts_once(name)))
+            shards.setdefault(hf, []).append(GradShard(self.grads[name], part, self.counts_once(name)))
         self._buckets.all_reduce(shards, self.comms.replica_sum, self.comms.device, self.scope)
 
     def counts_once(self, name: str) -> bool:
         """Whether this rank's copy of `name` is the one that counts in a fleet-wide sum:
-        one DP replica, one TP rank for replicated values, the first stage for tied embeddings."""
-        if self.place.dp_rank != 0:
+        one DP replica (under ZeRO-1 every rank: it holds its own shard and zeros), one TP rank for
+        replicated values, the first stage for tied embeddings."""
+        if self.place.dp_rank != 0 and not self.zero:
             return False
         if name == "lm_head.weight" and self.model.tied_lm_head:
             return False
         return layout.split_dim(self.model.hf_name(name)) is not None or self.place.tp_rank == 0
 
     def local_sq_norm(self) -> float:
-        """This rank's share of the global squared gradient norm, counting each value once."""
-        if self.place.dp_rank != 0 or self.place.stage.pipeline != 0:
+        """This rank's share of the global squared gradient norm (fp64), counting each value once."""
+        if self.place.stage.pipeline != 0:
             return 0.0
-        return sum(float(p.grad.double().pow(2).sum()) for n, p in self.params.items() if self.counts_once(n))
+        if self.zero:
+            mine = self.shard.shard_of(self.flat)
+            return sum(float(mine[p.at:p.at + p.stop - p.start].double().pow(2).sum())
+                       for p in self.shard.pieces() if self.counts_once(p.name))
+        if self.place.dp_rank != 0:
+            return 0.0
+        return sum(float(g.double().pow(2).sum()) for n, g in self.grads.items() if self.counts_once(n))
 
     def clip(self, grad_norm: float, limit: float) -> None:
         """Scale every gradient so the global norm is at most `limit` (0 or None: no clipping)."""
         if limit and grad_norm > limit:
             scale = limit / (grad_norm + 1e-6)
             with self.scope():
-                for param in self.params.values():
-                    param.grad.mul_(scale)
+                if self.flat is not None:
+                    (self.shard.shard_of(self.flat) if self.zero else self.flat).mul_(scale)
+                else:
+                    for grad in self.grads.values():
+                        grad.mul_(scale)
+
+    def for_optimizer(self):
+        """What the optimizer steps with: {name: gradient}, or this rank's flat shard of them."""
+        if self.flat is None:
+            return self.grads
+        return self.shard.shard_of(self.flat)

@@ -1,6 +1,12 @@
 """One worker's training loop: its stage of the model, 1F1B, reductions, AdamW,
 metrics and checkpoints. Every rank of the job runs this with its own Place.
 
+A step: 1F1B (`_step_compute`; fp16 scales the loss before backward), the gradients
+made the fleet's (GradientSync: tied copies, DP group — reduce-scattered under ZeRO-1 —
+hetero-DP pipelines), one fleet-wide sum of the loss and squared norm, then clip and
+update (AdamW over fp32 master weights in bf16/fp16: hetero.engine.precision), or a
+skipped update (fp16 overflow anywhere, or train.on_nan: skip).
+
 Every decision that could split the fleet (which checkpoint to resume from, a
 non-finite loss, a failed checkpoint write) is taken from fleet-wide sums, so
 all ranks take it alike.
@@ -18,16 +24,17 @@ from hetero.engine import checkpoint as ckpt
 from hetero.engine import tags
 from hetero.engine.data import SampleSource
 from hetero.engine.gradients import GradientSync
+from hetero.engine.lr_schedule import learning_rate
 from hetero.engine.metrics import ChipClock, MetricsRecorder, PeakMemory
 from hetero.engine.optimizer import AdamW
+from hetero.engine.precision import DTYPES, LossScaler, needs_master
 from hetero.engine.schedule import one_f_one_b
 from hetero.engine.transport import StageLink, device_scope, to_device, to_host
+from hetero.engine.zero import FlatShard
 from hetero.errors import JobFatalError
 from hetero.model import LlamaStage, TensorParallel
-from hetero.model import layout
+from hetero.model.init import init_full_tensor
 from hetero.model.state import full_state_dict, load_full_state_dict
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -50,13 +57,22 @@ class Trainer:
                                     tp=tp, dtype=self.dtype, device=comms.device, seed=train_config.seed,
                                     recompute=stage.recompute)
         self.params = dict(self.model.named_parameters())
-        self.optimizer = AdamW(self.params, train_config.lr, train_config.weight_decay)
+        self.zero1 = bool(comms.topology.plan.zero1) and stage.dp > 1
+        shard = self._flat_layout()
+        with self._scope():
+            self.optimizer = AdamW(self.model, self.params, train_config.lr, train_config.weight_decay,
+                                   shard=shard, master=needs_master(self.dtype))
+            if self.optimizer.master is not None:   # the master starts from the fp32 init, not its rounding
+                self.optimizer.load_master({n: init_full_tensor(model_config, self.model.hf_name(n),
+                                                                train_config.seed) for n in self.params})
+        self.scaler = LossScaler(enabled=self.dtype == torch.float16)
         self._track_memory()
         topology = comms.topology
         self.prev = self._link(topology.neighbour(place, -1))
         self.next = self._link(topology.neighbour(place, +1))
         partners = topology.tied_partners(place) if model_config.tie_embeddings else None
-        self.grads = GradientSync(comms, self.model, self.params, accelerator, self._scope, self._link(partners))
+        self.grads = GradientSync(comms, self.model, self.params, accelerator, self._scope, self._link(partners),
+                                  shard=shard, zero=self.zero1)
         self.data = SampleSource(train_config.data, model_config.vocab, model_config.seq_len,
                                  train_config.seed, train_config.global_batch)
         self.schedule = one_f_one_b(place.position, len(place.pipeline_stages), place.num_micro_batches)
@@ -68,13 +84,21 @@ class Trainer:
     def _scope(self):
         return device_scope(self.accel)
 
+    def _flat_layout(self) -> FlatShard | None:
+        """The stage's flat layout (ZeRO-1 over the DP group, or mixed precision), or None (fp32
+        without ZeRO-1: per-parameter state, updated in place)."""
+        if self.zero1:
+            return FlatShard(self.params, self.place.stage.dp, self.place.dp_rank, self.comms.dp_group)
+        return FlatShard(self.params) if needs_master(self.dtype) else None
+
     def _track_memory(self) -> None:
         track = getattr(self.accel, "track", None)
         if track:
-            for name, param in self.params.items():
+            for param in self.params.values():
                 track(param)
-                track(self.optimizer.exp_avg[name])
-                track(self.optimizer.exp_avg_sq[name])
+            for store in self.optimizer.local_state().values():
+                for tensor in store.values():
+                    track(tensor)
 
     def _link(self, peers):
         if peers is None:
@@ -91,11 +115,9 @@ class Trainer:
         found = saved.directory
         names = {self.model.hf_name(n): n for n in self.params}
         load_full_state_dict(self.model, saved.tensors(names), source=found)
-        for kind, store in (("exp_avg", self.optimizer.exp_avg), ("exp_avg_sq", self.optimizer.exp_avg_sq)):
-            full = saved.tensors([f"{kind}.{hf}" for hf in names])
-            for hf, module_name in names.items():
-                store[module_name].copy_(self.model.tp.shard(full[f"{kind}.{hf}"], layout.split_dim(hf)))
-        self.optimizer.steps = saved.optimizer_steps
+        with self._scope():
+            self.optimizer.load(saved)
+        self.scaler.load(saved.state)
         self._log_once(f"resumed from {found} (step {saved.step})")
         return saved.step
 
@@ -115,52 +137,72 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------
     def run(self) -> None:
-        tokens_per_step = self.train.global_batch * self.model_config.seq_len
         for step in range(self.start_step, self.steps):
-            started = self.clock.now()
-            self.metrics.peaks.step_started()
-            loss_sum = self._step_compute(step)
-            self.grads.within_stage()
-            reduce_started = self.clock.now()
-            self.grads.across_pipelines()
-            cross_island_s = self.clock.now() - reduce_started
-            sums = torch.tensor([loss_sum, self.grads.local_sq_norm()], dtype=torch.float64)
-            totals = self.comms.fleet_sum(torch.cat([sums, self.metrics.peaks.slots()]))   # peaks ride along
-            loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
-            finite = self._check_finite(step, loss, grad_norm)
-            if finite:
-                self.grads.clip(grad_norm, self.train.grad_clip)
-                with self._scope():
-                    self.optimizer.step(self._lr(step))
-            self.optimizer.zero_grad()
-            self.accel.synchronize()
-            self.metrics.peaks.update_done()
-            step_s = self.clock.now() - started
-            if finite:
-                self.metrics.step({"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
-                                   "step_s": step_s, "grad_norm": grad_norm, "time": self.clock.stamp(),
-                                   "cross_island_reduce_s": cross_island_s}, peak_slots=totals[2:])
+            self._train_step(step)
             every = self.train.checkpoint.every if self.train.checkpoint else 0
             if every and ((step + 1) % every == 0 or step + 1 == self.steps):
                 self._save(step + 1)
         self.comms.flush()
         self.metrics.close()
 
-    def _check_finite(self, step: int, loss: float, grad_norm: float) -> bool:
-        """False when this step's update must be skipped (train.on_nan: skip); raises JobFatalError
-        (train.on_nan: stop) before anything is checkpointed. Loss and norm are fleet-wide sums, the
-        same on every rank, so every rank decides alike."""
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            return True
-        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+    def _train_step(self, step: int) -> None:
+        tokens_per_step = self.train.global_batch * self.model_config.seq_len
+        started = self.clock.now()
+        self.metrics.peaks.step_started()
+        loss_sum = self._step_compute(step)
+        self.grads.collect(self.scaler.scale)
+        self.grads.within_stage()
+        reduce_started = self.clock.now()
+        self.grads.across_pipelines()
+        cross_island_s = self.clock.now() - reduce_started
+        sums = torch.tensor([loss_sum, self.grads.local_sq_norm()], dtype=torch.float64)
+        totals = self.comms.fleet_sum(torch.cat([sums, self.metrics.peaks.slots()]))   # peaks ride along
+        loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
+        scale, lr = self.scaler.scale, learning_rate(self.train, step, self.steps)
+        finite = self._check_finite(step, loss)
+        if finite and self._gradients_usable(step, grad_norm):
+            self.grads.clip(grad_norm, self.train.grad_clip)
+            with self._scope():
+                self.optimizer.step(self.grads.for_optimizer(), lr)
+        self.optimizer.zero_grad()
+        self.grads.release()
+        self.accel.synchronize()
+        self.metrics.peaks.update_done()
+        step_s = self.clock.now() - started
+        if finite and (math.isfinite(grad_norm) or self.scaler.enabled):   # an fp16 overflow is recorded too
+            self.metrics.step({"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
+                               "step_s": step_s, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                               "time": self.clock.stamp(), "cross_island_reduce_s": cross_island_s, "lr": lr,
+                               **self._scaler_fields(scale)}, peak_slots=totals[2:])
+
+    def _check_finite(self, step: int, loss: float) -> bool:
+        """False when this step's loss is not finite and its update must be skipped (train.on_nan:
+        skip); raises JobFatalError (train.on_nan: stop) before anything is checkpointed. The loss is a
+        fleet-wide sum, the same on every rank, so every rank decides alike."""
+        return math.isfinite(loss) or self._non_finite(step, f"loss is {loss}")
+
+    def _gradients_usable(self, step: int, grad_norm: float) -> bool:
+        """Whether the step's gradients may update the weights. A non-finite norm (a fleet-wide sum:
+        an inf or nan on any rank makes it so) is an overflow under fp16 loss scaling: the step is
+        skipped and the scale backs off; otherwise it is train.on_nan's to handle."""
+        overflow = not math.isfinite(grad_norm)
+        if self.scaler.enabled:
+            if overflow:
+                self._log_once(f"step {step + 1}: gradients overflowed at loss scale {self.scaler.scale:g}; "
+                               f"skipping this step's update (loss scale now {self.scaler.scale * self.scaler.backoff:g})")
+            self.scaler.update(overflow)
+            return not overflow
+        return not overflow or self._non_finite(step, f"gradient norm is {grad_norm}")
+
+    def _non_finite(self, step: int, what: str) -> bool:
         if self.train.on_nan == "stop":
             raise JobFatalError(f"step {step + 1}: {what}; stopping before checkpointing (train.on_nan: stop)")
         self._log_once(f"step {step + 1}: {what}; skipping this step's update (train.on_nan: skip)")
         return False
 
-    def _lr(self, step: int) -> float:
-        warmup = self.train.warmup_steps
-        return self.train.lr * min(1.0, (step + 1) / warmup) if warmup else self.train.lr
+    def _scaler_fields(self, scale: float) -> dict:
+        """fp16's step-record fields: the loss scale the step ran at, and the skipped steps so far."""
+        return {"loss_scale": scale, "skipped_steps": self.scaler.skipped_steps} if self.scaler.enabled else {}
 
     def _step_compute(self, step: int) -> float:
         """Run this stage's 1F1B schedule for one step; return the summed loss (last stage).
@@ -206,6 +248,8 @@ class Trainer:
                         out = self.model.loss(out, labels, reduction="sum") / total_tokens
                         if place.tp_rank == 0:   # every TP rank holds the same loss
                             loss_sum += float(out.detach()) * total_tokens
+                        if self.scaler.enabled:  # fp16: backward runs on the scaled loss
+                            out = out * self.scaler.scale
                 self.accel.synchronize()
                 inputs[mb], outputs[mb] = x, out
                 send_link, payload, link = self.next, out, self.prev
@@ -234,22 +278,17 @@ class Trainer:
         root = self.train.checkpoint.dir
         self._refuse_non_finite_state(step)
         self._agree_written(root, step, self._only_rank0(ckpt.prepare, root, step))
-        with self._scope():       # TP gathers run on device memory
-            model = full_state_dict(self.model, accelerator=self.accel)
-        moments = {}
-        for kind, store in (("exp_avg", self.optimizer.exp_avg), ("exp_avg_sq", self.optimizer.exp_avg_sq)):
-            for name, tensor in store.items():
-                hf = self.model.hf_name(name)
-                dim = layout.split_dim(hf)
-                with self._scope():
-                    whole = tensor if dim is None else self.model.tp.all_gather(tensor, dim)
-                moments[f"{kind}.{hf}"] = self._host_copy(whole)
+        with self._scope():       # TP and ZeRO-1 gathers run on device memory
+            master, moments = self.optimizer.save_tensors(self._host_copy)
+            # Weights: the fp32 master copy where there is one (bf16/fp16), else the parameters.
+            model = master if master is not None else full_state_dict(self.model, accelerator=self.accel)
         writer = self.place.tp_rank == 0 and self.place.dp_rank == 0 and self.place.stage.pipeline == 0
         failed = None
         if writer:
             failed = _out_of_space(ckpt.write_stage_files, root, step, self.place.stage.index, model, moments)
         self._agree_written(root, step, failed)
-        extra = {"data_position": {"next_step": step}, "optimizer_steps": self.optimizer.steps}
+        extra = {"data_position": {"next_step": step}, "optimizer_steps": self.optimizer.steps,
+                 **self.scaler.state()}
         failed = self._only_rank0(ckpt.commit, root, step, self.model_config, extra)
         self._agree_written(root, step, failed)
         self._log_once(f"checkpoint {ckpt.step_dir(root, step)}")
@@ -278,8 +317,7 @@ class Trainer:
 
     def _refuse_non_finite_state(self, step: int) -> None:
         """Raise JobFatalError on every rank if any rank's weights or moments hold nan or inf."""
-        stores = (("", self.params), ("exp_avg.", self.optimizer.exp_avg),
-                  ("exp_avg_sq.", self.optimizer.exp_avg_sq))
+        stores = (("", self.params), *self.optimizer.local_state().items())
         bad = next((prefix + self.model.hf_name(name) for prefix, store in stores for name, t in store.items()
                     if not bool(torch.isfinite(t.detach()).all())), None)
         if self._any_rank(bad is not None):
