@@ -88,7 +88,7 @@ REFUSED = [
 @pytest.mark.parametrize("field,change,fragment", REFUSED, ids=[r[0] for r in REFUSED])
 def test_run_refuses_what_the_engine_cannot_honour(hetero_cli, fake_launcher, good_plan, tmp_path,
                                                   field, change, fragment):
-    path = edited(good_plan, tmp_path / "..", change, f"refused-{field}.json")
+    path = edited(good_plan, tmp_path, change)
     out = tmp_path / "run"
     one_line(*hetero_cli("run", *JOB_FLAGS, "--plan", path, "--out", str(out)), "run", f"{path}: {field}: ",
              fragment)

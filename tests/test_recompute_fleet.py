@@ -24,7 +24,7 @@ def with_recompute(plan, modes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modes", [("full", "selective"), ("selective", "full")])
+@pytest.mark.parametrize("modes", [("full", "selective"), ("selective", "full")], ids=["tp2-full", "tp2-selective"])
 def test_recompute_matches_one_process_without_it(tmp_path, job, modes):
     plan = make_plan(job, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (2, 3), 0)])
     records, _, log = run_fleet(tmp_path, with_recompute(plan, modes))
