@@ -21,7 +21,6 @@ from test_hardening_cli_plans import CONFIGS, JOB_FLAGS, one_line
 from conftest import ROOT
 from hetero.config import load_job
 from hetero.engine import support
-from hetero.errors import ConfigError
 from hetero.plan_check import load_checked_plan
 from hetero.runner import search_plan
 from partitioner.inputs import RECOMPUTE_MODES as PLANNER_MODES
@@ -96,14 +95,20 @@ def test_run_refuses_what_the_engine_cannot_honour(hetero_cli, fake_launcher, go
 
 
 @pytest.mark.parametrize("field,change,fragment", REFUSED[:2], ids=[r[0] for r in REFUSED[:2]])
-def test_the_worker_refuses_it_and_launch_of_another_script_does_not(good_plan, tmp_path, field, change,
-                                                                      fragment):
+def test_the_worker_refuses_it_and_launch_of_another_script_does_not(good_plan, tmp_path, capsys, monkeypatch,
+                                                                      field, change, fragment):
+    from hetero.engine import worker
+    from hetero.errors import FATAL_EXIT_CODE
+
+    monkeypatch.setenv("HETERO_GLOBAL_RANK", "1")
+    monkeypatch.setenv("HETERO_NODE", "127.0.0.1")
     path = edited(good_plan, tmp_path, change)
-    job = load_job(**CONFIGS)
-    with pytest.raises(ConfigError, match=fragment) as refused:
-        load_checked_plan(path, job, engine=True)
-    assert refused.value.path == field
-    assert load_checked_plan(path, job).stages     # hetero launch SCRIPT: the plan format only
+    args = ["--plan", path, *JOB_FLAGS, "--run-dir", str(tmp_path / "run")]
+    assert worker.main(args) == FATAL_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"hetero: rank 1 on 127.0.0.1: {path}: {field}: "), err
+    assert fragment in err[0]
+    assert load_checked_plan(path, load_job(**CONFIGS)).stages     # hetero launch SCRIPT: the format only
 
 
 def test_zero1_runs_only_where_the_engine_has_it(hetero_cli, fake_launcher, good_plan, tmp_path):
