@@ -160,6 +160,7 @@ def job_files(tmp_path_factory):
     with open(os.path.join(ROOT, "configs", "train-tiny.yaml")) as handle:
         text = handle.read()
     text = re.sub(r"^steps: \d+", f"steps: {STEPS}", text, flags=re.M)
+    text = re.sub(r"^global_batch: \d+", "global_batch: 4", text, flags=re.M)   # half the default's work per step
     train.write_text(re.sub(r"every: \d+", "every: 1", text))
     return ["--cluster", str(cluster), "--model", MODEL, "--train", str(train)]
 

@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 
 from hetero.errors import UserError
 from hetero.launch import inputs
@@ -76,20 +77,23 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
     token, _ = inputs.job_token(token_file, base_env, needed=False)
     run_dir = os.path.abspath(run_dir) if run_dir else tempfile.mkdtemp(prefix="hetero-run-")
     os.makedirs(run_dir, exist_ok=True)
+    started = time.monotonic()
     _connect(ray, address)
+    connected = time.monotonic()
     try:
         driver_ip = ray.util.get_node_ip_address()
         # The coordinator stays with the driver: the workers reach it at the driver's address.
         config = dataclasses.replace(config, coordinator=dataclasses.replace(config.coordinator, host=driver_ip))
         layout = build_layout(config, plan, node=driver_ip)
         placements = _reserve(ray, layout, placement_timeout)
+        reserved = time.monotonic()
         forwarded = {k: v for k, v in base_env.items() if k.startswith(FORWARDED_PREFIXES)}
         job = _RayJob(layout, None, entry, token, run_dir, os.path.abspath(plan_path) if plan_path else None,
                       cluster_path, forwarded, rdzv_timeout, shutdown_timeout, stdout, stderr,
                       os.path.abspath(checkpoint_dir) if checkpoint_dir else os.path.join(run_dir, "checkpoints"))
         job.placements = placements
-        job.say(f"on Ray: {len(placements)} placement group(s), coordinator at {layout.coordinator_address}",
-                console=True)
+        job.say(f"on Ray: connected in {connected - started:.1f} s, {len(placements)} placement group(s) reserved in "
+                f"{reserved - connected:.1f} s, coordinator at {layout.coordinator_address}", console=True)
         remove_rings(token)
         control = HeadControl(layout, token, [], max_restarts, heartbeat_timeout,
                               ack_timeout=shutdown_timeout + 30.0, join_timeout=rdzv_timeout,
