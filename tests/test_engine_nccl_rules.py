@@ -8,6 +8,7 @@
 - bridge sends stage device->host copies through the accelerator, non-blocking.
 """
 
+import contextlib
 import threading
 import types
 
@@ -601,3 +602,40 @@ def test_the_bucket_shrinks_to_fit_the_tightest_rank_and_every_rank_agrees():
     agreed = {rank: fitting_bucket_elements(wanted, nbytes, lambda v: fleet) for rank, nbytes in free.items()}
     assert agreed["roomy"] == agreed["tight"] == alone["tight"]
     assert torch.equal(fleet, vote(free["roomy"]) + vote(free["tight"]))
+
+
+class LoopTransport:
+    """Point-to-point stand-in: records what each rank sends and serves receives from it."""
+
+    def __init__(self):
+        self.sent, self.device, self.accelerator = [], torch.device("cpu"), None
+
+    def batch(self):
+        return contextlib.nullcontext()
+
+    def isend(self, tensor, dst, tag):
+        self.sent.append((dst, tensor.clone()))
+
+    def irecv(self, shape, dtype, src, tag):
+        self.posted = (src, tuple(shape))
+        return types.SimpleNamespace(wait=lambda: torch.arange(float(shape[0])))
+
+
+def test_a_small_boundary_tensor_goes_whole_to_each_receiving_tp_rank(monkeypatch):
+    """Below WHOLE_MAX_BYTES a TP1 sender ships the whole activation to both TP2 receivers and each
+    receiver takes it as it is: no all-gather (a collective round per micro-batch) on the critical
+    path. Above it, the overlap mapping's shares go out and the receivers would all-gather."""
+    from hetero.engine import transport as transport_module
+
+    full = torch.arange(12.0).view(3, 4)
+    sender = LoopTransport()
+    StageLink(sender, 0, 1, None, [10, 11]).send(full, tag=3)
+    assert [(dst, t.numel()) for dst, t in sender.sent] == [(10, 12), (11, 12)]
+    receiver = LoopTransport()
+    got = StageLink(receiver, 1, 2, None, [20]).recv((3, 4), torch.float32, tag=3)   # tp_group None: no gather
+    assert receiver.posted == (20, (12,)) and torch.equal(got, full)
+
+    monkeypatch.setattr(transport_module, "WHOLE_MAX_BYTES", 16)
+    sender = LoopTransport()
+    StageLink(sender, 0, 1, None, [10, 11]).send(full, tag=3)
+    assert [(dst, t.numel()) for dst, t in sender.sent] == [(10, 6), (11, 6)]

@@ -30,6 +30,10 @@ import torch.distributed as dist
 from comm_bridge.reshard import overlap_plan, share
 
 NATIVE_TAG = 0   # NCCL/HCCL ignore tags: match in issue order, on gloo too
+# A stage boundary tensor up to this size goes whole to every receiving TP rank: one island
+# collective (the receivers' all-gather, a round of latency on the critical path of every
+# micro-batch) costs more than (b-1)/b of a megabyte more on the link.
+WHOLE_MAX_BYTES = 1 << 20
 
 
 def device_scope(accelerator):
@@ -197,7 +201,9 @@ class StageLink:
     Instead of every receiver fetching it whole, sender TP rank i ships only the
     pieces of its 1/a share that overlap each receiver's 1/b share; the
     receivers then all-gather inside their TP group. Bridge load spreads over
-    all a x b links (FlagScale's overlap mapping).
+    all a x b links (FlagScale's overlap mapping). A tensor of at most
+    WHOLE_MAX_BYTES goes whole to each receiver instead (sender j mod a serves
+    receiver j), so that no all-gather waits on the critical path.
     """
 
     def __init__(self, transport, my_tp_rank: int, my_tp_size: int, tp_group, peers: list[int]):
@@ -212,6 +218,11 @@ class StageLink:
 
     def send(self, full: torch.Tensor, tag: int) -> None:
         flat = full.detach().contiguous().view(-1)
+        if _whole(flat.numel(), flat.dtype, len(self.peers)):
+            for receiver, peer in enumerate(self.peers):   # sender i serves receivers i, i+a, ...
+                if receiver % self.tp_size == self.tp_rank:
+                    self.transport.isend(flat, peer, tag)
+            return
         for piece in overlap_plan(flat.numel(), self.tp_size, len(self.peers)):
             if piece.sender == self.tp_rank and piece.stop > piece.start:
                 self.transport.isend(flat[piece.start:piece.stop], self.peers[piece.receiver], tag)
@@ -221,6 +232,9 @@ class StageLink:
         numel = 1
         for size in shape:
             numel *= size
+        if _whole(numel, dtype, self.tp_size):
+            whole = self.transport.irecv((numel,), dtype, self.peers[self.tp_rank % len(self.peers)], tag)
+            return PendingRecv(lambda: whole.wait().view(shape))
         start, stop = share(numel, self.tp_size, self.tp_rank)
         parts = [(piece, self.transport.irecv((piece.stop - piece.start,), dtype, self.peers[piece.sender], tag))
                  for piece in overlap_plan(numel, len(self.peers), self.tp_size)
@@ -251,6 +265,13 @@ class StageLink:
             pending = self.post(tuple(full.shape), full.dtype, tag)
             self.send(full, tag)
         return pending.wait()
+
+
+def _whole(numel: int, dtype: torch.dtype, receivers: int) -> bool:
+    """Whether a tensor goes whole to each of `receivers` TP ranks (instead of in shares that they
+    all-gather): when it is at most WHOLE_MAX_BYTES, where the all-gather's latency costs more
+    than the extra bytes on the link. Sender and receiver decide alike from numel and dtype."""
+    return receivers > 1 and numel * torch.empty((), dtype=dtype).element_size() <= WHOLE_MAX_BYTES
 
 
 def _all_gather_flat(mine: torch.Tensor, numel: int, parts: int, group) -> torch.Tensor:
