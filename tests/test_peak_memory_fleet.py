@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 
+from conftest import free_port
 from hetero.config import load_job
 from hetero.model import LlamaStage, TensorParallel
 from test_engine_fleet import CONFIG, last_attempt, make_replicas_plan, run_fleet
@@ -29,9 +30,9 @@ STATE_BYTES_PER_PARAM = 16      # fp32 weight + gradient + exp_avg + exp_avg_sq
 
 
 def emulated_job(tmp_path) -> str:
-    """tests/engine/two-islands.yaml with emulated chips in place of the host CPU."""
+    """tests/engine/two-islands.yaml with emulated chips in place of the host CPU, on a free port."""
     with open(CONFIG) as handle:
-        text = handle.read()
+        text = handle.read().replace("port: 29731", f"port: {free_port()}")
     text = text.replace("accelerator: cpu", "accelerator: emulated").replace("chip: cpu", "chip: peak-chip")
     path = tmp_path / "two-emulated-islands.yaml"
     path.write_text(text.replace("  islands:", CHIP, 1))
