@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 # Plain data, no torch: `hetero run` and `hetero launch` read this before any worker starts.
 RECOMPUTE_MODES = ("none", "selective", "full")
-ZERO1 = False              # the optimizer state is replicated on every DP rank
-MIXED_PRECISION = False    # no fp32 master weights or loss scaling: fp32 training only
+ZERO1 = True               # hetero.engine.zero + optimizer: state sharded over each stage's DP group
+MIXED_PRECISION = True     # hetero.engine.precision: fp32 master weights and moments, fp16 loss scaling
 
 
 @dataclass(frozen=True)

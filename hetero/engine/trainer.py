@@ -66,6 +66,9 @@ class Trainer:
                 self.optimizer.load_master({n: init_full_tensor(model_config, self.model.hf_name(n),
                                                                 train_config.seed) for n in self.params})
         self.scaler = LossScaler(enabled=self.dtype == torch.float16)
+        if self.zero1 and place.dp_rank == 0 and place.tp_rank == 0:
+            log(f"stage {stage.index}: ZeRO-1 over DP {stage.dp}: each rank keeps {shard.shard_numel:,} of "
+                f"{shard.numel:,} parameters' optimizer state per TP rank")
         self._track_memory()
         topology = comms.topology
         self.prev = self._link(topology.neighbour(place, -1))
