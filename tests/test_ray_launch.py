@@ -252,3 +252,14 @@ def agent_actor_pid(run_dir: str, island: str) -> int:
             if spec["island"] == island and spec["log_dir"].startswith(run_dir):
                 return spec["parent_pid"]
     raise AssertionError(f"no agent of island {island} for {run_dir}")
+
+
+def test_on_ray_refuses_an_address_where_nothing_answers(hetero_cli, tmp_path):
+    pytest.importorskip("ray")
+    port = free_port()   # free: nothing listens there
+    code, _, stderr = hetero_cli("run", "--on", f"ray=127.0.0.1:{port}", "--cluster", CLUSTER,
+                                 "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert stderr.strip() == (f"hetero run: error: --on ray: nothing answers at 127.0.0.1:{port} "
+                              f"(is the Ray head running? `ray start --head`)")
+    assert not (tmp_path / "run").exists()

@@ -52,8 +52,9 @@ def require_ray():
 
 
 def ray_launcher(address: str | None):
-    """launch_fleet's signature, on the Ray cluster at `address`."""
+    """launch_fleet's signature, on the Ray cluster at `address` (checked to answer, before any planning)."""
     require_ray()
+    _check_reachable(address)
     return functools.partial(launch_on_ray, address=address)
 
 
@@ -108,12 +109,31 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
 def _connect(ray, address: str | None) -> None:
     import logging
 
+    _check_reachable(address)
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="hetero",
                  configure_logging=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = address or os.environ.get("RAY_ADDRESS") or "a local Ray"
         raise UserError(f"--on ray: cannot connect to {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _check_reachable(address: str | None) -> None:
+    where = address or os.environ.get("RAY_ADDRESS")
+    if where and _unreachable(where):   # ray.init retries a wrong address for minutes
+        raise UserError(f"--on ray: nothing answers at {where} (is the Ray head running? `ray start --head`)")
+
+
+def _unreachable(address: str) -> bool:
+    """True when `address` is host:port (a GCS address, not auto or ray://) and nothing accepts there."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return False
+    try:
+        socket.create_connection((host, int(port)), timeout=5.0).close()
+        return False
+    except OSError:
+        return True
 
 
 _GROUPS: list = []   # this driver's placement groups, removed by _release
