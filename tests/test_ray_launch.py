@@ -207,8 +207,10 @@ def test_default_job_on_ray_matches_the_local_run(runs):
     assert re.search(r"^\[fast:0\] ", log, re.M) and re.search(r"^\[slow:1\] ", log, re.M)   # streamed, prefixed
     for island, rank in (("fast", 0), ("slow", 1)):
         assert (runs["ray"][1] / "logs" / "attempt_0" / f"{island}.{rank}" / "stdout.log").exists()
-    overhead = first_step_after(runs["ray"][1], runs["ray"][2]) - first_step_after(runs["local"][1], runs["local"][2])
-    print(f"\n--on ray start-up overhead over the local launcher (command to first step): {overhead:.1f} s")
+    on_ray = first_step_after(runs["ray"][1], runs["ray"][2])
+    here = first_step_after(runs["local"][1], runs["local"][2])
+    print(f"\n--on ray start-up overhead over the local launcher (command to first step): {on_ray - here:.1f} s "
+          f"({on_ray:.1f} s on Ray, {here:.1f} s here; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 
 
 @pytest.mark.slow
