@@ -27,6 +27,7 @@ def chip_model(spec, intra_node_gbps: float | None = None) -> ChipModel:
         reserve_bytes=spec.memory_reserve_gb * GB,
         memory_bandwidth=spec.memory_bandwidth_gbps * GB,
         intra_node_bandwidth=(intra_node_gbps if intra_node_gbps is not None else spec.intra_node_gbps) * GB,
+        host_link_bandwidth=spec.host_link_gbps * GB,
         emulated=spec.emulated,
         accelerator=spec.accelerator,
     )

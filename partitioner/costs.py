@@ -335,7 +335,7 @@ class CostModel:
         nbytes = b * self.model.seq_len * self.model.hidden * self.e
         per_node = max(1, min(dp, max(1, min(src.nodes) // max(1, t_src))))
         if src.name != dst.name:
-            return self.bridge_latency + per_node * nbytes / self.bridge_bandwidth
+            return self.bridge_latency + per_node * nbytes / self.bridge_bandwidth + self.staging_s(src, dst, nbytes)
         if src.node_of(src_offset) == dst.node_of(dst_offset):
             return self.fleet.intra_node_latency + per_node * nbytes / src.chip.intra_node_bandwidth
         return self.fleet.inter_node_latency + per_node * nbytes / self.fleet.inter_node_bandwidth
@@ -361,17 +361,31 @@ class CostModel:
         return (params_per_chip / shard * optimizer_bytes_per_param(self.dtype)
                 / (island.chip.memory_bandwidth * island.chip.bw_eff))
 
+    @staticmethod
+    def staging_s(src: IslandSpec, dst: IslandSpec, nbytes: float) -> float:
+        """The bridge is CPU-mediated: `nbytes` leave the sending chip over its host link and
+        enter the receiving chip over its own. The engine stages asynchronously, but the bytes
+        cannot leave before they are in host memory nor be used before they are back on the
+        device, so a hop pays both copies in series with its transfer."""
+        return nbytes / src.chip.host_link_bandwidth + nbytes / dst.chip.host_link_bandwidth
+
     def cross_island_reduce_s(self, islands: list[IslandSpec], links: int) -> float:
         """Whole-model gradient reduction between replicas on different islands (hetero-DP).
 
         After each island reduces inside itself, its `links` nodes each hold a
         shard; a ring over the islands moves 2(K-1)/K of the model's gradients
-        through each bridge link pair in parallel."""
+        through each bridge link pair in parallel. Each shard is staged through host
+        memory (device -> host before the ring, host -> device after it) at the slowest
+        island's host link; the engine streams buckets and stages bucket k+1 while bucket
+        k is on the bridge, so the ring and the staging overlap: the slower of the two counts."""
         k = len(islands)
         if k <= 1:
             return 0.0
         nbytes = total_params(self.model) * GRAD_REDUCE_BYTES
-        return 2.0 * (k - 1) / k * nbytes / (self.bridge_bandwidth * max(1, links)) + 2 * (k - 1) * self.bridge_latency
+        ring = 2.0 * (k - 1) / k * nbytes / (self.bridge_bandwidth * max(1, links))
+        host_link = min(island.chip.host_link_bandwidth for island in islands)
+        staging = 2.0 * nbytes / max(1, links) / host_link
+        return max(ring, staging) + 2 * (k - 1) * self.bridge_latency
 
 
 def pipeline_step_s(stage_times, boundary_times, m: int, tail: float) -> float:

@@ -48,6 +48,7 @@ class ChipModel:
     # declared bandwidth, so both efficiencies are 1.0 for them.
     matmul_efficiency: float | None = None
     bandwidth_efficiency: float | None = None
+    host_link_bandwidth: float = 32e9      # bytes/s host <-> device, per direction (bridge staging)
 
     def flops(self, dtype: str) -> float:
         """Peak FLOP/s for a dtype; an unlisted dtype runs at the fp32 rate."""

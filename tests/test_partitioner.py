@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from partitioner.costs import (CostModel, activation_bytes, layer_forward_flops, model_flops_per_sample,
-                               pipeline_step_s, tp_choices)
+                               pipeline_step_s, total_params, tp_choices)
 from partitioner.inputs import ChipModel, FleetSpec, InfeasibleError, IslandSpec, ModelSpec, TrainSpec
 from partitioner.layer_split import brute_force_split, split_layers
 from partitioner.plan import Plan, PlanError
@@ -371,3 +371,25 @@ def test_partitioner_imports_nothing_it_must_not():
                 continue
             for mod in mods:
                 assert mod.split(".")[0] not in forbidden, f"partitioner/{name} imports {mod}"
+
+
+def test_bridge_hops_and_the_hetero_dp_sum_pay_the_host_link_staging():
+    """The bridge is CPU-mediated: a hop copies device -> host on the sender's link and host ->
+    device on the receiver's; the hetero-DP sum stages each rank's shard both ways, overlapped
+    with the bridge ring (the slower of the two counts)."""
+    import dataclasses
+
+    model = ModelSpec(2, 64, 4, 4, 128, 256, 32, name="m")
+    fast = dataclasses.replace(FAST, host_link_bandwidth=1e9)
+    slow = dataclasses.replace(SLOW, host_link_bandwidth=0.25e9)
+    a, b = IslandSpec("a", fast, (1,)), IslandSpec("b", slow, (1,))
+    costs = CostModel(FleetSpec("f", (a, b), bridge_bandwidth=4e9, bridge_latency=0.0), model, TrainSpec(8))
+    nbytes = 2 * model.seq_len * model.hidden * 4
+    assert costs.p2p_s(a, 0, b, 0, 1, 1, 2) == pytest.approx(nbytes / 4e9 + nbytes / 1e9 + nbytes / 0.25e9)
+    grads = total_params(model) * 4
+    ring, staging = grads / 4e9, 2 * grads / 0.25e9    # two islands: the ring moves 2(K-1)/K = 1 x
+    assert costs.cross_island_reduce_s([a, b], 1) == pytest.approx(max(ring, staging))
+    quick = dataclasses.replace(slow, host_link_bandwidth=64e9)
+    costs = CostModel(FleetSpec("f", (a, IslandSpec("b", quick, (1,))), bridge_bandwidth=4e9, bridge_latency=0.0),
+                      model, TrainSpec(8))
+    assert costs.cross_island_reduce_s([a, IslandSpec("b", quick, (1,))], 1) == pytest.approx(max(ring, 2 * grads / 1e9))
