@@ -114,6 +114,10 @@ def test_the_whole_bench_runs_on_a_tiny_fleet_and_writes_its_report(tmp_path):
     assert set(report["subfleets"]) == {"fast", "slow"}
     assert all(s["tokens_per_s"] > 0 for s in report["subfleets"].values())
     assert sorted(c["kind"] for c in report["mixed_candidates"]) == ["pipeline", "replicas"]
+    combined = sum(s["tokens_per_s"] for s in report["subfleets"].values())
+    for candidate in report["mixed_candidates"]:     # E of each kind of plan, the pipeline's included
+        assert candidate["efficiency"] == pytest.approx(candidate["tokens_per_s"] / combined)
+    assert max(c["efficiency"] for c in report["mixed_candidates"]) == pytest.approx(report["efficiency"])
     assert report["efficiency"] == pytest.approx(
         report["mixed"]["tokens_per_s"] / sum(s["tokens_per_s"] for s in report["subfleets"].values()))
     assert report["goal_met"] == (report["efficiency"] >= report["goal"]) == (done.returncode == 0)

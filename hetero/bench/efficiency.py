@@ -107,6 +107,7 @@ def _measure(job, paths, out, args, say) -> dict:
         "efficiency": mixed["tokens_per_s"] / combined,
         "mixed": mixed, "subfleets": subfleets,
         "mixed_candidates": [{"kind": c["plan"]["kind"], "tokens_per_s": c["tokens_per_s"],
+                              "efficiency": c["tokens_per_s"] / combined,
                               "predicted_tokens_per_s": c["predicted_tokens_per_s"], "run_dir": c["run_dir"]}
                              for c in candidates],
         # The cost model alone, before any measurement: its mixed plan against its island plans.
@@ -313,6 +314,8 @@ def _print(report: dict) -> None:
         tried = ", ".join(f"{c['kind']} {c['tokens_per_s']:.1f} (predicted {c['predicted_tokens_per_s']:.1f})"
                           for c in report["mixed_candidates"])
         print(f"  measured both kinds of plan, kept the faster: {tried} tokens/s")
+    for candidate in report["mixed_candidates"]:
+        print(f"  E({candidate['kind']}) = {candidate['efficiency']:.3f}")
     verdict = "met" if report["goal_met"] else "MISSED"
     print(f"  E = {report['efficiency']:.3f} (goal >= {GOAL}: {verdict}); cost model's E {report['predicted_efficiency']:.3f}")
     big = report["big_example"]
