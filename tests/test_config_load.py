@@ -26,7 +26,7 @@ def test_default_fleet(configs_dir):
                    model=example(configs_dir, "llama-tiny.yaml"), train=example(configs_dir, "train-tiny.yaml"))
     cluster = job.cluster
     assert [i.name for i in cluster.islands] == ["fast", "slow"]
-    assert cluster.islands[0].backend == "gloo"           # the accelerator's default
+    assert cluster.islands[0].backend == "hetero-strict"  # the emulated accelerator's default
     assert cluster.total_chips == 4
     assert cluster.coordinator.host == "127.0.0.1" and not cluster.coordinator.bind_all
     assert cluster.network.bridge.transport == "auto"
