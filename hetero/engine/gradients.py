@@ -40,10 +40,25 @@ class GradientSync:
         self.flat = None                 # their flat vector (flat layout only)
         self._buckets = None             # hetero-DP gradient buckets, made on first use
 
+    def prepare(self) -> None:
+        """Before backward: fp32 parameters in the flat layout get their gradients as views of one
+        fresh flat vector, so backward accumulates straight into it (no second copy of the gradients)."""
+        if self.shard is None or next(iter(self.params.values())).dtype != torch.float32:
+            return
+        with self.scope():
+            self.flat = torch.zeros(self.shard.padded, dtype=torch.float32, device=self.comms.device)
+        for name, view in self.shard.views(self.flat).items():
+            self.params[name].grad = view
+
     def collect(self, loss_scale: float = 1.0) -> None:
         """Take the parameters' gradients as this step's fp32 gradients, divided by `loss_scale`."""
         if self.shard is None:
             self.grads = {name: param.grad for name, param in self.params.items()}
+            return
+        if self.flat is not None:       # prepared: backward wrote into the flat vector
+            for param in self.params.values():
+                param.grad = None
+            self.grads = self.shard.views(self.flat)
             return
         with self.scope():
             self.flat = self.shard.flatten({n: p.grad for n, p in self.params.items()}, torch.float32,

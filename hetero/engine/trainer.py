@@ -152,6 +152,7 @@ class Trainer:
         tokens_per_step = self.train.global_batch * self.model_config.seq_len
         started = self.clock.now()
         self.metrics.peaks.step_started()
+        self.grads.prepare()
         loss_sum = self._step_compute(step)
         self.grads.collect(self.scaler.scale)
         self.grads.within_stage()
