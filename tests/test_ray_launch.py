@@ -104,13 +104,17 @@ class RayCluster:
         self._start("head", [ray, "start", "--head", "--node-ip-address", HEAD, "--port", str(self.port),
                              "--ray-client-server-port", str(free_port()), "--include-dashboard", "false",
                              "--temp-dir", self.root, *common])
-        self._start("second", [ray, "start", "--address", self.address, "--node-ip-address", SECOND, *common])
         deadline = time.monotonic() + timeout
-        while not all("Ray runtime started" in self.log(name) for name in ("head", "second")):
+        self._wait("head", deadline)
+        # Only once the head is registered: a node that joins earlier gives up on a loaded machine.
+        self._start("second", [ray, "start", "--address", self.address, "--node-ip-address", SECOND, *common])
+        self._wait("second", deadline)
+
+    def _wait(self, name: str, deadline: float) -> None:
+        while "Ray runtime started" not in self.log(name):
             if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
                 self.stop()
-                raise RuntimeError(f"the Ray cluster did not start:\n{self.log('head')[-2000:]}\n"
-                                   f"{self.log('second')[-2000:]}")
+                raise RuntimeError(f"the Ray {name} node did not start:\n{self.log(name)[-3000:]}")
             time.sleep(0.5)
 
     def _start(self, name: str, command: list[str]) -> None:
