@@ -22,7 +22,7 @@ CHIP = {"name": "emu-fast", "tflops": {"fp32": 0.01}, "memory_gb": 0.1, "memory_
 
 def busy_emulated_result(accel: EmulatedAccelerator, n: int = 800) -> torch.Tensor:
     """A tensor whose producing matmul the virtual device finishes ~0.1 s from now."""
-    a = torch.randn(n, n)
+    a = accel.to_device(torch.randn(n, n))
     with accel.device_scope():
         out = a @ a  # 2 n^3 FLOPs at 1e10 FLOP/s
     assert accel.clock.ready_at > time.perf_counter(), "the emulated device should still be busy"

@@ -1,8 +1,9 @@
 """End to end: a mixed fleet trains the same numbers as one process.
 
-Two islands (their own gloo worlds), different TP degrees, an uneven layer split,
-activations and gradients crossing the bridge; the losses must equal a
-one-process run of the same model, data and seed within 1e-5 relative (fp32).
+Two islands of emulated chips under the device contract (strict device memory, each island
+its own hetero-strict world: NCCL/HCCL's rules on gloo), different TP degrees, an uneven layer
+split, activations and gradients crossing the bridge; the losses must equal a one-process run
+of the same model, data and seed on the host CPU within 1e-5 relative (fp32).
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ import threading
 import time
 
 import pytest
+from conftest import free_port
 
 import accelerators
 from hetero.config import load_job
@@ -22,7 +24,8 @@ from hetero.launch.fleet import launch_fleet
 from partitioner.plan import PipelinePlan, Plan, RankPlan, StagePlan
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine")
-CONFIG = os.path.join(HERE, "two-islands.yaml")
+CONFIG = os.path.join(HERE, "two-islands.yaml")                 # model and train (and a cpu cluster)
+EMULATED = os.path.join(HERE, "emulated-islands.yaml")          # the fleet: same islands, emulated chips
 STEPS = 5
 
 
@@ -31,7 +34,8 @@ def make_plan(job, stages_spec, micro_batch=2):
     model, train = job.model, job.train
     stages, ranks_by_island = [], {}
     for index, (island, tp, dp, layers, offset) in enumerate(stages_spec):
-        stages.append(StagePlan(index, 0, island, "cpu", tp, dp, layers, "none", offset, 0.1, 0.0))
+        stages.append(StagePlan(index, 0, island, job.cluster.island(island).chip, tp, dp, layers, "none",
+                                offset, 0.1, 0.0))
         for d in range(dp):
             for t in range(tp):
                 ranks_by_island.setdefault(island, []).append((offset + d * tp + t, index, t, d))
@@ -48,19 +52,37 @@ def make_plan(job, stages_spec, micro_batch=2):
                 ranks=tuple(ranks), predicted_step_s=1.0, tokens_per_s=1.0, mfu={})
 
 
+def fleet_cluster(tmp_path, network: str = "") -> str:
+    """The emulated fleet's cluster file on a free coordinator port (another run of these tests
+    may hold the file's), with an optional `network:` section (YAML flow text)."""
+    with open(EMULATED) as handle:
+        text = handle.read().replace("port: 29731", f"port: {free_port()}")
+    path = tmp_path / "emulated-islands.yaml"
+    path.write_text(text + (f"network: {network}\n" if network else ""))
+    return str(path)
+
+
+def fleet_job(tmp_path, job_path=CONFIG):
+    """The job on the emulated fleet: (cluster file, job)."""
+    cluster = fleet_cluster(tmp_path)
+    return cluster, load_job(cluster=cluster, model=job_path, train=job_path)
+
+
 def run_fleet(tmp_path, plan, job_path=CONFIG, max_restarts=0, steps=STEPS, name="run", checkpoints=None,
-              during=None):
-    """Launch the worker over the fleet; `during(run_dir)` runs beside it (e.g. to kill a worker)."""
+              during=None, cluster_path=None):
+    """Launch the worker over the fleet (`cluster_path`, default the cluster in `job_path`);
+    `during(run_dir)` runs beside it (e.g. to kill a worker)."""
+    cluster_path = cluster_path or job_path
     plan_path = tmp_path / f"{name}-plan.json"
     plan_path.write_text(plan.to_json())
     run_dir = tmp_path / name
     checkpoints = checkpoints or run_dir / "checkpoints"
-    args = ["--plan", str(plan_path), "--cluster", job_path, "--model", job_path, "--train", job_path,
+    args = ["--plan", str(plan_path), "--cluster", cluster_path, "--model", job_path, "--train", job_path,
             "--steps", str(steps), "--checkpoint-dir", str(checkpoints)]
     outcome = {}
     with open(tmp_path / f"{name}.log", "w") as log:
         def launch():
-            outcome["code"] = launch_fleet(job_path, str(plan_path), "-m hetero.engine.worker", args,
+            outcome["code"] = launch_fleet(cluster_path, str(plan_path), "-m hetero.engine.worker", args,
                                            run_dir=str(run_dir), max_restarts=max_restarts,
                                            stdout=log, stderr=log)
         thread = threading.Thread(target=launch)
@@ -90,15 +112,17 @@ def last_attempt(records):
     return [by_step[s] for s in sorted(by_step)]
 
 
-@pytest.fixture(scope="module")
-def job():
-    return load_job(cluster=CONFIG, model=CONFIG, train=CONFIG)
+@pytest.fixture
+def emulated_fleet(tmp_path):
+    """(cluster file, job) of the emulated fleet."""
+    return fleet_job(tmp_path)
 
 
-def test_mixed_fleet_matches_one_process(tmp_path, job):
+def test_mixed_fleet_matches_one_process(tmp_path, emulated_fleet):
+    cluster, job = emulated_fleet
     # wide: TP2 over layers [0, 2) -> bridge -> narrow: TP1 over layer [2, 3)
     plan = make_plan(job, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (2, 3), 0)])
-    records, run_dir, log = run_fleet(tmp_path, plan)
+    records, run_dir, log = run_fleet(tmp_path, plan, cluster_path=cluster)
     fleet = [r["loss"] for r in last_attempt(records)]
     reference = solo_losses(tmp_path, job)
     assert len(fleet) == STEPS
@@ -112,23 +136,26 @@ def test_mixed_fleet_matches_one_process(tmp_path, job):
     assert "[wide:0]" in log or "[narrow:0]" in log
 
 
-def test_dp_and_reverse_order_and_tp_mismatch_3_stages(tmp_path, job):
+def test_dp_and_reverse_order_and_tp_mismatch_3_stages(tmp_path, emulated_fleet):
+    cluster, job = emulated_fleet
     # narrow first (TP1), then wide with two stages: TP2 x DP... all DP replicas must match.
     plan = make_plan(job, [("narrow", 1, 1, (0, 1), 0), ("wide", 2, 1, (1, 2), 0), ("wide", 1, 1, (2, 3), 2)])
-    records, _, _ = run_fleet(tmp_path, plan)
+    records, _, _ = run_fleet(tmp_path, plan, cluster_path=cluster)
     fleet = [r["loss"] for r in last_attempt(records)]
     reference = solo_losses(tmp_path, job)
     for got, want in zip(fleet, reference):
         assert abs(got - want) <= 1e-5 * abs(want), (fleet, reference)
 
 
-def test_resume_under_another_plan_continues_the_same_losses(tmp_path, job):
+def test_resume_under_another_plan_continues_the_same_losses(tmp_path, emulated_fleet):
+    cluster, job = emulated_fleet
     checkpoints = tmp_path / "shared-checkpoints"
     first = make_plan(job, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (2, 3), 0)])
-    run_fleet(tmp_path, first, steps=4, name="first", checkpoints=checkpoints)
+    run_fleet(tmp_path, first, steps=4, name="first", checkpoints=checkpoints, cluster_path=cluster)
     # Another layout entirely: one island, TP1 + TP1 stages with DP 2 on the first.
     second = make_plan(job, [("wide", 1, 2, (0, 1), 0), ("wide", 1, 2, (1, 3), 2)])
-    records, _, log = run_fleet(tmp_path, second, steps=6, name="second", checkpoints=checkpoints)
+    records, _, log = run_fleet(tmp_path, second, steps=6, name="second", checkpoints=checkpoints,
+                               cluster_path=cluster)
     assert "resumed from" in log and "(step 4)" in log
     resumed = [r["loss"] for r in last_attempt(records)]
     assert [r["step"] for r in last_attempt(records)] == [5, 6]
@@ -151,7 +178,8 @@ def _worker_pids(marker: str) -> list[int]:
     return pids
 
 
-def test_killed_worker_restarts_job_from_last_checkpoint(tmp_path, job):
+def test_killed_worker_restarts_job_from_last_checkpoint(tmp_path, emulated_fleet):
+    cluster, job = emulated_fleet
     plan = make_plan(job, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (2, 3), 0)])
     steps, every = 7, job.train.checkpoint.every
     killed = {}
@@ -168,7 +196,8 @@ def test_killed_worker_restarts_job_from_last_checkpoint(tmp_path, job):
                     return
             time.sleep(0.05)
 
-    records, _, log = run_fleet(tmp_path, plan, steps=steps, max_restarts=1, during=kill_one_worker)
+    records, _, log = run_fleet(tmp_path, plan, steps=steps, max_restarts=1, during=kill_one_worker,
+                                cluster_path=cluster)
     assert killed, "no worker was killed"
     assert "restarting the whole job" in log
     resumed_at = int(re.search(r"resumed from \S+ \(step (\d+)\)", log).group(1))
@@ -187,7 +216,8 @@ def make_replicas_plan(job, replicas, micro_batch=2):
         indices, offset = [], 0
         for tp, layers in stage_specs:
             index = len(stages)
-            stages.append(StagePlan(index, p, island, "cpu", tp, 1, layers, "none", offset, 0.1, 0.0))
+            stages.append(StagePlan(index, p, island, job.cluster.island(island).chip, tp, 1, layers, "none",
+                                    offset, 0.1, 0.0))
             for t in range(tp):
                 ranks_by_island.setdefault(island, []).append((offset + t, index, p, t))
             indices.append(index)
@@ -211,11 +241,12 @@ def make_replicas_plan(job, replicas, micro_batch=2):
     # one rank per island: the island-aware bridge ring; uneven split 2 / 6
     [("wide", [(1, (0, 3))], 2), ("narrow", [(1, (0, 3))], 6)],
 ], ids=["unequal", "ring"])
-def test_hetero_dp_replicas_match_one_process(tmp_path, job, replicas, monkeypatch):
+def test_hetero_dp_replicas_match_one_process(tmp_path, emulated_fleet, replicas, monkeypatch):
+    cluster, job = emulated_fleet
     # 20 kB buckets: the ~0.5 MB of gradients stream through the bridge in ~26 of them
     monkeypatch.setenv("HETERO_GRAD_BUCKET_MB", "0.02")
     plan = make_replicas_plan(job, replicas)
-    records, _, _ = run_fleet(tmp_path, plan, steps=3)
+    records, _, _ = run_fleet(tmp_path, plan, steps=3, cluster_path=cluster)
     fleet = [r["loss"] for r in last_attempt(records)]
     reference = solo_losses(tmp_path, job, steps=3)
     for got, want in zip(fleet, reference):
@@ -223,15 +254,14 @@ def test_hetero_dp_replicas_match_one_process(tmp_path, job, replicas, monkeypat
 
 
 @pytest.mark.parametrize("transport", ["zmq", "auto"])
-def test_bridge_transport_from_the_cluster_file_is_honoured(tmp_path, job, transport):
+def test_bridge_transport_from_the_cluster_file_is_honoured(tmp_path, transport):
     """zmq keeps the bridge on the zmq data plane (no direct stream); auto puts these
     same-host peers' traffic on the stream (shared-memory doorbells ride it)."""
-    with open(CONFIG) as handle:
-        text = handle.read()
-    path = tmp_path / "two-islands.yaml"
-    path.write_text(text.replace("  coordinator:", f"  network: {{bridge: {{transport: {transport}}}}}\n  coordinator:", 1))
+    path = fleet_cluster(tmp_path, network=f"{{bridge: {{transport: {transport}}}}}")
+    job = load_job(cluster=path, model=CONFIG, train=CONFIG)
+    assert job.cluster.network.bridge.transport == transport
     plan = make_replicas_plan(job, [("wide", [(1, (0, 3))], 2), ("narrow", [(1, (0, 3))], 6)])
-    records, run_dir, _ = run_fleet(tmp_path, plan, job_path=str(path), steps=2)
+    records, run_dir, _ = run_fleet(tmp_path, plan, steps=2, cluster_path=path)
     reference = solo_losses(tmp_path, job, steps=2)
     for got, want in zip([r["loss"] for r in last_attempt(records)], reference):
         assert abs(got - want) <= 1e-5 * abs(want)
@@ -245,9 +275,9 @@ def test_bridge_transport_from_the_cluster_file_is_honoured(tmp_path, job, trans
 def test_tied_embeddings_split_over_islands_match_one_process(tmp_path):
     """The embedding on one island, its tied LM head on the other: their gradients are summed."""
     path = os.path.join(HERE, "two-islands-tied.yaml")
-    tied = load_job(cluster=path, model=path, train=path)
+    cluster, tied = fleet_job(tmp_path, path)
     plan = make_plan(tied, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (2, 3), 0)])
-    records, _, _ = run_fleet(tmp_path, plan, job_path=path, steps=3)
+    records, _, _ = run_fleet(tmp_path, plan, job_path=path, steps=3, cluster_path=cluster)
     fleet = [r["loss"] for r in last_attempt(records)]
     reference = solo_losses(tmp_path, tied, steps=3)
     for got, want in zip(fleet, reference):
