@@ -1,6 +1,7 @@
 """Mixed precision: bf16/fp16 parameters with fp32 master weights and moments; fp16's dynamic
 loss scale (an overflow step is skipped fleet-wide, the scale backs off and grows back)."""
 
+import contextlib
 import dataclasses
 import json
 
@@ -65,7 +66,7 @@ def test_small_updates_move_the_master_copy_and_would_round_away_without_it(job)
     # With one: the same steps accumulate in fp32 and reach the bf16 weights.
     stage, params, grads = _bf16_stage(model)
     mixed = AdamW(stage, params, SMALL_LR, 0.0, shard=FlatShard(params), master=True)
-    mixed.load_master({n: init_full_tensor(model, stage.hf_name(n), 5) for n in params})
+    mixed.load_master({n: init_full_tensor(model, stage.hf_name(n), 5) for n in params}, lambda t: t, contextlib.nullcontext)
     start = mixed.master.clone()
     flat_grads = FlatShard(params).flatten(grads, torch.float32, "cpu")
     for _ in range(steps):

@@ -117,30 +117,42 @@ class AdamW:
         dim = layout.split_dim(self.model.hf_name(name))
         return tensor if dim is None else self.model.tp.all_gather(tensor, dim)
 
-    @torch.no_grad()
-    def load_master(self, full: dict) -> None:
-        """Set the master weights from full fp32 tensors ({module name: full tensor})."""
-        self._load_store(self.master, {n: t.float() for n, t in full.items()})
+    def checkpoint_names(self) -> list[str]:
+        """The checkpoint tensors `load` reads: every moment and, with a master copy, every weight."""
+        names = [self.model.hf_name(n) for n in self.params]
+        moments = [f"{kind}.{hf}" for kind in MOMENT_KINDS for hf in names]
+        return moments + (names if self.master is not None else [])
 
     @torch.no_grad()
-    def load(self, saved) -> None:
-        """Take this rank's part of a checkpoint's full weights (into the master copy) and moments."""
+    def load_master(self, full: dict, to_device, scope) -> None:
+        """Set the master weights from full host tensors ({module name: full tensor})."""
+        self._load_store(self.master, full, to_device, scope)
+
+    @torch.no_grad()
+    def load(self, full: dict, steps: int, to_device, scope) -> None:
+        """Take this rank's part of a checkpoint's full host tensors (`checkpoint_names` -> tensor):
+        the weights into the master copy, and the moments."""
         names = {n: self.model.hf_name(n) for n in self.params}
         for kind, store in zip(MOMENT_KINDS, (self.exp_avg, self.exp_avg_sq)):
-            full = saved.tensors([f"{kind}.{hf}" for hf in names.values()])
-            self._load_store(store, {n: full[f"{kind}.{hf}"] for n, hf in names.items()})
+            self._load_store(store, {n: full[f"{kind}.{hf}"] for n, hf in names.items()}, to_device, scope)
         if self.master is not None:
-            full = saved.tensors(list(names.values()))
-            self._load_store(self.master, {n: full[hf].float() for n, hf in names.items()})
-        self.steps = saved.optimizer_steps
+            self._load_store(self.master, {n: full[hf] for n, hf in names.items()}, to_device, scope)
+        self.steps = steps
 
-    def _load_store(self, store, full: dict) -> None:
-        """Copy this rank's TP slice (and, flat, its DP shard) of each full tensor into `store`."""
-        local = {n: self.model.tp.shard(t, layout.split_dim(self.model.hf_name(n))) for n, t in full.items()}
-        if self.shard is None:
-            for name, tensor in local.items():
-                store[name].copy_(tensor)
-            return
-        for piece in self.shard.pieces():
-            store[piece.at:piece.at + piece.stop - piece.start].copy_(
-                local[piece.name].reshape(-1)[piece.start:piece.stop])
+    def _load_store(self, store, full: dict, to_device, scope) -> None:
+        """Copy this rank's TP slice (and, flat, its DP shard) of each full host tensor into `store`.
+        Slices are cut on the host and only they cross the host link (`to_device`), so a rank never
+        holds a full tensor in device memory; the copies into `store` run in the device `scope`."""
+        for name, tensor in full.items():
+            local = self.model.tp.shard(tensor.float(), layout.split_dim(self.model.hf_name(name)))
+            if self.shard is None:
+                piece = to_device(local.contiguous())
+                with scope():
+                    store[name].copy_(piece)
+                continue
+            flat = local.reshape(-1)
+            for piece in self.shard.pieces():
+                if piece.name == name:
+                    part = to_device(flat[piece.start:piece.stop].contiguous())
+                    with scope():
+                        store[piece.at:piece.at + piece.stop - piece.start].copy_(part)

@@ -62,9 +62,10 @@ class Trainer:
         with self._scope():
             self.optimizer = AdamW(self.model, self.params, train_config.lr, train_config.weight_decay,
                                    shard=shard, master=needs_master(self.dtype))
-            if self.optimizer.master is not None:   # the master starts from the fp32 init, not its rounding
-                self.optimizer.load_master({n: init_full_tensor(model_config, self.model.hf_name(n),
-                                                                train_config.seed) for n in self.params})
+        if self.optimizer.master is not None:   # the master starts from the fp32 init, not its rounding
+            for name in self.params:            # one host tensor at a time
+                full = init_full_tensor(model_config, self.model.hf_name(name), train_config.seed)
+                self.optimizer.load_master({name: full}, self._onto_device, self._scope)
         self.scaler = LossScaler(enabled=self.dtype == torch.float16)
         if self.zero1 and place.dp_rank == 0 and place.tp_rank == 0:
             log(f"stage {stage.index}: ZeRO-1 over DP {stage.dp}: each rank keeps {shard.shard_numel:,} of "
@@ -103,6 +104,10 @@ class Trainer:
                 for tensor in store.values():
                     track(tensor)
 
+    def _onto_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor copied into this rank's device memory (charged on the host link)."""
+        return to_device(self.accel, host, self.comms.device)
+
     def _link(self, peers):
         if peers is None:
             return None
@@ -118,8 +123,9 @@ class Trainer:
         found = saved.directory
         names = {self.model.hf_name(n): n for n in self.params}
         load_full_state_dict(self.model, saved.tensors(names), source=found)
-        with self._scope():
-            self.optimizer.load(saved)
+        # Read on the host, outside the device scope; only this rank's slices cross the host link.
+        self.optimizer.load(saved.tensors(self.optimizer.checkpoint_names()), saved.optimizer_steps,
+                            self._onto_device, self._scope)
         self.scaler.load(saved.state)
         self._log_once(f"resumed from {found} (step {saved.step})")
         return saved.step
