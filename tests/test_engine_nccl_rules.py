@@ -21,6 +21,7 @@ from comm_bridge.channel import Endpoint
 from hetero.engine import buckets as buckets_module
 from hetero.engine.comms import Comms
 from hetero.engine.metrics import ChipClock, MetricsRecorder
+from hetero.engine.precision import LossScaler
 from hetero.engine.schedule import one_f_one_b
 from hetero.engine.topology import Topology
 from hetero.engine.buckets import GradBuckets, GradShard, grad_bucket_elements
@@ -195,6 +196,7 @@ def middle_stage(num_stages=4, position=1, micro_batches=4):
     trainer.dtype = torch.float32
     trainer.clock = ChipClock()
     trainer.metrics = MetricsRecorder(None, 0, trainer.clock)
+    trainer.scaler = LossScaler(enabled=False)
     return trainer, native
 
 

@@ -37,6 +37,7 @@ class Scale(torch.nn.Module):
 def two_stage_trainer(rank: int):
     from hetero.engine.schedule import one_f_one_b
     from hetero.engine.metrics import ChipClock, MetricsRecorder
+    from hetero.engine.precision import LossScaler
     from hetero.engine.trainer import Trainer
     from hetero.engine.transport import NativeTransport, StageLink
 
@@ -57,6 +58,7 @@ def two_stage_trainer(rank: int):
     trainer.dtype = torch.float32
     trainer.clock = ChipClock()
     trainer.metrics = MetricsRecorder(None, 0, trainer.clock)
+    trainer.scaler = LossScaler(enabled=False)
     return trainer, native, link
 
 
