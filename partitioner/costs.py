@@ -15,17 +15,38 @@ Analytic time of each op is a roofline, max(FLOPs / (peak * eff), bytes /
 charges exactly this, with eff = bw_eff = 1). TP adds two all-reduces of N*h*e
 bytes per forward and two per backward (ring over intra-node links).
 
-Activation memory per layer and micro-batch kept for backward (Korthikanti et
-al. 2022, re-derived for RMSNorm, RoPE, GQA, SwiGLU and no dropout; no sequence
-parallelism, so norm inputs/outputs are replicated across TP ranks):
+Activation memory per layer and micro-batch kept for backward. Vendor chips (fused
+kernels): Korthikanti et al. 2022, re-derived for RMSNorm, RoPE, GQA, SwiGLU and no
+dropout; no sequence parallelism, so norm inputs/outputs are replicated across TP ranks:
     none      e*N*(4h + (2h + 2h_kv)/t + 4f/t) + (e+4)*b*(a/t)*s^2   (softmax output)
     selective the same without the s^2 term (attention core recomputed)
-    full      e*N*h (the layer input), plus one layer's working set while recomputing
-Under 1F1B stage i of p holds min(p - i, m) micro-batches in flight.
+    full      e*N*h (the layer input)
+The reference ops the cpu and emulated chips run (accelerators/ops/reference.py) keep,
+tensor by tensor (autograd's saved tensors, measured):
+    norms     2 * (4*N*h fp32 input + 4*N rsqrt + 2*e*N*h normed and scaled)
+    attention e*N*4*hq/t (q, k and v expanded to the q heads, out_proj's input) + s^2 mask
+              + 4*b*(a/t)*s^2 softmax + e*b*(a/t)*s^2 probabilities when e < 4
+    selective e*N*(2*hq + 2*h_kv)/t (q, k, v, out_proj's input) in place of the attention's
+    MLP       4*e*N*f/t (gate, silu, up, their product)
+Backward of a layer adds a transient 2*e*N*f/t (the MLP's input gradients); under full
+recompute, one layer's activations are rebuilt on top of that.
+Under 1F1B stage i of p holds min(p - i, m) micro-batches in flight; parameter gradients
+accumulate from the first backward on, so a stage whose in-flight count is all m
+micro-batches (m <= p - i) never holds its gradients and all m at once.
 
-Weights, gradients and optimizer (AdamW) bytes per parameter:
-    fp32      4 weight + 4 grad + 8 moments            (ZeRO-1: moments / dp)
-    bf16/fp16 2 weight + 4 fp32 main grad + 12 master+moments  (ZeRO-1: 12 / dp)
+Weights, gradients and optimizer (AdamW) bytes per parameter at their peak, as the
+engine lays them out (hetero/engine/optimizer.py, gradients.py, zero.py); D is the
+DP degree under ZeRO-1, else 1:
+    fp32      4 weight + 4 grad + 8 moments (per parameter, updated in place)
+    fp32 ZeRO 4 weight + 4 flat grad (made before forward) + 8/D moments; the update
+              reads a 4/D shard of the weights and all-gathers the full 4 into a new vector
+    bf16/fp16 e weight + e grad in backward, then a 4-byte flat fp32 copy (both at
+              collection) + 4/D master + 8/D moments; the update casts a shard to e and,
+              under ZeRO-1, all-gathers the full e
+The reference AdamW (non-fused chips) makes two 4-byte temporaries per element it
+updates (the per-parameter layout: one tensor at a time; the flat layout: the shard).
+The stage's peak is the largest of these phases: compute (1F1B), gradient collection
+and reduction, update.
 """
 
 from __future__ import annotations
@@ -89,7 +110,48 @@ def optimizer_bytes_per_param(dtype: str) -> float:
     return 28.0 if DTYPE_BYTES.get(dtype, 4) >= 4 else 38.0
 
 
-def activation_bytes(m: ModelSpec, t: int, b: int, dtype: str, mode: str) -> float:
+REFERENCE_ADAMW_TEMPS = 8      # bytes per updated element: the reference AdamW's two fp32 temporaries
+
+
+def optimizer_phases(params, e: int, shard: int, per_mb, work, inflight: int, steady: bool, largest: float,
+                     adamw_temps: float, staged_gather: bool = False):
+    """Peak bytes of one chip over a step's phases, as the engine allocates (module docstring).
+
+    params: parameters on the chip; e: bytes of the compute dtype; shard: the ZeRO-1 DP degree
+    (1: none); per_mb: activations one in-flight micro-batch keeps; work: backward's transient;
+    steady: gradients coexist with every in-flight micro-batch (1F1B has m > in-flight);
+    largest: the largest parameter tensor (elements); adamw_temps: bytes per updated element
+    the optimizer's kernel allocates for a moment; staged_gather: ZeRO-1's all-gather stages its
+    output once more inside the collective (gloo, under the cpu and emulated chips' backends;
+    NCCL and HCCL gather in place). Works on numpy arrays of params."""
+    gather = 2 if staged_gather else 1
+    acts = inflight * per_mb
+
+    def compute(resident, grads):
+        if steady:
+            return resident + grads + acts + work
+        return resident + np.maximum(acts, grads + (inflight - 1) * per_mb) + work
+
+    sh = params / shard
+    if e >= 4 and shard == 1:                  # per parameter: the weights are the master copy
+        resident = 12 * params
+        return np.maximum(compute(resident, 4 * params), 16 * params + adamw_temps * largest)
+    if e >= 4:                                 # fp32 ZeRO-1: the flat gradient vector exists from the start
+        resident = 8 * params + 8 * sh
+        return np.maximum.reduce([resident + acts + work, resident + 4 * sh,
+                                  resident + 4 * sh + np.maximum(adamw_temps * sh, gather * 4 * params)])
+    resident = e * params + 12 * sh            # low precision: fp32 master and moments, flat
+    gathered = e * sh + (gather * e * params if shard > 1 else 0.0)
+    return np.maximum.reduce([compute(resident, e * params), resident + e * params + 4 * params,
+                              resident + 4 * params + (4 * sh if shard > 1 else 0.0),
+                              resident + 4 * params + np.maximum(adamw_temps * sh, gathered)])
+
+
+def activation_bytes(m: ModelSpec, t: int, b: int, dtype: str, mode: str, fused: bool = True) -> float:
+    """Bytes one layer keeps for backward, one micro-batch, one TP rank (`fused`: vendor kernels;
+    else the reference ops of the cpu and emulated chips)."""
+    if not fused:
+        return reference_activation_bytes(m, t, b, dtype, mode)
     e = DTYPE_BYTES.get(dtype, 4)
     n = b * m.seq_len
     h = m.hidden
@@ -99,6 +161,43 @@ def activation_bytes(m: ModelSpec, t: int, b: int, dtype: str, mode: str) -> flo
     if mode == "selective":
         return float(keep)
     return float(keep + (e + 4) * b * (m.heads / t) * m.seq_len * m.seq_len)
+
+
+def reference_activation_bytes(m: ModelSpec, t: int, b: int, dtype: str, mode: str) -> float:
+    """What autograd keeps of one layer run on the reference ops (see the module docstring)."""
+    e = DTYPE_BYTES.get(dtype, 4)
+    n = b * m.seq_len
+    h, s = m.hidden, m.seq_len
+    if mode == "full":
+        return float(e * n * h)
+    norms = 2 * (4 * n * h + 4 * n + 2 * e * n * h)
+    mlp = 4 * e * n * m.ffn_hidden / t
+    if mode == "selective":
+        return float(norms + mlp + e * n * (2 * h + 2 * m.kv_hidden) / t)
+    scores = b * (m.heads / t) * s * s
+    core = 4 * e * n * h / t + s * s + 4 * scores + (e * scores if e < 4 else 0)
+    return float(norms + mlp + core)
+
+
+def backward_work_bytes(m: ModelSpec, t: int, b: int, dtype: str, mode: str, fused: bool = True) -> float:
+    """Transient bytes while one layer runs backward, one micro-batch: the MLP's input gradients
+    and, under full recompute, the layer's activations rebuilt (less its input, already kept)."""
+    e = DTYPE_BYTES.get(dtype, 4)
+    work = 2.0 * e * b * m.seq_len * m.ffn_hidden / t
+    if mode == "full":
+        work += activation_bytes(m, t, b, dtype, "none", fused) - activation_bytes(m, t, b, dtype, "full", fused)
+    return work
+
+
+def loss_bytes(m: ModelSpec, t: int, b: int, dtype: str) -> float:
+    """The last stage's final norm, logits and cross-entropy, one micro-batch: the logits in the
+    compute dtype and their fp32 softmax kept for backward, and the fp32 transients of the loss
+    (one vector of logits' size in fp32, two when the logits are cast up from a lower precision)."""
+    e = DTYPE_BYTES.get(dtype, 4)
+    n = b * m.seq_len
+    logits = n * m.vocab / t
+    norm = 4 * n * m.hidden + 4 * n + 2 * e * n * m.hidden
+    return float(norm + e * logits + 4 * logits + (4 if e >= 4 else 8) * logits)
 
 
 def ring_allreduce_s(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
@@ -255,6 +354,7 @@ class CostModel:
         return dp > 1 if self.train.zero1 is None else (self.train.zero1 and dp > 1)
 
     def static_bytes(self, params_per_chip: float, dp: int) -> float:
+        """Weights, gradients and optimizer state at rest (no phase's transients)."""
         return params_per_chip * state_bytes_per_param(self.dtype, dp, self.zero1(dp))
 
     def first_static_params(self, t: int) -> float:
@@ -266,24 +366,34 @@ class CostModel:
         return head_params(self.model) / t
 
     def last_transient_bytes(self, t: int, b: int) -> float:
-        """Logits and their gradient in fp32 for the loss, one micro-batch."""
-        return 2.0 * 4 * b * self.model.seq_len * self.model.vocab / t
+        """The last stage's norm, logits and loss, one micro-batch (`loss_bytes`)."""
+        return loss_bytes(self.model, t, b, self.dtype)
 
-    def stage_memory(self, t: int, b: int, dp: int, n_layers: int, first: bool, last: bool,
-                     inflight: int, mode: str) -> float:
-        """Bytes one chip of a stage needs at peak."""
+    def _fused(self, island: str | None) -> bool:
+        return True if island is None else self._islands[island].chip.fused
+
+    def stage_memory(self, t: int, b: int, dp: int, n_layers, first: bool, last: bool,
+                     inflight: int, mode: str, island: str | None = None, micro_batches: int | None = None):
+        """Bytes one chip of a stage needs at peak: the largest of its phases (see the module
+        docstring). `island`: whose chip (vendor kernels or the reference ops; None: vendor);
+        `micro_batches`: the pipeline's m (None: gradients and every in-flight micro-batch are
+        counted together, the bound for any m). `n_layers` may be a numpy array."""
+        m, e = self.model, self.e
+        fused = self._fused(island)
         params = n_layers * self.layer_params / t
+        params = params + (self.first_static_params(t) if first else 0.0) + (self.last_static_params(t) if last else 0.0)
+        per_mb = n_layers * activation_bytes(m, t, b, self.dtype, mode, fused)
         if first:
-            params += self.first_static_params(t)
-        if last:
-            params += self.last_static_params(t)
-        act = n_layers * activation_bytes(self.model, t, b, self.dtype, mode)
-        if first:
-            act += self.e * b * self.model.seq_len * self.model.hidden
-        work = activation_bytes(self.model, t, b, self.dtype, "none") if n_layers else 0.0
-        if last:
-            work += self.last_transient_bytes(t, b)
-        return self.static_bytes(params, dp) + inflight * act + work
+            per_mb = per_mb + e * b * m.seq_len * m.hidden
+        work = np.where(np.asarray(n_layers) > 0, backward_work_bytes(m, t, b, self.dtype, mode, fused), 0.0)
+        if last:   # the loss runs forward and backward before any layer's backward: one or the other
+            work = np.maximum(work, self.last_transient_bytes(t, b))
+        steady = micro_batches is None or micro_batches > inflight
+        largest = max(m.hidden * m.ffn_hidden, m.hidden * m.hidden,
+                      m.vocab * m.hidden if (first or last) else 0) / t
+        peak = optimizer_phases(params, e, dp if self.zero1(dp) else 1, per_mb, work, inflight, steady,
+                                largest, 0 if fused else REFERENCE_ADAMW_TEMPS, staged_gather=not fused)
+        return float(peak) if np.ndim(peak) == 0 else peak
 
     # -- one stage row for the layer split -------------------------------------
 
@@ -301,18 +411,10 @@ class CostModel:
         extra = (self.first_extra_s(island, t, b) if first else 0.0) + (self.last_extra_s(island, t, b) if last else 0.0)
         best = np.full(L, np.inf)
         choice = np.full(L, -1, dtype=np.int64)
-        static_per_layer = self.static_bytes(self.layer_params / t, dp)
-        fixed_params = (self.first_static_params(t) if first else 0.0) + (self.last_static_params(t) if last else 0.0)
-        fixed_static = self.static_bytes(fixed_params, dp)
-        fixed_act = self.e * b * self.model.seq_len * self.model.hidden if first else 0.0
-        work = activation_bytes(self.model, t, b, self.dtype, "none")
-        if last:
-            work += self.last_transient_bytes(t, b)
         for index, mode in enumerate(RECOMPUTE_MODES):
             if mode not in self.train.recompute_modes:
                 continue
-            act = activation_bytes(self.model, t, b, self.dtype, mode)
-            mem = fixed_static + work + n * static_per_layer + inflight * (fixed_act + n * act)
+            mem = self.stage_memory(t, b, dp, n, first, last, inflight, mode, island=island)
             time = extra + n * self.per_layer_s(island, t, b, mode)
             ok = (mem <= cap) & (time < best)
             best = np.where(ok, time, best)

@@ -203,7 +203,8 @@ def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi) -> PipeEval:
     for i, ((island, t, off), n) in enumerate(zip(layout, counts)):
         params = _stage_params(cm, t, n, i == 0, i == P - 1)
         tail = max(tail, cm.dp_allreduce_s(island, off, t, dp, params) + cm.optimizer_s(island, dp, params))
-        memory.append(cm.stage_memory(t, b, dp, n, i == 0, i == P - 1, min(P - i, mi), modes[i]))
+        memory.append(cm.stage_memory(t, b, dp, n, i == 0, i == P - 1, min(P - i, mi), modes[i], island=island.name,
+                                      micro_batches=m))
         sources.append(cm.layer_cost(island.name, t, b).source)
     return PipeEval(layout, dp, b, m, counts, modes, stage_times, boundary, tail, memory, sources)
 
@@ -213,7 +214,7 @@ def evaluate_uniform(cm: CostModel, layout: list, dp: int, b: int, m: int, count
     P = len(layout)
     times = []
     for i, ((island, t, _off), n) in enumerate(zip(layout, counts)):
-        mem = cm.stage_memory(t, b, dp, n, i == 0, i == P - 1, min(P - i, m), mode)
+        mem = cm.stage_memory(t, b, dp, n, i == 0, i == P - 1, min(P - i, m), mode, island=island.name)
         if mem > cm.capacity(island.name):
             return None
         time_s = n * cm.per_layer_s(island.name, t, b, mode)

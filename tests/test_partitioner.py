@@ -393,3 +393,53 @@ def test_bridge_hops_and_the_hetero_dp_sum_pay_the_host_link_staging():
     costs = CostModel(FleetSpec("f", (a, IslandSpec("b", quick, (1,))), bridge_bandwidth=4e9, bridge_latency=0.0),
                       model, TrainSpec(8))
     assert costs.cross_island_reduce_s([a, IslandSpec("b", quick, (1,))], 1) == pytest.approx(max(ring, 2 * grads / 1e9))
+
+
+# ----------------------------------------------------------------------------- memory phases (the engine's layout)
+
+def test_memory_phases_per_layout_as_the_engine_allocates():
+    from partitioner.costs import optimizer_phases
+    P = 1000.0
+    # fp32 per parameter: 4 weight + 4 grad + 8 moments, the reference AdamW's temporaries on one tensor
+    assert optimizer_phases(P, 4, 1, 0.0, 0.0, 1, True, 100, 8) == 16 * P + 8 * 100
+    # fp32 ZeRO-1 over 2: 4 + 4 flat grad + 8/2; the update adds a 4/2 weight shard and the gathered 4
+    # (twice on a staging backend)
+    assert optimizer_phases(P, 4, 2, 0.0, 0.0, 1, True, 100, 0) == (4 + 4 + 4 + 2 + 4) * P
+    assert optimizer_phases(P, 4, 2, 0.0, 0.0, 1, True, 100, 0, staged_gather=True) == (4 + 4 + 4 + 2 + 8) * P
+    # bf16 without ZeRO-1: 2 weight + 12 master and moments + 4 flat fp32 grad, + 8 AdamW temporaries
+    assert optimizer_phases(P, 2, 1, 0.0, 0.0, 1, True, 100, 8) == (2 + 12 + 4 + 8) * P
+    # ... and at collection the bf16 grads and their fp32 copy coexist: 2 + 12 + 2 + 4 without temporaries
+    assert optimizer_phases(P, 2, 1, 0.0, 0.0, 1, True, 100, 0) == (2 + 12 + 2 + 4) * P
+    # bf16 ZeRO-1 over 2, staging backend: 2 + 6 + 4 flat, then a 2/2 shard cast and the gathered 2, twice
+    assert optimizer_phases(P, 2, 2, 0.0, 0.0, 1, True, 100, 0, staged_gather=True) == (2 + 6 + 4 + 1 + 4) * P
+
+
+def test_gradients_and_every_in_flight_micro_batch_coexist_only_in_the_steady_state():
+    from partitioner.costs import optimizer_phases
+    P, act, work = 1000.0, 10_000.0, 500.0
+    steady = optimizer_phases(P, 4, 1, act, work, 2, True, 0, 0)
+    assert steady == 12 * P + 4 * P + 2 * act + work
+    # m == in-flight: the first backward starts with no gradients, the second with one micro-batch left
+    assert optimizer_phases(P, 4, 1, act, work, 2, False, 0, 0) == 12 * P + max(2 * act, 4 * P + act) + work
+    # fp32 ZeRO-1's flat gradient vector exists before forward: no difference
+    assert (optimizer_phases(P, 4, 2, act, work, 2, False, 0, 0)
+            == optimizer_phases(P, 4, 2, act, work, 2, True, 0, 0) == 8 * P + 4 * P + 2 * act + work)
+
+
+def test_stage_memory_on_reference_ops_chips_uses_their_activations_and_the_loss_or_the_work():
+    from partitioner.costs import backward_work_bytes, loss_bytes, reference_activation_bytes
+    cm = CostModel(EMU_MIXED, LLAMA_TINY, TrainSpec(8, 2, "fp32"))
+    m = LLAMA_TINY
+    n, b = 3, 2
+    mem = cm.stage_memory(1, b, 1, n, False, False, 1, "none", island="fast", micro_batches=4)
+    params = n * cm.layer_params
+    assert mem == pytest.approx(16 * params + n * reference_activation_bytes(m, 1, b, "fp32", "none")
+                                + backward_work_bytes(m, 1, b, "fp32", "none"))
+    # the last stage: the loss and a layer's backward are never live together
+    last = cm.stage_memory(1, b, 1, n, False, True, 1, "full", island="fast", micro_batches=4)
+    params += cm.last_static_params(1)
+    act = n * reference_activation_bytes(m, 1, b, "fp32", "full")
+    work = max(backward_work_bytes(m, 1, b, "fp32", "full", fused=False), loss_bytes(m, 1, b, "fp32"))
+    assert last == pytest.approx(max(16 * params + act + work, 16 * params + 8 * m.vocab * m.hidden))
+    # vendor chips (fused kernels) keep Korthikanti's activations: fewer than the reference ops'
+    assert activation_bytes(m, 1, b, "bf16", "none") < reference_activation_bytes(m, 1, b, "bf16", "none")
