@@ -116,8 +116,8 @@ def lane_all_reduce(tensor: torch.Tensor, endpoint, holders: list[int], holder_l
 
 
 def start_lane(tensor: torch.Tensor, endpoint, holders: list[int], holder_local: int, *,
-               island_group=None, tag: int = ALLREDUCE_TAG, timeout: float | None = None,
-               accelerator=None) -> "PendingSum":
+               island_group=None, wire_dtype: torch.dtype | None = None, tag: int = ALLREDUCE_TAG,
+               timeout: float | None = None, accelerator=None) -> "PendingSum":
     """Phase 1 of lane_all_reduce, issued now: the island's reduce onto its holder and the
     holder's device->host copy (queued). `tensor` may be overwritten once this returns."""
     local_size = _island_size(island_group)
@@ -134,7 +134,7 @@ def start_lane(tensor: torch.Tensor, endpoint, holders: list[int], holder_local:
         if endpoint.rank not in holders:
             raise ValueError(f"rank {endpoint.rank} holds the island sum but is not among {holders}")
         if len(holders) > 1:
-            ring = _Ring(stage_to_host(flat, accelerator), endpoint, holders, None, tag, timeout, None)
+            ring = _Ring(stage_to_host(flat, accelerator), endpoint, holders, wire_dtype, tag, timeout, None)
     holds = _device_copy(flat, accelerator) if ring is None and me == holder_local else None
     return PendingSum(ring, holds, flat.numel(), tuple(tensor.shape), local_size, island_group, accelerator,
                       broadcast_root=root if local_size > 1 else None, is_root=me == holder_local)

@@ -12,6 +12,7 @@ from hetero.config.fields import Invalid, Section, boolean, choice, host, intege
 MAX_CHIPS_PER_NODE = 64
 MAX_CHIPS = 1 << 17
 TRANSPORTS = ("zmq", "shm", "auto")
+GRAD_WIRE_DTYPES = ("fp32", "bf16")   # the hetero-DP gradient sum on the bridge; fp32 accumulation either way
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class BridgeConfig:
     transport: str = "auto"
     gbps: float = 1.0          # GB/s
     latency_us: float = 50.0
+    grad_dtype: str = "fp32"   # hetero-DP gradient sum on the wire: fp32, or bf16 (accumulated in fp32)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ def _read_bridge(section: Section | None, inter_node_gbps: float) -> BridgeConfi
         transport=section.get("transport", choice(*TRANSPORTS), "auto"),
         gbps=section.get("gbps", number(0.0, 1e5), inter_node_gbps),
         latency_us=section.get("latency_us", number(0.0, 1e7, low_inclusive=True), 50.0),
+        grad_dtype=section.get("grad_dtype", choice(*GRAD_WIRE_DTYPES), "fp32"),
     )
     section.finish()
     return bridge

@@ -42,6 +42,7 @@ class Comms:
         self.native = None
         self.bridge = None
         self.endpoint = self.client = None
+        self.grad_wire_dtype = None      # the hetero-DP sum's bridge dtype (network.bridge.grad_dtype); None: fp32
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -67,6 +68,8 @@ class Comms:
             comms.native = NativeTransport(topology, device, accelerator)
         if topology.plan.world_size > 1 and len({r.island for r in topology.plan.ranks}) > 1:
             comms._open_bridge(accelerator, cluster)
+            if cluster.network.bridge.grad_dtype == "bf16":
+                comms.grad_wire_dtype = torch.bfloat16
         return comms
 
     def _make_groups(self) -> None:
@@ -275,10 +278,12 @@ class ReplicaSum:
         if len(set(sizes.values())) == 1:
             mine = comms.topology.world_rank(comms.rank)
             return start_cross_island(bucket, comms.endpoint, comms._island_ranks_at(lambda size: mine),
-                                      island_group=group, timeout=TIMEOUT_S, accelerator=comms.accelerator)
+                                      island_group=group, wire_dtype=comms.grad_wire_dtype, timeout=TIMEOUT_S,
+                                      accelerator=comms.accelerator)
         holder = index % sizes[comms.place.island]
         return start_lane(bucket, comms.endpoint, comms._island_ranks_at(lambda size: index % size), holder,
-                          island_group=group, timeout=TIMEOUT_S, accelerator=comms.accelerator)
+                          island_group=group, wire_dtype=comms.grad_wire_dtype, timeout=TIMEOUT_S,
+                          accelerator=comms.accelerator)
 
 
 class _IslandSum:
