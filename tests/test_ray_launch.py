@@ -203,6 +203,7 @@ def runs(ray_cluster, job_files, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)   # with the module's Ray cluster and runs (setup counts): minutes on a loaded CI machine
 def test_default_job_on_ray_matches_the_local_run(runs):
     local, ray = runs["local"][0], runs["ray"][0]
     assert len(ray["losses"]) == STEPS
@@ -218,6 +219,7 @@ def test_default_job_on_ray_matches_the_local_run(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)   # with the module's Ray cluster and runs (setup counts): minutes on a loaded CI machine
 def test_a_killed_worker_actor_restarts_the_job_from_its_checkpoint(ray_cluster, job_files, runs, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "hetero", "run", "--on", f"ray={ray_cluster.address}", *job_files,
