@@ -98,13 +98,6 @@ def model_flops_per_sample(m: ModelSpec) -> float:
     return 3.0 * (m.layers * layer_forward_flops(m, 1) + head_forward_flops(m, 1))
 
 
-def state_bytes_per_param(dtype: str, dp: int, zero1: bool) -> float:
-    shard = dp if (zero1 and dp > 1) else 1
-    if DTYPE_BYTES.get(dtype, 4) >= 4:
-        return 4 + 4 + 8 / shard
-    return 2 + 4 + 12 / shard
-
-
 def optimizer_bytes_per_param(dtype: str) -> float:
     """Bytes the AdamW update moves per parameter (read p, g, m, v; write p, m, v)."""
     return 28.0 if DTYPE_BYTES.get(dtype, 4) >= 4 else 38.0
@@ -352,10 +345,6 @@ class CostModel:
 
     def zero1(self, dp: int) -> bool:
         return dp > 1 if self.train.zero1 is None else (self.train.zero1 and dp > 1)
-
-    def static_bytes(self, params_per_chip: float, dp: int) -> float:
-        """Weights, gradients and optimizer state at rest (no phase's transients)."""
-        return params_per_chip * state_bytes_per_param(self.dtype, dp, self.zero1(dp))
 
     def first_static_params(self, t: int) -> float:
         return embedding_params(self.model) / t
