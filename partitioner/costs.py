@@ -114,10 +114,12 @@ def optimizer_phases(params, e: int, shard: int, per_mb, work, inflight: int, st
     (1: none); per_mb: activations one in-flight micro-batch keeps; work: backward's transient;
     steady: gradients coexist with every in-flight micro-batch (1F1B has m > in-flight);
     largest: the largest parameter tensor (elements); adamw_temps: bytes per updated element
-    the optimizer's kernel allocates for a moment; staged_gather: ZeRO-1's all-gather stages its
-    output once more inside the collective (gloo, under the cpu and emulated chips' backends;
-    NCCL and HCCL gather in place). Works on numpy arrays of params."""
+    the optimizer's kernel allocates for a moment; staged_gather: ZeRO-1's collectives stage a
+    full vector once more inside the backend (gloo, under the cpu and emulated chips' backends:
+    the reduce-scatter a copy of its fp32 input, the all-gather one of its output; NCCL and
+    HCCL work in place). Works on numpy arrays of params."""
     gather = 2 if staged_gather else 1
+    staged_reduce = 4 * params if staged_gather else 0.0
     acts = inflight * per_mb
 
     def compute(resident, grads):
@@ -131,12 +133,12 @@ def optimizer_phases(params, e: int, shard: int, per_mb, work, inflight: int, st
         return np.maximum(compute(resident, 4 * params), 16 * params + adamw_temps * largest)
     if e >= 4:                                 # fp32 ZeRO-1: the flat gradient vector exists from the start
         resident = 8 * params + 8 * sh
-        return np.maximum.reduce([resident + acts + work, resident + 4 * sh,
+        return np.maximum.reduce([resident + acts + work, resident + 4 * sh + staged_reduce,
                                   resident + 4 * sh + np.maximum(adamw_temps * sh, gather * 4 * params)])
     resident = e * params + 12 * sh            # low precision: fp32 master and moments, flat
     gathered = e * sh + (gather * e * params if shard > 1 else 0.0)
     return np.maximum.reduce([compute(resident, e * params), resident + e * params + 4 * params,
-                              resident + 4 * params + (4 * sh if shard > 1 else 0.0),
+                              resident + 4 * params + (4 * sh + staged_reduce if shard > 1 else 0.0),
                               resident + 4 * params + np.maximum(adamw_temps * sh, gathered)])
 
 

@@ -410,8 +410,10 @@ def test_memory_phases_per_layout_as_the_engine_allocates():
     assert optimizer_phases(P, 2, 1, 0.0, 0.0, 1, True, 100, 8) == (2 + 12 + 4 + 8) * P
     # ... and at collection the bf16 grads and their fp32 copy coexist: 2 + 12 + 2 + 4 without temporaries
     assert optimizer_phases(P, 2, 1, 0.0, 0.0, 1, True, 100, 0) == (2 + 12 + 2 + 4) * P
-    # bf16 ZeRO-1 over 2, staging backend: 2 + 6 + 4 flat, then a 2/2 shard cast and the gathered 2, twice
-    assert optimizer_phases(P, 2, 2, 0.0, 0.0, 1, True, 100, 0, staged_gather=True) == (2 + 6 + 4 + 1 + 4) * P
+    # bf16 ZeRO-1 over 2: 2 + 6 + 4 flat; the update's 2/2 shard cast and the gathered 2; on a staging
+    # backend the reduce-scatter's 4/2 shard and a copy of its 4 input weigh more
+    assert optimizer_phases(P, 2, 2, 0.0, 0.0, 1, True, 100, 0) == (2 + 6 + 4 + 1 + 2) * P
+    assert optimizer_phases(P, 2, 2, 0.0, 0.0, 1, True, 100, 0, staged_gather=True) == (2 + 6 + 4 + 2 + 4) * P
 
 
 def test_gradients_and_every_in_flight_micro_batch_coexist_only_in_the_steady_state():
