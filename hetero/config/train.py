@@ -17,6 +17,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 class CheckpointConfig:
     dir: str          # resolved against the train file's folder
     every: int        # steps between checkpoints
+    keep: int | None = None   # sealed checkpoints kept (the newest; `latest` always); None: all
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def _read_checkpoint(section: Section, base: str) -> CheckpointConfig | None:
     config = CheckpointConfig(
         dir=os.path.join(base, ckpt.get("dir", text(4096))),
         every=ckpt.get("every", integer(1, 1 << 30)),
+        keep=ckpt.get("keep", integer(1, 1 << 30), None),
     )
     ckpt.finish()
     return config
