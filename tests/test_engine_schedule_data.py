@@ -1,15 +1,23 @@
 """The 1F1B schedule and the deterministic sample stream."""
 
+import dataclasses
 import itertools
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from hetero.config.train import DataConfig
-from hetero.engine.data import SampleSource
+import accelerators
+from hetero.config import load_job
+from hetero.config.train import CheckpointConfig, DataConfig
+from hetero.engine.data import SampleSource, permute
+from hetero.engine.solo import train_solo
 from hetero.engine.schedule import Action, max_in_flight, one_f_one_b
 from hetero.errors import UserError
+
+CPU = accelerators.get_accelerator("cpu")
+ENGINE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine", "two-islands.yaml")
 
 
 @pytest.mark.parametrize("stages,micro_batches", list(itertools.product([1, 2, 3, 5], [1, 2, 4, 7])))
@@ -67,12 +75,54 @@ def test_synthetic_samples_are_deterministic_and_learnable():
     assert torch.equal(inputs[1], source.sample(3, 2)[:-1]) and torch.equal(labels[1], source.sample(3, 2)[1:])
 
 
-def test_token_file_windows(tmp_path):
+def token_source(tmp_path, tokens, seq_len, seed=0, global_batch=2, name="tokens.bin"):
+    path = tmp_path / name
+    np.asarray(tokens, dtype=np.uint16).tofile(path)
+    return SampleSource(DataConfig("tokens", str(path), "uint16"), vocab=1000, seq_len=seq_len, seed=seed,
+                        global_batch=global_batch)
+
+
+def test_token_file_epochs_visit_every_window_once_in_a_seeded_order(tmp_path):
+    source = token_source(tmp_path, np.arange(1000), seq_len=8)      # windows start 8 apart: 124 of them
+    assert source.windows == 124
+    starts = [int(source.sample(step, index)[0]) for step in range(124) for index in range(2)]
+    first, second = starts[:124], starts[124:]
+    assert sorted(first) == sorted(second) == list(range(0, 124 * 8, 8))
+    assert first != second and first != sorted(first)               # shuffled, anew each epoch
+    assert source.sample(5, 1).tolist() == list(range(starts[11], starts[11] + 9))
+    # The stream is a function of (seed, global sample index): the global batch does not matter.
+    other = token_source(tmp_path, np.arange(1000), seq_len=8, global_batch=5, name="again.bin")
+    assert torch.equal(other.sample(2, 1), source.sample(5, 1))
+    reseeded = token_source(tmp_path, np.arange(1000), seq_len=8, seed=1, name="seeded.bin")
+    assert [int(reseeded.sample(0, i)[0]) for i in range(2)] != starts[:2] or \
+        [int(reseeded.sample(1, i)[0]) for i in range(2)] != starts[2:4]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 17, 64, 1000, 4097])
+def test_permute_is_a_bijection(size):
+    assert sorted(permute(i, size, key=12345) for i in range(size)) == list(range(size))
+
+
+def test_resume_restores_the_shuffled_stream_exactly(tmp_path):
+    """4 steps straight vs 2 steps, stop, resume to 4: the same losses, bit for bit, with the
+    data wrapping into its third epoch (12 windows, 8 samples a step)."""
+    job = load_job(model=ENGINE_CONFIG, train=ENGINE_CONFIG)
     path = tmp_path / "tokens.bin"
-    np.arange(1000, dtype=np.uint16).tofile(path)
-    source = SampleSource(DataConfig("tokens", str(path), "uint16"), vocab=1000, seq_len=8, seed=0, global_batch=2)
-    sample = source.sample(1, 1)   # window (1*2 + 1) * 8 = 24
-    assert sample.tolist() == list(range(24, 33))
+    rng = np.random.default_rng(0)
+    (np.cumsum(rng.integers(1, 4, 12 * job.model.seq_len + 1)) % job.model.vocab).astype(np.uint16).tofile(path)
+
+    def run(name, steps, checkpoints):
+        train = dataclasses.replace(job.train, data=DataConfig("tokens", str(path)),
+                                    checkpoint=CheckpointConfig(str(tmp_path / checkpoints), 2))
+        records = train_solo(CPU, job.model, train, str(tmp_path / name), steps=steps)
+        return {r["step"]: r["loss"] for r in records}
+
+    straight = run("straight", 4, "ckpt-straight")
+    first = run("first", 2, "ckpt-resumed")
+    resumed = run("resumed", 4, "ckpt-resumed")
+    assert sorted(first) == sorted(straight)[:2] and sorted(resumed) == sorted(straight)[2:]
+    assert {**first, **resumed} == straight
+    assert straight[max(straight)] < straight[min(straight)]     # it trains
 
 
 def test_token_file_errors(tmp_path):
