@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from hetero import resume
 from hetero.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,7 @@ class RunResult:
     run_dir: str
     plan: dict
     records: list = field(default_factory=list)    # metrics/steps.jsonl, last attempt per step
+    resumed_from: int | None = None                # --resume: the checkpoint step it went on from
 
     @property
     def steady_step_s(self) -> float | None:
@@ -72,71 +74,183 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
     from hetero.launch.targets import launcher_for
 
     launch = launcher_for(target, job.cluster)
-    say = say or (lambda message: print(f"hetero run: {message}", file=sys.stderr, flush=True))
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise UserError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
-    if max_restarts < 0:
-        raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
+    say = say or _say
+    _check_counts(steps, max_restarts)
     run_dir = os.path.abspath(run_dir)
     check_run_dir(run_dir)
+    plan = choose_plan(job, plan_file, kind, say)
+    try:
+        made = RunDir(run_dir)
+    except OSError as exc:
+        raise UserError(f"--out {run_dir}: cannot make the run directory: {exc.strerror or exc}") from None
+    made.claim(resume.LOCK)
+    try:
+        with resume.RunLock(run_dir):
+            _fill(made, job, paths, plan, steps)
+            say(f"run directory: {run_dir}")
+            worker_paths = {part: os.path.abspath(paths[part]) for part in DEFAULTS}
+            return _launch(launch, job, worker_paths, run_dir, plan.to_dict(), steps, max_restarts, progress,
+                           made=made)
+    except UserError:
+        if made.only_ours():
+            made.undo()      # refused before any worker started: leave nothing behind
+        raise
+
+
+def _fill(made: "RunDir", job, paths: dict, plan, steps: int) -> None:
+    """What a fresh run keeps in its directory: the plan, its job files (hetero.resume.portable_text)
+    and run.json, which `--resume` reads."""
+    try:
+        made.folder("metrics")
+        made.write("plan.json", plan.to_json())
+        for part, path in paths.items():
+            made.write(f"{part}.yaml", resume.portable_text(path, job.train.data.path))
+        made.claim(resume.RUN_JSON)
+        resume.write_record(made.path, {"steps": steps, "resumes": [],
+                                        "sources": {part: os.path.abspath(path) for part, path in paths.items()}})
+    except OSError as exc:
+        raise UserError(f"--out {made.path}: cannot write the run directory: {exc.strerror or exc}") from None
+
+
+def resume_fleet(stopped, steps: int | None = None, plan_file: str | None = None, max_restarts: int = 0,
+                 progress: bool = True, say=None, kind: str | None = None, target=None) -> RunResult:
+    """Continue the stopped run `stopped` (hetero.resume.open_run) from its checkpoint to `steps` in all
+    (None: the run's own total), with the run directory's own files and plan; `plan_file` or `kind`
+    re-plans (said in one line). Its metrics and logs go on in the same directory: the records after
+    the checkpoint step are dropped before any worker starts, each step is in steps.jsonl once at the end."""
+    from hetero.launch.targets import launcher_for
+
+    job, run_dir = stopped.job, stopped.run_dir
+    launch = launcher_for(target, job.cluster)
+    say = say or _say
+    total = stopped.total(steps)
+    _check_counts(total, max_restarts)
+    with resume.RunLock(run_dir):
+        plan = _resume_plan(stopped, plan_file, kind)
+        offset = resume.reopen(stopped)
+        if plan_file or kind:
+            say(_replace_plan(run_dir, plan, stopped.step))
+        record = resume.read_record(run_dir)
+        record.setdefault("resumes", []).append({"from_step": stopped.step, "steps": total,
+                                                 "replanned": bool(plan_file or kind)})
+        resume.write_record(run_dir, dict(record, steps=total))
+        say(f"resuming {run_dir} from step {stopped.step} to step {total}")
+        try:
+            result = _launch(launch, job, stopped.paths, run_dir, plan.to_dict(), total, max_restarts, progress,
+                             first_step=stopped.step, offset=offset)
+        finally:
+            resume.last_attempts(os.path.join(run_dir, "metrics", "steps.jsonl"))
+    result.resumed_from = stopped.step
+    return result
+
+
+def _resume_plan(stopped, plan_file: str | None, kind: str | None):
+    """The plan the rest of a resumed run trains under: the run's own plan.json (checked against its
+    files), unless --plan or --kind asks to re-plan."""
+    if plan_file or kind:
+        return choose_plan(stopped.job, plan_file, kind or "auto", say=lambda message: None)
+    plan_path = os.path.join(stopped.run_dir, "plan.json")
+    if not os.path.isfile(plan_path):
+        raise UserError(f"--resume {stopped.run_dir}: no plan.json; pass --kind or --plan to plan the rest of the run")
+    from hetero.plan_check import load_checked_plan
+
+    return load_checked_plan(plan_path, stopped.job, engine=True)
+
+
+def _replace_plan(run_dir: str, plan, step: int) -> str:
+    """Write the new plan.json, keeping the old one beside it; returns the line that says so."""
+    plan_path = os.path.join(run_dir, "plan.json")
+    kept = f"plan-until-step-{step}.json"
+    old = _old_plan(plan_path)
+    if os.path.exists(plan_path):
+        os.replace(plan_path, os.path.join(run_dir, kept))
+    with open(plan_path, "w", encoding="utf-8") as handle:
+        handle.write(plan.to_json())
+    return (f"re-planned from step {step}: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step "
+            f"(the run had {old}; its plan kept as {kept})")
+
+
+def choose_plan(job, plan_file: str | None, kind: str, say):
+    """The plan file, checked against the job and `kind`; else the planner's best of `kind`."""
     if plan_file:
         from hetero.plan_check import load_checked_plan
 
         plan = load_checked_plan(plan_file, job, engine=True)
         if plan.kind not in KINDS[kind]:
             raise UserError(f"--kind {kind}: the plan {plan_file} is a '{plan.kind}' plan")
-    else:
-        from hetero.plan_check import check_supported
+        return plan
+    from hetero.plan_check import check_supported
 
-        # What the search cannot choose around (the train file's dtype) is the train file's to fix.
-        plan = check_supported(search_plan(job, kind), dict(job.sources).get("train", "the train file"))
-        say(f"plan: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step")
-    try:
-        made = RunDir(run_dir)
-    except OSError as exc:
-        raise UserError(f"--out {run_dir}: cannot make the run directory: {exc.strerror or exc}") from None
-    try:
-        made.folder("metrics")
-        made.write("plan.json", plan.to_json())
-        for part, path in paths.items():
-            made.copy(path, f"{part}.yaml")
-    except OSError as exc:
-        made.undo()
-        raise UserError(f"--out {run_dir}: cannot write the run directory: {exc.strerror or exc}") from None
+    # What the search cannot choose around (the train file's dtype) is the train file's to fix.
+    plan = check_supported(search_plan(job, kind), dict(job.sources).get("train", "the train file"))
+    say(f"plan: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step")
+    return plan
+
+
+def _launch(launch, job, paths: dict, run_dir: str, plan_data: dict, steps: int, max_restarts: int,
+            progress: bool, made=None, first_step: int = 0, offset: int = 0) -> RunResult:
+    """Start every worker of plan.json in run_dir and follow metrics/steps.jsonl from byte `offset` (the
+    records before it are the run's earlier steps) until the launcher returns."""
     plan_path = os.path.join(run_dir, "plan.json")
-    plan_data = plan.to_dict()
-    say(f"run directory: {run_dir}")
-
     # Checkpoints live in the run directory, so a run only ever resumes its own.
     worker_args = ["--plan", plan_path, "--steps", str(steps), "--checkpoint-dir", os.path.join(run_dir, "checkpoints")]
-    worker_args += [arg for kind in DEFAULTS for arg in (f"--{kind}", os.path.abspath(paths[kind]))]
+    worker_args += [arg for kind in DEFAULTS for arg in (f"--{kind}", paths[kind])]
     # The launcher keeps the main thread (it owns SIGINT/SIGTERM and stops every
     # island on them); a follower thread prints progress from metrics/steps.jsonl.
+    steps_path = os.path.join(run_dir, "metrics", "steps.jsonl")
+    records = _read_records(steps_path, offset)
     stop = threading.Event()
-    records: list[dict] = []
     follower = threading.Thread(target=_follow, name="hetero-progress", daemon=True,
-                                args=(os.path.join(run_dir, "metrics", "steps.jsonl"), steps, stop, records, progress))
+                                args=(steps_path, (first_step, steps), stop, records, progress, offset))
     follower.start()
+    log_path = made.claim("launcher.log") if made else os.path.join(run_dir, "launcher.log")
     try:
-        with open(made.claim("launcher.log"), "a", encoding="utf-8") as log:
+        with open(log_path, "a", encoding="utf-8") as log:
             code = launch(job.cluster, plan_path, "-m hetero.engine.worker", worker_args,
                           max_restarts=max_restarts, run_dir=run_dir, stdout=log, stderr=log)
-    except UserError:
-        if made.only_ours():
-            made.undo()      # refused before any worker started: leave nothing behind
-        raise
     finally:
         stop.set()
         follower.join()
     return RunResult(code, run_dir, plan_data, records)
 
 
+def _check_counts(steps: int, max_restarts: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
+
+
+def _say(message: str) -> None:
+    print(f"hetero run: {message}", file=sys.stderr, flush=True)
+
+
+def _old_plan(plan_path: str) -> str:
+    """The run's plan, described for the re-plan line."""
+    from partitioner.plan import Plan
+
+    try:
+        with open(plan_path, encoding="utf-8") as handle:
+            return describe(Plan.from_json(handle.read()))
+    except Exception:  # pylint: disable=broad-except  # only words for a message: any unreadable plan will do
+        return "an unreadable plan.json"
+
+
+def _read_records(path: str, until: int) -> list[dict]:
+    """The records in the first `until` bytes of metrics/steps.jsonl (a resumed run's earlier steps)."""
+    if not until:
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle.read(until).splitlines() if line.strip()]
+
+
 def check_run_dir(run_dir: str) -> None:
     """A UserError unless `run_dir` can become a fresh run directory."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"--out {run_dir}: is a file, not a directory; pass another --out")
-    if os.path.exists(os.path.join(run_dir, "metrics", "steps.jsonl")):
-        raise UserError(f"{run_dir} already holds a run; pass another --out")
+    marks = (os.path.join("metrics", "steps.jsonl"), resume.RUN_JSON, os.path.join("checkpoints", "latest"))
+    if any(os.path.lexists(os.path.join(run_dir, mark)) for mark in marks):
+        raise UserError(f"{run_dir} already holds a run; pass another --out, or continue it with --resume {run_dir}")
     parent = run_dir
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -201,9 +315,10 @@ def describe(plan) -> str:
     return " -> ".join(parts) + f", {plan.num_micro_batches} x micro-batch {plan.micro_batch}"
 
 
-def _follow(path: str, steps: int, stop: threading.Event, records: list, show: bool) -> None:
-    """Print a progress line per finished step until `stop`; collect the records."""
-    offset = 0
+def _follow(path: str, span: tuple, stop: threading.Event, records: list, show: bool, offset: int = 0) -> None:
+    """Print a progress line per finished step until `stop`; collect the records. `span`: (the step the
+    workers start after, the last step); `offset`: where in the file this invocation's records begin."""
+    first, steps = span
     started = time.monotonic()
     tty = sys.stderr.isatty()
     while True:
@@ -218,7 +333,8 @@ def _follow(path: str, steps: int, stop: threading.Event, records: list, show: b
                     record = json.loads(line)
                     records[:] = [r for r in records if r["step"] < record["step"]] + [record]  # a restart rewinds
                     if show:
-                        eta = (time.monotonic() - started) / record["step"] * (steps - record["step"])
+                        done = max(1, record["step"] - first)
+                        eta = (time.monotonic() - started) / done * (steps - record["step"])
                         text = (f"step {record['step']}/{steps}  loss {record['loss']:.4f}  "
                                 f"{record['tokens_per_s']:.0f} tokens/s  {record['step_s']:.2f} s/step  ETA {eta:.0f}s")
                         if record.get("time_dilation"):

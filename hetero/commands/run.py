@@ -10,7 +10,8 @@ import time
 from hetero.commands.flags import whole
 from hetero.config import load_job
 from hetero.launch.targets import parse_target
-from hetero.runner import MAX_STEPS, add_job_arguments, default_paths, train_fleet
+from hetero.errors import UserError
+from hetero.runner import MAX_STEPS, add_job_arguments, default_paths, resume_fleet, train_fleet
 
 MAX_RESTARTS = 1000
 
@@ -26,10 +27,14 @@ def register(subparsers) -> None:
             "directory holds plan.json, launcher.log, logs/, checkpoints/, metrics/steps.jsonl (one "
             "line per step: step, loss, tokens_per_s, step_s, grad_norm, peak_memory_gb per stage) and metrics/rank*.jsonl "
             "(per rank, every micro-batch: compute, p2p wait, bridge). Every island starts on this "
-            "machine, so a cluster file naming other hosts is refused."
+            "machine, so a cluster file naming other hosts is refused. --resume RUN_DIR continues a stopped "
+            "or crashed run from its latest checkpoint with the run directory's own cluster, model and "
+            "train files and plan (--kind or --plan re-plans the rest; --steps sets the new total), "
+            "appending to its metrics and logs; its steps.jsonl then holds each step once."
         ),
     )
     add_job_arguments(parser)
+    parser.set_defaults(kind=None)      # --resume keeps the run's plan unless --kind is given
     parser.add_argument("--plan", metavar="FILE", help="use this plan JSON instead of searching")
     parser.add_argument("--steps", type=whole(1, MAX_STEPS), metavar="N",
                         help=f"train N steps, 1 to {MAX_STEPS} (default: the train file's)")
@@ -40,17 +45,27 @@ def register(subparsers) -> None:
                         help="start the workers on a Ray cluster (ADDRESS as ray.init takes it; default RAY_ADDRESS "
                              "or a local Ray), or, from a Slurm batch script, on the allocation's nodes under srun "
                              "(cluster hosts named as Slurm names its nodes), instead of this machine")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its latest checkpoint, with its own cluster/model/"
+                             "train files and plan (not with --cluster/--model/--train/--out); --kind or --plan "
+                             "re-plans, --steps N sets the new total (more than the checkpoint's step; default: "
+                             "the run's own). The records after the checkpoint are dropped from its "
+                             "metrics/steps.jsonl before training goes on. With a decaying lr_schedule a new "
+                             "total stretches the schedule from the resumed step on")
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    paths = default_paths(cluster=args.cluster, model=args.model, train=args.train)
-    job = load_job(**paths).require("cluster", "model", "train")
-    steps = job.train.steps if args.steps is None else args.steps
-    run_dir = args.out or os.path.join("runs", f"{job.cluster.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train_fleet(job, paths, run_dir, steps, plan_file=args.plan, max_restarts=args.max_restarts,
-                         progress=not args.json, kind=args.kind, target=args.on)
+    if args.resume:
+        job, result, steps = _resume(args)
+    else:
+        paths = default_paths(cluster=args.cluster, model=args.model, train=args.train)
+        job = load_job(**paths).require("cluster", "model", "train")
+        steps = job.train.steps if args.steps is None else args.steps
+        run_dir = args.out or os.path.join("runs", f"{job.cluster.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        result = train_fleet(job, paths, run_dir, steps, plan_file=args.plan, max_restarts=args.max_restarts,
+                             progress=not args.json, kind=args.kind or "auto", target=args.on)
     predicted = result.plan.get("predicted_step_s")
     step_s = result.steady_step_s
     summary = {
@@ -61,6 +76,8 @@ def run(args) -> int:
         "tokens_per_s": job.train.global_batch * job.model.seq_len / step_s if step_s else None,
         "measured_over_predicted": step_s / predicted if step_s and predicted else None,
     }
+    if args.resume:
+        summary["resumed_from_step"] = result.resumed_from
     if args.json:
         print(json.dumps(summary, indent=2))
     if result.code != 0:
@@ -78,3 +95,17 @@ def run(args) -> int:
         print(f"hetero run: done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
               f"{summary['tokens_per_s']:.0f} tokens/s, step time {step_s:.3f} s ({versus})", file=sys.stderr)
     return 0
+
+
+def _resume(args):
+    """(job, RunResult, total steps) of `--resume RUN_DIR`."""
+    from hetero.resume import open_run
+
+    clashing = [flag for flag in ("cluster", "model", "train", "out") if getattr(args, flag)]
+    if clashing:
+        raise UserError(f"--resume uses the run directory's own files and writes into it; drop --{clashing[0]} "
+                        "(or start a new run without --resume)")
+    stopped = open_run(args.resume)
+    result = resume_fleet(stopped, args.steps, plan_file=args.plan, max_restarts=args.max_restarts,
+                          progress=not args.json, kind=args.kind, target=args.on)
+    return stopped.job, result, stopped.total(args.steps)
