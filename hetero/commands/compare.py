@@ -1,0 +1,75 @@
+"""`hetero compare --model HF_DIR`: one batch through hetero and through transformers,
+per layer, to find where the numbers part (hetero.compare)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from hetero.commands.flags import number, whole
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="compare hetero's numbers with transformers' on one batch, layer by layer",
+        description=(
+            "Run one batch (step 1's batch of the synthetic stream for --seed) through hetero's model loaded "
+            "from a Hugging Face Llama directory and through transformers' LlamaForCausalLM on the CPU; print "
+            "per layer the largest absolute and relative difference of the hidden states, then the logits, the "
+            "loss and each layer's gradient norm, and flag the first row beyond --rtol. Relative differences "
+            "are max|ours - theirs| / max|theirs|. Exits 1 when a row is flagged. Needs transformers."))
+    parser.add_argument("--model", required=True, metavar="HF_DIR",
+                        help="Hugging Face Llama directory (config.json + *.safetensors)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="compute dtype of both sides (default fp32)")
+    parser.add_argument("--rtol", type=number(0.0, 1.0, low_open=True),
+                        help="relative tolerance (default: 1e-5 for fp32, 5e-2 for bf16, 1e-2 for fp16)")
+    parser.add_argument("--batch", type=whole(1, 1024), default=2, help="samples in the batch (default 2)")
+    parser.add_argument("--seq-len", type=whole(1, 1 << 16), default=64,
+                        help="tokens per sample (default 64, at most the model's max_position_embeddings)")
+    parser.add_argument("--seed", type=whole(0, (1 << 63) - 1), default=0, help="seed of the batch (default 0)")
+    parser.add_argument("--json", action="store_true", help="print every number as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from hetero.compare.local import compare_local
+
+    result = compare_local(args.model, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                           rtol=args.rtol)
+    if args.json:
+        print(json.dumps(result, indent=2, default=_json_number))
+    else:
+        print("\n".join(summary_lines(result)))
+    return 1 if result["first_flagged"] else 0
+
+
+def summary_lines(result: dict) -> list[str]:
+    default = " (the default for " + result["dtype"] + ")" if result["rtol_default"] else ""
+    lines = [f"hetero compare: {result['model']}, {result['layers']} layers, {result['dtype']}, "
+             f"batch {result['batch']} x {result['seq_len']} tokens (seed {result['seed']}), {result['where']}; "
+             f"rtol {result['rtol']:g}{default}",
+             f"{'':<18}{'max abs':>12}{'max rel':>12}"]
+    for row in result["rows"]:
+        if row["kind"] == "grad_norm" and row is _first(result["rows"], "grad_norm"):
+            lines.append(f"gradient norms{'':<4}{'hetero':>12}{'transformers':>14}{'rel':>10}")
+        label = row["name"] if row["kind"] != "loss" else "loss"
+        mark = "" if row["ok"] else "  <-- beyond rtol"
+        if row["kind"] == "forward":
+            lines.append(f"  {label:<16}{row['max_abs']:>12.3e}{row['max_rel']:>12.3e}{mark}")
+        else:
+            lines.append(f"  {label:<16}{row['ours']:>12.6g}{row['transformers']:>14.6g}{row['max_rel']:>10.2e}{mark}")
+    if result["first_flagged"]:
+        lines.append(f"first beyond rtol: {result['first_flagged']} ({result['first_flagged_kind']}); "
+                     f"worst relative difference {result['worst_rel_diff']:.3e}")
+    else:
+        lines.append(f"every row within rtol; worst relative difference {result['worst_rel_diff']:.3e}")
+    return lines
+
+
+def _first(rows: list[dict], kind: str):
+    return next((row for row in rows if row["kind"] == kind), None)
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
