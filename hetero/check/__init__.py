@@ -9,12 +9,20 @@ from __future__ import annotations
 import time
 
 from hetero.check import items as items_mod
-from hetero.check import local, simulate, verdict
+from hetero.check import local, simulate, storage, verdict
 
 
-def check(cluster, this_node: str | None = None, simulate_only: bool = False, progress=None) -> dict:
-    """Check a loaded ClusterConfig; returns the JSON-ready result (see hetero/commands/check.py)."""
-    items = items_mod.build(cluster, this_node)
+def check(cluster, this_node: str | None = None, simulate_only: bool = False, progress=None,
+          storage_dir: str | None = None, storage_wait_s: float = storage.DEFAULT_WAIT_S,
+          storage_only: bool = False) -> dict:
+    """Check a loaded ClusterConfig; returns the JSON-ready result (see hetero/commands/check.py).
+
+    The shared-storage item (hetero.check.storage) is checked when the cluster has more than one
+    host (then `storage_dir` defaults to runs/) or `storage_dir` is given; it runs after the probes,
+    so that nodes whose probes take longer still meet the head's round."""
+    items = [] if storage_only else items_mod.build(cluster, this_node)
+    if storage_dir or storage_only or len(storage.participants(cluster)) > 1:
+        items.append(storage.item(cluster, storage_dir or storage.DEFAULT_DIR, storage_wait_s))
     hosts = sorted({h for i in cluster.islands for h in (n.host for n in i.nodes)})
     documentation = [h for h in hosts if items_mod.is_documentation(h)]
     estimate = simulate.estimate(cluster, items, local.LINK_BYTES, local.BRIDGE_BYTES)
@@ -27,7 +35,11 @@ def check(cluster, this_node: str | None = None, simulate_only: bool = False, pr
         result["exit_code"] = 0
         return result
     started = time.monotonic()
-    measured = local.run(items, progress)
+    measured = local.run([i for i in items if i.kind != "storage"], progress)
+    for item in (i for i in items if i.kind == "storage"):
+        measured[item.name] = storage.run(item, this_node)
+        if progress:
+            progress(item, measured[item.name])
     result["elapsed_s"] = time.monotonic() - started
     for item in items:
         got, error = measured.get(item.name, (None, None))

@@ -7,7 +7,9 @@
 - links: bandwidth against the cluster file's figure, and latency against it
   with a floor, since one Python-driven round trip on a busy host costs
   hundreds of microseconds whatever the wire, and less than that is noise
-  against a training step.
+  against a training step;
+- storage: every node's probe read back through the checkpoint folder (hetero.check.storage),
+  or failed naming the nodes that do not share it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def judge(item, measured: dict | None, error: str | None = None) -> dict:
     if measured is None:
         return {"verdict": SKIPPED, "why": "on " + " and ".join(sorted(set(item.hosts))) +
                 ": run 'hetero check --node HOST' on that node"}
+    if item.kind == "storage":
+        return _storage(measured)
     if item.kind == "chip":
         share = measured["flops_per_s"] / item.expected["flops_per_s"]
         floor = CHIP_MIN.get(item.spec["accelerator"], CHIP_MIN_DEFAULT)
@@ -43,6 +47,17 @@ def judge(item, measured: dict | None, error: str | None = None) -> dict:
         problems.append(f"latency {latency * 1e6:.0f} us over {limit * 1e6:.0f} us")
     why = "; ".join(problems) or f"bandwidth {bw:.0%} of expected, latency within {limit * 1e6:.0f} us"
     return {"verdict": SLOW if problems else OK, "why": why, "share": bw}
+
+
+def _storage(measured: dict) -> dict:
+    if not measured["missing"]:
+        return {"verdict": OK, "why": f"every node's probe read back through {measured['dir']}"}
+    missing = ", ".join(measured["missing"])
+    view = f" (this node {measured['member_view']})" if measured.get("member_view") else ""
+    return {"verdict": FAILED, "why": f"{measured['dir']} is not one folder shared with {missing}{view}: no probe "
+                                      f"of this check came through in {measured['seconds']:.0f} s; a multi-node job "
+                                      "needs its checkpoint directory on storage every node mounts at the same path "
+                                      "(or that node's `hetero check --node HOST` did not run)"}
 
 
 def exit_code(results: list[dict]) -> int:

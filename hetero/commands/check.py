@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from hetero.check.storage import DEFAULT_WAIT_S
+from hetero.commands.flags import number
 from hetero.config import load_job
 from hetero.report.units import flops_text
 
@@ -20,13 +22,25 @@ def register(subparsers) -> None:
             "failed; exit 0 when all are ok, 1 otherwise, 2 for bad input. Items on other hosts are not "
             "contacted: run 'hetero check --node HOST' on each node. Clusters on documentation addresses "
             "(192.0.2.x, 198.51.100.x, 203.0.113.x), or --simulate, get an estimate of how long the real "
-            "check would take instead."
+            "check would take instead. A cluster of more than one host also gets a shared-storage item: "
+            "every node writes a probe file into the checkpoint folder (--storage, default runs/, where "
+            "hetero run makes its run directories) and the head (the coordinator host) must read them all, "
+            "since a multi-node job's checkpoints must be one folder every node mounts at the same path."
         ),
     )
     parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
     parser.add_argument("--node", metavar="HOST", help="this machine is HOST of the cluster file (default: "
                                                        "loopback addresses and this host's name)")
     parser.add_argument("--simulate", action="store_true", help="do not measure; estimate the real check's duration")
+    parser.add_argument("--storage", metavar="DIR",
+                        help="check that DIR (the checkpoint or runs folder of the job) is one folder shared by "
+                             "every node: each node's probe must reach the head through it (default for a "
+                             "multi-host cluster: runs/; a one-host cluster checks it only when given)")
+    parser.add_argument("--storage-wait", type=number(0.0, 3600.0, low_open=True), default=DEFAULT_WAIT_S,
+                        metavar="S", help=f"how long the head waits for the other nodes' probes "
+                                          f"(default {DEFAULT_WAIT_S:g} s)")
+    parser.add_argument("--storage-only", action="store_true",
+                        help="check only the shared storage (no chip or link probes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -39,7 +53,8 @@ def run(args) -> int:
     if not args.json:
         print(f"check {cluster.name}: {cluster.total_chips} chips, "
               f"{sum(len(i.nodes) for i in cluster.islands)} nodes, {len(cluster.islands)} islands", flush=True)
-    result = check.check(cluster, this_node=args.node, simulate_only=args.simulate, progress=progress)
+    result = check.check(cluster, this_node=args.node, simulate_only=args.simulate, progress=progress,
+                         storage_dir=args.storage, storage_wait_s=args.storage_wait, storage_only=args.storage_only)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -61,7 +76,9 @@ def item_line(kind: str, name: str, expected: dict, got: dict | None, judged: di
     head = f"{kind:<10} {name:<28}"
     if got is None:
         return f"{head} {judged['verdict'].upper():<6} {judged['why']}"
-    if kind == "chip":
+    if kind == "storage":
+        what = f"{len(got['seen'])} of {expected['nodes']} nodes read back through {got['dir']}"
+    elif kind == "chip":
         what = (f"{flops_text(got['flops_per_s'])} vs {flops_text(expected['flops_per_s'])} expected"
                 f"{' (EMULATED)' if emulated else ''}, {got['dtype']} {got['n']}^3")
     else:
