@@ -4,8 +4,10 @@ of one island), started and stopped here by process id.
 
 The cluster tests compare `hetero run --on ray` with the local `hetero run` of the same
 cluster file (losses within 1e-5), kill a worker actor after the first checkpoint (the job
-restarts from it and finishes with the same losses), run `hetero launch --on ray` (prefixed
-lines, every worker's HETERO_* environment) and print the start-up overhead of --on ray.
+restarts from it and finishes with the same losses), run the job with the slow island's node
+as `host: auto` (Ray places it; same losses), print the start-up overhead of --on ray, and
+last kill the second Ray node mid-run (the job stops in one line naming the node and island,
+nothing of it is left in Ray; the node is then started again).
 """
 
 from __future__ import annotations
@@ -109,6 +111,18 @@ class RayCluster:
         # Only once the head is registered: a node that joins earlier gives up on a loaded machine.
         self._start("second", [ray, "start", "--address", self.address, "--node-ip-address", SECOND, *common])
         self._wait("second", deadline)
+
+    def lose_second(self) -> None:
+        """The second node dies as a machine would: SIGKILL to everything it started (its own group)."""
+        second = self.procs.pop()
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait()
+
+    def restore_second(self, timeout: float = 180.0) -> None:
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        self._start("second", [ray, "start", "--address", self.address, "--node-ip-address", SECOND, "--block",
+                               "--num-cpus", "2", "--disable-usage-stats"])
+        self._wait("second", time.monotonic() + timeout)
 
     def _wait(self, name: str, deadline: float) -> None:
         while "Ray runtime started" not in self.log(name):
@@ -241,11 +255,79 @@ def test_a_killed_worker_actor_restarts_the_job_from_its_checkpoint(ray_cluster,
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     assert re.search(r"restarting the whole job from step 1 \(restart 1 of 1\): island slow on 127\.0\.0\.3", stderr)
-    # Ray's raylet may print "(raylet) A worker died ..." on the driver's stdout ahead of the summary
-    # (ray.init's log_to_driver=False does not silence it): the summary is the JSON object at the end.
-    summary = json.loads(stdout[stdout.rindex("\n{") + 1:] if not stdout.startswith("{") else stdout)
+    # Ray's "(raylet) A worker died ..." goes to stderr: stdout holds the summary alone.
+    summary = json.loads(stdout)
     assert summary["losses"] == pytest.approx(runs["ray"][0]["losses"], abs=1e-5)
     assert steps_of(out)[-1]["step"] == STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)   # with the module's Ray cluster and runs (setup counts): minutes on a loaded CI machine
+def test_an_auto_node_runs_where_ray_placed_it(ray_cluster, job_files, runs, tmp_path):
+    """The slow island's node says `host: auto`: Ray places it (the head's CPUs are the fast
+    island's, so on the second node) and the job trains as with the host named."""
+    cluster = tmp_path / "auto.yaml"
+    with open(job_files[1]) as handle:
+        cluster.write_text(handle.read().replace(f"host: {SECOND}", "host: auto"))
+    out = tmp_path / "run"
+    done, _ = hetero("run", "--on", f"ray={ray_cluster.address}", "--cluster", str(cluster), *job_files[2:],
+                     "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["losses"] == pytest.approx(runs["local"][0]["losses"], abs=1e-5)
+    assert f"auto node slow.0 on {SECOND}" in done.stderr
+    placed = load_job(cluster=str(out / "cluster-placed.yaml")).cluster
+    assert [node.host for island in placed.islands for node in island.nodes] == [HEAD, SECOND]
+
+
+LEFTOVERS = """
+import json, sys, time
+import ray
+from ray._private import state
+from ray.util import placement_group_table
+ray.init(address=sys.argv[1], log_to_driver=False)
+deadline = time.monotonic() + 60   # Ray removes a finished driver's actors and groups in the background
+while True:
+    groups = [g["name"] for g in placement_group_table().values() if g["state"] != "REMOVED"]
+    actors = [a["ActorClassName"] for a in state.actors().values() if a["State"] != "DEAD"]
+    if not (groups or actors) or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps({"groups": groups, "actors": actors}))
+"""
+
+
+# Last in the module: it takes the second node down (and brings it back for any test after it).
+@pytest.mark.slow
+@pytest.mark.timeout(900)   # with the module's Ray cluster and runs (setup counts): minutes on a loaded CI machine
+def test_a_lost_node_stops_every_actor_of_the_job(ray_cluster, job_files, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "hetero", "run", "--on", f"ray={ray_cluster.address}", *job_files,
+               "--out", str(out), "--max-restarts", "1", "--json"]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("logs/attempt_0/slow.*/stdout.log")):   # the slow island's workers run
+            assert proc.poll() is None and time.monotonic() < deadline, "the slow island never started"
+            time.sleep(0.2)
+        ray_cluster.lose_second()
+        # Restarting would wait for the lost node's bundles (and the rendezvous, 300 s): it must not.
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        assert proc.returncode == 1, stderr[-3000:]
+        assert json.loads(stdout)["ok"] is False   # the summary alone: Ray's "worker died" lines went to stderr
+        assert re.search(r"^hetero launch: job failed: cannot restart on the same Ray nodes: Ray node 127\.0\.0\.3 "
+                         r"\(island slow\) is lost", stderr, re.M), stderr[-3000:]
+        left = subprocess.run([sys.executable, "-c", LEFTOVERS, ray_cluster.address], capture_output=True,
+                              text=True, timeout=180, env=env)
+        assert json.loads(left.stdout) == {"groups": [], "actors": []}, left.stderr[-3000:]
+    finally:
+        ray_cluster.restore_second()
 
 
 def agent_actor_pid(run_dir: str, island: str) -> int:

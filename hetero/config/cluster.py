@@ -13,12 +13,19 @@ MAX_CHIPS_PER_NODE = 64
 MAX_CHIPS = 1 << 17
 TRANSPORTS = ("zmq", "shm", "auto")
 GRAD_WIRE_DTYPES = ("fp32", "bf16")   # the hetero-DP gradient sum on the bridge; fp32 accumulation either way
+AUTO = "auto"            # `host: auto`: the cluster engine (Ray) picks the node's host at launch
+AUTO_PREFIX = "auto:"    # an auto node's host reads auto:<island>:<node index>, no real host's form
 
 
 @dataclass(frozen=True)
 class Node:
-    host: str
+    host: str    # as written; an auto node's is AUTO_PREFIX + island + ":" + its index in the island
     chips: int
+
+    @property
+    def auto(self) -> bool:
+        """True for `host: auto`: a distinct node whose host only `--on ray` learns (from Ray's placement)."""
+        return self.host.startswith(AUTO_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,8 @@ def _read_island(section: Section, custom_chips: Mapping[str, ChipSpec]) -> Isla
     chip = section.get("chip", name)
     backends = accelerators.backends(accelerator)
     backend = section.get("backend", choice(*backends), backends[0])
-    nodes = tuple(_read_node(item) for item in section.items("nodes", max_items=1 << 14))
+    nodes = tuple(_read_node(item, island_name, index)
+                  for index, item in enumerate(section.items("nodes", max_items=1 << 14)))
     section.finish()
 
     spec = custom_chips.get(chip) or load_catalog().get(chip)
@@ -131,10 +139,17 @@ def _read_island(section: Section, custom_chips: Mapping[str, ChipSpec]) -> Isla
     return Island(island_name, accelerator, chip, backend, nodes)
 
 
-def _read_node(section: Section) -> Node:
-    node = Node(host=section.get("host", host), chips=section.get("chips", integer(1, MAX_CHIPS_PER_NODE)))
+def _read_node(section: Section, island_name: str, index: int) -> Node:
+    """One node; `host: auto` names a node of its own (auto:<island>:<index>) that Ray places."""
+    written = section.get("host", _node_host)
+    where = f"{AUTO_PREFIX}{island_name}:{index}" if written == AUTO else written
+    node = Node(host=where, chips=section.get("chips", integer(1, MAX_CHIPS_PER_NODE)))
     section.finish()
     return node
+
+
+def _node_host(value) -> str:
+    return AUTO if value == AUTO else host(value)
 
 
 def _read_network(section: Section | None) -> NetworkConfig:

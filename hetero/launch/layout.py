@@ -104,11 +104,14 @@ class FleetLayout:
                 if host is None or node.host == host]
 
 
-def build_layout(cluster: ClusterConfig, plan=None, node: str | None = None) -> FleetLayout:
+def build_layout(cluster: ClusterConfig, plan=None, node: str | None = None, auto: bool = False) -> FleetLayout:
     """The fleet layout for `cluster`, following `plan` (a partitioner Plan) if given.
 
-    `node` is the host this launcher runs (None: the whole fleet here). Raises
-    UserError for a host not in the cluster or ports out of range."""
+    `node` is the host this launcher runs (None: the whole fleet here). `auto`: the caller
+    (--on ray) learns the hosts of `host: auto` nodes later; anyone else refuses them. Raises
+    UserError for a host not in the cluster, an auto node it cannot place, or ports out of range."""
+    if not auto:
+        refuse_auto(cluster)
     local = node is None
     known = {n.host for i in cluster.islands for n in i.nodes} | {cluster.coordinator.host}
     if node is not None and node not in known:
@@ -147,6 +150,15 @@ def build_layout(cluster: ClusterConfig, plan=None, node: str | None = None) -> 
                                     master, cluster.coordinator.port + 1 + index, tuple(numbered)))
     coordinator_host = LOCAL_HOST if local else cluster.coordinator.host
     return FleetLayout(cluster, tuple(islands), coordinator_host, cluster.coordinator.port, local)
+
+
+def refuse_auto(cluster: ClusterConfig, how: str = "a launch without --on ray") -> None:
+    """A UserError when `cluster` has `host: auto` nodes: only Ray picks their hosts."""
+    autos = [island.name for island in cluster.islands if any(n.auto for n in island.nodes)]
+    if autos:
+        raise UserError(f"cluster '{cluster.name}': host: auto (island{'s' if len(autos) > 1 else ''} "
+                        f"{', '.join(autos)}) needs --on ray, "
+                        f"where Ray picks the node; {how} needs every node's host named in the cluster file")
 
 
 def _chosen_chips(cluster: ClusterConfig, plan) -> dict:

@@ -11,7 +11,15 @@ which starts that island's torch elastic agent there with today's environment
 (hetero.launch.ray_actors). A failed agent, a killed actor or a lost node fails the
 attempt; every actor of the attempt is stopped, and the whole job restarts from its
 last checkpoint (up to max_restarts) in fresh actors on the same placement groups.
-Ctrl-C stops every actor. At the end the actors and placement groups are removed.
+A lost Ray node (Ray says it is dead, or its raylet refuses a connection) is named as
+the attempt's failure, and a restart onto it is refused at once (LaunchAbort): its
+bundles would wait for it for ever. Ctrl-C stops every actor. At the end the actors
+and placement groups are removed.
+
+A `host: auto` node gets a STRICT_PACK placement group of its own; once reserved, the
+Ray node it landed on becomes its host (hetero.launch.ray_placement.placed_cluster),
+and the workers read a cluster file naming it (<run_dir>/cluster-placed.yaml).
+While Ray runs in the driver, its own lines go to stderr: stdout is the job's.
 
 The run directory must be reachable at the same path on every Ray node (a shared
 filesystem, or one machine): the agents write per-rank logs and checkpoints there.
@@ -30,15 +38,18 @@ import time
 
 from hetero.errors import UserError
 from hetero.launch import inputs
-from hetero.launch.agents import AgentProcess, LocalIslands, remove_rings
-from hetero.launch.control import HeadControl
+from hetero.launch.agents import CRASHED, AgentProcess, LocalIslands, LocalStatus, remove_rings
+from hetero.launch.control import HeadControl, LaunchAbort
 from hetero.launch.fleet import _FleetJob, _Interrupts
 from hetero.launch.layout import build_layout
 from hetero.launch.logs import fatal_path
-from hetero.launch.ray_placement import IslandPlacement, missing_hosts, plan_placement, short_of
+from hetero.launch.ray_placement import (IslandPlacement, crowded, is_auto, missing_hosts, placed_cluster,
+                                         placed_yaml, plan_placement, rebind, short_of, with_node_ids)
 
 INSTALL = "pip install -e '.[ray]' (or pip install 'ray>=2.10')"
 PLACEMENT_TIMEOUT_S = 60.0   # how long the placement groups may take to be reserved
+RAYLET_PROBE_S = 2.0   # a live raylet answers a connection long before this
+PLACED_CLUSTER = "cluster-placed.yaml"   # in the run directory: the cluster file with the auto nodes' hosts
 FORWARDED_PREFIXES = ("HETERO_",)   # the driver's variables every worker gets (HETERO_EMULATED_TIME_DILATION, ...)
 
 
@@ -79,31 +90,71 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
     run_dir = os.path.abspath(run_dir) if run_dir else tempfile.mkdtemp(prefix="hetero-run-")
     os.makedirs(run_dir, exist_ok=True)
     started = time.monotonic()
-    _connect(ray, address)
-    connected = time.monotonic()
+    with _stdout_for_the_job(stdout) as stdout:
+        _connect(ray, address)
+        connected = time.monotonic()
+        try:
+            driver_ip = ray.util.get_node_ip_address()
+            # The coordinator stays with the driver: the workers reach it at the driver's address.
+            config = dataclasses.replace(config, coordinator=dataclasses.replace(config.coordinator, host=driver_ip))
+            layout = build_layout(config, plan, node=driver_ip, auto=True)
+            placements = _reserve(ray, layout, placement_timeout)
+            where = ""
+            if any(p.auto for p in placements):
+                layout, placements, cluster_path, entry = _place_auto(ray, placements, config, plan, driver_ip,
+                                                                      run_dir, cluster_path, entry)
+                where = ", " + ", ".join(f"auto node {p.label} on {p.shares[0].ip}" for p in placements if p.auto)
+            reserved = time.monotonic()
+            forwarded = {k: v for k, v in base_env.items() if k.startswith(FORWARDED_PREFIXES)}
+            job = _RayJob(layout, None, entry, token, run_dir, os.path.abspath(plan_path) if plan_path else None,
+                          cluster_path, forwarded, rdzv_timeout, shutdown_timeout, stdout, stderr,
+                          os.path.abspath(checkpoint_dir) if checkpoint_dir else os.path.join(run_dir, "checkpoints"))
+            job.placements = placements
+            job.say(f"on Ray: connected in {connected - started:.1f} s, {len(placements)} placement group(s) reserved "
+                    f"in {reserved - connected:.1f} s{where}, coordinator at {layout.coordinator_address}",
+                    console=True)
+            remove_rings(token)
+            control = HeadControl(layout, token, [], max_restarts, heartbeat_timeout,
+                                  ack_timeout=shutdown_timeout + 30.0, join_timeout=rdzv_timeout,
+                                  lost_timeout=max(10.0, 2 * heartbeat_timeout), run_dir=run_dir)
+            with _Interrupts() as interrupts:
+                return job.run(control, interrupts, max_restarts)
+        finally:
+            remove_rings(token)
+            _release(ray)
+
+
+@contextlib.contextmanager
+def _stdout_for_the_job(stdout):
+    """While Ray runs in this process, its own lines ('(raylet) A worker died ...', printed on
+    sys.stdout by the driver's error listener) go to stderr: stdout stays the job's, where
+    `hetero run --json` prints its summary. Yields where the agents' lines go: `stdout`, else
+    this process's stdout as it was."""
+    sys.stdout.flush()
+    original = sys.stdout
+    real = _fileno(original) == 1
+    saved = os.dup(1)
+    job_out = stdout or (os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
+                         if real else original)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     try:
-        driver_ip = ray.util.get_node_ip_address()
-        # The coordinator stays with the driver: the workers reach it at the driver's address.
-        config = dataclasses.replace(config, coordinator=dataclasses.replace(config.coordinator, host=driver_ip))
-        layout = build_layout(config, plan, node=driver_ip)
-        placements = _reserve(ray, layout, placement_timeout)
-        reserved = time.monotonic()
-        forwarded = {k: v for k, v in base_env.items() if k.startswith(FORWARDED_PREFIXES)}
-        job = _RayJob(layout, None, entry, token, run_dir, os.path.abspath(plan_path) if plan_path else None,
-                      cluster_path, forwarded, rdzv_timeout, shutdown_timeout, stdout, stderr,
-                      os.path.abspath(checkpoint_dir) if checkpoint_dir else os.path.join(run_dir, "checkpoints"))
-        job.placements = placements
-        job.say(f"on Ray: connected in {connected - started:.1f} s, {len(placements)} placement group(s) reserved in "
-                f"{reserved - connected:.1f} s, coordinator at {layout.coordinator_address}", console=True)
-        remove_rings(token)
-        control = HeadControl(layout, token, [], max_restarts, heartbeat_timeout,
-                              ack_timeout=shutdown_timeout + 30.0, join_timeout=rdzv_timeout,
-                              lost_timeout=max(10.0, 2 * heartbeat_timeout), run_dir=run_dir)
-        with _Interrupts() as interrupts:
-            return job.run(control, interrupts, max_restarts)
+        yield job_out
     finally:
-        remove_rings(token)
-        _release(ray)
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        sys.stdout = original
+        if job_out is not stdout and job_out is not original:
+            job_out.close()
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _connect(ray, address: str | None) -> None:
@@ -124,6 +175,16 @@ def _check_reachable(address: str | None) -> None:
         raise UserError(f"--on ray: nothing answers at {where} (is the Ray head running? `ray start --head`)")
 
 
+def _answers(host: str, port: int) -> bool:
+    """True when the raylet at host:port accepts a connection: Ray's own verdict on a killed node
+    takes its health checks (seconds to minutes), a closed port does not."""
+    try:
+        socket.create_connection((host, int(port)), timeout=RAYLET_PROBE_S).close()
+        return True
+    except OSError:
+        return False
+
+
 def _unreachable(address: str) -> bool:
     """True when `address` is host:port (a GCS address, not auto or ray://) and nothing accepts there."""
     host, _, port = address.rpartition(":")
@@ -141,10 +202,11 @@ _GROUPS: list = []   # this driver's placement groups, removed by _release
 
 def _reserve(ray, layout, timeout: float) -> list[IslandPlacement]:
     """One placement group per island, reserved (or a UserError naming what is missing)."""
+    from ray.util import placement_group_table
     from ray.util.placement_group import placement_group
 
     nodes = {n["NodeManagerAddress"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    hosts = {host: _ip(host) for host in layout.hosts}
+    hosts = {host: _ip(host) for host in layout.hosts if not is_auto(host)}
     missing = missing_hosts(hosts, nodes)
     if missing:
         raise UserError(f"--on ray: host(s) {', '.join(missing)} of the cluster file are no live node of the Ray "
@@ -154,15 +216,53 @@ def _reserve(ray, layout, timeout: float) -> list[IslandPlacement]:
     if lacking:
         raise UserError(f"--on ray: the Ray nodes cannot hold the job's bundles ({'; '.join(lacking)})")
     for placement in placements:
-        group = placement_group(list(placement.bundles), strategy="PACK",
-                                name=f"hetero-{os.getpid()}-{placement.island.name}")
+        group = placement_group(list(placement.bundles), strategy=placement.strategy,
+                                name=f"hetero-{os.getpid()}-{placement.label}")
         _GROUPS.append(group)
         placement.group = group
     ready, _ = ray.wait([p.group.ready() for p in placements], num_returns=len(placements), timeout=timeout)
     if len(ready) < len(placements):
         raise UserError(f"--on ray: Ray could not reserve the islands' bundles within {timeout:.0f} s "
                         f"(other jobs hold the resources?)")
-    return placements
+    return [with_node_ids(p, placement_group_table(p.group)["bundles_to_node_id"]) for p in placements]
+
+
+def _place_auto(ray, placements, config, plan, driver_ip: str, run_dir: str, cluster_path: str | None,
+                entry: list[str]):
+    """Where Ray put the `host: auto` nodes, made the cluster's: (layout, placements, cluster path, entry)
+    as if the cluster file had named those hosts. The workers read their cluster file, so they get
+    one naming the hosts (<run_dir>/cluster-placed.yaml), through --cluster and HETERO_CLUSTER."""
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    landed = {p.shares[0].node.host: ips[p.shares[0].node_id] for p in placements if p.auto}
+    clash = crowded(placements, landed)
+    if clash:
+        raise UserError(f"--on ray: Ray put two nodes of one island on one Ray node ({'; '.join(clash)}); an "
+                        f"island lists a host once: name the hosts, or give one auto node all its chips")
+    config = placed_cluster(config, landed)
+    layout = build_layout(config, plan, node=driver_ip)
+    source = cluster_path or _argument(entry, "--cluster")
+    if source:
+        placed = os.path.join(run_dir, PLACED_CLUSTER)
+        _write_placed(source, placed, landed)
+        entry = [placed if arg == source and entry[i - 1] == "--cluster" else arg for i, arg in enumerate(entry)]
+        cluster_path = placed
+    return layout, rebind(placements, layout, landed), cluster_path, entry
+
+
+def _argument(entry: list[str], flag: str) -> str | None:
+    """The value of `flag` in the entry command (`FLAG VALUE`), if it is there."""
+    return next((entry[i + 1] for i, arg in enumerate(entry[:-1]) if arg == flag), None)
+
+
+def _write_placed(source: str, path: str, landed: dict) -> None:
+    import yaml
+
+    with open(source, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    section = data["cluster"] if "cluster" in data else data
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("# written by hetero --on ray: the cluster file, host: auto replaced by the Ray nodes chosen\n")
+        yaml.safe_dump(placed_yaml(section, landed), handle, sort_keys=False)
 
 
 def _ip(host: str) -> str:
@@ -186,14 +286,41 @@ class _RayJob(_FleetJob):
     placements: list[IslandPlacement] = []
 
     def start_islands(self, attempt: int):
-        work = {(island.name, node.host): (spec, env) for island, node, spec, env in self.agent_work(attempt)}
+        if attempt:
+            _refuse_lost(self.placements)
+        work = {(island.name, node.node): (spec, env) for island, node, spec, env in self.agent_work(attempt)}
         return RayIslands.start(self.placements, work, attempt, self.shutdown_timeout, self.stdout, self.run_dir)
+
+
+def _refuse_lost(placements) -> None:
+    """A restart goes back onto the nodes the job was placed on; with one of them lost it cannot
+    (its bundles would wait for the node for ever): LaunchAbort, at once, in one line."""
+    lost = lost_nodes(placements)
+    if lost:
+        raise LaunchAbort(f"cannot restart on the same Ray nodes: {'; '.join(lost)} (re-planning on the "
+                          f"surviving nodes is not supported yet)")
+
+
+def lost_nodes(placements) -> list[str]:
+    """'Ray node 127.0.0.3 (island slow) is lost' for each node of the job that is no live Ray node."""
+    import ray
+
+    ours = {share.node_id for placement in placements for share in placement.shares}
+    alive = {n["NodeID"] for n in ray.nodes()
+             if n["Alive"] and n["NodeID"] in ours and _answers(n["NodeManagerAddress"], n["NodeManagerPort"])}
+    lost: dict = {}
+    for placement in placements:
+        for share in placement.shares:
+            if share.node_id is not None and share.node_id not in alive:
+                lost.setdefault(share.ip, []).append(share.island.name)
+    return [f"Ray node {ip} (island {', '.join(dict.fromkeys(names))}) is lost" for ip, names in lost.items()]
 
 
 class RayIslands(LocalIslands):
     """LocalIslands whose agents run in AgentHost actors on the island's bundles."""
 
     holders: list = []
+    placements: list = []
 
     @classmethod
     def start(cls, placements, work: dict, attempt: int, shutdown_timeout: float, stdout=None,
@@ -205,7 +332,7 @@ class RayIslands(LocalIslands):
         agents, holders = [], []
         for placement in placements:
             for share in placement.shares:
-                spec, env = work[(share.island.name, share.node.host)]
+                spec, env = work[(share.island.name, share.node.node)]
                 for rank in share.node.global_ranks:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(fatal_path(run_dir, rank))
@@ -229,7 +356,17 @@ class RayIslands(LocalIslands):
                                            spec["log_dir"]))
         islands = cls(agents, shutdown_timeout, run_dir)
         islands.holders = holders
+        islands.placements = placements
         return islands
+
+    def first_failure(self) -> LocalStatus:
+        """A lost Ray node first: its workers' peers fail too, but the node is why."""
+        status = super().first_failure()
+        with contextlib.suppress(Exception):   # Ray unreachable: the agents' own failure stands
+            lost = lost_nodes(self.placements)
+            if lost:
+                return LocalStatus("failed", "; ".join(lost), priority=CRASHED)
+        return status
 
     def stop(self) -> None:
         import ray

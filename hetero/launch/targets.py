@@ -4,6 +4,7 @@
 Without `--on`, `hetero run` starts every island on this machine, and so refuses a
 cluster file whose hosts are not this machine's addresses (loopback aliases 127.x are
 this machine): those need a cluster engine, or one `hetero launch --node HOST` per host.
+A node with `host: auto` needs `--on ray` (Ray picks its host); elsewhere it is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import socket
 from dataclasses import dataclass
 from functools import lru_cache
 
+from hetero.config.cluster import AUTO_PREFIX
 from hetero.errors import UserError
+from hetero.launch.layout import refuse_auto
 
 ENGINES = ("ray", "slurm")
 SHOWN_HOSTS = 5   # a refusal names at most this many hosts
@@ -52,8 +55,8 @@ def cluster_hosts(cluster) -> list[str]:
 
 
 def foreign_hosts(cluster) -> list[str]:
-    """The cluster file's hosts that are not this machine."""
-    return [host for host in cluster_hosts(cluster) if not is_this_machine(host)]
+    """The cluster file's hosts that are not this machine (`host: auto` nodes aside: refuse_auto's)."""
+    return [host for host in cluster_hosts(cluster) if not (host.startswith(AUTO_PREFIX) or is_this_machine(host))]
 
 
 def refuse_foreign_hosts(cluster, command: str = "hetero run") -> None:
@@ -110,6 +113,7 @@ def launcher_for(target: Target | None, cluster):
     if target is None:
         from hetero.launch.fleet import launch_fleet
 
+        refuse_auto(cluster, "hetero run without --on")
         refuse_foreign_hosts(cluster)
         return launch_fleet
     if target.engine == "ray":
@@ -118,4 +122,5 @@ def launcher_for(target: Target | None, cluster):
         return ray_launcher(target.address)
     from hetero.launch.slurm import slurm_run_launcher
 
+    refuse_auto(cluster, "--on slurm")
     return slurm_run_launcher()
