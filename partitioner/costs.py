@@ -51,6 +51,7 @@ and reduction, update.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -133,13 +134,19 @@ def optimizer_phases(params, e: int, shard: int, per_mb, work, inflight: int, st
         return np.maximum(compute(resident, 4 * params), 16 * params + adamw_temps * largest)
     if e >= 4:                                 # fp32 ZeRO-1: the flat gradient vector exists from the start
         resident = 8 * params + 8 * sh
-        return np.maximum.reduce([resident + acts + work, resident + 4 * sh + staged_reduce,
-                                  resident + 4 * sh + np.maximum(adamw_temps * sh, gather * 4 * params)])
+        return _peak([resident + acts + work, resident + 4 * sh + staged_reduce,
+                      resident + 4 * sh + np.maximum(adamw_temps * sh, gather * 4 * params)])
     resident = e * params + 12 * sh            # low precision: fp32 master and moments, flat
     gathered = e * sh + (gather * e * params if shard > 1 else 0.0)
-    return np.maximum.reduce([compute(resident, e * params), resident + e * params + 4 * params,
-                              resident + 4 * params + (4 * sh + staged_reduce if shard > 1 else 0.0),
-                              resident + 4 * params + np.maximum(adamw_temps * sh, gathered)])
+    return _peak([compute(resident, e * params), resident + e * params + 4 * params,
+                  resident + 4 * params + (4 * sh + staged_reduce if shard > 1 else 0.0),
+                  resident + 4 * params + np.maximum(adamw_temps * sh, gathered)])
+
+
+def _peak(phases: list):
+    """The largest phase, element-wise; phases may broadcast (a column of in-flight counts
+    against a row of layer counts)."""
+    return functools.reduce(np.maximum, phases)
 
 
 def activation_bytes(m: ModelSpec, t: int, b: int, dtype: str, mode: str, fused: bool = True) -> float:
@@ -394,25 +401,34 @@ class CostModel:
         recompute mode chosen for each n (index into RECOMPUTE_MODES): the fastest that fits."""
         key = ("row", island, t, b, dp, first, last, inflight)
         hit = self._cache.get(key)
-        if hit is not None:
-            return hit
+        if hit is None:
+            self.stage_rows(island, t, b, dp, first, last, [inflight])
+            hit = self._cache[key]
+        return hit
+
+    def stage_rows(self, island: str, t: int, b: int, dp: int, first: bool, last: bool, inflights) -> None:
+        """Fill the cache with `stage_row` for several in-flight counts in one pass (a column of
+        counts against the row of layer counts): a pipeline's stages differ only in that."""
+        todo = sorted({k for k in inflights if ("row", island, t, b, dp, first, last, k) not in self._cache})
+        if not todo:
+            return
         L = self.model.layers
         n = np.arange(1, L + 1, dtype=np.float64)
+        ks = np.array(todo, dtype=np.float64)[:, None]
         cap = self.capacity(island)
         extra = (self.first_extra_s(island, t, b) if first else 0.0) + (self.last_extra_s(island, t, b) if last else 0.0)
-        best = np.full(L, np.inf)
-        choice = np.full(L, -1, dtype=np.int64)
+        best = np.full((len(todo), L), np.inf)
+        choice = np.full((len(todo), L), -1, dtype=np.int64)
         for index, mode in enumerate(RECOMPUTE_MODES):
             if mode not in self.train.recompute_modes:
                 continue
-            mem = self.stage_memory(t, b, dp, n, first, last, inflight, mode, island=island)
+            mem = self.stage_memory(t, b, dp, n, first, last, ks, mode, island=island)
             time = extra + n * self.per_layer_s(island, t, b, mode)
             ok = (mem <= cap) & (time < best)
             best = np.where(ok, time, best)
             choice = np.where(ok, index, choice)
-        hit = (best, choice)
-        self._cache[key] = hit
-        return hit
+        for j, k in enumerate(todo):
+            self._cache[("row", island, t, b, dp, first, last, k)] = (best[j], choice[j])
 
     def best_layer_s(self, island: str, t: int, b: int) -> float:
         """Fastest per-layer time of any allowed mode (for lower bounds)."""

@@ -206,4 +206,7 @@ class SearchLimits:
     replica_options_per_island: int = 3
     exhaustive_stages: bool = False        # brute force: every stage count per island
     small_fleet_chips: int = 64            # up to this many chips, every stage count up to 8 per island
+    # hetero-PP configurations costed at most (best bound first); reached only on fleets of
+    # thousands of chips, where each costs about a millisecond (issue #20: <= 10 s at 8,192)
+    max_pp_evaluations: int = 2000
     extra: Mapping[str, object] = field(default_factory=dict)

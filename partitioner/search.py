@@ -24,7 +24,8 @@ import heapq
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,9 +39,17 @@ from partitioner.plan import PipelinePlan, Plan, StagePlan, assign_ranks
 
 # ----------------------------------------------------------------------------- evaluated candidates
 
+class Slot(NamedTuple):
+    """One stage's place: its island, TP degree and first local rank (of DP replica 0)."""
+
+    island: IslandSpec
+    tp: int
+    offset: int
+
+
 @dataclass
 class PipeEval:
-    layout: list                     # [(IslandSpec, tp, offset)] per stage
+    layout: list                     # [Slot] per stage
     dp: int
     b: int
     m: int
@@ -63,6 +72,18 @@ class PipeEval:
     def step(self, m: int | None = None) -> float:
         return pipeline_step_s(self.stage_times, self.boundary, self.m if m is None else m, self.tail)
 
+    @property
+    def island(self) -> IslandSpec:
+        """The first stage's island (a replica's only one)."""
+        return self.layout[0].island
+
+    @property
+    def chips(self) -> int:
+        return sum(slot.tp for slot in self.layout) * self.dp
+
+    def with_micro_batches(self, m: int) -> PipeEval:
+        return replace(self, m=m)
+
 
 @dataclass
 class Candidate:
@@ -83,6 +104,8 @@ class SearchResult:
     evaluated: int
     bounded: int
     stats: dict = field(default_factory=dict)
+    islands_alone: dict = field(default_factory=dict)    # island name -> Candidate (whole batch, others idle)
+    hetero_dp: Candidate | None = None                   # best replica per island, exact batch split
 
     @property
     def best(self) -> Plan:
@@ -140,7 +163,7 @@ def stage_layout(order_tps_stages, dp: int) -> list:
     layout = []
     for island, t, s in order_tps_stages:
         for j in range(s):
-            layout.append((island, t, j * t * dp))
+            layout.append(Slot(island, t, j * t * dp))
     return layout
 
 
@@ -162,6 +185,7 @@ def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
     if P == 0 or P > cm.model.layers:
         return None
     mi = m if inflight_m is None else inflight_m
+    _prefetch_rows(cm, layout, dp, b, mi)
     rows = []
     picks = []
     for i, (island, t, _off) in enumerate(layout):
@@ -189,9 +213,18 @@ def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
     return _finish(cm, layout, dp, b, m, tuple(counts), modes, stage_times, mi)
 
 
+def _prefetch_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int) -> None:
+    """Cost each island's stage rows in one pass per (island, TP, first, last)."""
+    P = len(layout)
+    want: dict = {}
+    for i, slot in enumerate(layout):
+        want.setdefault((slot.island.name, slot.tp, i == 0, i == P - 1), []).append(min(P - i, mi))
+    for (name, t, first, last), inflights in want.items():
+        cm.stage_rows(name, t, b, dp, first, last, inflights)
+
+
 def _boundaries(cm, layout, dp, b) -> list:
-    return [cm.p2p_s(layout[i][0], layout[i][2], layout[i + 1][0], layout[i + 1][2], layout[i][1], dp, b)
-            for i in range(len(layout) - 1)]
+    return [cm.p2p_s(a.island, a.offset, z.island, z.offset, a.tp, dp, b) for a, z in zip(layout, layout[1:])]
 
 
 def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi) -> PipeEval:
@@ -312,56 +345,86 @@ class _Bounds:
         return hit
 
 
-def _pp_configs(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: _Bounds):
-    """Yield (lower_bound, order_tps_stages, dp, b, m) for every hetero-PP configuration."""
+GROUP, CONFIG, REFINED = 0, 1, 2      # hetero-PP heap entries, in the order they turn into each other
+
+
+def _group_floors(cm, bounds, order, ts, b: int, dps: np.ndarray, bridge: float) -> np.ndarray:
+    """A floor under every configuration of (order, TPs, dp, micro-batch b), one per dp: each
+    island holds its most stages (more stages only lower the bound), no DP tail."""
+    L, G = cm.model.layers, cm.train.global_batch
+    taus = np.array([bounds.layer(i, t, b) for i, t in zip(order, ts)])
+    e_first = bounds.first[(order[0].name, ts[0], b)]
+    e_last = bounds.last[(order[-1].name, ts[-1], b)]
+    sizes = np.array([i.size for i in order])
+    stages = sizes[None, :] // (np.array(ts)[None, :] * dps[:, None])
+    inv = stages @ (1.0 / taus)
+    with np.errstate(divide="ignore"):
+        c = np.maximum((L + e_first / taus[0] + e_last / taus[-1]) / inv,
+                       max(e_first + taus[0], e_last + taus[-1], float(taus.max())))
+    m = G // (dps * b)
+    return (m - 1) * c + L * float(taus.min()) + e_first + e_last + bridge
+
+
+def _pp_groups(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: _Bounds,
+               cutoff: float = math.inf, stats: dict | None = None):
+    """Yield (floor, order, TPs, dp, b, bridge bound) for every hetero-PP group of configurations
+    (one per island order, TP per island, DP degree and micro-batch) whose floor is below `cutoff`
+    (the K-th best plan known: nothing at or above it can enter the top K). A group's stage
+    counts are enumerated only when the search reaches its floor."""
     model, train = cm.model, cm.train
-    G, L = train.global_batch, model.layers
+    G = train.global_batch
     bs = train.micro_batch_choices()
     nbytes = model.seq_len * model.hidden * cm.e
     tps = {i.name: tp_choices(model, i) for i in fleet.islands}
-    divs = divisors(G)
-    small = fleet.total_chips <= limits.small_fleet_chips
-    products: dict = {}
+    divs = np.array(divisors(G))
+    stats = {} if stats is None else stats
     for order in island_orders(fleet.islands, limits):
         bridge_lb = [2.0 * (len(order) - 1) * (cm.bridge_latency + b * nbytes / cm.bridge_bandwidth) for b in bs]
         for ts in itertools.product(*[tps[i.name] for i in order]):
             max_dp = min(i.size // t for i, t in zip(order, ts))
-            for dp in divs:
-                if dp > max_dp:
-                    break
-                for bi, b in enumerate(bs):
-                    if (G // dp) % b:
-                        continue
-                    m = G // (dp * b)
-                    fits = [bounds.layers_fit(i, t, b, dp) for i, t in zip(order, ts)]
-                    if min(fits) < 1:
-                        continue
-                    taus = [bounds.layer(i, t, b) for i, t in zip(order, ts)]
-                    k0 = (order[0].name, ts[0], b)
-                    k1 = (order[-1].name, ts[-1], b)
-                    e_first, e_last = bounds.first[k0], bounds.last[k1]
-                    choices = tuple(tuple(stage_choices(i.size // (t * dp), limits, small)) for i, t in zip(order, ts))
-                    arr = products.get(choices)
-                    if arr is None:
-                        arr = np.array(list(itertools.product(*choices)), dtype=np.int64).reshape(-1, len(order))
-                        products[choices] = arr
-                    P = arr.sum(axis=1)
-                    ok = (P <= L) & (arr @ np.array(fits, dtype=np.int64) >= L)
-                    if not ok.any():
-                        continue
-                    sel, P = arr[ok], P[ok]
-                    inv = sel @ (1.0 / np.array(taus))
-                    c = np.maximum((L + e_first / taus[0] + e_last / taus[-1]) / inv,
-                                   max(e_first + taus[0], e_last + taus[-1], max(taus)))
-                    n_avg = -(-L // P)
-                    ab = np.array([bounds.tail_line(i, t, dp) for i, t in zip(order, ts)])
-                    tail = (n_avg[:, None] * ab[None, :, 0] + ab[None, :, 1]).min(axis=1)
-                    rest = L * min(taus) + e_first + e_last + bridge_lb[bi] + tail
-                    lb = (m - 1) * c + rest
-                    pairs = tuple(zip(order, ts))
-                    for lb_i, ss, c_i, rest_i in zip(lb.tolist(), sel.tolist(), c.tolist(), rest.tolist()):
-                        # the bound is tightened to whole layers only when the config comes up
-                        yield lb_i, pairs, ss, dp, b, m, (c_i, taus, e_first, e_last, rest_i)
+            for bi, b in enumerate(bs):
+                dps = divs[(divs <= max_dp) & ((G // divs) % b == 0)]
+                if dps.size == 0:
+                    continue
+                stats["pp_groups"] = stats.get("pp_groups", 0) + int(dps.size)
+                floors = _group_floors(cm, bounds, order, ts, b, dps, bridge_lb[bi])
+                for dp, floor in zip(dps.tolist(), floors.tolist()):
+                    if floor < cutoff:
+                        yield floor, order, ts, dp, b, bridge_lb[bi]
+
+
+def _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge, cutoff):
+    """The stage-count configurations of one (order, TPs, dp, b), each with its lower bound."""
+    G, L = cm.train.global_batch, cm.model.layers
+    m = G // (dp * b)
+    fits = [bounds.layers_fit(i, t, b, dp) for i, t in zip(order, ts)]
+    if min(fits) < 1:
+        return
+    taus = [bounds.layer(i, t, b) for i, t in zip(order, ts)]
+    e_first, e_last = bounds.first[(order[0].name, ts[0], b)], bounds.last[(order[-1].name, ts[-1], b)]
+    choices = tuple(tuple(stage_choices(i.size // (t * dp), limits, small)) for i, t in zip(order, ts))
+    arr = products.get(choices)
+    if arr is None:
+        arr = np.array(list(itertools.product(*choices)), dtype=np.int64).reshape(-1, len(order))
+        products[choices] = arr
+    P = arr.sum(axis=1)
+    ok = (P <= L) & (arr @ np.array(fits, dtype=np.int64) >= L)
+    if not ok.any():
+        return
+    sel, P = arr[ok], P[ok]
+    inv = sel @ (1.0 / np.array(taus))
+    c = np.maximum((L + e_first / taus[0] + e_last / taus[-1]) / inv,
+                   max(e_first + taus[0], e_last + taus[-1], max(taus)))
+    n_avg = -(-L // P)
+    ab = np.array([bounds.tail_line(i, t, dp) for i, t in zip(order, ts)])
+    tail = (n_avg[:, None] * ab[None, :, 0] + ab[None, :, 1]).min(axis=1)
+    rest = L * min(taus) + e_first + e_last + bridge + tail
+    lb = (m - 1) * c + rest
+    keep = lb < cutoff
+    pairs = tuple(zip(order, ts))
+    for lb_i, ss, c_i, rest_i in zip(lb[keep].tolist(), sel[keep].tolist(), c[keep].tolist(), rest[keep].tolist()):
+        # the bound is tightened to whole layers only when the config comes up
+        yield lb_i, pairs, ss, dp, b, m, (c_i, taus, e_first, e_last, rest_i)
 
 
 def _integer_bottleneck(c: float, ss, taus, e_first: float, e_last: float, L: int) -> float:
@@ -399,39 +462,62 @@ def _label_pp(pe: PipeEval) -> str:
     return f"pipeline {chain}, dp {pe.dp}, micro-batch {pe.b} x {pe.m}"
 
 
-def _search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None):
+def _search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best: list | None = None):
+    """The K best of `best` (plans already known, any kind) and the hetero-PP plans of `fleet`.
+
+    One heap, best bound first, of three kinds of entry: a group (its floor; expanded into
+    its stage-count configurations when popped), a configuration (its continuous bound;
+    tightened to whole layers when popped) and a tightened configuration (costed when popped).
+    It stops when the next bound cannot beat the K-th best, so the result is as if every
+    configuration were costed -- or after limits.max_pp_evaluations costings."""
     L = cm.model.layers
-    heap = [(c[0], n, False, c) for n, c in enumerate(_pp_configs(cm, fleet, limits, bounds))]
-    stats["pp_configs"] = len(heap)
+    best = sorted(best or [], key=lambda c: c.step)[:keep]
+
+    def cutoff() -> float:
+        return best[-1].step if len(best) >= keep else math.inf
+
+    heap = [(g[0], n, GROUP, g) for n, g in enumerate(_pp_groups(cm, fleet, limits, bounds, cutoff(), stats))]
     heapq.heapify(heap)
-    best: list = []
-    evaluated = refined = 0
-    total = len(heap)
-    index = 0
+    small = fleet.total_chips <= limits.small_fleet_chips
+    products: dict = {}
+    counter = itertools.count(len(heap))
+    evaluated = refined = configs = 0
     while heap:
-        lb, n, is_refined, config = heapq.heappop(heap)
-        if len(best) >= keep and lb >= best[-1].step:
+        lb, _n, kind, entry = heapq.heappop(heap)
+        if lb >= cutoff():
             break
-        _lb, pairs, ss, dp, b, m, (c, taus, e_first, e_last, rest) = config
-        if not is_refined:
+        if kind == GROUP:
+            _floor, order, ts, dp, b, bridge = entry
+            for config in _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge, cutoff()):
+                configs += 1
+                heapq.heappush(heap, (config[0], next(counter), CONFIG, config))
+            continue
+        _lb, pairs, ss, dp, b, m, (c, taus, e_first, e_last, rest) = entry
+        if kind == CONFIG:
             refined += 1
             c = _integer_bottleneck(c, ss, taus, e_first, e_last, L)
-            heapq.heappush(heap, ((m - 1) * c + rest, n, True, config))
+            heapq.heappush(heap, ((m - 1) * c + rest, next(counter), REFINED, entry))
             continue
-        index += 1
+        if evaluated >= limits.max_pp_evaluations:
+            # Best bound first, so what is left is what the bounds rank last; the plan is
+            # still never worse than the seeds (islands alone, hetero-DP).
+            stats["pp_cut_at_budget"] = stats.get("pp_cut_at_budget", 0) + 1
+            stats["pp_open_bound_s"] = lb
+            break
         layout = stage_layout([(i, t, k) for (i, t), k in zip(pairs, ss)], dp)
-        pe = evaluate_pipeline(cm, layout, dp, b, m, bound=best[-1].step if len(best) >= keep else math.inf)
+        pe = evaluate_pipeline(cm, layout, dp, b, m, bound=cutoff())
         evaluated += 1
-        if progress and evaluated % 64 == 0:
-            progress(index, total)
+        if progress and evaluated % 16 == 0:
+            progress(evaluated, limits.max_pp_evaluations, "hetero-PP configurations")
         if pe is None:
             continue
         cand = Candidate("pipeline", [pe], pe.step(), 0.0, _label_pp(pe))
-        best.append(cand)
-        best.sort(key=lambda c: c.step)
-        del best[keep:]
-    stats["pp_evaluated"] = evaluated
-    stats["pp_refined"] = refined
+        best = _dedup(sorted(best + [cand], key=lambda c: c.step))[:keep]
+    if progress:
+        progress(limits.max_pp_evaluations, limits.max_pp_evaluations, "hetero-PP configurations")
+    stats["pp_configs"] = stats.get("pp_configs", 0) + configs
+    stats["pp_evaluated"] = stats.get("pp_evaluated", 0) + evaluated
+    stats["pp_refined"] = stats.get("pp_refined", 0) + refined
     return best
 
 
@@ -503,7 +589,22 @@ def best_batch_split(pes: list[PipeEval], units: int):
     return float(f[units]), m_list
 
 
+def _replica_label(pes: list, b: int) -> str:
+    return "replicas " + " + ".join(
+        f"{p.island.name}(pp{len(p.layout)} tp{p.layout[0].tp} dp{p.dp}, {p.dp * p.b * p.m} samples)"
+        for p in pes) + f", micro-batch {b}"
+
+
+def _replica_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
+    """Replicas with their micro-batch counts set: the slowest one plus the bridge reduction."""
+    links = min(pe.island.nodes_spanned(0, pe.chips) for pe in pes)
+    cross = cm.cross_island_reduce_s([pe.island for pe in pes], links)
+    step = max(p.step() for p in pes) + cross
+    return Candidate("replicas", pes, step, cross, _replica_label(pes, b))
+
+
 def _combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
+    """Every combination of one option per island, each with its exact batch split (brute force)."""
     G = cm.train.global_batch
     units = G // b
     names = [n for n in options_by_island if options_by_island[n]]
@@ -515,38 +616,136 @@ def _combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int)
                 if res is None:
                     continue
                 _, m_list = res
-                links = min(pe.layout[0][0].nodes_spanned(0, len(pe.layout) * pe.layout[0][1] * pe.dp)
-                            for pe in combo)
-                cross = cm.cross_island_reduce_s([pe.layout[0][0] for pe in combo], links)
-                pes = []
-                for pe, mk in zip(combo, m_list):
-                    pes.append(PipeEval(pe.layout, pe.dp, pe.b, mk, pe.counts, pe.modes, pe.stage_times,
-                                        pe.boundary, pe.tail, pe.memory, pe.sources))
-                step = max(p.step() for p in pes) + cross
-                label = "replicas " + " + ".join(
-                    f"{p.layout[0][0].name}(pp{len(p.layout)} tp{p.layout[0][1]} dp{p.dp}, {p.dp * p.b * p.m} samples)"
-                    for p in pes) + f", micro-batch {b}"
-                out.append(Candidate("replicas", pes, step, cross, label))
+                pes = [pe.with_micro_batches(mk) for pe, mk in zip(combo, m_list)]
+                out.append(_replica_candidate(cm, pes, b))
     out.sort(key=lambda c: c.step)
     return out[:keep]
 
 
-def _search_replicas(cm, fleet, limits, keep, bounds, stats, exhaustive=False):
-    if len(fleet.islands) < 2:
-        return []
-    out = []
-    for b in cm.train.micro_batch_choices():
-        options = {}
+@dataclass
+class Envelope:
+    """One island's best replica step at every share of the batch.
+
+    step[u]: the fastest option (TP, stages, DP) that takes exactly u micro-batches of
+    the global batch (u a multiple of its DP), inf where none does; pick[u]: which.
+    Keeping every option until the batch is split is the point: a few options cut by
+    steady-state throughput cannot serve every share (issue #20)."""
+
+    island: IslandSpec
+    b: int
+    options: list
+    step: np.ndarray
+    pick: np.ndarray
+
+    def replica(self, u: int) -> PipeEval:
+        pe = self.options[int(self.pick[u])]
+        return pe.with_micro_batches(u // pe.dp)
+
+
+def envelope(island: IslandSpec, b: int, options: list, units: int) -> Envelope:
+    step = np.full(units + 1, np.inf)
+    pick = np.full(units + 1, -1, dtype=np.int64)
+    for k, pe in enumerate(options):
+        ms = np.arange(1, units // pe.dp + 1)
+        u = ms * pe.dp
+        t = (ms - 1) * pe.cycle + pe.fill
+        better = t < step[u]
+        step[u[better]] = t[better]
+        pick[u[better]] = k
+    return Envelope(island, b, options, step, pick)
+
+
+def _reach(envs: list, units: int, cap: float) -> list:
+    """reach[k][u]: can the first k islands take exactly u micro-batches, each at least one,
+    with every step <= cap. Boolean convolutions, by FFT (counts are small integers)."""
+    size = 1 << (2 * units + 1).bit_length()
+    reach = [np.zeros(units + 1, dtype=bool)]
+    reach[0][0] = True
+    for env in envs:
+        ok = env.step <= cap
+        conv = np.fft.irfft(np.fft.rfft(reach[-1], size) * np.fft.rfft(ok, size), size)[:units + 1]
+        reach.append(conv > 0.5)
+    return reach
+
+
+def split_batch(envs: list, units: int) -> tuple[float, list[int]] | None:
+    """The split of `units` micro-batches over the islands (each >= 1) that minimises the
+    slowest island's step: binary search over the envelopes' values, exact feasibility."""
+    values = np.unique(np.concatenate([e.step[np.isfinite(e.step)] for e in envs]))
+    if values.size == 0 or not _reach(envs, units, values[-1])[-1][units]:
+        return None
+    lo = int(np.searchsorted(values, max(float(np.min(e.step)) for e in envs)))
+    hi = values.size - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _reach(envs, units, values[mid])[-1][units]:
+            hi = mid
+        else:
+            lo = mid + 1
+    cap = float(values[lo])
+    reach = _reach(envs, units, cap)
+    shares = []
+    left = units
+    for k in range(len(envs) - 1, -1, -1):
+        v = np.arange(1, left + 1)
+        ok = (envs[k].step[v] <= cap) & reach[k][left - v]
+        # among feasible shares, the one this island runs fastest
+        pick = int(v[ok][np.argmin(envs[k].step[v[ok]])])
+        shares.append(pick)
+        left -= pick
+    shares.reverse()
+    return cap, shares
+
+
+def _island_envelopes(cm, fleet, limits, bounds, stats, progress=None) -> dict:
+    """{micro-batch: {island name: Envelope}} with every replica option kept."""
+    G = cm.train.global_batch
+    out = {}
+    bs = cm.train.micro_batch_choices()
+    for k, b in enumerate(bs):
+        out[b] = {}
         for island in fleet.islands:
-            pes = _replica_options(cm, island, b, limits, bounds, stats, exhaustive)
-            if not exhaustive:
-                # Best throughput (samples per second in steady state) first.
-                pes.sort(key=lambda pe: (-pe.dp * pe.b / pe.cycle, pe.fill))
-                pes = pes[:limits.replica_options_per_island]
-            options[island.name] = pes
-        out.extend(_combine_replicas(cm, options, b, keep))
+            pes = _replica_options(cm, island, b, limits, bounds, stats)
+            if pes:
+                out[b][island.name] = envelope(island, b, pes, G // b)
+        if progress:
+            progress(k + 1, len(bs), "replica options")
+    return out
+
+
+def _subsets(names: list, limit: int = 5):
+    """Island subsets of two or more for hetero-DP: all of them when few islands, else the whole fleet."""
+    if len(names) > limit:
+        return [tuple(names)]
+    return [c for k in range(2, len(names) + 1) for c in itertools.combinations(names, k)]
+
+
+def _search_replicas(cm, envelopes: dict, keep: int, stats) -> list:
+    out = []
+    for b, by_island in envelopes.items():
+        units = cm.train.global_batch // b
+        for subset in _subsets(list(by_island)):
+            envs = [by_island[n] for n in subset]
+            res = split_batch(envs, units)
+            stats["dp_splits"] = stats.get("dp_splits", 0) + 1
+            if res is None:
+                continue
+            pes = [env.replica(u) for env, u in zip(envs, res[1])]
+            out.append(_replica_candidate(cm, pes, b))
     out.sort(key=lambda c: c.step)
     return out[:keep]
+
+
+def _alone_candidates(envelopes: dict, name: str) -> list:
+    """The island alone as one homogeneous pipeline on the whole batch (from its envelope)."""
+    out = []
+    for by_island in envelopes.values():
+        env = by_island.get(name)
+        if env is None or not np.isfinite(env.step[-1]):
+            continue
+        pe = env.replica(len(env.step) - 1)
+        out.append(Candidate("pipeline", [pe], pe.step(), 0.0, _label_pp(pe)))
+    return out
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -670,7 +869,12 @@ def _stages_by_pipe(stages, pipelines):
 
 def search(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None, top: int = 1,
            limits: SearchLimits | None = None, progress=None) -> SearchResult:
-    """The best plans (best first), the naive baseline, and how long the search took."""
+    """The best plans (best first), the naive baseline, the lower bounds the best plan is held
+    to (each island alone, hetero-DP with an exact batch split) and how long the search took.
+
+    Order matters for speed: the replica envelopes come first (cheap), they seed each
+    island's own search, and the best of those seeds the whole fleet's hetero-PP search,
+    whose configurations are then cut by their bounds against that incumbent."""
     t0 = time.perf_counter()
     limits = limits or SearchLimits()
     check_inputs(fleet, model, train)
@@ -678,23 +882,65 @@ def search(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None, t
     bounds = _Bounds(cm)
     keep = max(2, top)
     stats: dict = {}
-    cands = []
+    timing: dict = {}
+    envelopes = _island_envelopes(cm, fleet, limits, bounds, stats, progress)
+    timing["replica_options_s"] = time.perf_counter() - t0
+    alone = _islands_alone(cm, fleet, limits, bounds, envelopes, stats, progress)
+    timing["islands_alone_s"] = time.perf_counter() - t0 - sum(timing.values())
+    hetero_dp = []
+    if "replicas" in train.modes and len(fleet.islands) >= 2:
+        hetero_dp = _search_replicas(cm, envelopes, keep, stats)
+    timing["hetero_dp_s"] = time.perf_counter() - t0 - sum(timing.values())
+    cands = hetero_dp + ([c for c in alone.values() if c.kind in train.modes] if len(fleet.islands) > 1 else [])
     if "pipeline" in train.modes:
-        cands += _search_pp(cm, fleet, limits, keep, bounds, stats, progress)
-    if "replicas" in train.modes:
-        cands += _search_replicas(cm, fleet, limits, keep, bounds, stats)
-    cands.sort(key=lambda c: c.step)
+        seeds = cands if len(fleet.islands) > 1 else _alone_candidates(envelopes, fleet.islands[0].name)
+        cands = _search_pp(cm, fleet, limits, keep, bounds, stats, progress, best=seeds)
+    timing["hetero_pp_s"] = time.perf_counter() - t0 - sum(timing.values())
+    cands = _dedup(sorted(cands, key=lambda c: c.step))[:keep]
     if not cands:
         raise InfeasibleError(explain_infeasible(cm, fleet, model, train))
-    cands = cands[:keep]
+    if len(fleet.islands) == 1:
+        alone = {fleet.islands[0].name: cands[0]}
     plans = [to_plan(cm, fleet, c) for c in cands]
     base = naive_baseline(cm, fleet)
     base_plan = to_plan(cm, fleet, base) if base else None
     elapsed = time.perf_counter() - t0
+    stats.update({k: round(v, 4) for k, v in timing.items()})
     return SearchResult(plans=plans, candidates=cands, baseline=base,
                         baseline_plan=base_plan, search_s=elapsed,
                         evaluated=stats.get("pp_evaluated", 0) + stats.get("dp_evaluated", 0),
-                        bounded=stats.get("pp_configs", 0), stats=stats)
+                        bounded=stats.get("pp_configs", 0), stats=stats,
+                        islands_alone=alone, hetero_dp=hetero_dp[0] if hetero_dp else None)
+
+
+def _islands_alone(cm, fleet, limits, bounds, envelopes, stats, progress=None) -> dict:
+    """{island: its best plan on the whole batch with the other islands idle}: a lower bound the
+    fleet's plan must meet, and the denominator of its efficiency (issue #20)."""
+    out = {}
+    if len(fleet.islands) < 2:
+        return out
+    sub_stats: dict = {}
+    for k, island in enumerate(fleet.islands):
+        seeds = _alone_candidates(envelopes, island.name)
+        if "pipeline" in cm.train.modes:
+            seeds = _search_pp(cm, replace(fleet, islands=(island,)), limits, 1, bounds, sub_stats, best=seeds)
+        if seeds:
+            out[island.name] = min(seeds, key=lambda c: c.step)
+        if progress:
+            progress(k + 1, len(fleet.islands), "islands alone")
+    stats["alone_pp_configs"] = sub_stats.get("pp_configs", 0)
+    stats["alone_pp_evaluated"] = sub_stats.get("pp_evaluated", 0)
+    return out
+
+
+def _dedup(cands: list) -> list:
+    seen, out = set(), []
+    for c in cands:
+        key = (c.label, round(c.step, 12))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
 
 
 # ----------------------------------------------------------------------------- brute force
