@@ -3,6 +3,7 @@ here (nothing is downloaded): every row agrees in fp32, and a layer corrupted on
 hetero's side is the first one flagged."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -14,8 +15,9 @@ from hetero.compare import local
 from hetero.compare.diff import compare_traces
 from hetero.model.hf import load_hf_stage, read_hf_config
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def run_cli(capsys, *argv):
 
 
 def test_every_row_agrees_in_fp32(tiny, capsys):
-    code, out, _ = run_cli(capsys, "--model", tiny, "--json", "--seq-len", "16")
+    code, out, _ = run_cli(capsys, "--model", tiny, "--json", "--seq-len", "16", "--local")
     result = json.loads(out)
     assert code == 0 and result["first_flagged"] is None and result["rtol"] == 1e-5
     names = [row["name"] for row in result["rows"]]
@@ -69,7 +71,7 @@ def corrupted(directory):
 
 def test_cli_flags_it_and_exits_1(tiny, capsys, monkeypatch):
     monkeypatch.setattr(local, "load_hf_stage", lambda directory, dtype: corrupted(directory))
-    code, out, _ = run_cli(capsys, "--model", tiny, "--seq-len", "8")
+    code, out, _ = run_cli(capsys, "--model", tiny, "--seq-len", "8", "--local")
     assert code == 1
     layer1 = next(line for line in out.splitlines() if line.strip().startswith("layer 1"))
     assert layer1.endswith("<-- beyond rtol")
@@ -77,7 +79,7 @@ def test_cli_flags_it_and_exits_1(tiny, capsys, monkeypatch):
 
 
 def test_bf16_uses_its_looser_default(tiny, capsys):
-    code, out, _ = run_cli(capsys, "--model", tiny, "--json", "--dtype", "bf16", "--seq-len", "8")
+    code, out, _ = run_cli(capsys, "--model", tiny, "--json", "--dtype", "bf16", "--seq-len", "8", "--local")
     result = json.loads(out)
     assert code == 0 and result["rtol"] == 5e-2 and 0 < result["worst_rel_diff"] <= 5e-2
 
@@ -88,3 +90,28 @@ def test_missing_transformers_and_bad_model_are_one_line(tiny, tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "transformers", None)
     code, _, err = run_cli(capsys, "--model", tiny)
     assert code == 2 and err.count("\n") == 1 and "pip install transformers" in err
+
+
+def test_local_refuses_fleet_flags(tiny, capsys):
+    code, _, err = run_cli(capsys, "--model", tiny, "--local", "--plan", "p.json")
+    assert code == 2 and "--local runs in one process" in err
+
+
+@pytest.mark.slow
+def test_fleet_hetero_dp_with_pipeline_and_tp_agrees(tiny, tmp_path, capsys):
+    """The default emulated fleet under a hetero-DP plan (a two-stage pipeline on one island,
+    TP 2 on the other): the hidden states the ranks saw, put back together, the fleet-wide
+    loss and per-layer gradient norms all equal transformers' within 1e-5."""
+    from test_launch import free_port_block
+
+    config = open(os.path.join(ROOT, "configs", "emulated-mixed.yaml"), encoding="utf-8").read()
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(config.replace("port: 29400", f"port: {free_port_block(8)}"))
+    code, out, _ = run_cli(capsys, "--model", tiny, "--cluster", str(cluster), "--kind", "replicas",
+                           "--batch", "4", "--seq-len", "32", "--out", str(tmp_path / "run"), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["first_flagged"] is None and result["worst_rel_diff"] <= 1e-5
+    assert "->" in result["where"] and "tp2" in result["where"]
+    assert [row["name"] for row in result["rows"]][:6] == ["embed", "layer 0", "layer 1", "layer 2",
+                                                            "final norm", "logits"]
+    assert len(os.listdir(tmp_path / "run" / "compare")) > 2      # each rank's file and the totals

@@ -14,12 +14,22 @@ def register(subparsers) -> None:
         "compare", help="compare hetero's numbers with transformers' on one batch, layer by layer",
         description=(
             "Run one batch (step 1's batch of the synthetic stream for --seed) through hetero's model loaded "
-            "from a Hugging Face Llama directory and through transformers' LlamaForCausalLM on the CPU; print "
+            "from a Hugging Face Llama directory -- on a fleet as a run would (the plan's stages, TP, micro-batches, "
+            "bridge and gradient reductions; default: the embedded emulated fleet), or in one process with --local "
+            "-- and through transformers' LlamaForCausalLM on the CPU; print "
             "per layer the largest absolute and relative difference of the hidden states, then the logits, the "
             "loss and each layer's gradient norm, and flag the first row beyond --rtol. Relative differences "
             "are max|ours - theirs| / max|theirs|. Exits 1 when a row is flagged. Needs transformers."))
     parser.add_argument("--model", required=True, metavar="HF_DIR",
                         help="Hugging Face Llama directory (config.json + *.safetensors)")
+    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default configs/emulated-mixed.yaml)")
+    parser.add_argument("--plan", metavar="FILE", help="plan JSON to run (default: the planner's best)")
+    parser.add_argument("--kind", choices=("auto", "pipeline", "replicas"), default="auto",
+                        help="without --plan: plan hetero-PP, hetero-DP or let the planner pick (default auto)")
+    parser.add_argument("--local", action="store_true",
+                        help="one process: the whole model as one stage on this host's CPU, no fleet")
+    parser.add_argument("--out", metavar="DIR", help="keep the fleet run's files here (plan, logs, what each "
+                                                     "rank saw); default: a scratch folder, kept only on failure")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="compute dtype of both sides (default fp32)")
     parser.add_argument("--rtol", type=number(0.0, 1.0, low_open=True),
@@ -33,10 +43,20 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from hetero.compare.local import compare_local
+    from hetero.errors import UserError
 
-    result = compare_local(args.model, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
-                           rtol=args.rtol)
+    common = dict(dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed, rtol=args.rtol)
+    if args.local:
+        if args.cluster or args.plan or args.out:
+            raise UserError("--local runs in one process: --cluster, --plan and --out are for a fleet")
+        from hetero.compare.local import compare_local
+
+        result = compare_local(args.model, **common)
+    else:
+        from hetero.compare.fleet import compare_fleet
+
+        result = compare_fleet(args.model, cluster=args.cluster, plan_file=args.plan, out=args.out,
+                               kind=args.kind, **common)
     if args.json:
         print(json.dumps(result, indent=2, default=_json_number))
     else:
