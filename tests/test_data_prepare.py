@@ -140,3 +140,24 @@ def test_progress_plain_lines_off_a_terminal():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in stream.getvalue()
     assert lines[0].startswith("prepare: 1.0/2.0 MB (50%), 5,000 tokens, ") and lines[1].endswith("tokens/s")
+
+
+def test_a_run_on_prepared_data_trains(tok, tmp_path):
+    """The user path's end: prepare, then train on it (one process, the engine's own Trainer)."""
+    import dataclasses
+
+    import accelerators
+    from hetero.config import load_job
+    from hetero.engine.solo import train_solo
+
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(LINES, 3))}) + "\n" for _ in range(60)))
+    summary = prepare(str(tok[0]), [str(corpus)], str(tmp_path / "data.bin"))
+    engine = __file__.replace("test_data_prepare.py", "engine/two-islands.yaml")
+    job = load_job(model=engine, train=engine)
+    model = dataclasses.replace(job.model, vocab=summary["vocab_size"] + 4)
+    train = dataclasses.replace(job.train, checkpoint=None, data=DataConfig("tokens", str(tmp_path / "data.bin")))
+    losses = [r["loss"] for r in train_solo(accelerators.get_accelerator("cpu"), model, train,
+                                            str(tmp_path / "run"), steps=5)]
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.5
