@@ -3,6 +3,7 @@ is downloaded) into a token file + sidecar that training reads."""
 
 import io
 import json
+import os
 import re
 
 import numpy as np
@@ -64,6 +65,7 @@ def test_prepare_writes_tokens_and_sidecar(tok, inputs, tmp_path, workers):
     assert meta["vocab_size"] == tokenizer.get_vocab_size() and meta["token_dtype"] == "uint16"
     assert (meta["eos_token"], meta["eos_id"], meta["eos_source"]) == ("<|endoftext|>", 0, "well-known name")
     assert len(meta["tokenizer_sha256"]) == 64 and not (tmp_path / "data.bin.partial").exists()
+    assert summary["bytes"] == sum(os.path.getsize(path) for path in paths)    # progress reaches 100%
 
 
 def test_eos_comes_from_tokenizer_config_then_flag(tmp_path, inputs):
@@ -161,3 +163,11 @@ def test_a_run_on_prepared_data_trains(tok, tmp_path):
     losses = [r["loss"] for r in train_solo(accelerators.get_accelerator("cpu"), model, train,
                                             str(tmp_path / "run"), steps=5)]
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.5
+
+
+def test_inputs_without_documents_are_refused(tok, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(UserError, match="empty.txt: no documents"):
+        prepare(str(tok[0]), [str(empty)], str(tmp_path / "d.bin"))
+    assert not (tmp_path / "d.bin").exists()

@@ -28,8 +28,8 @@ def check_inputs(paths: list[str]) -> None:
             raise UserError(f"{path}: not readable")
 
 
-def documents(path: str) -> Iterator[str]:
-    """The documents of one input file."""
+def documents(path: str) -> Iterator[tuple[str, int]]:
+    """The documents of one input file, each with the bytes of the file it used up (for progress)."""
     reader = _jsonl if path.lower().endswith(JSONL_SUFFIXES) else _plain_text
     try:
         with open(path, encoding="utf-8") as handle:
@@ -39,13 +39,13 @@ def documents(path: str) -> Iterator[str]:
 
 
 def batches(paths: list[str]) -> Iterator[tuple[list[str], int]]:
-    """(documents, their UTF-8 bytes) of all inputs in order, about BATCH_CHARS at a time."""
+    """(documents, the input bytes they used up) of all inputs in order, about BATCH_CHARS at a time."""
     batch: list[str] = []
     size = 0
     for path in paths:
-        for text in documents(path):
+        for text, used in documents(path):
             batch.append(text)
-            size += len(text.encode("utf-8"))
+            size += used
             if size >= BATCH_CHARS or len(batch) >= BATCH_DOCUMENTS:
                 yield batch, size
                 batch, size = [], 0
@@ -53,21 +53,25 @@ def batches(paths: list[str]) -> Iterator[tuple[list[str], int]]:
         yield batch, size
 
 
-def _plain_text(path: str, handle) -> Iterator[str]:
+def _plain_text(path: str, handle) -> Iterator[tuple[str, int]]:
     del path
     lines: list[str] = []
+    used = 0
     for line in handle:
+        used += len(line.encode("utf-8"))
         if line.strip():
             lines.append(line)
         elif lines:
-            yield "".join(lines).rstrip("\n")
-            lines = []
+            yield "".join(lines).rstrip("\n"), used
+            lines, used = [], 0
     if lines:
-        yield "".join(lines).rstrip("\n")
+        yield "".join(lines).rstrip("\n"), used
 
 
-def _jsonl(path: str, handle) -> Iterator[str]:
+def _jsonl(path: str, handle) -> Iterator[tuple[str, int]]:
+    used = 0
     for number, line in enumerate(handle, 1):
+        used += len(line.encode("utf-8"))
         if not line.strip():
             continue
         try:
@@ -77,4 +81,5 @@ def _jsonl(path: str, handle) -> Iterator[str]:
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise UserError(f"{path}:{number}: expected a JSON object with a string \"text\"")
-        yield text
+        yield text, used
+        used = 0

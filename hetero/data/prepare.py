@@ -49,6 +49,8 @@ def prepare(tokenizer_dir: str, inputs: list[str], out: str, *, eos: str | None 
                 counts["documents"] += documents
                 counts["bytes"] += size
                 progress.update(counts["bytes"], counts["tokens"])
+        if not counts["documents"]:
+            raise UserError(f"{', '.join(inputs)}: no documents (empty or only blank lines)")
         os.replace(partial, out)
     finally:
         if os.path.exists(partial):
