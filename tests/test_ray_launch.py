@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,7 @@ def ray_cluster():
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)   # Ray's session: logs, sockets, spilled objects
 
 
 @pytest.fixture(scope="module")
