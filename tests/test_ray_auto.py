@@ -70,6 +70,15 @@ def test_every_launch_but_ray_refuses_auto_in_one_line(auto_file, hetero_cli, tm
     assert not out.exists()
 
 
+def test_launch_on_slurm_refuses_auto_before_mapping_hosts(auto_file):
+    from hetero.errors import UserError
+    from hetero.launch.slurm import slurm_launcher
+
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NODEID": "0", "SLURMD_NODENAME": "n1"}
+    with pytest.raises(UserError, match="host: auto .* needs --on ray.*; --on slurm needs every node's host"):
+        slurm_launcher("name")(auto_file, None, "train.py", env=env)
+
+
 def placements_of(path: str):
     layout = build_layout(load_job(cluster=path).cluster, None, node="127.0.0.1", auto=True)
     return layout, plan_placement(layout, {"127.0.0.1": "10.0.0.1"})

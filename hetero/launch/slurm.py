@@ -141,11 +141,13 @@ def slurm_launcher(by: str = "name"):
     def launch(cluster, plan_path, entrypoint, args=(), node=None, **options):
         from hetero.launch.fleet import launch_fleet
         from hetero.launch.inputs import load_cluster
+        from hetero.launch.layout import refuse_auto
 
         if node is not None:
             raise UserError("--node and --on slurm exclude each other: Slurm tells each launcher its node")
         env = dict(os.environ if options.get("env") is None else options["env"])
         config, _ = load_cluster(cluster)
+        refuse_auto(config, "--on slurm")
         host = this_host(config, env, by)
         if host is None:
             print(f"hetero launch: Slurm node {env.get('SLURMD_NODENAME', '?')} runs no host of cluster "
