@@ -108,3 +108,37 @@ class Progress:
                 self._logged = done // step
                 print(f"{self.label}: {done}/{total} {note}".rstrip(), file=self.stream, flush=True)
         self._last = now
+
+
+def headroom(result: SearchResult) -> dict:
+    """The plan against its lower bounds and against its islands (issue #20).
+
+    islands_alone_tokens_per_s: each island planned alone on the whole global batch (the
+    others idle) and their sum; efficiency_vs_islands: the plan's predicted tokens/s over
+    that sum. The sum is not reachable by construction (each island alone gets the whole
+    batch, so fewer pipeline bubbles than with its share of it); it is the honest ceiling.
+    lower_bounds: the best island alone and the best hetero-DP plan (every replica option,
+    exact batch split), both of which the chosen plan is never slower than."""
+    best = result.best
+    tokens = best.tokens_per_s * best.predicted_step_s          # per step
+    alone = {name: tokens / c.step for name, c in result.islands_alone.items()}
+    total = sum(alone.values())
+    out = {"islands_alone_tokens_per_s": {**alone, "sum": total},
+           "efficiency_vs_islands": best.tokens_per_s / total if total else None,
+           "lower_bounds": {}}
+    if alone:
+        name = max(alone, key=alone.get)
+        cand = result.islands_alone[name]
+        out["lower_bounds"]["best_island_alone"] = {"island": name, "tokens_per_s": alone[name],
+                                                    "label": cand.label}
+    dp = result.hetero_dp
+    if dp is not None:
+        samples = {pe.island.name: pe.dp * pe.b * pe.m for pe in dp.pipes}
+        speed = sum(alone.get(n, 0.0) for n in samples)
+        out["lower_bounds"]["hetero_dp"] = {
+            "tokens_per_s": tokens / dp.step, "label": dp.label,
+            "batch_share": {n: s / sum(samples.values()) for n, s in samples.items()},
+            "speed_share": {n: alone.get(n, 0.0) / speed for n in samples} if speed else {}}
+    out["meets_lower_bounds"] = all(best.tokens_per_s >= b["tokens_per_s"] * (1 - 1e-9)
+                                    for b in out["lower_bounds"].values())
+    return out

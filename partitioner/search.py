@@ -513,7 +513,7 @@ def _search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best:
             continue
         cand = Candidate("pipeline", [pe], pe.step(), 0.0, _label_pp(pe))
         best = _dedup(sorted(best + [cand], key=lambda c: c.step))[:keep]
-    if progress:
+    if progress and evaluated:
         progress(limits.max_pp_evaluations, limits.max_pp_evaluations, "hetero-PP configurations")
     stats["pp_configs"] = stats.get("pp_configs", 0) + configs
     stats["pp_evaluated"] = stats.get("pp_evaluated", 0) + evaluated

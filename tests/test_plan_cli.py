@@ -49,6 +49,28 @@ def test_plan_json_fields(hetero_cli):
     assert Plan.from_dict(data).problems() == []
 
 
+def test_plan_reports_islands_alone_and_lower_bounds(hetero_cli):
+    code, out, err = hetero_cli("plan", "--cluster", "configs/a800-910b-32.yaml", "--model", "configs/llama2-7b.yaml",
+                                "--train", "configs/train-llama2.yaml", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    alone = data["islands_alone_tokens_per_s"]
+    assert set(alone) == {"a800", "ascend", "sum"}
+    assert alone["sum"] == pytest.approx(alone["a800"] + alone["ascend"])
+    assert data["efficiency_vs_islands"] == pytest.approx(data["tokens_per_s"] / alone["sum"])
+    bounds = data["lower_bounds"]
+    assert set(bounds) == {"best_island_alone", "hetero_dp"} and data["meets_lower_bounds"] is True
+    for bound in bounds.values():
+        assert data["tokens_per_s"] >= bound["tokens_per_s"] * (1 - 1e-9)
+    assert sum(bounds["hetero_dp"]["batch_share"].values()) == pytest.approx(1.0)
+    assert {"pp_groups", "pp_evaluated", "dp_evaluated", "hetero_pp_s"} <= set(data["search_stats"])
+    code, out, err = hetero_cli("plan", "--cluster", "configs/a800-910b-32.yaml", "--model", "configs/llama2-7b.yaml",
+                                "--train", "configs/train-llama2.yaml")
+    assert code == 0, err
+    assert "islands alone (each on the whole batch): a800" in out and "of their sum" in out
+    assert "lower bounds: best island alone" in out and ": met" in out
+
+
 def test_plan_top_and_explain(hetero_cli):
     code, out, err = hetero_cli("plan", *EMU, "--top", "3", "--explain")
     assert code == 0, err

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from hetero.commands.flags import whole
 from hetero.config import load_job
 from hetero.errors import UserError
-from hetero.planning import Progress, load_profile, plan_job
+from hetero.planning import Progress, headroom, load_profile, plan_job
 from partitioner import explain
 
 MAX_TOP = 1000
@@ -40,7 +41,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     job = load_job(cluster=args.cluster, model=args.model, train=args.train)
     profile = load_profile(args.profile)
-    progress = None if args.json else Progress("searching plans")
+    # A bar on a terminal only: in logs and pipes the one-line answer (or error) stands alone.
+    progress = Progress("searching plans") if not args.json and sys.stderr.isatty() else None
     result = plan_job(job, profile=profile, top=max(args.top, 2), progress=progress)
     best = result.best
     if args.out:
@@ -68,6 +70,8 @@ def to_json(result, top: int, want_explain: bool, emulated: list) -> dict:
     out["baseline"] = _summary(base) if base else None
     out["speedup"] = (base.predicted_step_s / best.predicted_step_s) if base else None
     out["search_s"] = result.search_s
+    out.update(headroom(result))
+    out["search_stats"] = dict(result.stats)
     out["emulated_chips"] = emulated
     out["alternatives"] = [_summary(p) for p in result.plans[1:top]]
     if want_explain:
@@ -120,7 +124,11 @@ def to_text(job, result, top: int, want_explain: bool, emulated: list, profile_p
     bridge = best.provenance.get("bridge", "config")
     lines.append(f"{measured}; bridge figures from {'the profile' if bridge == 'measured' else 'the cluster file'}"
                  + ("" if profile_path else " (run 'hetero profile' to measure)"))
-    lines.append(f"searched in {result.search_s:.2f} s")
+    lines.extend(headroom_lines(headroom(result)))
+    stats = result.stats
+    lines.append(f"searched in {result.search_s:.2f} s ({stats.get('pp_evaluated', 0)} hetero-PP configurations "
+                 f"costed of {stats.get('pp_groups', 0)} groups bounded, {stats.get('dp_evaluated', 0)} replica options"
+                 + (", hetero-PP cut at its costing budget" if stats.get("pp_cut_at_budget") else "") + ")")
     if top > 1:
         lines.append("")
         lines.append(f"top {min(top, len(result.plans))}:")
@@ -135,6 +143,32 @@ def to_text(job, result, top: int, want_explain: bool, emulated: list, profile_p
         if base:
             lines.extend(explain.compare(best, base, "naive"))
     return lines
+
+
+def headroom_lines(room: dict) -> list[str]:
+    """The plan against each island alone and against its lower bounds, in words."""
+    alone = dict(room["islands_alone_tokens_per_s"])
+    total = alone.pop("sum")
+    if not alone or len(alone) < 2:
+        return []
+    parts = " + ".join(f"{name} {_mtok(v)}" for name, v in alone.items())
+    lines = [f"islands alone (each on the whole batch): {parts} = {_mtok(total)} tokens/s; "
+             f"this plan reaches {room['efficiency_vs_islands']:.3f} of their sum"]
+    bounds = room["lower_bounds"]
+    words = []
+    if "best_island_alone" in bounds:
+        words.append(f"best island alone ({bounds['best_island_alone']['island']}) "
+                     f"{_mtok(bounds['best_island_alone']['tokens_per_s'])}")
+    if "hetero_dp" in bounds:
+        words.append(f"best hetero-DP {_mtok(bounds['hetero_dp']['tokens_per_s'])}")
+    if words:
+        lines.append("lower bounds: " + ", ".join(words) + " tokens/s: "
+                     + ("met" if room["meets_lower_bounds"] else "NOT met"))
+    return lines
+
+
+def _mtok(value: float) -> str:
+    return f"{value / 1e6:.3g} M" if value >= 1e5 else f"{value:,.0f}"
 
 
 def describe_plan(plan) -> str:
