@@ -51,6 +51,10 @@ def _island(name: str, chip: str, nodes: tuple) -> IslandSpec:
     return IslandSpec(name, chip_model(load_catalog()[chip]), nodes)
 
 
+def _tty(args) -> bool:
+    return not args.json and sys.stderr.isatty()
+
+
 def fleet_row(result) -> dict:
     """One fleet's numbers: search time, predicted tokens/s, the islands' sum and the ratio."""
     best = result.best
@@ -70,7 +74,8 @@ def fleet_row(result) -> dict:
 
 def fleet_line(row: dict) -> str:
     alone = row["islands_alone_tokens_per_s"]
-    return (f"searched in {row['search_s']:.2f} s (goal <= {SEARCH_GOAL_S:g} s: {'met' if row['ok'] else 'MISSED'}); "
+    return (f"searched in {row['search_s']:.2f} s, {row.get('search_cpu_s', 0.0):.2f} s of CPU "
+            f"(goal <= {SEARCH_GOAL_S:g} s: {'met' if row['ok'] else 'MISSED'}); "
             f"{row['tokens_per_s'] / 1e6:.3f} M tokens/s, islands alone sum {alone['sum'] / 1e6:.3f} M, "
             f"ratio {row['ratio_vs_islands']:.3f} (goal >= {RATIO_GOAL}: {'met' if row['ratio_ok'] else 'MISSED'}); "
             f"plan: {row['plan']}")
@@ -103,9 +108,12 @@ def run(args) -> int:
     for key, cluster, train in FLEETS:
         job = load_job(cluster=_cfg(cluster), model=_cfg("llama2-70b.yaml"), train=_cfg(train))
         _log(args, f"1. {cluster} ({job.cluster.total_chips:,} chips) x llama2-70b x {train}")
-        result = plan_job(job, top=2, progress=None if args.json else Progress("   searching"))
+        cpu = time.process_time()
+        result = plan_job(job, top=2, progress=Progress("   searching") if _tty(args) else None)
         fleets[key] = result
         report[key] = fleet_row(result)
+        # on a shared host the wall clock counts other processes' time; the CPU time does not
+        report[key]["search_cpu_s"] = time.process_time() - cpu
         _log(args, "   " + fleet_line(report[key]))
     result = fleets["search_1024"]
     report["goal_ratio_vs_islands"] = RATIO_GOAL
