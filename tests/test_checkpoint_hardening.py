@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hetero.checkpoint import seal, writer
+
 import accelerators
 from hetero.config import load_job
 from hetero.config.train import CheckpointConfig
@@ -28,6 +30,7 @@ from hetero.errors import ConfigError, JobFatalError
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine", "two-islands.yaml")
 WEIGHT = "model.layers.0.mlp.up_proj.weight"
 CPU = accelerators.get_accelerator("cpu")
+FILE = "rank-00000.safetensors"          # the solo rank's part: every chunk of every tensor
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +81,9 @@ def edit_state(directory, **changes):
 
 def rehash(directory, file):
     """Recompute the hash of `file` in state.json, as a careful forger would."""
+    path = directory / file
     edit_state(directory, files={**json.loads((directory / "state.json").read_text())["files"],
-                                 file: ckpt._sha256(str(directory / file))})
+                                 file: {"bytes": path.stat().st_size, "sha256": ckpt.sha256(str(path))}})
 
 
 def fallback_line(bad, good, why):
@@ -94,9 +98,9 @@ def test_edited_step_resumes_from_the_previous_checkpoint_with_its_weights(job, 
     assert made.start_step == 2
     assert made.lines[0] == fallback_line("step-00000003", "step-00000002",
                                           "state.json: step 2 does not match its folder step-00000003")
-    step2 = load_file(str(root / "step-00000002" / "model-stage0.safetensors"))
+    step2 = ckpt.Checkpoint(str(root / "step-00000002"), job.model).tensor(WEIGHT)
     module_name = next(n for n in made.params if made.model.hf_name(n) == WEIGHT)
-    assert torch.equal(made.params[module_name].detach(), step2[WEIGHT])
+    assert torch.equal(made.params[module_name].detach(), step2)
     assert made.optimizer.steps == 2
 
 
@@ -118,24 +122,22 @@ def test_state_json_that_is_not_json_falls_back(job, root):
 @pytest.mark.parametrize("forged_hash", [False, True])
 def test_corrupt_safetensors_header_falls_back(job, root, forged_hash):
     folder = root / "step-00000003"
-    target = folder / "model-stage0.safetensors"
+    target = folder / FILE
     data = bytearray(target.read_bytes())
     data[8:24] = b"{not a header!!!"              # the JSON header starts after its 8-byte length
     target.write_bytes(bytes(data))
     if forged_hash:
-        rehash(folder, "model-stage0.safetensors")
+        rehash(folder, FILE)
     saved, lines = load(job, root)
     assert saved.step == 2 and len(lines) == 1
     why = "unreadable safetensors" if forged_hash else "checksum mismatch (corrupt or edited)"
-    assert lines[0].startswith(f"checkpoint step-00000003 is corrupt (model-stage0.safetensors: {why}")
+    assert lines[0].startswith(f"checkpoint step-00000003 is corrupt ({FILE}: {why}")
     assert lines[0].endswith("; resuming from step-00000002")
 
 
-@pytest.mark.parametrize("file,name,bad", [
-    ("model-stage0.safetensors", WEIGHT, float("nan")),
-    ("optimizer-stage0.safetensors", f"exp_avg_sq.{WEIGHT}", float("inf")),
-])
-def test_non_finite_tensor_with_a_valid_hash_falls_back(job, root, file, name, bad):
+@pytest.mark.parametrize("name,bad", [(WEIGHT, float("nan")), (f"exp_avg_sq.{WEIGHT}", float("inf"))])
+def test_non_finite_tensor_with_a_valid_hash_falls_back(job, root, name, bad):
+    file = FILE
     folder = root / "step-00000003"
     tensors = load_file(str(folder / file))
     tensors[name][0, 0] = bad
@@ -148,21 +150,44 @@ def test_non_finite_tensor_with_a_valid_hash_falls_back(job, root, file, name, b
 
 
 @pytest.mark.parametrize("change,why", [
-    (lambda t: t.pop(WEIGHT), f"has no tensor {WEIGHT}"),
-    (lambda t: t.update({"model.layers.9.mlp.up_proj.weight": t[WEIGHT].clone()}),
-     "model-stage0.safetensors: holds 'model.layers.9.mlp.up_proj.weight', which the model does not have"),
+    (lambda t: t.pop(WEIGHT), f"{FILE}: has no tensor {WEIGHT} (state.json lists it)"),
     (lambda t: t.update({WEIGHT: t[WEIGHT][:, :8].contiguous()}),
-     f"model-stage0.safetensors: {WEIGHT} has shape (128, 8), the model needs (128, 64)"),
-    (lambda t: t.update({WEIGHT: t[WEIGHT].double()}),
-     f"model-stage0.safetensors: {WEIGHT} is torch.float64, expected torch.float32 or torch.bfloat16 "
-     "or torch.float16"),
+     f"{FILE}: {WEIGHT} has shape (128, 8), state.json says (128, 64)"),
+    (lambda t: t.update({WEIGHT: t[WEIGHT].double()}), f"{FILE}: {WEIGHT} is torch.float64, state.json says "
+                                                       "torch.float32"),
 ])
 def test_tensor_of_the_wrong_name_shape_or_dtype_falls_back(job, root, change, why):
     folder = root / "step-00000003"
-    tensors = load_file(str(folder / "model-stage0.safetensors"))
+    tensors = load_file(str(folder / FILE))
     change(tensors)
-    save_file(tensors, str(folder / "model-stage0.safetensors"))
-    rehash(folder, "model-stage0.safetensors")
+    save_file(tensors, str(folder / FILE))
+    rehash(folder, FILE)
+    saved, lines = load(job, root)
+    assert saved.step == 2
+    assert lines == [fallback_line("step-00000003", "step-00000002", why)]
+
+
+def _edit_tensor_meta(folder, name, **changes):
+    tensors = json.loads((folder / "state.json").read_text())["tensors"]
+    entry = tensors.pop(name)
+    entry.update(changes.get("entry", {}))
+    tensors[changes.get("rename", name)] = entry
+    edit_state(folder, tensors=tensors)
+
+
+@pytest.mark.parametrize("changes,why", [
+    ({"rename": "model.layers.9.mlp.up_proj.weight"},
+     "state.json: lists 'model.layers.9.mlp.up_proj.weight', which the model does not have"),
+    ({"entry": {"shape": [128, 8]}}, f"state.json: {WEIGHT} has shape (128, 8), the model needs (128, 64)"),
+    ({"entry": {"dtype": "float64"}}, f"state.json: {WEIGHT} is torch.float64, expected torch.float32 or "
+                                      "torch.bfloat16 or torch.float16"),
+    ({"entry": {"chunks": [{"offsets": [0, 0], "lengths": [64, 64], "file": FILE, "key": WEIGHT}]}},
+     f"state.json: {WEIGHT}: its chunks do not cover it exactly"),
+    ({"entry": {"chunks": [{"offsets": [0, 0], "lengths": [128, 64], "file": "rank-00007.safetensors",
+                            "key": WEIGHT}]}}, f"state.json: {WEIGHT} has a chunk in a file it does not list"),
+])
+def test_metadata_of_the_wrong_name_shape_dtype_or_chunks_falls_back(job, root, changes, why):
+    _edit_tensor_meta(root / "step-00000003", WEIGHT, **changes)
     saved, lines = load(job, root)
     assert saved.step == 2
     assert lines == [fallback_line("step-00000003", "step-00000002", why)]
@@ -170,20 +195,20 @@ def test_tensor_of_the_wrong_name_shape_or_dtype_falls_back(job, root, change, w
 
 def test_every_corrupt_checkpoint_is_skipped_and_each_named(job, root):
     edit_state(root / "step-00000003", step="x")
-    (root / "step-00000002" / "optimizer-stage0.safetensors").unlink()
+    (root / "step-00000002" / FILE).unlink()
     saved, lines = load(job, root)
     assert saved.step == 1
     assert lines == [
         fallback_line("step-00000003", "step-00000001", "state.json: step is 'x', not an integer from 1 to "
                                                         f"{1 << 30}"),
-        fallback_line("step-00000002", "step-00000001", "optimizer-stage0.safetensors: missing"),
+        fallback_line("step-00000002", "step-00000001", f"{FILE}: missing"),
     ]
 
 
 def test_no_good_checkpoint_left_is_a_job_fatal_error(job, root):
     edit_state(root / "step-00000003", step="x")
     (root / "step-00000002" / "state.json").unlink()
-    (root / "step-00000001" / "model-stage0.safetensors").write_bytes(b"\0" * 16)
+    (root / "step-00000001" / FILE).write_bytes(b"\0" * 16)
     with pytest.raises(JobFatalError) as caught:
         load(job, root)
     message = str(caught.value)
@@ -191,7 +216,7 @@ def test_no_good_checkpoint_left_is_a_job_fatal_error(job, root):
     assert message.startswith(f"{root}: no good checkpoint left to resume from: ")
     assert "checkpoint step-00000003 is corrupt (state.json: step is 'x'" in message
     assert "checkpoint step-00000002 is corrupt (state.json: not a readable checkpoint" in message
-    assert "checkpoint step-00000001 is corrupt (model-stage0.safetensors: checksum mismatch" in message
+    assert f"checkpoint step-00000001 is corrupt ({FILE}: checksum mismatch" in message
     assert message.endswith(f"remove {root / 'latest'} to start afresh")
 
 
@@ -338,14 +363,14 @@ def test_non_finite_weights_are_never_checkpointed(job, tmp_path, monkeypatch):
 # -- a full disk while saving ------------------------------------------------------------
 
 def full_disk(monkeypatch, code, target):
-    """Make checkpoint writes raise OSError(code): `target` is "stage" (the safetensors files)
-    or the name of the JSON file whose write fails (state.json, latest.tmp)."""
+    """Make checkpoint writes raise OSError(code): `target` is "stage" (a rank's safetensors file,
+    on its writer thread) or the name of the JSON file whose write fails (state.json, latest.tmp)."""
     if target == "stage":
-        def failing_save(tensors, path, *args, **kwargs):
+        def failing_save(path, chunks, hook=None):
             raise OSError(code, os.strerror(code), path)
-        monkeypatch.setattr(ckpt, "save_file", failing_save)
+        monkeypatch.setattr(writer, "write_safetensors", failing_save)
         return
-    original = ckpt._write_json
+    original = seal.write_json
 
     def failing_json(path, data):
         if os.path.basename(path) == target:
@@ -354,7 +379,7 @@ def full_disk(monkeypatch, code, target):
             raise OSError(code, os.strerror(code), path)
         original(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_json", failing_json)
+    monkeypatch.setattr(seal, "write_json", failing_json)
 
 
 @pytest.mark.parametrize("code,target,what", [

@@ -48,12 +48,13 @@ def test_corrupt_file_is_refused(saved, tmp_path):
     copy = tmp_path / "copy"
     import shutil
     shutil.copytree(ckpt.latest(str(root)), copy)
-    target = copy / "model-stage0.safetensors"
+    target = copy / "rank-00000.safetensors"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="corrupt"):
-        ckpt.Checkpoint(str(copy), job.model)
+    opened = ckpt.Checkpoint(str(copy), job.model)        # the metadata is sound; the data is checked as read
+    with pytest.raises(UserError, match="rank-00000.safetensors: checksum mismatch"):
+        ckpt.read_all(opened)
 
 
 def test_other_model_is_refused(saved):
@@ -68,10 +69,12 @@ def test_crash_mid_write_keeps_previous_checkpoint(saved, tmp_path):
     import shutil
     work = tmp_path / "ck"
     shutil.copytree(root, work)
-    # A writer died after writing its stage file, before the commit.
+    # A writer finished its file and report, but the job died before the seal.
     ckpt.prepare(str(work), 4)
-    ckpt.write_stage_files(str(work), 4, 0, {"x": torch.zeros(2)}, {"y": torch.zeros(2)})
+    chunk = ckpt.Chunk(layout.FINAL_NORM, (job.model.hidden,), (0,), (job.model.hidden,), torch.zeros(job.model.hidden))
+    assert ckpt.AsyncWrite(ckpt.partial_dir(str(work), 4), 0, 4, [chunk]).start().wait() is None
     assert ckpt.latest(str(work)).endswith("step-00000003")
+    assert ckpt.load(str(work), job.model, log=print).step == 3
     # A broken pointer is reported, not silently ignored.
     (work / "latest").write_text("{not json")
     with pytest.raises(UserError, match="corrupt checkpoint pointer"):

@@ -11,9 +11,9 @@ Two layouts (hetero.engine.precision has the policy):
   and copied into the model. fp32 ZeRO-1 keeps no master copy: its shard of the
   parameters is read out of the model for each step.
 
-Checkpoints hold full tensors under Hugging Face names whatever the layout: saving
-all-gathers the shards (DP) and the TP slices; loading takes this rank's TP slice and
-then its DP shard of each full tensor.
+Checkpoints (hetero.checkpoint) hold chunks of full tensors under Hugging Face names whatever the
+layout: each rank saves only what it owns (its TP slices; under ZeRO-1 its shard's pieces), never
+gathering; loading reads the chunks that overlap this rank's TP slice and DP shard.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from accelerators import ops
-from hetero.engine.checkpoint import MOMENT_KINDS
+from hetero.checkpoint import format as fmt
+from hetero.checkpoint.format import MOMENT_KINDS
 from hetero.engine.zero import FlatShard
 from hetero.model import layout
 
@@ -93,51 +94,102 @@ class AdamW:
         return {prefix: {p.name: store[p.at:p.at + p.stop - p.start] for p in self.shard.pieces()}
                 for prefix, store in stores.items()}
 
-    def _whole(self, store) -> dict[str, torch.Tensor]:
-        """{name: this rank's TP slice of the parameter's state, whole over DP} (collective under ZeRO-1)."""
-        if self.shard is None:
-            return store
-        return self.shard.views(self.shard.all_gather(store))
-
     # -- checkpoints -------------------------------------------------------------------
-    def save_tensors(self, host_copy) -> tuple[dict | None, dict]:
-        """(master weights, moments) as full host tensors under HF names: {hf: fp32} (None when the
-        parameters are the master weights) and {"exp_avg.<hf>" / "exp_avg_sq.<hf>": fp32}. A collective
-        over the stage's TP group and, under ZeRO-1, its DP group: every rank of the stage calls it."""
-        moments = {}
+    def own_chunks(self, host_copy, names) -> list[fmt.Chunk]:
+        """What this rank owns of parameters `names` (module names), as chunks of the full tensors under
+        HF names, in host memory (`host_copy`: the device->host copy, the only blocking part of a save):
+        the weights (the fp32 master copy where there is one), "exp_avg.<hf>" and "exp_avg_sq.<hf>".
+        Per parameter: this rank's TP slices. Flat: its shard's pieces, each cut into boxes
+        (format.flat_boxes) that are views of three host vectors. A tensor every TP rank holds whole
+        (a norm) is written by TP rank 0 only. No communication."""
+        names = {n for n in names if self.model.tp.rank == 0 or layout.split_dim(self.model.hf_name(n)) is not None}
+        if self.shard is None:
+            chunks = []
+            for name in (n for n in self.params if n in names):
+                hf, shape, (offsets, lengths) = self._geometry(name)
+                for prefix, tensor in (("", self.params[name]), ("exp_avg.", self.exp_avg[name]),
+                                       ("exp_avg_sq.", self.exp_avg_sq[name])):
+                    chunks.append(fmt.Chunk(prefix + hf, shape, offsets, lengths, host_copy(tensor.detach())))
+            return chunks
+        vectors = {"exp_avg.": host_copy(self.exp_avg), "exp_avg_sq.": host_copy(self.exp_avg_sq)}
+        if self.master is not None:
+            vectors[""] = host_copy(self.master)
+        chunks = []
+        for piece in (p for p in self.shard.pieces() if p.name in names):
+            hf, shape, (tp_offsets, local_shape) = self._geometry(piece.name)
+            for flat_at, offsets, lengths in fmt.flat_boxes(local_shape, piece.start, piece.stop):
+                at, count = piece.at + flat_at - piece.start, fmt.volume(lengths)
+                box = fmt.shifted(offsets, tp_offsets)
+                if self.master is None:       # fp32 ZeRO-1: the weights are the parameters' own elements
+                    own = self.params[piece.name].detach().reshape(-1)[flat_at:flat_at + count]
+                    chunks.append(fmt.Chunk(hf, shape, box, lengths, host_copy(own).view(lengths)))
+                for prefix, vector in vectors.items():
+                    chunks.append(fmt.Chunk(prefix + hf, shape, box, lengths, vector[at:at + count].view(lengths)))
+        return chunks
+
+    def _geometry(self, name: str) -> tuple[str, tuple, tuple[tuple, tuple]]:
+        """(HF name, full shape, this rank's TP box (offsets, lengths)) of parameter `name`."""
+        hf = self.model.hf_name(name)
+        shape = layout.full_shape(self.model.config, hf)
+        return hf, shape, fmt.tp_box(shape, layout.split_dim(hf), self.model.tp)
+
+    def read_part(self, saved) -> dict:
+        """This rank's part of checkpoint `saved`, read on the host (only the chunks that overlap it):
+        {"weights": {name: TP slice}, "exp_avg" / "exp_avg_sq": {name: TP slice} per parameter, or
+        {name: flat piece} for this rank's shard}. Raises CorruptCheckpoint for a damaged checkpoint."""
+        part = {"weights": {}}
+        for name in self.params:
+            hf, _, box = self._geometry(name)
+            part["weights"][name] = saved.read(hf, *box)
+        for kind in MOMENT_KINDS:
+            if self.shard is None:
+                part[kind] = {n: saved.read(f"{kind}.{self._geometry(n)[0]}", *self._geometry(n)[2])
+                              for n in self.params}
+            else:
+                part[kind] = {p.name: self._read_piece(saved, f"{kind}.", p) for p in self.shard.pieces()}
+        return part
+
+    def _read_piece(self, saved, prefix: str, piece) -> torch.Tensor:
+        """Flat elements [piece.start, piece.stop) of this rank's TP slice of `prefix + hf`, read as the
+        whole rows that hold them."""
+        hf, _, (tp_offsets, local_shape) = self._geometry(piece.name)
+        flat_at, offsets, lengths = fmt.rows_box(local_shape, piece.start, piece.stop)
+        rows = saved.read(prefix + hf, fmt.shifted(offsets, tp_offsets), lengths).reshape(-1)
+        return rows[piece.start - flat_at:piece.stop - flat_at]
+
+    @torch.no_grad()
+    def load_part(self, part: dict, steps: int, to_device, scope) -> None:
+        """Take `read_part`'s host tensors: the parameters, the moments and the master copy. Only this
+        rank's slices cross the host link (`to_device`); the copies run in the device `scope`."""
+        for name, param in self.params.items():
+            piece = to_device(part["weights"][name].to(param.dtype).contiguous())
+            with scope():
+                param.copy_(piece)
         for kind, store in zip(MOMENT_KINDS, (self.exp_avg, self.exp_avg_sq)):
-            for name, tensor in self._whole(store).items():
-                moments[f"{kind}.{self.model.hf_name(name)}"] = host_copy(self._tp_full(name, tensor))
-        if self.master is None:
-            return None, moments
-        weights = {self.model.hf_name(n): host_copy(self._tp_full(n, t)) for n, t in self._whole(self.master).items()}
-        return weights, moments
+            self._load_own(store, part[kind], to_device, scope)
+        if self.master is not None:
+            weights = {p.name: part["weights"][p.name].float().reshape(-1)[p.start:p.stop]
+                       for p in self.shard.pieces()}
+            self._load_own(self.master, weights, to_device, scope)
+        self.steps = steps
 
-    def _tp_full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        dim = layout.split_dim(self.model.hf_name(name))
-        return tensor if dim is None else self.model.tp.all_gather(tensor, dim)
-
-    def checkpoint_names(self) -> list[str]:
-        """The checkpoint tensors `load` reads: every moment and, with a master copy, every weight."""
-        names = [self.model.hf_name(n) for n in self.params]
-        moments = [f"{kind}.{hf}" for kind in MOMENT_KINDS for hf in names]
-        return moments + (names if self.master is not None else [])
+    def _load_own(self, store, own: dict, to_device, scope) -> None:
+        """Copy host tensors already cut to this rank's part into `store` (per parameter or flat)."""
+        if self.shard is None:
+            for name, tensor in own.items():
+                piece = to_device(tensor.float().contiguous())
+                with scope():
+                    store[name].copy_(piece)
+            return
+        for piece in self.shard.pieces():
+            part = to_device(own[piece.name].float().contiguous())
+            with scope():
+                store[piece.at:piece.at + piece.stop - piece.start].copy_(part)
 
     @torch.no_grad()
     def load_master(self, full: dict, to_device, scope) -> None:
         """Set the master weights from full host tensors ({module name: full tensor})."""
         self._load_store(self.master, full, to_device, scope)
-
-    @torch.no_grad()
-    def load(self, full: dict, steps: int, to_device, scope) -> None:
-        """Take this rank's part of a checkpoint's full host tensors (`checkpoint_names` -> tensor):
-        the weights into the master copy, and the moments."""
-        names = {n: self.model.hf_name(n) for n in self.params}
-        for kind, store in zip(MOMENT_KINDS, (self.exp_avg, self.exp_avg_sq)):
-            self._load_store(store, {n: full[f"{kind}.{hf}"] for n, hf in names.items()}, to_device, scope)
-        if self.master is not None:
-            self._load_store(self.master, {n: full[hf] for n, hf in names.items()}, to_device, scope)
-        self.steps = steps
 
     def _load_store(self, store, full: dict, to_device, scope) -> None:
         """Copy this rank's TP slice (and, flat, its DP shard) of each full host tensor into `store`.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import time
 
 import torch
 
@@ -34,7 +35,6 @@ from hetero.engine.zero import FlatShard
 from hetero.errors import JobFatalError
 from hetero.model import LlamaStage, TensorParallel
 from hetero.model.init import init_full_tensor
-from hetero.model.state import full_state_dict, load_full_state_dict
 
 
 class Trainer:
@@ -115,19 +115,20 @@ class Trainer:
         return StageLink(transport, self.place.tp_rank, self.place.stage.tp, self.comms.tp_group, peers)
 
     def _resume(self) -> int:
-        """Load the newest good checkpoint (falling back past bad ones); return its step."""
+        """Load the newest good checkpoint (falling back past bad ones); return its step. Each rank
+        reads on the host, outside the device scope, only the chunks that overlap its own TP slices
+        and ZeRO-1 shard (the plan may differ from the saver's); only they cross the host link."""
+        self._pending = None                 # the save whose writer may still run (_finish_pending)
         root = self.train.checkpoint.dir if self.train.checkpoint else None
-        saved = ckpt.load(root, self.model_config, log=self._log_once, agree=self._any_rank)
+        saved = ckpt.load(root, self.model_config, log=self._log_once, agree=self._any_rank,
+                          read=self.optimizer.read_part)
+        if self.place.rank == 0:
+            ckpt.discard_partials(root)      # saves a crash cut short; no rank writes yet
         if saved is None:
             return 0
-        found = saved.directory
-        names = {self.model.hf_name(n): n for n in self.params}
-        load_full_state_dict(self.model, saved.tensors(names), source=found)
-        # Read on the host, outside the device scope; only this rank's slices cross the host link.
-        self.optimizer.load(saved.tensors(self.optimizer.checkpoint_names()), saved.optimizer_steps,
-                            self._onto_device, self._scope)
+        self.optimizer.load_part(saved.part, saved.optimizer_steps, self._onto_device, self._scope)
         self.scaler.load(saved.state)
-        self._log_once(f"resumed from {found} (step {saved.step})")
+        self._log_once(f"resumed from {saved.directory} (step {saved.step})")
         return saved.step
 
     def _log_once(self, message: str) -> None:
@@ -151,6 +152,7 @@ class Trainer:
             every = self.train.checkpoint.every if self.train.checkpoint else 0
             if every and ((step + 1) % every == 0 or step + 1 == self.steps):
                 self._save(step + 1)
+        self._finish_pending()
         self.comms.flush()
         self.metrics.close()
 
@@ -179,6 +181,7 @@ class Trainer:
         self.accel.synchronize()
         self.metrics.peaks.update_done()
         step_s = self.clock.now() - started
+        self._seal_when_written()           # before the step's record: a recorded step N+1 means N is sealed
         if finite and (math.isfinite(grad_norm) or self.scaler.enabled):   # an fp16 overflow is recorded too
             self.metrics.step({"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
                                "step_s": step_s, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
@@ -206,6 +209,7 @@ class Trainer:
 
     def _non_finite(self, step: int, what: str) -> bool:
         if self.train.on_nan == "stop":
+            self._finish_pending()        # the previous checkpoint is good: seal it (every rank stops alike)
             raise JobFatalError(f"step {step + 1}: {what}; stopping before checkpointing (train.on_nan: stop)")
         self._log_once(f"step {step + 1}: {what}; skipping this step's update (train.on_nan: skip)")
         return False
@@ -282,26 +286,71 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------
     def _save(self, step: int) -> None:
-        """Write checkpoint `step`; each phase ends in a fleet-wide count of ranks whose part failed
-        for want of space (it doubles as the barrier), so every rank stops alike and `latest` keeps
-        naming the previous checkpoint."""
+        """Start checkpoint `step`: seal the previous one, then copy this rank's own shard to the host
+        (training blocks only for that copy) and hand it to a background writer (hetero.checkpoint.writer).
+        Each phase ends in a fleet-wide count of ranks whose part failed for want of space (it doubles
+        as the barrier), so every rank stops alike and `latest` keeps naming the previous checkpoint."""
         root = self.train.checkpoint.dir
+        self._finish_pending()
         self._refuse_non_finite_state(step)
         self._agree_written(root, step, self._only_rank0(ckpt.prepare, root, step))
-        with self._scope():       # TP and ZeRO-1 gathers run on device memory
-            master, moments = self.optimizer.save_tensors(self._host_copy)
-            # Weights: the fp32 master copy where there is one (bf16/fp16), else the parameters.
-            model = master if master is not None else full_state_dict(self.model, accelerator=self.accel)
-        writer = self.place.tp_rank == 0 and self.place.dp_rank == 0 and self.place.stage.pipeline == 0
-        failed = None
-        if writer:
-            failed = _out_of_space(ckpt.write_stage_files, root, step, self.place.stage.index, model, moments)
-        self._agree_written(root, step, failed)
+        started = time.perf_counter()
+        write = None
+        if self._writes_checkpoint(self.place.rank):
+            with self._scope():
+                chunks = self.optimizer.own_chunks(self._host_copy, self._own_names())
+            self.accel.synchronize()
+            write = ckpt.AsyncWrite(ckpt.partial_dir(root, step), self.place.rank, step, chunks).start()
+        self.save_blocked_s = time.perf_counter() - started
         extra = {"data_position": {"next_step": step}, "optimizer_steps": self.optimizer.steps,
                  **self.scaler.state()}
-        failed = self._only_rank0(ckpt.commit, root, step, self.model_config, extra)
-        self._agree_written(root, step, failed)
+        self._pending = (step, extra, write)
+
+    def _seal_when_written(self) -> None:
+        """Seal the pending checkpoint as soon as every rank's writer is done: checked at the end of each
+        step while one is pending (a fleet-wide count, so every rank decides alike); training never waits
+        for a writer here."""
+        if self._pending is None:
+            return
+        write = self._pending[2]
+        done = self._fleet_count([write is None or not write.running()])[0]
+        if done == self.comms.topology.plan.world_size:
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Wait for this rank's writer of the pending checkpoint, agree fleet-wide that every part is
+        written, and seal it (rank 0): before the next save starts, at the end of training, and before a
+        fleet-wide stop."""
+        if self._pending is None:
+            return
+        (step, extra, write), self._pending = self._pending, None
+        root = self.train.checkpoint.dir
+        self._agree_written(root, step, write.wait() if write else None)
+        self.save_write_s, self.save_bytes = (write.write_s, write.bytes) if write else (0.0, 0)
+        self._agree_written(root, step, self._only_rank0(self._seal, root, step, extra))
         self._log_once(f"checkpoint {ckpt.step_dir(root, step)}")
+
+    def _seal(self, root: str, step: int, extra: dict) -> None:
+        writers = [r.rank for r in self.comms.topology.plan.ranks if self._writes_checkpoint(r.rank)]
+        ckpt.seal(root, step, self.model_config, extra, writers)
+        try:
+            from hetero.engine import retention    # pylint: disable=import-outside-toplevel
+        except ImportError:                        # another change brings train.checkpoint.keep
+            return
+        retention.prune(root, getattr(self.train.checkpoint, "keep", None))
+
+    def _writes_checkpoint(self, rank: int) -> bool:
+        """Whether `rank` writes its part: pipeline 0's ranks hold the whole model once (hetero-DP
+        replicas are copies); in a DP group without ZeRO-1 the replicas are copies too (dp rank 0
+        writes), with ZeRO-1 every DP rank writes its own shard."""
+        plan = self.comms.topology.plan
+        where = next(r for r in plan.ranks if r.rank == rank)
+        stage = next(s for s in plan.stages if s.index == where.stage)
+        return stage.pipeline == 0 and ((plan.zero1 and stage.dp > 1) or where.dp_rank == 0)
+
+    def _own_names(self) -> list[str]:
+        """The parameters this rank saves: all but a tied LM head, the first stage's embedding's copy."""
+        return [n for n in self.params if self.model.hf_name(n) == n]
 
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of a device tensor, through the accelerator's copy API (never the live tensor)."""
