@@ -1,0 +1,153 @@
+"""Checkpoint costs per rank (issue 15): shard bytes, peak extra host memory during a save, time
+training is blocked (the device->host copy of the rank's own shard) against the background write,
+and the load time under another plan.
+
+`measure()` runs in one process on synthetic state (random weights and moments, the real
+AdamW layouts and the real writer, seal and reader), rank after rank: TP x DP with ZeRO-1 saves,
+then every rank of a TP 1 plan without ZeRO-1 loads its part. Peak extra host memory is the
+process's resident set sampled every millisecond during the rank's save, less its size before
+(freed heap handed back to the system first, with glibc's malloc_trim; the page cache of the
+written file is not counted). No CLI command yet: call
+
+    .venv/bin/python -c "import json; from hetero.bench.checkpoint import measure; print(json.dumps(measure(), indent=1))"
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+import threading
+import time
+from types import SimpleNamespace
+
+import torch
+
+from hetero.checkpoint import format as fmt
+from hetero.config import load_job
+from hetero.engine import checkpoint as ckpt
+from hetero.engine.optimizer import AdamW
+from hetero.engine.zero import FlatShard
+from hetero.model import TensorParallel, layout
+from hetero.runner import ROOT
+
+DEFAULT_MODEL = os.path.join(ROOT, "configs", "llama-tiny.yaml")
+STEP = 1
+
+
+def measure(models=(DEFAULT_MODEL,), tp: int = 2, dp: int = 2, directory: str | None = None) -> dict:
+    """{"runs": [{"model", "ranks": [{"rank", "shard_bytes", "peak_extra_host_bytes", "blocked_s",
+    "write_s"}], "load_s"}]}: each model saved by TP `tp` x DP `dp` ranks with ZeRO-1, loaded by TP 1
+    ranks without it (load_s: the slowest rank's)."""
+    runs = []
+    for model_path in models:
+        model = load_job(model=model_path).model
+        with tempfile.TemporaryDirectory(dir=directory) as root:
+            runs.append(_run(model, tp, dp, root))
+    return {"runs": runs}
+
+
+def _run(model, tp: int, dp: int, root: str) -> dict:
+    full = _random_state(model)
+    names = layout.model_names(model)
+    ckpt.prepare(root, STEP)
+    ranks = []
+    for d in range(dp):
+        for t in range(tp):
+            rank = d * tp + t
+            made = _optimizer(model, full, names, TensorParallel(tp, t), dp, d, zero=dp > 1)
+            ranks.append({"rank": rank, **_save_rank(made, root, rank)})
+            del made
+    ckpt.seal(root, STEP, model, {"optimizer_steps": STEP}, [r["rank"] for r in ranks])
+    load_s = 0.0
+    halves = (names[:len(names) // 2], names[len(names) // 2:])       # two stages, TP 1, no ZeRO-1
+    for stage_names in halves:
+        reader = _optimizer(model, full, stage_names, TensorParallel())
+        started = time.perf_counter()
+        saved = ckpt.Checkpoint(ckpt.latest(root), model)
+        reader.load_part(reader.read_part(saved), saved.optimizer_steps, lambda t: t, _NoScope)
+        load_s = max(load_s, time.perf_counter() - started)
+    return {"model": model.name, "ranks": ranks, "load_s": load_s}
+
+
+def _save_rank(made: AdamW, root: str, rank: int) -> dict:
+    """One rank's save: the blocking host copy, then the background write, RSS sampled throughout."""
+    sampler = _PeakRss().start()
+    started = time.perf_counter()
+    chunks = made.own_chunks(lambda t: t.detach().clone(), list(made.params))
+    blocked_s = time.perf_counter() - started
+    write = ckpt.AsyncWrite(ckpt.partial_dir(root, STEP), rank, STEP, chunks)
+    del chunks
+    write.start().wait()
+    peak = sampler.stop()
+    return {"shard_bytes": write.bytes, "peak_extra_host_bytes": peak, "blocked_s": blocked_s,
+            "write_s": write.write_s}
+
+
+def _random_state(model) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return {prefix + name: torch.randn(layout.full_shape(model, name), generator=generator)
+            for name in layout.model_names(model) for prefix in ("", "exp_avg.", "exp_avg_sq.")}
+
+
+def _optimizer(model, full: dict, names, tp: TensorParallel, dp: int = 1, dp_rank: int = 0,
+               zero: bool = False) -> AdamW:
+    """An AdamW holding rank (tp.rank, dp_rank)'s part of `full` for parameters `names` (no communication)."""
+    stage = SimpleNamespace(hf_name=lambda n: n, config=model, tp=tp)
+    params = {n: torch.nn.Parameter(tp.shard(full[n], layout.split_dim(n)).clone()) for n in names}
+    shard = FlatShard(params, dp, dp_rank) if zero else None
+    made = AdamW(stage, params, 0.01, 0.0, shard=shard)
+    for kind in fmt.MOMENT_KINDS:
+        moments = {n: tp.shard(full[f"{kind}.{n}"], layout.split_dim(n)) for n in names}
+        store = getattr(made, kind)
+        if shard is None:
+            for n in names:
+                store[n].copy_(moments[n])
+        else:
+            store.copy_(shard.shard_of(shard.flatten(moments, torch.float32, "cpu")))
+    return made
+
+
+class _PeakRss:
+    """The peak of this process's resident set over a span, less its size at the start (bytes)."""
+
+    def __init__(self):
+        _trim()                   # hand freed heap back first, or new host copies reuse it unseen
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> "_PeakRss":
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        return self.peak - self.base
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc: the resident set is read as it is
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _NoScope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
