@@ -442,7 +442,7 @@ class CostModel:
 
         All DP replicas whose senders share a node share that node's link."""
         nbytes = b * self.model.seq_len * self.model.hidden * self.e
-        per_node = max(1, min(dp, max(1, min(src.nodes) // max(1, t_src))))
+        per_node = max(1, min(dp, max(1, src.smallest_node // max(1, t_src))))
         if src.name != dst.name:
             return self.bridge_latency + per_node * nbytes / self.bridge_bandwidth + self.staging_s(src, dst, nbytes)
         if src.node_of(src_offset) == dst.node_of(dst_offset):

@@ -100,6 +100,11 @@ class IslandSpec:
         return g
 
     @cached_property
+    def smallest_node(self) -> int:
+        """Chips on the island's smallest node (p2p costs ask for it per boundary)."""
+        return min(self.nodes)
+
+    @cached_property
     def _node_ends(self) -> list[int]:
         return list(itertools.accumulate(self.nodes))
 
@@ -208,5 +213,5 @@ class SearchLimits:
     small_fleet_chips: int = 64            # up to this many chips, every stage count up to 8 per island
     # hetero-PP configurations costed at most (best bound first); reached only on fleets of
     # thousands of chips, where each costs about a millisecond (issue #20: <= 10 s at 8,192)
-    max_pp_evaluations: int = 2000
+    max_pp_evaluations: int = 1000
     extra: Mapping[str, object] = field(default_factory=dict)

@@ -231,15 +231,36 @@ def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi) -> PipeEval:
     P = len(layout)
     boundary = _boundaries(cm, layout, dp, b)
     tail = 0.0
-    memory = []
     sources = []
     for i, ((island, t, off), n) in enumerate(zip(layout, counts)):
         params = _stage_params(cm, t, n, i == 0, i == P - 1)
         tail = max(tail, cm.dp_allreduce_s(island, off, t, dp, params) + cm.optimizer_s(island, dp, params))
-        memory.append(cm.stage_memory(t, b, dp, n, i == 0, i == P - 1, min(P - i, mi), modes[i], island=island.name,
-                                      micro_batches=m))
         sources.append(cm.layer_cost(island.name, t, b).source)
+    memory = _stage_memories(cm, layout, counts, modes, dp, b, m, mi)
     return PipeEval(layout, dp, b, m, counts, modes, stage_times, boundary, tail, memory, sources)
+
+
+def _stage_memories(cm, layout, counts, modes, dp, b, m, mi) -> list:
+    """Each stage's peak bytes per chip; the steady-state stages (m above their in-flight
+    count) of one island, TP, place and mode in one vectorised call."""
+    P = len(layout)
+    memory = [0.0] * P
+    groups: dict = {}
+    for i, (slot, n) in enumerate(zip(layout, counts)):
+        inflight = min(P - i, mi)
+        first, last = i == 0, i == P - 1
+        if m > inflight:
+            groups.setdefault((slot.island.name, slot.tp, first, last, modes[i]), []).append((i, n, inflight))
+        else:
+            memory[i] = cm.stage_memory(slot.tp, b, dp, n, first, last, inflight, modes[i],
+                                        island=slot.island.name, micro_batches=m)
+    for (name, t, first, last, mode), rows in groups.items():
+        idx, ns, ks = zip(*rows)
+        got = cm.stage_memory(t, b, dp, np.array(ns, dtype=np.float64), first, last, np.array(ks, dtype=np.float64),
+                              mode, island=name)
+        for i, value in zip(idx, np.atleast_1d(got).tolist()):
+            memory[i] = value
+    return memory
 
 
 def evaluate_uniform(cm: CostModel, layout: list, dp: int, b: int, m: int, counts: tuple, mode: str) -> PipeEval | None:
@@ -394,12 +415,13 @@ def _pp_groups(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: _B
 
 
 def _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge, cutoff):
-    """The stage-count configurations of one (order, TPs, dp, b), each with its lower bound."""
+    """The stage-count configurations of one (order, TPs, dp, b) whose lower bound is below
+    `cutoff`, best bound first (None if none)."""
     G, L = cm.train.global_batch, cm.model.layers
     m = G // (dp * b)
     fits = [bounds.layers_fit(i, t, b, dp) for i, t in zip(order, ts)]
     if min(fits) < 1:
-        return
+        return None
     taus = [bounds.layer(i, t, b) for i, t in zip(order, ts)]
     e_first, e_last = bounds.first[(order[0].name, ts[0], b)], bounds.last[(order[-1].name, ts[-1], b)]
     choices = tuple(tuple(stage_choices(i.size // (t * dp), limits, small)) for i, t in zip(order, ts))
@@ -410,7 +432,7 @@ def _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge
     P = arr.sum(axis=1)
     ok = (P <= L) & (arr @ np.array(fits, dtype=np.int64) >= L)
     if not ok.any():
-        return
+        return None
     sel, P = arr[ok], P[ok]
     inv = sel @ (1.0 / np.array(taus))
     c = np.maximum((L + e_first / taus[0] + e_last / taus[-1]) / inv,
@@ -420,11 +442,30 @@ def _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge
     tail = (n_avg[:, None] * ab[None, :, 0] + ab[None, :, 1]).min(axis=1)
     rest = L * min(taus) + e_first + e_last + bridge + tail
     lb = (m - 1) * c + rest
-    keep = lb < cutoff
-    pairs = tuple(zip(order, ts))
-    for lb_i, ss, c_i, rest_i in zip(lb[keep].tolist(), sel[keep].tolist(), c[keep].tolist(), rest[keep].tolist()):
-        # the bound is tightened to whole layers only when the config comes up
-        yield lb_i, pairs, ss, dp, b, m, (c_i, taus, e_first, e_last, rest_i)
+    keep = np.flatnonzero(lb < cutoff)
+    if keep.size == 0:
+        return None
+    keep = keep[np.argsort(lb[keep], kind="stable")]
+    return _Configs(lb[keep].tolist(), sel[keep], c[keep].tolist(), rest[keep].tolist(),
+                    (tuple(zip(order, ts)), dp, b, m, taus, e_first, e_last))
+
+
+class _Configs:
+    """One group's configurations, best bound first; a configuration becomes a tuple only
+    when the search reaches it (most never do)."""
+
+    __slots__ = ("lb", "sel", "c", "rest", "shared")
+
+    def __init__(self, lb, sel, c, rest, shared):
+        self.lb, self.sel, self.c, self.rest, self.shared = lb, sel, c, rest, shared
+
+    def __len__(self) -> int:
+        return len(self.lb)
+
+    def config(self, k: int) -> tuple:
+        pairs, dp, b, m, taus, e_first, e_last = self.shared
+        return (self.lb[k], pairs, self.sel[k].tolist(), dp, b, m,
+                (self.c[k], taus, e_first, e_last, self.rest[k]))
 
 
 def _integer_bottleneck(c: float, ss, taus, e_first: float, e_last: float, L: int) -> float:
@@ -488,12 +529,20 @@ def _search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best:
             break
         if kind == GROUP:
             _floor, order, ts, dp, b, bridge = entry
-            for config in _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge, cutoff()):
-                configs += 1
-                heapq.heappush(heap, (config[0], next(counter), CONFIG, config))
+            stats["pp_groups_expanded"] = stats.get("pp_groups_expanded", 0) + 1
+            group = _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge, cutoff())
+            if group is not None:
+                configs += len(group)
+                heapq.heappush(heap, (group.lb[0], next(counter), CONFIG, (group, 0)))
             continue
+        if kind == CONFIG:
+            group, k = entry
+            if k + 1 < len(group):
+                heapq.heappush(heap, (group.lb[k + 1], next(counter), CONFIG, (group, k + 1)))
+            entry = group.config(k)
         _lb, pairs, ss, dp, b, m, (c, taus, e_first, e_last, rest) = entry
         if kind == CONFIG:
+            # the bound is tightened to whole layers only when the config comes up
             refined += 1
             c = _integer_bottleneck(c, ss, taus, e_first, e_last, L)
             heapq.heappush(heap, ((m - 1) * c + rest, next(counter), REFINED, entry))
