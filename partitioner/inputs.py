@@ -208,7 +208,6 @@ class SearchLimits:
 
     max_orders: int = 24                   # island orders tried for hetero-PP
     max_stage_choices: int = 6             # stage counts tried per island beyond the full one
-    replica_options_per_island: int = 3
     exhaustive_stages: bool = False        # brute force: every stage count per island
     small_fleet_chips: int = 64            # up to this many chips, every stage count up to 8 per island
     # hetero-PP configurations costed at most (best bound first); reached only on fleets of

@@ -8,14 +8,21 @@ recompute mode the fastest that fits its memory.
 
 hetero-DP space: per island a homogeneous pipeline (TP, stages, DP, same
 micro-batch everywhere) and an uneven split of the global batch between the
-islands (exact min-max DP over micro-batch counts); gradients are reduced over
-the bridge.
+islands; gradients are reduced over the bridge. Every option an island has is
+kept until the batch is split: per island, the fastest option at every share of
+the batch (an Envelope), then the exact min-max split over the envelopes.
 
-Speed: every hetero-PP configuration first gets a cheap lower bound on its step
-time (perfectly balanced layers, no memory limit); configurations are then
-evaluated best-bound-first and the search stops when the next bound cannot beat
-the K-th best plan found, so the result is the same as evaluating them all.
-Stage rows and per-layer costs are memoised.
+Order (issue #20): the replica envelopes first (cheap); they give each island
+alone on the whole batch, which seeds that island's own hetero-PP search; the
+islands alone and the best hetero-DP plans seed the whole fleet's hetero-PP
+search, so the chosen plan is never slower than either lower bound. hetero-PP
+configurations are grouped by (order, TPs, DP, micro-batch); a group has a floor
+(every island at its most stages), its configurations a bound (balanced layers,
+no memory limit) that is tightened to whole layers when reached; everything is
+visited best bound first and the search stops when the next bound cannot beat
+the K-th best plan -- the same result as costing them all -- or after
+SearchLimits.max_pp_evaluations costings (fleets of thousands of chips; the
+stats say so). Stage rows and per-layer costs are memoised.
 """
 
 from __future__ import annotations
