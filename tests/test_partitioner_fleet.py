@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import os
 import random
 
 import numpy as np
 import pytest
 
+from hetero.config import load_job
+from hetero.planning import headroom, plan_job
 from partitioner.costs import CostModel
 from partitioner.inputs import FleetSpec, IslandSpec, ModelSpec, SearchLimits, TrainSpec
-from tests.test_partitioner import (A800, ASCEND, EMU_3, EMU_MIXED, GPU_16, GPU_32, LLAMA_12, LLAMA_7B,
-                                    LLAMA_TINY, TRAIN_TINY, chip)
+from test_partitioner import (A800, ASCEND, EMU_3, EMU_MIXED, GPU_16, GPU_32, LLAMA_12, LLAMA_7B, ROOT,
+                              LLAMA_TINY, TRAIN_TINY, chip)
 
 S = importlib.import_module("partitioner.search")   # the package re-exports search() under the same name
 
@@ -111,3 +114,18 @@ def test_one_island_is_its_own_island_alone():
     res = S.search(fleet, LLAMA_12, TrainSpec(32, 1, "bf16", max_micro_batch=4))
     assert list(res.islands_alone) == ["a800"] and res.hetero_dp is None
     assert res.islands_alone["a800"].step == pytest.approx(res.best.predicted_step_s)
+
+
+@pytest.mark.slow
+def test_mixed_8192_fleet_meets_its_bounds_within_the_costing_budget():
+    """Issue #20's fleet: 8,192 chips of four kinds, llama2-70b, global batch 4,096, bf16."""
+    cfg = os.path.join(ROOT, "configs")
+    job = load_job(cluster=os.path.join(cfg, "mixed-8192.yaml"), model=os.path.join(cfg, "llama2-70b.yaml"),
+                   train=os.path.join(cfg, "train-llama2-4096.yaml"))
+    res = plan_job(job, top=2)
+    room = headroom(res)
+    assert set(room["islands_alone_tokens_per_s"]) == {"a800", "h100", "ascend", "kunlun", "sum"}
+    assert room["meets_lower_bounds"]
+    # the one 40-stage pipeline the search used to choose predicted 2.51 M tokens/s (0.69 of the sum)
+    assert res.best.tokens_per_s > 2.55e6 and room["efficiency_vs_islands"] > 0.69
+    assert res.stats["pp_evaluated"] <= SearchLimits().max_pp_evaluations
