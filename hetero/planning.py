@@ -138,7 +138,11 @@ def headroom(result: SearchResult) -> dict:
         out["lower_bounds"]["hetero_dp"] = {
             "tokens_per_s": tokens / dp.step, "label": dp.label,
             "batch_share": {n: s / sum(samples.values()) for n, s in samples.items()},
-            "speed_share": {n: alone.get(n, 0.0) / speed for n in samples} if speed else {}}
+            "speed_share": {n: alone.get(n, 0.0) / speed for n in samples} if speed else {},
+            # each replica at its share on its own (no waiting for the slowest, no bridge
+            # reduction): what splitting the batch costs, against islands_alone's whole batch
+            "islands_at_share_tokens_per_s": sum(tokens * (pe.dp * pe.b * pe.m) / sum(samples.values()) / pe.step()
+                                                 for pe in dp.pipes)}
     out["meets_lower_bounds"] = all(best.tokens_per_s >= b["tokens_per_s"] * (1 - 1e-9)
                                     for b in out["lower_bounds"].values())
     return out

@@ -63,6 +63,8 @@ def test_plan_reports_islands_alone_and_lower_bounds(hetero_cli):
     for bound in bounds.values():
         assert data["tokens_per_s"] >= bound["tokens_per_s"] * (1 - 1e-9)
     assert sum(bounds["hetero_dp"]["batch_share"].values()) == pytest.approx(1.0)
+    # on its own each replica runs at least as fast as when it waits for the others and the bridge
+    assert bounds["hetero_dp"]["tokens_per_s"] <= bounds["hetero_dp"]["islands_at_share_tokens_per_s"]
     assert {"pp_groups", "pp_evaluated", "dp_evaluated", "hetero_pp_s"} <= set(data["search_stats"])
     code, out, err = hetero_cli("plan", "--cluster", "configs/a800-910b-32.yaml", "--model", "configs/llama2-7b.yaml",
                                 "--train", "configs/train-llama2.yaml")

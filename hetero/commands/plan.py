@@ -164,6 +164,10 @@ def headroom_lines(room: dict) -> list[str]:
     if words:
         lines.append("lower bounds: " + ", ".join(words) + " tokens/s: "
                      + ("met" if room["meets_lower_bounds"] else "NOT met"))
+    if "hetero_dp" in bounds:
+        lines.append(f"the islands on their hetero-DP shares of the batch, each on its own: "
+                     f"{_mtok(bounds['hetero_dp']['islands_at_share_tokens_per_s'])} tokens/s "
+                     f"(a share has more pipeline bubble than the whole batch)")
     return lines
 
 
