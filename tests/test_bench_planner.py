@@ -1,0 +1,36 @@
+"""`hetero bench planner`'s per-fleet row: search time, tokens/s, the islands' sum and the ratio."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hetero.bench import planner
+from hetero.config import load_job
+from hetero.planning import plan_job
+
+
+def test_fleet_row_reports_the_ratio_to_the_islands_and_the_goals():
+    cfg = planner.CONFIGS
+    job = load_job(cluster=os.path.join(cfg, "a800-910b-32.yaml"), model=os.path.join(cfg, "llama2-7b.yaml"),
+                   train=os.path.join(cfg, "train-llama2.yaml"))
+    row = planner.fleet_row(plan_job(job, top=2))
+    alone = row["islands_alone_tokens_per_s"]
+    assert set(alone) == {"a800", "ascend", "sum"}
+    assert row["ratio_vs_islands"] == pytest.approx(row["tokens_per_s"] / alone["sum"])
+    assert 0 < row["ratio_vs_islands"] <= 1.0      # each island alone gets the whole batch: a ceiling
+    assert row["ratio_ok"] == (row["ratio_vs_islands"] >= planner.RATIO_GOAL)
+    assert row["meets_lower_bounds"] and row["stats"]["pp_evaluated"] >= 1
+    line = planner.fleet_line({**row, "search_cpu_s": 0.5})
+    assert "islands alone sum" in line and f"ratio {row['ratio_vs_islands']:.3f}" in line and "0.50 s of CPU" in line
+
+
+def test_the_bench_plans_both_fleets_of_issue_20():
+    clusters = {cluster for _key, cluster, _train in planner.FLEETS}
+    assert clusters == {"a800-910b-kunlun-1024.yaml", "mixed-8192.yaml"}
+    for _key, cluster, train in planner.FLEETS:
+        job = load_job(cluster=os.path.join(planner.CONFIGS, cluster), train=os.path.join(planner.CONFIGS, train))
+        assert job.cluster.total_chips in (1024, 8192)
+    assert job.train.global_batch == 4096 and job.cluster.total_chips == 8192
+    assert {i.chip for i in job.cluster.islands} == {"A800-80G", "H100-SXM", "Ascend-910B", "Kunlun-P800"}
