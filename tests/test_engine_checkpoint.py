@@ -86,3 +86,13 @@ def test_missing_state_is_refused(tmp_path, saved):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a readable checkpoint"):
         ckpt.Checkpoint(str(tmp_path / "empty"), job.model)
+
+
+def test_keep_prunes_older_checkpoints_once_a_newer_one_is_sealed(tmp_path):
+    """train.checkpoint.keep: the trainer prunes after each seal, so only the newest stay."""
+    job = load_job(model=CONFIG, train=CONFIG)
+    root = tmp_path / "checkpoints"
+    train = dataclasses.replace(job.train, checkpoint=CheckpointConfig(str(root), 1, keep=2))
+    train_solo(accelerators.get_accelerator("cpu"), job.model, train, str(tmp_path / "run"), steps=4)
+    assert sorted(os.listdir(root)) == ["latest", "step-00000003", "step-00000004"]
+    assert ckpt.latest(str(root)).endswith("step-00000004")

@@ -22,7 +22,7 @@ import time
 import torch
 
 from hetero.engine import checkpoint as ckpt
-from hetero.engine import tags
+from hetero.engine import retention, tags
 from hetero.engine.data import SampleSource
 from hetero.engine.gradients import GradientSync
 from hetero.engine.lr_schedule import learning_rate
@@ -333,11 +333,7 @@ class Trainer:
     def _seal(self, root: str, step: int, extra: dict) -> None:
         writers = [r.rank for r in self.comms.topology.plan.ranks if self._writes_checkpoint(r.rank)]
         ckpt.seal(root, step, self.model_config, extra, writers)
-        try:
-            from hetero.engine import retention    # pylint: disable=import-outside-toplevel
-        except ImportError:                        # another change brings train.checkpoint.keep
-            return
-        retention.prune(root, getattr(self.train.checkpoint, "keep", None))
+        retention.prune(root, self.train.checkpoint.keep)
 
     def _writes_checkpoint(self, rank: int) -> bool:
         """Whether `rank` writes its part: pipeline 0's ranks hold the whole model once (hetero-DP
