@@ -171,3 +171,17 @@ def test_the_checkpoint_bench_reports_its_contract_fields(model, tmp_path):
     params = sum(layout.full_shape(model, n)[0] * (layout.full_shape(model, n) + (1,))[1]
                  for n in layout.model_names(model))
     assert params * 12 <= sum(r["shard_bytes"] for r in ranks) < params * 12 * 1.05   # fp32 weights + 2 moments
+
+
+def test_hetero_bench_checkpoint_prints_the_contract_and_judges_each_rank(hetero_cli, tmp_path):
+    code, out, err = hetero_cli("bench", "checkpoint", "--model", CONFIG, "--dir", str(tmp_path), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    ranks = report["runs"][0]["ranks"]
+    assert {"rank", "shard_bytes", "peak_extra_host_bytes", "blocked_s", "write_s"} <= set(ranks[0])
+    assert all(r["peak_over_shard"] == r["peak_extra_host_bytes"] / r["shard_bytes"] for r in ranks)
+    assert report["goals"] == {"peak_over_shard": 1.25, "blocked_over_write": 0.10}
+    assert report["peak_ok"] == all(r["peak_over_shard"] <= 1.25 for r in ranks)
+    assert os.listdir(tmp_path) == []                      # its checkpoints go in a folder it removes
+    code, _, err = hetero_cli("bench", "checkpoint", "--tp", "0")
+    assert code == 2 and "--tp and --dp must be at least 1" in err

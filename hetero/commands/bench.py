@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-TARGETS = ["accelerators", "planner", "bridge", "runtime", "efficiency", "memory"]
+TARGETS = ["accelerators", "planner", "bridge", "runtime", "efficiency", "memory", "checkpoint"]
 
 
 def register(subparsers) -> None:
