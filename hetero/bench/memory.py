@@ -31,7 +31,7 @@ from hetero.errors import UserError
 from hetero.planning import fleet_spec, model_spec, train_spec
 from hetero.runner import ROOT, train_fleet
 from partitioner.costs import CostModel
-from partitioner.search import Candidate, evaluate_pipeline, to_plan
+from partitioner.search import Candidate, Slot, evaluate_pipeline, to_plan
 
 HELP = "predicted vs measured peak memory per stage: fp32/bf16 x recompute x ZeRO-1 x TP on the emulated fleet"
 RATIO_GOAL = 0.10
@@ -142,7 +142,7 @@ def cell_plan(job, cell: Cell):
                                 recompute_modes=(cell.recompute,), zero1=cell.zero1, modes=("pipeline",))
     cm = CostModel(fleet, model_spec(job.model), train)
     islands = {i.name: i for i in fleet.islands}
-    layout = [(islands["fast"], cell.tp, 0), (islands["slow"], cell.tp, 0)]
+    layout = [Slot(islands["fast"], cell.tp, 0), Slot(islands["slow"], cell.tp, 0)]
     m = train.global_batch // (cell.dp * train.micro_batch)
     pe = evaluate_pipeline(cm, layout, cell.dp, train.micro_batch, m)
     if pe is None:
