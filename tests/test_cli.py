@@ -48,3 +48,30 @@ def test_a_bad_flag_is_one_line_naming_it(hetero_cli, argv, expected):
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "--help" in lines[0], lines
+
+
+
+def test_every_subcommand_and_bench_target_is_registered():
+    """Each name in SUBCOMMANDS and bench's TARGETS has its parser."""
+    from hetero.cli import SUBCOMMANDS, build_parser
+    from hetero.commands.bench import TARGETS
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices   # pylint: disable=protected-access
+    assert sorted(commands) == sorted(SUBCOMMANDS)
+    targets = next(a for a in commands["bench"]._actions if a.dest == "target").choices  # pylint: disable=protected-access
+    assert sorted(targets) == sorted(TARGETS)
+
+
+@pytest.mark.parametrize("listing", ["hetero.cli.SUBCOMMANDS", "hetero.commands.bench.TARGETS"])
+def test_a_module_that_does_not_import_is_an_error_not_a_missing_command(monkeypatch, listing):
+    """A command module that fails to import used to be skipped quietly (the command just vanished)."""
+    import importlib
+
+    from hetero.cli import build_parser
+
+    owner, name = listing.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(owner), name, [*getattr(importlib.import_module(owner), name),
+                                                               "no_such_module"])
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        build_parser()
