@@ -11,7 +11,6 @@ skipped for the one before it, with one line on the log; none left is a JobFatal
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -20,6 +19,7 @@ from safetensors import safe_open
 
 from hetero.checkpoint import format as fmt
 from hetero.checkpoint.seal import step_dir
+from hetero.digest import file_sha256
 from hetero.errors import JobFatalError, UserError
 from hetero.model import layout
 
@@ -295,7 +295,7 @@ class Checkpoint:
             return
         path = os.path.join(self.directory, file)
         try:
-            actual = sha256(path)
+            actual = file_sha256(path)
         except OSError as exc:
             raise CorruptCheckpoint(path, f"unreadable ({_one_line(exc)})") from None
         if actual != self.files[file]["sha256"]:
@@ -349,11 +349,3 @@ def _relative(directory: str, error: CorruptCheckpoint) -> str:
 def _one_line(exc: Exception) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 160 else text[:157] + "..."
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

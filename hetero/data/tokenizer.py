@@ -9,11 +9,11 @@ these: refused, asking for --eos.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
+from hetero.digest import file_sha256
 from hetero.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -58,18 +58,10 @@ def describe(directory: str, eos: str | None = None):
     path = tokenizer_file(directory)
     tokenizer = load_tokenizer(path)
     token, source = _eos_token(directory, tokenizer, eos)
-    info = TokenizerInfo(directory=os.path.abspath(directory), path=os.path.abspath(path), sha256=sha256(path),
+    info = TokenizerInfo(directory=os.path.abspath(directory), path=os.path.abspath(path), sha256=file_sha256(path),
                          vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), eos_token=token,
                          eos_id=tokenizer.token_to_id(token), eos_source=source)
     return tokenizer, info
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _eos_token(directory: str, tokenizer, requested: str | None) -> tuple[str, str]:
