@@ -5,17 +5,15 @@ reconstructs the same tensors bit for bit, reading only the files it needs."""
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from hetero.bench.checkpoint import random_state, rank_optimizer
 from hetero.checkpoint import format as fmt
 from hetero.config import load_job
 from hetero.engine import checkpoint as ckpt
-from hetero.engine.optimizer import AdamW
-from hetero.engine.zero import FlatShard
 from hetero.model import TensorParallel, layout
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine", "two-islands.yaml")
@@ -30,34 +28,10 @@ def model():
 @pytest.fixture(scope="module")
 def full(model):
     """{name: full fp32 tensor} of the weights and both moments, random (the bits are the test)."""
-    generator = torch.Generator().manual_seed(5)
-    out = {}
-    for name in layout.model_names(model):
-        for prefix in ("", "exp_avg.", "exp_avg_sq."):
-            out[prefix + name] = torch.randn(layout.full_shape(model, name), generator=generator)
-    return out
+    return random_state(model, seed=5)
 
 
-def optimizer(model, full, names, tp, dp=1, dp_rank=0, zero=False, dtype=torch.float32):
-    """An AdamW holding rank (tp, dp_rank)'s part of `full` for parameters `names`, set up without
-    touching the checkpoint code (TP slices cut here, flat shards made by FlatShard)."""
-    stage = SimpleNamespace(hf_name=lambda n: n, config=model, tp=tp)
-    local = {n: tp.shard(full[n], layout.split_dim(n)).clone() for n in names}
-    params = {n: torch.nn.Parameter(t.to(dtype)) for n, t in local.items()}
-    master = dtype != torch.float32
-    shard = FlatShard(params, dp, dp_rank) if zero or master else None
-    made = AdamW(stage, params, 0.01, 0.0, shard=shard, master=master)
-    for kind in fmt.MOMENT_KINDS:
-        moments = {n: tp.shard(full[f"{kind}.{n}"], layout.split_dim(n)) for n in names}
-        store = getattr(made, kind)
-        if shard is None:
-            for n in names:
-                store[n].copy_(moments[n])
-        else:
-            store.copy_(shard.shard_of(shard.flatten(moments, torch.float32, "cpu")))
-    if master:
-        made.master.copy_(shard.shard_of(shard.flatten(local, torch.float32, "cpu")))
-    return made
+optimizer = rank_optimizer    # a rank's AdamW set up without the checkpoint code (TP cut, FlatShard)
 
 
 def save(root, model, ranks):

@@ -114,21 +114,21 @@ def measure(models=(DEFAULT_MODEL,), tp: int = 2, dp: int = 2, directory: str | 
 
 
 def _run(model, tp: int, dp: int, root: str) -> dict:
-    full = _random_state(model)
+    full = random_state(model)
     names = layout.model_names(model)
     ckpt.prepare(root, STEP)
     ranks = []
     for d in range(dp):
         for t in range(tp):
             rank = d * tp + t
-            made = _optimizer(model, full, names, TensorParallel(tp, t), dp, d, zero=dp > 1)
+            made = rank_optimizer(model, full, names, TensorParallel(tp, t), dp, d, zero=dp > 1)
             ranks.append({"rank": rank, **_save_rank(made, root, rank)})
             del made
     ckpt.seal(root, STEP, model, {"optimizer_steps": STEP}, [r["rank"] for r in ranks])
     load_s = 0.0
     halves = (names[:len(names) // 2], names[len(names) // 2:])       # two stages, TP 1, no ZeRO-1
     for stage_names in halves:
-        reader = _optimizer(model, full, stage_names, TensorParallel())
+        reader = rank_optimizer(model, full, stage_names, TensorParallel())
         started = time.perf_counter()
         saved = ckpt.Checkpoint(ckpt.latest(root), model)
         reader.load_part(reader.read_part(saved), saved.optimizer_steps, lambda t: t, _NoScope)
@@ -150,19 +150,24 @@ def _save_rank(made: AdamW, root: str, rank: int) -> dict:
             "write_s": write.write_s}
 
 
-def _random_state(model) -> dict:
-    generator = torch.Generator().manual_seed(0)
+def random_state(model, seed: int = 0) -> dict:
+    """{name: full fp32 tensor} of the weights and both Adam moments, random."""
+    generator = torch.Generator().manual_seed(seed)
     return {prefix + name: torch.randn(layout.full_shape(model, name), generator=generator)
             for name in layout.model_names(model) for prefix in ("", "exp_avg.", "exp_avg_sq.")}
 
 
-def _optimizer(model, full: dict, names, tp: TensorParallel, dp: int = 1, dp_rank: int = 0,
-               zero: bool = False) -> AdamW:
-    """An AdamW holding rank (tp.rank, dp_rank)'s part of `full` for parameters `names` (no communication)."""
+def rank_optimizer(model, full: dict, names, tp: TensorParallel, dp: int = 1, dp_rank: int = 0,
+                   zero: bool = False, dtype: torch.dtype = torch.float32) -> AdamW:
+    """An AdamW holding rank (tp.rank, dp_rank)'s part of `full` for parameters `names`, set up without
+    the checkpoint code or any communication (TP slices cut here, flat shards made by FlatShard; an fp32
+    master shard when `dtype` is lower)."""
     stage = SimpleNamespace(hf_name=lambda n: n, config=model, tp=tp)
-    params = {n: torch.nn.Parameter(tp.shard(full[n], layout.split_dim(n)).clone()) for n in names}
-    shard = FlatShard(params, dp, dp_rank) if zero else None
-    made = AdamW(stage, params, 0.01, 0.0, shard=shard)
+    local = {n: tp.shard(full[n], layout.split_dim(n)).clone() for n in names}
+    params = {n: torch.nn.Parameter(t.to(dtype)) for n, t in local.items()}
+    master = dtype != torch.float32
+    shard = FlatShard(params, dp, dp_rank) if zero or master else None
+    made = AdamW(stage, params, 0.01, 0.0, shard=shard, master=master)
     for kind in fmt.MOMENT_KINDS:
         moments = {n: tp.shard(full[f"{kind}.{n}"], layout.split_dim(n)) for n in names}
         store = getattr(made, kind)
@@ -171,6 +176,8 @@ def _optimizer(model, full: dict, names, tp: TensorParallel, dp: int = 1, dp_ran
                 store[n].copy_(moments[n])
         else:
             store.copy_(shard.shard_of(shard.flatten(moments, torch.float32, "cpu")))
+    if master:
+        made.master.copy_(shard.shard_of(shard.flatten(local, torch.float32, "cpu")))
     return made
 
 
