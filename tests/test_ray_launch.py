@@ -185,13 +185,16 @@ def job_files(tmp_path_factory):
     return ["--cluster", str(cluster), "--model", MODEL, "--train", str(train)]
 
 
+def without_ray_address() -> dict:
+    """This environment less RAY_ADDRESS, so the address on the command line is the one used."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 def hetero(*argv: str, timeout: float = 420) -> tuple[subprocess.CompletedProcess, float]:
     """Run `hetero ARGV`; return it and the wall time it started at."""
     started = time.time()
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-m", "hetero", *argv], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=env)
+                          cwd=ROOT, env=without_ray_address())
     return done, started
 
 
@@ -234,15 +237,21 @@ def test_default_job_on_ray_matches_the_local_run(runs):
           f"({on_ray:.1f} s on Ray, {here:.1f} s here; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 
 
+
+def start_run_on_ray(ray_cluster, job_files, out):
+    """`hetero run --on ray=ADDRESS --max-restarts 1 --json` in the background (RAY_ADDRESS dropped)."""
+    command = [sys.executable, "-m", "hetero", "run", "--on", f"ray={ray_cluster.address}", *job_files,
+               "--out", str(out), "--max-restarts", "1", "--json"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=without_ray_address())
+
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)   # with the module's Ray cluster and runs (setup counts): minutes on a loaded CI machine
 def test_a_killed_worker_actor_restarts_the_job_from_its_checkpoint(ray_cluster, job_files, runs, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "hetero", "run", "--on", f"ray={ray_cluster.address}", *job_files,
-               "--out", str(out), "--max-restarts", "1", "--json"]
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = start_run_on_ray(ray_cluster, job_files, out)
     try:
         deadline = time.monotonic() + 300
         while not (out / "checkpoints" / "latest").exists():
@@ -303,11 +312,7 @@ print(json.dumps({"groups": groups, "actors": actors}))
 @pytest.mark.timeout(900)   # with the module's Ray cluster and runs (setup counts): minutes on a loaded CI machine
 def test_a_lost_node_stops_every_actor_of_the_job(ray_cluster, job_files, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "hetero", "run", "--on", f"ray={ray_cluster.address}", *job_files,
-               "--out", str(out), "--max-restarts", "1", "--json"]
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = start_run_on_ray(ray_cluster, job_files, out)
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("logs/attempt_0/slow.*/stdout.log")):   # the slow island's workers run
@@ -326,7 +331,7 @@ def test_a_lost_node_stops_every_actor_of_the_job(ray_cluster, job_files, tmp_pa
         assert re.search(r"^hetero launch: job failed: cannot restart on the same Ray nodes: Ray node 127\.0\.0\.3 "
                          r"\(island slow\) is lost", stderr, re.M), stderr[-3000:]
         left = subprocess.run([sys.executable, "-c", LEFTOVERS, ray_cluster.address], capture_output=True,
-                              text=True, timeout=180, env=env)
+                              text=True, timeout=180, env=without_ray_address())
         assert json.loads(left.stdout) == {"groups": [], "actors": []}, left.stderr[-3000:]
     finally:
         ray_cluster.restore_second()
