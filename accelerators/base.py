@@ -1,6 +1,6 @@
 """The `Accelerator` interface: everything the runtime asks of a chip, in one place.
 
-One `Accelerator` drives one vendor in one process (see ARCHITECTURE.md: every
+One `Accelerator` drives one vendor in one process (see docs/architecture.md: every
 process belongs to exactly one island). The base class implements the surface
 on top of a *torch device module* (`torch.cuda`, `torch.npu`, ...), because the
 vendors' PyTorch plug-ins mirror the `torch.cuda` API; a vendor subclass only

@@ -1,7 +1,7 @@
 """Vendor names stay inside accelerators/.
 
 Outside it, Python code must not use `torch.cuda`, a "cuda" device string,
-or torch_npu / torch_xmlir (ARCHITECTURE.md, Conventions). Comments and prose
+or torch_npu / torch_xmlir (docs/architecture.md, The four packages). Comments and prose
 in docstrings are fine; code is parsed with `ast`, so only real uses count.
 tests/ is exempt: the fakes must name the vendors.
 """
