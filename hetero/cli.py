@@ -15,7 +15,7 @@ from hetero import __version__
 from hetero.errors import UserError
 
 # Order is the order `hetero --help` lists them in.
-SUBCOMMANDS = ["validate", "plan", "profile", "run", "launch", "bench", "report", "check", "env", "data", "compare"]
+SUBCOMMANDS = ["validate", "plan", "profile", "run", "launch", "bench", "report", "check", "env", "data", "compare", "export"]
 
 
 class OneLineParser(argparse.ArgumentParser):

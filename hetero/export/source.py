@@ -1,0 +1,76 @@
+"""Which checkpoint a path names, and the run it came from.
+
+CHECKPOINT may be a step folder (holding state.json), a checkpoint directory (holding `latest`) or a
+`hetero run` directory (holding checkpoints/latest); the last two mean the checkpoint `latest` names.
+The model description comes from state.json itself, so a checkpoint exports without its run's files;
+everything else about it is checked by hetero.checkpoint.reader.Checkpoint (one reader, one set of checks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from hetero.checkpoint import format as fmt
+from hetero.checkpoint.reader import Checkpoint, CorruptCheckpoint, latest
+from hetero.config.model import ModelConfig
+from hetero.errors import UserError
+
+CHECKPOINTS = "checkpoints"        # where `hetero run` keeps a run's checkpoints
+TRAIN_FILE = "train.yaml"          # the train file a run directory keeps
+
+
+@dataclass
+class Source:
+    checkpoint: Checkpoint
+    config: ModelConfig
+    run_dir: str | None             # the `hetero run` directory it belongs to, when it is in one
+
+
+def open_source(path: str) -> Source:
+    """The checkpoint `path` names, opened and its metadata checked; UserError (one line) otherwise."""
+    directory, run_dir = resolve(path)
+    config = model_config(directory)
+    return Source(Checkpoint(directory, config), config, run_dir)
+
+
+def resolve(path: str) -> tuple[str, str | None]:
+    """(step folder, run directory or None) that `path` names."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such directory (expected a checkpoint, a checkpoint directory or a run "
+                        "directory)")
+    if os.path.isfile(os.path.join(path, fmt.STATE)):
+        return path, _run_dir(os.path.dirname(os.path.dirname(path)))
+    if os.path.lexists(os.path.join(path, fmt.LATEST)):
+        return latest(path), _run_dir(os.path.dirname(path))
+    root = os.path.join(path, CHECKPOINTS)
+    if os.path.lexists(os.path.join(root, fmt.LATEST)):
+        return latest(root), _run_dir(path)
+    if os.path.isdir(root):
+        raise UserError(f"{path}: the run has no checkpoint yet ({root} has no '{fmt.LATEST}'; "
+                        "train.checkpoint sets how often a run saves)")
+    raise UserError(f"{path}: not a checkpoint (no {fmt.STATE}), a checkpoint directory (no {fmt.LATEST}) "
+                    f"or a run directory (no {CHECKPOINTS}/{fmt.LATEST})")
+
+
+def model_config(directory: str) -> ModelConfig:
+    """The ModelConfig state.json records (the checkpoint describes its own model)."""
+    path = os.path.join(directory, fmt.STATE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpoint(path, f"not a readable checkpoint ({' '.join(str(exc).split())})") from None
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or state.get("format") != fmt.FORMAT:
+        raise CorruptCheckpoint(path, "not a hetero checkpoint")
+    try:
+        return ModelConfig(**model)
+    except TypeError as exc:
+        raise CorruptCheckpoint(path, f"its model description is unreadable ({exc})") from None
+
+
+def _run_dir(candidate: str) -> str | None:
+    return candidate if os.path.isfile(os.path.join(candidate, TRAIN_FILE)) else None
