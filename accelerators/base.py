@@ -18,7 +18,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -194,10 +194,10 @@ class Accelerator:
             return {}
         return {self.visible_devices_env: ",".join(str(int(i)) for i in indices)}
 
-    def forwarded_env(self, environ: dict[str, str] | None = None) -> dict[str, str]:
+    def forwarded_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """The variables of `environ` (default os.environ) a worker must inherit."""
-        environ = os.environ if environ is None else environ
-        return {k: v for k, v in environ.items() if k.startswith(self.env_prefixes)}
+        source = os.environ if environ is None else environ
+        return {k: v for k, v in source.items() if k.startswith(self.env_prefixes)}
 
     # Fused ops --------------------------------------------------------------
     def kernels(self) -> dict[str, Any]:
@@ -207,7 +207,7 @@ class Accelerator:
     # Reporting --------------------------------------------------------------
     def describe(self) -> dict:
         """Identity and devices as plain data, for `hetero env` and logs."""
-        info = {
+        info: dict[str, Any] = {
             "vendor": self.vendor,
             "device_type": self.device_type,
             "dist_backend": self.dist_backend,

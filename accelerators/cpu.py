@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from typing import Any
 from types import ModuleType
 
 import torch
@@ -17,7 +18,7 @@ class CpuAccelerator(Accelerator):
     device_type = "cpu"
     dist_backend = "gloo"
     startup_seconds = 3.0
-    visible_devices_env = None
+    visible_devices_env: str | None = None
     env_prefixes = ("OMP_", "MKL_", "GLOO_")
 
     @classmethod
@@ -63,7 +64,7 @@ class CpuAccelerator(Accelerator):
     def stream(self, stream) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext(stream)
 
-    def new_event(self, enable_timing: bool = True) -> HostEvent:
+    def new_event(self, enable_timing: bool = True) -> Any:  # HostEvent; subclasses return their own kind
         return HostEvent(enable_timing)
 
     # Host memory is the OS's business; report it, track nothing.

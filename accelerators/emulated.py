@@ -656,7 +656,7 @@ def _checked_dilation(value: float, source: str = "time_dilation") -> float:
     return float(value)
 
 
-def _require(chip: Mapping[str, Any], key: str, kind: type) -> Any:
+def _require(chip: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     if key not in chip:
         raise ValueError(f"emulated chip spec is missing {key!r} (has {sorted(chip)})")
     if not isinstance(chip[key], kind) or isinstance(chip[key], bool):

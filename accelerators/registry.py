@@ -28,9 +28,12 @@ import importlib
 import os
 import threading
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerators.errors import AcceleratorUnavailable, UnknownAccelerator
+
+if TYPE_CHECKING:
+    from accelerators.base import Accelerator
 
 SELECT_ENV = "HETERO_ACCELERATOR"
 ENTRY_POINT_GROUP = "hetero.accelerators"
@@ -82,7 +85,7 @@ def probe_order() -> list[str]:
     return list(PROBE_FIRST) + sorted(_entry_points()) + list(PROBE_LAST)
 
 
-def accelerator_class(name: str) -> type:
+def accelerator_class(name: str) -> type[Accelerator]:
     """The Accelerator subclass for `name` (imports its module, not its vendor package)."""
     if name in BUILTIN:
         module_name, class_name = BUILTIN[name].split(":")
@@ -161,7 +164,7 @@ def reset_accelerator() -> None:
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages vendors depend on, read from metadata only."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("torch", "torch_npu", "torch_xmlir", "kunlun_ops"):
         try:
             versions[package] = metadata.version(package.replace("_", "-"))

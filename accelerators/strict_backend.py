@@ -74,6 +74,7 @@ import queue
 import sys
 import threading
 import time
+import types
 from typing import Any, Callable, Iterable
 
 import torch
@@ -283,7 +284,7 @@ class _PairStream:
         waiting = {}
         for op in entry.ops:
             if op.kind == "recv":
-                store.set(f"ready/{peer}->{me}/{op.seq}", b"1")
+                store.set(f"ready/{peer}->{me}/{op.seq}", b"1")  # type: ignore[arg-type]  # Store.set takes bytes too
                 waiting[op] = f"go/{peer}->{me}/{op.seq}"
             else:
                 waiting[op] = f"ready/{me}->{peer}/{op.seq}"
@@ -296,10 +297,10 @@ class _PairStream:
             for op in moved:
                 store.delete_key(waiting.pop(op))
                 if op.kind == "send":
-                    store.set(f"go/{me}->{peer}/{op.seq}", b"1")
-                    works.append((op, self.pg.gloo.send([op.tensor], peer, op.seq)))
+                    store.set(f"go/{me}->{peer}/{op.seq}", b"1")  # type: ignore[arg-type]  # Store.set takes bytes too
+                    works.append((op, self.pg.gloo.send([op.tensor], peer, op.seq)))  # type: ignore[attr-defined]  # pybind method
                 else:
-                    works.append((op, self.pg.gloo.recv([op.tensor], peer, op.seq)))
+                    works.append((op, self.pg.gloo.recv([op.tensor], peer, op.seq)))  # type: ignore[attr-defined]  # pybind method
             if waiting and not moved:  # poll: a store wait with a timeout logs a warning per expiry
                 time.sleep(pause)
                 pause = min(2 * pause, _POLL_MAX_S)
@@ -342,7 +343,7 @@ class StrictProcessGroup(dist.ProcessGroup):
     """A process group with NCCL/HCCL's contract, moving data through gloo."""
 
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: datetime.timedelta):
-        super().__init__(rank, size)  # pylint: disable=no-value-for-parameter  # pybind overload (rank, size)
+        super().__init__(rank, size)  # type: ignore[call-arg]  # pylint: disable=no-value-for-parameter  # pybind overload (rank, size)
         self.gloo = dist.ProcessGroupGloo(dist.PrefixStore(f"{BACKEND_NAME}/gloo/", store), rank, size, timeout)
         self.state_store = dist.PrefixStore(f"{BACKEND_NAME}/p2p/", store)
         self.deadlock_timeout = deadlock_timeout()
@@ -365,7 +366,7 @@ class StrictProcessGroup(dist.ProcessGroup):
     def _set_group_name(self, name: str) -> None:
         self._group_name = name
 
-    @property
+    @property  # type: ignore[override]  # torch declares a method; its callers read an attribute
     def group_name(self) -> str:
         return getattr(self, "_group_name", "")
 
@@ -560,7 +561,7 @@ def _pending_text(state: dict) -> str:
 
 def _calling_batch() -> list | None:
     """The p2p_op_list of the dist.batch_isend_irecv call this op comes from, if any."""
-    frame = sys._getframe(2)  # pylint: disable=protected-access
+    frame: types.FrameType | None = sys._getframe(2)  # pylint: disable=protected-access
     for _ in range(6):
         if frame is None:
             return None

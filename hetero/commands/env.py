@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+from typing import Any
 
 import accelerators
 from accelerators import ops, registry
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
 
 def collect() -> dict:
     """Everything `hetero env` reports, as plain data."""
-    report = {
+    report: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {**registry.package_versions(), **registry.runtime_versions()},

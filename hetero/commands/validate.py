@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 from hetero.config import load_files, load_sections
 from hetero.errors import UserError
@@ -32,7 +33,7 @@ def run(args) -> int:
             results.append({"file": path, "ok": True, "describes": kinds})
         except UserError as exc:
             results.append({"file": path, "ok": False, "error": str(exc)})
-    combined = None
+    combined: dict[str, Any] | None = None
     if all(r["ok"] for r in results):
         try:
             job = load_files(args.files)

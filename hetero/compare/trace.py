@@ -9,7 +9,7 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -72,7 +72,7 @@ def _order(row: str) -> tuple[int, int]:
 @contextlib.contextmanager
 def _hooks(model: torch.nn.Module, into: dict[str, torch.Tensor]):
     """Forward hooks that copy each watched module's output into `into`, in forward order."""
-    inner = model.model
+    inner: Any = model.model          # a transformers model or a hetero stage: both name their parts alike
     watched = [("embed", inner.embed_tokens)] if hasattr(inner, "embed_tokens") else []
     layers = inner.layers.items() if isinstance(inner.layers, torch.nn.ModuleDict) else enumerate(inner.layers)
     watched += [(f"layer {index}", layer) for index, layer in layers]
