@@ -2,23 +2,25 @@
 
 A file holds one section (its fields at the top level) or several, under the
 top-level keys `cluster:`, `model:` and `train:`. A bare file's kind is told by
-the field that only that kind has (islands, layers, global_batch).
+the field that only that kind has (islands, layers or hf, global_batch). A directory given for the
+model is a Hugging Face Llama checkpoint (hetero.config.model.hf_source).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from hetero.config.cluster import ClusterConfig, read_cluster
 from hetero.config.fields import Section, describe
-from hetero.config.model import ModelConfig, read_model
+from hetero.config.model import ModelConfig, Pretrained, hf_source, read_model_source
 from hetero.config.train import TrainConfig, read_train
 from hetero.config.yaml_io import read_yaml
 from hetero.errors import ConfigError
 
-READERS = {"cluster": read_cluster, "model": read_model, "train": read_train}
-# The one field that tells a bare file's kind.
-MARKERS = {"islands": "cluster", "layers": "model", "global_batch": "train"}
+READERS = {"cluster": read_cluster, "model": read_model_source, "train": read_train}
+# The field that tells a bare file's kind.
+MARKERS = {"islands": "cluster", "layers": "model", "hf": "model", "global_batch": "train"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Job:
     model: ModelConfig | None = None
     train: TrainConfig | None = None
     sources: tuple = ()                 # (kind, path) for each part, in load order
+    pretrained: Pretrained | None = None   # the Hugging Face model a run starts from, if any
 
     def require(self, *kinds: str) -> "Job":
         missing = [kind for kind in kinds if getattr(self, kind) is None]
@@ -43,8 +46,15 @@ def load_sections(path: str, want: str | None = None) -> dict:
     """Read one file; return {kind: config} for each section it holds.
 
     `want` names the kind the caller expects (from --cluster/--model/--train):
-    a bare file is then read as that kind, and a sectioned file must contain it.
+    a bare file is then read as that kind, and a sectioned file must contain it. A directory is a
+    Hugging Face model: {"model": ModelConfig, "pretrained": Pretrained}, as is a model section
+    with `hf:`.
     """
+    if os.path.isdir(path):
+        if want not in (None, "model"):
+            raise ConfigError(path, "", f"is a directory; a {want} description is a YAML file")
+        model, pretrained = hf_source(path)
+        return {"model": model, "pretrained": pretrained}
     doc = read_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError(path, "", f"expected a mapping at the top level, got {describe(doc.data)}")
@@ -53,11 +63,21 @@ def load_sections(path: str, want: str | None = None) -> dict:
         root = Section(doc, "", doc.data)
         found = {kind: READERS[kind](root.section(kind)) for kind in READERS if kind in doc.data}
         root.finish()
+        _split_model(found)
         if want and want not in found:
             raise ConfigError(path, "", f"has no '{want}:' section (it has {', '.join(found)})")
         return found
     kind = want or _bare_kind(path, doc.data)
-    return {kind: READERS[kind](Section(doc, "", doc.data))}
+    return _split_model({kind: READERS[kind](Section(doc, "", doc.data))})
+
+
+def _split_model(found: dict) -> dict:
+    """The model reader's (ModelConfig, Pretrained | None) as two entries: "model" and "pretrained"."""
+    if "model" in found:
+        found["model"], pretrained = found["model"]
+        if pretrained is not None:
+            found["pretrained"] = pretrained
+    return found
 
 
 def _bare_kind(path: str, data: dict) -> str:
@@ -65,7 +85,7 @@ def _bare_kind(path: str, data: dict) -> str:
     if len(kinds) == 1:
         return kinds.pop()
     raise ConfigError(path, "", "cannot tell what this file describes: expected the top-level field "
-                                "'islands' (cluster), 'layers' (model) or 'global_batch' (train), "
+                                "'islands' (cluster), 'layers' or 'hf' (model) or 'global_batch' (train), "
                                 "or sections cluster:, model:, train:")
 
 
@@ -75,6 +95,9 @@ def load_files(paths: list[str]) -> Job:
     origin: dict = {}
     for path in paths:
         for kind, config in load_sections(path).items():
+            if kind == "pretrained":
+                parts[kind] = config
+                continue
             if kind in parts:
                 raise ConfigError(path, kind, f"a {kind} is already described in {origin[kind]}")
             parts[kind] = config
@@ -98,6 +121,8 @@ def load_job(cluster: str | None = None, model: str | None = None, train: str | 
         if kind not in sections:
             raise ConfigError(path, "", f"has no '{kind}:' section (it has {', '.join(sections)})")
         parts[kind] = sections[kind]
+        if kind == "model" and "pretrained" in sections:
+            parts["pretrained"] = sections["pretrained"]
         origin[kind] = path
     job = Job(**parts, sources=tuple(origin.items()))
     check_job(job, origin)

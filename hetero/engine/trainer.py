@@ -33,14 +33,16 @@ from hetero.engine.schedule import one_f_one_b
 from hetero.engine.transport import StageLink, device_scope, to_device, to_host
 from hetero.engine.zero import FlatShard
 from hetero.errors import JobFatalError
-from hetero.model import LlamaStage, TensorParallel
+from hetero.model import LlamaStage, TensorParallel, layout
+from hetero.model.hf import pretrained_tensors
 from hetero.model.init import init_full_tensor
 
 
 class Trainer:
     def __init__(self, comms, accelerator, model_config, train_config, run_dir: str | None,
-                 steps: int | None = None, log=print):
+                 steps: int | None = None, log=print, pretrained=None):
         self.comms, self.accel = comms, accelerator
+        self.pretrained = pretrained        # hetero.config.Pretrained, or None: loaded when no checkpoint is
         self.place = place = comms.place
         self.model_config, self.train = model_config, train_config
         self.steps = steps or train_config.steps
@@ -54,7 +56,8 @@ class Trainer:
         tp = TensorParallel(stage.tp, place.tp_rank, comms.tp_group)
         with self._scope():
             self.model = LlamaStage(model_config, tuple(stage.layers), first=place.is_first, last=place.is_last,
-                                    tp=tp, dtype=self.dtype, device=comms.device, seed=train_config.seed,
+                                    tp=tp, dtype=self.dtype, device=comms.device,
+                                    seed=None if pretrained else train_config.seed,
                                     recompute=stage.recompute)
         self.params = dict(self.model.named_parameters())
         self.zero1 = bool(comms.topology.plan.zero1) and stage.dp > 1
@@ -62,7 +65,7 @@ class Trainer:
         with self._scope():
             self.optimizer = AdamW(self.model, self.params, train_config.lr, train_config.weight_decay,
                                    shard=shard, master=needs_master(self.dtype))
-        if self.optimizer.master is not None:   # the master starts from the fp32 init, not its rounding
+        if self.optimizer.master is not None and not pretrained:   # from the fp32 init, not its rounding
             for name in self.params:            # one host tensor at a time
                 full = init_full_tensor(model_config, self.model.hf_name(name), train_config.seed)
                 self.optimizer.load_master({name: full}, self._onto_device, self._scope)
@@ -125,11 +128,28 @@ class Trainer:
         if self.place.rank == 0:
             ckpt.discard_partials(root)      # saves a crash cut short; no rank writes yet
         if saved is None:
+            if self.pretrained:
+                self._load_pretrained()
             return 0
         self.optimizer.load_part(saved.part, saved.optimizer_steps, self._onto_device, self._scope)
         self.scaler.load(saved.state)
         self._log_once(f"resumed from {saved.directory} (step {saved.step})")
         return saved.step
+
+    @torch.no_grad()
+    def _load_pretrained(self) -> None:
+        """A fresh run from a Hugging Face model: read on the host like a resume, one of this stage's
+        own tensors at a time; only this rank's TP slice crosses the host link; the fp32 master weights
+        (bf16/fp16) come from the same full tensor, not from its rounding."""
+        for name, full in pretrained_tensors(self.model, self.pretrained.hf, self.pretrained.fingerprint):
+            param = self.params[name]
+            local = self.model.tp.shard(full, layout.split_dim(self.model.hf_name(name)))
+            piece = self._onto_device(local.to(param.dtype).contiguous())
+            with self._scope():
+                param.copy_(piece)
+            if self.optimizer.master is not None:
+                self.optimizer.load_master({name: full}, self._onto_device, self._scope)
+        self._log_once(f"started from the Hugging Face model {self.pretrained.hf}")
 
     def _log_once(self, message: str) -> None:
         """A line for the whole job: rank 0 says it."""
@@ -303,7 +323,7 @@ class Trainer:
             write = ckpt.AsyncWrite(ckpt.partial_dir(root, step), self.place.rank, step, chunks).start()
         self.save_blocked_s = time.perf_counter() - started
         extra = {"data_position": {"next_step": step}, "optimizer_steps": self.optimizer.steps,
-                 **self.scaler.state()}
+                 **self.scaler.state(), **({"pretrained": self.pretrained.to_dict()} if self.pretrained else {})}
         self._pending = (step, extra, write)
 
     def _seal_when_written(self) -> None:

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         def log(message: str) -> None:
             print(message, flush=True)
 
-        trainer = Trainer(comms, accelerator, job.model, train, args.run_dir, steps=args.steps, log=log)
+        trainer = Trainer(comms, accelerator, job.model, train, args.run_dir, steps=args.steps, log=log,
+                          pretrained=job.pretrained)
         trainer.run()
         comms.finish()
     except Exception as exc:  # anything fatal_message does not know is re-raised as it was

@@ -8,14 +8,17 @@ HF Llama's q/k weights are already in the half-rotation layout its rotate_half
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from typing import Any, Iterator, Mapping
 
 import torch
 
 from hetero.config.model import ModelConfig
 from hetero.errors import ConfigError, UserError
+from hetero.model import layout
 from hetero.model.llama import LlamaStage
 from hetero.model.parallel import TensorParallel
 from hetero.model.state import load_full_state_dict
@@ -93,14 +96,76 @@ def read_hf_config(directory: str) -> ModelConfig:
 def load_hf_checkpoint(stage: LlamaStage, directory: str) -> None:
     """Fill `stage` with its slices of the checkpoint in `directory`; the
     checkpoint's config must describe the stage's model."""
+    check_matches(stage, directory)
+    with SafetensorsCheckpoint(directory) as checkpoint:
+        load_full_state_dict(stage, checkpoint, source=directory)
+
+
+def fingerprint(directory: str) -> str:
+    """What identifies a checkpoint directory without reading its weights: SHA-256 over config.json,
+    the safetensors index and every weight file's header (names, dtypes, shapes, offsets) and size.
+    A run records it beside the path, never a copy of the weights."""
+    digest = hashlib.sha256()
+    names = [CONFIG_FILE, *(name for name in [INDEX_FILE] if os.path.isfile(os.path.join(directory, name)))]
+    names += sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read() if not name.endswith(".safetensors") else _header(handle)
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise UserError(f"{path}: not readable ({exc.strerror or exc})") from None
+        digest.update(f"{name}\0{size}\0".encode() + data)
+    return "sha256:" + digest.hexdigest()
+
+
+def _header(handle) -> bytes:
+    """A safetensors file's length prefix and JSON header (bounded: a damaged prefix reads little)."""
+    prefix = handle.read(8)
+    length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+    return prefix + handle.read(min(length, 100 << 20))
+
+
+def check_checkpoint(directory: str, config: ModelConfig) -> None:
+    """A UserError (one line) unless `directory` holds every tensor of the model `config` describes,
+    each with its shape: read from the safetensors headers only, so a missing shard or tensor is
+    refused before any worker starts rather than on the rank that needs it."""
+    with SafetensorsCheckpoint(directory) as checkpoint:
+        names = layout.model_names(config)
+        missing = [name for name in names if name not in checkpoint]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise UserError(f"{directory}: missing tensor(s) {shown}")
+        for name in names:
+            found, needed = tuple(checkpoint.shape(name)), layout.full_shape(config, name)
+            if found != needed:
+                raise UserError(f"{directory}: {name} has shape {found}, the model needs {needed}")
+
+
+def pretrained_tensors(stage: LlamaStage, directory: str,
+                       expected: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module parameter name, full fp32 host tensor) for each of `stage`'s own parameters, read one
+    at a time from the checkpoint in `directory` (other stages' layers are never read). `expected`:
+    the fingerprint the run recorded; a directory that changed since is refused."""
+    check_matches(stage, directory)
+    if expected is not None and fingerprint(directory) != expected:
+        raise UserError(f"{directory}: has changed since the run recorded it ({expected}); "
+                        f"start a new run from it, or restore it")
+    check_checkpoint(directory, stage.config)
+    with SafetensorsCheckpoint(directory) as checkpoint:
+        for module, _ in stage.named_parameters():
+            yield module, checkpoint[stage.hf_name(module)].float()
+
+
+def check_matches(stage: LlamaStage, directory: str) -> None:
+    """A UserError unless the checkpoint's config.json describes the stage's model."""
     config = read_hf_config(directory)
     diffs = [f"{field} {getattr(config, field)!r} vs {getattr(stage.config, field)!r}"
              for field in ARCHITECTURE_FIELDS if getattr(config, field) != getattr(stage.config, field)]
     if diffs:
         raise UserError(f"{os.path.join(directory, CONFIG_FILE)}: describes another model than the "
                         f"stage's (checkpoint vs stage: {', '.join(diffs)})")
-    with SafetensorsCheckpoint(directory) as checkpoint:
-        load_full_state_dict(stage, checkpoint, source=directory)
 
 
 def load_hf_stage(directory: str, layer_range: tuple[int, int] | None = None, *,
@@ -140,6 +205,10 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._where)
+
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape from its file's header, without reading it."""
+        return self._handle(self._where[name]).get_slice(name).get_shape()
 
     def _index(self) -> dict[str, str]:
         index_path = os.path.join(self.directory, INDEX_FILE)
