@@ -6,6 +6,7 @@ tokenizer, and bad input as one line with exit 2. Nothing is downloaded."""
 
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -276,3 +277,26 @@ def test_shards_fill_to_the_limit_in_order():
     for bad in ("", "5XB", "-1GB", "0"):
         with pytest.raises(UserError):
             parse_size(bad)
+
+
+def test_at_most_one_shard_of_tensors_is_held_at_once(model, full, tmp_path, hetero_cli, monkeypatch):
+    """Every full tensor the export assembles is tracked: when the next one is read, the ones still alive
+    fit in one output shard (60 KB here) plus that tensor."""
+    from hetero.export import export as module
+
+    saved = save(tmp_path / "ckpt", model, full, tp2_zero_ranks(model))
+    alive, peaks, cast = [], [], module._cast
+
+    def tracked(tensor, dtype, name):
+        out = cast(tensor, dtype, name)
+        held = [t for t in (ref() for ref in alive) if t is not None]
+        peaks.append(sum(t.numel() * t.element_size() for t in held) + out.numel() * out.element_size())
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(module, "_cast", tracked)
+    summary = export(hetero_cli, saved, "--hf", str(tmp_path / "hf"), "--shard-size", "60KB", "--dtype", "bf16")
+    largest = max(2 * full[n].numel() for n in layout.model_names(model))
+    assert summary["shards"] > 2 and len(peaks) == summary["tensors"]
+    assert max(peaks) <= 60_000 + largest, (max(peaks), largest)
+    assert sum(2 * full[n].numel() for n in layout.model_names(model)) > 3 * max(peaks)   # not the whole model
