@@ -47,6 +47,12 @@ The reference AdamW (non-fused chips) makes two 4-byte temporaries per element i
 updates (the per-parameter layout: one tensor at a time; the flat layout: the shard).
 The stage's peak is the largest of these phases: compute (1F1B), gradient collection
 and reduction, update.
+
+Host costs (`hetero profile` measures them per chip; partitioner/profile.py HostCost;
+0 s without a profile that has them): every stage pays its chip's launch and
+synchronize per micro-batch whatever its layers, a stage next to a bridge pays its
+chip's hand-off per micro-batch and bridge boundary, and every stage's tail pays the
+optimizer step's fixed part once per step.
 """
 
 from __future__ import annotations
@@ -340,6 +346,22 @@ class CostModel:
             return lc.forward_s + lc.backward_s + lc.attention_core_s + 4 * ar
         return 2 * lc.forward_s + lc.backward_s + 6 * ar
 
+    def host_cost(self, island: str):
+        """The island's chip's measured fixed host costs (all 0 without a profile that has them)."""
+        from partitioner.profile import NO_HOST_COST
+
+        if self.profile is None:
+            return NO_HOST_COST
+        return self.profile.host_cost(self._islands[island].chip.name)
+
+    def stage_host_s(self, island: str) -> float:
+        """Host seconds every stage on this island pays per micro-batch, whatever its layers."""
+        return self.host_cost(island).micro_batch_s
+
+    def handoff_s(self, island: str) -> float:
+        """Host seconds a stage on this island pays per micro-batch for each bridge boundary it has."""
+        return self.host_cost(island).handoff_s
+
     def first_extra_s(self, island: str, t: int, b: int) -> float:
         return analytic_first_extra(self._islands[island].chip, self.model, t, b, self.dtype)
 
@@ -417,6 +439,7 @@ class CostModel:
         ks = np.array(todo, dtype=np.float64)[:, None]
         cap = self.capacity(island)
         extra = (self.first_extra_s(island, t, b) if first else 0.0) + (self.last_extra_s(island, t, b) if last else 0.0)
+        extra += self.stage_host_s(island)
         best = np.full((len(todo), L), np.inf)
         choice = np.full((len(todo), L), -1, dtype=np.int64)
         for index, mode in enumerate(RECOMPUTE_MODES):
@@ -468,7 +491,7 @@ class CostModel:
     def optimizer_s(self, island: IslandSpec, dp: int, params_per_chip: float) -> float:
         shard = dp if self.zero1(dp) else 1
         return (params_per_chip / shard * optimizer_bytes_per_param(self.dtype)
-                / (island.chip.memory_bandwidth * island.chip.bw_eff))
+                / (island.chip.memory_bandwidth * island.chip.bw_eff)) + self.host_cost(island.name).optimizer_step_s
 
     @staticmethod
     def staging_s(src: IslandSpec, dst: IslandSpec, nbytes: float) -> float:

@@ -8,7 +8,19 @@ File format (JSON, written by `hetero profile`, read by `hetero plan --profile`)
      "layers": [{"chip": "emu-fast", "accelerator": "emulated", "tp": 1, "micro_batch": 2,
                  "forward_s": .., "backward_s": .., "memory_bytes": ..}, ...],
      "bridge": {"gbps": .., "latency_us": ..}          # optional, GB/s and microseconds
+     "host_costs": [{"chip": "emu-fast", "accelerator": "emulated", "micro_batch": 2,
+                     "launch_s": .., "sync_s": .., "handoff_s": .., "optimizer_step_s": ..}, ...],
      "host": "..", "created": ".."}
+
+`host_costs` (optional; a profile without it, or a chip without an entry, has
+host costs of 0 s -- the cost model as it was before they were measured): the
+fixed host work a stage pays whatever its layer count, measured per chip.
+Per micro-batch: `launch_s` issuing its forward and its backward on an idle
+queue (the engine synchronizes after each action, so every action starts on
+one), `sync_s` its two synchronizes; `handoff_s` handing one micro-batch's
+activation (or its gradient) across the bridge, once out and once in, less the
+bytes the link model already charges; per step: `optimizer_step_s`, the
+optimizer step's fixed part. The planner adds them (partitioner/costs.py).
 
 A `tp` entry is the time of one TP shard's compute (weights split t ways); the
 TP all-reduces are added from the link model. Lookups for a (chip, tp,
@@ -21,7 +33,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from partitioner.costs import LayerCost, analytic_layer
 from partitioner.inputs import ChipModel, ModelSpec
@@ -31,8 +43,33 @@ VERSION = 1
 SHAPE_FIELDS = ("hidden", "heads", "kv_heads", "ffn_hidden", "seq_len")
 
 
+HOST_FIELDS = ("launch_s", "sync_s", "handoff_s", "optimizer_step_s")
+
+
 class ProfileError(ValueError):
     """A profile file that cannot be read; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class HostCost:
+    """Fixed host seconds of one stage on one chip (module docstring); all 0 when not measured."""
+
+    launch_s: float = 0.0
+    sync_s: float = 0.0
+    handoff_s: float = 0.0
+    optimizer_step_s: float = 0.0
+
+    @property
+    def micro_batch_s(self) -> float:
+        """What every stage pays per micro-batch, whatever its layers: launch and synchronize."""
+        return self.launch_s + self.sync_s
+
+    def scaled(self, k: float) -> "HostCost":
+        """These costs in a clock running k times slower than the host (a time-dilated run)."""
+        return HostCost(*(getattr(self, name) / k for name in HOST_FIELDS))
+
+
+NO_HOST_COST = HostCost()
 
 
 @dataclass
@@ -42,6 +79,8 @@ class ProfileDB:
     layers: list = field(default_factory=list)     # dicts as in the file format
     bridge: tuple[float, float] | None = None      # (bytes/s, seconds)
     meta: dict = field(default_factory=dict)
+    host_costs: dict = field(default_factory=dict)  # chip name -> HostCost (absent: NO_HOST_COST)
+    host_sources: dict = field(default_factory=dict)  # chip name -> {accelerator, micro_batch} it was measured on
     chips: dict = field(default_factory=dict)      # chip name -> ChipModel (for calibration), filled by users
     used: dict = field(default_factory=dict)       # (chip, tp, b) -> source, filled by lookups
 
@@ -56,7 +95,15 @@ class ProfileDB:
                             "backward_s": float(backward_s),
                             "memory_bytes": None if memory_bytes is None else float(memory_bytes)})
 
+    def add_host_cost(self, chip: str, cost: HostCost, accelerator: str = "", micro_batch: int | None = None) -> None:
+        self.host_costs[chip] = cost
+        self.host_sources[chip] = {"accelerator": accelerator, "micro_batch": micro_batch}
+
     # -- lookups -------------------------------------------------------------------
+
+    def host_cost(self, chip: str) -> HostCost:
+        """The chip's measured host costs; 0 s each when the profile has none (older files)."""
+        return self.host_costs.get(chip, NO_HOST_COST)
 
     def matches(self, model: ModelSpec, dtype: str) -> bool:
         if dtype != self.dtype:
@@ -110,6 +157,10 @@ class ProfileDB:
                "layers": list(self.layers)}
         if self.bridge is not None:
             out["bridge"] = {"gbps": self.bridge[0] / 1e9, "latency_us": self.bridge[1] * 1e6}
+        if self.host_costs:
+            out["host_costs"] = [{"chip": chip, **{k: v for k, v in self.host_sources.get(chip, {}).items()
+                                                   if v is not None},
+                                  **asdict(cost)} for chip, cost in self.host_costs.items()]
         out.update({k: v for k, v in self.meta.items() if k not in out})
         return out
 
@@ -155,8 +206,11 @@ class ProfileDB:
                 raise ProfileError(f"{source}: bridge: expected {{\"gbps\": >0, \"latency_us\": >=0}}")
             bridge = (br["gbps"] * 1e9, br["latency_us"] * 1e-6)
         meta = {k: v for k, v in data.items() if k in ("host", "created", "accelerators", "notes")}
-        return cls(model={k: model[k] for k in SHAPE_FIELDS}, dtype=str(data.get("dtype", "fp32")),
-                   layers=clean, bridge=bridge, meta=meta)
+        db = cls(model={k: model[k] for k in SHAPE_FIELDS}, dtype=str(data.get("dtype", "fp32")),
+                 layers=clean, bridge=bridge, meta=meta)
+        for chip, cost, accelerator, micro_batch in _host_costs(data.get("host_costs"), source):
+            db.add_host_cost(chip, cost, accelerator, micro_batch)
+        return db
 
     @classmethod
     def load(cls, path: str) -> "ProfileDB":
@@ -168,3 +222,27 @@ class ProfileDB:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ProfileError(f"{path}: not valid JSON: {exc}") from None
         return cls.from_dict(data, source=path)
+
+
+def _host_costs(entries, source: str) -> list:
+    """The file's `host_costs` list, checked: (chip, HostCost, accelerator, micro_batch) each.
+    Absent: none (every chip's host costs are 0 s); a missing field of an entry is 0 s too."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ProfileError(f"{source}: host_costs: expected a list")
+    out = []
+    for index, entry in enumerate(entries):
+        where = f"{source}: host_costs[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("chip"), str):
+            raise ProfileError(f"{where}: expected an object with a 'chip' name")
+        values = {}
+        for key in HOST_FIELDS:
+            value = entry.get(key, 0.0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ProfileError(f"{where}.{key}: expected a number of seconds >= 0")
+            values[key] = float(value)
+        micro_batch = entry.get("micro_batch")
+        out.append((entry["chip"], HostCost(**values), str(entry.get("accelerator", "")),
+                    micro_batch if isinstance(micro_batch, int) and not isinstance(micro_batch, bool) else None))
+    return out

@@ -193,11 +193,12 @@ def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
         return None
     mi = m if inflight_m is None else inflight_m
     _prefetch_rows(cm, layout, dp, b, mi)
+    handoffs = bridge_handoffs(cm, layout)
     rows = []
     picks = []
     for i, (island, t, _off) in enumerate(layout):
         row, pick = cm.stage_row(island.name, t, b, dp, i == 0, i == P - 1, min(P - i, mi))
-        rows.append(row)
+        rows.append(row + handoffs[i])
         picks.append(pick)
     if counts is None:
         times = np.vstack(rows)
@@ -218,6 +219,17 @@ def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
         return None
     modes = tuple(RECOMPUTE_MODES[int(picks[i][n - 1])] for i, n in enumerate(counts))
     return _finish(cm, layout, dp, b, m, tuple(counts), modes, stage_times, mi)
+
+
+def bridge_handoffs(cm: CostModel, layout: list) -> list[float]:
+    """Host seconds per micro-batch each stage pays handing activations and gradients across
+    its bridge boundaries (its chip's measured hand-off per boundary; 0 within an island)."""
+    out = [0.0] * len(layout)
+    for i, (a, z) in enumerate(zip(layout, layout[1:])):
+        if a.island.name != z.island.name:
+            out[i] += cm.handoff_s(a.island.name)
+            out[i + 1] += cm.handoff_s(z.island.name)
+    return out
 
 
 def _prefetch_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int) -> None:
@@ -274,11 +286,12 @@ def evaluate_uniform(cm: CostModel, layout: list, dp: int, b: int, m: int, count
     """A pipeline with a given split and one recompute mode everywhere (the naive baseline)."""
     P = len(layout)
     times = []
+    handoffs = bridge_handoffs(cm, layout)
     for i, ((island, t, _off), n) in enumerate(zip(layout, counts)):
         mem = cm.stage_memory(t, b, dp, n, i == 0, i == P - 1, min(P - i, m), mode, island=island.name)
         if mem > cm.capacity(island.name):
             return None
-        time_s = n * cm.per_layer_s(island.name, t, b, mode)
+        time_s = n * cm.per_layer_s(island.name, t, b, mode) + cm.stage_host_s(island.name) + handoffs[i]
         if i == 0:
             time_s += cm.first_extra_s(island.name, t, b)
         if i == P - 1:
@@ -1067,8 +1080,8 @@ def _brute_pipeline(cm, layout, dp, b, m, mi, cache, objective="step"):
     if comps is None:
         comps = compositions(L, P)
         cache[(L, P)] = comps
-    rows = np.vstack([cm.stage_row(island.name, t, b, dp, i == 0, i == P - 1, min(P - i, mi))[0]
-                      for i, (island, t, _o) in enumerate(layout)])
+    rows = np.vstack([cm.stage_row(island.name, t, b, dp, i == 0, i == P - 1, min(P - i, mi))[0] + h
+                      for i, ((island, t, _o), h) in enumerate(zip(layout, bridge_handoffs(cm, layout)))])
     times = rows[np.arange(P)[None, :], comps - 1]
     ok = np.isfinite(times).all(axis=1)
     if not ok.any():

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import asdict
 
 import yaml
 
@@ -83,9 +84,10 @@ def _measure(job, paths, out, args, say) -> dict:
         result = _train(sub_job, sub_paths, os.path.join(out, "subfleets", island.name), args, say)
         subfleets[island.name] = _summary(result, job)
         subfleets[island.name]["predicted_step_s"] = result.plan["predicted_step_s"]
+        subfleets[island.name]["host_cost"] = asdict(island_host_cost(result.plan, result.steady_step_s))
         predicted_sub += result.plan["tokens_per_s"]
-    # Plan the mixed fleet with each island's speed as just measured alone (as
-    # `hetero profile` would), so the split between islands follows reality.
+    # Plan the mixed fleet with each island's speed and host costs as just measured
+    # alone (as `hetero profile` would), so the split between islands follows reality.
     profile = calibration_profile(job, subfleets)
     candidates = []
     for plan in candidate_plans(job, args.kind, profile):
@@ -222,6 +224,19 @@ def _summary(result, job) -> dict:
     }
 
 
+def island_host_cost(plan: dict, step_s: float):
+    """The fixed host seconds per micro-batch and stage an island's run alone shows: its step
+    beyond the cost model's prediction (made without host costs), spread over the stage-slots
+    its 1F1B runs in series, m + P - 1 for the longest pipeline. An emulated chip is charged
+    exactly the cost model's roofline, so what its run takes beyond that is host work: the
+    first ops of each action issued on an idle queue, the synchronize after it, the engine's
+    bookkeeping between actions (the `launch_s` a profile states)."""
+    from partitioner.profile import HostCost
+
+    slots = max(p["num_micro_batches"] + len(p["stages"]) - 1 for p in plan["pipelines"])
+    return HostCost(launch_s=max(0.0, step_s - plan["predicted_step_s"]) / slots)
+
+
 def calibration_profile(job, subfleets: dict, rounds: int = 4):
     """A profile whose layer times are the analytic ones scaled, per chip, until the
     planner predicts each island's step alone as measured; the planner calibrates
@@ -233,8 +248,7 @@ def calibration_profile(job, subfleets: dict, rounds: int = 4):
 
     fleet, model, train = fleet_spec(job.cluster), model_spec(job.model), train_spec(job.train)
     costs = CostModel(fleet, model, train)
-    factors = {island.name: subfleets[island.name]["step_s"] / subfleets[island.name]["predicted_step_s"]
-               for island in fleet.islands}
+    factors = {island.name: _first_factor(subfleets[island.name]) for island in fleet.islands}
     for _ in range(rounds):
         profile = _scaled_profile(costs, fleet, model, subfleets, factors)
         for island in job.cluster.islands:
@@ -243,8 +257,14 @@ def calibration_profile(job, subfleets: dict, rounds: int = 4):
     return _scaled_profile(costs, fleet, model, subfleets, factors)
 
 
+def _first_factor(sub: dict) -> float:
+    """The layers' first scale: the whole gap to the prediction, or none when the run's host
+    costs (island_host_cost) already account for it."""
+    return 1.0 if sub.get("host_cost") else sub["step_s"] / sub["predicted_step_s"]
+
+
 def _scaled_profile(costs, fleet, model, subfleets: dict, factors: dict):
-    from partitioner.profile import ProfileDB
+    from partitioner.profile import HostCost, ProfileDB
 
     profile = ProfileDB(model={k: getattr(model, k) for k in ("hidden", "heads", "kv_heads", "ffn_hidden", "seq_len")})
     for island in fleet.islands:
@@ -254,6 +274,9 @@ def _scaled_profile(costs, fleet, model, subfleets: dict, factors: dict):
         factor = factors[island.name]
         profile.add_layer(island.chip.name, tp, micro_batch, factor * layer.forward_s, factor * layer.backward_s)
         profile.chips[island.chip.name] = island.chip
+        if subfleets[island.name].get("host_cost"):
+            profile.add_host_cost(island.chip.name, HostCost(**subfleets[island.name]["host_cost"]),
+                                  island.chip.accelerator, micro_batch)
     return profile
 
 

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batches", metavar="LIST", help="comma-separated micro-batch sizes to measure")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per entry (median; default 3)")
     parser.add_argument("--no-bridge", action="store_true", help="do not measure the bridge")
+    parser.add_argument("--no-host-costs", action="store_true",
+                        help="do not measure each chip's fixed host costs per micro-batch and step (launch, "
+                             "synchronize, bridge hand-off, optimizer step); the planner then counts them as 0")
     parser.add_argument("--json", action="store_true", help="print the profile as JSON")
     parser.set_defaults(func=run)
 
@@ -83,6 +86,7 @@ def run(args) -> int:
         if log:
             log(index + 1, len(plan), note)
 
+    host_notes = _host_costs(args, cluster, model, db, seen_chips, min(batches), dtype)
     bridge_note = "bridge: not measured (islands on other hosts; the cluster file's figures stand)"
     if not args.no_bridge and len(cluster.islands) > 1 and profiling.islands_all_local(cluster):
         bandwidth, latency = profiling.measure_loopback_bridge()
@@ -100,10 +104,32 @@ def run(args) -> int:
         print(json.dumps(db.to_dict(), indent=2))
     else:
         print(bridge_note)
+        for note in host_notes:
+            print(note)
         for item in skipped:
             print(f"skipped island {item}")
         print(f"wrote {len(db.layers)} layer entries to {os.path.abspath(args.out)}")
     return 0
+
+
+def _host_costs(args, cluster, model, db, chips, micro_batch: int, dtype: str) -> list[str]:
+    """Measure each measured chip's fixed host costs (hetero.profiling.measure_host_costs) into `db`."""
+    from hetero import profiling
+
+    if args.no_host_costs:
+        return ["host costs: not measured (--no-host-costs; the planner counts them as 0 s)"]
+    notes, done = [], set()
+    for island in cluster.islands:
+        if island.chip not in chips or island.chip in done:
+            continue
+        done.add(island.chip)
+        accel = profiling.make_accelerator(island.accelerator, cluster.chip(island.chip))
+        cost = profiling.measure_host_costs(accel, model, micro_batch, dtype, reps=max(3, args.reps))
+        db.add_host_cost(island.chip, cost, island.accelerator, micro_batch)
+        notes.append(f"host costs {island.chip}: launch {cost.launch_s * 1e3:.2f} ms + synchronize "
+                     f"{cost.sync_s * 1e3:.3f} ms per micro-batch, bridge hand-off {cost.handoff_s * 1e3:.3f} ms, "
+                     f"optimizer step {cost.optimizer_step_s * 1e3:.2f} ms")
+    return notes
 
 
 def _micro_batches(args, job) -> list[int]:
