@@ -7,6 +7,7 @@ infeasibility into a UserError (one line, exit 2).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -73,9 +74,19 @@ def plan_job(job, profile: ProfileDB | None = None, top: int = 1, progress=None,
     if profile is not None:
         profile.chips.update({i.chip.name: i.chip for i in fleet.islands})
     try:
-        return search(fleet, model, train, profile=profile, top=top, progress=progress)
+        result = search(fleet, model, train, profile=profile, top=top, progress=progress)
     except InfeasibleError as exc:
         raise UserError(str(exc)) from None
+    if getattr(job, "pretrained", None) is not None:
+        result.plans = [with_pretrained(plan, job.pretrained) for plan in result.plans]
+    return result
+
+
+def with_pretrained(plan, pretrained):
+    """`plan` recording the Hugging Face model its run starts from (provenance.pretrained: path and
+    fingerprint), so a plan file says what it was made for; informational, the engine reads no
+    decision from it."""
+    return dataclasses.replace(plan, provenance={**plan.provenance, "pretrained": pretrained.to_dict()})
 
 
 class Progress:
