@@ -125,3 +125,57 @@ def test_the_whole_bench_runs_on_a_tiny_fleet_and_writes_its_report(tmp_path):
     assert big["cluster"] == "a800-910b-kunlun-1024" and 0 < big["predicted_efficiency"] <= 1.0
     assert set(big["subfleet_tokens_per_s"]) == {"a800", "ascend", "kunlun"}
     assert (out / "mixed" / "plan.json").is_file()
+
+
+def test_an_island_s_gap_to_its_prediction_is_spread_over_its_stage_slots():
+    from hetero.bench.efficiency import island_host_cost
+
+    plan = {"predicted_step_s": 10.0, "pipelines": [{"num_micro_batches": 31, "stages": [0, 1]},
+                                                   {"num_micro_batches": 15, "stages": [2]}]}
+    assert island_host_cost(plan, 10.64).launch_s == pytest.approx(0.64 / 32)   # m + P - 1 of the longest
+    assert island_host_cost(plan, 9.0).launch_s == 0.0                          # faster than predicted: none
+
+
+def test_calibration_with_host_costs_reproduces_each_island_s_step_and_charges_more_stages_more():
+    from hetero.bench.efficiency import alone, calibration_profile, candidate_plans, island_host_cost
+    from hetero.runner import search_plan
+
+    job = _tiny_job()
+    subfleets = {}
+    for island in job.cluster.islands:
+        plan = search_plan(alone(job, island))
+        step = 1.08 * plan.predicted_step_s
+        subfleets[island.name] = {
+            "step_s": step, "predicted_step_s": plan.predicted_step_s,
+            "host_cost": dataclasses.asdict(island_host_cost(json.loads(plan.to_json()), step)),
+            "plan": {"stages": [{"tp": plan.stages[0].tp}], "micro_batch": plan.micro_batch}}
+        assert subfleets[island.name]["host_cost"]["launch_s"] > 0
+    profile = calibration_profile(job, subfleets)
+    assert set(profile.host_costs) == {"emu-fast", "emu-slow"}
+    for island in job.cluster.islands:
+        assert search_plan(alone(job, island), "auto", profile).predicted_step_s == pytest.approx(
+            subfleets[island.name]["step_s"], rel=0.005)
+    bare = {p.kind: p.predicted_step_s for p in candidate_plans(job, "auto", None)}
+    hosted = {p.kind: p.predicted_step_s for p in candidate_plans(job, "auto", profile)}
+    assert all(hosted[kind] > bare[kind] for kind in bare)
+
+
+def test_the_three_island_example_validates_and_plans_both_kinds(hetero_cli):
+    from hetero.bench.efficiency import alone, candidate_plans
+    from hetero.runner import search_plan
+
+    path = os.path.join(CONFIGS, "emulated-three.yaml")
+    code, out, err = hetero_cli("validate", path)
+    assert code == 0, err
+    assert "6 chips" in out
+    job = load_job(cluster=path, model=os.path.join(CONFIGS, "llama-tiny.yaml"),
+                   train=os.path.join(CONFIGS, "train-efficiency.yaml"))
+    chips = [job.cluster.chip(i.chip) for i in job.cluster.islands]
+    assert len({c.name for c in chips}) == 3 and all(c.emulated for c in chips)
+    assert len({c.memory_gb for c in chips}) == 3 and len({c.tflops["fp32"] for c in chips}) == 3
+    for island in job.cluster.islands:      # each island alone is the anchor: it must train the model
+        assert search_plan(alone(job, island)).tokens_per_s > 0
+    plans = {p.kind: p for p in candidate_plans(job, "auto", None)}
+    assert set(plans) == {"pipeline", "replicas"}
+    assert {s.island for s in plans["replicas"].stages} == {"fast", "mid", "big"}
+    assert sum(p.samples for p in plans["replicas"].pipelines) == 64

@@ -32,6 +32,7 @@ from hetero.runner import ROOT, add_job_arguments, default_paths, search_plan, t
 
 HELP = "mixed-fleet efficiency E against each island training alone (goal E >= 0.97 on emulated-mixed)"
 GOAL = 0.97
+GOALS = {"emulated-three": 0.93}     # issue 19: three chip types in miniature
 BIG_EXAMPLE = ("a800-910b-kunlun-1024.yaml", "llama2-70b.yaml", "train-llama2.yaml")
 
 
@@ -64,7 +65,8 @@ def run(args) -> int:
     with _dilated(dilation):
         report = _measure(in_chip_time(job, dilation), paths, out, args, say)
     report["time_dilation"] = dilation
-    report["goal_met"] = report["efficiency"] >= GOAL
+    report["goal"] = GOALS.get(job.cluster.name, GOAL)
+    report["goal_met"] = report["efficiency"] >= report["goal"]
     with open(os.path.join(out, "efficiency.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     if args.json:
@@ -83,7 +85,6 @@ def _measure(job, paths, out, args, say) -> dict:
         say(f"island {island.name} alone ({island.size} x {island.chip})")
         result = _train(sub_job, sub_paths, os.path.join(out, "subfleets", island.name), args, say)
         subfleets[island.name] = _summary(result, job)
-        subfleets[island.name]["predicted_step_s"] = result.plan["predicted_step_s"]
         subfleets[island.name]["host_cost"] = asdict(island_host_cost(result.plan, result.steady_step_s))
         predicted_sub += result.plan["tokens_per_s"]
     # Plan the mixed fleet with each island's speed and host costs as just measured
@@ -110,11 +111,15 @@ def _measure(job, paths, out, args, say) -> dict:
         "mixed": mixed, "subfleets": subfleets,
         "mixed_candidates": [{"kind": c["plan"]["kind"], "tokens_per_s": c["tokens_per_s"],
                               "efficiency": c["tokens_per_s"] / combined,
-                              "predicted_tokens_per_s": c["predicted_tokens_per_s"], "run_dir": c["run_dir"]}
+                              "predicted_tokens_per_s": c["predicted_tokens_per_s"],
+                              "step_s": c["step_s"], "predicted_step_s": c["predicted_step_s"],
+                              "measured_over_predicted": c["step_s"] / c["predicted_step_s"],
+                              "run_dir": c["run_dir"]}
                              for c in candidates],
+        "host_costs": {name: sub["host_cost"] for name, sub in subfleets.items()},
         # The cost model alone, before any measurement: its mixed plan against its island plans.
         "predicted_efficiency": search_plan(job, args.kind).tokens_per_s / predicted_sub,
-        "goal": GOAL, "emulated": any(job.cluster.chip(i.chip).emulated for i in job.cluster.islands),
+        "emulated": any(job.cluster.chip(i.chip).emulated for i in job.cluster.islands),
         "cluster": job.cluster.name, "model": job.model.name, "global_batch": job.train.global_batch,
         "big_example": predicted_efficiency_of(*BIG_EXAMPLE), "out": out,
     }
@@ -217,7 +222,8 @@ def _summary(result, job) -> dict:
     plan = result.plan
     return {
         "tokens_per_s": tokens / result.steady_step_s, "step_s": result.steady_step_s,
-        "predicted_tokens_per_s": plan["tokens_per_s"], "run_dir": result.run_dir,
+        "predicted_tokens_per_s": plan["tokens_per_s"], "predicted_step_s": plan["predicted_step_s"],
+        "run_dir": result.run_dir,
         "plan": {"kind": plan["kind"],
                  "stages": [{k: s[k] for k in ("island", "chip", "tp", "dp", "layers")} for s in plan["stages"]],
                  "samples": [p["samples"] for p in plan["pipelines"]], "micro_batch": plan["micro_batch"]},
@@ -338,9 +344,13 @@ def _print(report: dict) -> None:
                           for c in report["mixed_candidates"])
         print(f"  measured both kinds of plan, kept the faster: {tried} tokens/s")
     for candidate in report["mixed_candidates"]:
-        print(f"  E({candidate['kind']}) = {candidate['efficiency']:.3f}")
+        print(f"  E({candidate['kind']}) = {candidate['efficiency']:.3f}; step {candidate['step_s']:.2f} s measured, "
+              f"{candidate['predicted_step_s']:.2f} s predicted (ratio {candidate['measured_over_predicted']:.3f})")
+    for name, cost in report["host_costs"].items():
+        print(f"  host cost per micro-batch and stage on {name} (fitted from its run alone): "
+              f"{cost['launch_s'] * 1e3:.1f} ms")
     verdict = "met" if report["goal_met"] else "MISSED"
-    print(f"  E = {report['efficiency']:.3f} (goal >= {GOAL}: {verdict}); cost model's E {report['predicted_efficiency']:.3f}")
+    print(f"  E = {report['efficiency']:.3f} (goal >= {report['goal']}: {verdict}); cost model's E {report['predicted_efficiency']:.3f}")
     big = report["big_example"]
     print(f"  cost model's E for {big['cluster']} x {big['model']} (planned only): {big['predicted_efficiency']:.3f}")
     print(f"  run directories under {report['out']}")
