@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from hetero import resume
 from hetero.errors import UserError
+from hetero.launch import events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {"cluster": "emulated-mixed.yaml", "model": "llama-tiny.yaml", "train": "train-tiny.yaml"}
@@ -64,18 +65,19 @@ def search_plan(job, kind: str = "auto", profile=None):
 
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,
-                progress: bool = True, say=None, kind: str = "auto", target=None) -> RunResult:
+                progress: bool = True, say=None, kind: str = "auto", target=None, **timeouts) -> RunResult:
     """Plan (unless given a plan file), launch every planned worker, train `steps` steps.
 
     `target`: a hetero.launch.targets.Target (`--on ray`), or None: every island on this
     machine, which refuses a cluster file naming other hosts. Every input is checked (the plan
     file against the job: hetero.plan_check) before the run directory is made; a UserError
-    raised before any worker starts leaves nothing behind."""
+    raised before any worker starts leaves nothing behind. `timeouts`: hang_timeout and
+    rejoin_timeout, for the launcher (hetero.launch.fleet.launch_fleet)."""
     from hetero.launch.targets import launcher_for
 
     launch = launcher_for(target, job.cluster)
     say = say or _say
-    _check_counts(steps, max_restarts)
+    _check_counts(steps, max_restarts, timeouts)
     run_dir = os.path.abspath(run_dir)
     check_run_dir(run_dir)
     plan = choose_plan(job, plan_file, kind, say)
@@ -90,7 +92,7 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
             say(f"run directory: {run_dir}")
             worker_paths = {part: os.path.abspath(paths[part]) for part in DEFAULTS}
             return _launch(launch, job, worker_paths, run_dir, plan.to_dict(), steps, max_restarts, progress,
-                           made=made)
+                           made=made, timeouts=timeouts)
     except UserError:
         if made.only_ours():
             made.undo()      # refused before any worker started: leave nothing behind
@@ -113,7 +115,7 @@ def _fill(made: "RunDir", job, paths: dict, plan, steps: int) -> None:
 
 
 def resume_fleet(stopped, steps: int | None = None, plan_file: str | None = None, max_restarts: int = 0,
-                 progress: bool = True, say=None, kind: str | None = None, target=None) -> RunResult:
+                 progress: bool = True, say=None, kind: str | None = None, target=None, **timeouts) -> RunResult:
     """Continue the stopped run `stopped` (hetero.resume.open_run) from its checkpoint to `steps` in all
     (None: the run's own total), with the run directory's own files and plan; `plan_file` or `kind`
     re-plans (said in one line). Its metrics and logs go on in the same directory: the records after
@@ -124,7 +126,7 @@ def resume_fleet(stopped, steps: int | None = None, plan_file: str | None = None
     launch = launcher_for(target, job.cluster)
     say = say or _say
     total = stopped.total(steps)
-    _check_counts(total, max_restarts)
+    _check_counts(total, max_restarts, timeouts)
     with resume.RunLock(run_dir):
         plan = _resume_plan(stopped, plan_file, kind)
         offset = resume.reopen(stopped)
@@ -135,9 +137,10 @@ def resume_fleet(stopped, steps: int | None = None, plan_file: str | None = None
                                                  "replanned": bool(plan_file or kind)})
         resume.write_record(run_dir, dict(record, steps=total))
         say(f"resuming {run_dir} from step {stopped.step} to step {total}")
+        events.record(run_dir, "resume", from_step=stopped.step, steps=total, replanned=bool(plan_file or kind))
         try:
             result = _launch(launch, job, stopped.paths, run_dir, plan.to_dict(), total, max_restarts, progress,
-                             first_step=stopped.step, offset=offset)
+                             first_step=stopped.step, offset=offset, timeouts=timeouts)
         finally:
             resume.last_attempts(os.path.join(run_dir, "metrics", "steps.jsonl"))
     result.resumed_from = stopped.step
@@ -188,7 +191,7 @@ def choose_plan(job, plan_file: str | None, kind: str, say):
 
 
 def _launch(launch, job, paths: dict, run_dir: str, plan_data: dict, steps: int, max_restarts: int,
-            progress: bool, made=None, first_step: int = 0, offset: int = 0) -> RunResult:
+            progress: bool, made=None, first_step: int = 0, offset: int = 0, timeouts: dict | None = None) -> RunResult:
     """Start every worker of plan.json in run_dir and follow metrics/steps.jsonl from byte `offset` (the
     records before it are the run's earlier steps) until the launcher returns."""
     plan_path = os.path.join(run_dir, "plan.json")
@@ -207,18 +210,25 @@ def _launch(launch, job, paths: dict, run_dir: str, plan_data: dict, steps: int,
     try:
         with open(log_path, "a", encoding="utf-8") as log:
             code = launch(job.cluster, plan_path, "-m hetero.engine.worker", worker_args,
-                          max_restarts=max_restarts, run_dir=run_dir, stdout=log, stderr=log)
+                          max_restarts=max_restarts, run_dir=run_dir, stdout=log, stderr=log,
+                          **{k: v for k, v in (timeouts or {}).items() if v is not None})
     finally:
         stop.set()
         follower.join()
     return RunResult(code, run_dir, plan_data, records)
 
 
-def _check_counts(steps: int, max_restarts: int) -> None:
+def _check_counts(steps: int, max_restarts: int, timeouts: dict | None = None) -> None:
+    from hetero.launch.fleet import check_timeout
+
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise UserError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
     if max_restarts < 0:
         raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
+    for name, value in (timeouts or {}).items():
+        if name not in ("hang_timeout", "rejoin_timeout"):
+            raise TypeError(f"unexpected keyword argument {name!r}")
+        check_timeout("--" + name.replace("_", "-"), value)
 
 
 def _say(message: str) -> None:

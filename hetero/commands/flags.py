@@ -37,3 +37,19 @@ def number(low: float, high: float, low_open: bool = False):
 
     parse.__name__ = "number"
     return parse
+
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def add_recovery_flags(parser) -> None:
+    """--hang-timeout and --rejoin-timeout, as `hetero run` and `hetero launch` both take them."""
+    parser.add_argument("--hang-timeout", type=number(0, MAX_TIMEOUT_S, low_open=True), metavar="S",
+                        help="declare the job hung when no rank's training loop has moved for S seconds: the stuck "
+                             "rank's Python stacks go to <run dir>/stacks/, it is killed, and the job takes the "
+                             "failure path (restart from the last checkpoint if --max-restarts allows); default: the "
+                             "larger of 60 s and 5 x the plan's predicted step time (said at start)")
+    parser.add_argument("--rejoin-timeout", type=number(0, MAX_TIMEOUT_S, low_open=True), metavar="S",
+                        help="seconds a lost node gets to come back before the job is re-planned on the survivors "
+                             "(for the elastic re-plan, still to come: checked and recorded in events.jsonl for now; "
+                             "default 60)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from hetero.commands.flags import number, whole
+from hetero.commands.flags import add_recovery_flags, number, whole
 from hetero.launch.targets import parse_target
 
 MAX_RESTARTS = 1000
@@ -43,6 +43,7 @@ def register(subparsers) -> None:
                         help="file with the job token (else HETERO_JOB_TOKEN; the head node makes one)")
     parser.add_argument("--rdzv-timeout", type=number(0, MAX_WAIT_S, low_open=True), default=300.0, metavar="S",
                         help="seconds an island waits for all its nodes (default 300)")
+    add_recovery_flags(parser)
     parser.add_argument("-m", "--module", action="store_true", help="SCRIPT is a module name (python -m)")
     parser.add_argument("script", metavar="SCRIPT", help="the worker script (or module, with -m)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for SCRIPT")
@@ -59,7 +60,8 @@ def run(args) -> int:
     launch = launch_fleet if args.on is None else launcher_for(args.on, None)
     return launch(args.cluster, args.plan, entrypoint, args.args, node=args.node,
                   max_restarts=args.max_restarts, run_dir=args.run_dir, token_file=args.token_file,
-                  rdzv_timeout=args.rdzv_timeout)
+                  rdzv_timeout=args.rdzv_timeout, hang_timeout=args.hang_timeout,
+                  rejoin_timeout=args.rejoin_timeout)
 
 
 def _on_slurm(args, entrypoint: str) -> int:
@@ -71,7 +73,8 @@ def _on_slurm(args, entrypoint: str) -> int:
         return run_under_srun(_argv(args), dict(os.environ))
     return slurm_launcher(args.slurm_by)(args.cluster, args.plan, entrypoint, args.args,
                                          max_restarts=args.max_restarts, run_dir=args.run_dir,
-                                         token_file=args.token_file, rdzv_timeout=args.rdzv_timeout)
+                                         token_file=args.token_file, rdzv_timeout=args.rdzv_timeout,
+                                         hang_timeout=args.hang_timeout, rejoin_timeout=args.rejoin_timeout)
 
 
 def _argv(args) -> list[str]:
@@ -81,4 +84,7 @@ def _argv(args) -> list[str]:
     for flag, value in (("--plan", args.plan), ("--run-dir", args.run_dir), ("--token-file", args.token_file)):
         if value:
             argv += [flag, os.path.abspath(value)]
+    for flag, value in (("--hang-timeout", args.hang_timeout), ("--rejoin-timeout", args.rejoin_timeout)):
+        if value is not None:
+            argv += [flag, repr(value)]
     return argv + (["-m", args.script] if args.module else [os.path.abspath(args.script)]) + list(args.args)

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from hetero.commands.flags import whole
+from hetero.commands.flags import add_recovery_flags, whole
 from hetero.config import load_job
 from hetero.launch.targets import parse_target
 from hetero.errors import UserError
@@ -45,6 +45,7 @@ def register(subparsers) -> None:
                         help="start the workers on a Ray cluster (ADDRESS as ray.init takes it; default RAY_ADDRESS "
                              "or a local Ray), or, from a Slurm batch script, on the allocation's nodes under srun "
                              "(cluster hosts named as Slurm names its nodes), instead of this machine")
+    add_recovery_flags(parser)
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its latest checkpoint, with its own cluster/model/"
                              "train files and plan (not with --cluster/--model/--train/--out); --kind or --plan "
@@ -65,7 +66,7 @@ def run(args) -> int:
         steps = job.train.steps if args.steps is None else args.steps
         run_dir = args.out or os.path.join("runs", f"{job.cluster.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         result = train_fleet(job, paths, run_dir, steps, plan_file=args.plan, max_restarts=args.max_restarts,
-                             progress=not args.json, kind=args.kind or "auto", target=args.on)
+                             progress=not args.json, kind=args.kind or "auto", target=args.on, **_timeouts(args))
     predicted = result.plan.get("predicted_step_s")
     step_s = result.steady_step_s
     summary = {
@@ -107,5 +108,10 @@ def _resume(args):
                         "(or start a new run without --resume)")
     stopped = open_run(args.resume)
     result = resume_fleet(stopped, args.steps, plan_file=args.plan, max_restarts=args.max_restarts,
-                          progress=not args.json, kind=args.kind, target=args.on)
+                          progress=not args.json, kind=args.kind, target=args.on, **_timeouts(args))
     return stopped.job, result, stopped.total(args.steps)
+
+
+def _timeouts(args) -> dict:
+    """--hang-timeout and --rejoin-timeout as given (absent: the launcher's defaults)."""
+    return {"hang_timeout": args.hang_timeout, "rejoin_timeout": args.rejoin_timeout}

@@ -10,6 +10,9 @@ one-process stand-in that the reference run and single-chip plans use.
 Every collective on the island's native backend runs on the worker's device
 (NCCL and HCCL refuse host tensors); only the hop between islands goes through
 host memory, because the bridge is CPU-mediated by design.
+
+Every wait here stamps its phase (hetero.engine.progress: bridge send/receive, island
+collective, bridge all-reduce), so the head's hang watchdog can say where a rank stuck.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from hetero.engine import tags
+from hetero.engine import progress, tags
 from hetero.engine.topology import Topology
 from hetero.errors import PEER_STOPPED_EXIT_CODE
 from hetero.engine.transport import BridgeTransport, NativeTransport, device_scope, to_device, to_host
@@ -108,7 +111,7 @@ class Comms:
         self.client.on_failure(_stop_on_peer_failure)
         self.client.start_heartbeats()
         self.endpoint.add_peers(self.client.address_book().values())
-        self.bridge = BridgeTransport(self.endpoint, self.device, TIMEOUT_S, accelerator)
+        self.bridge = _Stamped(self.endpoint, self.device, TIMEOUT_S, accelerator)
 
     # -- use ------------------------------------------------------------------
     def transport_to(self, rank: int):
@@ -132,14 +135,15 @@ class Comms:
         dtype = torch.float64 if _supports(self.accelerator, torch.float64) else torch.float32
         on_device = self._to_device(values, dtype)
         if self.endpoint is None:  # one island: its native world is the whole job
-            with device_scope(self.accelerator):
+            with device_scope(self.accelerator), progress.during("island collective"):
                 dist.all_reduce(on_device)
         else:
             from comm_bridge.allreduce import lane_all_reduce
 
-            lane_all_reduce(on_device, self.endpoint, self._island_ranks_at(lambda size: 0), 0,
-                            island_group=self._island_group(), tag=tags.FLEET_REDUCE, timeout=TIMEOUT_S,
-                            accelerator=self.accelerator)
+            with progress.during("bridge all-reduce"):
+                lane_all_reduce(on_device, self.endpoint, self._island_ranks_at(lambda size: 0), 0,
+                                island_group=self._island_group(), tag=tags.FLEET_REDUCE, timeout=TIMEOUT_S,
+                                accelerator=self.accelerator)
         return self._to_host(on_device).to(torch.float64)
 
     @property
@@ -190,6 +194,7 @@ class Comms:
 
     def finish(self) -> None:
         """Every rank is done: from here on a peer leaving is the end of the job, not a fault."""
+        progress.stamp(progress.DONE)
         self.barrier("done")
         global _finishing
         _finishing = True
@@ -268,6 +273,10 @@ class ReplicaSum:
         return bucket
 
     def start(self, bucket: torch.Tensor, index: int = 0):
+        with progress.during("island collective"):
+            return _StampedSum(self._start(bucket, index))
+
+    def _start(self, bucket: torch.Tensor, index: int):
         from comm_bridge.allreduce import start_cross_island, start_lane
 
         comms = self.comms
@@ -284,6 +293,42 @@ class ReplicaSum:
         return start_lane(bucket, comms.endpoint, comms._island_ranks_at(lambda size: index % size), holder,
                           island_group=group, wire_dtype=comms.grad_wire_dtype, timeout=TIMEOUT_S,
                           accelerator=comms.accelerator)
+
+
+class _Stamped(BridgeTransport):
+    """The bridge transport, stamping its waits: a send hands off (its wait is in flush), a
+    receive waits when the caller takes the tensor."""
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        with progress.during("bridge send"):
+            super().isend(tensor, dst, tag)
+
+    def irecv(self, shape, dtype, src: int, tag: int, timeout: float | None = None):
+        return _StampedRecv(super().irecv(shape, dtype, src, tag, timeout))
+
+    def flush(self) -> None:
+        with progress.during("bridge send"):
+            super().flush()
+
+
+class _StampedRecv:
+    def __init__(self, pending):
+        self.pending = pending
+
+    def wait(self) -> torch.Tensor:
+        with progress.during("bridge receive"):
+            return self.pending.wait()
+
+
+class _StampedSum:
+    """A started bucket sum whose finish (the bridge ring) is stamped."""
+
+    def __init__(self, pending):
+        self.pending = pending
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        with progress.during("bridge all-reduce"):
+            return self.pending.finish(out)
 
 
 class _IslandSum:

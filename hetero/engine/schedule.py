@@ -4,11 +4,19 @@ Stage i of p runs min(p - i - 1, m) warm-up forwards, then alternates one
 forward and one backward, then drains the remaining backwards. The last stage
 therefore never holds more than one micro-batch's activations, and stage i holds
 at most min(p - i, m), which is what the partitioner's memory model assumes.
+
+The schedule is a list (compared, indexed, measured as one), but walking it stamps
+each action's phase and micro-batch as it is taken (hetero.engine.progress): the
+head's hang watchdog sees the loop itself move, not a heartbeat thread.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+from hetero.engine import progress
+
+PHASE = {"F": "forward", "B": "backward"}
 
 
 class Action(NamedTuple):
@@ -30,7 +38,16 @@ def one_f_one_b(stage: int, num_stages: int, num_micro_batches: int) -> list[Act
         actions.append(Action("B", next_backward))
         next_backward += 1
     actions.extend(Action("B", mb) for mb in range(next_backward, num_micro_batches))
-    return actions
+    return Schedule(actions)
+
+
+class Schedule(list):
+    """A stage's actions for one step; iterating stamps each one as it begins."""
+
+    def __iter__(self):
+        for action in list.__iter__(self):
+            progress.stamp(PHASE[action.kind], action.micro_batch)
+            yield action
 
 
 def max_in_flight(actions: list[Action]) -> int:

@@ -6,7 +6,8 @@ HETERO_GLOBAL_RANK (from the island's rank table and RANK), arranges for the
 worker to get SIGTERM if its agent dies (hetero.launch.lifeline), routes torch's
 env:// rendezvous through the job coordinator's token-checked store
 (hetero.launch.store: no TCPStore on MASTER_PORT listening on every interface),
-then runs the real entrypoint in this process as `python script.py` /
+starts reporting the training loop's progress to the head and arms the stack dump
+for its hang watchdog (hetero.launch.progress_report), then runs the real entrypoint in this process as `python script.py` /
 `python -m module` would.
 """
 
@@ -34,6 +35,9 @@ def main(argv: list[str]) -> None:
     from hetero.launch.store import install_env_rendezvous
 
     install_env_rendezvous()
+    from hetero.launch import progress_report
+
+    progress_report.start()
     run_entrypoint(argv)
 
 

@@ -9,6 +9,9 @@ key-value store:
     hetero.launch/<attempt>/node/<host>    each other node: {"state": pending|running|done|failed, "reason",
                                            "fatal", "priority", "beat"}
     hetero.launch/<attempt>/ack/<host>     each other node, once it has read the verdict and stopped
+    hetero.launch/<attempt>/hang           head: {"rank", "host", "pid", "stacks"}: the node on that host
+                                           dumps that worker's stacks and kills it
+    hetero.progress/<attempt>/<rank>       each worker: its progress stamps (hetero.launch.progress_report)
 
 The head decides: an attempt fails when an island on any node fails, when the
 coordinator declares a registered worker failed for missed heartbeats (the
@@ -18,6 +21,12 @@ succeeds when every island on every node has finished. The head publishes the
 verdict, waits for every other node to stop its islands and acknowledge, and
 then restarts the whole job (if restarts are left) or ends. A node that never
 joins (within join_timeout) or stops beating (for lost_timeout) fails the attempt.
+
+The head also runs the hang watchdog (hetero.launch.watchdog) on the workers' progress
+reports: a hung job's culprit rank gets its stacks dumped and is killed (by the launcher on
+its host), the user gets one line naming it, and the attempt fails with that line as its
+reason, ahead of the failures the kill sets off. What happens (start, hang, failure) goes
+to <run dir>/events.jsonl (hetero.launch.events).
 
 A failure every restart would repeat (a worker's JobFatalError, a full disk), on
 any node, ends the job at once: the verdict is failed, fatal, with no restart, and
@@ -40,6 +49,7 @@ from dataclasses import asdict, dataclass
 from comm_bridge.client import CoordinatorClient
 from comm_bridge.coordinator import Coordinator
 from comm_bridge.errors import AddressInUseError, AuthenticationError, CoordinatorError
+from hetero.launch import events, watchdog
 from hetero.launch.agents import CRASHED, FATAL, SETTLE_S, STOPPED, LocalStatus
 from hetero.errors import UserError
 from hetero.launch.layout import LOCAL_HOST, FleetLayout
@@ -48,6 +58,8 @@ STATE_KEY = "hetero.launch/state"
 BEAT_S = 1.0   # a non-head node rewrites its status at least this often
 # The reason comm_bridge's coordinator records when a worker calls Leave (a clean exit).
 LEFT_REASON = "left the job"
+# How that reason begins when a worker stopped heartbeating.
+MISSED_HEARTBEATS = "no heartbeat"
 
 
 def node_key(attempt: int, host: str) -> str:
@@ -56,6 +68,10 @@ def node_key(attempt: int, host: str) -> str:
 
 def ack_key(attempt: int, host: str) -> str:
     return f"hetero.launch/{attempt}/ack/{host}"
+
+
+def hang_key(attempt: int) -> str:
+    return f"hetero.launch/{attempt}/hang"
 
 
 class LaunchAbort(Exception):
@@ -85,9 +101,15 @@ class HeadControl:
 
     def __init__(self, layout: FleetLayout, token: str, members: list[str], max_restarts: int,
                  heartbeat_timeout: float, ack_timeout: float, join_timeout: float, lost_timeout: float,
-                 run_dir: str | None = None):
+                 run_dir: str | None = None, hang_timeout: float | None = None, rejoin_timeout: float | None = None,
+                 say=None):
         self.layout = layout
         self.run_dir = run_dir
+        self.hang_timeout = hang_timeout      # None: no hang watchdog
+        self.rejoin_timeout = rejoin_timeout  # recorded; the elastic re-plan will use it
+        self.say = say or (lambda message: None)
+        self.watchdog: watchdog.Watchdog | None = None
+        self.hang: tuple | None = None        # (Hang, its failure line, when the verdict may go out)
         self.refusals: dict = {}           # reason -> count, over every attempt's coordinator
         self._failing_since: float | None = None
         self.join_timeout = join_timeout
@@ -127,6 +149,11 @@ class HeadControl:
         self._seen = {h: ("", time.monotonic()) for h in self.members}
         self._silent = set()     # members given up on: end() does not wait for their ack
         self._failing_since = None
+        self.hang = None
+        if self.hang_timeout:
+            self.watchdog = watchdog.Watchdog(self.client, attempt, self.layout.world_size, self.hang_timeout)
+        events.record(self.run_dir, "start", attempt=attempt, hang_timeout_s=self.hang_timeout,
+                      rejoin_timeout_s=self.rejoin_timeout)
         return attempt
 
     def step(self, local: LocalStatus, interrupted: str | None) -> Verdict | None:
@@ -134,6 +161,10 @@ class HeadControl:
         failures = []   # (priority, reason): the most telling first, then in this order
         if interrupted:
             failures.append((FATAL - 1, interrupted))
+        elif self.hang is not None and time.monotonic() < self.hang[2]:
+            return None      # the hung rank's own node is dumping its stacks
+        if self.hang is not None:
+            failures.append((CRASHED, self.hang[1]))
         if local.state == "failed":
             failures.append((local.priority, local.reason))
         for rank, why in sorted(self.coordinator.failed.items()):
@@ -163,12 +194,48 @@ class HeadControl:
             fatal = priority == FATAL and not interrupted
             restart = not interrupted and not fatal and self.attempt < self.max_restarts
             verdict = Verdict(self.attempt, "failed", reason, restart, fatal)
+            events.record(self.run_dir, "failure", attempt=self.attempt, reason=reason, restart=restart, fatal=fatal)
         elif local.state == "done" and members_done:
             verdict = Verdict(self.attempt, "done")
         else:
             return None
         self.client.kv_set(STATE_KEY, verdict.to_json())
         return verdict
+
+    def watch(self) -> None:
+        """Run the hang watchdog (the launcher calls it before it looks at its islands: a hung rank's
+        stacks must be dumped before anything stops it). On a hang, have the rank's stacks dumped and
+        the rank killed, and say so. A rank the coordinator gave up on for missed heartbeats whose
+        progress reports stopped too is a stopped process: the same."""
+        if self.hang is not None or self.watchdog is None or self.coordinator is None:
+            return
+        hang = self.watchdog.check(gone=set(self.coordinator.failed) | set(self.coordinator.finished))
+        for rank, why in sorted(self.coordinator.failed.items()):
+            if hang is None and why.startswith(MISSED_HEARTBEATS):
+                hang = self.watchdog.stopped(rank)
+        if hang is not None:
+            self._on_hang(hang)
+
+    def _on_hang(self, hang: watchdog.Hang) -> None:
+        here = self.layout.local or hang.host in (self.layout.head, "")
+        ready = time.monotonic()
+        if here:
+            watchdog.dump_and_kill(hang.pid, hang.stacks)
+        else:
+            self.client.kv_set(hang_key(self.attempt), json.dumps({"rank": hang.rank, "host": hang.host,
+                                                                   "pid": hang.pid, "stacks": hang.stacks}))
+            ready += watchdog.DUMP_WAIT_S + 2 * BEAT_S
+        line = hang.line()
+        self.hang = (hang, line, ready)
+        self.say(line)
+        details = hang.to_dict()
+        if self.run_dir and hang.stacks and hang.stacks.startswith(self.run_dir + os.sep):
+            details["stacks"] = os.path.relpath(hang.stacks, self.run_dir)
+        events.record(self.run_dir, "hang", attempt=self.attempt, timeout_s=self.hang_timeout, **details)
+
+    def record(self, event: str, **details) -> None:
+        """An event of the job (events.jsonl): the head keeps them."""
+        events.record(self.run_dir, event, **details)
 
     def _member(self, host_name: str) -> dict:
         """A member's last report; a silent member counts as failed."""
@@ -246,6 +313,8 @@ class MemberControl:
         self._reported_at = 0.0
         self._beat = 0
         self._last_ok = time.monotonic()
+        self._hang_read_at = 0.0
+        self._hang_done = False
 
     def begin(self, attempt: int) -> int:
         """Wait until the head runs attempt >= `attempt`; return the attempt to run."""
@@ -256,6 +325,7 @@ class MemberControl:
                 if state.state == "running":
                     self.attempt, self._reported, self._reported_at = state.attempt, "", 0.0
                     self._last_ok = time.monotonic()
+                    self._hang_done = False
                     return state.attempt
                 if not state.restart:
                     raise LaunchAbort(f"the job ended before this node joined: {state.reason or state.state}")
@@ -281,6 +351,26 @@ class MemberControl:
         if state.attempt > self.attempt:   # the head gave up on this node and moved on
             return Verdict(self.attempt, "failed", f"the head moved on to attempt {state.attempt}", restart=True)
         return None
+
+    def watch(self) -> None:
+        self._dump_if_asked()
+
+    def _dump_if_asked(self) -> None:
+        """The head named a hung worker on this host: dump its stacks and kill it (once per attempt)."""
+        now = time.monotonic()
+        if self._hang_done or now - self._hang_read_at < watchdog.READ_S:
+            return
+        self._hang_read_at = now
+        try:
+            asked = json.loads(self.client.kv_get(hang_key(self.attempt)))
+        except (CoordinatorError, ValueError):
+            return    # none named (or the store is busy: the next read)
+        self._hang_done = True
+        if asked.get("host") == self.host:
+            watchdog.dump_and_kill(int(asked.get("pid", 0)), asked.get("stacks"))
+
+    def record(self, event: str, **details) -> None:
+        """Only the head keeps events."""
 
     def end(self) -> None:
         try:

@@ -11,7 +11,7 @@ import threading
 import time
 
 from hetero.errors import JobFatalError, UserError
-from hetero.launch import inputs
+from hetero.launch import inputs, watchdog
 from hetero.launch.agents import LocalIslands, LocalStatus, remove_rings
 from hetero.launch.control import HeadControl, LaunchAbort, MemberControl
 from hetero.launch.environment import island_env
@@ -25,7 +25,8 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
                  max_restarts: int = 0, run_dir: str | None = None, env: dict | None = None, *,
                  token_file: str | None = None, rdzv_timeout: float = 300.0, join_timeout: float = 300.0,
                  shutdown_timeout: float = 15.0, heartbeat_timeout: float = 5.0,
-                 stdout=None, stderr=None, checkpoint_dir: str | None = None) -> int:
+                 stdout=None, stderr=None, checkpoint_dir: str | None = None,
+                 hang_timeout: float | None = None, rejoin_timeout: float | None = None) -> int:
     """Run `entrypoint` on this node's share of the fleet (all of it when `node` is None).
 
     cluster:      path of a cluster YAML, or a loaded hetero.config.ClusterConfig.
@@ -49,6 +50,12 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
     rdzv_timeout: seconds an island's agents wait for all its nodes; join_timeout: seconds a
                   non-head node waits for the head's coordinator; shutdown_timeout: seconds workers
                   get between SIGTERM and SIGKILL; heartbeat_timeout: the coordinator's.
+    hang_timeout: seconds without progress in any rank's training loop before the head declares
+                  the job hung (hetero.launch.watchdog), dumps the stuck rank's stacks into
+                  <run_dir>/stacks/, kills it and fails the attempt; None: the larger of 60 s and
+                  5 x the plan's predicted step time (said at start). rejoin_timeout: seconds a lost
+                  node gets to come back before the elastic re-plan (validated and recorded in
+                  <run_dir>/events.jsonl; the re-plan itself is to come).
 
     Every node must be given the same cluster, plan, entrypoint and token; the head's
     max_restarts is the one that counts. SIGINT/SIGTERM (handled when called from the main
@@ -69,6 +76,8 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
     entry = inputs.entry_command(entrypoint, args)
     if max_restarts < 0:
         raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
+    for flag, value in (("--hang-timeout", hang_timeout), ("--rejoin-timeout", rejoin_timeout)):
+        check_timeout(flag, value)
     is_head = node is None or node == layout.head
     token, generated = inputs.job_token(token_file, base_env, needed=not is_head)
     run_dir = os.path.abspath(run_dir) if run_dir else tempfile.mkdtemp(prefix="hetero-run-")
@@ -87,9 +96,13 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
     if is_head:
         # Only the head: a member's workers may meet the head's on this host once its coordinator runs.
         remove_rings(token)
+        predicted = plan.predicted_step_s if plan is not None else None
+        hang = hang_timeout or watchdog.default_timeout(predicted)
+        job.say(watchdog.describe_timeout(hang, hang_timeout is not None, predicted), console=True)
         control = HeadControl(layout, token, members, max_restarts, heartbeat_timeout,
                               ack_timeout=shutdown_timeout + 30.0, join_timeout=join_timeout,
-                              lost_timeout=lost_timeout, run_dir=run_dir)
+                              lost_timeout=lost_timeout, run_dir=run_dir, hang_timeout=hang,
+                              rejoin_timeout=rejoin_timeout, say=lambda line: job.say(line, console=True))
     else:
         control = MemberControl(layout, token, node, join_timeout, lost_timeout)
     try:
@@ -148,6 +161,7 @@ class _FleetJob:
                 attempt += 1
                 self.say(f"restarting the whole job {self.resume_point()} (restart {attempt} of {max_restarts}): "
                          f"{verdict.reason}", console=True)
+                control.record("restart", attempt=attempt, from_step=self.resume_step())
         except LaunchAbort as exc:
             self.say(f"job failed: {exc}", console=True)
             return 128 + interrupts.signum if interrupts.signum else 1
@@ -156,16 +170,21 @@ class _FleetJob:
 
     def resume_point(self) -> str:
         """Where a restart resumes: the step the checkpoint directory's `latest` names."""
+        step = self.resume_step()
+        return f"from step {step}" if step else "from the start"
+
+    def resume_step(self) -> int:
+        """The step the checkpoint directory's `latest` names (0: none)."""
         from hetero.engine.checkpoint import pointed_step
 
-        step = pointed_step(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else None
-        return f"from step {step}" if step else "from the start"
+        return (pointed_step(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else None) or 0
 
     def run_attempt(self, control, attempt: int, interrupts: "_Interrupts"):
         islands = self.start_islands(attempt)
         final = None   # this node's status once its islands are stopped
         try:
             while True:
+                control.watch()   # a hung rank's stacks are dumped before anything stops it
                 interrupted = interrupts.reason()
                 if interrupted and (final is None or final.reason != interrupted):
                     islands.stop()   # at once: the user asked to stop
@@ -174,6 +193,7 @@ class _FleetJob:
                 if status.state == "failed" and final is None:
                     # Name the failure that came first, not a peer that stopped itself after it:
                     # let the failing islands finish saying why, stop the rest, then look again.
+                    control.watch()   # a stopped rank the coordinator gave up on: its stacks first
                     islands.settle()
                     islands.stop()
                     final = status = islands.first_failure()
@@ -187,6 +207,7 @@ class _FleetJob:
                 self.say(f"stopping this node's islands: {verdict.reason}")
         finally:
             islands.stop()
+            watchdog.remove_empty_stacks(self.run_dir, attempt)
         control.end()
         return verdict
 
@@ -210,6 +231,14 @@ class _FleetJob:
                              plan_path=self.plan_path, cluster_path=self.cluster_path, base=self.base_env)
             work.append((island, node, spec, env))
         return work
+
+
+def check_timeout(flag: str, value: float | None) -> None:
+    """A UserError unless `value` is None or a finite number of seconds > 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise UserError(f"{flag} must be a number of seconds > 0, got {value!r}")
 
 
 class _Interrupts:

@@ -37,10 +37,10 @@ import tempfile
 import time
 
 from hetero.errors import UserError
-from hetero.launch import inputs
+from hetero.launch import inputs, watchdog
 from hetero.launch.agents import CRASHED, AgentProcess, LocalIslands, LocalStatus, remove_rings
 from hetero.launch.control import HeadControl, LaunchAbort
-from hetero.launch.fleet import _FleetJob, _Interrupts
+from hetero.launch.fleet import _FleetJob, _Interrupts, check_timeout
 from hetero.launch.layout import build_layout
 from hetero.launch.logs import fatal_path
 from hetero.launch.ray_placement import (IslandPlacement, crowded, is_auto, missing_hosts, placed_cluster,
@@ -73,15 +73,20 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
                   max_restarts: int = 0, run_dir: str | None = None, env: dict | None = None, *,
                   address: str | None = None, token_file: str | None = None, rdzv_timeout: float = 300.0,
                   shutdown_timeout: float = 15.0, heartbeat_timeout: float = 5.0, stdout=None, stderr=None,
-                  checkpoint_dir: str | None = None, placement_timeout: float = PLACEMENT_TIMEOUT_S) -> int:
+                  checkpoint_dir: str | None = None, placement_timeout: float = PLACEMENT_TIMEOUT_S,
+                  hang_timeout: float | None = None, rejoin_timeout: float | None = None) -> int:
     """launch_fleet (see hetero.launch.fleet) with every island on the Ray cluster at `address`.
     Returns as launch_fleet does; raises UserError for bad input, a host that is no Ray node, or
-    bundles the Ray cluster cannot hold."""
+    bundles the Ray cluster cannot hold. The hang watchdog runs as with launch_fleet; a hung rank
+    on another machine than the driver is not signalled for its stacks (no launcher runs there):
+    its attempt fails and Ray's actors are stopped."""
     ray = require_ray()
     if node is not None:
         raise UserError("--node and --on ray exclude each other: with Ray, one command launches every host")
     if max_restarts < 0:
         raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
+    for flag, value in (("--hang-timeout", hang_timeout), ("--rejoin-timeout", rejoin_timeout)):
+        check_timeout(flag, value)
     base_env = dict(os.environ if env is None else env)
     config, cluster_path = inputs.load_cluster(cluster)
     plan = inputs.load_plan(plan_path, config) if plan_path else None
@@ -114,9 +119,14 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
                     f"in {reserved - connected:.1f} s{where}, coordinator at {layout.coordinator_address}",
                     console=True)
             remove_rings(token)
+            predicted = plan.predicted_step_s if plan is not None else None
+            hang = hang_timeout or watchdog.default_timeout(predicted)
+            job.say(watchdog.describe_timeout(hang, hang_timeout is not None, predicted), console=True)
             control = HeadControl(layout, token, [], max_restarts, heartbeat_timeout,
                                   ack_timeout=shutdown_timeout + 30.0, join_timeout=rdzv_timeout,
-                                  lost_timeout=max(10.0, 2 * heartbeat_timeout), run_dir=run_dir)
+                                  lost_timeout=max(10.0, 2 * heartbeat_timeout), run_dir=run_dir,
+                                  hang_timeout=hang, rejoin_timeout=rejoin_timeout,
+                                  say=lambda line: job.say(line, console=True))
             with _Interrupts() as interrupts:
                 return job.run(control, interrupts, max_restarts)
         finally:

@@ -162,7 +162,7 @@ def slurm_run_launcher(by: str = "name"):
     """launch_fleet's signature for `hetero run --on slurm`, called in the batch script (or an salloc
     shell): every node's `hetero launch --on slurm` under srun, writing into the (shared) run directory."""
     def launch(cluster, plan_path, entrypoint, args=(), node=None, max_restarts=0, run_dir=None, stdout=None,
-               stderr=None, **_):
+               stderr=None, hang_timeout=None, rejoin_timeout=None, **_):
         from hetero.launch.inputs import load_cluster
 
         env = dict(os.environ)
@@ -174,7 +174,9 @@ def slurm_run_launcher(by: str = "name"):
         path = path or os.path.join(run_dir, "cluster.yaml")   # hetero run keeps a copy in its run directory
         map_hosts(config, nodes, by)   # every host in the allocation, before anything starts
         argv = ["launch", "--on", "slurm", "--slurm-by", by, "--cluster", path, "--max-restarts", str(max_restarts),
-                "--run-dir", run_dir, *(["--plan", plan_path] if plan_path else []), *entrypoint.split(), *args]
+                "--run-dir", run_dir, *(["--plan", plan_path] if plan_path else []),
+                *(["--hang-timeout", repr(hang_timeout)] if hang_timeout else []),
+                *(["--rejoin-timeout", repr(rejoin_timeout)] if rejoin_timeout else []), *entrypoint.split(), *args]
         return run_under_srun(argv, env, stdout, stderr)
 
     return launch

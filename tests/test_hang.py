@@ -1,0 +1,112 @@
+"""Hang detection on the emulated fleet: one rank's process is SIGSTOPped mid-run; the head's
+watchdog (fed by the training loop's progress stamps) names it, its Python stacks are dumped
+into the run directory before it is killed, events.jsonl says so, and the job restarts from
+its last checkpoint and finishes every step."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from hetero.launch import events
+from hetero.launch.fleet import launch_fleet
+from test_engine_fleet import CONFIG, fleet_job, last_attempt, make_plan
+
+pytestmark = pytest.mark.slow     # two fleet start-ups: about two minutes on a loaded 2-core host
+
+STEPS = 6
+HANG_TIMEOUT = 4.0
+
+
+def _narrow_worker(marker: str) -> int | None:
+    """The pid of the worker of island `narrow` (one rank) of the run whose paths hold `marker`."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().decode(errors="replace")
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                environ = handle.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "hetero.engine.worker" in cmdline and marker in cmdline and "island_agent" not in cmdline \
+                and "HETERO_ISLAND=narrow" in environ:
+            return int(entry)
+    return None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_sigstopped_worker_is_caught_dumped_and_the_job_recovers(tmp_path):
+    cluster, job = fleet_job(tmp_path)
+    plan = make_plan(job, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (2, 3), 0)])
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(plan.to_json())
+    run_dir = tmp_path / "run"
+    args = ["--plan", str(plan_path), "--cluster", cluster, "--model", CONFIG, "--train", CONFIG,
+            "--steps", str(STEPS), "--checkpoint-dir", str(run_dir / "checkpoints")]
+    outcome, stopped = {}, {}
+    log_path = tmp_path / "launch.log"
+    with open(log_path, "w") as log:
+        def launch():
+            outcome["code"] = launch_fleet(cluster, str(plan_path), "-m hetero.engine.worker", args,
+                                           run_dir=str(run_dir), max_restarts=1, stdout=log, stderr=log,
+                                           hang_timeout=HANG_TIMEOUT, rejoin_timeout=30.0)
+        thread = threading.Thread(target=launch)
+        thread.start()
+        try:
+            steps_file = run_dir / "metrics" / "steps.jsonl"
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and thread.is_alive() and not stopped:
+                if steps_file.exists() and len(steps_file.read_text().splitlines()) >= 3:
+                    pid = _narrow_worker(str(tmp_path))
+                    if pid:
+                        stopped["pid"], stopped["at"] = pid, time.time()
+                        os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.05)
+            thread.join(timeout=240)
+        finally:
+            if stopped and not _gone(stopped["pid"]):
+                os.kill(stopped["pid"], signal.SIGKILL)
+    text = log_path.read_text()
+    assert stopped, "no worker was stopped"
+    assert outcome.get("code") == 0, text[-3000:]
+    assert f"hang timeout {HANG_TIMEOUT:g} s (--hang-timeout)" in text
+    assert _gone(stopped["pid"])                                   # the launcher killed the stopped worker
+
+    found = events.read(str(run_dir))
+    hangs = [e for e in found if e["event"] == "hang"]
+    assert len(hangs) == 1, found
+    hang = hangs[0]
+    assert hang["rank"] == 2 and hang["island"] == "narrow" and hang["host"] == "127.0.0.1"
+    assert hang["pid"] == stopped["pid"] and hang["attempt"] == 0 and hang["silent"]
+    assert hang["time"] > stopped["at"]
+    assert f"rank 2 (island narrow, host 127.0.0.1) hung in {hang['phase']}" in text
+    stacks = run_dir / hang["stacks"]
+    assert hang["stacks"] == os.path.join("stacks", "attempt_0", "rank00002.txt")
+    dump = stacks.read_text()
+    assert "trainer.py" in dump and "in run" in dump, dump               # the training loop's own stack
+    assert sorted(os.listdir(run_dir / "stacks" / "attempt_0")) == ["rank00002.txt"]   # empty ones removed
+
+    kinds = [e["event"] for e in found]
+    assert kinds[:1] == ["start"] and found[0]["hang_timeout_s"] == HANG_TIMEOUT
+    assert found[0]["rejoin_timeout_s"] == 30.0
+    failure = next(e for e in found if e["event"] == "failure")
+    assert failure["restart"] and "hung in" in failure["reason"]
+    restart = next(e for e in found if e["event"] == "restart")
+    assert restart["attempt"] == 1 and restart["from_step"] >= 2
+    assert f"restarting the whole job from step {restart['from_step']}" in text
+
+    with open(run_dir / "metrics" / "steps.jsonl") as handle:
+        records = [json.loads(line) for line in handle]
+    assert [r["step"] for r in last_attempt(records)] == list(range(1, STEPS + 1))
