@@ -141,7 +141,8 @@ def test_the_checkpoint_bench_reports_its_contract_fields(model, tmp_path):
     assert [r["model"] for r in runs] == [model.name] and runs[0]["load_s"] > 0
     ranks = runs[0]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
-    assert all(set(r) == {"rank", "shard_bytes", "peak_extra_host_bytes", "blocked_s", "write_s"} for r in ranks)
+    assert all(set(r) == {"rank", "shard_bytes", "peak_extra_host_bytes", "blocked_s", "write_s",
+                          "first_blocked_s", "first_write_s"} for r in ranks)     # the contract, the first save
     params = sum(layout.full_shape(model, n)[0] * (layout.full_shape(model, n) + (1,))[1]
                  for n in layout.model_names(model))
     assert params * 12 <= sum(r["shard_bytes"] for r in ranks) < params * 12 * 1.05   # fp32 weights + 2 moments

@@ -1,11 +1,13 @@
 """Checkpoint costs per rank (issue 15): shard bytes, peak extra host memory during a save, time
-training is blocked (the device->host copy of the rank's own shard) against the background write,
-and the load time under another plan.
+training is blocked (the device->host copy of the rank's own shard into its staging buffers) against
+the background write, and the load time under another plan.
 
 `measure()` runs in one process on synthetic state (random weights and moments, the real
-AdamW layouts and the real writer, seal and reader), rank after rank: TP x DP with ZeRO-1 saves,
-then every rank of a TP 1 plan without ZeRO-1 loads its part. Peak extra host memory is the
-process's resident set sampled every millisecond during the rank's save, less its size before
+AdamW layouts and the real staging, writer, seal and reader), rank after rank: TP x DP with ZeRO-1
+saves (twice: a run's first save faults in its staging buffers, every later one reuses them; the
+contract's blocked_s / write_s are the later kind, the first's are reported beside them), then every
+rank of a TP 1 plan without ZeRO-1 loads its part. Peak extra host memory is the
+process's resident set sampled every millisecond during the rank's two saves, less its size before
 (freed heap handed back to the system first, with glibc's malloc_trim; the page cache of the
 written file is not counted). `hetero bench checkpoint [--json]` runs it on llama-tiny and
 llama-100m and prints each rank's numbers against the issue's goals (peak extra host memory
@@ -81,6 +83,7 @@ def judge(report: dict) -> dict:
         for rank in entry["ranks"]:
             rank["peak_over_shard"] = rank["peak_extra_host_bytes"] / max(rank["shard_bytes"], 1)
             rank["blocked_over_write"] = rank["blocked_s"] / max(rank["write_s"], 1e-9)
+            rank["first_blocked_over_write"] = rank["first_blocked_s"] / max(rank["first_write_s"], 1e-9)
     ranks = [r for entry in report["runs"] for r in entry["ranks"]]
     report["goals"] = {"peak_over_shard": PEAK_GOAL, "blocked_over_write": BLOCKED_GOAL}
     report["peak_ok"] = all(r["peak_over_shard"] <= PEAK_GOAL for r in ranks)
@@ -89,21 +92,24 @@ def judge(report: dict) -> dict:
 
 
 def print_report(report: dict) -> None:
-    print("model        rank  shard MB  peak extra MB  (x shard)  blocked s  write s  (blocked/write)")
+    print("model        rank  shard MB  peak extra MB  (x shard)  blocked s  write s  (blocked/write)"
+          "  first save: blocked s (/write)")
     for entry in report["runs"]:
         for r in entry["ranks"]:
             print(f"{entry['model']:<12} {r['rank']:>4} {r['shard_bytes'] / 1e6:9.2f} "
                   f"{r['peak_extra_host_bytes'] / 1e6:14.2f} {r['peak_over_shard']:10.2f} "
-                  f"{r['blocked_s']:10.3f} {r['write_s']:8.3f} {r['blocked_over_write']:16.2f}")
+                  f"{r['blocked_s']:10.3f} {r['write_s']:8.3f} {r['blocked_over_write']:16.2f}"
+                  f"  {r['first_blocked_s']:21.3f} ({r['first_blocked_over_write']:.2f})")
         print(f"{entry['model']:<12} load under TP 1: {entry['load_s']:.2f} s")
     print(f"goals: peak extra host memory <= {PEAK_GOAL} x shard: {'met' if report['peak_ok'] else 'missed'}; "
           f"blocked <= {BLOCKED_GOAL:.0%} of the write: {'met' if report['blocked_ok'] else 'missed'} "
-          f"(on a CPU device the blocking copy is a host memcpy, as costly as the write to the page cache)")
+          f"(every save but a run's first, which also faults in its staging buffers; on a CPU device the blocking "
+          f"copy is a host memcpy)")
 
 
 def measure(models=(DEFAULT_MODEL,), tp: int = 2, dp: int = 2, directory: str | None = None) -> dict:
     """{"runs": [{"model", "ranks": [{"rank", "shard_bytes", "peak_extra_host_bytes", "blocked_s",
-    "write_s"}], "load_s"}]}: each model saved by TP `tp` x DP `dp` ranks with ZeRO-1, loaded by TP 1
+    "write_s", "first_blocked_s", "first_write_s"}], "load_s"}]}: each model saved by TP `tp` x DP `dp` ranks with ZeRO-1, loaded by TP 1
     ranks without it (load_s: the slowest rank's)."""
     runs = []
     for model_path in models:
@@ -137,17 +143,30 @@ def _run(model, tp: int, dp: int, root: str) -> dict:
 
 
 def _save_rank(made: AdamW, root: str, rank: int) -> dict:
-    """One rank's save: the blocking host copy, then the background write, RSS sampled throughout."""
+    """One rank's saves as a run makes them: the first copies into new staging buffers (their pages
+    faulted in), every later one into the same buffers. Two saves, RSS sampled from before the first
+    (so the staging buffers count in the peak); the contract's blocked_s and write_s are the second's
+    (every save of a run but its first), the first's beside them as first_blocked_s, first_write_s."""
     sampler = _PeakRss().start()
-    started = time.perf_counter()
-    chunks = made.own_chunks(lambda t: t.detach().clone(), list(made.params))
-    blocked_s = time.perf_counter() - started
-    write = ckpt.AsyncWrite(ckpt.partial_dir(root, STEP), rank, STEP, chunks)
-    del chunks
-    write.start().wait()
+    staging = ckpt.Staging()
+    first = _save_once(made, root, rank, staging)
+    again = _save_once(made, root, rank, staging)
     peak = sampler.stop()
-    return {"shard_bytes": write.bytes, "peak_extra_host_bytes": peak, "blocked_s": blocked_s,
-            "write_s": write.write_s}
+    return {"shard_bytes": again["bytes"], "peak_extra_host_bytes": peak, "blocked_s": again["blocked_s"],
+            "write_s": again["write_s"], "first_blocked_s": first["blocked_s"], "first_write_s": first["write_s"]}
+
+
+def _save_once(made: AdamW, root: str, rank: int, staging) -> dict:
+    """The blocking copy into `staging` (timed as blocked), then the background write, waited for."""
+    started = time.perf_counter()
+    chunks = made.own_chunks(staging.begin().copy, list(made.params))
+    staging.finish()
+    blocked_s = time.perf_counter() - started
+    write = ckpt.AsyncWrite(ckpt.partial_dir(root, STEP), rank, STEP, chunks, staging=staging)
+    del chunks
+    if write.start().wait() is not None:
+        raise UserError(f"{root}: no space left to write the bench's checkpoint")
+    return {"bytes": write.bytes, "blocked_s": blocked_s, "write_s": write.write_s}
 
 
 def random_state(model, seed: int = 0) -> dict:

@@ -9,5 +9,6 @@ Layout of `<dir>/step-NNNNNNNN/`:
 
 One job per module: format (chunks and their geometry), writer (a rank's file, streamed by a
 background thread, hashed as written), seal (reports merged into state.json, rename, `latest`),
-reader (finding, verifying, reading the boxes a rank needs).
+reader (finding, verifying, reading the boxes a rank needs), staging (the host buffers a save copies
+into, reused save after save).
 """

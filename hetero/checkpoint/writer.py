@@ -3,7 +3,8 @@ streamed from the host copies of the rank's own shard, its sha256 computed as it
 checkpoint is never read back), then a small report (files, sizes, hashes, chunks) beside it
 for the seal (hetero.checkpoint.seal).
 
-Training blocks only for the device->host copy that makes the chunks (the caller's); the trainer
+Training blocks only for the device->host copy that makes the chunks (the caller's, best into a
+hetero.checkpoint.staging.Staging reused save after save, which the writer holds until done); the trainer
 seals once every rank's writer is done (`running()`), and `wait()` joins the thread before the
 next save or the end of training. A full disk or quota comes back
 from `wait()` as its errno (the trainer agrees on it fleet-wide); any other error is raised there.
@@ -86,14 +87,17 @@ def report(directory: str, rank: int, step: int, chunks: list[fmt.Chunk], file: 
 class AsyncWrite:
     """One rank's write of one checkpoint, on a thread: `start()`, then `wait()` for its outcome."""
 
-    def __init__(self, directory: str, rank: int, step: int, chunks: list[fmt.Chunk]):
+    def __init__(self, directory: str, rank: int, step: int, chunks: list[fmt.Chunk], staging=None):
         self.directory, self.rank, self.step, self.chunks = directory, rank, step, chunks
+        self.staging = staging        # hetero.checkpoint.staging.Staging the chunks live in, lent while writing
         self.error: BaseException | None = None
         self.write_s = 0.0
         self.bytes = 0
         self._thread = threading.Thread(target=self._run, name=f"checkpoint-{step}", daemon=True)
 
     def start(self) -> "AsyncWrite":
+        if self.staging is not None:
+            self.staging.lend()
         self._thread.start()
         return self
 
@@ -111,6 +115,8 @@ class AsyncWrite:
         finally:
             self.chunks = []          # the host copies go as soon as they are written
             self.write_s = time.perf_counter() - started
+            if self.staging is not None:
+                self.staging.release()
 
     def running(self) -> bool:
         return self._thread.is_alive()
