@@ -60,7 +60,7 @@ def read_model_source(section: Section) -> tuple[ModelConfig, Pretrained | None]
     if "hf" not in section.data:
         return _read_fields(section), None
     base = os.path.dirname(os.path.abspath(section.doc.source))
-    directory = os.path.join(base, section.get("hf", text(4096)))
+    directory = os.path.normpath(os.path.join(base, section.get("hf", text(4096))))
     recorded = section.get("fingerprint", text(200), None)
     if "layers" in section.data:
         return _read_fields(section), Pretrained(directory, recorded or hf_fingerprint(directory))
