@@ -12,7 +12,9 @@ Definitions (the page repeats them):
   step time (hetero.bench.runtime's definition), median over steady steps;
 - E = mixed fleet tokens/s / sum of the sub-fleets' tokens/s;
 - refused: connections and calls the coordinator (wrong or missing job token)
-  and the bridge endpoints (bad frames, failed hellos) turned away, by reason.
+  and the bridge endpoints (bad frames, failed hellos) turned away, by reason;
+- events (events.jsonl): each placed on the step axis after the last step whose
+  record (of the attempt that counted) was written before it.
 """
 
 from __future__ import annotations
@@ -58,8 +60,51 @@ def analyse(run) -> dict:
         "step_times": [[s["step"], s["step_s"]] for s in run.steps],
         "efficiency": efficiency(run.efficiency, run.efficiency_path) if run.efficiency else None,
         "refusals": refusals(run.refusals),
+        "events": placed_events(run),
         "notes": notes,
     }
+
+
+MARKED_EVENTS = ("hang", "failure", "restart", "resume", "replan", "rejoin")   # drawn on the charts
+
+
+def placed_events(run) -> list[dict]:
+    """Every event, with `at_step` (where it falls on the step axis: after the last step recorded
+    before it, + 0.5) and `text` (one line that says it)."""
+    dilation = float(run.steps[0].get("time_dilation") or 1.0)   # step times are the chips' (wall / dilation)
+    stamped = [s for s in run.steps if "time" in s]
+    placed = []
+    for event in run.events:
+        before = [s["step"] for s in stamped if s["time"] <= event["time"] / dilation]
+        placed.append(dict(event, at_step=(max(before) if before else 0) + 0.5, text=event_text(event)))
+    return placed
+
+
+def event_text(event: dict) -> str:
+    """One line for an event."""
+    kind = event["event"]
+    if kind == "hang":
+        return (f"rank {event.get('rank')} (island {event.get('island')}, host {event.get('host')}) hung in "
+                f"{event.get('phase')} for {float(event.get('stalled_s') or 0):.0f} s; stacks {event.get('stacks')}")
+    if kind == "failure":
+        return f"attempt {event.get('attempt')} failed{' (restarting)' if event.get('restart') else ''}: {event.get('reason')}"
+    if kind == "restart":
+        return f"restart {event.get('attempt')} from step {event.get('from_step')}"
+    if kind == "resume":
+        return f"resumed from step {event.get('from_step')} to step {event.get('steps')}"
+    if kind == "start":
+        return f"attempt {event.get('attempt')} started (hang timeout {event.get('hang_timeout_s')} s)"
+    details = {k: v for k, v in event.items() if k not in ("time", "event")}
+    return ", ".join(f"{k} {v}" for k, v in details.items())
+
+
+def event_counts(events: list[dict]) -> str:
+    """'hang 1, failure 1, restart 1' (the marked kinds only), or 'none'."""
+    counts: dict = {}
+    for event in events:
+        if event["event"] in MARKED_EVENTS:
+            counts[event["event"]] = counts.get(event["event"], 0) + 1
+    return ", ".join(f"{kind} {n}" for kind, n in counts.items()) or "none"
 
 
 def steady_steps(steps: list[dict]) -> list[dict]:

@@ -20,6 +20,8 @@ LABELS = {timeline.FORWARD: "forward compute", timeline.BACKWARD: "backward comp
           timeline.TAIL: "idle: step tail (reduce, optimizer)"}
 PREDICTED = "#DD8452"
 DPI = 100
+EVENT_COLORS = {"hang": "#8B0000", "failure": "#C44E52", "restart": "#8172B3", "resume": "#2CA02C",
+                "replan": "#CCB974", "rejoin": "#64B5CD"}
 
 
 def rank_label(row: dict) -> str:
@@ -83,6 +85,7 @@ def step_times(report: dict) -> bytes:
     ax.set_ylabel("seconds")
     ax.set_xticks(steps)
     ax.set_ylim(0, max(values + [report["predicted_step_s"]]) * 1.35)
+    mark_events(ax, report.get("events", []))
     ax.legend(fontsize=7, loc="upper left", ncol=3)
     ax.set_title("step time: measured vs predicted", fontsize=10)
     return _png(fig)
@@ -146,7 +149,24 @@ def loss(report: dict) -> bytes:
     ax.set_ylabel("loss")
     ax.set_title("training loss", fontsize=10)
     ax.grid(alpha=0.3)
+    if mark_events(ax, report.get("events", [])):
+        ax.legend(fontsize=7, loc="upper right")
     return _png(fig)
+
+
+def mark_events(ax, events: list[dict]) -> int:
+    """A dashed vertical line per event worth marking (hang, failure, restart, resume, ...), at its
+    place on the step axis, labelled by kind once; returns how many it drew."""
+    labelled, drawn = set(), 0
+    for event in events:
+        color = EVENT_COLORS.get(event["event"])
+        if color is None:
+            continue
+        ax.axvline(event["at_step"], color=color, linestyle="--", linewidth=1.2,
+                   label=event["event"] if event["event"] not in labelled else None)
+        labelled.add(event["event"])
+        drawn += 1
+    return drawn
 
 
 def efficiency(eff: dict) -> bytes:

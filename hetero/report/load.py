@@ -1,7 +1,9 @@
 """Read a recorded run directory into plain data, or say which file is wrong.
 
 A run directory (what `hetero run` writes) holds plan.json, cluster.yaml,
-model.yaml and metrics/steps.jsonl plus metrics/rank*.jsonl. A `hetero bench
+model.yaml and metrics/steps.jsonl plus metrics/rank*.jsonl, and events.jsonl when
+anything happened to the job (hetero.launch.events: hangs, failures, restarts,
+resumes; a malformed line is skipped, events are a record). A `hetero bench
 efficiency` output directory holds efficiency.json and the mixed run under
 mixed/; either that directory or its mixed/ may be given.
 """
@@ -85,6 +87,7 @@ class Run:
     efficiency_path: str | None = None
     notes: list = field(default_factory=list)
     refusals: dict = field(default_factory=dict)   # read_refusals: who knocked and was turned away
+    events: list = field(default_factory=list)     # events.jsonl: what happened to the job, in order
 
 
 def load_run(path: str) -> Run:
@@ -103,8 +106,10 @@ def load_run(path: str) -> Run:
                                              lambda r: (r["step"], r["mb"], r["phase"]))
     cluster, model = _configs(run_dir)
     efficiency = read_json(efficiency_path, ("mixed", "subfleets")) if efficiency_path else None
+    from hetero.launch import events
+
     run = Run(run_dir, plan, steps, ranks, cluster, model, efficiency, efficiency_path,
-              refusals=read_refusals(os.path.join(run_dir, "metrics")))
+              refusals=read_refusals(os.path.join(run_dir, "metrics")), events=events.read(run_dir))
     dilation = steps[0].get("time_dilation")
     if dilation:
         run.notes.append(f"the emulated chips ran time-dilated (x{dilation:g} wall seconds per chip second); "

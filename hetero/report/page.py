@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import time
 
 from hetero.report import analysis, timeline
 from hetero.report.units import flops_text
@@ -58,6 +59,7 @@ def render(report: dict, images: dict, timeline_step: int) -> str:
     out.append("<h2>Numbers</h2>")
     out.append(_mfu_table(r) + _memory_table(r) + _rank_table(r))
     out.append(_refusals(r["refusals"]))
+    out.append(_events(r.get("events", [])))
     out.append(DEFINITIONS)
     out.append("</body></html>")
     return "\n".join(out)
@@ -196,6 +198,18 @@ measured.</dd>
 <dt>MFU</dt><dd>Model FLOPs the chip type's stages do per step (forward + backward, no recompute, the partitioner's
 count) / (measured step time × its chips × their peak FLOP/s at the training dtype from the catalog).</dd>
 </dl>"""
+
+
+def _events(events: list[dict]) -> str:
+    """What happened to the job (events.jsonl), in order; the charts mark them by kind."""
+    head = f"<h2>Events: {len(events)}</h2>"
+    if not events:
+        return head + "<div class='sub'>None recorded (no events.jsonl, or an empty one).</div>"
+    rows = "".join(f"<tr><td>{_e(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e['time'])))} UTC</td>"
+                   f"<td>{_e(e['event'])}</td><td>{e['at_step']:g}</td><td>{_e(e['text'])}</td></tr>" for e in events)
+    return (head + "<div class='sub'>From events.jsonl; the step-time and loss charts mark hangs, failures, "
+            "restarts and resumes with dashed lines between the steps they fell between.</div>"
+            f"<table><tr><th>time</th><th>event</th><th>at step</th><th>what</th></tr>{rows}</table>")
 
 
 def _img(png: bytes, alt: str) -> str:
