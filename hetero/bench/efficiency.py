@@ -43,6 +43,9 @@ def add_arguments(parser) -> None:
                         help="emulated fleets only: wall seconds per chip second in every run, so that a small "
                              "host keeps ahead of its emulated chips (auto, the default: ceil(emulated chips / "
                              "host cores); 1 turns it off)")
+    parser.add_argument("--no-host-costs", action="store_true",
+                        help="plan the mixed fleet without the host costs its islands' runs alone show (the cost "
+                             "model before issue 19: layer times scaled to match instead)")
     parser.add_argument("--out", metavar="DIR", help="where every run directory goes (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -85,7 +88,8 @@ def _measure(job, paths, out, args, say) -> dict:
         say(f"island {island.name} alone ({island.size} x {island.chip})")
         result = _train(sub_job, sub_paths, os.path.join(out, "subfleets", island.name), args, say)
         subfleets[island.name] = _summary(result, job)
-        subfleets[island.name]["host_cost"] = asdict(island_host_cost(result.plan, result.steady_step_s))
+        if not args.no_host_costs:
+            subfleets[island.name]["host_cost"] = asdict(island_host_cost(result.plan, result.steady_step_s))
         predicted_sub += result.plan["tokens_per_s"]
     # Plan the mixed fleet with each island's speed and host costs as just measured
     # alone (as `hetero profile` would), so the split between islands follows reality.
@@ -116,7 +120,7 @@ def _measure(job, paths, out, args, say) -> dict:
                               "measured_over_predicted": c["step_s"] / c["predicted_step_s"],
                               "run_dir": c["run_dir"]}
                              for c in candidates],
-        "host_costs": {name: sub["host_cost"] for name, sub in subfleets.items()},
+        "host_costs": {name: sub["host_cost"] for name, sub in subfleets.items() if "host_cost" in sub},
         # The cost model alone, before any measurement: its mixed plan against its island plans.
         "predicted_efficiency": search_plan(job, args.kind).tokens_per_s / predicted_sub,
         "emulated": any(job.cluster.chip(i.chip).emulated for i in job.cluster.islands),
