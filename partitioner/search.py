@@ -922,12 +922,18 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
         stages=tuple(stages), pipelines=tuple(pipelines), ranks=ranks, predicted_step_s=step,
         tokens_per_s=train.global_batch * model.seq_len / step, mfu=mfu, breakdown=breakdown,
         measured=all(s.source == "measured" for s in stages),
-        provenance={"layer_time": layer_src, "bridge": cm.bridge_source,
+        provenance={"layer_time": layer_src, "bridge": cm.bridge_source, "host_costs": _host_sources(cm, layer_src),
                     "matmul_efficiency": {i.chip.name: i.chip.mm_eff for i in fleet.islands
                                           if layer_src.get(i.chip.name, "estimated") != "measured"},
                     "label": cand.label},
         idle={i.name: i.size - used_by_island.get(i.name, 0) for i in fleet.islands},
     )
+
+
+def _host_sources(cm: CostModel, chips) -> dict:
+    """Per chip the plan uses: 'measured' when the profile states its host costs, else 'none' (0 s)."""
+    have = cm.profile.host_costs if cm.profile is not None else {}
+    return {chip: "measured" if chip in have else "none" for chip in chips}
 
 
 def _stages_by_pipe(stages, pipelines):

@@ -64,6 +64,8 @@ def test_the_plan_search_includes_host_costs():
     hosted = search(EMU_MIXED, LLAMA_TINY, TRAIN_TINY, profile=_with_host()).best
     m = TRAIN_TINY.global_batch // TRAIN_TINY.micro_batch_choices()[0]
     # every micro-batch pays at least the cheaper chip's launch and sync once
+    assert set(hosted.provenance["host_costs"].values()) == {"measured"}
+    assert set(bare.provenance["host_costs"].values()) == {"none"}
     assert hosted.predicted_step_s >= bare.predicted_step_s + (FAST_HOST.launch_s + FAST_HOST.sync_s) * min(m, 4) - 1e-9
 
 
