@@ -300,3 +300,30 @@ def test_at_most_one_shard_of_tensors_is_held_at_once(model, full, tmp_path, het
     assert summary["shards"] > 2 and len(peaks) == summary["tensors"]
     assert max(peaks) <= 60_000 + largest, (max(peaks), largest)
     assert sum(2 * full[n].numel() for n in layout.model_names(model)) > 3 * max(peaks)   # not the whole model
+
+
+def test_progress_is_a_line_redrawn_on_a_terminal_only():
+    import io
+
+    from hetero.export.export import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        progress = Progress(2, 8_000_000_000, stream=stream)
+        progress.update("model.embed_tokens.weight", 4_000_000_000)
+        progress.update("lm_head.weight", 4_000_000_000)
+        progress.finish()
+    assert terminal.getvalue().startswith("\rexport: 1/2 tensors, 4.00/8.00 GB (50%) model.embed_tokens.weight")
+    assert "\rexport: 2/2 tensors, 8.00/8.00 GB (100%) lm_head.weight" in terminal.getvalue()
+    assert terminal.getvalue().endswith("\n") and log.getvalue() == ""
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_line(model, full, tmp_path, hetero_cli):
+    saved = save(tmp_path / "ckpt", model, full, pipeline_ranks(model))
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = hetero_cli("export", saved, "--hf", str(tmp_path / "file" / "hf"))
+    assert code == 2 and "cannot create it" in err and len(err.strip().splitlines()) == 1, err

@@ -46,10 +46,7 @@ def export_hf(checkpoint: str, out: str, *, dtype: str | None = None, shard_size
     sidecar = tokenizer.run_tokenizer(source.run_dir) if with_tokenizer else None
     tokenizer_dir = tokenizer.check_tokenizer(sidecar) if sidecar else None
     progress = Progress(len(names), sum(size for _, size in sizes), stream=sys.stderr if progress else None)
-    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial-{os.getpid()}")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    staging = _staging_dir(out)
     try:
         files = _write_shards(source.checkpoint, groups, DTYPES[dtype], staging, progress)
         ids = tokenizer.special_ids(tokenizer_dir, sidecar) if tokenizer_dir else {}
@@ -58,6 +55,8 @@ def export_hf(checkpoint: str, out: str, *, dtype: str | None = None, shard_size
             if tokenizer_dir else []
         files += [_entry(staging, name) for name in copied]
         os.replace(staging, out)
+    except OSError as exc:            # a full disk, a quota, OUT_DIR filled by someone else meanwhile
+        raise UserError(f"--hf {out}: could not write it ({exc.strerror or exc}); nothing was left there") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     progress.finish()
@@ -72,6 +71,18 @@ def _check_out(out: str) -> None:
         raise UserError(f"--hf {out}: exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out):
         raise UserError(f"--hf {out}: exists and is not empty; name a new or empty directory")
+
+
+def _staging_dir(out: str) -> str:
+    """A fresh hidden folder beside `out` (same file system: the final move is a rename)."""
+    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial-{os.getpid()}")
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    except OSError as exc:
+        raise UserError(f"--hf {out}: cannot create it ({exc.strerror or exc})") from None
+    return staging
 
 
 def _saved_dtype(checkpoint, names: list[str]) -> str:
