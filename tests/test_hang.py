@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from hetero.engine import progress
 from hetero.launch import events
 from hetero.launch.fleet import launch_fleet
 from test_engine_fleet import CONFIG, fleet_job, last_attempt, make_plan
@@ -91,6 +92,7 @@ def test_sigstopped_worker_is_caught_dumped_and_the_job_recovers(tmp_path):
     assert hang["rank"] == 2 and hang["island"] == "narrow" and hang["host"] == "127.0.0.1"
     assert hang["pid"] == stopped["pid"] and hang["attempt"] == 0 and hang["silent"]
     assert hang["time"] > stopped["at"]
+    assert hang["step"] >= 3 and hang["phase"] in progress.PHASES    # stopped after 3 recorded steps
     assert f"rank 2 (island narrow, host 127.0.0.1) hung in {hang['phase']}" in text
     stacks = run_dir / hang["stacks"]
     assert hang["stacks"] == os.path.join("stacks", "attempt_0", "rank00002.txt")

@@ -22,7 +22,7 @@ import time
 import torch
 
 from hetero.engine import checkpoint as ckpt
-from hetero.engine import retention, tags
+from hetero.engine import progress, retention, tags
 from hetero.engine.data import SampleSource
 from hetero.engine.gradients import GradientSync
 from hetero.engine.lr_schedule import learning_rate
@@ -178,10 +178,12 @@ class Trainer:
 
     def _train_step(self, step: int) -> None:
         tokens_per_step = self.train.global_batch * self.model_config.seq_len
+        progress.step(step)                 # the head's hang watchdog (hetero.engine.progress)
         started = self.clock.now()
         self.metrics.peaks.step_started()
         self.grads.prepare()
         loss_sum = self._step_compute(step)
+        progress.stamp("island collective")
         self.grads.collect(self.scaler.scale)
         self.grads.within_stage()
         reduce_started = self.clock.now()
@@ -192,6 +194,7 @@ class Trainer:
         loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
         scale, lr = self.scaler.scale, learning_rate(self.train, step, self.steps)
         finite = self._check_finite(step, loss)
+        progress.stamp("optimizer")
         if finite and self._gradients_usable(step, grad_norm):
             self.grads.clip(grad_norm, self.train.grad_clip)
             with self._scope():
@@ -311,6 +314,7 @@ class Trainer:
         Each phase ends in a fleet-wide count of ranks whose part failed for want of space (it doubles
         as the barrier), so every rank stops alike and `latest` keeps naming the previous checkpoint."""
         root = self.train.checkpoint.dir
+        progress.stamp("checkpoint")
         self._finish_pending()
         self._refuse_non_finite_state(step)
         self._agree_written(root, step, self._only_rank0(ckpt.prepare, root, step))
@@ -345,6 +349,7 @@ class Trainer:
             return
         (step, extra, write), self._pending = self._pending, None
         root = self.train.checkpoint.dir
+        progress.stamp("checkpoint")
         self._agree_written(root, step, write.wait() if write else None)
         self.save_write_s, self.save_bytes = (write.write_s, write.bytes) if write else (0.0, 0)
         self._agree_written(root, step, self._only_rank0(self._seal, root, step, extra))

@@ -209,12 +209,19 @@ class HeadControl:
         progress reports stopped too is a stopped process: the same."""
         if self.hang is not None or self.watchdog is None or self.coordinator is None:
             return
-        hang = self.watchdog.check(gone=set(self.coordinator.failed) | set(self.coordinator.finished))
-        for rank, why in sorted(self.coordinator.failed.items()):
-            if hang is None and why.startswith(MISSED_HEARTBEATS):
-                hang = self.watchdog.stopped(rank)
+        failed = {rank: why for rank, why in self.coordinator.failed.items() if why != LEFT_REASON}
+        hang = next((h for rank, why in sorted(failed.items()) if why.startswith(MISSED_HEARTBEATS)
+                     for h in [self.watchdog.stopped(rank)] if h is not None and self._alive(h)), None)
+        if hang is None and not failed:   # once a rank failed, the others stop on their own: not hung
+            hang = self.watchdog.check(gone=set(self.coordinator.failed) | set(self.coordinator.finished))
         if hang is not None:
             self._on_hang(hang)
+
+    def _alive(self, hang: watchdog.Hang) -> bool:
+        """Whether the hung rank's process is still there (one on another host: assumed so)."""
+        if not (self.layout.local or hang.host in (self.layout.head, "")):
+            return True
+        return watchdog.alive(hang.pid)
 
     def _on_hang(self, hang: watchdog.Hang) -> None:
         here = self.layout.local or hang.host in (self.layout.head, "")

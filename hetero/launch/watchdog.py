@@ -181,6 +181,15 @@ def dump_and_kill(pid: int, stacks: str | None, wait_s: float = DUMP_WAIT_S) -> 
     return _size(stacks) > 0
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host and has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _size(path: str | None) -> int:
     try:
         return os.path.getsize(path) if path else 0
