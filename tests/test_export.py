@@ -20,7 +20,8 @@ from hetero.engine import checkpoint as ckpt
 from hetero.export.shards import parse_size, plan_shards
 from hetero.export.source import open_source
 from hetero.errors import UserError
-from hetero.model import LlamaStage, TensorParallel, layout, load_full_state_dict
+from hetero.model import LlamaStage, TensorParallel, layout, load_full_state_dict, read_hf_config
+from hetero.model.hf import ARCHITECTURE_FIELDS
 from test_data_prepare import LINES, train_tokenizer
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine", "two-islands.yaml")
@@ -143,6 +144,8 @@ def test_export_holds_every_weight_in_shards_and_transformers_agrees(saved, mode
     for name in names:
         assert torch.equal(exported[name], full[name]), name
     assert_transformers_matches(saved, str(out), model.vocab)
+    read_back = read_hf_config(str(out))          # hetero's own HF loader reads the same model back
+    assert all(getattr(read_back, f) == getattr(model, f) for f in (*ARCHITECTURE_FIELDS, "seq_len"))
 
 
 def test_bf16_export_casts_every_weight(saved, model, full, tmp_path, hetero_cli):
@@ -169,6 +172,7 @@ def test_tied_embeddings_export_without_an_lm_head(model, tmp_path, hetero_cli):
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert layout.LM_HEAD not in read_exported(out)
     assert_transformers_matches(saved, str(out), tied.vocab)
+    assert read_hf_config(str(out)).tie_embeddings
 
 
 def make_run_dir(tmp_path, model, full, tok_dir):
