@@ -96,3 +96,29 @@ def test_keep_prunes_older_checkpoints_once_a_newer_one_is_sealed(tmp_path):
     train_solo(accelerators.get_accelerator("cpu"), job.model, train, str(tmp_path / "run"), steps=4)
     assert sorted(os.listdir(root)) == ["latest", "step-00000003", "step-00000004"]
     assert ckpt.latest(str(root)).endswith("step-00000004")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_resume_under_the_same_plan_is_bit_exact(tmp_path, dtype):
+    """Stopped at step 2 and resumed, a run's later steps and its final checkpoint equal an
+    uninterrupted run's bit for bit: weights (bf16: the fp32 master, not its rounding), moments,
+    optimizer step count, learning-rate schedule (warm-up, cosine) and data position are all restored."""
+    job = load_job(model=CONFIG, train=CONFIG)
+    train = dataclasses.replace(job.train, dtype=dtype, warmup_steps=2, lr_schedule="cosine", min_lr=0.001)
+
+    def run(name, steps):
+        config = dataclasses.replace(train, checkpoint=CheckpointConfig(str(tmp_path / name / "checkpoints"), 2))
+        return train_solo(accelerators.get_accelerator("cpu"), job.model, config,
+                          str(tmp_path / name / f"to-{steps}"), steps=steps)
+
+    whole = run("whole", 3)
+    assert [r["step"] for r in run("stopped", 2)] == [1, 2]
+    resumed = run("stopped", 3)                               # the same checkpoints, the same total
+    assert [r["step"] for r in resumed] == [3]
+    for got, want in zip(resumed, whole[2:]):
+        assert (got["loss"], got["grad_norm"], got["lr"]) == (want["loss"], want["grad_norm"], want["lr"])
+    a = ckpt.Checkpoint(ckpt.latest(str(tmp_path / "whole" / "checkpoints")), job.model)
+    b = ckpt.Checkpoint(ckpt.latest(str(tmp_path / "stopped" / "checkpoints")), job.model)
+    assert a.step == b.step == 3 and a.optimizer_steps == b.optimizer_steps == 3
+    for name in a.names():
+        assert torch.equal(a.tensor(name), b.tensor(name)), name
