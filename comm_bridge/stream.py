@@ -74,7 +74,8 @@ class Inbound:
     Reads go into a read-ahead buffer, so a small message (header and payload)
     usually arrives in one recv, and several queued ones in one too; only the
     rest of a payload bigger than what the buffer holds is read straight into
-    its tensor. Driver thread only."""
+    its tensor. Bytes only: what they mean (which message, how far its payload
+    got) is the stream lane's (stream_lane.InboundStream). Driver thread only."""
 
     def __init__(self, sock: socket.socket, hello_deadline: float = float("inf")):
         sock.setblocking(False)
@@ -88,10 +89,6 @@ class Inbound:
         self._start = self._end = 0
         self._set_buffer(HELLO_BYTES)         # just the hello until it checks out: an idle knock costs little
         self.received = 0                     # bytes read off the socket, ever
-        self.transfer = None                  # the message whose payload is being read
-        self.body_got = 0
-        self.bell = None                      # a shared-memory doorbell's header, its descriptor still to come
-        self.express = None                   # the endpoint's select.poll for express waits
 
     def _set_buffer(self, size: int) -> None:
         """Make the read-ahead buffer `size` bytes, keeping what it holds at its front."""
@@ -151,24 +148,25 @@ class Inbound:
         self.rank = rank
         self._set_buffer(READ_AHEAD_BYTES)
 
-    def read_body(self, flat, nbytes: int, budget: int) -> tuple[bool, int]:
-        """Move payload bytes into `flat`: buffered ones first, then straight from the socket.
-        Returns (all `nbytes` in, bytes read off the socket)."""
-        buffered = min(self._end - self._start, nbytes - self.body_got)
+    def read_body(self, flat, got: int, nbytes: int, budget: int) -> tuple[int, int]:
+        """Move payload bytes into `flat`, whose first `got` of `nbytes` are in: buffered ones
+        first, then straight from the socket. Returns (bytes of the payload in now, bytes
+        read off the socket)."""
+        buffered = min(self._end - self._start, nbytes - got)
         if buffered:
-            flat[self.body_got:self.body_got + buffered] = self._array[self._start:self._start + buffered]
+            flat[got:got + buffered] = self._array[self._start:self._start + buffered]
             self._start += buffered
-            self.body_got += buffered
+            got += buffered
         read = 0
-        if self.body_got < nbytes:
+        if got < nbytes:
             target = memoryview(flat)
-            while self.body_got < nbytes and read < budget:
-                got = self._recv_into(target[self.body_got:nbytes])
-                if not got:
+            while got < nbytes and read < budget:
+                more = self._recv_into(target[got:nbytes])
+                if not more:
                     break
-                self.body_got += got
-                read += got
-        return self.body_got >= nbytes, read
+                got += more
+                read += more
+        return got, read
 
     def _recv_into(self, view) -> int:
         """Bytes read, 0 if none are ready; EOF or a reset raises."""
@@ -182,9 +180,6 @@ class Inbound:
             raise EOFError
         self.received += got
         return got
-
-    def mid_message(self) -> bool:
-        return self._end > self._start or self.transfer is not None or self.bell is not None
 
     def close(self) -> None:
         try:

@@ -253,9 +253,9 @@ def zmq_host(endpoint: str) -> str:
 def test_every_listener_binds_the_given_address(host):
     endpoint = Endpoint(0, TOKEN, host=host)
     try:
-        bound = [zmq_host(sock.getsockopt_string(zmq.LAST_ENDPOINT)) for sock in endpoint._pulls]
+        bound = [zmq_host(sock.getsockopt_string(zmq.LAST_ENDPOINT)) for sock in endpoint._zmq.pulls]
         assert bound == [host] * endpoint.stripes
-        assert endpoint._listener.getsockname()[0] == host
+        assert endpoint._streams.listener.getsockname()[0] == host
         advertised = endpoint.address()["endpoints"]
         assert all(re.match(rf"^(tcp|stream\+tcp)://{re.escape(host)}:\d+$", e) for e in advertised), advertised
         # What the kernel says: every listening socket of this endpoint is on `host`.
@@ -410,7 +410,7 @@ def test_job_hex_of_is_what_the_endpoint_names_its_rings_by():
     assert re.fullmatch(r"[0-9a-f]{12}", M.job_hex_of(TOKEN))
     assert M.job_hex_of(TOKEN) != M.job_hex_of("another-token")
     with Endpoint(0, TOKEN, shm=False) as endpoint:
-        assert endpoint._job_hex == M.job_hex_of(TOKEN)
+        assert endpoint.job_hex == M.job_hex_of(TOKEN)
 
 
 # ------------------------------------------------------------------ measurement
