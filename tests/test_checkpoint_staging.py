@@ -141,3 +141,16 @@ class _Nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_copies_inside_a_device_scope_stay_host_memory_outside_its_modes():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Device(TorchDispatchMode):      # an emulated chip's scope: every op inside it is the chip's
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            raise AssertionError(f"{func} ran as a device op")
+
+    staging, source = ckpt.Staging(), torch.arange(6.0).reshape(2, 3)
+    with Device():
+        copied = staging.begin().copy(source)
+    assert torch.equal(copied, source) and copied.data_ptr() != source.data_ptr()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _disable_current_modes   # as accelerators.emulated's to_host
 
 
 class StagingBusy(RuntimeError):
@@ -44,8 +45,12 @@ class Staging:
         return self
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor`'s elements in this save's next host buffer (contiguous, same shape and dtype)."""
-        source = tensor.detach()
+        """`tensor`'s elements in this save's next host buffer (contiguous, same shape and dtype). Outside
+        any device scope's modes: the buffers are host memory even when called inside one."""
+        with _disable_current_modes():
+            return self._copy(tensor.detach())
+
+    def _copy(self, source: torch.Tensor) -> torch.Tensor:
         pin = source.device.type == "cuda"      # a pageable target makes a non_blocking copy synchronous
         buffer = self._buffers[self._next] if self._next < len(self._buffers) else None
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
