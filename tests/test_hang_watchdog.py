@@ -38,7 +38,8 @@ class FakeStore:
     def report(self, rank, phase, moves, beat, since=1000.0, **extra):
         self.values[progress_key(0, rank)] = json.dumps(
             {"step": 3, "micro_batch": 1, "phase": phase, "since": since, "moves": moves, "beat": beat,
-             "pid": 100 + rank, "host": "127.0.0.1", "island": "a", "stacks": f"/run/stacks/rank{rank}.txt", **extra})
+             "pid": 100 + rank, "host": "127.0.0.1", "island": "a", "stacks": f"/run/stacks/rank{rank}.txt",
+             **extra})
 
 
 def _watch(store, world=3):
@@ -73,6 +74,18 @@ def test_a_rank_stuck_in_its_own_work_is_blamed_before_ranks_waiting_for_it():
         store.report(1, "optimizer", moves=1, beat=t + 2, since=1000.0)   # both still beat: no process stopped
         hang = dog.check(now=float(t))
     assert hang is not None and hang.rank == 1 and not hang.silent
+
+
+def test_among_ranks_in_their_own_work_the_one_behind_is_blamed():
+    """TP peers: rank 0 began step 4's first forward and waits inside it for rank 1, which entered
+    step 4 but never began a micro-batch; rank 0 left the last shared sum first (earlier `since`)."""
+    store = FakeStore()
+    dog = _watch(store, world=2)
+    for t in range(0, 13):
+        store.report(0, "forward", moves=9, beat=t + 1, since=1000.0, step=3, micro_batch=0)
+        store.report(1, "checkpoint", moves=9, beat=t + 1, since=1000.1, step=3, micro_batch=-1)
+        hang = dog.check(now=float(t))
+    assert hang is not None and hang.rank == 1 and hang.phase == "checkpoint" and hang.step == 4
 
 
 def test_starting_done_gone_and_unheard_ranks_hold_the_verdict_back():

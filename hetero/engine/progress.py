@@ -15,9 +15,14 @@ Imports nothing heavy: the schedule, the comms and the worker bootstrap all use 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
+# Test hook: "RANK:STEP:MARKER": global rank RANK stops moving when step STEP (0-based) begins,
+# once (while the file MARKER does not exist; it makes it), as a loop stuck in C code would; its
+# threads (heartbeat, progress report) go on.
+HANG_HOOK = "HETERO_TEST_HANG_AT"
 START = "start"          # before the training loop's first stamp (building, loading): never called hung
 DONE = "done"            # the loop has finished (waiting for the others to finish too)
 PHASES = (START, "forward", "backward", "bridge send", "bridge receive", "island collective",
@@ -59,6 +64,20 @@ def step(number: int) -> None:
     """Step `number` (0-based) begins."""
     STAMP.step, STAMP.micro_batch = number, -1
     STAMP.moves += 1
+    if _HANG_AT is not None and _HANG_AT[:2] == (os.environ.get("HETERO_GLOBAL_RANK"), str(number)):
+        _hang_here(_HANG_AT[2])
+
+
+def _hang_here(marker: str) -> None:
+    if os.path.exists(marker):
+        return
+    with open(marker, "w", encoding="utf-8"):
+        pass
+    while True:
+        time.sleep(1.0)
+
+
+_HANG_AT = tuple(os.environ[HANG_HOOK].split(":", 2)) if os.environ.get(HANG_HOOK) else None
 
 
 @contextlib.contextmanager

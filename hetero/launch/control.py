@@ -238,7 +238,8 @@ class HeadControl:
         details = hang.to_dict()
         if self.run_dir and hang.stacks and hang.stacks.startswith(self.run_dir + os.sep):
             details["stacks"] = os.path.relpath(hang.stacks, self.run_dir)
-        events.record(self.run_dir, "hang", attempt=self.attempt, timeout_s=self.hang_timeout, **details)
+        events.record(self.run_dir, "hang", attempt=self.attempt, timeout_s=self.hang_timeout, **details,
+                      ranks=self.watchdog.summary())
 
     def record(self, event: str, **details) -> None:
         """An event of the job (events.jsonl): the head keeps them."""

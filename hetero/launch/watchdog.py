@@ -8,7 +8,8 @@ is hung when every rank that is training (phase neither `start` nor `done`) has 
 still for `timeout` seconds, and the rank to blame is, in this order: one whose reports
 stopped too (a stopped process, or one stuck in C code holding the GIL), one stuck in
 its own work rather than waiting for a peer (forward, backward, optimizer, checkpoint),
-the one that has been in its phase longest. The watchdog waits until every rank has
+the one furthest behind (an earlier step; in the same step, no micro-batch begun), the
+one that has been in its phase longest. The watchdog waits until every rank has
 reported, and while any rank is still starting (building, loading a checkpoint, meeting
 its island) the job is never called hung: rendezvous and communication timeouts cover that.
 
@@ -138,6 +139,15 @@ class Watchdog:
                     stalled, int(report.get("step", -1)) + 1, int(report.get("micro_batch", -1)),
                     int(report.get("pid", 0)), report.get("stacks"), now - seen["beat_at"] >= SILENT_S)
 
+    def summary(self, now: float | None = None) -> dict:
+        """Every rank's last report in short, for the hang event: {rank: {phase, step, micro_batch,
+        still_s (since its loop last moved), silent}}."""
+        now = time.monotonic() if now is None else now
+        return {str(rank): {"phase": seen["report"].get("phase"), "step": int(seen["report"].get("step", -1)) + 1,
+                            "micro_batch": seen["report"].get("micro_batch"),
+                            "still_s": round(now - seen["moved"], 3), "silent": now - seen["beat_at"] >= SILENT_S}
+                for rank, seen in sorted(self._ranks.items())}
+
     def _read(self, rank: int) -> dict | None:
         from comm_bridge.errors import CoordinatorError
 
@@ -150,10 +160,13 @@ class Watchdog:
 
 
 def _blame_order(item, now: float) -> tuple:
-    """Most to blame first: reports stopped, then stuck in its own work, then longest in its phase."""
+    """Most to blame first: reports stopped; stuck in its own work; behind the others (an earlier step;
+    in the same step, no micro-batch begun yet); longest in its phase. (The time in the phase alone
+    misleads: ranks leave a shared sum at slightly different times.)"""
     _rank, seen = item
     report = seen["report"]
-    return (now - seen["beat_at"] < SILENT_S, report.get("phase") in WAITING, float(report.get("since", 0.0)))
+    return (now - seen["beat_at"] < SILENT_S, report.get("phase") in WAITING, int(report.get("step", -1)),
+            int(report.get("micro_batch", -1)) >= 0, float(report.get("since", 0.0)))
 
 
 def dump_and_kill(pid: int, stacks: str | None, wait_s: float = DUMP_WAIT_S) -> bool:
