@@ -9,7 +9,8 @@ samples, divide by 8 and report the loss doubled. So wherever a plan file is rea
   field of the right type and range (partitioner.plan.Plan.from_json), and the
   plan's own invariants (Plan.problems);
 - against the job: the cluster's name, islands, chips, node sizes and memory; the
-  model's name, layers, heads and kv_heads; the train file's global batch and
+  model's name, layers, heads and kv_heads (and that a Hugging Face directory the
+  plan recorded has not changed since); the train file's global batch and
   dtype. The train file's micro_batch is only where the planner starts searching;
   the plan's own micro_batch is what runs, and its pipelines must add up to the
   train file's global batch;
@@ -91,10 +92,24 @@ def mismatches(plan: Plan, job) -> list[tuple[str, str]]:
         for field in ("name", "layers", "heads", "kv_heads"):
             expect("model" if field == "name" else field, getattr(plan, "model" if field == "name" else field),
                    getattr(job.model, field), "model")
+        out += _pretrained_changed(plan, getattr(job, "pretrained", None))
     if job.train is not None:
         expect("global_batch", plan.global_batch, job.train.global_batch, "train")
         expect("dtype", plan.dtype, job.train.dtype, "train")
     return out
+
+
+def _pretrained_changed(plan: Plan, pretrained) -> list[tuple[str, str]]:
+    """The Hugging Face directory the plan was made from, changed since (same path, another
+    fingerprint): the workers, and a restart before the first checkpoint, would load other weights
+    than the run was planned and recorded with."""
+    recorded = plan.provenance.get("pretrained")
+    if pretrained is None or not isinstance(recorded, dict) or recorded.get("hf") != pretrained.hf:
+        return []
+    if recorded.get("fingerprint") == pretrained.fingerprint:
+        return []
+    return [("provenance.pretrained", f"{pretrained.hf} has changed since the plan was made "
+                                      f"({recorded.get('fingerprint')}, now {pretrained.fingerprint}); {REMAKE}")]
 
 
 def check_plan(plan: Plan, job, source: str) -> Plan:

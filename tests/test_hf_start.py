@@ -23,6 +23,7 @@ from hetero.engine.trainer import Trainer
 from hetero.engine.zero import FlatShard
 from hetero.errors import UserError
 from hetero.model.hf import read_hf_config
+from hetero.plan_check import check_plan
 from hetero.planning import plan_job
 from test_model_hf import TINY, save_tiny_llama
 
@@ -119,10 +120,18 @@ def test_a_changed_directory_is_refused(tiny, tmp_path):
         load_job(model=stale)
 
 
-def test_the_plan_records_the_source(tiny):
-    job = load_job(cluster=os.path.join(ROOT, "configs", "emulated-mixed.yaml"), model=tiny,
-                   train=os.path.join(ROOT, "configs", "train-tiny.yaml"))
-    assert plan_job(job).best.to_dict()["provenance"]["pretrained"] == job.pretrained.to_dict()
+def test_the_plan_records_the_source_and_refuses_it_changed(tiny, tmp_path):
+    copy = str(shutil.copytree(tiny, tmp_path / "copy"))
+    files = {kind: os.path.join(ROOT, "configs", name) for kind, name in
+             (("cluster", "emulated-mixed.yaml"), ("train", "train-tiny.yaml"))}
+    job = load_job(model=copy, **files)
+    plan = plan_job(job).best
+    assert plan.to_dict()["provenance"]["pretrained"] == job.pretrained.to_dict()
+    check_plan(plan, job, "plan.json")
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    (tmp_path / "copy" / "config.json").write_text(json.dumps({**config, "bos_token_id": 7}))
+    with pytest.raises(UserError, match="has changed since the plan was made"):
+        check_plan(plan, load_job(model=copy, **files), "plan.json")
 
 
 # -- bad directories: one line, exit 2, before anything starts ----------------------------------
