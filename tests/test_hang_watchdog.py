@@ -43,7 +43,11 @@ class FakeStore:
 
 
 def _watch(store, world=3):
-    return watchdog.Watchdog(store, attempt=0, world_size=world, timeout=TIMEOUT)
+    """A watchdog that has seen the attempt begin at step 2 (the reports are of step 3 unless said:
+    past the attempt's first step, which gets three timeouts)."""
+    dog = watchdog.Watchdog(store, attempt=0, world_size=world, timeout=TIMEOUT)
+    dog.observe(0, {"phase": "forward", "step": 2, "moves": -1, "beat": -1}, -100.0)
+    return dog
 
 
 def test_the_job_is_hung_only_when_every_training_rank_is_still_and_the_silent_one_is_blamed():
@@ -86,6 +90,15 @@ def test_among_ranks_in_their_own_work_the_one_behind_is_blamed():
         store.report(1, "checkpoint", moves=9, beat=t + 1, since=1000.1, step=3, micro_batch=-1)
         hang = dog.check(now=float(t))
     assert hang is not None and hang.rank == 1 and hang.phase == "checkpoint" and hang.step == 4
+
+
+def test_the_attempts_first_step_gets_three_timeouts():
+    store = FakeStore()
+    store.report(0, "forward", moves=1, beat=1, step=0)
+    dog = watchdog.Watchdog(store, attempt=0, world_size=1, timeout=TIMEOUT)
+    assert dog.check(now=0.0) is None
+    assert dog.check(now=3 * TIMEOUT - 1) is None
+    assert dog.check(now=3 * TIMEOUT + 1) is not None
 
 
 def test_starting_done_gone_and_unheard_ranks_hold_the_verdict_back():

@@ -9,7 +9,8 @@ still for `timeout` seconds, and the rank to blame is, in this order: one whose 
 stopped too (a stopped process, or one stuck in C code holding the GIL), one stuck in
 its own work rather than waiting for a peer (forward, backward, optimizer, checkpoint),
 the one furthest behind (an earlier step; in the same step, no micro-batch begun), the
-one that has been in its phase longest. The watchdog waits until every rank has
+one that has been in its phase longest. An attempt's first step (allocation, compilation,
+autotuning) gets FIRST_STEP_FACTOR times the timeout. The watchdog waits until every rank has
 reported, and while any rank is still starting (building, loading a checkpoint, meeting
 its island) the job is never called hung: rendezvous and communication timeouts cover that.
 
@@ -32,6 +33,7 @@ from hetero.launch.progress_report import DUMP_SIGNAL, REPORT_S, progress_key
 MIN_DEFAULT_S = 60.0     # the default hang timeout: the larger of this and
 STEPS_DEFAULT = 5        # this many predicted step times
 SILENT_S = 3 * REPORT_S  # reports missing this long: the process itself is stopped
+FIRST_STEP_FACTOR = 3    # an attempt's first step (allocation, compilation, autotuning) gets this many timeouts
 READ_S = 0.5             # the head reads the reports at most this often
 DUMP_WAIT_S = 3.0
 WAITING = ("bridge send", "bridge receive", "island collective", "bridge all-reduce")
@@ -84,7 +86,8 @@ class Watchdog:
         self.world_size = world_size
         self.timeout = timeout
         self._ranks: dict[int, dict] = {}    # rank -> {"report", "moved", "beat_at"}
-        self._read_at = 0.0
+        self._first_step: int | None = None  # the attempt's first step (the lowest any rank trained)
+        self._read_at = float("-inf")
 
     def check(self, gone=(), now: float | None = None) -> Hang | None:
         """The hang, if the job is hung; `gone`: ranks the coordinator already knows left or failed
@@ -100,6 +103,9 @@ class Watchdog:
         """Take in rank `rank`'s newest report (None: none yet)."""
         if report is None:
             return
+        if report.get("phase") != progress.START and int(report.get("step", -1)) >= 0:
+            step = int(report["step"])
+            self._first_step = step if self._first_step is None else min(self._first_step, step)
         seen = self._ranks.get(rank)
         if seen is None:
             self._ranks[rank] = {"report": report, "moved": now, "beat_at": now}
@@ -117,7 +123,9 @@ class Watchdog:
                     if seen["report"].get("phase") not in (progress.START, progress.DONE) and rank not in gone}
         if not training or any(s["report"].get("phase") == progress.START for s in self._ranks.values()):
             return None
-        if any(now - seen["moved"] < self.timeout for seen in training.values()):
+        first = all(int(seen["report"].get("step", -1)) <= (self._first_step or 0) for seen in training.values())
+        limit = self.timeout * (FIRST_STEP_FACTOR if first else 1)
+        if any(now - seen["moved"] < limit for seen in training.values()):
             return None
         rank, seen = min(training.items(), key=lambda item: _blame_order(item, now))
         return self._hang(rank, seen, now)
