@@ -12,6 +12,14 @@ its clock, and more so in the mixed run (every chip at once) than alone, which
 would charge the host's shortfall to the mixed fleet. So by default every run
 (alone and mixed alike) is time-dilated by k = ceil(emulated chips / host
 cores): k wall seconds per chip second, all figures in chip time.
+
+The mixed fleet is planned from the islands' runs alone (issue 19): an emulated
+chip is charged exactly the cost model's roofline, so what an island's step takes
+beyond its prediction is host work a stage pays per micro-batch whatever its
+layers (island_host_cost); the planner adds it per stage and micro-batch, so a
+pipeline of more stages is charged more. Each candidate's measured step is
+reported beside its predicted one (--no-host-costs: the model before, which
+scaled the layer times instead).
 """
 
 from __future__ import annotations
