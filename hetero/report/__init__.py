@@ -92,7 +92,7 @@ def summary_lines(report: dict) -> list[str]:
         subs = " + ".join(f"{n} {v:,.0f}" for n, v in e["subfleet_tokens_per_s"].items())
         lines.append(f"  E           {e['efficiency']:.3f} = {e['mixed_tokens_per_s']:,.0f} / ({subs}) tokens/s")
     lines.append(f"  refused     {analysis.refusal_text(report['refusals'])}")
-    if report["events"]:     # only when something happened to the job (events.jsonl)
+    if any(e["event"] in analysis.MARKED_EVENTS for e in report["events"]):   # something happened to the job
         lines.append(f"  events      {analysis.event_counts(report['events'])}")
         lines += [f"    hang      {event['text']}" for event in report["events"] if event["event"] == "hang"]
     lines += [f"  note        {note}" for note in report["notes"]]
