@@ -1,7 +1,7 @@
 """comm_bridge hardening: idle-connection floods on a stream port, bound addresses, and
 shared-memory rings that outlive nothing.
 
-Everything listens on loopback. Run as a script (`python tests/test_bridge_hardening.py`)
+Everything listens on loopback. Run as a script (`python tests/comm_bridge/test_bridge_hardening.py`)
 it prints the RSS cost of 1,000 idle connections to one endpoint's stream port.
 """
 
@@ -27,7 +27,7 @@ from comm_bridge import stream as S
 from comm_bridge.channel import Endpoint
 
 pytestmark = pytest.mark.timeout(120)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKEN = "hardening-token"
 IDLE = 1000
 LIMIT_BYTES = 20 << 20  # the issue's goal for 1,000 idle connections
@@ -80,14 +80,6 @@ def idle_connections(endpoint: Endpoint, count: int, batch: int = 32) -> list[so
     return clients
 
 
-def pair(token=TOKEN, **kw):
-    a = Endpoint(0, token, default_timeout=30, **kw)
-    b = Endpoint(1, token, default_timeout=30, **kw)
-    a.add_peers([b.address()])
-    b.add_peers([a.address()])
-    return a, b
-
-
 def transfers(a: Endpoint, b: Endpoint, tensors) -> bool:
     """Send each tensor from a to b; True if every one arrived intact."""
     for tag, x in enumerate(tensors):
@@ -122,78 +114,58 @@ def test_1000_idle_connections_cost_a_hello_sized_buffer_each():
         endpoint.close()
 
 
-def test_connections_over_the_cap_are_closed_and_counted_and_a_real_peer_still_gets_through():
+def test_connections_over_the_cap_are_closed_and_counted_and_a_real_peer_still_gets_through(connected_endpoints):
     room_for_fds(2 * IDLE + 256)
-    a, b = pair(shm=False)
-    clients = []
-    try:
-        assert b.max_unauthenticated == S.MAX_UNAUTHENTICATED == 64
-        clients = idle_connections(b, IDLE)
-        over = IDLE - b.max_unauthenticated
-        assert wait_for(lambda: b.stats()["rejected"].get("unauthenticated_cap") == over), b.stats()
-        stats = b.stats()
-        assert stats["streams_unauthenticated"] == b.max_unauthenticated, stats
-        assert stats["stream_buffer_bytes"] == b.max_unauthenticated * S.HELLO_BYTES, stats
-        # The endpoint closed exactly the ones over the cap: they read EOF, the rest hear nothing.
-        poller = select.poll()
-        for sock in clients:
-            poller.register(sock.fileno(), select.POLLIN)
-        assert wait_for(lambda: len(poller.poll(0)) == over), len(poller.poll(0))
-        for fd, _ in poller.poll(0):
-            assert os.read(fd, 1) == b""
-        # Once the knockers leave, a real peer connects and transfers, small and big.
-        for sock in clients:
-            sock.close()
-        clients = []
-        assert wait_for(lambda: b.stats()["streams_unauthenticated"] == 0), b.stats()
-        assert b.stats()["rejected"].get("no_hello") == b.max_unauthenticated
-        assert transfers(a, b, [torch.arange(10.0), torch.randn(300, 1000)])
-        assert b.stats()["stream_buffer_bytes"] == S.READ_AHEAD_BYTES  # the real peer's stream, full size
-    finally:
-        for sock in clients:
-            sock.close()
-        a.close()
-        b.close()
+    a, b = connected_endpoints(default_timeout=30, shm=False)
+    assert b.max_unauthenticated == S.MAX_UNAUTHENTICATED == 64
+    clients = [connected_endpoints.closing(sock) for sock in idle_connections(b, IDLE)]
+    over = IDLE - b.max_unauthenticated
+    assert wait_for(lambda: b.stats()["rejected"].get("unauthenticated_cap") == over), b.stats()
+    stats = b.stats()
+    assert stats["streams_unauthenticated"] == b.max_unauthenticated, stats
+    assert stats["stream_buffer_bytes"] == b.max_unauthenticated * S.HELLO_BYTES, stats
+    # The endpoint closed exactly the ones over the cap: they read EOF, the rest hear nothing.
+    poller = select.poll()
+    for sock in clients:
+        poller.register(sock.fileno(), select.POLLIN)
+    assert wait_for(lambda: len(poller.poll(0)) == over), len(poller.poll(0))
+    for fd, _ in poller.poll(0):
+        assert os.read(fd, 1) == b""
+    # Once the knockers leave, a real peer connects and transfers, small and big.
+    for sock in clients:
+        sock.close()
+    assert wait_for(lambda: b.stats()["streams_unauthenticated"] == 0), b.stats()
+    assert b.stats()["rejected"].get("no_hello") == b.max_unauthenticated
+    assert transfers(a, b, [torch.arange(10.0), torch.randn(300, 1000)])
+    assert b.stats()["stream_buffer_bytes"] == S.READ_AHEAD_BYTES  # the real peer's stream, full size
 
 
-def test_knockers_holding_the_cap_cannot_keep_a_real_peer_out():
+def test_knockers_holding_the_cap_cannot_keep_a_real_peer_out(connected_endpoints):
     """The cap closes the oldest silent connection, not the newcomer: a peer that says its
     hello at once gets through while a full cap of idle knockers is still held open."""
-    a, b = pair(shm=False, max_unauthenticated=8)
-    clients = []
-    try:
-        clients = idle_connections(b, 8, batch=8)
-        assert b.stats()["streams_unauthenticated"] == 8
-        assert transfers(a, b, [torch.arange(10.0), torch.randn(200, 100)])
-        stats = b.stats()
-        assert stats["rejected"].get("unauthenticated_cap") == 1, stats   # the oldest knocker made room
-        assert stats["streams_unauthenticated"] == 7, stats
-        assert stats["messages_received"] == 2, stats
-    finally:
-        for sock in clients:
-            sock.close()
-        a.close()
-        b.close()
+    a, b = connected_endpoints(default_timeout=30, shm=False, max_unauthenticated=8)
+    for sock in idle_connections(b, 8, batch=8):
+        connected_endpoints.closing(sock)
+    assert b.stats()["streams_unauthenticated"] == 8
+    assert transfers(a, b, [torch.arange(10.0), torch.randn(200, 100)])
+    stats = b.stats()
+    assert stats["rejected"].get("unauthenticated_cap") == 1, stats   # the oldest knocker made room
+    assert stats["streams_unauthenticated"] == 7, stats
+    assert stats["messages_received"] == 2, stats
 
 
-def test_a_connection_without_a_hello_is_closed_at_the_deadline_and_counted():
-    a, b = pair(shm=False, hello_timeout=0.2)
-    silent = socket.create_connection(S.parse_address(b.stream_address), timeout=10)
-    partial = socket.create_connection(S.parse_address(b.stream_address), timeout=10)
-    try:
-        partial.sendall(S.HELLO_MAGIC)  # the start of a hello, never the rest
-        assert hung_up(silent) and hung_up(partial)
-        assert wait_for(lambda: b.stats()["rejected"].get("hello_timeout") == 2), b.stats()
-        # A real peer says hello at once and is not timed out, however long it then idles.
-        assert transfers(a, b, [torch.ones(3)])
-        time.sleep(0.5)
-        assert transfers(a, b, [torch.randn(64, 64), torch.arange(5)])
-        assert b.stats()["rejected"] == {"hello_timeout": 2}, b.stats()
-    finally:
-        silent.close()
-        partial.close()
-        a.close()
-        b.close()
+def test_a_connection_without_a_hello_is_closed_at_the_deadline_and_counted(connected_endpoints):
+    a, b = connected_endpoints(default_timeout=30, shm=False, hello_timeout=0.2)
+    silent = connected_endpoints.closing(socket.create_connection(S.parse_address(b.stream_address), timeout=10))
+    partial = connected_endpoints.closing(socket.create_connection(S.parse_address(b.stream_address), timeout=10))
+    partial.sendall(S.HELLO_MAGIC)  # the start of a hello, never the rest
+    assert hung_up(silent) and hung_up(partial)
+    assert wait_for(lambda: b.stats()["rejected"].get("hello_timeout") == 2), b.stats()
+    # A real peer says hello at once and is not timed out, however long it then idles.
+    assert transfers(a, b, [torch.ones(3)])
+    time.sleep(0.5)
+    assert transfers(a, b, [torch.randn(64, 64), torch.arange(5)])
+    assert b.stats()["rejected"] == {"hello_timeout": 2}, b.stats()
 
 
 def test_an_inbound_stream_gets_the_full_read_ahead_only_after_its_hello():
@@ -224,18 +196,13 @@ def test_an_inbound_stream_gets_the_full_read_ahead_only_after_its_hello():
             there.close()
 
 
-def test_a_garbage_hello_is_refused_and_counted():
-    a, b = pair(shm=False)
-    sock = socket.create_connection(S.parse_address(b.stream_address), timeout=10)
-    try:
-        sock.sendall(os.urandom(S.HELLO_BYTES) + b"\0" * 4096)  # garbage, and more behind it
-        assert hung_up(sock)
-        assert wait_for(lambda: b.stats()["rejected"].get("bad_magic") == 1), b.stats()
-        assert transfers(a, b, [torch.randn(1000)])
-    finally:
-        sock.close()
-        a.close()
-        b.close()
+def test_a_garbage_hello_is_refused_and_counted(connected_endpoints):
+    a, b = connected_endpoints(default_timeout=30, shm=False)
+    sock = connected_endpoints.closing(socket.create_connection(S.parse_address(b.stream_address), timeout=10))
+    sock.sendall(os.urandom(S.HELLO_BYTES) + b"\0" * 4096)  # garbage, and more behind it
+    assert hung_up(sock)
+    assert wait_for(lambda: b.stats()["rejected"].get("bad_magic") == 1), b.stats()
+    assert transfers(a, b, [torch.randn(1000)])
 
 
 @pytest.mark.parametrize("option, value", [("hello_timeout", 0), ("max_unauthenticated", 0)])
@@ -306,22 +273,19 @@ needs_shm = pytest.mark.skipif(M.shm_dir() is None, reason="no writable /dev/shm
 
 @needs_shm
 @pytest.mark.parametrize("stream", [True, False])
-def test_ring_is_unlinked_once_mapped_and_keeps_working(stream):
+def test_ring_is_unlinked_once_mapped_and_keeps_working(stream, connected_endpoints):
     token = fresh_token()
     job_hex = M.job_hex_of(token)
-    a, b = pair(token, shm=True, stream=stream, chunk_bytes=64 << 10, shm_slots=4)
-    try:
-        big = [torch.randn(100_000) for _ in range(3)]  # 400 KB each: 7 chunks through a 4-slot ring
-        assert transfers(a, b, big[:1])
-        assert job_rings(job_hex) == []
-        assert transfers(a, b, big[1:] + [torch.arange(7)])  # the unlinked ring still carries them
-        assert job_rings(job_hex) == []
-        assert b.stats()["rejected_total"] == 0
-        if stream:  # the bytes went through the ring: the stream carried only doorbells
-            assert b.stats()["stream_bytes_received"] < 3 * 100_000
-    finally:
-        a.close()
-        b.close()
+    a, b = connected_endpoints(token=token, default_timeout=30, shm=True, stream=stream, chunk_bytes=64 << 10,
+                               shm_slots=4)
+    big = [torch.randn(100_000) for _ in range(3)]  # 400 KB each: 7 chunks through a 4-slot ring
+    assert transfers(a, b, big[:1])
+    assert job_rings(job_hex) == []
+    assert transfers(a, b, big[1:] + [torch.arange(7)])  # the unlinked ring still carries them
+    assert job_rings(job_hex) == []
+    assert b.stats()["rejected_total"] == 0
+    if stream:  # the bytes went through the ring: the stream carried only doorbells
+        assert b.stats()["stream_bytes_received"] < 3 * 100_000
     assert job_rings(job_hex) == []
 
 

@@ -13,7 +13,6 @@ import torch
 
 from accelerators.cpu import CpuAccelerator
 from accelerators.emulated import EmulatedAccelerator
-from comm_bridge.channel import Endpoint
 from comm_bridge.staging import Stager
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,34 +56,27 @@ def test_emulated_d2h_waits_for_the_virtual_device():
 
 
 @pytest.mark.parametrize("vendor", ["cpu", "emulated"])
-def test_endpoint_sends_through_the_accelerator(vendor):
+def test_endpoint_sends_through_the_accelerator(vendor, connected_endpoints):
     accel = CpuAccelerator() if vendor == "cpu" else EmulatedAccelerator(CHIP)
-    a = Endpoint(0, "staging", shm=False, accelerator=accel, default_timeout=30)
-    b = Endpoint(1, "staging", shm=False, accelerator=accel, default_timeout=30)
-    try:
-        a.add_peers([b.address()])
-        b.add_peers([a.address()])
-        if vendor == "emulated":
-            y = busy_emulated_result(accel)
-            finished_at = accel.clock.ready_at
-        else:
-            y = torch.randn(800, 800)
-            finished_at = 0.0
-        pending = b.irecv(0, 7, device="cpu")
-        sent = a.isend(y, 1, 7)
-        got = pending.wait(30)
-        sent.wait(30)
-        assert torch.equal(got, y)
-        if vendor == "emulated":
-            assert time.perf_counter() >= finished_at
-            # The bridge sent the staged copy: the sender may reuse its tensor now.
-            y.zero_()
-            assert not torch.equal(got, y)
-        # A non-contiguous device tensor arrives in logical order.
-        view = torch.arange(600.0).reshape(20, 30).t()
-        pending = b.irecv(0, 8)
-        a.isend(view, 1, 8).wait(30)
-        assert torch.equal(pending.wait(30), view)
-    finally:
-        a.close()
-        b.close()
+    a, b = connected_endpoints(token="staging", shm=False, accelerator=accel, default_timeout=30)
+    if vendor == "emulated":
+        y = busy_emulated_result(accel)
+        finished_at = accel.clock.ready_at
+    else:
+        y = torch.randn(800, 800)
+        finished_at = 0.0
+    pending = b.irecv(0, 7, device="cpu")
+    sent = a.isend(y, 1, 7)
+    got = pending.wait(30)
+    sent.wait(30)
+    assert torch.equal(got, y)
+    if vendor == "emulated":
+        assert time.perf_counter() >= finished_at
+        # The bridge sent the staged copy: the sender may reuse its tensor now.
+        y.zero_()
+        assert not torch.equal(got, y)
+    # A non-contiguous device tensor arrives in logical order.
+    view = torch.arange(600.0).reshape(20, 30).t()
+    pending = b.irecv(0, 8)
+    a.isend(view, 1, 8).wait(30)
+    assert torch.equal(pending.wait(30), view)

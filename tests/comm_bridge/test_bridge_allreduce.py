@@ -28,42 +28,36 @@ def rank_input(rank: int, shape, integer: bool) -> torch.Tensor:
 
 
 # ------------------------------------------------------------ ring, in-process
-def run_ring(n, length, wire_dtype=None):
-    endpoints = [Endpoint(r, TOKEN, shm=False, chunk_bytes=4096, default_timeout=30) for r in range(n)]
-    try:
-        for e in endpoints:
-            e.add_peers([x.address() for x in endpoints])
-        bufs = [rank_input(r, (length,), integer=wire_dtype is None) for r in range(n)]
-        expected = torch.stack(bufs).sum(0)
-        errors = []
+def run_ring(connected_endpoints, n, length, wire_dtype=None):
+    endpoints = connected_endpoints(n, shm=False, chunk_bytes=4096, default_timeout=30)
+    bufs = [rank_input(r, (length,), integer=wire_dtype is None) for r in range(n)]
+    expected = torch.stack(bufs).sum(0)
+    errors = []
 
-        def member(r):
-            try:
-                ring_all_reduce(bufs[r], endpoints[r], list(range(n)), wire_dtype=wire_dtype, timeout=30)
-            except BaseException as exc:  # surfaces in the main thread
-                errors.append(exc)
+    def member(r):
+        try:
+            ring_all_reduce(bufs[r], endpoints[r], list(range(n)), wire_dtype=wire_dtype, timeout=30)
+        except BaseException as exc:  # surfaces in the main thread
+            errors.append(exc)
 
-        threads = [threading.Thread(target=member, args=(r,)) for r in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors
-        return bufs, expected
-    finally:
-        for e in endpoints:
-            e.close()
+    threads = [threading.Thread(target=member, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return bufs, expected
 
 
 @pytest.mark.parametrize("n, length", [(2, 1), (3, 1000), (4, 10_001), (5, 3)])
-def test_ring_all_reduce_is_the_exact_sum_on_every_rank(n, length):
-    bufs, expected = run_ring(n, length)
+def test_ring_all_reduce_is_the_exact_sum_on_every_rank(n, length, connected_endpoints):
+    bufs, expected = run_ring(connected_endpoints, n, length)
     for buf in bufs:
         assert torch.equal(buf, expected)
 
 
-def test_ring_all_reduce_bf16_wire_is_close_and_identical_everywhere():
-    bufs, expected = run_ring(3, 5000, wire_dtype=torch.bfloat16)
+def test_ring_all_reduce_bf16_wire_is_close_and_identical_everywhere(connected_endpoints):
+    bufs, expected = run_ring(connected_endpoints, 3, 5000, wire_dtype=torch.bfloat16)
     for buf in bufs:
         assert buf.dtype == torch.float32
         assert torch.equal(buf, bufs[0])  # replicas must not drift apart
