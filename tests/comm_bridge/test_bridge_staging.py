@@ -16,14 +16,16 @@ from accelerators.emulated import EmulatedAccelerator
 from comm_bridge.staging import Stager
 
 pytestmark = pytest.mark.timeout(60)
-CHIP = {"name": "emu-fast", "tflops": {"fp32": 0.01}, "memory_gb": 0.1, "memory_bandwidth_gbps": 5}
+# A slow chip: its matmul below takes ~0.25 s of device time, about 100x what the host's
+# own matmul costs, so the device is still busy when the test looks even on a loaded host.
+CHIP = {"name": "emu-slow", "tflops": {"fp32": 0.0005}, "memory_gb": 0.1, "memory_bandwidth_gbps": 5}
 
 
-def busy_emulated_result(accel: EmulatedAccelerator, n: int = 800) -> torch.Tensor:
-    """A tensor whose producing matmul the virtual device finishes ~0.1 s from now."""
+def busy_emulated_result(accel: EmulatedAccelerator, n: int = 400) -> torch.Tensor:
+    """A tensor whose producing matmul the virtual device finishes ~0.25 s from now."""
     a = accel.to_device(torch.randn(n, n))
     with accel.device_scope():
-        out = a @ a  # 2 n^3 FLOPs at 1e10 FLOP/s
+        out = a @ a  # 2 n^3 FLOPs at 5e8 FLOP/s
     assert accel.clock.ready_at > time.perf_counter(), "the emulated device should still be busy"
     return out
 
