@@ -135,6 +135,10 @@ def test_default_timeout_is_the_larger_of_60_s_and_five_predicted_steps():
     assert watchdog.describe_timeout(7.0, True, 30.0) == "hang timeout 7 s (--hang-timeout)"
 
 
+def test_rejoin_timeout_defaults_to_60_s():
+    assert watchdog.rejoin_or_default(None) == 60.0 and watchdog.rejoin_or_default(5) == 5.0
+
+
 def test_dump_and_kill_gets_the_stacks_of_a_stopped_process(tmp_path):
     env = dict(os.environ, HETERO_RESTART_COUNT="0", HETERO_GLOBAL_RANK="3")
     script = textwrap.dedent(f"""

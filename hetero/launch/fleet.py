@@ -102,7 +102,8 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
         control = HeadControl(layout, token, members, max_restarts, heartbeat_timeout,
                               ack_timeout=shutdown_timeout + 30.0, join_timeout=join_timeout,
                               lost_timeout=lost_timeout, run_dir=run_dir, hang_timeout=hang,
-                              rejoin_timeout=rejoin_timeout, say=lambda line: job.say(line, console=True))
+                              rejoin_timeout=watchdog.rejoin_or_default(rejoin_timeout),
+                              say=lambda line: job.say(line, console=True))
     else:
         control = MemberControl(layout, token, node, join_timeout, lost_timeout)
     try:

@@ -125,7 +125,7 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
             control = HeadControl(layout, token, [], max_restarts, heartbeat_timeout,
                                   ack_timeout=shutdown_timeout + 30.0, join_timeout=rdzv_timeout,
                                   lost_timeout=max(10.0, 2 * heartbeat_timeout), run_dir=run_dir,
-                                  hang_timeout=hang, rejoin_timeout=rejoin_timeout,
+                                  hang_timeout=hang, rejoin_timeout=watchdog.rejoin_or_default(rejoin_timeout),
                                   say=lambda line: job.say(line, console=True))
             with _Interrupts() as interrupts:
                 return job.run(control, interrupts, max_restarts)

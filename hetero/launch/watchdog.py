@@ -44,6 +44,14 @@ def default_timeout(predicted_step_s: float | None) -> float:
     return max(MIN_DEFAULT_S, STEPS_DEFAULT * float(predicted_step_s or 0.0))
 
 
+REJOIN_DEFAULT_S = 60.0   # --rejoin-timeout's default (issue 18: the elastic re-plan's wait for a lost node)
+
+
+def rejoin_or_default(rejoin_timeout: float | None) -> float:
+    """--rejoin-timeout as given, else its default; recorded for the elastic re-plan to come."""
+    return REJOIN_DEFAULT_S if rejoin_timeout is None else float(rejoin_timeout)
+
+
 def describe_timeout(timeout: float, given: bool, predicted_step_s: float | None) -> str:
     """The start-up line that says the hang timeout and where it came from."""
     if given:
