@@ -48,7 +48,8 @@ def add_recovery_flags(parser) -> None:
                         help="declare the job hung when no rank's training loop has moved for S seconds: the stuck "
                              "rank's Python stacks go to <run dir>/stacks/, it is killed, and the job takes the "
                              "failure path (restart from the last checkpoint if --max-restarts allows); default: the "
-                             "larger of 60 s and 5 x the plan's predicted step time (said at start)")
+                             "larger of 60 s and 5 x the plan's predicted step time (said at start); an attempt's "
+                             "first step gets 3 x S")
     parser.add_argument("--rejoin-timeout", type=number(0, MAX_TIMEOUT_S, low_open=True), metavar="S",
                         help="seconds a lost node gets to come back before the job is re-planned on the survivors "
                              "(for the elastic re-plan, still to come: checked and recorded in events.jsonl for now; "
