@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from hetero import resume
+from hetero.config.model import model_text
 from hetero.errors import UserError
 from hetero.launch import events
 
@@ -105,8 +106,9 @@ def _fill(made: "RunDir", job, paths: dict, plan, steps: int) -> None:
     try:
         made.folder("metrics")
         made.write("plan.json", plan.to_json())
-        for part, path in paths.items():
-            made.write(f"{part}.yaml", resume.portable_text(path, job.train.data.path))
+        for part, path in paths.items():   # a model from a HF directory: its architecture and source, not weights
+            made.write(f"{part}.yaml", model_text(job.model, job.pretrained) if part == "model" and job.pretrained
+                       else resume.portable_text(path, job.train.data.path))
         made.claim(resume.RUN_JSON)
         resume.write_record(made.path, {"steps": steps, "resumes": [],
                                         "sources": {part: os.path.abspath(path) for part, path in paths.items()}})
