@@ -4,7 +4,7 @@ Why: the copy that blocks training was a fresh host tensor per chunk (`clone()`,
 every save first-touched hundreds of MB of new pages; the page faults and zeroing cost 5-15x the
 memcpy itself (llama-100m, 300 MB per rank: ~1 s against ~0.1 s into touched memory). The field's
 answer (DCP's async_save with cached staging buffers, ByteCheckpoint's pinned pool) is to copy into
-the same buffers every time; pinned ones for a CUDA source, so the device->host copy runs at the
+the same buffers every time; pinned ones for a device source, so the device->host copy runs at the
 link's speed without a bounce buffer. A host source is copied by numpy's single-threaded memcpy, not
 torch's `copy_`: that forks an OpenMP team for every tensor above its grain size, and on a busy host
 a team waits for a descheduled thread at each of a shard's ~60 copies (llama-100m, a 4x
@@ -21,6 +21,8 @@ streams the buffers, and `begin()` refuses to reuse them before it is done.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch.utils._python_dispatch import _disable_current_modes   # as accelerators.emulated's to_host
@@ -31,7 +33,10 @@ class StagingBusy(RuntimeError):
 
 
 class Staging:
-    def __init__(self):
+    def __init__(self, synchronize: Callable[[], None] | None = None):
+        # The accelerator's synchronize: with it, a device source is copied asynchronously into pinned
+        # buffers and finish() waits; without it, every copy blocks (never a half-copied shard).
+        self._synchronize = synchronize
         self._buffers: list[torch.Tensor] = []
         self._next = 0
         self._pinned = False
@@ -51,7 +56,7 @@ class Staging:
             return self._copy(tensor.detach())
 
     def _copy(self, source: torch.Tensor) -> torch.Tensor:
-        pin = source.device.type == "cuda"      # a pageable target makes a non_blocking copy synchronous
+        pin = source.device.type != "cpu"      # a pageable target makes a non_blocking copy synchronous
         buffer = self._buffers[self._next] if self._next < len(self._buffers) else None
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
             buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin)
@@ -64,14 +69,14 @@ class Staging:
         if source.device.type == "cpu" and source.is_contiguous():
             np.copyto(_bytes(buffer), _bytes(source))
         else:
-            buffer.copy_(source, non_blocking=pin)
+            buffer.copy_(source, non_blocking=pin and self._synchronize is not None)
         return buffer
 
     def finish(self) -> None:
         """Wait for this save's pinned (asynchronous) copies; drop buffers this save did not use."""
         del self._buffers[self._next:]
-        if self._pinned and torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if self._pinned and self._synchronize is not None:
+            self._synchronize()
         self._pinned = False
 
     def lend(self) -> None:
