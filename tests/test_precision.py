@@ -120,6 +120,20 @@ def test_loss_scaler_backs_off_and_grows():
     assert (off.scale, off.skipped_steps) == (1.0, 0)
 
 
+def test_loss_scaler_state_keeps_the_good_step_streak():
+    """A resumed fp16 run grows its scale at the same step an uninterrupted one would."""
+    first = LossScaler(True, scale=1024.0, growth_interval=3)
+    first.update(False)
+    first.update(False)
+    resumed = LossScaler(True, scale=1.0, growth_interval=3)
+    resumed.load(first.state())
+    resumed.update(False)
+    assert resumed.scale == 2048.0                         # the third good step in a row, across the resume
+    older = LossScaler(True, growth_interval=3)
+    older.load({"loss_scale": 8.0, "skipped_steps": 0, "good_steps": 3})   # out of range: ignored
+    assert older.good_steps == 0
+
+
 def test_fp16_skips_an_injected_overflow_step_and_recovers(job, tmp_path):
     model, train = job
     train = dataclasses.replace(train, dtype="fp16", lr=1e-3)

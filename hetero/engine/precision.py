@@ -54,7 +54,8 @@ class LossScaler:
 
     def state(self) -> dict:
         """What a checkpoint keeps (state.json), so a resumed run scales as the first would have."""
-        return {"loss_scale": self.scale, "skipped_steps": self.skipped_steps} if self.enabled else {}
+        return ({"loss_scale": self.scale, "skipped_steps": self.skipped_steps, "good_steps": self.good_steps}
+                if self.enabled else {})
 
     def load(self, state: dict) -> None:
         if not self.enabled:
@@ -64,3 +65,6 @@ class LossScaler:
             self.scale = float(scale)
         if isinstance(skipped, int) and not isinstance(skipped, bool) and skipped >= 0:
             self.skipped_steps = skipped
+        good = state.get("good_steps")       # absent in older checkpoints: the streak starts again
+        if isinstance(good, int) and not isinstance(good, bool) and 0 <= good < self.growth_interval:
+            self.good_steps = good
