@@ -171,3 +171,20 @@ def test_inputs_without_documents_are_refused(tok, tmp_path):
     with pytest.raises(UserError, match="empty.txt: no documents"):
         prepare(str(tok[0]), [str(empty)], str(tmp_path / "d.bin"))
     assert not (tmp_path / "d.bin").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_before_any_worker(tok, inputs, tmp_path, capsys):
+    """hetero plan/run refuse it from the sidecar at load time, naming the train file's data.path."""
+    prepare(str(tok[0]), inputs[0], str(tmp_path / "data.bin"))
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    model = (tmp_path / "model.yaml")
+    model.write_text(open(os.path.join(configs, "llama-tiny.yaml"), encoding="utf-8").read()
+                     .replace("vocab: 1024", "vocab: 64"))
+    train = tmp_path / "train.yaml"
+    train.write_text(open(os.path.join(configs, "train-tiny.yaml"), encoding="utf-8").read()
+                     .replace("data: synthetic ", "data: {kind: tokens, path: data.bin} "))
+    code, _, err = run_cli(capsys, "plan", "--cluster", os.path.join(configs, "emulated-mixed.yaml"),
+                           "--model", str(model), "--train", str(train))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"train\.yaml: data\.path: .*data\.bin: its tokenizer's vocabulary \(\d+\) is larger than "
+                     r"model 'llama-tiny''s vocab \(64\)", err), err

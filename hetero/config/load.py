@@ -16,6 +16,7 @@ from hetero.config.fields import Section, describe
 from hetero.config.model import ModelConfig, Pretrained, hf_source, read_model_source
 from hetero.config.train import TrainConfig, read_train
 from hetero.config.yaml_io import read_yaml
+from hetero.data.sidecar import read_sidecar
 from hetero.errors import ConfigError
 
 READERS = {"cluster": read_cluster, "model": read_model_source, "train": read_train}
@@ -131,6 +132,13 @@ def load_job(cluster: str | None = None, model: str | None = None, train: str | 
 
 def check_job(job: Job, origin: dict) -> None:
     """Rules that span files."""
+    if job.model and job.train and job.train.data.kind == "tokens":
+        # Refused here, before any worker starts (each worker checks again against the file itself).
+        meta = read_sidecar(job.train.data.path)
+        if meta is not None and meta["vocab_size"] > job.model.vocab:
+            raise ConfigError(origin["train"], "data.path",
+                              f"{job.train.data.path}: its tokenizer's vocabulary ({meta['vocab_size']}) is larger "
+                              f"than model '{job.model.name}''s vocab ({job.model.vocab}) in {origin['model']}")
     if job.model and job.cluster:
         for island in job.cluster.islands:
             chip = job.cluster.chip(island.chip)
