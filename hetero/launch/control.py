@@ -102,12 +102,13 @@ class HeadControl:
     def __init__(self, layout: FleetLayout, token: str, members: list[str], max_restarts: int,
                  heartbeat_timeout: float, ack_timeout: float, join_timeout: float, lost_timeout: float,
                  run_dir: str | None = None, hang_timeout: float | None = None, rejoin_timeout: float | None = None,
-                 say=None):
+                 say=None, announce: str | None = None):
         self.layout = layout
         self.run_dir = run_dir
         self.hang_timeout = hang_timeout      # None: no hang watchdog
         self.rejoin_timeout = rejoin_timeout  # recorded; the elastic re-plan will use it
         self.say = say or (lambda message: None)
+        self._announce = announce             # said once the first coordinator holds its port
         self.watchdog: watchdog.Watchdog | None = None
         self.hang: tuple | None = None        # (Hang, its failure line, when the verdict may go out)
         self.refusals: dict = {}           # reason -> count, over every attempt's coordinator
@@ -142,6 +143,9 @@ class HeadControl:
             self.coordinator = None
             raise LaunchAbort(f"cannot start the coordinator on {host}:{cluster.port}: {exc}") from None
         self.client = CoordinatorClient(self.coordinator.address, self.token, 0, timeout=10.0)
+        if self._announce:                 # after the port is ours: a refused start stays one line
+            self.say(self._announce)
+            self._announce = None
         for host_name in self.members:
             self.client.kv_set(node_key(attempt, host_name), json.dumps({"state": "pending"}))
             self.client.kv_set(ack_key(attempt, host_name), "")

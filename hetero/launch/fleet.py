@@ -98,12 +98,12 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
         remove_rings(token)
         predicted = plan.predicted_step_s if plan is not None else None
         hang = hang_timeout or watchdog.default_timeout(predicted)
-        job.say(watchdog.describe_timeout(hang, hang_timeout is not None, predicted), console=True)
         control = HeadControl(layout, token, members, max_restarts, heartbeat_timeout,
                               ack_timeout=shutdown_timeout + 30.0, join_timeout=join_timeout,
                               lost_timeout=lost_timeout, run_dir=run_dir, hang_timeout=hang,
                               rejoin_timeout=watchdog.rejoin_or_default(rejoin_timeout),
-                              say=lambda line: job.say(line, console=True))
+                              say=lambda line: job.say(line, console=True),
+                              announce=watchdog.describe_timeout(hang, hang_timeout is not None, predicted))
     else:
         control = MemberControl(layout, token, node, join_timeout, lost_timeout)
     try:

@@ -121,12 +121,12 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
             remove_rings(token)
             predicted = plan.predicted_step_s if plan is not None else None
             hang = hang_timeout or watchdog.default_timeout(predicted)
-            job.say(watchdog.describe_timeout(hang, hang_timeout is not None, predicted), console=True)
             control = HeadControl(layout, token, [], max_restarts, heartbeat_timeout,
                                   ack_timeout=shutdown_timeout + 30.0, join_timeout=rdzv_timeout,
                                   lost_timeout=max(10.0, 2 * heartbeat_timeout), run_dir=run_dir,
                                   hang_timeout=hang, rejoin_timeout=watchdog.rejoin_or_default(rejoin_timeout),
-                                  say=lambda line: job.say(line, console=True))
+                                  say=lambda line: job.say(line, console=True),
+                                  announce=watchdog.describe_timeout(hang, hang_timeout is not None, predicted))
             with _Interrupts() as interrupts:
                 return job.run(control, interrupts, max_restarts)
         finally:
