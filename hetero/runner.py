@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from hetero import resume
+from hetero.commands.flags import add_job_files
 from hetero.config.model import model_text
 from hetero.errors import UserError
 from hetero.launch import events
@@ -42,9 +43,7 @@ class RunResult:
 def add_job_arguments(parser, train_default: str = DEFAULTS["train"]) -> None:
     """--cluster/--model/--train (defaults: the embedded example) and --kind, shared by
     `hetero run` and the benchmarks that train."""
-    defaults = dict(DEFAULTS, train=train_default)
-    for kind, name in defaults.items():
-        parser.add_argument(f"--{kind}", metavar="FILE", help=f"{kind} YAML (default configs/{name})")
+    add_job_files(parser, defaults=dict(DEFAULTS, train=train_default))
     parser.add_argument("--kind", choices=sorted(KINDS), default="auto",
                         help="plan hetero-PP (pipeline across islands), hetero-DP (replicas, one per island) "
                              "or let the planner pick (auto, the default)")

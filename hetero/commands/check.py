@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from hetero.check.storage import DEFAULT_WAIT_S
-from hetero.commands.flags import number
+from hetero.commands.flags import add_job_files, number
 from hetero.config import load_job
 from hetero.report.units import flops_text
 
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
             "since a multi-node job's checkpoints must be one folder every node mounts at the same path."
         ),
     )
-    parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
+    add_job_files(parser, ("cluster",))
     parser.add_argument("--node", metavar="HOST", help="this machine is HOST of the cluster file (default: "
                                                        "loopback addresses and this host's name)")
     parser.add_argument("--simulate", action="store_true", help="do not measure; estimate the real check's duration")

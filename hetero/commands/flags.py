@@ -54,3 +54,23 @@ def add_recovery_flags(parser) -> None:
                         help="seconds a lost node gets to come back before the job is re-planned on the survivors "
                              "(for the elastic re-plan, still to come: checked and recorded in events.jsonl for now; "
                              "default 60)")
+
+
+JOB_FILES = {
+    "cluster": ("FILE", "cluster YAML"),
+    "model": ("PATH", "model YAML, or a Hugging Face Llama directory (config.json + *.safetensors)"),
+    "train": ("FILE", "train YAML"),
+}
+
+
+def add_job_files(parser, kinds=("cluster", "model", "train"), *, optional=(), defaults=None, notes=None) -> None:
+    """--cluster/--model/--train, declared alike by every command that reads a job: required unless in
+    `optional` or given a default (`defaults`: {kind: file under configs/}); `notes`: {kind: text added
+    to the help}."""
+    for kind in kinds:
+        metavar, text = JOB_FILES[kind]
+        text += (notes or {}).get(kind, "")
+        if defaults and kind in defaults:
+            parser.add_argument(f"--{kind}", metavar=metavar, help=f"{text} (default configs/{defaults[kind]})")
+        else:
+            parser.add_argument(f"--{kind}", required=kind not in optional, metavar=metavar, help=text)

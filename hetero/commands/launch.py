@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from hetero.commands.flags import add_recovery_flags, number, whole
+from hetero.commands.flags import add_job_files, add_recovery_flags, number, whole
 from hetero.launch.targets import parse_target
 
 MAX_RESTARTS = 1000
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
             "every host's agents in Ray actors."
         ),
     )
-    parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
+    add_job_files(parser, ("cluster",))
     parser.add_argument("--plan", metavar="FILE", help="plan JSON from 'hetero plan --out'")
     parser.add_argument("--node", metavar="HOST", help="the host this launcher runs, as in the cluster file")
     parser.add_argument("--on", type=parse_target, metavar="ray[=ADDRESS]|slurm",

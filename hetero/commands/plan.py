@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from hetero.commands.flags import whole
+from hetero.commands.flags import add_job_files, whole
 from hetero.config import load_job
 from hetero.errors import UserError
 from hetero.planning import Progress, headroom, load_profile, plan_job
@@ -27,9 +27,7 @@ def register(subparsers) -> None:
             "chip catalog (analytic model). Prints a table, or one JSON object with --json."
         ),
     )
-    parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
-    parser.add_argument("--model", required=True, metavar="FILE", help="model YAML")
-    parser.add_argument("--train", required=True, metavar="FILE", help="train YAML")
+    add_job_files(parser)
     parser.add_argument("--profile", metavar="FILE", help="measured profile from 'hetero profile'")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--top", type=whole(1, MAX_TOP), default=1, metavar="K", help="show the K best plans (default 1)")

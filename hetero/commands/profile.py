@@ -7,6 +7,7 @@ import os
 import socket
 import time
 
+from hetero.commands.flags import add_job_files
 from hetero.config import load_job
 from hetero.errors import UserError
 from hetero.planning import Progress, fleet_spec, model_spec
@@ -26,9 +27,7 @@ def register(subparsers) -> None:
             "'hetero plan --profile FILE' reads; an existing FILE is extended, not replaced."
         ),
     )
-    parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster YAML")
-    parser.add_argument("--model", required=True, metavar="FILE", help="model YAML")
-    parser.add_argument("--train", metavar="FILE", help="train YAML (dtype and batch sizes; default fp32, 1..4)")
+    add_job_files(parser, optional=("train",), notes={"train": " (dtype and batch sizes; default fp32, 1..4)"})
     parser.add_argument("--out", default="profile.json", metavar="FILE", help="profile to write (default profile.json)")
     parser.add_argument("--micro-batches", metavar="LIST", help="comma-separated micro-batch sizes to measure")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per entry (median; default 3)")
