@@ -47,7 +47,8 @@ def read_hf_config(directory: str) -> ModelConfig:
     model does not compute the same way (scaled RoPE, biases, other activations)."""
     path = os.path.join(_check_dir(directory), CONFIG_FILE)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: missing (a Hugging Face checkpoint directory needs config.json)")
+        raise UserError(f"{path}: missing: {directory} is a directory, and a directory is read as a Hugging Face "
+                        f"model, which needs config.json (or give a YAML file)")
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
