@@ -147,13 +147,7 @@ class Checkpoint:
         self._verified: set[str] = set()
         self._handles: dict = {}
         state_path = os.path.join(directory, fmt.STATE)
-        try:
-            with open(state_path, encoding="utf-8") as handle:
-                self.state = json.load(handle)
-        except (OSError, ValueError) as exc:
-            raise CorruptCheckpoint(state_path, f"not a readable checkpoint ({_one_line(exc)})") from None
-        if not isinstance(self.state, dict) or self.state.get("format") != fmt.FORMAT:
-            raise CorruptCheckpoint(state_path, "not a hetero checkpoint")
+        self.state = read_state(directory)
         if self.state.get("version") != fmt.VERSION:
             raise CorruptCheckpoint(state_path, f"format version {self.state.get('version')!r}; this hetero reads "
                                                 f"version {fmt.VERSION}")
@@ -312,6 +306,20 @@ class Checkpoint:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+def read_state(directory: str) -> dict:
+    """Checkpoint `directory`'s state.json, checked to be a hetero checkpoint's (its other fields are
+    checked by Checkpoint); CorruptCheckpoint if it is unreadable or anything else."""
+    path = os.path.join(directory, fmt.STATE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpoint(path, f"not a readable checkpoint ({_one_line(exc)})") from None
+    if not isinstance(state, dict) or state.get("format") != fmt.FORMAT:
+        raise CorruptCheckpoint(path, "not a hetero checkpoint")
+    return state
+
 
 def _is_step(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= fmt.MAX_STEP

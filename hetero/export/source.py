@@ -8,12 +8,11 @@ everything else about it is checked by hetero.checkpoint.reader.Checkpoint (one 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from hetero.checkpoint import format as fmt
-from hetero.checkpoint.reader import Checkpoint, CorruptCheckpoint, latest
+from hetero.checkpoint.reader import Checkpoint, CorruptCheckpoint, latest, read_state
 from hetero.config.model import ModelConfig
 from hetero.errors import UserError
 
@@ -57,19 +56,12 @@ def resolve(path: str) -> tuple[str, str | None]:
 
 def model_config(directory: str) -> ModelConfig:
     """The ModelConfig state.json records (the checkpoint describes its own model)."""
-    path = os.path.join(directory, fmt.STATE)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            state = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise CorruptCheckpoint(path, f"not a readable checkpoint ({' '.join(str(exc).split())})") from None
-    model = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(state, dict) or state.get("format") != fmt.FORMAT:
-        raise CorruptCheckpoint(path, "not a hetero checkpoint")
+    model = read_state(directory).get("model")
     try:
         return ModelConfig(**model)
     except TypeError as exc:
-        raise CorruptCheckpoint(path, f"its model description is unreadable ({exc})") from None
+        raise CorruptCheckpoint(os.path.join(directory, fmt.STATE),
+                                f"its model description is unreadable ({exc})") from None
 
 
 def _run_dir(candidate: str) -> str | None:
