@@ -6,11 +6,11 @@ collectives cannot talk, as with NCCL vs HCCL); only the bridge joins them.
 
 import multiprocessing as mp
 import os
-import socket
 import threading
 
 import pytest
 import torch
+from conftest import free_port
 
 from comm_bridge.allreduce import cross_island_all_reduce, ring_all_reduce
 from comm_bridge.channel import Endpoint
@@ -117,18 +117,12 @@ def _island_worker(coordinator, gloo_port, island, local, conn):
         dist.destroy_process_group()  # gloo may abort at exit otherwise
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cross_island_all_reduce_over_four_processes_equals_the_sum():
     from comm_bridge.coordinator import Coordinator
     world = ISLANDS * LOCAL
     with Coordinator(TOKEN, world_size=world, heartbeat_timeout=30) as coordinator:
         ctx = mp.get_context("spawn")
-        ports = [_free_port() for _ in range(ISLANDS)]
+        ports = [free_port() for _ in range(ISLANDS)]
         procs, conns = [], []
         for island in range(ISLANDS):
             for local in range(LOCAL):
