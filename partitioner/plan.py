@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping
 
 from partitioner.inputs import DTYPE_BYTES, RECOMPUTE_MODES
 
 FORMAT = "hetero-plan"
 VERSION = 1
+INTERLEAVED_VERSION = 2     # written when any pipeline has virtual_stages > 1 (docs/plan-format.md)
+VERSIONS = (VERSION, INTERLEAVED_VERSION)
 KINDS = ("pipeline", "replicas")
 
 
@@ -56,10 +58,19 @@ class StagePlan:
     time_s: float                    # forward + backward of one micro-batch
     memory_gb: float                 # peak per chip, GB (1e9 bytes)
     source: str = "estimated"        # where the layer time came from: measured | calibrated | estimated
+    # Interleaved 1F1B (its pipeline's virtual_stages v > 1): the stage's v half-open layer ranges in
+    # model order, pieces i, i+p, ... of the model cut into p*v; `layers` is then their span, for display.
+    chunks: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def layer_ranges(self) -> tuple[tuple[int, int], ...]:
+        """The layers this stage holds, as ranges in model order: what code that builds or
+        counts the stage's layers must use (`layers` is only their span when interleaved)."""
+        return self.chunks or (self.layers,)
 
     @property
     def num_layers(self) -> int:
-        return self.layers[1] - self.layers[0]
+        return sum(end - start for start, end in self.layer_ranges)
 
     @property
     def chips(self) -> int:
@@ -73,6 +84,7 @@ class PipelinePlan:
     dp: int
     micro_batch: int
     num_micro_batches: int           # per DP replica per step
+    virtual_stages: int = 1          # v: model chunks per stage (interleaved 1F1B when > 1)
 
     @property
     def samples(self) -> int:
@@ -126,15 +138,20 @@ class Plan:
 
     # -- serialisation ---------------------------------------------------------
 
+    @property
+    def version(self) -> int:
+        """The format version this plan is written as: 1 unless a pipeline is interleaved."""
+        return INTERLEAVED_VERSION if any(p.virtual_stages > 1 for p in self.pipelines) else VERSION
+
     def to_dict(self) -> dict:
         return {
-            "format": FORMAT, "version": VERSION, "kind": self.kind,
+            "format": FORMAT, "version": self.version, "kind": self.kind,
             "cluster": self.cluster, "model": self.model, "dtype": self.dtype,
             "layers": self.layers, "heads": self.heads, "kv_heads": self.kv_heads,
             "global_batch": self.global_batch, "micro_batch": self.micro_batch,
             "num_micro_batches": self.num_micro_batches, "recompute": self.recompute, "zero1": self.zero1,
-            "stages": [{**asdict(s), "layers": list(s.layers)} for s in self.stages],
-            "pipelines": [{**asdict(p), "stages": list(p.stages), "samples": p.samples} for p in self.pipelines],
+            "stages": [_stage_dict(s) for s in self.stages],
+            "pipelines": [_pipeline_dict(p) for p in self.pipelines],
             "ranks": [asdict(r) for r in self.ranks],
             "predicted_step_s": self.predicted_step_s, "tokens_per_s": self.tokens_per_s,
             "mfu": dict(self.mfu), "memory_gb": self.memory_gb, "breakdown": dict(self.breakdown),
@@ -150,9 +167,11 @@ class Plan:
         naming the field otherwise: a fractional `tp` or a NaN time is refused, not truncated)."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise PlanError(f"not a hetero plan (expected \"format\": \"{FORMAT}\")")
-        if data.get("version") != VERSION or isinstance(data.get("version"), bool):
-            raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {VERSION})", "version")
-        return cls(
+        version = data.get("version")
+        if version not in VERSIONS or isinstance(version, bool):
+            raise PlanError(f"plan version {version!r} is not supported (expected {VERSION}, or "
+                            f"{INTERLEAVED_VERSION} for interleaved pipelines)", "version")
+        plan = cls(
             kind=_text(data, "kind", choices=KINDS), cluster=_text(data, "cluster"), model=_text(data, "model"),
             dtype=_text(data, "dtype", choices=tuple(DTYPE_BYTES)), layers=_int(data, "layers", low=1),
             heads=_int(data, "heads", low=1), kv_heads=_int(data, "kv_heads", low=1),
@@ -170,6 +189,11 @@ class Plan:
             provenance=dict(_mapping(data, "provenance", default={})),
             idle=_table(data, "idle", _int, default={}),
         )
+        if version != plan.version:      # the version says whether a pipeline is interleaved
+            raise PlanError(f"virtual_stages > 1 needs plan version {INTERLEAVED_VERSION}" if version == VERSION else
+                            f"plan version {version} is not supported without a pipeline of virtual_stages > 1 "
+                            f"(a plain plan is version {VERSION})", "version")
+        return plan
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -202,22 +226,19 @@ class Plan:
             if not p.stages:
                 out.append(f"pipeline {p.index} has no stages")
                 continue
-            start = 0
+            mine = []
             for i in p.stages:
                 if i in seen_stages or not 0 <= i < len(self.stages):
                     out.append(f"pipeline {p.index}: stage {i} missing or used twice")
                     continue
                 seen_stages.add(i)
                 s = self.stages[i]
+                mine.append(s)
                 if s.pipeline != p.index:
                     out.append(f"stage {i} says pipeline {s.pipeline}, listed under {p.index}")
-                if s.layers[0] != start or s.layers[1] <= s.layers[0]:
-                    out.append(f"pipeline {p.index}: stage {i} has layers {list(s.layers)}, expected to start at {start} and be non-empty")
-                start = s.layers[1]
                 if s.dp != p.dp:
                     out.append(f"stage {i}: dp {s.dp} differs from its pipeline's {p.dp}")
-            if start != self.layers:
-                out.append(f"pipeline {p.index}: layers end at {start}, the model has {self.layers}")
+            out.extend(self._layer_problems(p, mine))
             if p.micro_batch != self.micro_batch:
                 out.append(f"pipeline {p.index}: micro_batch {p.micro_batch} != plan's {self.micro_batch}")
             if p.num_micro_batches < 1:
@@ -258,6 +279,42 @@ class Plan:
                 out.append(f"stage {s.index}: expected {s.tp * s.dp} ranks (tp x dp), got {len(per_stage.get(s.index, ()))}")
         if fleet is not None:
             out.extend(self._fleet_problems(fleet))
+        return out
+
+    def _layer_problems(self, p: PipelinePlan, stages: list[StagePlan]) -> list[str]:
+        """A pipeline's stages tile [0, layers) in order: plainly, or (virtual_stages v > 1) as p*v
+        pieces, the stage at position i holding pieces i, i+p, ..., i+(v-1)p as its `chunks`."""
+        out, v = [], p.virtual_stages
+        if v < 1:
+            return [f"pipeline {p.index}: virtual_stages must be >= 1, got {v}"]
+        if v > 1:
+            if len(stages) < 2:
+                out.append(f"pipeline {p.index}: virtual_stages {v} needs at least 2 stages, it has {len(stages)}")
+            if p.num_micro_batches % max(len(stages), 1):
+                out.append(f"pipeline {p.index}: virtual_stages {v} needs num_micro_batches "
+                           f"({p.num_micro_batches}) to be a multiple of its {len(stages)} stages")
+        pieces: list = [None] * (len(stages) * v)
+        for position, s in enumerate(stages):
+            if v == 1 and s.chunks:
+                out.append(f"stage {s.index}: has chunks but its pipeline's virtual_stages is 1")
+                continue
+            if v > 1 and len(s.chunks) != v:
+                out.append(f"stage {s.index}: expected {v} chunks (its pipeline's virtual_stages), got {len(s.chunks)}")
+                continue
+            if v > 1 and s.layers != (s.chunks[0][0], s.chunks[-1][1]):
+                out.append(f"stage {s.index}: layers {list(s.layers)} must be the span of its chunks, "
+                           f"[{s.chunks[0][0]}, {s.chunks[-1][1]}]")
+            for c, piece in enumerate(s.layer_ranges):
+                pieces[c * len(stages) + position] = (s.index, piece)
+        start = 0
+        for index, (stage, (first, end)) in ((j, piece) for j, piece in enumerate(pieces) if piece is not None):
+            if first != start or end <= first:
+                what = f"chunk {index // len(stages)} " if v > 1 else ""
+                out.append(f"pipeline {p.index}: stage {stage} {what}has layers [{first}, {end}], expected to "
+                           f"start at {start} and be non-empty")
+            start = end
+        if start != self.layers:
+            out.append(f"pipeline {p.index}: layers end at {start}, the model has {self.layers}")
         return out
 
     def _fleet_problems(self, fleet) -> list[str]:
@@ -324,22 +381,76 @@ def assign_ranks(fleet, stages: list[StagePlan]) -> tuple[RankPlan, ...]:
     return tuple(ranks)
 
 
+def interleaved(plan: Plan, virtual_stages: int) -> Plan:
+    """The same plan run as interleaved 1F1B with `virtual_stages` chunks per stage: each stage keeps
+    its number of layers, split as evenly as it goes into v chunks, and the model is re-cut into the
+    p*v pieces in the order the format prescribes. Pipelines of one stage stay plain. For tests and
+    measurements of the engine; predictions (times, memory) are the plain plan's, not re-costed."""
+    stages, pipelines = list(plan.stages), []
+    for p in plan.pipelines:
+        v = virtual_stages if len(p.stages) > 1 else 1
+        sizes = [_split(stages[i].num_layers, v) for i in p.stages]
+        start, cut = 0, [[] for _ in p.stages]
+        for c in range(v):
+            for position, size in enumerate(sizes):
+                cut[position].append((start, start + size[c]))
+                start += size[c]
+        for position, i in enumerate(p.stages):
+            chunks = tuple(cut[position])
+            stages[i] = replace(stages[i], chunks=chunks if v > 1 else (), layers=(chunks[0][0], chunks[-1][1]))
+        pipelines.append(replace(p, virtual_stages=v))
+    return replace(plan, stages=tuple(stages), pipelines=tuple(pipelines))
+
+
+def _split(layers: int, parts: int) -> list[int]:
+    """`layers` in `parts` sizes that differ by at most one, larger ones first."""
+    if layers < parts:
+        raise PlanError(f"a stage of {layers} layers cannot hold {parts} non-empty chunks")
+    return [layers // parts + (1 if c < layers % parts else 0) for c in range(parts)]
+
+
+def _stage_dict(s: StagePlan) -> dict:
+    """A stage's JSON object; `chunks` only when interleaved, so a v == 1 plan reads as format version 1."""
+    out = {**asdict(s), "layers": list(s.layers)}
+    if s.chunks:
+        out["chunks"] = [list(c) for c in s.chunks]
+    else:
+        del out["chunks"]
+    return out
+
+
+def _pipeline_dict(p: PipelinePlan) -> dict:
+    out = {**asdict(p), "stages": list(p.stages), "samples": p.samples}
+    if p.virtual_stages == 1:
+        del out["virtual_stages"]
+    return out
+
+
 # -- reading the JSON form: one function per field type, each naming the field it refuses --------
 
 _MISSING = object()
 
 
+def _pair(pair, name: str) -> tuple[int, int]:
+    """A [start, end] layer range, `name` the field it is read from."""
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise PlanError(f"expected [start, end], got {_show(pair)}", name)
+    start, end = (_int({name: pair}, name, index=i) for i in (0, 1))
+    return start, end
+
+
 def _stage(data, where: str) -> StagePlan:
-    layers = _items(data, "layers", where)
-    if len(layers) != 2:
-        raise PlanError(f"expected [start, end], got {_show(layers)}", f"{where}.layers")
-    start, end = (_int({"layers": layers}, "layers", where, index=i) for i in (0, 1))
+    start, end = _pair(_get(data, "layers", where), f"{where}.layers")
+    chunks = _get(data, "chunks", where, default=[])
+    if not isinstance(chunks, list):
+        raise PlanError(f"expected a list, got {_show(chunks)}", f"{where}.chunks")
     return StagePlan(
         index=_int(data, "index", where), pipeline=_int(data, "pipeline", where), island=_text(data, "island", where),
         chip=_text(data, "chip", where), tp=_int(data, "tp", where, low=1), dp=_int(data, "dp", where, low=1),
         layers=(start, end), recompute=_text(data, "recompute", where, choices=RECOMPUTE_MODES),
         offset=_int(data, "offset", where), time_s=_number(data, "time_s", where),
-        memory_gb=_number(data, "memory_gb", where), source=_text(data, "source", where, default="estimated"))
+        memory_gb=_number(data, "memory_gb", where), source=_text(data, "source", where, default="estimated"),
+        chunks=tuple(_pair(chunk, f"{where}.chunks[{c}]") for c, chunk in enumerate(chunks)))
 
 
 def _pipeline(data, where: str) -> PipelinePlan:
@@ -348,7 +459,8 @@ def _pipeline(data, where: str) -> PipelinePlan:
         index=_int(data, "index", where),
         stages=tuple(_int({"stages": stages}, "stages", where, index=i) for i in range(len(stages))),
         dp=_int(data, "dp", where, low=1), micro_batch=_int(data, "micro_batch", where, low=1, high=MAX_BATCH),
-        num_micro_batches=_int(data, "num_micro_batches", where, low=1, high=MAX_BATCH))
+        num_micro_batches=_int(data, "num_micro_batches", where, low=1, high=MAX_BATCH),
+        virtual_stages=_int(data, "virtual_stages", where, low=1, default=1))
 
 
 def _rank(data, where: str) -> RankPlan:
@@ -366,8 +478,9 @@ def _get(data, key: str, where: str, default=_MISSING):
     return data[key]
 
 
-def _int(data, key: str, where: str = "", low: int = 0, high: int = MAX_COUNT, index: int | None = None) -> int:
-    value = _get(data, key, where)
+def _int(data, key: str, where: str = "", low: int = 0, high: int = MAX_COUNT, index: int | None = None,
+         default=_MISSING) -> int:
+    value = _get(data, key, where, default)
     name = _join(where, key)
     if index is not None:
         value, name = value[index], f"{name}[{index}]"

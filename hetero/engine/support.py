@@ -12,7 +12,9 @@ Whoever teaches the engine a feature says so here, and only here:
 - ZERO1: optimizer state sharded over each stage's DP group;
 - MIXED_PRECISION: bf16/fp16 parameters and activations with fp32 master weights
   and moments (fp16 with loss scaling);
-- RECOMPUTE_MODES: the activation recompute modes hetero.model.recompute implements.
+- RECOMPUTE_MODES: the activation recompute modes hetero.model.recompute implements;
+- INTERLEAVED: interleaved (virtual-stage) 1F1B, pipelines[].virtual_stages > 1
+  (hetero.engine.schedule, stages holding several layer chunks).
 
 Every field of the plan format is in exactly one of CHOICES (the engine acts on
 its value), STRUCTURE (the layout the engine builds, checked against the job and
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 RECOMPUTE_MODES = ("none", "selective", "full")
 ZERO1 = True               # hetero.engine.zero + optimizer: state sharded over each stage's DP group
 MIXED_PRECISION = True     # hetero.engine.precision: fp32 master weights and moments, fp16 loss scaling
+INTERLEAVED = False        # hetero.engine.schedule: virtual stages (several layer chunks per stage)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ CHOICES = {
                     f"the optimizer state is replicated: ZeRO-1 is not implemented yet; {HOW_TO_REPLAN}"),
     "recompute": Choice(RECOMPUTE_MODES + ("mixed",)),
     "stages[].recompute": Choice(RECOMPUTE_MODES),
+    **({} if INTERLEAVED else {"pipelines[].virtual_stages": Choice(
+        (1,), "interleaved 1F1B (virtual stages) is not implemented yet: plan with virtual_stages 1")}),
 }
 
 FORMAT = ("format", "version")
@@ -56,7 +61,7 @@ STRUCTURE = (
     "stages[].index", "stages[].pipeline", "stages[].island", "stages[].chip", "stages[].tp", "stages[].dp",
     "stages[].layers", "stages[].offset",
     "pipelines[].index", "pipelines[].stages", "pipelines[].dp", "pipelines[].micro_batch",
-    "pipelines[].num_micro_batches",
+    "pipelines[].num_micro_batches", *(("pipelines[].virtual_stages",) if INTERLEAVED else ()), "stages[].chunks",
     "ranks[].rank", "ranks[].island", "ranks[].local_rank", "ranks[].node", "ranks[].pipeline", "ranks[].stage",
     "ranks[].tp_rank", "ranks[].dp_rank",
 )
@@ -65,6 +70,7 @@ INFORMATIONAL = (
     "stages[].time_s", "stages[].memory_gb", "stages[].source", "pipelines[].samples",
 )
 KNOWN = frozenset(FORMAT + STRUCTURE + INFORMATIONAL + tuple(CHOICES))
+VERSION_2_ONLY = ("pipelines[].virtual_stages", "stages[].chunks")   # written only by interleaved plans
 LISTS = ("stages", "pipelines", "ranks")
 
 
@@ -73,10 +79,10 @@ def refusals(plan, raw: dict | None = None) -> list[tuple[str, str]]:
     with `raw`, the plan's JSON object, also every field it does not know."""
     out = [] if raw is None else _unknown_fields(raw)
     for field, choice in CHOICES.items():
-        if field.startswith("stages[]."):
-            name = field.removeprefix("stages[].")
-            out += [(f"stages[{s.index}].{name}", why) for s in plan.stages
-                    if (why := _refused(getattr(s, name), choice))]
+        if "[]." in field:
+            items, name = field.split("[].")
+            out += [(f"{items}[{i}].{name}", why) for i, item in enumerate(getattr(plan, items))
+                    if (why := _refused(getattr(item, name), choice))]
         elif why := _refused(getattr(plan, field), choice):
             out.append((field, why))
     modes = {s.recompute for s in plan.stages}
