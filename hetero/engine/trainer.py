@@ -14,15 +14,12 @@ all ranks take it alike.
 
 from __future__ import annotations
 
-import errno
 import math
-import os
-import time
 
 import torch
 
-from hetero.engine import checkpoint as ckpt
-from hetero.engine import progress, retention, tags
+from hetero.engine import progress, tags
+from hetero.engine.checkpointing import Checkpoints
 from hetero.engine.data import SampleSource
 from hetero.engine.gradients import GradientSync
 from hetero.engine.lr_schedule import learning_rate
@@ -30,7 +27,7 @@ from hetero.engine.metrics import ChipClock, MetricsRecorder, PeakMemory
 from hetero.engine.optimizer import AdamW
 from hetero.engine.precision import DTYPES, LossScaler, needs_master
 from hetero.engine.schedule import one_f_one_b
-from hetero.engine.transport import StageLink, device_scope, to_device, to_host
+from hetero.engine.transport import StageLink, device_scope, to_device
 from hetero.engine.zero import FlatShard
 from hetero.errors import JobFatalError
 from hetero.model import LlamaStage, TensorParallel, layout
@@ -83,7 +80,12 @@ class Trainer:
         self.data = SampleSource(train_config.data, model_config.vocab, model_config.seq_len,
                                  train_config.seed, train_config.global_batch)
         self.schedule = one_f_one_b(place.position, len(place.pipeline_stages), place.num_micro_batches)
-        self.start_step = self._resume()
+        self.checkpoints = Checkpoints(comms, accelerator, model_config, train_config, self.model, self.optimizer,
+                                       self.scaler, pretrained=pretrained, log_once=self._log_once,
+                                       fleet_count=self._fleet_count, scope=self._scope, onto_device=self._onto_device)
+        self.start_step = self.checkpoints.resume()
+        if self.start_step == 0 and pretrained:   # a run's own checkpoint wins over its starting model
+            self._load_pretrained()
         self.metrics = MetricsRecorder(run_dir, place.rank, self.clock,
                                        PeakMemory(accelerator, comms.topology.plan, place.rank))
 
@@ -116,25 +118,6 @@ class Trainer:
             return None
         transport = self.comms.transport_to(peers[0])
         return StageLink(transport, self.place.tp_rank, self.place.stage.tp, self.comms.tp_group, peers)
-
-    def _resume(self) -> int:
-        """Load the newest good checkpoint (falling back past bad ones); return its step. Each rank
-        reads on the host, outside the device scope, only the chunks that overlap its own TP slices
-        and ZeRO-1 shard (the plan may differ from the saver's); only they cross the host link."""
-        self._pending = None                 # the save whose writer may still run (_finish_pending)
-        root = self.train.checkpoint.dir if self.train.checkpoint else None
-        saved = ckpt.load(root, self.model_config, log=self._log_once, agree=self._any_rank,
-                          read=self.optimizer.read_part)
-        if self.place.rank == 0:
-            ckpt.discard_partials(root)      # saves a crash cut short; no rank writes yet
-        if saved is None:
-            if self.pretrained:
-                self._load_pretrained()
-            return 0
-        self.optimizer.load_part(saved.part, saved.optimizer_steps, self._onto_device, self._scope)
-        self.scaler.load(saved.state)
-        self._log_once(f"resumed from {saved.directory} (step {saved.step})")
-        return saved.step
 
     @torch.no_grad()
     def _load_pretrained(self) -> None:
@@ -169,10 +152,9 @@ class Trainer:
     def run(self) -> None:
         for step in range(self.start_step, self.steps):
             self._train_step(step)
-            every = self.train.checkpoint.every if self.train.checkpoint else 0
-            if every and ((step + 1) % every == 0 or step + 1 == self.steps):
-                self._save(step + 1)
-        self._finish_pending()
+            if self.checkpoints.due(step + 1, self.steps):
+                self.checkpoints.save(step + 1)
+        self.checkpoints.finish()
         self.comms.flush()
         self.metrics.close()
 
@@ -195,6 +177,7 @@ class Trainer:
         scale, lr = self.scaler.scale, learning_rate(self.train, step, self.steps)
         finite = self._check_finite(step, loss)
         progress.stamp("optimizer")
+        self.checkpoints.before_update()
         if finite and self._gradients_usable(step, grad_norm):
             self.grads.clip(grad_norm, self.train.grad_clip)
             with self._scope():
@@ -204,7 +187,7 @@ class Trainer:
         self.accel.synchronize()
         self.metrics.peaks.update_done()
         step_s = self.clock.now() - started
-        self._seal_when_written()           # before the step's record: a recorded step N+1 means N is sealed
+        self.checkpoints.seal_ready()       # before the step's record: a recorded step N+1 means N is sealed
         if finite and (math.isfinite(grad_norm) or self.scaler.enabled):   # an fp16 overflow is recorded too
             self.metrics.step({"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
                                "step_s": step_s, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
@@ -232,7 +215,7 @@ class Trainer:
 
     def _non_finite(self, step: int, what: str) -> bool:
         if self.train.on_nan == "stop":
-            self._finish_pending()        # the previous checkpoint is good: seal it (every rank stops alike)
+            self.checkpoints.finish()     # the previous checkpoint is good: seal it (every rank stops alike)
             raise JobFatalError(f"step {step + 1}: {what}; stopping before checkpointing (train.on_nan: stop)")
         self._log_once(f"step {step + 1}: {what}; skipping this step's update (train.on_nan: skip)")
         return False
@@ -306,112 +289,3 @@ class Trainer:
             compute = self.clock.now() - t0 - waited
             self.metrics.action(step, mb, kind, compute, waited, posted_at, received, sent_at, link)
         return loss_sum
-
-    # -- checkpoints ------------------------------------------------------------------
-    def _save(self, step: int) -> None:
-        """Start checkpoint `step`: seal the previous one, then copy this rank's own shard to the host
-        (training blocks only for that copy) and hand it to a background writer (hetero.checkpoint.writer).
-        Each phase ends in a fleet-wide count of ranks whose part failed for want of space (it doubles
-        as the barrier), so every rank stops alike and `latest` keeps naming the previous checkpoint."""
-        root = self.train.checkpoint.dir
-        progress.stamp("checkpoint")
-        self._finish_pending()
-        self._refuse_non_finite_state(step)
-        self._agree_written(root, step, self._only_rank0(ckpt.prepare, root, step))
-        started = time.perf_counter()
-        write = None
-        if self._writes_checkpoint(self.place.rank):
-            with self._scope():
-                chunks = self.optimizer.own_chunks(self._host_copy, self._own_names())
-            self.accel.synchronize()
-            write = ckpt.AsyncWrite(ckpt.partial_dir(root, step), self.place.rank, step, chunks).start()
-        self.save_blocked_s = time.perf_counter() - started
-        extra = {"data_position": {"next_step": step}, "optimizer_steps": self.optimizer.steps,
-                 **self.scaler.state(), **({"pretrained": self.pretrained.to_dict()} if self.pretrained else {})}
-        self._pending = (step, extra, write)
-
-    def _seal_when_written(self) -> None:
-        """Seal the pending checkpoint as soon as every rank's writer is done: checked at the end of each
-        step while one is pending (a fleet-wide count, so every rank decides alike); training never waits
-        for a writer here."""
-        if self._pending is None:
-            return
-        write = self._pending[2]
-        done = self._fleet_count([write is None or not write.running()])[0]
-        if done == self.comms.topology.plan.world_size:
-            self._finish_pending()
-
-    def _finish_pending(self) -> None:
-        """Wait for this rank's writer of the pending checkpoint, agree fleet-wide that every part is
-        written, and seal it (rank 0): before the next save starts, at the end of training, and before a
-        fleet-wide stop."""
-        if self._pending is None:
-            return
-        (step, extra, write), self._pending = self._pending, None
-        root = self.train.checkpoint.dir
-        progress.stamp("checkpoint")
-        self._agree_written(root, step, write.wait() if write else None)
-        self.save_write_s, self.save_bytes = (write.write_s, write.bytes) if write else (0.0, 0)
-        self._agree_written(root, step, self._only_rank0(self._seal, root, step, extra))
-        self._log_once(f"checkpoint {ckpt.step_dir(root, step)}")
-
-    def _seal(self, root: str, step: int, extra: dict) -> None:
-        writers = [r.rank for r in self.comms.topology.plan.ranks if self._writes_checkpoint(r.rank)]
-        ckpt.seal(root, step, self.model_config, extra, writers)
-        retention.prune(root, self.train.checkpoint.keep)
-
-    def _writes_checkpoint(self, rank: int) -> bool:
-        """Whether `rank` writes its part: pipeline 0's ranks hold the whole model once (hetero-DP
-        replicas are copies); in a DP group without ZeRO-1 the replicas are copies too (dp rank 0
-        writes), with ZeRO-1 every DP rank writes its own shard."""
-        plan = self.comms.topology.plan
-        where = next(r for r in plan.ranks if r.rank == rank)
-        stage = next(s for s in plan.stages if s.index == where.stage)
-        return stage.pipeline == 0 and ((plan.zero1 and stage.dp > 1) or where.dp_rank == 0)
-
-    def _own_names(self) -> list[str]:
-        """The parameters this rank saves: all but a tied LM head, the first stage's embedding's copy."""
-        return [n for n in self.params if self.model.hf_name(n) == n]
-
-    def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy of a device tensor, through the accelerator's copy API (never the live tensor)."""
-        host = to_host(self.accel, tensor)
-        return host.clone() if host.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else host
-
-    def _only_rank0(self, write, *args) -> int | None:
-        """Rank 0 runs `write`; the errno of a full disk or quota it hit, else None."""
-        return _out_of_space(write, *args) if self.place.rank == 0 else None
-
-    def _agree_written(self, root: str, step: int, failed: int | None) -> None:
-        """Every rank: raise JobFatalError if any rank ran out of space writing checkpoint `step`."""
-        no_space, quota = self._fleet_count([failed == errno.ENOSPC, failed == errno.EDQUOT])
-        if not (no_space or quota):
-            return
-        if self.place.rank == 0:
-            ckpt.discard(root, step)
-        what = "no space left on device" if no_space else "disk quota exceeded"
-        kept = ckpt.pointed_step(root)
-        previous = f"latest is still step {kept}" if kept else "no earlier checkpoint"
-        raise JobFatalError(f"{root}: {what} while writing checkpoint {os.path.basename(ckpt.step_dir(root, step))}"
-                            f" ({previous}); free space there and restart")
-
-    def _refuse_non_finite_state(self, step: int) -> None:
-        """Raise JobFatalError on every rank if any rank's weights or moments hold nan or inf."""
-        stores = (("", self.params), *self.optimizer.local_state().items())
-        bad = next((prefix + self.model.hf_name(name) for prefix, store in stores for name, t in store.items()
-                    if not bool(torch.isfinite(t.detach()).all())), None)
-        if self._any_rank(bad is not None):
-            where = f" ({bad} on rank {self.place.rank})" if bad else ""
-            raise JobFatalError(f"step {step}: weights are not finite{where}; stopping before checkpointing")
-
-
-def _out_of_space(write, *args) -> int | None:
-    """Run a checkpoint write; the errno if it failed for want of space (ENOSPC, EDQUOT), else None.
-    Other failures propagate."""
-    try:
-        write(*args)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return exc.errno
-        raise
-    return None
