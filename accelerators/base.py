@@ -180,6 +180,15 @@ class Accelerator:
         """Host-to-device copy onto the current device (the one copy API into device memory)."""
         return tensor.to(self.device(), non_blocking=non_blocking)
 
+    def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        """Device-to-host copy of `src` into the existing host tensor `dst` (same shape and dtype): a
+        checkpoint's staging buffer, reused save after save instead of fresh pages each time. With
+        `non_blocking` and a pinned `dst` the copy is queued on the current stream (torch's documented
+        asynchronous D2H copy): `dst` holds the bytes only once an event recorded after it, or the
+        stream, is synchronized. Returns `dst`."""
+        dst.copy_(src, non_blocking=non_blocking)
+        return dst
+
     # Dtypes -----------------------------------------------------------------
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return COMMON_DTYPES

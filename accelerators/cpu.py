@@ -8,6 +8,7 @@ import platform
 from typing import Any
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from accelerators.base import Accelerator, HostEvent, ProbeResult
@@ -110,6 +111,14 @@ class CpuAccelerator(Accelerator):
     def pin_memory(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor  # pinning needs a device driver; host memory is already host memory
 
+    def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        """A host memcpy (nothing to wait for): numpy's single-threaded copy for contiguous tensors,
+        not torch's `copy_`, which forks an OpenMP team per tensor above its grain size, and on a busy
+        host a team waits for a descheduled thread at each of a shard's copies (a memcpy is
+        memory-bound; one core is enough)."""
+        host_copy(dst, src)
+        return dst
+
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -128,3 +137,16 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy host tensor `src` into host tensor `dst` (same shape and dtype)."""
+    if dst.is_contiguous() and src.is_contiguous() and dst.dtype == src.dtype and dst.shape == src.shape:
+        np.copyto(_bytes(dst), _bytes(src.detach()))
+    else:
+        dst.copy_(src.detach())
+
+
+def _bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous tensor's bytes as a numpy array (any dtype, bf16 included), no copy."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()

@@ -26,8 +26,8 @@ hands it is *device memory*, counted by the ledger against the usable capacity
 over raises `EmulatedOutOfMemory`, which is also a `torch.OutOfMemoryError`
 like a real vendor's. Every other tensor is host memory.
 
-Host link: `to_device` (host -> device) and `to_host` (device -> host) are the
-copy API; each charges bytes / `host_link_gbps` to the clock (a spec without
+Host link: `to_device` (host -> device), `to_host` and `copy_to_host` (device ->
+host, the latter into an existing host tensor) are the copy API; each charges bytes / `host_link_gbps` to the clock (a spec without
 the key copies at its memory bandwidth; the catalog always names one). A
 blocking `to_host` then waits for the clock; `non_blocking=True` only queues
 the copy (wait on an event recorded after it, as on a real chip).
@@ -89,7 +89,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from accelerators import strict_backend
 from accelerators.base import ProbeResult
-from accelerators.cpu import CpuAccelerator
+from accelerators.cpu import CpuAccelerator, host_copy
 from accelerators.errors import AcceleratorUnavailable, DeviceContractError, EmulatedOutOfMemory
 from accelerators.strict_backend import BACKEND_NAME as STRICT_BACKEND
 
@@ -553,6 +553,20 @@ class EmulatedAccelerator(CpuAccelerator):
             self.clock.wait()
         with _disable_current_modes():  # the copy lands in host memory, not the chip's
             return tensor.detach().clone()
+
+    def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        """Device -> host copy into an existing host tensor (a checkpoint's staging buffer): charged at
+        the host link exactly as `to_host` (a host `src` in strict mode is free), on the chip's one
+        queue, so compute issued after it waits for it (a real chip's copy engine could overlap
+        the two: the emulation is never the more forgiving); a blocking one waits for the device."""
+        self.require_device("copy_to_host()")
+        if not (self.strict and not self.ledger.holds(src)):
+            self.clock.charge(self.pace.copy_seconds(src.nbytes))
+        if not non_blocking:
+            self.clock.wait()
+        with _disable_current_modes():  # the copy lands in host memory, not the chip's
+            host_copy(dst, src)
+        return dst
 
     def to_device(self, tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         """Host -> device copy: a new tensor in device memory (counted by the ledger, so it may

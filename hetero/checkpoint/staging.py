@@ -13,7 +13,9 @@ one core is enough). The buffers are the shard's size (the writer streams them, 
 other copy is made), so peak extra host memory stays about 1.0x the shard; they are held between
 saves, which is what a host copy of the shard costs anyway at the next save.
 
-Use: `copy = staging.begin().copy`, hand `copy` to own_chunks (each call takes the next buffer, made
+Every copy goes through the accelerator's `copy_to_host` when the staging has one (the trainer's
+does): an emulated chip charges the host link for it exactly as for `to_host`, so the emulation is
+no more forgiving than a real chip. Use: `copy = staging.begin().copy`, hand `copy` to own_chunks (each call takes the next buffer, made
 or remade only when its shape or dtype changed), `staging.finish()` (waits for pinned copies), then
 give the chunks and the staging to `AsyncWrite(..., staging=staging)`: the writer lends it while it
 streams the buffers, and `begin()` refuses to reuse them before it is done.
@@ -21,11 +23,10 @@ streams the buffers, and `begin()` refuses to reuse them before it is done.
 
 from __future__ import annotations
 
-from typing import Callable
-
-import numpy as np
 import torch
 from torch.utils._python_dispatch import _disable_current_modes   # as accelerators.emulated's to_host
+
+from accelerators.cpu import host_copy
 
 
 class StagingBusy(RuntimeError):
@@ -33,10 +34,11 @@ class StagingBusy(RuntimeError):
 
 
 class Staging:
-    def __init__(self, synchronize: Callable[[], None] | None = None):
-        # The accelerator's synchronize: with it, a device source is copied asynchronously into pinned
-        # buffers and finish() waits; without it, every copy blocks (never a half-copied shard).
-        self._synchronize = synchronize
+    def __init__(self, accelerator=None):
+        # With the accelerator, every copy goes through its copy_to_host (an emulated chip charges the
+        # host link as for to_host; a device source is copied asynchronously into pinned buffers and
+        # finish() synchronizes). Without one, a host memcpy, or a blocking copy of a device source.
+        self._accel = accelerator
         self._buffers: list[torch.Tensor] = []
         self._next = 0
         self._pinned = False
@@ -59,24 +61,26 @@ class Staging:
         pin = source.device.type != "cpu"      # a pageable target makes a non_blocking copy synchronous
         buffer = self._buffers[self._next] if self._next < len(self._buffers) else None
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
-            buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin)
+            buffer = _host_buffer(source.shape, source.dtype, pin)
             if self._next < len(self._buffers):
                 self._buffers[self._next] = buffer
             else:
                 self._buffers.append(buffer)
         self._next += 1
-        self._pinned |= pin
-        if source.device.type == "cpu" and source.is_contiguous():
-            np.copyto(_bytes(buffer), _bytes(source))
+        if self._accel is not None:
+            self._accel.copy_to_host(buffer, source, non_blocking=pin)
+            self._pinned |= pin
+        elif pin:
+            buffer.copy_(source)
         else:
-            buffer.copy_(source, non_blocking=pin and self._synchronize is not None)
+            host_copy(buffer, source)
         return buffer
 
     def finish(self) -> None:
         """Wait for this save's pinned (asynchronous) copies; drop buffers this save did not use."""
         del self._buffers[self._next:]
-        if self._pinned and self._synchronize is not None:
-            self._synchronize()
+        if self._pinned:
+            self._accel.synchronize()
         self._pinned = False
 
     def lend(self) -> None:
@@ -90,6 +94,6 @@ class Staging:
         return sum(b.numel() * b.element_size() for b in self._buffers)
 
 
-def _bytes(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous tensor's bytes as a numpy array (any dtype, bf16 included), no copy."""
-    return tensor.reshape(-1).view(torch.uint8).numpy()
+def _host_buffer(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """A new staging buffer; page-locked (pinned) for a device source, so its copy can be asynchronous."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)

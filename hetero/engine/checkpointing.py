@@ -3,7 +3,8 @@ trainer holds `self.checkpoints` and calls `resume()` once, `save(step)` when a 
 `before_update()` right before the optimizer modifies parameters or optimizer state, `seal_ready()`
 at the end of each step and `finish()` at the end of training (or before a fleet-wide stop).
 
-A save copies this rank's own shard to the host (training blocks only for that copy) and hands it to
+A save copies this rank's own shard into host staging buffers kept from save to save
+(hetero.checkpoint.staging, through the accelerator's copy_to_host; training blocks only for that copy) and hands it to
 a background writer (hetero.checkpoint.writer); the checkpoint is sealed once every rank's writer is
 done. Every decision (which checkpoint to resume from, a failed write, sealing) is taken from
 fleet-wide counts, so all ranks take it alike and `latest` keeps naming the previous checkpoint
@@ -21,7 +22,6 @@ import torch
 
 from hetero.engine import checkpoint as ckpt
 from hetero.engine import progress, retention
-from hetero.engine.transport import to_host
 from hetero.errors import JobFatalError
 
 
@@ -42,6 +42,9 @@ class Checkpoints:
         self._pending = None                 # (step, extra, write): the save whose writer may still run
         self.blocked_s = self.write_s = 0.0  # the last save's blocking copy and write (seconds)
         self.bytes = 0
+        # The host buffers every save copies this rank's shard into, through the accelerator's
+        # copy_to_host (an emulated chip charges its host link, as a real chip's copy costs).
+        self.staging = ckpt.Staging(accelerator)
 
     # -- resume -------------------------------------------------------------------------
     def resume(self) -> int:
@@ -75,10 +78,10 @@ class Checkpoints:
         started = time.perf_counter()
         write = None
         if self._writes_checkpoint(self.place.rank):
-            with self._scope():
-                chunks = self.optimizer.own_chunks(self._host_copy, self._own_names())
-            self.accel.synchronize()
-            write = ckpt.AsyncWrite(ckpt.partial_dir(self.root, step), self.place.rank, step, chunks).start()
+            chunks = self.optimizer.own_chunks(self.staging.begin().copy, self._own_names())
+            self.staging.finish()
+            write = ckpt.AsyncWrite(ckpt.partial_dir(self.root, step), self.place.rank, step, chunks,
+                                    staging=self.staging).start()
         self.blocked_s = time.perf_counter() - started
         extra = {"data_position": {"next_step": step}, "optimizer_steps": self.optimizer.steps,
                  **self.scaler.state(), **({"pretrained": self.pretrained.to_dict()} if self.pretrained else {})}
@@ -130,11 +133,6 @@ class Checkpoints:
     def _own_names(self) -> list[str]:
         """The parameters this rank saves: all but a tied LM head, the first stage's embedding's copy."""
         return [n for n in self.params if self.model.hf_name(n) == n]
-
-    def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy of a device tensor, through the accelerator's copy API (never the live tensor)."""
-        host = to_host(self.accel, tensor)
-        return host.clone() if host.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else host
 
     def _any_rank(self, flag: bool) -> bool:
         return self._fleet_count([flag])[0] > 0
