@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import Any
 
+from hetero.config.load import Job
 from hetero.errors import UserError
 from partitioner.inputs import ChipModel, FleetSpec, InfeasibleError, IslandSpec, ModelSpec, TrainSpec
 from partitioner.profile import ProfileDB, ProfileError
@@ -65,9 +67,10 @@ def load_profile(path: str | None) -> ProfileDB | None:
         raise UserError(str(exc)) from None
 
 
-def plan_job(job, profile: ProfileDB | None = None, top: int = 1, progress=None, **train_overrides) -> SearchResult:
+def plan_job(job: Job, profile: ProfileDB | None = None, top: int = 1, progress=None,
+             **train_overrides) -> SearchResult:
     """Search plans for a loaded Job (cluster, model and train all present)."""
-    job.require("cluster", "model", "train")
+    job = job.require("cluster", "model", "train")
     fleet = fleet_spec(job.cluster)
     model = model_spec(job.model)
     train = train_spec(job.train, **train_overrides)
@@ -77,8 +80,9 @@ def plan_job(job, profile: ProfileDB | None = None, top: int = 1, progress=None,
         result = search(fleet, model, train, profile=profile, top=top, progress=progress)
     except InfeasibleError as exc:
         raise UserError(str(exc)) from None
-    if getattr(job, "pretrained", None) is not None:
-        result.plans = [with_pretrained(plan, job.pretrained) for plan in result.plans]
+    pretrained = job.pretrained
+    if pretrained is not None:
+        result.plans = [with_pretrained(plan, pretrained) for plan in result.plans]
     return result
 
 
@@ -134,19 +138,19 @@ def headroom(result: SearchResult) -> dict:
     tokens = best.tokens_per_s * best.predicted_step_s          # per step
     alone = {name: tokens / c.step for name, c in result.islands_alone.items()}
     total = sum(alone.values())
-    out = {"islands_alone_tokens_per_s": {**alone, "sum": total},
-           "efficiency_vs_islands": best.tokens_per_s / total if total else None,
-           "lower_bounds": {}}
+    bounds: dict[str, dict] = {}
+    out: dict[str, Any] = {"islands_alone_tokens_per_s": {**alone, "sum": total},
+                           "efficiency_vs_islands": best.tokens_per_s / total if total else None,
+                           "lower_bounds": bounds}
     if alone:
-        name = max(alone, key=alone.get)
+        name = max(alone, key=lambda island: alone[island])
         cand = result.islands_alone[name]
-        out["lower_bounds"]["best_island_alone"] = {"island": name, "tokens_per_s": alone[name],
-                                                    "label": cand.label}
+        bounds["best_island_alone"] = {"island": name, "tokens_per_s": alone[name], "label": cand.label}
     dp = result.hetero_dp
     if dp is not None:
         samples = {pe.island.name: pe.dp * pe.b * pe.m for pe in dp.pipes}
         speed = sum(alone.get(n, 0.0) for n in samples)
-        out["lower_bounds"]["hetero_dp"] = {
+        bounds["hetero_dp"] = {
             "tokens_per_s": tokens / dp.step, "label": dp.label,
             "batch_share": {n: s / sum(samples.values()) for n, s in samples.items()},
             "speed_share": {n: alone.get(n, 0.0) / speed for n in samples} if speed else {},
@@ -155,5 +159,5 @@ def headroom(result: SearchResult) -> dict:
             "islands_at_share_tokens_per_s": sum(tokens * (pe.dp * pe.b * pe.m) / sum(samples.values()) / pe.step()
                                                  for pe in dp.pipes)}
     out["meets_lower_bounds"] = all(best.tokens_per_s >= b["tokens_per_s"] * (1 - 1e-9)
-                                    for b in out["lower_bounds"].values())
+                                    for b in bounds.values())
     return out

@@ -100,7 +100,7 @@ def _serve_raw_tcp(conn, sizes, quick):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for nbytes in sizes:
         buf = np.empty(nbytes, dtype=np.uint8)
-        view = memoryview(buf)
+        view = buf.data   # the array's own memoryview (no copy)
         warm, iters = _iterations(nbytes, quick)
         for _ in range(warm + iters):
             _recv_exact(sock, view)
@@ -115,7 +115,7 @@ def _drive_raw_tcp(conn, sizes, quick):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     out = {}
     for nbytes in sizes:
-        data = memoryview(np.ones(nbytes, dtype=np.uint8))
+        data = np.ones(nbytes, dtype=np.uint8).data
         reply = memoryview(bytearray(nbytes if nbytes <= ECHO_LIMIT else 1))
         warm, iters = _iterations(nbytes, quick)
         times = []

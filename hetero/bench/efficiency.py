@@ -326,7 +326,7 @@ def predicted_efficiency_of(cluster: str, model: str, train: str) -> dict:
     """The cost model's E for a fleet that is only planned (never launched from here)."""
     configs = os.path.join(ROOT, "configs")
     job = load_job(cluster=os.path.join(configs, cluster), model=os.path.join(configs, model),
-                   train=os.path.join(configs, train))
+                   train=os.path.join(configs, train)).require("cluster", "model", "train")
     mixed = search_plan(job).tokens_per_s
     island_tokens_per_s = {}
     for island in job.cluster.islands:

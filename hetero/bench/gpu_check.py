@@ -226,7 +226,7 @@ def mixed_run(steps: int, config: str = MIXED_CONFIG) -> dict:
     from hetero.engine.solo import train_solo
     from hetero.launch.fleet import launch_fleet
 
-    job = load_job(cluster=config, model=config, train=config)
+    job = load_job(cluster=config, model=config, train=config).require("cluster", "model", "train")
     split = job.model.layers // 2
     plan = two_island_plan(job, ("gpu", (0, split)), ("host", (split, job.model.layers)))
     with tempfile.TemporaryDirectory(prefix="hetero-gpu-check-") as tmp:
@@ -300,7 +300,7 @@ def mfu(name: str, model_path: str, batch: int, steps: int, chip: str | None) ->
     accelerator = accelerators.get_accelerator(name)
     chip = chip or catalog_chip(accelerator)
     catalog = load_catalog()
-    peak = catalog[chip].peak_flops("bf16") if chip in catalog else None
+    peak = catalog[chip].peak_flops("bf16") if chip is not None and chip in catalog else None
     try:
         stage = LlamaStage(model, dtype=torch.bfloat16, device=accelerator.device(0), seed=0)
         optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-5)

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from hetero import check
 
-    cluster = load_job(cluster=args.cluster).require("cluster").cluster
+    cluster = load_job(cluster=args.cluster).require_cluster()
     progress = None if args.json else _print_item
     if not args.json:
         print(f"check {cluster.name}: {cluster.total_chips} chips, "

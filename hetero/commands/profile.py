@@ -43,7 +43,7 @@ def run(args) -> int:
     from hetero import profiling
 
     job = load_job(cluster=args.cluster, model=args.model, train=args.train)
-    cluster, model = job.cluster, job.model
+    cluster, model = job.require_cluster(), job.require_model()
     fleet = fleet_spec(cluster)
     mspec = model_spec(model)
     dtype = job.train.dtype if job.train else "fp32"
@@ -76,7 +76,6 @@ def run(args) -> int:
         try:
             result = profiling.measure_layer(accel, model, t, b, dtype, reps=max(1, args.reps))
         except Exception as exc:  # out of memory on a small chip: record nothing, say so
-            result = None
             note = f"{island.chip} tp{t} b{b}: not measured ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         else:
             db.add_layer(island.chip, t, b, result["forward_s"], result["backward_s"], result["memory_bytes"],

@@ -99,7 +99,8 @@ def _watch(trainer) -> dict:
     """Forward hooks keeping each watched module's output per global sample, during the
     stage's forward calls only (a recomputing backward runs layers again)."""
     seen: dict = {}
-    state = {"calls": 0, "first": None}
+    calls = 0
+    current: int | None = None     # the global index of this forward call's first sample; None outside one
     place, model = trainer.place, trainer.model
     inner = model.model
     watched = [("embed", getattr(inner, "embed_tokens", None)),
@@ -108,10 +109,11 @@ def _watch(trainer) -> dict:
 
     def hook_for(name):
         def hook(_module, _inputs, output):
-            if state["first"] is None or (name != "logits" and place.tp_rank != 0):
+            first = current
+            if first is None or (name != "logits" and place.tp_rank != 0):
                 return
             for offset, sample in enumerate(output.detach().float().clone()):
-                seen.setdefault(name, {})[state["first"] + offset] = sample
+                seen.setdefault(name, {})[first + offset] = sample
         return hook
 
     for name, module in watched:
@@ -120,12 +122,13 @@ def _watch(trainer) -> dict:
     forward = model.forward
 
     def counted(*args, **kwargs):
-        state["first"] = place.first_sample + state["calls"] * place.micro_batch
-        state["calls"] += 1
+        nonlocal calls, current
+        current = place.first_sample + calls * place.micro_batch
+        calls += 1
         try:
             return forward(*args, **kwargs)
         finally:
-            state["first"] = None
+            current = None
 
     model.forward = counted
     return seen

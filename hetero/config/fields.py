@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn, overload
 
 from hetero.config.yaml_io import YamlDocument
 from hetero.errors import ConfigError
@@ -55,7 +55,7 @@ class Section:
             return self.path
         return f"{self.path}.{name}" if self.path else name
 
-    def fail(self, name: str, message: str):
+    def fail(self, name: str, message: str) -> NoReturn:
         path = self.field_path(name)
         line = self.doc.lines.get(path)
         where = f"{path} (line {line})" if path and line else path or (f"line {line}" if line else "")
@@ -73,7 +73,15 @@ class Section:
         except Invalid as exc:
             self.fail(name, str(exc))
 
+    @overload
+    def section(self, name: str) -> "Section": ...
+
+    @overload
+    def section(self, name: str, default: None) -> "Section | None": ...
+
     def section(self, name: str, default: Any = _MISSING) -> "Section | None":
+        """The mapping `name`, read as its own Section; without a default it is required
+        (so callers that pass none get a Section, never None)."""
         self.used.add(name)
         if name not in self.data:
             if default is _MISSING:

@@ -9,7 +9,8 @@ model is a Hugging Face Llama checkpoint (hetero.config.model.hf_source).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal, overload
 
 from hetero.config.cluster import ClusterConfig, read_cluster
 from hetero.config.fields import Section, describe
@@ -17,7 +18,7 @@ from hetero.config.model import ModelConfig, Pretrained, hf_source, read_model_s
 from hetero.config.train import TrainConfig, read_train
 from hetero.config.yaml_io import read_yaml
 from hetero.data.sidecar import read_sidecar
-from hetero.errors import ConfigError
+from hetero.errors import ConfigError, UserError
 
 READERS = {"cluster": read_cluster, "model": read_model_source, "train": read_train}
 # The field that tells a bare file's kind.
@@ -34,13 +35,48 @@ class Job:
     sources: tuple = ()                 # (kind, path) for each part, in load order
     pretrained: Pretrained | None = None   # the Hugging Face model a run starts from, if any
 
-    def require(self, *kinds: str) -> "Job":
+    @overload
+    def require(self, first: Literal["cluster"], second: Literal["model"], third: Literal["train"], /) -> FullJob: ...
+
+    @overload
+    def require(self, *kinds: str) -> Job: ...
+
+    def require(self, *kinds: str) -> Job:
+        """This job, or one line naming the first part missing. Asked for all three parts
+        (cluster, model, train, in that order), it returns them typed as present: a FullJob."""
         missing = [kind for kind in kinds if getattr(self, kind) is None]
         if missing:
-            from hetero.errors import UserError
-            raise UserError(f"no {' or '.join(missing)} description given "
-                            f"(pass --{missing[0]} FILE, or a file with a '{missing[0]}:' section)")
+            raise _missing(missing)
+        if {"cluster", "model", "train"} <= set(kinds) and not isinstance(self, FullJob):
+            return FullJob(**{f.name: getattr(self, f.name) for f in fields(self)})
         return self
+
+    def require_cluster(self) -> ClusterConfig:
+        """The cluster, or the same one line as require("cluster")."""
+        if self.cluster is None:
+            raise _missing(["cluster"])
+        return self.cluster
+
+    def require_model(self) -> ModelConfig:
+        """The model, or the same one line as require("model")."""
+        if self.model is None:
+            raise _missing(["model"])
+        return self.model
+
+
+@dataclass(frozen=True)
+class FullJob(Job):
+    """A Job whose cluster, model and train are all present (what Job.require of all three returns):
+    the types say so, so no caller re-checks for None."""
+
+    cluster: ClusterConfig
+    model: ModelConfig
+    train: TrainConfig
+
+
+def _missing(kinds: list[str]) -> UserError:
+    return UserError(f"no {' or '.join(kinds)} description given "
+                     f"(pass --{kinds[0]} FILE, or a file with a '{kinds[0]}:' section)")
 
 
 def load_sections(path: str, want: str | None = None) -> dict:
@@ -132,12 +168,13 @@ def load_job(cluster: str | None = None, model: str | None = None, train: str | 
 
 def check_job(job: Job, origin: dict) -> None:
     """Rules that span files."""
-    if job.model and job.train and job.train.data.kind == "tokens":
+    data = job.train.data if job.train else None
+    if job.model and data is not None and data.kind == "tokens" and data.path is not None:
         # Refused here, before any worker starts (each worker checks again against the file itself).
-        meta = read_sidecar(job.train.data.path)
+        meta = read_sidecar(data.path)
         if meta is not None and meta["vocab_size"] > job.model.vocab:
             raise ConfigError(origin["train"], "data.path",
-                              f"{job.train.data.path}: its tokenizer's vocabulary ({meta['vocab_size']}) is larger "
+                              f"{data.path}: its tokenizer's vocabulary ({meta['vocab_size']}) is larger "
                               f"than model '{job.model.name}''s vocab ({job.model.vocab}) in {origin['model']}")
     if job.model and job.cluster:
         for island in job.cluster.islands:
