@@ -45,21 +45,21 @@ def export_hf(checkpoint: str, out: str, *, dtype: str | None = None, shard_size
     groups = shards.plan_shards(sizes, limit)
     sidecar = tokenizer.run_tokenizer(source.run_dir) if with_tokenizer else None
     tokenizer_dir = tokenizer.check_tokenizer(sidecar) if sidecar else None
-    progress = Progress(len(names), sum(size for _, size in sizes), stream=sys.stderr if progress else None)
+    bar = Progress(len(names), sum(size for _, size in sizes), stream=sys.stderr if progress else None)
     staging = _staging_dir(out)
     try:
-        files = _write_shards(source.checkpoint, groups, DTYPES[dtype], staging, progress)
-        ids = tokenizer.special_ids(tokenizer_dir, sidecar) if tokenizer_dir else {}
+        files = _write_shards(source.checkpoint, groups, DTYPES[dtype], staging, bar)
+        ids = tokenizer.special_ids(tokenizer_dir, sidecar) if tokenizer_dir and sidecar else {}
         files += _write_configs(staging, source.config, dtype, ids, files, sum(size for _, size in sizes))
         copied = tokenizer.copy_tokenizer(tokenizer_dir, staging, sidecar, source.config.seq_len) \
-            if tokenizer_dir else []
+            if tokenizer_dir and sidecar else []
         files += [_entry(staging, name) for name in copied]
         os.replace(staging, out)
     except OSError as exc:            # a full disk, a quota, OUT_DIR filled by someone else meanwhile
         raise UserError(f"--hf {out}: could not write it ({exc.strerror or exc}); nothing was left there") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    progress.finish()
+    bar.finish()
     return {"out": out, "checkpoint": source.checkpoint.directory, "step": source.checkpoint.step, "dtype": dtype,
             "tensors": len(names), "parameters": sum(size for _, size in sizes) // DTYPES[dtype].itemsize,
             "shards": len(groups), "bytes": sum(f["bytes"] for f in files), "files": files,

@@ -17,10 +17,9 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 def parse_size(text: str) -> int:
     """Bytes of a size like 5GB, 500MB, 2GiB or 1000000 (decimal units as transformers' max_shard_size)."""
     match = _SIZE.fullmatch(text)
-    unit = match.group(2).upper() if match else None
-    if unit not in UNITS:
+    if match is None or match.group(2).upper() not in UNITS:
         raise UserError(f"--shard-size {text!r}: expected a size such as 5GB, 500MB, 2GiB or a number of bytes")
-    size = int(float(match.group(1)) * UNITS[unit])
+    size = int(float(match.group(1)) * UNITS[match.group(2).upper()])
     if size < 1:
         raise UserError(f"--shard-size {text!r}: must be at least one byte")
     return size

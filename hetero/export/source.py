@@ -43,10 +43,10 @@ def resolve(path: str) -> tuple[str, str | None]:
     if os.path.isfile(os.path.join(path, fmt.STATE)):
         return path, _run_dir(os.path.dirname(os.path.dirname(path)))
     if os.path.lexists(os.path.join(path, fmt.LATEST)):
-        return latest(path), _run_dir(os.path.dirname(path))
+        return _latest(path), _run_dir(os.path.dirname(path))
     root = os.path.join(path, CHECKPOINTS)
     if os.path.lexists(os.path.join(root, fmt.LATEST)):
-        return latest(root), _run_dir(path)
+        return _latest(root), _run_dir(path)
     if os.path.isdir(root):
         raise UserError(f"{path}: the run has no checkpoint yet ({root} has no '{fmt.LATEST}'; "
                         "train.checkpoint sets how often a run saves)")
@@ -54,9 +54,19 @@ def resolve(path: str) -> tuple[str, str | None]:
                     f"or a run directory (no {CHECKPOINTS}/{fmt.LATEST})")
 
 
+def _latest(root: str) -> str:
+    """The step folder root's `latest` names (the caller saw the pointer; it may vanish meanwhile)."""
+    folder = latest(root)
+    if folder is None:
+        raise UserError(f"{root}: its '{fmt.LATEST}' pointer disappeared while being read (a run still saving?)")
+    return folder
+
+
 def model_config(directory: str) -> ModelConfig:
     """The ModelConfig state.json records (the checkpoint describes its own model)."""
     model = read_state(directory).get("model")
+    if not isinstance(model, dict):
+        raise CorruptCheckpoint(os.path.join(directory, fmt.STATE), "it records no model description")
     try:
         return ModelConfig(**model)
     except TypeError as exc:
