@@ -86,13 +86,15 @@ def start_cross_island(tensor: torch.Tensor, endpoint, peers: list[int], *, isla
             shard = torch.empty(shard_len, dtype=flat.dtype, device=flat.device)
             dist.reduce_scatter_tensor(shard, padded, group=island_group)
     divide_by = local_size * len(peers) if average else None
-    ring = None
+    ring, device_result = None, None   # the result comes back from the ring, or is on the device already
     if len(peers) > 1 or divide_by:
+        # the shard's bytes are on their way to host memory; the device may reuse it (not kept)
         ring = _Ring(stage_to_host(shard, accelerator), endpoint, peers, wire_dtype, tag, timeout, divide_by)
-        shard = None   # its bytes are on their way to host memory; the device may reuse it
     elif _aliases(shard, flat):
-        shard = _device_copy(shard, accelerator)   # nothing to ring: keep the result apart from `tensor`
-    return PendingSum(ring, shard, flat.numel(), tuple(tensor.shape), local_size, island_group, accelerator)
+        device_result = _device_copy(shard, accelerator)   # nothing to ring: keep the result apart from `tensor`
+    else:
+        device_result = shard
+    return PendingSum(ring, device_result, flat.numel(), tuple(tensor.shape), local_size, island_group, accelerator)
 
 
 def lane_all_reduce(tensor: torch.Tensor, endpoint, holders: list[int], holder_local: int, *,

@@ -263,7 +263,10 @@ class Endpoint:
         self.isend(tensor, dst, tag, **kw).wait(timeout)
 
     def recv(self, src: int, tag: int = 0, timeout: float | None = None, **kw) -> torch.Tensor:
-        return self.irecv(src, tag, **kw).wait(timeout)
+        tensor = self.irecv(src, tag, **kw).wait(timeout)
+        if tensor is None:   # a receive always finishes with its tensor; only a send's wait gives None
+            raise BridgeError(f"recv from rank {src} tag {tag}: finished without a tensor")
+        return tensor
 
     def close(self) -> None:
         if self._progress.closing:

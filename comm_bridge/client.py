@@ -27,7 +27,7 @@ class CoordinatorClient:
         self.timeout = float(timeout)
         self._metadata = ((TOKEN_METADATA, token),)
         self._channel = grpc.insecure_channel(address)
-        self._calls = {}
+        self._calls: dict[str, Callable] = {}
         self._callbacks: list[Callable[[int, str], None]] = []
         self._failed: dict[int, str] = {}
         self._lock = threading.Lock()

@@ -75,9 +75,10 @@ class Matcher:
         """Queue a receive for the next message from its (source, tag)."""
         self._posted[(handle.peer, handle.tag)].append(handle)
 
-    def take_posted_small(self, header: F.Header) -> Handle | None:
-        """The small-message lane: the receive posted for `header`, taken off its queue, if it
-        has a CPU landing of exactly the message's bytes and dtype; else None (take `begin`)."""
+    def take_posted_small(self, header: F.Header) -> tuple[Handle, memoryview] | None:
+        """The small-message lane: the receive posted for `header`, taken off its queue, and its
+        landing, if it has a CPU landing of exactly the message's bytes and dtype; else None (take
+        `begin`)."""
         queue = self._posted.get((header.sender, header.tag))
         if not queue:
             return None
@@ -85,7 +86,7 @@ class Matcher:
         landing = posted.landing
         if landing is None or len(landing) != header.nbytes or posted.out.dtype is not header.dtype:
             return None
-        return queue.popleft()
+        return queue.popleft(), landing
 
     # ------------------------------------------------------------ messages
     def check_seq(self, header: F.Header) -> None:

@@ -13,11 +13,17 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from comm_bridge import frames as F
 from comm_bridge.errors import BridgeTimeoutError, PeerFailedError
+
+if TYPE_CHECKING:   # the lanes are built after the queues (see attach)
+    from comm_bridge.shm_lane import ShmLane
+    from comm_bridge.stream_lane import StreamLane
+    from comm_bridge.zmq_lane import ZmqLane
 
 
 class SendJob:
@@ -57,9 +63,12 @@ class SendQueues:
         self._next_seq: dict[int, int] = collections.defaultdict(int)
         self.queues: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.tracking: list[SendJob] = []  # pushed into zmq without a copy, not yet released by it
-        self.zmq = self.stream = self.shm = None  # the lanes (attach)
+        # the lanes, set by attach() before any send
+        self.zmq: ZmqLane
+        self.stream: StreamLane
+        self.shm: ShmLane
 
-    def attach(self, zmq_lane, stream_lane, shm_lane) -> None:
+    def attach(self, zmq_lane: ZmqLane, stream_lane: StreamLane, shm_lane: ShmLane) -> None:
         """The lanes the queues push onto (built after the queues: the shared-memory lane
         pumps a queue when a credit frees a slot)."""
         self.zmq, self.stream, self.shm = zmq_lane, stream_lane, shm_lane
@@ -150,7 +159,7 @@ class SendQueues:
     def wants_write(self, dst: int) -> bool:
         """True if the stream to `dst` should be polled for room to write."""
         queue = self.queues.get(dst)
-        return bool(queue) and queue[0].stream and not queue[0].awaits_credit
+        return bool(queue and queue[0].stream and not queue[0].awaits_credit)
 
     def retire_tracked(self) -> None:
         """Finish sends whose zmq copies zmq has let go of."""

@@ -80,6 +80,11 @@ def remove_job_rings(job_hex: str) -> int:
     return removed
 
 
+# What a closed ring's array becomes: no view of the mapping, and any use is an error
+# (a slice of it holds no bytes).
+_CLOSED = np.empty(0, dtype=np.uint8)
+
+
 class ShmRing:
     """Sender side: `slots` buffers of `slot_bytes`, each free or lent to the receiver."""
 
@@ -107,7 +112,7 @@ class ShmRing:
         self._array[start:start + data.nbytes] = data
 
     def close(self) -> None:
-        self._array = None
+        self._array = _CLOSED   # drop the view of the mapping, so the mapping can close
         try:
             self._map.close()
         except BufferError:
@@ -155,7 +160,7 @@ class ShmReader:
         out[:] = self._array[start:start + length]
 
     def close(self) -> None:
-        self._array = None
+        self._array = _CLOSED   # drop the view of the mapping, so the mapping can close
         try:
             self._map.close()
         except BufferError:

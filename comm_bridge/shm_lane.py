@@ -94,6 +94,7 @@ class ShmLane:
                 raise F.FrameError("bad_shm", f"rank {header.sender}: cannot map ring: {exc}") from None
             self._readers[header.sender] = reader
         chunk = F.parse_shm_chunk(descriptor, header.nbytes, reader.slots, reader.slot_bytes)
+        transfer: Transfer | None
         if chunk.index == 0:
             matcher.check_seq(header)
             transfer = matcher.begin(header, chunk.count)

@@ -138,7 +138,7 @@ class Inbound:
         self._start = start + nbytes
         return self._view[start:start + nbytes]
 
-    def check_hello(self, raw: bytes, auth: bytes) -> None:
+    def check_hello(self, raw: bytes | memoryview, auth: bytes) -> None:
         """Accept the stream's hello (and give it the full read-ahead buffer) or raise FrameError."""
         magic, rank, their_auth = _HELLO.unpack(raw)
         if magic != HELLO_MAGIC:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import select
+import socket
 import threading
 import time
 
@@ -25,7 +27,7 @@ from comm_bridge import frames as F
 from comm_bridge import stream as S
 from comm_bridge.buffers import as_bytes
 from comm_bridge.errors import TransferMismatchError
-from comm_bridge.matching import Matcher
+from comm_bridge.matching import Matcher, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,10 @@ class InboundStream(S.Inbound):
 
     def __init__(self, sock, hello_deadline: float):
         super().__init__(sock, hello_deadline)
-        self.transfer = None     # the message whose payload is being read
+        self.transfer: Transfer | None = None   # the message whose payload is being read
         self.body_got = 0        # ... and how many of its bytes are in
-        self.doorbell = None     # a shared-memory doorbell's header, its descriptor still to come
-        self.express_poll = None  # select.poll over this stream and the wake pipe (progress.py)
+        self.doorbell: F.Header | None = None   # a shared-memory doorbell's header, its descriptor still to come
+        self.express_poll: select.poll | None = None  # select.poll over this stream and the wake pipe (progress.py)
 
     def mid_message(self) -> bool:
         return self._end > self._start or self.transfer is not None or self.doorbell is not None
@@ -65,8 +67,8 @@ class StreamLane:
         self.rejected = rejected
         self.listener = S.listen(host) if enabled else None
         self.address = (f"{S.SCHEME}{advertise_host or host}:{self.listener.getsockname()[1]}"
-                        if enabled else None)
-        self.outbound: dict[int, object] = {}              # dst rank -> connected socket
+                        if self.listener is not None else None)
+        self.outbound: dict[int, socket.socket] = {}       # dst rank -> connected socket
         self.inbound: dict[int, InboundStream] = {}        # fd -> accepted stream
         self._unauthenticated: dict[int, InboundStream] = {}  # fd -> accepted stream still owing its hello
         self.to_close: list = []  # sockets for the driver to unregister from its poller and close
@@ -91,9 +93,11 @@ class StreamLane:
 
     # ------------------------------------------------------------ receive side (driver)
     def accept(self) -> None:
-        while True:
+        """Take the connections waiting on our listener (none when streams are off)."""
+        listener = self.listener
+        while listener is not None:
             try:
-                sock, _peer = self.listener.accept()
+                sock, _peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -210,10 +214,11 @@ class StreamLane:
         """The small-message lane (lock held): a payload already in the read-ahead buffer
         whose receive is posted with a matching CPU tensor goes straight into that tensor,
         skipping the bookkeeping of a transfer in progress. False: take the general path."""
-        posted = self._matcher.take_posted_small(header)
-        if posted is None:
+        small = self._matcher.take_posted_small(header)
+        if small is None:
             return False
-        conn.take_into(posted.landing, header.nbytes)
+        posted, landing = small
+        conn.take_into(landing, header.nbytes)
         counters = self._counters
         counters["messages_received"] += 1
         counters["bytes_received"] += header.nbytes
@@ -247,7 +252,7 @@ class StreamLane:
     def interest(self, polled: dict[int, int], wants_write) -> dict[int, int]:
         """Poller flags each raw fd should have now (lock held); `polled` is what it has.
         `wants_write(dst)`: the send queue to `dst` waits for room on its stream."""
-        flags = {}
+        flags: dict[int, int] = {}
         if self.listener is not None:
             flags[self.listener.fileno()] = zmq.POLLIN
         may_read = self._matcher.may_read(0)

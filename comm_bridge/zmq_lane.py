@@ -19,6 +19,7 @@ from comm_bridge import frames as F
 from comm_bridge.buffers import as_bytes
 from comm_bridge.errors import TransferMismatchError
 from comm_bridge.matching import Matcher, Transfer
+from comm_bridge.shm_lane import ShmLane
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class ZmqLane:
         self._matcher = matcher
         self._lock = lock
         self.rejected = rejected
-        self.shm = None  # the shared-memory lane, which takes doorbells and credits (set by the endpoint)
+        self.shm: ShmLane  # the shared-memory lane, which takes doorbells and credits (set by the endpoint)
         self.ctx = zmq.Context(io_threads=io_threads)
         self.pulls: list[zmq.Socket] = []
         self.endpoints: list[str] = []
@@ -159,9 +160,9 @@ class ZmqLane:
             for parked_chunk, parked_payload, _held in matcher.release_parked(key):
                 self._fill(transfer, key, parked_chunk, parked_payload)
             return
-        transfer = matcher.in_flight(key)
-        if transfer is not None:
-            self._fill(transfer, key, chunk, parts[2])
+        flying = matcher.in_flight(key)
+        if flying is not None:
+            self._fill(flying, key, chunk, parts[2])
         elif matcher.is_finished(header.sender, header.seq):
             raise F.FrameError("orphan", f"chunk {chunk.index} of a finished message (rank {header.sender} seq {header.seq})")
         else:  # arrived on another stripe before chunk 0: hold the zmq frame, copy later

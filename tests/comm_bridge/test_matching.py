@@ -132,5 +132,6 @@ def test_the_small_lane_takes_only_a_receive_whose_landing_fits(matcher):
     assert matcher.take_posted_small(header()) is None  # no landing: the general path
     handle.landing = byte_view(out)
     assert matcher.take_posted_small(header(shape=(5,))) is None  # wrong size
-    assert matcher.take_posted_small(header()) is handle
+    taken = matcher.take_posted_small(header())
+    assert taken is not None and taken[0] is handle and taken[1] is handle.landing
     assert matcher.stats()["posted"] == 0
