@@ -390,7 +390,8 @@ def interleaved(plan: Plan, virtual_stages: int) -> Plan:
     for p in plan.pipelines:
         v = virtual_stages if len(p.stages) > 1 else 1
         sizes = [_split(stages[i].num_layers, v) for i in p.stages]
-        start, cut = 0, [[] for _ in p.stages]
+        start = 0
+        cut: list[list[tuple[int, int]]] = [[] for _ in p.stages]
         for c in range(v):
             for position, size in enumerate(sizes):
                 cut[position].append((start, start + size[c]))

@@ -112,14 +112,15 @@ class MetricsRecorder:
         self.timing = _open_jsonl(run_dir, f"metrics/rank{rank:05d}.jsonl")
         self.steps = _open_jsonl(run_dir, "metrics/steps.jsonl") if rank == 0 else None
 
-    def action(self, step, mb, kind, compute, waited, posted, received, sent_at, link) -> None:
+    def action(self, step, mb, kind, compute, waited, posted, received, sent_at, link, chunk=None) -> None:
         """One line per micro-batch action; the stamps (chip time, alike on every rank) let a reader
-        pair a send with its receive."""
+        pair a send with its receive. `chunk`: the model chunk it ran (interleaved 1F1B only)."""
         if self.timing:
             self.timing.write(json.dumps({
                 "step": step + 1, "mb": mb, "phase": "forward" if kind == "F" else "backward",
                 "compute_s": compute, "p2p_wait_s": waited, "posted_at": posted, "received_at": received,
-                "sent_at": sent_at, "recv_link": link.kind if link else None}) + "\n")
+                "sent_at": sent_at, "recv_link": link.kind if link else None,
+                **({} if chunk is None else {"chunk": chunk})}) + "\n")
 
     def step(self, record: dict, peak_slots: torch.Tensor | None = None) -> None:
         """One step's record (rank 0's file; other ranks write nothing). `peak_slots`: the fleet-wide

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 RECOMPUTE_MODES = ("none", "selective", "full")
 ZERO1 = True               # hetero.engine.zero + optimizer: state sharded over each stage's DP group
 MIXED_PRECISION = True     # hetero.engine.precision: fp32 master weights and moments, fp16 loss scaling
-INTERLEAVED = False        # hetero.engine.schedule: virtual stages (several layer chunks per stage)
+INTERLEAVED = True         # hetero.engine.schedule: virtual stages (several layer chunks per stage)
 
 
 @dataclass(frozen=True)

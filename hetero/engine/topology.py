@@ -23,6 +23,7 @@ class Place:
     micro_batch: int
     num_micro_batches: int
     first_sample: int                # this DP replica's first sample in the global batch
+    virtual_stages: int = 1          # model chunks per stage of this pipeline (interleaved 1F1B when > 1)
 
     @property
     def position(self) -> int:
@@ -36,6 +37,7 @@ class Place:
     @property
     def is_last(self) -> bool:
         return self.position == len(self.pipeline_stages) - 1
+
 
 
 class Topology:
@@ -58,17 +60,23 @@ class Topology:
         first_sample = sum(p.samples for p in self.plan.pipelines[:entry.pipeline])
         first_sample += entry.dp_rank * pipeline.micro_batch * pipeline.num_micro_batches
         return Place(rank, entry.island, entry.local_rank, stage, tuple(pipeline.stages), entry.tp_rank,
-                     entry.dp_rank, pipeline.micro_batch, pipeline.num_micro_batches, first_sample)
+                     entry.dp_rank, pipeline.micro_batch, pipeline.num_micro_batches, first_sample,
+                     pipeline.virtual_stages)
 
     def stage_ranks(self, stage: int, dp_rank: int | None = None) -> list[RankPlan]:
         """Ranks of a stage (one DP replica's TP group when dp_rank is given), by tp_rank."""
         found = [r for r in self.plan.ranks if r.stage == stage and (dp_rank is None or r.dp_rank == dp_rank)]
         return sorted(found, key=lambda r: (r.dp_rank, r.tp_rank))
 
-    def neighbour(self, place: Place, step: int) -> list[int] | None:
-        """Global ranks (by tp_rank) of the same DP replica one stage before (-1) or after (+1)."""
+    def neighbour(self, place: Place, step: int, chunk: int = 0) -> list[int] | None:
+        """Global ranks (by tp_rank) of the same DP replica one stage before (-1) or after (+1)
+        `chunk` of this stage in the model: interleaved, the last stage's chunk c feeds the first
+        stage's chunk c+1 (wrap-around). None where the model starts or ends."""
+        count = len(place.pipeline_stages)
         position = place.position + step
-        if not 0 <= position < len(place.pipeline_stages):
+        if position in (-1, count):          # wrap to the other end, one chunk over
+            position, chunk = position % count, chunk + step
+        if not 0 <= chunk < place.virtual_stages:
             return None
         return [r.rank for r in self.stage_ranks(place.pipeline_stages[position], place.dp_rank)]
 

@@ -1,6 +1,12 @@
 """One worker's training loop: its stage of the model, 1F1B, reductions, AdamW,
 metrics and checkpoints. Every rank of the job runs this with its own Place.
 
+An interleaved pipeline (virtual_stages v > 1) gives the stage v model chunks: one
+LlamaStage holds them all (HF names, so gradients, checkpoints and tied embeddings
+work over all chunks as over one), each action of the schedule runs one chunk, and
+each chunk has its own neighbours (the last stage's chunk c feeds the first stage's
+chunk c+1) and its own message tags.
+
 A step: 1F1B (`_step_compute`; fp16 scales the loss before backward), the gradients
 made the fleet's (GradientSync: tied copies, DP group — reduce-scattered under ZeRO-1 —
 hetero-DP pipelines), one fleet-wide sum of the loss and squared norm, then clip and
@@ -26,7 +32,7 @@ from hetero.engine.lr_schedule import learning_rate
 from hetero.engine.metrics import ChipClock, MetricsRecorder, PeakMemory
 from hetero.engine.optimizer import AdamW
 from hetero.engine.precision import DTYPES, LossScaler, needs_master
-from hetero.engine.schedule import one_f_one_b
+from hetero.engine.schedule import stage_schedule
 from hetero.engine.transport import StageLink, device_scope, to_device
 from hetero.engine.zero import FlatShard
 from hetero.errors import JobFatalError
@@ -52,10 +58,10 @@ class Trainer:
         stage = place.stage
         tp = TensorParallel(stage.tp, place.tp_rank, comms.tp_group)
         with self._scope():
-            self.model = LlamaStage(model_config, tuple(stage.layers), first=place.is_first, last=place.is_last,
+            self.model = LlamaStage(model_config, first=place.is_first, last=place.is_last,
                                     tp=tp, dtype=self.dtype, device=comms.device,
                                     seed=None if pretrained else train_config.seed,
-                                    recompute=stage.recompute)
+                                    recompute=stage.recompute, chunks=stage.layer_ranges)
         self.params = dict(self.model.named_parameters())
         self.zero1 = bool(comms.topology.plan.zero1) and stage.dp > 1
         shard = self._flat_layout()
@@ -72,14 +78,18 @@ class Trainer:
                 f"{shard.numel:,} parameters' optimizer state per TP rank")
         self._track_memory()
         topology = comms.topology
+        # chunk 0's neighbours; the other chunks' (interleaved) in _chunk_links
         self.prev = self._link(topology.neighbour(place, -1))
         self.next = self._link(topology.neighbour(place, +1))
+        self._chunk_links = {(step, c): self._link(topology.neighbour(place, step, c))
+                             for c in range(1, place.virtual_stages) for step in (-1, 1)}
         partners = topology.tied_partners(place) if model_config.tie_embeddings else None
         self.grads = GradientSync(comms, self.model, self.params, accelerator, self._scope, self._link(partners),
                                   shard=shard, zero=self.zero1)
         self.data = SampleSource(train_config.data, model_config.vocab, model_config.seq_len,
                                  train_config.seed, train_config.global_batch)
-        self.schedule = one_f_one_b(place.position, len(place.pipeline_stages), place.num_micro_batches)
+        self.schedule = stage_schedule(place.position, len(place.pipeline_stages), place.num_micro_batches,
+                                       place.virtual_stages)
         self.checkpoints = Checkpoints(comms, accelerator, model_config, train_config, self.model, self.optimizer,
                                        self.scaler, pretrained=pretrained, log_once=self._log_once,
                                        fleet_count=self._fleet_count, scope=self._scope, onto_device=self._onto_device)
@@ -112,6 +122,19 @@ class Trainer:
     def _onto_device(self, host: torch.Tensor) -> torch.Tensor:
         """A host tensor copied into this rank's device memory (charged on the host link)."""
         return to_device(self.accel, host, self.comms.device)
+
+    def _link_of(self, step: int, chunk: int):
+        """The link to the stage before (-1) or after (+1) `chunk`, or None."""
+        if chunk == 0:
+            return self.prev if step < 0 else self.next
+        return self._chunk_links[(step, chunk)]
+
+    def _tag(self, mb: int, kind: str, chunk: int, chunks: int, receive: bool) -> int:
+        """The tag of the message `chunk` receives or sends for action (kind, mb), named by the chunk
+        that takes the activation in forward: this one, or the next (the first stage's chunk + 1 when
+        this is the last stage)."""
+        into = chunk if (kind == "F") == receive else chunk + int(self.place.is_last)
+        return tags.micro_batch(mb, kind, into, chunks)
 
     def _link(self, peers):
         if peers is None:
@@ -225,7 +248,8 @@ class Trainer:
         return {"loss_scale": scale, "skipped_steps": self.scaler.skipped_steps} if self.scaler.enabled else {}
 
     def _step_compute(self, step: int) -> float:
-        """Run this stage's 1F1B schedule for one step; return the summed loss (last stage).
+        """Run this stage's 1F1B schedule (interleaved: over its chunks) for one step; return the
+        summed loss (the stage holding the model's last piece).
 
         Each action's receive is posted ahead: together with the previous action's send,
         in one batch (NCCL/HCCL: two stages that send to each other at once must not
@@ -236,34 +260,42 @@ class Trainer:
         total_tokens = self.train.global_batch * self.model_config.seq_len
         inputs, outputs, loss_sum = {}, {}, 0.0
         posted: dict = {}
+        chunks = 1 + max(action.chunk for action in self.schedule)    # v: the chunks the schedule runs
+
+        def embeds(chunk: int) -> bool:       # the model's first piece: token input
+            return place.is_first and chunk == 0
+
+        def ends(chunk: int) -> bool:         # the model's last piece: LM head and loss
+            return place.is_last and chunk == chunks - 1
 
         def post(index: int) -> None:
             """Post the receive that action `index` will need, if it needs one."""
             if index >= len(self.schedule) or index in posted:
                 return
-            kind, mb = self.schedule[index]
-            link = self.prev if kind == "F" else self.next
+            action = self.schedule[index]
+            link = self._link_of(-1 if action.kind == "F" else 1, action.chunk)
             if link is not None:
-                posted[index] = link.post(hidden_shape, self.dtype, tags.micro_batch(mb, kind))
+                posted[index] = link.post(hidden_shape, self.dtype,
+                                          self._tag(action.micro_batch, action.kind, action.chunk, chunks, True))
 
-        for index, (kind, mb) in enumerate(self.schedule):
-            tag = tags.micro_batch(mb, kind)
+        for index, action in enumerate(self.schedule):
+            kind, mb, chunk = action.kind, action.micro_batch, action.chunk
             t0, posted_at = self.clock.now(), self.clock.stamp()
             sent_at = None
             post(index)
             if kind == "F":
                 first_sample = place.first_sample + mb * mb_size
-                if place.is_first:
+                if embeds(chunk):
                     tokens, labels = self.data.batch(step, first_sample, mb_size)
                     x = to_device(self.accel, tokens, self.comms.device)
                 else:
                     x = posted.pop(index).wait().requires_grad_()
                 waited, received = self.clock.now() - t0, self.clock.stamp()
-                if place.is_last and not place.is_first:
+                if ends(chunk) and not embeds(chunk):
                     _, labels = self.data.batch(step, first_sample, mb_size)
                 with self._scope():
-                    out = self.model(x)
-                    if place.is_last:
+                    out = self.model(x, chunk=chunk) if chunks > 1 else self.model(x)
+                    if ends(chunk):
                         labels = to_device(self.accel, labels, self.comms.device)
                         out = self.model.loss(out, labels, reduction="sum") / total_tokens
                         if place.tp_rank == 0:   # every TP rank holds the same loss
@@ -271,21 +303,24 @@ class Trainer:
                         if self.scaler.enabled:  # fp16: backward runs on the scaled loss
                             out = out * self.scaler.scale
                 self.accel.synchronize()
-                inputs[mb], outputs[mb] = x, out
-                send_link, payload, link = self.next, out, self.prev
+                inputs[chunk, mb], outputs[chunk, mb] = x, out
+                send_link, link = self._link_of(1, chunk), self._link_of(-1, chunk)
+                payload: torch.Tensor | None = out
             else:
-                grad = None if place.is_last else posted.pop(index).wait()
+                grad = None if ends(chunk) else posted.pop(index).wait()
                 waited, received = self.clock.now() - t0, self.clock.stamp()
-                x, out = inputs.pop(mb), outputs.pop(mb)
+                x, out = inputs.pop((chunk, mb)), outputs.pop((chunk, mb))
                 with self._scope():
                     out.backward(grad)
                 self.accel.synchronize()
-                send_link, payload, link = self.prev, (x.grad if self.prev else None), self.next
+                send_link, link = self._link_of(-1, chunk), self._link_of(1, chunk)
+                payload = x.grad if send_link else None
             with self.comms.batch():
                 if send_link is not None:
                     sent_at = self.clock.stamp()
-                    send_link.send(payload, tag)
+                    send_link.send(payload, self._tag(mb, kind, chunk, chunks, False))
                 post(index + 1)
             compute = self.clock.now() - t0 - waited
-            self.metrics.action(step, mb, kind, compute, waited, posted_at, received, sent_at, link)
+            self.metrics.action(step, mb, kind, compute, waited, posted_at, received, sent_at, link,
+                                chunk=chunk if chunks > 1 else None)
         return loss_sum

@@ -129,21 +129,30 @@ class LlamaStage(nn.Module):
 
     `recompute` (none | selective | full, hetero.model.recompute) is the plan's
     activation recompute mode for this stage, applied to every decoder layer.
+
+    `chunks` (interleaved 1F1B, instead of `layer_range`): the stage's layer ranges in
+    model order, non-contiguous; forward(x, chunk=c) runs chunk c alone. The embedding
+    belongs to chunk 0 (first) and the norm and LM head to the last chunk (last). The
+    parameter names are the same HF names whatever the chunking, so checkpoints stay
+    layout-free and load into any other cut.
     """
 
     def __init__(self, config: ModelConfig, layer_range: tuple[int, int] | range | None = None,
                  first: bool | None = None, last: bool | None = None,
                  tp: TensorParallel | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", *, seed: int | None = 0, recompute: str = "none"):
+                 device: str | torch.device = "cpu", *, seed: int | None = 0, recompute: str = "none",
+                 chunks: tuple[tuple[int, int], ...] | None = None):
         super().__init__()
-        start, end = _check_range(config, layer_range)
+        ranges = _check_chunks(config, layer_range, chunks)
+        start, end = ranges[0][0], ranges[-1][1]
         first = start == 0 if first is None else first
         last = end == config.layers if last is None else last
         tp = tp or NO_TP
         _check_stage(config, start, end, first, last, tp)
         self.config, self.tp = config, tp
         self.recompute = checked_mode(recompute)
-        self.layer_range = (start, end)
+        self.chunks = ranges
+        self.layer_range = (start, end)     # the span; the layers held are `chunks`
         self.first, self.last = first, last
         self.tied_lm_head = config.tie_embeddings and last and not first
         kinds = dict(dtype=dtype, device=device)
@@ -153,7 +162,7 @@ class LlamaStage(nn.Module):
             self.model.embed_tokens = VocabParallelEmbedding(config.vocab, config.hidden, tp, **kinds)
         # String keys give HF names with global indices: model.layers.7.mlp...
         self.model.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(config, tp, recompute=recompute, **kinds) for i in range(start, end)})
+            {str(i): DecoderLayer(config, tp, recompute=recompute, **kinds) for a, b in ranges for i in range(a, b)})
         if last:
             self.model.norm = RMSNorm(config.hidden, config.norm_eps, **kinds)
             self.lm_head = ColumnParallelLinear(config.hidden, config.vocab, tp, **kinds)
@@ -169,13 +178,22 @@ class LlamaStage(nn.Module):
         return name
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None, *,
-                gather_logits: bool = False) -> torch.Tensor:
+                gather_logits: bool = False, chunk: int | None = None) -> torch.Tensor:
         """inputs: token ids (batch, seq) on the first stage, hidden states
         (batch, seq, hidden) on the others. Returns hidden states, or on the last
         stage logits: this rank's vocab slice (batch, seq, vocab/tp), or all of
         them with gather_logits (costly; for inspection, not for the loss).
-        positions: (seq,) or (batch, seq); default 0..seq-1."""
-        if self.first:
+        positions: (seq,) or (batch, seq); default 0..seq-1.
+        chunk: which of `chunks` to run (required when there are several); only
+        chunk 0 embeds and only the last chunk ends in the LM head."""
+        if chunk is None:
+            if len(self.chunks) > 1:
+                raise ValueError(f"this stage holds {len(self.chunks)} chunks: say which one to run")
+            chunk = 0
+        if not 0 <= chunk < len(self.chunks):
+            raise ValueError(f"chunk {chunk} is outside 0..{len(self.chunks) - 1}")
+        embeds, heads = self.first and chunk == 0, self.last and chunk == len(self.chunks) - 1
+        if embeds:
             if inputs.is_floating_point():
                 raise TypeError("the first stage takes token ids, got a floating-point tensor")
             x = self.model.embed_tokens(inputs)
@@ -184,9 +202,9 @@ class LlamaStage(nn.Module):
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.model.layers.values():
-            x = layer(x, cos, sin)
-        if not self.last:
+        for index in range(*self.chunks[chunk]):
+            x = self.model.layers[str(index)](x, cos, sin)
+        if not heads:
             return x
         logits = self.lm_head(self.model.norm(x))
         return gather_from_tensor_parallel(logits, self.tp) if gather_logits else logits
@@ -216,6 +234,20 @@ def _check_range(config: ModelConfig, layer_range) -> tuple[int, int]:
     if not 0 <= start <= end <= config.layers:
         raise UserError(f"layer range [{start}, {end}) does not fit a model of {config.layers} layers")
     return start, end
+
+
+def _check_chunks(config: ModelConfig, layer_range, chunks) -> tuple[tuple[int, int], ...]:
+    """The stage's layer ranges: `chunks` (in model order, disjoint, each non-empty when there are
+    several), or the one `layer_range`."""
+    if chunks is None:
+        return (_check_range(config, layer_range),)
+    if layer_range is not None or not chunks:
+        raise ValueError("give either layer_range or a non-empty chunks, not both")
+    ranges = tuple(_check_range(config, c) for c in chunks)
+    for (a, b), (c, d) in zip(ranges, ranges[1:]):
+        if not (a < b <= c < d):
+            raise UserError(f"chunks {[list(r) for r in ranges]} must be non-empty and in model order")
+    return ranges
 
 
 def _check_stage(config: ModelConfig, start: int, end: int, first: bool, last: bool,
