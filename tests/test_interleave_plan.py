@@ -11,9 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from partitioner.inputs import ChipModel, FleetSpec, IslandSpec, ModelSpec, TrainSpec
-from partitioner.plan import Plan, PlanError, interleaved
-from partitioner.search import search
+from partitioner.inputs import ChipModel, FleetSpec, IslandSpec, ModelSpec
+from partitioner.plan import PipelinePlan, Plan, PlanError, StagePlan, assign_ranks, interleaved
 
 
 
@@ -29,8 +28,15 @@ MODEL = ModelSpec(8, 256, 8, 4, 704, 2048, 128, name="llama-tiny")
 
 @pytest.fixture(scope="module")
 def plain() -> Plan:
-    plan = search(FLEET, MODEL, TrainSpec(8, 2, "fp32")).best
-    assert plan.kind == "pipeline" and len(plan.stages) == 2   # what the cases below are written for
+    """A plain two-stage pipeline on FLEET: slow TP2 over layers [0, 2), fast TP2 over [2, 8), 8 micro-batches
+    (made by hand: the planner may choose an interleaved plan itself)."""
+    stages = [StagePlan(0, 0, "slow", "emu-slow", 2, 1, (0, 2), "none", 0, 0.1, 0.01),
+              StagePlan(1, 0, "fast", "emu-fast", 2, 1, (2, 8), "none", 0, 0.1, 0.01)]
+    plan = Plan(kind="pipeline", cluster=FLEET.name, model=MODEL.name, dtype="fp32", layers=8, heads=8, kv_heads=4,
+                global_batch=8, micro_batch=1, num_micro_batches=8, recompute="none", zero1=False,
+                stages=tuple(stages), pipelines=(PipelinePlan(0, (0, 1), 1, 1, 8),),
+                ranks=assign_ranks(FLEET, stages), predicted_step_s=1.0, tokens_per_s=1.0, mfu={})
+    assert plan.problems(FLEET) == []
     return plan
 
 
