@@ -38,3 +38,14 @@ def test_ruff_with_the_project_settings_flags_unused_imports_and_late_binding(tm
                   "--output-format", "concise"], tmp_path, source)
     assert done.returncode == 1
     assert "F401" in done.stdout and "B023" in done.stdout
+
+
+def test_mypy_with_the_project_settings_flags_a_shadowed_call_and_a_maybe_none(tmp_path):
+    """check_untyped_defs: the shadowed name is called inside a function without annotations
+    (the bug that broke `hetero bench efficiency`); strict Optional: a value that may be None is used."""
+    source = SHADOWED + "\n\ndef first_word(text: str | None) -> str:\n    return text.split()[0]\n"
+    done = _lint([os.path.join(BIN, "mypy"), "--config-file", os.path.join(ROOT, "pyproject.toml"),
+                  "--cache-dir", os.devnull], tmp_path, source)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "not callable  [operator]" in done.stdout
+    assert 'Item "None" of "str | None" has no attribute "split"  [union-attr]' in done.stdout
