@@ -229,6 +229,7 @@ def corrupt_a_file(saved):
     ("missing", "no such directory"),
     ("not-a-checkpoint", "not a checkpoint (no state.json)"),
     ("corrupt", "rank-00001.safetensors: checksum mismatch"),
+    ("no-model", "state.json: it records no model description"),
     ("dtype", "--dtype: invalid choice: 'fp8'"),
     ("not-empty", "exists and is not empty"),
     ("shard-size", "--shard-size 'lots'"),
@@ -242,6 +243,11 @@ def test_bad_input_is_one_line_and_exit_2(case, match, model, full, tmp_path, he
         saved = str(tmp_path)
     elif case == "corrupt":
         corrupt_a_file(saved)
+    elif case == "no-model":       # found by mypy: ModelConfig(**None) was the only check
+        state_path = os.path.join(ckpt.latest(saved), "state.json")
+        state = json.loads(open(state_path).read())
+        state["model"] = None
+        open(state_path, "w").write(json.dumps(state))
     elif case == "dtype":
         extra = ["--dtype", "fp8"]
     elif case == "not-empty":
@@ -331,3 +337,16 @@ def test_an_out_dir_that_cannot_be_made_is_one_line(model, full, tmp_path, heter
     (tmp_path / "file").write_text("not a folder")
     code, _, err = hetero_cli("export", saved, "--hf", str(tmp_path / "file" / "hf"))
     assert code == 2 and "cannot create it" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_latest_pointer_that_vanishes_while_read_is_one_line(tmp_path, monkeypatch):
+    """Found by mypy: resolve() passed latest()'s None (the pointer gone between the check and the read,
+    a run still saving) on as the step folder, and the export died in a traceback."""
+    from hetero.checkpoint import format as fmt
+    from hetero.export import source
+
+    (tmp_path / fmt.LATEST).write_text("{}")
+    monkeypatch.setattr(source, "latest", lambda root: None)
+    with pytest.raises(UserError, match="pointer disappeared while being read"):
+        source.resolve(str(tmp_path))
+
