@@ -30,7 +30,8 @@ tensor by tensor (autograd's saved tensors, measured):
     MLP       4*e*N*f/t (gate, silu, up, their product)
 Backward of a layer adds a transient 2*e*N*f/t (the MLP's input gradients); under full
 recompute, one layer's activations are rebuilt on top of that.
-Under 1F1B stage i of p holds min(p - i, m) micro-batches in flight; parameter gradients
+Under 1F1B stage i of p holds min(p - i, m) micro-batches in flight (interleaved, v chunks per
+stage: partitioner.interleave.peak_in_flight chunks, each 1/v of the stage); parameter gradients
 accumulate from the first backward on, so a stage whose in-flight count is all m
 micro-batches (m <= p - i) never holds its gradients and all m at once.
 
@@ -113,7 +114,7 @@ def optimizer_bytes_per_param(dtype: str) -> float:
 REFERENCE_ADAMW_TEMPS = 8      # bytes per updated element: the reference AdamW's two fp32 temporaries
 
 
-def optimizer_phases(params, e: int, shard: int, per_mb, work, inflight: int, steady: bool, largest: float,
+def optimizer_phases(params, e: int, shard: int, per_mb, work, inflight: float, steady: bool, largest: float,
                      adamw_temps: float, staged_gather: bool = False):
     """Peak bytes of one chip over a step's phases, as the engine allocates (module docstring).
 
@@ -393,7 +394,7 @@ class CostModel:
         return True if island is None else self._islands[island].chip.fused
 
     def stage_memory(self, t: int, b: int, dp: int, n_layers, first: bool, last: bool,
-                     inflight: int, mode: str, island: str | None = None, micro_batches: int | None = None):
+                     inflight: float, mode: str, island: str | None = None, micro_batches: int | None = None):
         """Bytes one chip of a stage needs at peak: the largest of its phases (see the module
         docstring). `island`: whose chip (vendor kernels or the reference ops; None: vendor);
         `micro_batches`: the pipeline's m (None: gradients and every in-flight micro-batch are
@@ -418,7 +419,7 @@ class CostModel:
     # -- one stage row for the layer split -------------------------------------
 
     def stage_row(self, island: str, t: int, b: int, dp: int, first: bool, last: bool,
-                  inflight: int) -> tuple[np.ndarray, np.ndarray]:
+                  inflight: float) -> tuple[np.ndarray, np.ndarray]:
         """Time of this stage holding n = 1..L layers (inf where nothing fits) and the
         recompute mode chosen for each n (index into RECOMPUTE_MODES): the fastest that fits."""
         key = ("row", island, t, b, dp, first, last, inflight)
@@ -528,6 +529,40 @@ def pipeline_step_s(stage_times, boundary_times, m: int, tail: float) -> float:
     if boundary_times:
         cycle = max(cycle, max(boundary_times))
     return (m - 1) * cycle + sum(stage_times) + 2.0 * sum(boundary_times) + tail
+
+
+BACKWARD_SHARE = 2.0 / 3.0     # of a stage's forward + backward time: backward is twice the forward
+
+
+def interleaved_cycle_fill(stage_times, inner_hops, wrap_hop: float, v: int) -> tuple[float, float]:
+    """(cycle, fill) of interleaved 1F1B with v chunks per stage: the step is
+    (m-1)*cycle + fill + tail, m a multiple of the p stages; v == 1 is `pipeline_step_s`.
+
+    stage_times T_i: stage i's forward + backward of one micro-batch, all its chunks; inner_hops:
+    one crossing of each stage boundary, wrap_hop: stage p-1 back to stage 0 (the bridge when
+    the pipeline ends on another island than it starts); H = the sum of all p hops. Derived from
+    the schedule (partitioner/interleave.py) with uneven stages, and checked against running it
+    op by op (tests/test_interleave_costs.py: within a few per cent):
+    - steady state, per micro-batch, the slowest of: the slowest stage; each boundary's link,
+      crossed v times each way (the wrap-around v-1 times); and the ring -- in 1F1B order a
+      backward of chunk c on stage p-1 waits for chunk c+1's backward of the same micro-batch
+      to come back round from stage 0, so p chunk slots must cover every stage's backward of
+      one chunk plus every hop: (BACKWARD_SHARE * sum T + v*H)/p;
+    - fill and drain: the first chunk reaches the slowest stage, the last leaves it, after the
+      other stages' work on one chunk, 1/v of plain 1F1B's (Megatron's (p-1)/(v m) bubble),
+      plus one crossing of each boundary each way, plus the ring's hops once per extra chunk;
+      never less than one micro-batch's chain: the whole model forward and backward with every
+      hop v times (m = p: nothing hides the ring's latency)."""
+    p = len(stage_times)
+    top, total = max(stage_times), sum(stage_times)
+    if v == 1:
+        cycle = max(top, max(inner_hops, default=0.0))
+        return cycle, total + 2.0 * sum(inner_hops)
+    hops = sum(inner_hops) + wrap_hop
+    cycle = max(top, v * max(inner_hops, default=0.0), (v - 1) * wrap_hop, (BACKWARD_SHARE * total + v * hops) / p)
+    fill = top + (total - top) / v + 2.0 * sum(inner_hops) + (v - 1) * hops
+    chain = total + 2.0 * (v * sum(inner_hops) + (v - 1) * wrap_hop)
+    return cycle, max(fill, chain - (p - 1) * cycle)
 
 
 def tp_choices(model: ModelSpec, island: IslandSpec) -> list[int]:

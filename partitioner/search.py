@@ -36,10 +36,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from partitioner.costs import (CostModel, divisors, head_forward_flops, layer_forward_flops,
-                               pipeline_step_s, tp_choices)
+from partitioner.costs import (CostModel, divisors, head_forward_flops, interleaved_cycle_fill,
+                               layer_forward_flops, pipeline_step_s, tp_choices)
 from partitioner.inputs import (RECOMPUTE_MODES, FleetSpec, InfeasibleError, IslandSpec, ModelSpec,
                                 SearchLimits, TrainSpec)
+from partitioner.interleave import peak_in_flight
 from partitioner.layer_split import compositions, min_bottleneck, min_sum_split
 from partitioner.plan import PipelinePlan, Plan, StagePlan, assign_ranks
 
@@ -67,17 +68,30 @@ class PipeEval:
     tail: float
     memory: list                     # bytes per chip per stage
     sources: list
+    v: int = 1                       # model chunks per stage (interleaved 1F1B when > 1)
+    wrap: float = 0.0                # last stage -> first stage, per crossing (v > 1 goes round)
 
     @property
     def cycle(self) -> float:
-        return max(max(self.stage_times), max(self.boundary, default=0.0))
+        if self.v == 1:
+            return max(max(self.stage_times), max(self.boundary, default=0.0))
+        return interleaved_cycle_fill(self.stage_times, self.boundary, self.wrap, self.v)[0]
 
     @property
     def fill(self) -> float:
-        return sum(self.stage_times) + 2.0 * sum(self.boundary) + self.tail
+        if self.v == 1:
+            return sum(self.stage_times) + 2.0 * sum(self.boundary) + self.tail
+        return interleaved_cycle_fill(self.stage_times, self.boundary, self.wrap, self.v)[1] + self.tail
 
     def step(self, m: int | None = None) -> float:
-        return pipeline_step_s(self.stage_times, self.boundary, self.m if m is None else m, self.tail)
+        m = self.m if m is None else m
+        if self.v == 1:
+            return pipeline_step_s(self.stage_times, self.boundary, m, self.tail)
+        return (m - 1) * self.cycle + self.fill
+
+    def takes(self, m: int) -> bool:
+        """Can this pipeline run m micro-batches per replica (interleaving needs a multiple of its stages)?"""
+        return self.v == 1 or m % len(self.layout) == 0
 
     @property
     def island(self) -> IslandSpec:
@@ -183,42 +197,100 @@ def _stage_params(cm: CostModel, t: int, n: int, first: bool, last: bool) -> flo
     return params
 
 
+def in_flight(P: int, i: int, v: int, mi: int) -> float:
+    """Micro-batches' worth of activations stage i of P holds at its peak: plain 1F1B's
+    min(P - i, m); interleaved, the schedule's chunk count over v (each chunk 1/v of the stage),
+    with m rounded up to a multiple of P (the bound for any m it may run)."""
+    if v == 1:
+        return min(P - i, mi)
+    return peak_in_flight(P, i, v, -(-mi // P) * P) / v
+
+
+def interleavable(P: int, v: int, L: int) -> bool:
+    """v chunks per stage need two stages or more and at least one layer per chunk."""
+    return v == 1 or (P >= 2 and P * v <= L)
+
+
+def stage_time_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int, v: int = 1) -> tuple[list, list]:
+    """Per stage, its time at n = 1..L layers (inf where they do not fit or n < v) and the
+    recompute mode picked at each n. Interleaved, each of its v chunks pays the chip's host
+    costs and crosses each bridge boundary, and the wrap-around joins the last and first stages."""
+    P = len(layout)
+    _prefetch_rows(cm, layout, dp, b, mi, v)
+    handoffs = bridge_handoffs(cm, layout)
+    extra = [h + e for h, e in zip(handoffs, _chunk_extras(cm, layout, v))] if v > 1 else handoffs
+    rows, picks = [], []
+    for i, (island, t, _off) in enumerate(layout):
+        row, pick = cm.stage_row(island.name, t, b, dp, i == 0, i == P - 1, in_flight(P, i, v, mi))
+        row = row + extra[i]
+        if v > 1:
+            row[:v - 1] = np.inf
+        rows.append(row)
+        picks.append(pick)
+    return rows, picks
+
+
+def _chunk_extras(cm: CostModel, layout: list, v: int) -> list[float]:
+    """Host seconds per micro-batch a stage pays beyond plain 1F1B's when it holds v chunks: each
+    extra chunk launches and synchronises again and hands off across each bridge boundary again,
+    and the wrap-around (last stage to first) is a bridge boundary when the ends' islands differ."""
+    extra = [(v - 1) * h for h in bridge_handoffs(cm, layout)]
+    if v > 1:
+        if layout[0].island.name != layout[-1].island.name:
+            extra[0] += (v - 1) * cm.handoff_s(layout[0].island.name)
+            extra[-1] += (v - 1) * cm.handoff_s(layout[-1].island.name)
+        for i, slot in enumerate(layout):
+            extra[i] += (v - 1) * cm.stage_host_s(slot.island.name)
+    return extra
+
+
 def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
-                      counts=None, inflight_m: int | None = None, bound: float = math.inf) -> PipeEval | None:
-    """Cost one pipeline; the layer split is searched unless `counts` is given.
+                      counts=None, inflight_m: int | None = None, bound: float = math.inf,
+                      v: int = 1) -> PipeEval | None:
+    """Cost one pipeline (v chunks per stage: interleaved 1F1B when > 1); the layer split is
+    searched unless `counts` is given.
 
     With a `bound`, gives up (None) as soon as the step time provably reaches it."""
     P = len(layout)
-    if P == 0 or P > cm.model.layers:
+    if P == 0 or P > cm.model.layers or not interleavable(P, v, cm.model.layers):
         return None
     mi = m if inflight_m is None else inflight_m
-    _prefetch_rows(cm, layout, dp, b, mi)
-    handoffs = bridge_handoffs(cm, layout)
-    rows = []
-    picks = []
-    for i, (island, t, _off) in enumerate(layout):
-        row, pick = cm.stage_row(island.name, t, b, dp, i == 0, i == P - 1, min(P - i, mi))
-        rows.append(row + handoffs[i])
-        picks.append(pick)
+    rows, picks = stage_time_rows(cm, layout, dp, b, mi, v)
     if counts is None:
-        times = np.vstack(rows)
+        # at least v layers per stage: split the L - P(v-1) layers beyond each stage's first v-1
+        times = np.vstack(rows)[:, v - 1:cm.model.layers - (P - 1) * (v - 1)]
         cap = min_bottleneck(times)
         if cap is None:
             return None
         if math.isfinite(bound):
             boundary = _boundaries(cm, layout, dp, b)
-            lb = (m - 1) * max(cap, max(boundary, default=0.0)) + float(times[:, 0].sum()) + 2.0 * sum(boundary)
-            if lb >= bound:
+            if _split_bound(cm, layout, dp, b, m, v, cap, float(times[:, 0].sum()), boundary) >= bound:
                 return None
         split = min_sum_split(times, cap)
         if split is None:
             return None
-        counts = split.counts
+        counts = tuple(n + v - 1 for n in split.counts)
     stage_times = [float(rows[i][n - 1]) for i, n in enumerate(counts)]
     if not all(math.isfinite(x) for x in stage_times):
         return None
     modes = tuple(RECOMPUTE_MODES[int(picks[i][n - 1])] for i, n in enumerate(counts))
-    return _finish(cm, layout, dp, b, m, tuple(counts), modes, stage_times, mi)
+    return _finish(cm, layout, dp, b, m, tuple(counts), modes, stage_times, mi, v)
+
+
+def _split_bound(cm, layout, dp, b, m, v, cap: float, least: float, boundary: list) -> float:
+    """A lower bound on the step of any split whose slowest stage takes `cap` (`least`: the stages'
+    sum at their fewest layers), before the split is made."""
+    if v == 1:
+        return (m - 1) * max(cap, max(boundary, default=0.0)) + least + 2.0 * sum(boundary)
+    wrap = _wrap(cm, layout, dp, b)
+    cycle = max(cap, v * max(boundary, default=0.0), (v - 1) * wrap)
+    return (m - 1) * cycle + cap + (max(least, cap) - cap) / v + 2.0 * sum(boundary)
+
+
+def _wrap(cm, layout, dp, b) -> float:
+    """One crossing from the last stage back to the first (interleaved 1F1B goes round)."""
+    a, z = layout[-1], layout[0]
+    return cm.p2p_s(a.island, a.offset, z.island, z.offset, a.tp, dp, b)
 
 
 def bridge_handoffs(cm: CostModel, layout: list) -> list[float]:
@@ -232,12 +304,12 @@ def bridge_handoffs(cm: CostModel, layout: list) -> list[float]:
     return out
 
 
-def _prefetch_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int) -> None:
+def _prefetch_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int, v: int = 1) -> None:
     """Cost each island's stage rows in one pass per (island, TP, first, last)."""
     P = len(layout)
     want: dict = {}
     for i, slot in enumerate(layout):
-        want.setdefault((slot.island.name, slot.tp, i == 0, i == P - 1), []).append(min(P - i, mi))
+        want.setdefault((slot.island.name, slot.tp, i == 0, i == P - 1), []).append(in_flight(P, i, v, mi))
     for (name, t, first, last), inflights in want.items():
         cm.stage_rows(name, t, b, dp, first, last, inflights)
 
@@ -246,7 +318,7 @@ def _boundaries(cm, layout, dp, b) -> list:
     return [cm.p2p_s(a.island, a.offset, z.island, z.offset, a.tp, dp, b) for a, z in zip(layout, layout[1:])]
 
 
-def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi) -> PipeEval:
+def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi, v: int = 1) -> PipeEval:
     P = len(layout)
     boundary = _boundaries(cm, layout, dp, b)
     tail = 0.0
@@ -255,18 +327,19 @@ def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi) -> PipeEval:
         params = _stage_params(cm, t, n, i == 0, i == P - 1)
         tail = max(tail, cm.dp_allreduce_s(island, off, t, dp, params) + cm.optimizer_s(island, dp, params))
         sources.append(cm.layer_cost(island.name, t, b).source)
-    memory = _stage_memories(cm, layout, counts, modes, dp, b, m, mi)
-    return PipeEval(layout, dp, b, m, counts, modes, stage_times, boundary, tail, memory, sources)
+    memory = _stage_memories(cm, layout, counts, modes, dp, b, m, mi, v)
+    wrap = _wrap(cm, layout, dp, b) if v > 1 else 0.0
+    return PipeEval(layout, dp, b, m, counts, modes, stage_times, boundary, tail, memory, sources, v, wrap)
 
 
-def _stage_memories(cm, layout, counts, modes, dp, b, m, mi) -> list:
+def _stage_memories(cm, layout, counts, modes, dp, b, m, mi, v: int = 1) -> list:
     """Each stage's peak bytes per chip; the steady-state stages (m above their in-flight
     count) of one island, TP, place and mode in one vectorised call."""
     P = len(layout)
     memory = [0.0] * P
     groups: dict = {}
     for i, (slot, n) in enumerate(zip(layout, counts)):
-        inflight = min(P - i, mi)
+        inflight = in_flight(P, i, v, mi)
         first, last = i == 0, i == P - 1
         if m > inflight:
             groups.setdefault((slot.island.name, slot.tp, first, last, modes[i]), []).append((i, n, inflight))
@@ -389,9 +462,17 @@ class _Bounds:
 GROUP, CONFIG, REFINED = 0, 1, 2      # hetero-PP heap entries, in the order they turn into each other
 
 
-def _group_floors(cm, bounds, order, ts, b: int, dps: np.ndarray, bridge: float) -> np.ndarray:
+def _interleaved_bound(m, c, fill, other, v):
+    """Lower bound on an interleaved step (v chunks) from a bottleneck bound c and a fill bound
+    (every layer at its fastest, embedding and head): the fill and drain shrink by v at most
+    (costs.interleaved_cycle_fill); `other`: bounds on the rest (bridge hops, DP tail)."""
+    return (m - 1) * c + c + (np.maximum(fill, c) - c) / v + other
+
+
+def _group_floors(cm, bounds, order, ts, b: int, dps: np.ndarray, bridge: float, vmax: int = 1) -> np.ndarray:
     """A floor under every configuration of (order, TPs, dp, micro-batch b), one per dp: each
-    island holds its most stages (more stages only lower the bound), no DP tail."""
+    island holds its most stages (more stages only lower the bound), no DP tail; with
+    interleaving allowed (vmax > 1), the lower of plain and interleaved at vmax chunks."""
     L, G = cm.model.layers, cm.train.global_batch
     taus = np.array([bounds.layer(i, t, b) for i, t in zip(order, ts)])
     e_first = bounds.first[(order[0].name, ts[0], b)]
@@ -403,7 +484,11 @@ def _group_floors(cm, bounds, order, ts, b: int, dps: np.ndarray, bridge: float)
         c = np.maximum((L + e_first / taus[0] + e_last / taus[-1]) / inv,
                        max(e_first + taus[0], e_last + taus[-1], float(taus.max())))
     m = G // (dps * b)
-    return (m - 1) * c + L * float(taus.min()) + e_first + e_last + bridge
+    plain = (m - 1) * c + L * float(taus.min()) + e_first + e_last + bridge
+    if vmax == 1:
+        return plain
+    fill = L * float(taus.min()) + e_first + e_last
+    return np.where(m >= 2, np.minimum(plain, _interleaved_bound(m, c, fill, bridge, vmax)), plain)
 
 
 def _pp_groups(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: _Bounds,
@@ -428,7 +513,7 @@ def _pp_groups(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: _B
                 if dps.size == 0:
                     continue
                 stats["pp_groups"] = stats.get("pp_groups", 0) + int(dps.size)
-                floors = _group_floors(cm, bounds, order, ts, b, dps, bridge_lb[bi])
+                floors = _group_floors(cm, bounds, order, ts, b, dps, bridge_lb[bi], limits.max_virtual_stages)
                 for dp, floor in zip(dps.tolist(), floors.tolist()):
                     if floor < cutoff:
                         yield floor, order, ts, dp, b, bridge_lb[bi]
@@ -462,30 +547,34 @@ def _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge
     tail = (n_avg[:, None] * ab[None, :, 0] + ab[None, :, 1]).min(axis=1)
     rest = L * min(taus) + e_first + e_last + bridge + tail
     lb = (m - 1) * c + rest
+    fill = L * min(taus) + e_first + e_last
+    vs = np.where((P >= 2) & (m % P == 0), np.minimum(limits.max_virtual_stages, L // P), 1)
+    if (vs > 1).any():
+        lb = np.where(vs > 1, np.minimum(lb, _interleaved_bound(m, c, fill, bridge + tail, np.maximum(vs, 1))), lb)
     keep = np.flatnonzero(lb < cutoff)
     if keep.size == 0:
         return None
     keep = keep[np.argsort(lb[keep], kind="stable")]
-    return _Configs(lb[keep].tolist(), sel[keep], c[keep].tolist(), rest[keep].tolist(),
-                    (tuple(zip(order, ts)), dp, b, m, taus, e_first, e_last))
+    return _Configs(lb[keep].tolist(), sel[keep], c[keep].tolist(), rest[keep].tolist(), vs[keep].tolist(),
+                    (tuple(zip(order, ts)), dp, b, m, taus, e_first, e_last, fill))
 
 
 class _Configs:
     """One group's configurations, best bound first; a configuration becomes a tuple only
     when the search reaches it (most never do)."""
 
-    __slots__ = ("lb", "sel", "c", "rest", "shared")
+    __slots__ = ("lb", "sel", "c", "rest", "vs", "shared")
 
-    def __init__(self, lb, sel, c, rest, shared):
-        self.lb, self.sel, self.c, self.rest, self.shared = lb, sel, c, rest, shared
+    def __init__(self, lb, sel, c, rest, vs, shared):
+        self.lb, self.sel, self.c, self.rest, self.vs, self.shared = lb, sel, c, rest, vs, shared
 
     def __len__(self) -> int:
         return len(self.lb)
 
     def config(self, k: int) -> tuple:
-        pairs, dp, b, m, taus, e_first, e_last = self.shared
+        pairs, dp, b, m, taus, e_first, e_last, fill = self.shared
         return (self.lb[k], pairs, self.sel[k].tolist(), dp, b, m,
-                (self.c[k], taus, e_first, e_last, self.rest[k]))
+                (self.c[k], taus, e_first, e_last, self.rest[k], fill, self.vs[k]))
 
 
 def _integer_bottleneck(c: float, ss, taus, e_first: float, e_last: float, L: int) -> float:
@@ -520,7 +609,8 @@ def _label_pp(pe: PipeEval) -> str:
         else:
             parts.append([island.name, t, 1])
     chain = " -> ".join(f"{name}(tp{t} x{s} stage{'s' if s > 1 else ''})" for name, t, s in parts)
-    return f"pipeline {chain}, dp {pe.dp}, micro-batch {pe.b} x {pe.m}"
+    chunks = f", {pe.v} chunks per stage (interleaved)" if pe.v > 1 else ""
+    return f"pipeline {chain}, dp {pe.dp}, micro-batch {pe.b} x {pe.m}{chunks}"
 
 
 def _search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best: list | None = None):
@@ -560,12 +650,15 @@ def _search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best:
             if k + 1 < len(group):
                 heapq.heappush(heap, (group.lb[k + 1], next(counter), CONFIG, (group, k + 1)))
             entry = group.config(k)
-        _lb, pairs, ss, dp, b, m, (c, taus, e_first, e_last, rest) = entry
+        _lb, pairs, ss, dp, b, m, (c, taus, e_first, e_last, rest, fill, vmax) = entry
         if kind == CONFIG:
             # the bound is tightened to whole layers only when the config comes up
             refined += 1
             c = _integer_bottleneck(c, ss, taus, e_first, e_last, L)
-            heapq.heappush(heap, ((m - 1) * c + rest, next(counter), REFINED, entry))
+            bound = (m - 1) * c + rest
+            if vmax > 1:
+                bound = min(bound, float(_interleaved_bound(m, c, fill, rest - fill, vmax)))
+            heapq.heappush(heap, (bound, next(counter), REFINED, entry))
             continue
         if evaluated >= limits.max_pp_evaluations:
             # Best bound first, so what is left is what the bounds rank last; the plan is
@@ -574,14 +667,16 @@ def _search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best:
             stats["pp_open_bound_s"] = lb
             break
         layout = stage_layout([(i, t, k) for (i, t), k in zip(pairs, ss)], dp)
-        pe = evaluate_pipeline(cm, layout, dp, b, m, bound=cutoff())
         evaluated += 1
         if progress and evaluated % 16 == 0:
             progress(evaluated, limits.max_pp_evaluations, "hetero-PP configurations")
-        if pe is None:
-            continue
-        cand = Candidate("pipeline", [pe], pe.step(), 0.0, _label_pp(pe))
-        best = _dedup(sorted(best + [cand], key=lambda c: c.step))[:keep]
+        for v in range(1, vmax + 1):
+            pe = evaluate_pipeline(cm, layout, dp, b, m, bound=cutoff(), v=v)
+            stats["pp_evaluated_v"] = stats.get("pp_evaluated_v", 0) + 1
+            if pe is None:
+                continue
+            cand = Candidate("pipeline", [pe], pe.step(), 0.0, _label_pp(pe))
+            best = _dedup(sorted(best + [cand], key=lambda c: c.step))[:keep]
     if progress and evaluated:
         progress(limits.max_pp_evaluations, limits.max_pp_evaluations, "hetero-PP configurations")
     stats["pp_configs"] = stats.get("pp_configs", 0) + configs
@@ -603,8 +698,11 @@ def _pipeline_counts(L: int, p_max: int) -> list[int]:
 
 
 def _replica_options(cm: CostModel, island: IslandSpec, b: int, limits: SearchLimits, bounds: _Bounds,
-                     stats: dict, exhaustive: bool = False) -> list[PipeEval]:
-    """Homogeneous pipelines on one island, each costed with worst-case in-flight memory."""
+                     stats: dict, exhaustive: bool = False, small: bool = True) -> list[PipeEval]:
+    """Homogeneous pipelines on one island, each costed with worst-case in-flight memory, plain
+    and interleaved (v chunks per stage). On a large fleet (`small` False) an interleaved option
+    keeps its plain twin's layer split and recompute modes (`interleaved_twin`) instead of being
+    costed afresh: they are most of the options and the search must stay within seconds."""
     model, train = cm.model, cm.train
     G, L = train.global_batch, model.layers
     out = []
@@ -620,11 +718,58 @@ def _replica_options(cm: CostModel, island: IslandSpec, b: int, limits: SearchLi
                 if bounds.layers_fit(island, t, b, dp) * p < L:
                     continue
                 layout = stage_layout([(island, t, p)], dp)
-                pe = evaluate_pipeline(cm, layout, dp, b, m=G, inflight_m=G)
-                stats["dp_evaluated"] = stats.get("dp_evaluated", 0) + 1
-                if pe is not None:
-                    out.append(pe)
+                plain = None
+                for v in range(1, limits.max_virtual_stages + 1):
+                    if not interleavable(p, v, L) or (v > 1 and p * dp > G // b):
+                        continue
+                    if v == 1 or small:
+                        pe = evaluate_pipeline(cm, layout, dp, b, m=G, inflight_m=G, v=v)
+                        stats["dp_evaluated"] = stats.get("dp_evaluated", 0) + 1
+                    else:
+                        pe = interleaved_twin(cm, plain, v) if plain is not None else None
+                        stats["dp_twins"] = stats.get("dp_twins", 0) + 1
+                    plain = pe if v == 1 else plain
+                    if pe is not None:
+                        out.append(pe)
     return out
+
+
+def interleaved_twin(cm: CostModel, pe: PipeEval, v: int) -> PipeEval | None:
+    """`pe` (plain 1F1B) run interleaved with v chunks per stage, same layers: the extra host costs
+    and hand-offs of the chunks, the wrap-around, and the memory of the schedule's peak; a stage
+    that no longer fits recomputes more (the next allowed mode that fits). None where none does,
+    or a stage has fewer than v layers."""
+    P = len(pe.layout)
+    if pe.v != 1 or not interleavable(P, v, cm.model.layers) or min(pe.counts) < v:
+        return None
+    extra = _chunk_extras(cm, pe.layout, v)
+    stage_times = [t + e for t, e in zip(pe.stage_times, extra)]
+    modes = list(pe.modes)
+    memory = _stage_memories(cm, pe.layout, pe.counts, pe.modes, pe.dp, pe.b, pe.m, pe.m, v)
+    for i, (slot, n) in enumerate(zip(pe.layout, pe.counts)):
+        name, cap = slot.island.name, cm.capacity(slot.island.name)
+        if memory[i] <= cap:
+            continue
+        later = RECOMPUTE_MODES[RECOMPUTE_MODES.index(modes[i]) + 1:]
+        for mode in (x for x in later if x in cm.train.recompute_modes):
+            need = cm.stage_memory(slot.tp, pe.b, pe.dp, n, i == 0, i == P - 1, in_flight(P, i, v, pe.m), mode,
+                                   island=name, micro_batches=pe.m)
+            if need <= cap:
+                stage_times[i] += n * (cm.per_layer_s(name, slot.tp, pe.b, mode)
+                                       - cm.per_layer_s(name, slot.tp, pe.b, modes[i]))
+                modes[i], memory[i] = mode, need
+                break
+        else:
+            return None
+    return replace(pe, stage_times=stage_times, memory=memory, modes=tuple(modes), v=v,
+                   wrap=_wrap(cm, pe.layout, pe.dp, pe.b))
+
+
+def _micro_batch_counts(pe: PipeEval, units: int) -> np.ndarray:
+    """The micro-batch counts per replica this pipeline can run within `units` (interleaved: multiples
+    of its stages)."""
+    step = len(pe.layout) if pe.v > 1 else 1
+    return np.arange(step, units // pe.dp + 1, step)
 
 
 def best_batch_split(pes: list[PipeEval], units: int):
@@ -635,7 +780,7 @@ def best_batch_split(pes: list[PipeEval], units: int):
     back = []
     for pe in pes:
         d = pe.dp
-        ms = np.arange(1, units // d + 1)
+        ms = _micro_batch_counts(pe, units)
         if ms.size == 0:
             return None
         tm = (ms - 1) * pe.cycle + pe.fill
@@ -660,7 +805,8 @@ def best_batch_split(pes: list[PipeEval], units: int):
 
 def _replica_label(pes: list, b: int) -> str:
     return "replicas " + " + ".join(
-        f"{p.island.name}(pp{len(p.layout)} tp{p.layout[0].tp} dp{p.dp}, {p.dp * p.b * p.m} samples)"
+        f"{p.island.name}(pp{len(p.layout)}{f' x{p.v} chunks' if p.v > 1 else ''} tp{p.layout[0].tp} dp{p.dp}, "
+        f"{p.dp * p.b * p.m} samples)"
         for p in pes) + f", micro-batch {b}"
 
 
@@ -715,7 +861,7 @@ def envelope(island: IslandSpec, b: int, options: list, units: int) -> Envelope:
     step = np.full(units + 1, np.inf)
     pick = np.full(units + 1, -1, dtype=np.int64)
     for k, pe in enumerate(options):
-        ms = np.arange(1, units // pe.dp + 1)
+        ms = _micro_batch_counts(pe, units)
         u = ms * pe.dp
         t = (ms - 1) * pe.cycle + pe.fill
         better = t < step[u]
@@ -774,7 +920,8 @@ def _island_envelopes(cm, fleet, limits, bounds, stats, progress=None) -> dict:
     for k, b in enumerate(bs):
         out[b] = {}
         for island in fleet.islands:
-            pes = _replica_options(cm, island, b, limits, bounds, stats)
+            pes = _replica_options(cm, island, b, limits, bounds, stats,
+                                   small=fleet.total_chips <= limits.small_fleet_chips)
             if pes:
                 out[b][island.name] = envelope(island, b, pes, G // b)
         if progress:
@@ -856,15 +1003,18 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
     for k, pe in enumerate(cand.pipes):
         idx = []
         start = 0
+        cuts = chunk_ranges(pe.counts, pe.v)
         for i, ((island, t, off), n) in enumerate(zip(pe.layout, pe.counts)):
+            chunks = tuple(cuts[i]) if pe.v > 1 else ()
+            layers = (chunks[0][0], chunks[-1][1]) if chunks else (start, start + n)
             stages.append(StagePlan(
                 index=len(stages), pipeline=k, island=island.name, chip=island.chip.name, tp=t, dp=pe.dp,
-                layers=(start, start + n), recompute=pe.modes[i], offset=off, time_s=pe.stage_times[i],
-                memory_gb=pe.memory[i] / 1e9, source=pe.sources[i]))
+                layers=layers, recompute=pe.modes[i], offset=off, time_s=pe.stage_times[i],
+                memory_gb=pe.memory[i] / 1e9, source=pe.sources[i], chunks=chunks))
             idx.append(stages[-1].index)
             start += n
         pipelines.append(PipelinePlan(index=k, stages=tuple(idx), dp=pe.dp, micro_batch=pe.b,
-                                      num_micro_batches=pe.m))
+                                      num_micro_batches=pe.m, virtual_stages=pe.v))
     ranks = assign_ranks(fleet, stages)
     step = cand.step
     # Model FLOPs (no recompute) and hardware FLOPs (with it) per chip type.
@@ -895,13 +1045,13 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
     breakdown = {
         "cycle_s": slowest.cycle,
         "steady_s": (slowest.m - 1) * slowest.cycle,
-        "fill_drain_s": sum(slowest.stage_times),
+        "fill_drain_s": (sum(slowest.stage_times) if slowest.v == 1
+                         else slowest.fill - 2.0 * sum(slowest.boundary) - slowest.tail),
         "p2p_s": 2.0 * sum(slowest.boundary),
         "max_boundary_s": max(slowest.boundary, default=0.0),
         "dp_reduce_and_optimizer_s": slowest.tail,
         "cross_island_reduce_s": cand.cross_s,
-        "bubble_fraction": 1.0 - (slowest.m * sum(slowest.stage_times) / len(slowest.stage_times))
-        / ((slowest.m - 1) * max(slowest.stage_times) + sum(slowest.stage_times)),
+        "bubble_fraction": _bubble(slowest),
         "mfu_used_chips": sum(done.values()) / (step * used_peak),
         "mfu_fleet": sum(done.values()) / (step * all_peak),
         "hfu_used_chips": sum(hw.values()) / (step * used_peak),
@@ -928,6 +1078,29 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
                     "label": cand.label},
         idle={i.name: i.size - used_by_island.get(i.name, 0) for i in fleet.islands},
     )
+
+
+def chunk_ranges(counts, v: int) -> list[list[tuple[int, int]]]:
+    """Each stage's v layer ranges: its layers split as evenly as they go (larger chunks first),
+    the model cut into the p*v pieces in the order docs/plan-format.md prescribes (stage i
+    holds pieces i, i+p, ...). v == 1: one range per stage, the stages in order."""
+    sizes = [[n // v + (1 if c < n % v else 0) for c in range(v)] for n in counts]
+    out: list[list[tuple[int, int]]] = [[] for _ in counts]
+    start = 0
+    for c in range(v):
+        for i, size in enumerate(sizes):
+            out[i].append((start, start + size[c]))
+            start += size[c]
+    return out
+
+
+def _bubble(pe: PipeEval) -> float:
+    """Idle share of the pipeline's compute time (communication and tail aside): plain 1F1B's
+    (m-1)*max + sum against m*mean, the fill and drain shrunk by v when interleaved."""
+    T, m = pe.stage_times, pe.m
+    top, total = max(T), sum(T)
+    span = (m - 1) * top + top + (total - top) / pe.v if pe.v > 1 else (m - 1) * top + total
+    return 1.0 - (m * total / len(T)) / span
 
 
 def _host_sources(cm: CostModel, chips) -> dict:
@@ -1020,11 +1193,13 @@ def _dedup(cands: list) -> list:
 
 # ----------------------------------------------------------------------------- brute force
 
-def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None) -> Candidate | None:
-    """Every configuration of the same space, every layer split: for checking the search
-    on small fleets. Exponential; keep layers <= ~16 and chips <= ~16."""
+def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None,
+                max_virtual_stages: int = SearchLimits.max_virtual_stages) -> Candidate | None:
+    """Every configuration of the same space (chunks per stage 1..max_virtual_stages included),
+    every layer split: for checking the search on small fleets. Exponential; keep layers
+    <= ~16 and chips <= ~16."""
     cm = CostModel(fleet, model, train, profile)
-    limits = SearchLimits(exhaustive_stages=True, max_orders=10 ** 6)
+    limits = SearchLimits(exhaustive_stages=True, max_orders=10 ** 6, max_virtual_stages=max_virtual_stages)
     G, L = train.global_batch, model.layers
     best = None
     comps_cache: dict = {}
@@ -1045,9 +1220,12 @@ def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=No
                             if P > L:
                                 continue
                             layout = stage_layout(list(zip(order, ts, ss)), dp)
-                            pe = _brute_pipeline(cm, layout, dp, b, m, m, comps_cache)
-                            if pe is not None and (best is None or pe.step() < best.step):
-                                best = Candidate("pipeline", [pe], pe.step(), 0.0, _label_pp(pe))
+                            for v in range(1, max_virtual_stages + 1):
+                                if not interleavable(P, v, L) or (v > 1 and m % P):
+                                    continue
+                                pe = _brute_pipeline(cm, layout, dp, b, m, m, comps_cache, v=v)
+                                if pe is not None and (best is None or pe.step() < best.step):
+                                    best = Candidate("pipeline", [pe], pe.step(), 0.0, _label_pp(pe))
     if "replicas" in train.modes and len(fleet.islands) >= 2:
         for b in train.micro_batch_choices():
             options = {}
@@ -1057,9 +1235,12 @@ def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=No
                     for p in range(1, min(L, island.size // t) + 1):
                         for dp in range(1, min(island.size // (t * p), G // b) + 1):
                             layout = stage_layout([(island, t, p)], dp)
-                            pe = _brute_pipeline(cm, layout, dp, b, G, G, comps_cache, objective="cycle")
-                            if pe is not None:
-                                opts.extend(pe)
+                            for v in range(1, max_virtual_stages + 1):
+                                if not interleavable(p, v, L) or (v > 1 and p * dp > G // b):
+                                    continue
+                                pe = _brute_pipeline(cm, layout, dp, b, G, G, comps_cache, objective="cycle", v=v)
+                                if pe is not None:
+                                    opts.extend(pe)
                 options[island.name] = _pareto(opts)
             for cand in _combine_replicas(cm, options, b, 1):
                 if best is None or cand.step < best.step:
@@ -1068,26 +1249,29 @@ def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=No
 
 
 def _pareto(pes: list) -> list:
-    """Drop replica options another option with the same DP beats at every micro-batch count."""
+    """Drop replica options another option that takes the same micro-batch counts (same DP; same
+    chunks and stages when interleaved) beats at every one of them."""
+    def same(o, pe) -> bool:
+        return o.dp == pe.dp and o.v == pe.v and (pe.v == 1 or len(o.layout) == len(pe.layout))
+
     out = []
     for pe in pes:
-        if not any(o is not pe and o.dp == pe.dp and o.cycle <= pe.cycle and o.fill <= pe.fill
+        if not any(o is not pe and same(o, pe) and o.cycle <= pe.cycle and o.fill <= pe.fill
                    and (o.cycle, o.fill) != (pe.cycle, pe.fill) for o in pes):
-            if not any(o.dp == pe.dp and (o.cycle, o.fill) == (pe.cycle, pe.fill) for o in out):
+            if not any(same(o, pe) and (o.cycle, o.fill) == (pe.cycle, pe.fill) for o in out):
                 out.append(pe)
     return out
 
 
-def _brute_pipeline(cm, layout, dp, b, m, mi, cache, objective="step"):
-    """Best split of one pipeline by enumerating every composition (vectorised)."""
+def _brute_pipeline(cm, layout, dp, b, m, mi, cache, objective="step", v: int = 1):
+    """Best split of one pipeline (v chunks per stage) by enumerating every composition (vectorised)."""
     P = len(layout)
     L = cm.model.layers
     comps = cache.get((L, P))
     if comps is None:
         comps = compositions(L, P)
         cache[(L, P)] = comps
-    rows = np.vstack([cm.stage_row(island.name, t, b, dp, i == 0, i == P - 1, min(P - i, mi))[0] + h
-                      for i, ((island, t, _o), h) in enumerate(zip(layout, bridge_handoffs(cm, layout)))])
+    rows = np.vstack(stage_time_rows(cm, layout, dp, b, mi, v)[0])
     times = rows[np.arange(P)[None, :], comps - 1]
     ok = np.isfinite(times).all(axis=1)
     if not ok.any():
@@ -1095,14 +1279,15 @@ def _brute_pipeline(cm, layout, dp, b, m, mi, cache, objective="step"):
     times, comps = times[ok], comps[ok]
     if objective == "step":
         # tail depends on the split: compute it exactly for the best few by (cycle, sum), then all ties.
-        key = (m - 1) * times.max(axis=1) + times.sum(axis=1)
+        top = times.max(axis=1)
+        key = (m - 1) * top + (times.sum(axis=1) if v == 1 else top + (times.sum(axis=1) - top) / v)
         order = np.argsort(key)
         best = None
         bound = None
         for j in order:
             if bound is not None and key[j] >= bound:
                 break
-            pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi)
+            pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi, v=v)
             if pe is not None and (best is None or pe.step() < best.step()):
                 best = pe
                 bound = pe.step()
@@ -1111,7 +1296,7 @@ def _brute_pipeline(cm, layout, dp, b, m, mi, cache, objective="step"):
     out = []
     for key in ((times.max(axis=1), times.sum(axis=1)), (times.sum(axis=1), times.max(axis=1))):
         j = int(np.lexsort((key[1], key[0]))[0])
-        pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi)
+        pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi, v=v)
         if pe is not None:
             out.append(pe)
     return out or None
