@@ -34,3 +34,16 @@ def test_the_bench_plans_both_fleets_of_issue_20():
         assert job.cluster.total_chips in (1024, 8192)
     assert job.train.global_batch == 4096 and job.cluster.total_chips == 8192
     assert {i.chip for i in job.cluster.islands} == {"A800-80G", "H100-SXM", "Ascend-910B", "Kunlun-P800"}
+
+
+def test_interleaving_row_searches_the_same_fleet_with_chunks():
+    cfg = planner.CONFIGS
+    job = load_job(cluster=os.path.join(cfg, "a800-910b-32.yaml"), model=os.path.join(cfg, "llama2-7b.yaml"),
+                   train=os.path.join(cfg, "train-llama2.yaml"))
+    plain = plan_job(job, top=2)
+    row = planner.interleaving_row(job, plain)
+    assert row["max_virtual_stages"] == planner.INTERLEAVE_V
+    assert row["ratio_vs_islands"] == pytest.approx(row["tokens_per_s"] / row["islands_alone_tokens_per_s"]["sum"])
+    assert row["tokens_per_s"] >= plain.best.tokens_per_s * (1 - 1e-9)     # a wider space never loses
+    assert row["meets_lower_bounds"] and all(1 <= v <= planner.INTERLEAVE_V for v in row["virtual_stages"])
+    assert f"ratio {row['ratio_vs_islands']:.3f}" in planner.interleaving_line(row)
