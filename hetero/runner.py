@@ -65,14 +65,16 @@ def search_plan(job, kind: str = "auto", profile=None):
 
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,
-                progress: bool = True, say=None, kind: str = "auto", target=None, **timeouts) -> RunResult:
+                progress: bool = True, say=None, kind: str = "auto", target=None, elastic: bool = True,
+                **timeouts) -> RunResult:
     """Plan (unless given a plan file), launch every planned worker, train `steps` steps.
 
     `target`: a hetero.launch.targets.Target (`--on ray`), or None: every island on this
     machine, which refuses a cluster file naming other hosts. Every input is checked (the plan
     file against the job: hetero.plan_check) before the run directory is made; a UserError
     raised before any worker starts leaves nothing behind. `timeouts`: hang_timeout and
-    rejoin_timeout, for the launcher (hetero.launch.fleet.launch_fleet)."""
+    rejoin_timeout, for the launcher (hetero.launch.fleet.launch_fleet); `elastic`: a lost node's
+    chips are re-planned around (the same search, `kind`) instead of waited for."""
     from hetero.launch.targets import launcher_for
 
     launch = launcher_for(target, job.cluster)
@@ -92,7 +94,7 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
             say(f"run directory: {run_dir}")
             worker_paths = {part: os.path.abspath(paths[part]) for part in DEFAULTS}
             return _launch(launch, job, worker_paths, run_dir, plan.to_dict(), steps, max_restarts, progress,
-                           made=made, timeouts=timeouts)
+                           made=made, timeouts=dict(timeouts, **_elastic(job, kind, elastic)))
     except UserError:
         if made.only_ours():
             made.undo()      # refused before any worker started: leave nothing behind
@@ -116,7 +118,8 @@ def _fill(made: "RunDir", job, paths: dict, plan, steps: int) -> None:
 
 
 def resume_fleet(stopped, steps: int | None = None, plan_file: str | None = None, max_restarts: int = 0,
-                 progress: bool = True, say=None, kind: str | None = None, target=None, **timeouts) -> RunResult:
+                 progress: bool = True, say=None, kind: str | None = None, target=None, elastic: bool = True,
+                 **timeouts) -> RunResult:
     """Continue the stopped run `stopped` (hetero.resume.open_run) from its checkpoint to `steps` in all
     (None: the run's own total), with the run directory's own files and plan; `plan_file` or `kind`
     re-plans (said in one line). Its metrics and logs go on in the same directory: the records after
@@ -141,7 +144,8 @@ def resume_fleet(stopped, steps: int | None = None, plan_file: str | None = None
         events.record(run_dir, "resume", from_step=stopped.step, steps=total, replanned=bool(plan_file or kind))
         try:
             result = _launch(launch, job, stopped.paths, run_dir, plan.to_dict(), total, max_restarts, progress,
-                             first_step=stopped.step, offset=offset, timeouts=timeouts)
+                             first_step=stopped.step, offset=offset,
+                             timeouts=dict(timeouts, **_elastic(job, kind or "auto", elastic)))
         finally:
             resume.last_attempts(os.path.join(run_dir, "metrics", "steps.jsonl"))
     result.resumed_from = stopped.step
@@ -217,6 +221,13 @@ def _launch(launch, job, paths: dict, run_dir: str, plan_data: dict, steps: int,
         stop.set()
         follower.join()
     return RunResult(code, run_dir, plan_data, records)
+
+
+def _elastic(job, kind: str, elastic: bool) -> dict:
+    """The launcher's elastic settings: on, with this job's planner (hetero.launch.elastic), or off."""
+    from hetero.launch.elastic import Replanner
+
+    return {"elastic": True, "replan": Replanner(job, kind)} if elastic else {"elastic": False}
 
 
 def _check_counts(steps: int, max_restarts: int, timeouts: dict | None = None) -> None:

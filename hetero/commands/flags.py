@@ -43,7 +43,7 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 def add_recovery_flags(parser) -> None:
-    """--hang-timeout and --rejoin-timeout, as `hetero run` and `hetero launch` both take them."""
+    """--hang-timeout, --rejoin-timeout and --no-elastic, as `hetero run` and `hetero launch` both take them."""
     parser.add_argument("--hang-timeout", type=number(0, MAX_TIMEOUT_S, low_open=True), metavar="S",
                         help="declare the job hung when no rank's training loop has moved for S seconds: the stuck "
                              "rank's Python stacks go to <run dir>/stacks/, it is killed, and the job takes the "
@@ -51,9 +51,12 @@ def add_recovery_flags(parser) -> None:
                              "larger of 60 s and 5 x the plan's predicted step time (said at start); an attempt's "
                              "first step gets 3 x S")
     parser.add_argument("--rejoin-timeout", type=number(0, MAX_TIMEOUT_S, low_open=True), metavar="S",
-                        help="seconds a lost node gets to come back before the job is re-planned on the survivors "
-                             "(for the elastic re-plan, still to come: checked and recorded in events.jsonl for now; "
-                             "default 60)")
+                        help="before a restart, seconds the head waits for every node to be back; the nodes still "
+                             "missing then are lost, and the job is re-planned on the chips that remain and resumes "
+                             "from its last checkpoint (a lost node started again is taken back at the next "
+                             "checkpoint); default 60")
+    parser.add_argument("--no-elastic", dest="elastic", action="store_false",
+                        help="never re-plan: every restart waits for the same fleet")
 
 
 JOB_FILES = {

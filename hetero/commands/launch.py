@@ -27,7 +27,10 @@ def register(subparsers) -> None:
             "every host's agents in Ray actors."
         ),
     )
-    add_job_files(parser, ("cluster",))
+    add_job_files(parser, optional=("model", "train"),
+                  notes={"model": "; with --train, lets the head re-plan the job on the chips that remain when a "
+                                  "node is lost (the worker script gets its own arguments)",
+                         "train": "; see --model"})
     parser.add_argument("--plan", metavar="FILE", help="plan JSON from 'hetero plan --out'")
     parser.add_argument("--node", metavar="HOST", help="the host this launcher runs, as in the cluster file")
     parser.add_argument("--on", type=parse_target, metavar="ray[=ADDRESS]|slurm",
@@ -61,7 +64,20 @@ def run(args) -> int:
     return launch(args.cluster, args.plan, entrypoint, args.args, node=args.node,
                   max_restarts=args.max_restarts, run_dir=args.run_dir, token_file=args.token_file,
                   rdzv_timeout=args.rdzv_timeout, hang_timeout=args.hang_timeout,
-                  rejoin_timeout=args.rejoin_timeout)
+                  rejoin_timeout=args.rejoin_timeout, elastic=args.elastic, replan=_replanner(args))
+
+
+def _replanner(args):
+    """The elastic re-plan's planner, from --model and --train (both, or neither: no re-plan)."""
+    from hetero.config import load_job
+    from hetero.errors import UserError
+    from hetero.launch.elastic import Replanner
+
+    if (args.model is None) != (args.train is None):
+        raise UserError("--model and --train go together (the elastic re-plan needs both)")
+    if args.model is None:
+        return None
+    return Replanner(load_job(cluster=args.cluster, model=args.model, train=args.train))
 
 
 def _on_slurm(args, entrypoint: str) -> int:

@@ -113,5 +113,5 @@ def _resume(args):
 
 
 def _timeouts(args) -> dict:
-    """--hang-timeout and --rejoin-timeout as given (absent: the launcher's defaults)."""
-    return {"hang_timeout": args.hang_timeout, "rejoin_timeout": args.rejoin_timeout}
+    """--hang-timeout, --rejoin-timeout (absent: the launcher's defaults) and --no-elastic."""
+    return {"hang_timeout": args.hang_timeout, "rejoin_timeout": args.rejoin_timeout, "elastic": args.elastic}

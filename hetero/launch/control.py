@@ -74,6 +74,14 @@ def hang_key(attempt: int) -> str:
     return f"hetero.launch/{attempt}/hang"
 
 
+def here_key(attempt: int, host: str) -> str:
+    return f"hetero.launch/{attempt}/here/{host}"
+
+
+def plan_key(attempt: int) -> str:
+    return f"hetero.launch/{attempt}/plan"
+
+
 class LaunchAbort(Exception):
     """The job cannot go on (coordinator lost, token refused); the message says why."""
 
@@ -85,6 +93,7 @@ class Verdict:
     reason: str = ""
     restart: bool = False   # failed, and the whole job starts again
     fatal: bool = False     # failed in a way every restart would repeat (never restarts)
+    regrow: bool = False    # stopped to take a node back (elastic): no restart is spent on it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -93,7 +102,7 @@ class Verdict:
     def from_json(cls, text: str) -> "Verdict":
         data = json.loads(text)
         return cls(int(data["attempt"]), str(data["state"]), str(data.get("reason", "")),
-                   bool(data.get("restart", False)), bool(data.get("fatal", False)))
+                   bool(data.get("restart", False)), bool(data.get("fatal", False)), bool(data.get("regrow", False)))
 
 
 class HeadControl:
@@ -125,27 +134,23 @@ class HeadControl:
         self.coordinator: Coordinator | None = None
         self.client: CoordinatorClient | None = None
         self.attempt = 0
+        self.restarts = 0                     # failures restarted so far (taking a node back is none)
+        self.plan_text: str | None = None     # the plan this attempt runs (members adopt it)
+        self.standby: set = set()             # hosts without workers now (lost, or left out): watched for
+        self.checkpoint_step = lambda: 0      # the step `latest` names (the job sets it)
+        self._back: dict = {}                 # standby host -> the checkpoint step when it came back
+        self._back_read_at = 0.0
 
     def begin(self, attempt: int) -> int:
-        """Start a fresh coordinator for `attempt` and tell the other nodes to run it."""
-        cluster = self.layout.cluster.coordinator
-        host = LOCAL_HOST if self.layout.local else cluster.host
+        """Start a fresh coordinator for `attempt` and tell the other nodes to run it (and under
+        which plan: `plan_text`, which a node that joins late or comes back adopts)."""
         self.attempt = attempt
-        self.coordinator = Coordinator(self.token, max(1, self.layout.world_size), host=host,
-                                       port=cluster.port, bind_all=cluster.bind_all and not self.layout.local,
-                                       heartbeat_timeout=self.heartbeat_timeout)
-        try:
-            self.coordinator.start()
-        except AddressInUseError as exc:   # the user picks another port: bad input, not a fault
-            self.coordinator = None        # never served: nothing to stop or count
-            raise UserError(f"cannot start the job's coordinator: {exc}") from None
-        except (OSError, RuntimeError) as exc:
-            self.coordinator = None
-            raise LaunchAbort(f"cannot start the coordinator on {host}:{cluster.port}: {exc}") from None
-        self.client = CoordinatorClient(self.coordinator.address, self.token, 0, timeout=10.0)
+        self._serve(max(1, self.layout.world_size))
         if self._announce:                 # after the port is ours: a refused start stays one line
             self.say(self._announce)
             self._announce = None
+        self.client.kv_set(plan_key(attempt), json.dumps({"plan": self.plan_text}))
+        self._back = {}
         for host_name in self.members:
             self.client.kv_set(node_key(attempt, host_name), json.dumps({"state": "pending"}))
             self.client.kv_set(ack_key(attempt, host_name), "")
@@ -159,6 +164,49 @@ class HeadControl:
         events.record(self.run_dir, "start", attempt=attempt, hang_timeout_s=self.hang_timeout,
                       rejoin_timeout_s=self.rejoin_timeout)
         return attempt
+
+    def _serve(self, world_size: int) -> None:
+        """A fresh coordinator on the cluster's port, and this launcher's client of it."""
+        cluster = self.layout.cluster.coordinator
+        host = LOCAL_HOST if self.layout.local else cluster.host
+        self.coordinator = Coordinator(self.token, world_size, host=host,
+                                       port=cluster.port, bind_all=cluster.bind_all and not self.layout.local,
+                                       heartbeat_timeout=self.heartbeat_timeout)
+        try:
+            self.coordinator.start()
+        except AddressInUseError as exc:   # the user picks another port: bad input, not a fault
+            self.coordinator = None        # never served: nothing to stop or count
+            raise UserError(f"cannot start the job's coordinator: {exc}") from None
+        except (OSError, RuntimeError) as exc:
+            self.coordinator = None
+            raise LaunchAbort(f"cannot start the coordinator on {host}:{cluster.port}: {exc}") from None
+        self.client = CoordinatorClient(self.coordinator.address, self.token, 0, timeout=10.0)
+
+    def gather(self, attempt: int, wanted, timeout: float) -> set:
+        """Before attempt `attempt` of an elastic job: call the nodes in (state `waiting`) and return
+        those of `wanted` that answer within `timeout` seconds (all of them: at once)."""
+        self.attempt = attempt
+        self._serve(1)
+        present: set = set()
+        try:
+            self.client.kv_set(STATE_KEY, Verdict(attempt, "waiting", restart=True).to_json())
+            deadline = time.monotonic() + timeout
+            while True:
+                present |= {h for h in wanted if h not in present and self._has(here_key(attempt, h))}
+                if present >= set(wanted) or time.monotonic() > deadline:
+                    return present
+                time.sleep(0.2)
+        finally:
+            self.close()
+
+    def _has(self, key: str) -> bool:
+        try:
+            self.client.kv_get(key)
+            return True
+        except AuthenticationError as exc:
+            raise LaunchAbort(f"the job's own coordinator refused its token: {exc}") from None
+        except CoordinatorError:
+            return False
 
     def step(self, local: LocalStatus, interrupted: str | None) -> Verdict | None:
         """The verdict once the attempt is over (published to every node), else None."""
@@ -196,15 +244,40 @@ class HeadControl:
         if failures:
             priority, reason = min(enumerate(failures), key=lambda f: (f[1][0], f[0]))[1]
             fatal = priority == FATAL and not interrupted
-            restart = not interrupted and not fatal and self.attempt < self.max_restarts
+            restart = not interrupted and not fatal and self.restarts < self.max_restarts
+            self.restarts += restart
             verdict = Verdict(self.attempt, "failed", reason, restart, fatal)
             events.record(self.run_dir, "failure", attempt=self.attempt, reason=reason, restart=restart, fatal=fatal)
         elif local.state == "done" and members_done:
             verdict = Verdict(self.attempt, "done")
         else:
-            return None
+            back = self._take_back()
+            if back is None:
+                return None
+            verdict = back
         self.client.kv_set(STATE_KEY, verdict.to_json())
         return verdict
+
+    def _take_back(self) -> Verdict | None:
+        """Elastic: a standby host that came back (its launcher joined this attempt) is taken back at the
+        next checkpoint: the attempt stops there (no restart spent) and the next one re-plans up."""
+        now = time.monotonic()
+        if not self.standby or now - self._back_read_at < BEAT_S:
+            return None
+        self._back_read_at = now
+        step = self.checkpoint_step()
+        for host_name in sorted(self.standby - set(self._back)):
+            if self._has(node_key(self.attempt, host_name)):
+                self._back[host_name] = step
+                self.say(f"node {host_name} is back: taking it back at the next checkpoint (after step {step})")
+        ready = sorted(h for h, seen in self._back.items() if step > seen)
+        if not ready:
+            return None
+        reason = f"node{'s' if len(ready) > 1 else ''} {', '.join(ready)} back: re-planning up at the checkpoint of step {step}"
+        for host_name in ready:
+            events.record(self.run_dir, "rejoin", attempt=self.attempt, host=host_name, at_step=step,
+                          seen_at_step=self._back[host_name])
+        return Verdict(self.attempt, "failed", reason, restart=True, regrow=True)
 
     def watch(self) -> None:
         """Run the hang watchdog (the launcher calls it before it looks at its islands: a hung rank's
@@ -278,8 +351,11 @@ class HeadControl:
         while waiting and time.monotonic() < deadline:
             try:
                 waiting = [h for h in waiting if self.client.kv_get(ack_key(self.attempt, h)) != "1"]
-            except (CoordinatorError, AuthenticationError):
+                for host_name in waiting:
+                    self._member(host_name)   # one that stopped reporting is lost: not waited for
+            except (CoordinatorError, AuthenticationError, LaunchAbort):
                 break
+            waiting = [h for h in waiting if h not in self._silent]
             if waiting:
                 time.sleep(0.1)
         self.close()
@@ -327,9 +403,12 @@ class MemberControl:
         self._last_ok = time.monotonic()
         self._hang_read_at = 0.0
         self._hang_done = False
+        self.plan_text: str | None = None   # the plan the head runs this attempt under (begin reads it)
+        self.plan_known = False
 
     def begin(self, attempt: int) -> int:
-        """Wait until the head runs attempt >= `attempt`; return the attempt to run."""
+        """Wait until the head runs attempt >= `attempt` (saying this node is here while an elastic head
+        gathers the nodes); return the attempt to run."""
         deadline = time.monotonic() + self.join_timeout
         while True:
             state = self._read(1.0)
@@ -338,13 +417,30 @@ class MemberControl:
                     self.attempt, self._reported, self._reported_at = state.attempt, "", 0.0
                     self._last_ok = time.monotonic()
                     self._hang_done = False
+                    self.plan_text, self.plan_known = self._plan(state.attempt)
                     return state.attempt
-                if not state.restart:
+                if state.state == "waiting":   # an elastic head calls the nodes in: say this one is here
+                    self._say_here(state.attempt)
+                    deadline = time.monotonic() + self.join_timeout
+                elif not state.restart:
                     raise LaunchAbort(f"the job ended before this node joined: {state.reason or state.state}")
             if time.monotonic() > deadline:
                 raise LaunchAbort(f"no coordinator running attempt {attempt} at {self.layout.coordinator_address} "
                                   f"after {self.join_timeout:.0f} s (is the head node's launcher running?)")
             time.sleep(0.2)
+
+    def _say_here(self, attempt: int) -> None:
+        try:
+            self.client.kv_set(here_key(attempt, self.host), "1")
+        except CoordinatorError:
+            pass   # the next look
+
+    def _plan(self, attempt: int) -> tuple[str | None, bool]:
+        """(the plan text the head runs `attempt` under, whether the head said): None with True: no plan."""
+        try:
+            return json.loads(self.client.kv_get(plan_key(attempt), timeout=2.0)).get("plan"), True
+        except (CoordinatorError, ValueError, AttributeError):
+            return None, False
 
     def step(self, local: LocalStatus, interrupted: str | None) -> Verdict | None:
         if interrupted:

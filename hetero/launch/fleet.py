@@ -26,7 +26,8 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
                  token_file: str | None = None, rdzv_timeout: float = 300.0, join_timeout: float = 300.0,
                  shutdown_timeout: float = 15.0, heartbeat_timeout: float = 5.0,
                  stdout=None, stderr=None, checkpoint_dir: str | None = None,
-                 hang_timeout: float | None = None, rejoin_timeout: float | None = None) -> int:
+                 hang_timeout: float | None = None, rejoin_timeout: float | None = None,
+                 elastic: bool = True, replan=None) -> int:
     """Run `entrypoint` on this node's share of the fleet (all of it when `node` is None).
 
     cluster:      path of a cluster YAML, or a loaded hetero.config.ClusterConfig.
@@ -53,9 +54,18 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
     hang_timeout: seconds without progress in any rank's training loop before the head declares
                   the job hung (hetero.launch.watchdog), dumps the stuck rank's stacks into
                   <run_dir>/stacks/, kills it and fails the attempt; None: the larger of 60 s and
-                  5 x the plan's predicted step time (said at start). rejoin_timeout: seconds a lost
-                  node gets to come back before the elastic re-plan (validated and recorded in
-                  <run_dir>/events.jsonl; the re-plan itself is to come).
+                  5 x the plan's predicted step time (said at start).
+    elastic:      (head node, with other nodes) before a restart, the head calls every node in and
+                  waits up to `rejoin_timeout` seconds (default 60) for them; the nodes that do not
+                  answer are lost, and the job is re-planned on the chips that remain by `replan`
+                  (hetero.launch.elastic.Replanner: `replan(cluster, lost_hosts)` -> Plan; None: the
+                  job cannot be re-planned and restarts on the same fleet). The new plan goes to
+                  <run_dir>/plan.json (the old one kept as plan-until-step-N.json, N the checkpoint it
+                  resumes from), every node is handed it through the coordinator, and an argument of
+                  the entrypoint naming the old plan file names the new one. A lost node whose
+                  launcher is started again is taken back at the next checkpoint (the job re-plans up
+                  to its first plan; no restart is spent on it). Events: replan, rejoin.
+                  False (--no-elastic): every restart waits for the same fleet.
 
     Every node must be given the same cluster, plan, entrypoint and token; the head's
     max_restarts is the one that counts. SIGINT/SIGTERM (handled when called from the main
@@ -91,6 +101,10 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
     job = _FleetJob(layout, node, entry, token, run_dir, os.path.abspath(plan_path) if plan_path else None,
                     cluster_path, base_env, rdzv_timeout, shutdown_timeout, stdout, stderr,
                     os.path.abspath(checkpoint_dir) if checkpoint_dir else os.path.join(run_dir, "checkpoints"))
+    job.plan, job.plan_text = plan, _read(plan_path)
+    job.first = (plan, job.plan_text)
+    if is_head and members and elastic:
+        job.elastic = _Elastic(config, replan, watchdog.rejoin_or_default(rejoin_timeout), members)
     job.agent_work(0)   # every per-island input checked before anything starts
     lost_timeout = max(10.0, 2 * heartbeat_timeout)   # a silent node (or head) counts as lost
     if is_head:
@@ -104,6 +118,7 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
                               rejoin_timeout=watchdog.rejoin_or_default(rejoin_timeout),
                               say=lambda line: job.say(line, console=True),
                               announce=watchdog.describe_timeout(hang, hang_timeout is not None, predicted))
+        control.plan_text, control.checkpoint_step = job.plan_text, job.resume_step
     else:
         control = MemberControl(layout, token, node, join_timeout, lost_timeout)
     try:
@@ -132,6 +147,10 @@ class _FleetJob:
         # Same on every node (all share the token), different for every job: the
         # islands' rendezvous run ids, which must agree across nodes.
         self.job_id = "hetero-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        self.plan = None                      # the Plan this node runs now (None: every chip)
+        self.plan_text: str | None = None
+        self.first: tuple = (None, None)      # the job's first (Plan, text): what re-planning up returns to
+        self.elastic: _Elastic | None = None  # the head's elastic re-plan (with other nodes, not --no-elastic)
 
     def say(self, message: str, console: bool = False) -> None:
         """A line for the launcher's log (`stderr`); `console`: also for the person at the
@@ -145,7 +164,11 @@ class _FleetJob:
         attempt = 0
         try:
             while True:
+                if attempt and self.elastic is not None:
+                    self.regroup(control, attempt)
                 attempt = control.begin(attempt)   # a late member joins the head's current attempt
+                if isinstance(control, MemberControl) and control.plan_known and control.plan_text != self.plan_text:
+                    self.adopt(control.plan_text, control)
                 verdict = self.run_attempt(control, attempt, interrupts)
                 if verdict.state == "done":
                     return 0
@@ -160,7 +183,12 @@ class _FleetJob:
                     self.say(f"job failed: {verdict.reason}", console=True)
                     return 1
                 attempt += 1
-                self.say(f"restarting the whole job {self.resume_point()} (restart {attempt} of {max_restarts}): "
+                if verdict.regrow:
+                    self.say(f"stopping the job to take nodes back {self.resume_point()}: {verdict.reason}",
+                             console=True)
+                    continue
+                restarts = getattr(control, "restarts", attempt)
+                self.say(f"restarting the whole job {self.resume_point()} (restart {restarts} of {max_restarts}): "
                          f"{verdict.reason}", console=True)
                 control.record("restart", attempt=attempt, from_step=self.resume_step())
         except LaunchAbort as exc:
@@ -168,6 +196,69 @@ class _FleetJob:
             return 128 + interrupts.signum if interrupts.signum else 1
         finally:
             control.close()
+
+    def regroup(self, control, attempt: int) -> None:
+        """Elastic, on the head before a restart: call the nodes in; when the nodes that answer differ
+        from those the job runs on, re-plan on them (down when nodes are lost, up to the first plan when
+        they are all back), say the old and new plan, record a replan event."""
+        elastic = self.elastic
+        started = time.monotonic()
+        present = control.gather(attempt, elastic.hosts, elastic.rejoin_timeout)
+        lost = sorted(set(elastic.hosts) - present)
+        waited = time.monotonic() - started
+        if set(lost) == elastic.lost:
+            return
+        if lost and elastic.replan is None:
+            self.say(f"node{'s' if len(lost) > 1 else ''} {', '.join(lost)} not back after {waited:.0f} s; the job "
+                     f"cannot be re-planned without its model and train files: restarting on the same fleet",
+                     console=True)
+            return
+        from hetero.launch.elastic import summary
+
+        try:
+            plan = elastic.replan(elastic.config, lost) if lost else self.first[0]
+        except UserError as exc:
+            raise LaunchAbort(f"cannot re-plan on the chips that remain: {exc}") from None
+        old = summary(self.plan)
+        step = self.resume_step()
+        kept = self.adopt(self.first[1] if not lost else plan.to_json(), control, step)
+        new = summary(plan)
+        gone, back = sorted(set(lost) - elastic.lost), sorted(elastic.lost - set(lost))
+        elastic.lost = set(lost)
+        control.members = [h for h in elastic.hosts if h not in elastic.lost]
+        control.standby = set(elastic.lost)
+        why = (f"node{'s' if len(gone) > 1 else ''} {', '.join(gone)} not back after {waited:.0f} s" if gone
+               else f"node{'s' if len(back) > 1 else ''} {', '.join(back)} back")
+        self.say(f"re-planned ({why}), resuming from step {step}:", console=True)
+        for label, plan_summary in (("old", old), ("new", new)):
+            speed = (f"; predicted {plan_summary['predicted_step_s']:.3f} s/step, "
+                     f"{plan_summary['tokens_per_s']:.0f} tokens/s" if "predicted_step_s" in plan_summary else "")
+            self.say(f"  {label} plan: {plan_summary['plan']}{speed}", console=True)
+        control.record("replan", attempt=attempt, from_step=step, lost=sorted(elastic.lost), gone=gone, back=back,
+                       waited_s=round(waited, 3), old=old, new=new, kept=kept)
+
+    def adopt(self, text: str | None, control, step: int | None = None) -> str | None:
+        """Run under the plan `text` from now on: it becomes <run_dir>/plan.json (on the head the plan it
+        replaces is kept as plan-until-step-<step>.json; returns that name), the layout follows it, and
+        the entrypoint's arguments and HETERO_PLAN name the new file."""
+        from hetero.launch.inputs import load_plan
+
+        path = os.path.join(self.run_dir, "plan.json")
+        kept = None
+        if step is not None and self.plan_text is not None:
+            kept = f"plan-until-step-{step}.json"
+            _write(os.path.join(self.run_dir, kept), self.plan_text)
+        if text is not None and _read(path) != text:
+            _write(path, text)
+        plan = load_plan(path, self.layout.cluster) if text is not None else None
+        if text is not None and self.plan_path is not None:
+            self.entry = [path if _same_file(arg, self.plan_path) else arg for arg in self.entry]
+        self.plan, self.plan_text = plan, text
+        self.plan_path = path if text is not None else None
+        self.layout = build_layout(self.layout.cluster, plan, self.node)
+        control.layout = self.layout
+        control.plan_text = text
+        return kept
 
     def resume_point(self) -> str:
         """Where a restart resumes: the step the checkpoint directory's `latest` names."""
@@ -240,6 +331,39 @@ def check_timeout(flag: str, value: float | None) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise UserError(f"{flag} must be a number of seconds > 0, got {value!r}")
+
+
+class _Elastic:
+    """The head's elastic re-plan settings and state."""
+
+    def __init__(self, config, replan, rejoin_timeout: float, hosts):
+        self.config = config                # the whole cluster (re-plans are numbered in it)
+        self.replan = replan                # hetero.launch.elastic.Replanner, or None
+        self.rejoin_timeout = rejoin_timeout
+        self.hosts = list(hosts)            # the other nodes of the first plan: called in before every restart
+        self.lost: set = set()              # those the job runs without now
+
+
+def _read(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _write(path: str, text: str) -> None:
+    """Write whole or not at all (another launcher on a shared run directory may read it)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def _same_file(arg: str, path: str) -> bool:
+    return not arg.startswith("-") and os.path.abspath(arg) == os.path.abspath(path)
 
 
 class _Interrupts:

@@ -74,8 +74,10 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
                   address: str | None = None, token_file: str | None = None, rdzv_timeout: float = 300.0,
                   shutdown_timeout: float = 15.0, heartbeat_timeout: float = 5.0, stdout=None, stderr=None,
                   checkpoint_dir: str | None = None, placement_timeout: float = PLACEMENT_TIMEOUT_S,
-                  hang_timeout: float | None = None, rejoin_timeout: float | None = None) -> int:
+                  hang_timeout: float | None = None, rejoin_timeout: float | None = None,
+                  elastic: bool = True, replan=None) -> int:
     """launch_fleet (see hetero.launch.fleet) with every island on the Ray cluster at `address`.
+    Not elastic yet (`elastic` and `replan` are taken and unused): a restart places the same fleet.
     Returns as launch_fleet does; raises UserError for bad input, a host that is no Ray node, or
     bundles the Ray cluster cannot hold. The hang watchdog runs as with launch_fleet; a hung rank
     on another machine than the driver is not signalled for its stacks (no launcher runs there):
