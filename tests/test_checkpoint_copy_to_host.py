@@ -8,6 +8,7 @@ charged for every byte of the shard they write."""
 import dataclasses
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,8 +86,8 @@ class RecordingDevice(Accelerator):
         self.calls.append(("copy_to_host", tuple(dst.shape), src.device.type, non_blocking))
         return dst
 
-    def synchronize(self, index=None):
-        self.calls.append(("synchronize",))
+    def current_stream(self, index=None):
+        return SimpleNamespace(synchronize=lambda: self.calls.append(("synchronize",)))
 
 
 def test_a_device_source_is_copied_asynchronously_into_pinned_buffers_then_synchronized(monkeypatch):

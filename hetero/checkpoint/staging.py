@@ -77,10 +77,11 @@ class Staging:
         return buffer
 
     def finish(self) -> None:
-        """Wait for this save's pinned (asynchronous) copies; drop buffers this save did not use."""
+        """Wait for this save's pinned (asynchronous) copies, queued on the current stream (a side
+        stream's, when the copy runs beside training); drop buffers this save did not use."""
         del self._buffers[self._next:]
         if self._pinned:
-            self._accel.synchronize()
+            self._accel.current_stream().synchronize()
         self._pinned = False
 
     def lend(self) -> None:

@@ -4,7 +4,8 @@ checkpoint is never read back), then a small report (files, sizes, hashes, chunk
 for the seal (hetero.checkpoint.seal).
 
 Training blocks only for the device->host copy that makes the chunks (the caller's, best into a
-hetero.checkpoint.staging.Staging reused save after save, which the writer holds until done); the trainer
+hetero.checkpoint.staging.Staging reused save after save, which the writer holds until done), or not
+even for that when the copy is handed over as a `snapshot` the thread runs first; the trainer
 seals once every rank's writer is done (`running()`), and `wait()` joins the thread before the
 next save or the end of training. A full disk or quota comes back
 from `wait()` as its errno (the trainer agrees on it fleet-wide); any other error is raised there.
@@ -20,6 +21,7 @@ import signal
 import struct
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -85,14 +87,23 @@ def report(directory: str, rank: int, step: int, chunks: list[fmt.Chunk], file: 
 
 
 class AsyncWrite:
-    """One rank's write of one checkpoint, on a thread: `start()`, then `wait()` for its outcome."""
+    """One rank's write of one checkpoint, on a thread: `start()`, then `wait()` for its outcome.
 
-    def __init__(self, directory: str, rank: int, step: int, chunks: list[fmt.Chunk], staging=None):
-        self.directory, self.rank, self.step, self.chunks = directory, rank, step, chunks
+    With `snapshot` (a callable returning the chunks: the device->host copy into staging), the thread
+    makes the chunks first (CheckFreq's snapshot, Mohan et al., FAST'21): the copy runs while training
+    goes on, and `wait_snapshot()` is what training calls before it next modifies what is copied."""
+
+    def __init__(self, directory: str, rank: int, step: int, chunks: list[fmt.Chunk] | None = None, staging=None,
+                 snapshot: Callable[[], list[fmt.Chunk]] | None = None):
+        self.directory, self.rank, self.step, self.chunks = directory, rank, step, chunks or []
         self.staging = staging        # hetero.checkpoint.staging.Staging the chunks live in, lent while writing
+        self.snapshot = snapshot
         self.error: BaseException | None = None
-        self.write_s = 0.0
+        self.write_s = self.snapshot_s = 0.0
         self.bytes = 0
+        self._snapshotted = threading.Event()
+        if snapshot is None:
+            self._snapshotted.set()
         self._thread = threading.Thread(target=self._run, name=f"checkpoint-{step}", daemon=True)
 
     def start(self) -> "AsyncWrite":
@@ -104,6 +115,7 @@ class AsyncWrite:
     def _run(self) -> None:
         started = time.perf_counter()
         try:
+            self._take_snapshot()
             os.makedirs(self.directory, exist_ok=True)
             file = fmt.data_file(self.rank)
             size, sha, keys = write_safetensors(os.path.join(self.directory, file), self.chunks,
@@ -117,6 +129,23 @@ class AsyncWrite:
             self.write_s = time.perf_counter() - started
             if self.staging is not None:
                 self.staging.release()
+
+    def _take_snapshot(self) -> None:
+        try:
+            if self.snapshot is not None:
+                started = time.perf_counter()
+                self.chunks, self.snapshot = self.snapshot(), None
+                self.snapshot_s = time.perf_counter() - started
+        finally:
+            self._snapshotted.set()       # a failed snapshot is wait()'s to report; training goes on
+
+    def wait_snapshot(self) -> float:
+        """Block until the chunks are in host memory (at once without a snapshot); seconds waited."""
+        if self._snapshotted.is_set():
+            return 0.0
+        started = time.perf_counter()
+        self._snapshotted.wait()
+        return time.perf_counter() - started
 
     def running(self) -> bool:
         return self._thread.is_alive()

@@ -4,8 +4,16 @@ trainer holds `self.checkpoints` and calls `resume()` once, `save(step)` when a 
 at the end of each step and `finish()` at the end of training (or before a fleet-wide stop).
 
 A save copies this rank's own shard into host staging buffers kept from save to save
-(hetero.checkpoint.staging, through the accelerator's copy_to_host; training blocks only for that copy) and hands it to
-a background writer (hetero.checkpoint.writer); the checkpoint is sealed once every rank's writer is
+(hetero.checkpoint.staging, through the accelerator's copy_to_host) and a background writer
+(hetero.checkpoint.writer) streams them to a file; the checkpoint is sealed once every rank's writer is
+done. The copy itself runs in the background too (`Checkpoints.background`): parameters and optimizer
+state change only at the next optimizer update, so the snapshot of step N is exact as long as it ends
+before step N+1's update, which `before_update()` ensures. What is copied: the weights (the fp32
+master copy in bf16/fp16), the moments, each rank's own TP slice or ZeRO-1 shard; the loss scaler's
+and the optimizer's counters are read in save() itself. On an emulated chip the copy is charged on the
+chip's one queue, so the compute behind it waits for it (a real chip's copy engine overlaps them):
+the emulation is never the more forgiving.
+
 done. Every decision (which checkpoint to resume from, a failed write, sealing) is taken from
 fleet-wide counts, so all ranks take it alike and `latest` keeps naming the previous checkpoint
 when any rank's part fails.
@@ -26,6 +34,11 @@ from hetero.errors import JobFatalError
 
 
 class Checkpoints:
+    # Snapshots in the background (CheckFreq, Mohan et al., FAST'21): save() hands the device->host copy
+    # to the writer's thread and returns; the copy runs while the next step's forward and backward do
+    # (they only read what is copied), and before_update() waits for it. False: save() copies first.
+    background = True
+
     def __init__(self, comms, accelerator, model_config, train_config, model, optimizer, scaler, *,
                  pretrained, log_once: Callable[[str], None], fleet_count: Callable[[list], list[int]],
                  scope, onto_device):
@@ -40,7 +53,11 @@ class Checkpoints:
         self.root = train_config.checkpoint.dir if train_config.checkpoint else None
         self.every = train_config.checkpoint.every if train_config.checkpoint else 0
         self._pending = None                 # (step, extra, write): the save whose writer may still run
-        self.blocked_s = self.write_s = 0.0  # the last save's blocking copy and write (seconds)
+        self._in_flight = None               # that writer while its snapshot may still be copying
+        self._stream = None                  # the side stream snapshots copy on
+        # The last save (seconds): training blocked (issue_s in save(), waited_s in before_update),
+        # the snapshot's copy and the write.
+        self.blocked_s = self.issue_s = self.waited_s = self.write_s = 0.0
         self.bytes = 0
         # The host buffers every save copies this rank's shard into, through the accelerator's
         # copy_to_host (an emulated chip charges its host link, as a real chip's copy costs).
@@ -76,20 +93,45 @@ class Checkpoints:
         self._refuse_non_finite_state(step)
         self._agree_written(step, self._only_rank0(ckpt.prepare, self.root, step))
         started = time.perf_counter()
-        write = None
-        if self._writes_checkpoint(self.place.rank):
-            chunks = self.optimizer.own_chunks(self.staging.begin().copy, self._own_names())
-            self.staging.finish()
-            write = ckpt.AsyncWrite(ckpt.partial_dir(self.root, step), self.place.rank, step, chunks,
-                                    staging=self.staging).start()
-        self.blocked_s = time.perf_counter() - started
+        write = self._start_write(step) if self._writes_checkpoint(self.place.rank) else None
+        self.blocked_s = self.issue_s = time.perf_counter() - started
+        self.waited_s = 0.0
         extra = {"data_position": {"next_step": step}, "optimizer_steps": self.optimizer.steps,
                  **self.scaler.state(), **({"pretrained": self.pretrained.to_dict()} if self.pretrained else {})}
         self._pending = (step, extra, write)
+        self._in_flight = write if self.background else None
+
+    def _start_write(self, step: int):
+        """This rank's writer of checkpoint `step`; in the background mode its thread also makes the
+        snapshot (the copy into staging), else the copy is made here first, training waiting for it."""
+        directory, copy, names = ckpt.partial_dir(self.root, step), self.staging.begin().copy, self._own_names()
+        if self.background:
+            return ckpt.AsyncWrite(directory, self.place.rank, step, staging=self.staging,
+                                   snapshot=lambda: self._snapshot(copy, names)).start()
+        chunks = self._snapshot(copy, names)
+        return ckpt.AsyncWrite(directory, self.place.rank, step, chunks, staging=self.staging).start()
+
+    def _snapshot(self, copy, names) -> list:
+        """This rank's own shard copied into the staging buffers (on a side stream where the chip has
+        streams, so the copy can overlap the compute queued on the main one), waited for."""
+        with self.accel.stream(self._copy_stream()):
+            chunks = self.optimizer.own_chunks(copy, names)
+            self.staging.finish()
+        return chunks
+
+    def _copy_stream(self):
+        if self._stream is None:
+            self._stream = self.accel.new_stream()
+        return self._stream
 
     def before_update(self) -> None:
         """Called right before the optimizer modifies parameters or optimizer state: a snapshot still
-        copying them must be done first. Today the copy in save() blocks, so nothing is in flight."""
+        copying them (the background mode) must be done first. Training is blocked only for the part
+        of the copy the step's forward and backward did not hide (`waited_s`)."""
+        write, self._in_flight = self._in_flight, None
+        if write is not None:
+            self.waited_s = write.wait_snapshot()
+            self.blocked_s = self.issue_s + self.waited_s
 
     def seal_ready(self) -> None:
         """Seal the pending checkpoint as soon as every rank's writer is done: checked at the end of each
@@ -109,6 +151,7 @@ class Checkpoints:
         if self._pending is None:
             return
         (step, extra, write), self._pending = self._pending, None
+        self._in_flight = None
         progress.stamp("checkpoint")
         self._agree_written(step, write.wait() if write else None)
         self.write_s, self.bytes = (write.write_s, write.bytes) if write else (0.0, 0)
