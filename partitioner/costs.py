@@ -386,6 +386,17 @@ class CostModel:
             return (embedding_params(self.model)) / t + self.model.hidden
         return head_params(self.model) / t
 
+    def stage_params(self, t: int, n_layers, *, first: bool, last: bool):
+        """Parameters on one chip of a stage: its layers' share under TP t, plus the embedding on
+        the first stage and the LM head (or the tied embedding's norm) on the last. The one place
+        stage parameter counts come from; `n_layers` may be a numpy array."""
+        params = n_layers * self.layer_params / t
+        if first:
+            params = params + self.first_static_params(t)
+        if last:
+            params = params + self.last_static_params(t)
+        return params
+
     def last_transient_bytes(self, t: int, b: int) -> float:
         """The last stage's norm, logits and loss, one micro-batch (`loss_bytes`)."""
         return loss_bytes(self.model, t, b, self.dtype)
@@ -401,8 +412,7 @@ class CostModel:
         counted together, the bound for any m). `n_layers` may be a numpy array."""
         m, e = self.model, self.e
         fused = self._fused(island)
-        params = n_layers * self.layer_params / t
-        params = params + (self.first_static_params(t) if first else 0.0) + (self.last_static_params(t) if last else 0.0)
+        params = self.stage_params(t, n_layers, first=first, last=last)
         per_mb = n_layers * activation_bytes(m, t, b, self.dtype, mode, fused)
         if first:
             per_mb = per_mb + e * b * m.seq_len * m.hidden
@@ -418,18 +428,18 @@ class CostModel:
 
     # -- one stage row for the layer split -------------------------------------
 
-    def stage_row(self, island: str, t: int, b: int, dp: int, first: bool, last: bool,
+    def stage_row(self, island: str, t: int, b: int, dp: int, *, first: bool, last: bool,
                   inflight: float) -> tuple[np.ndarray, np.ndarray]:
         """Time of this stage holding n = 1..L layers (inf where nothing fits) and the
         recompute mode chosen for each n (index into RECOMPUTE_MODES): the fastest that fits."""
         key = ("row", island, t, b, dp, first, last, inflight)
         hit = self._cache.get(key)
         if hit is None:
-            self.stage_rows(island, t, b, dp, first, last, [inflight])
+            self.stage_rows(island, t, b, dp, first=first, last=last, inflights=[inflight])
             hit = self._cache[key]
         return hit
 
-    def stage_rows(self, island: str, t: int, b: int, dp: int, first: bool, last: bool, inflights) -> None:
+    def stage_rows(self, island: str, t: int, b: int, dp: int, *, first: bool, last: bool, inflights) -> None:
         """Fill the cache with `stage_row` for several in-flight counts in one pass (a column of
         counts against the row of layer counts): a pipeline's stages differ only in that."""
         todo = sorted({k for k in inflights if ("row", island, t, b, dp, first, last, k) not in self._cache})
@@ -446,7 +456,7 @@ class CostModel:
         for index, mode in enumerate(RECOMPUTE_MODES):
             if mode not in self.train.recompute_modes:
                 continue
-            mem = self.stage_memory(t, b, dp, n, first, last, ks, mode, island=island)
+            mem = self.stage_memory(t, b, dp, n, first=first, last=last, inflight=ks, mode=mode, island=island)
             time = extra + n * self.per_layer_s(island, t, b, mode)
             ok = (mem <= cap) & (time < best)
             best = np.where(ok, time, best)

@@ -139,11 +139,11 @@ def test_one_f_one_b_step_formula():
 
 def test_stage_memory_grows_with_in_flight_micro_batches_and_zero1_shrinks_it():
     cm = CostModel(GPU_32, LLAMA_7B, TrainSpec(64, 1, "bf16"))
-    one = cm.stage_memory(2, 1, 4, 8, False, False, 1, "selective")
-    four = cm.stage_memory(2, 1, 4, 8, False, False, 4, "selective")
+    one = cm.stage_memory(2, 1, 4, 8, first=False, last=False, inflight=1, mode="selective")
+    four = cm.stage_memory(2, 1, 4, 8, first=False, last=False, inflight=4, mode="selective")
     assert four > one
     no_zero = CostModel(GPU_32, LLAMA_7B, TrainSpec(64, 1, "bf16", zero1=False))
-    assert no_zero.stage_memory(2, 1, 4, 8, False, False, 1, "selective") > one
+    assert no_zero.stage_memory(2, 1, 4, 8, first=False, last=False, inflight=1, mode="selective") > one
 
 
 def test_tp_choices_divide_heads_and_stay_in_a_node():
@@ -184,9 +184,9 @@ def _check_plan(plan: Plan, fleet: FleetSpec, model: ModelSpec, train: TrainSpec
         pipe = plan.pipelines[s.pipeline]
         pos = pipe.stages.index(s.index)
         P = len(pipe.stages)
-        mem = cm.stage_memory(s.tp, plan.micro_batch, s.dp, s.num_layers, pos == 0, pos == P - 1,
-                              min(P - pos, pipe.num_micro_batches if plan.kind == "pipeline" else train.global_batch),
-                              s.recompute)
+        mem = cm.stage_memory(s.tp, plan.micro_batch, s.dp, s.num_layers, first=pos == 0, last=pos == P - 1,
+                              inflight=min(P - pos, pipe.num_micro_batches if plan.kind == "pipeline"
+                                           else train.global_batch), mode=s.recompute)
         assert mem <= islands[s.island].chip.usable_bytes
         assert s.memory_gb * 1e9 <= islands[s.island].chip.usable_bytes
     for r in plan.ranks:
@@ -433,12 +433,12 @@ def test_stage_memory_on_reference_ops_chips_uses_their_activations_and_the_loss
     cm = CostModel(EMU_MIXED, LLAMA_TINY, TrainSpec(8, 2, "fp32"))
     m = LLAMA_TINY
     n, b = 3, 2
-    mem = cm.stage_memory(1, b, 1, n, False, False, 1, "none", island="fast", micro_batches=4)
+    mem = cm.stage_memory(1, b, 1, n, first=False, last=False, inflight=1, mode="none", island="fast", micro_batches=4)
     params = n * cm.layer_params
     assert mem == pytest.approx(16 * params + n * reference_activation_bytes(m, 1, b, "fp32", "none")
                                 + backward_work_bytes(m, 1, b, "fp32", "none"))
     # the last stage: the loss and a layer's backward are never live together
-    last = cm.stage_memory(1, b, 1, n, False, True, 1, "full", island="fast", micro_batches=4)
+    last = cm.stage_memory(1, b, 1, n, first=False, last=True, inflight=1, mode="full", island="fast", micro_batches=4)
     params += cm.last_static_params(1)
     act = n * reference_activation_bytes(m, 1, b, "fp32", "full")
     work = max(backward_work_bytes(m, 1, b, "fp32", "full", fused=False), loss_bytes(m, 1, b, "fp32"))

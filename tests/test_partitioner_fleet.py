@@ -12,8 +12,10 @@ import pytest
 
 from hetero.config import load_job
 from hetero.planning import headroom, plan_job
+from partitioner.bounds import Bounds
 from partitioner.costs import CostModel
 from partitioner.inputs import FleetSpec, IslandSpec, ModelSpec, SearchLimits, TrainSpec
+from partitioner.replicas import combine_replicas, replica_options
 from test_partitioner import (A800, ASCEND, EMU_3, EMU_MIXED, GPU_16, GPU_32, LLAMA_12, LLAMA_7B, ROOT,
                               LLAMA_TINY, TRAIN_TINY, chip)
 
@@ -79,14 +81,14 @@ def test_hetero_dp_keeps_every_replica_option_until_the_batch_is_split():
     fleet, model, train = GPU_32, LLAMA_7B, TrainSpec(256, 1, "bf16")
     res = S.search(fleet, model, train)
     cm = CostModel(fleet, model, train)
-    bounds, old = S._Bounds(cm), []
+    bounds, old = Bounds(cm), []
     for b in train.micro_batch_choices():
         options = {}
         for island in fleet.islands:
-            pes = S._replica_options(cm, island, b, SearchLimits(), bounds, {})
+            pes = replica_options(cm, island, b, SearchLimits(), bounds, {})
             pes.sort(key=lambda pe: (-pe.dp * pe.b / pe.cycle, pe.fill))
             options[island.name] = pes[:3]
-        old += S._combine_replicas(cm, options, b, 1)
+        old += combine_replicas(cm, options, b, 1)
     old_best = min(c.step for c in old)
     assert res.hetero_dp.step < old_best
 

@@ -11,7 +11,7 @@ import pytest
 
 from partitioner.costs import CostModel
 from partitioner.profile import HOST_FIELDS, NO_HOST_COST, HostCost, ProfileDB, ProfileError
-from partitioner.search import Slot, _stage_params, evaluate_pipeline, search
+from partitioner.search import Slot, evaluate_pipeline, search
 from test_partitioner import EMU_MIXED, LLAMA_TINY, TRAIN_TINY
 
 SHAPE = {k: getattr(LLAMA_TINY, k) for k in ("hidden", "heads", "kv_heads", "ffn_hidden", "seq_len")}
@@ -35,8 +35,8 @@ def test_a_stage_pays_launch_and_sync_per_micro_batch_exactly():
     bare, hosted = CostModel(EMU_MIXED, LLAMA_TINY, TRAIN_TINY), CostModel(EMU_MIXED, LLAMA_TINY, TRAIN_TINY, _with_host())
     for island, cost in (("fast", FAST_HOST), ("slow", SLOW_HOST)):
         for first, last in ((True, False), (False, False), (False, True)):
-            before = bare.stage_row(island, 1, 2, 1, first, last, 1)[0]
-            after = hosted.stage_row(island, 1, 2, 1, first, last, 1)[0]
+            before = bare.stage_row(island, 1, 2, 1, first=first, last=last, inflight=1)[0]
+            after = hosted.stage_row(island, 1, 2, 1, first=first, last=last, inflight=1)[0]
             fits = np.isfinite(before)
             assert fits.any() and (np.isfinite(after) == fits).all()      # host time costs no memory
             assert after[fits] - before[fits] == pytest.approx([cost.launch_s + cost.sync_s] * int(fits.sum()), abs=1e-12)
@@ -49,7 +49,7 @@ def test_a_bridge_stage_pays_its_hand_off_and_every_tail_the_optimizer_step():
         assert t1 - t0 == pytest.approx(cost.launch_s + cost.sync_s + cost.handoff_s, abs=1e-12)
     assert hosted.boundary == bare.boundary               # the link model's part is unchanged
     cm = CostModel(EMU_MIXED, LLAMA_TINY, TRAIN_TINY)
-    params = [_stage_params(cm, 1, 5, True, False), _stage_params(cm, 1, 3, False, True)]
+    params = [cm.stage_params(1, 5, first=True, last=False), cm.stage_params(1, 3, first=False, last=True)]
     tails = [cm.optimizer_s(island, 1, p) + cost.optimizer_step_s
              for island, p, cost in zip(EMU_MIXED.islands, params, (FAST_HOST, SLOW_HOST))]
     assert hosted.tail == pytest.approx(max(tails)) and hosted.tail > bare.tail

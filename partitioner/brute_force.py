@@ -1,0 +1,127 @@
+"""Brute force over the search's space: every configuration, every layer split (and every
+chunk count up to max_virtual_stages); exponential, for checking the search on fleets of at
+most ~16 chips and ~16 layers (tests, `hetero bench planner`)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from partitioner.costs import (CostModel, divisors, tp_choices)
+from partitioner.inputs import (FleetSpec, ModelSpec,
+                                SearchLimits, TrainSpec)
+from partitioner.layer_split import compositions
+from partitioner.candidates import Candidate, label_pp, stage_layout
+from partitioner.evaluate import evaluate_pipeline, interleavable, stage_time_rows
+from partitioner.pipeline_search import island_orders
+from partitioner.replicas import combine_replicas
+
+
+def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None,
+                max_virtual_stages: int = SearchLimits.max_virtual_stages) -> Candidate | None:
+    """Every configuration of the same space (chunks per stage 1..max_virtual_stages included),
+    every layer split: for checking the search on small fleets. Exponential; keep layers
+    <= ~16 and chips <= ~16."""
+    cm = CostModel(fleet, model, train, profile)
+    limits = SearchLimits(exhaustive_stages=True, max_orders=10 ** 6, max_virtual_stages=max_virtual_stages)
+    G, L = train.global_batch, model.layers
+    best = None
+    comps_cache: dict = {}
+    if "pipeline" in train.modes:
+        tps = {i.name: tp_choices(model, i) for i in fleet.islands}
+        for order in island_orders(fleet.islands, limits):
+            for ts in itertools.product(*[tps[i.name] for i in order]):
+                max_dp = min(i.size // t for i, t in zip(order, ts))
+                for dp in divisors(G):
+                    if dp > max_dp:
+                        break
+                    for b in train.micro_batch_choices():
+                        if (G // dp) % b:
+                            continue
+                        m = G // (dp * b)
+                        for ss in itertools.product(*[range(1, i.size // (t * dp) + 1) for i, t in zip(order, ts)]):
+                            P = sum(ss)
+                            if P > L:
+                                continue
+                            layout = stage_layout(list(zip(order, ts, ss)), dp)
+                            for v in range(1, max_virtual_stages + 1):
+                                if not interleavable(P, v, L) or (v > 1 and m % P):
+                                    continue
+                                pe = _brute_pipeline(cm, layout, dp, b, m, m, comps_cache, v=v)
+                                if pe is not None and (best is None or pe.step() < best.step):
+                                    best = Candidate("pipeline", [pe], pe.step(), 0.0, label_pp(pe))
+    if "replicas" in train.modes and len(fleet.islands) >= 2:
+        for b in train.micro_batch_choices():
+            options = {}
+            for island in fleet.islands:
+                opts = []
+                for t in tp_choices(model, island):
+                    for p in range(1, min(L, island.size // t) + 1):
+                        for dp in range(1, min(island.size // (t * p), G // b) + 1):
+                            layout = stage_layout([(island, t, p)], dp)
+                            for v in range(1, max_virtual_stages + 1):
+                                if not interleavable(p, v, L) or (v > 1 and p * dp > G // b):
+                                    continue
+                                pe = _brute_pipeline(cm, layout, dp, b, G, G, comps_cache, objective="cycle", v=v)
+                                if pe is not None:
+                                    opts.extend(pe)
+                options[island.name] = _pareto(opts)
+            for cand in combine_replicas(cm, options, b, 1):
+                if best is None or cand.step < best.step:
+                    best = cand
+    return best
+
+
+def _pareto(pes: list) -> list:
+    """Drop replica options another option that takes the same micro-batch counts (same DP; same
+    chunks and stages when interleaved) beats at every one of them."""
+    def same(o, pe) -> bool:
+        return o.dp == pe.dp and o.v == pe.v and (pe.v == 1 or len(o.layout) == len(pe.layout))
+
+    out = []
+    for pe in pes:
+        if not any(o is not pe and same(o, pe) and o.cycle <= pe.cycle and o.fill <= pe.fill
+                   and (o.cycle, o.fill) != (pe.cycle, pe.fill) for o in pes):
+            if not any(same(o, pe) and (o.cycle, o.fill) == (pe.cycle, pe.fill) for o in out):
+                out.append(pe)
+    return out
+
+
+def _brute_pipeline(cm, layout, dp, b, m, mi, cache, objective="step", v: int = 1):
+    """Best split of one pipeline (v chunks per stage) by enumerating every composition (vectorised)."""
+    P = len(layout)
+    L = cm.model.layers
+    comps = cache.get((L, P))
+    if comps is None:
+        comps = compositions(L, P)
+        cache[(L, P)] = comps
+    rows = np.vstack(stage_time_rows(cm, layout, dp, b, mi, v)[0])
+    times = rows[np.arange(P)[None, :], comps - 1]
+    ok = np.isfinite(times).all(axis=1)
+    if not ok.any():
+        return None
+    times, comps = times[ok], comps[ok]
+    if objective == "step":
+        # tail depends on the split: compute it exactly for the best few by (cycle, sum), then all ties.
+        top = times.max(axis=1)
+        key = (m - 1) * top + (times.sum(axis=1) if v == 1 else top + (times.sum(axis=1) - top) / v)
+        order = np.argsort(key)
+        best = None
+        bound = None
+        for j in order:
+            if bound is not None and key[j] >= bound:
+                break
+            pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi, v=v)
+            if pe is not None and (best is None or pe.step() < best.step()):
+                best = pe
+                bound = pe.step()
+        return best
+    # For replicas: the throughput-optimal split (min cycle, then min fill) and the fill-optimal one.
+    out = []
+    for key in ((times.max(axis=1), times.sum(axis=1)), (times.sum(axis=1), times.max(axis=1))):
+        j = int(np.lexsort((key[1], key[0]))[0])
+        pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi, v=v)
+        if pe is not None:
+            out.append(pe)
+    return out or None

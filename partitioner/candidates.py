@@ -1,0 +1,138 @@
+"""The search's records: a stage's place (Slot), one costed pipeline (PipeEval), a candidate plan
+(Candidate: one pipeline or a replica per island) and the search's answer (SearchResult); how
+they are labelled and deduplicated. No search logic here (docs/architecture.md: partitioner)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+
+from partitioner.costs import (interleaved_cycle_fill,
+                               pipeline_step_s)
+from partitioner.inputs import (IslandSpec)
+from partitioner.plan import Plan
+
+
+class Slot(NamedTuple):
+    """One stage's place: its island, TP degree and first local rank (of DP replica 0)."""
+
+    island: IslandSpec
+    tp: int
+    offset: int
+
+
+@dataclass
+class PipeEval:
+    layout: list                     # [Slot] per stage
+    dp: int
+    b: int
+    m: int
+    counts: tuple
+    modes: tuple
+    stage_times: list
+    boundary: list
+    tail: float
+    memory: list                     # bytes per chip per stage
+    sources: list
+    v: int = 1                       # model chunks per stage (interleaved 1F1B when > 1)
+    wrap: float = 0.0                # last stage -> first stage, per crossing (v > 1 goes round)
+
+    @property
+    def cycle(self) -> float:
+        if self.v == 1:
+            return max(max(self.stage_times), max(self.boundary, default=0.0))
+        return interleaved_cycle_fill(self.stage_times, self.boundary, self.wrap, self.v)[0]
+
+    @property
+    def fill(self) -> float:
+        if self.v == 1:
+            return sum(self.stage_times) + 2.0 * sum(self.boundary) + self.tail
+        return interleaved_cycle_fill(self.stage_times, self.boundary, self.wrap, self.v)[1] + self.tail
+
+    def step(self, m: int | None = None) -> float:
+        m = self.m if m is None else m
+        if self.v == 1:
+            return pipeline_step_s(self.stage_times, self.boundary, m, self.tail)
+        return (m - 1) * self.cycle + self.fill
+
+    def takes(self, m: int) -> bool:
+        """Can this pipeline run m micro-batches per replica (interleaving needs a multiple of its stages)?"""
+        return self.v == 1 or m % len(self.layout) == 0
+
+    @property
+    def island(self) -> IslandSpec:
+        """The first stage's island (a replica's only one)."""
+        return self.layout[0].island
+
+    @property
+    def chips(self) -> int:
+        return sum(slot.tp for slot in self.layout) * self.dp
+
+    def with_micro_batches(self, m: int) -> PipeEval:
+        return replace(self, m=m)
+
+
+@dataclass
+class Candidate:
+    kind: str                        # pipeline | replicas
+    pipes: list                      # PipeEval per pipeline
+    step: float
+    cross_s: float = 0.0
+    label: str = ""
+
+
+@dataclass
+class SearchResult:
+    plans: list                      # best first (Plan)
+    candidates: list                 # the matching Candidates
+    baseline: Candidate | None
+    baseline_plan: Plan | None
+    search_s: float
+    evaluated: int
+    bounded: int
+    stats: dict = field(default_factory=dict)
+    islands_alone: dict = field(default_factory=dict)    # island name -> Candidate (whole batch, others idle)
+    hetero_dp: Candidate | None = None                   # best replica per island, exact batch split
+
+    @property
+    def best(self) -> Plan:
+        return self.plans[0]
+
+
+def stage_layout(order_tps_stages, dp: int) -> list:
+    """[(island, tp, n_stages)] in pipeline order -> [(island, tp, offset)] per stage."""
+    layout = []
+    for island, t, s in order_tps_stages:
+        for j in range(s):
+            layout.append(Slot(island, t, j * t * dp))
+    return layout
+
+
+def label_pp(pe: PipeEval) -> str:
+    parts = []
+    for island, t, _off in pe.layout:
+        if parts and parts[-1][0] == island.name and parts[-1][1] == t:
+            parts[-1][2] += 1
+        else:
+            parts.append([island.name, t, 1])
+    chain = " -> ".join(f"{name}(tp{t} x{s} stage{'s' if s > 1 else ''})" for name, t, s in parts)
+    chunks = f", {pe.v} chunks per stage (interleaved)" if pe.v > 1 else ""
+    return f"pipeline {chain}, dp {pe.dp}, micro-batch {pe.b} x {pe.m}{chunks}"
+
+
+def replica_label(pes: list, b: int) -> str:
+    return "replicas " + " + ".join(
+        f"{p.island.name}(pp{len(p.layout)}{f' x{p.v} chunks' if p.v > 1 else ''} tp{p.layout[0].tp} dp{p.dp}, "
+        f"{p.dp * p.b * p.m} samples)"
+        for p in pes) + f", micro-batch {b}"
+
+
+def dedup(cands: list) -> list:
+    seen, out = set(), []
+    for c in cands:
+        key = (c.label, round(c.step, 12))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out

@@ -1,0 +1,226 @@
+"""Costing one pipeline: its stages' time rows, the exact uneven layer split, memory per stage,
+DP tail, boundaries, plain 1F1B or interleaved with v chunks per stage (partitioner/interleave.py).
+Everything the searches ask of a single pipeline goes through `evaluate_pipeline`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from partitioner.costs import (CostModel)
+from partitioner.inputs import (RECOMPUTE_MODES)
+from partitioner.interleave import peak_in_flight
+from partitioner.layer_split import min_bottleneck, min_sum_split
+from partitioner.candidates import PipeEval
+
+
+def in_flight(P: int, i: int, v: int, mi: int) -> float:
+    """Micro-batches' worth of activations stage i of P holds at its peak: plain 1F1B's
+    min(P - i, m); interleaved, the schedule's chunk count over v (each chunk 1/v of the stage),
+    with m rounded up to a multiple of P (the bound for any m it may run)."""
+    if v == 1:
+        return min(P - i, mi)
+    return peak_in_flight(P, i, v, -(-mi // P) * P) / v
+
+
+def interleavable(P: int, v: int, L: int) -> bool:
+    """v chunks per stage need two stages or more and at least one layer per chunk."""
+    return v == 1 or (P >= 2 and P * v <= L)
+
+
+def stage_time_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int, v: int = 1) -> tuple[list, list]:
+    """Per stage, its time at n = 1..L layers (inf where they do not fit or n < v) and the
+    recompute mode picked at each n. Interleaved, each of its v chunks pays the chip's host
+    costs and crosses each bridge boundary, and the wrap-around joins the last and first stages."""
+    P = len(layout)
+    _prefetch_rows(cm, layout, dp, b, mi, v)
+    handoffs = bridge_handoffs(cm, layout)
+    extra = [h + e for h, e in zip(handoffs, chunk_extras(cm, layout, v))] if v > 1 else handoffs
+    rows, picks = [], []
+    for i, (island, t, _off) in enumerate(layout):
+        row, pick = cm.stage_row(island.name, t, b, dp, first=i == 0, last=i == P - 1,
+                                inflight=in_flight(P, i, v, mi))
+        row = row + extra[i]
+        if v > 1:
+            row[:v - 1] = np.inf
+        rows.append(row)
+        picks.append(pick)
+    return rows, picks
+
+
+def chunk_extras(cm: CostModel, layout: list, v: int) -> list[float]:
+    """Host seconds per micro-batch a stage pays beyond plain 1F1B's when it holds v chunks: each
+    extra chunk launches and synchronises again and hands off across each bridge boundary again,
+    and the wrap-around (last stage to first) is a bridge boundary when the ends' islands differ."""
+    extra = [(v - 1) * h for h in bridge_handoffs(cm, layout)]
+    if v > 1:
+        if layout[0].island.name != layout[-1].island.name:
+            extra[0] += (v - 1) * cm.handoff_s(layout[0].island.name)
+            extra[-1] += (v - 1) * cm.handoff_s(layout[-1].island.name)
+        for i, slot in enumerate(layout):
+            extra[i] += (v - 1) * cm.stage_host_s(slot.island.name)
+    return extra
+
+
+def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
+                      counts=None, inflight_m: int | None = None, bound: float = math.inf,
+                      v: int = 1) -> PipeEval | None:
+    """Cost one pipeline (v chunks per stage: interleaved 1F1B when > 1); the layer split is
+    searched unless `counts` is given.
+
+    With a `bound`, gives up (None) as soon as the step time provably reaches it."""
+    P = len(layout)
+    if P == 0 or P > cm.model.layers or not interleavable(P, v, cm.model.layers):
+        return None
+    mi = m if inflight_m is None else inflight_m
+    rows, picks = stage_time_rows(cm, layout, dp, b, mi, v)
+    if counts is None:
+        # at least v layers per stage: split the L - P(v-1) layers beyond each stage's first v-1
+        times = np.vstack(rows)[:, v - 1:cm.model.layers - (P - 1) * (v - 1)]
+        cap = min_bottleneck(times)
+        if cap is None:
+            return None
+        if math.isfinite(bound):
+            boundary = boundaries(cm, layout, dp, b)
+            if _split_bound(cm, layout, dp, b, m, v, cap, float(times[:, 0].sum()), boundary) >= bound:
+                return None
+        split = min_sum_split(times, cap)
+        if split is None:
+            return None
+        counts = tuple(n + v - 1 for n in split.counts)
+    stage_times = [float(rows[i][n - 1]) for i, n in enumerate(counts)]
+    if not all(math.isfinite(x) for x in stage_times):
+        return None
+    modes = tuple(RECOMPUTE_MODES[int(picks[i][n - 1])] for i, n in enumerate(counts))
+    return _finish(cm, layout, dp, b, m, tuple(counts), modes, stage_times, mi, v)
+
+
+def _split_bound(cm, layout, dp, b, m, v, cap: float, least: float, boundary: list) -> float:
+    """A lower bound on the step of any split whose slowest stage takes `cap` (`least`: the stages'
+    sum at their fewest layers), before the split is made."""
+    if v == 1:
+        return (m - 1) * max(cap, max(boundary, default=0.0)) + least + 2.0 * sum(boundary)
+    wrap = wrap_hop(cm, layout, dp, b)
+    cycle = max(cap, v * max(boundary, default=0.0), (v - 1) * wrap)
+    return (m - 1) * cycle + cap + (max(least, cap) - cap) / v + 2.0 * sum(boundary)
+
+
+def wrap_hop(cm, layout, dp, b) -> float:
+    """One crossing from the last stage back to the first (interleaved 1F1B goes round)."""
+    a, z = layout[-1], layout[0]
+    return cm.p2p_s(a.island, a.offset, z.island, z.offset, a.tp, dp, b)
+
+
+def bridge_handoffs(cm: CostModel, layout: list) -> list[float]:
+    """Host seconds per micro-batch each stage pays handing activations and gradients across
+    its bridge boundaries (its chip's measured hand-off per boundary; 0 within an island)."""
+    out = [0.0] * len(layout)
+    for i, (a, z) in enumerate(zip(layout, layout[1:])):
+        if a.island.name != z.island.name:
+            out[i] += cm.handoff_s(a.island.name)
+            out[i + 1] += cm.handoff_s(z.island.name)
+    return out
+
+
+def _prefetch_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int, v: int = 1) -> None:
+    """Cost each island's stage rows in one pass per (island, TP, first, last)."""
+    P = len(layout)
+    want: dict = {}
+    for i, slot in enumerate(layout):
+        want.setdefault((slot.island.name, slot.tp, i == 0, i == P - 1), []).append(in_flight(P, i, v, mi))
+    for (name, t, first, last), inflights in want.items():
+        cm.stage_rows(name, t, b, dp, first=first, last=last, inflights=inflights)
+
+
+def boundaries(cm, layout, dp, b) -> list:
+    return [cm.p2p_s(a.island, a.offset, z.island, z.offset, a.tp, dp, b) for a, z in zip(layout, layout[1:])]
+
+
+def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi, v: int = 1) -> PipeEval:
+    P = len(layout)
+    boundary = boundaries(cm, layout, dp, b)
+    tail = 0.0
+    sources = []
+    for i, ((island, t, off), n) in enumerate(zip(layout, counts)):
+        params = cm.stage_params(t, n, first=i == 0, last=i == P - 1)
+        tail = max(tail, cm.dp_allreduce_s(island, off, t, dp, params) + cm.optimizer_s(island, dp, params))
+        sources.append(cm.layer_cost(island.name, t, b).source)
+    memory = stage_memories(cm, layout, counts, modes, dp, b, m, mi, v)
+    wrap = wrap_hop(cm, layout, dp, b) if v > 1 else 0.0
+    return PipeEval(layout, dp, b, m, counts, modes, stage_times, boundary, tail, memory, sources, v, wrap)
+
+
+def stage_memories(cm, layout, counts, modes, dp, b, m, mi, v: int = 1) -> list:
+    """Each stage's peak bytes per chip; the steady-state stages (m above their in-flight
+    count) of one island, TP, place and mode in one vectorised call."""
+    P = len(layout)
+    memory = [0.0] * P
+    groups: dict = {}
+    for i, (slot, n) in enumerate(zip(layout, counts)):
+        inflight = in_flight(P, i, v, mi)
+        first, last = i == 0, i == P - 1
+        if m > inflight:
+            groups.setdefault((slot.island.name, slot.tp, first, last, modes[i]), []).append((i, n, inflight))
+        else:
+            memory[i] = cm.stage_memory(slot.tp, b, dp, n, first=first, last=last, inflight=inflight, mode=modes[i],
+                                        island=slot.island.name, micro_batches=m)
+    for (name, t, first, last, mode), rows in groups.items():
+        idx, ns, ks = zip(*rows)
+        got = cm.stage_memory(t, b, dp, np.array(ns, dtype=np.float64), first=first, last=last,
+                              inflight=np.array(ks, dtype=np.float64), mode=mode, island=name)
+        for i, value in zip(idx, np.atleast_1d(got).tolist()):
+            memory[i] = value
+    return memory
+
+
+def evaluate_uniform(cm: CostModel, layout: list, dp: int, b: int, m: int, counts: tuple, mode: str) -> PipeEval | None:
+    """A pipeline with a given split and one recompute mode everywhere (the naive baseline)."""
+    P = len(layout)
+    times = []
+    handoffs = bridge_handoffs(cm, layout)
+    for i, ((island, t, _off), n) in enumerate(zip(layout, counts)):
+        mem = cm.stage_memory(t, b, dp, n, first=i == 0, last=i == P - 1, inflight=min(P - i, m), mode=mode,
+                              island=island.name)
+        if mem > cm.capacity(island.name):
+            return None
+        time_s = n * cm.per_layer_s(island.name, t, b, mode) + cm.stage_host_s(island.name) + handoffs[i]
+        if i == 0:
+            time_s += cm.first_extra_s(island.name, t, b)
+        if i == P - 1:
+            time_s += cm.last_extra_s(island.name, t, b)
+        times.append(time_s)
+    return _finish(cm, layout, dp, b, m, tuple(counts), (mode,) * P, times, m)
+
+
+def interleaved_twin(cm: CostModel, pe: PipeEval, v: int) -> PipeEval | None:
+    """`pe` (plain 1F1B) run interleaved with v chunks per stage, same layers: the extra host costs
+    and hand-offs of the chunks, the wrap-around, and the memory of the schedule's peak; a stage
+    that no longer fits recomputes more (the next allowed mode that fits). None where none does,
+    or a stage has fewer than v layers."""
+    P = len(pe.layout)
+    if pe.v != 1 or not interleavable(P, v, cm.model.layers) or min(pe.counts) < v:
+        return None
+    extra = chunk_extras(cm, pe.layout, v)
+    stage_times = [t + e for t, e in zip(pe.stage_times, extra)]
+    modes = list(pe.modes)
+    memory = stage_memories(cm, pe.layout, pe.counts, pe.modes, pe.dp, pe.b, pe.m, pe.m, v)
+    for i, (slot, n) in enumerate(zip(pe.layout, pe.counts)):
+        name, cap = slot.island.name, cm.capacity(slot.island.name)
+        if memory[i] <= cap:
+            continue
+        later = RECOMPUTE_MODES[RECOMPUTE_MODES.index(modes[i]) + 1:]
+        for mode in (x for x in later if x in cm.train.recompute_modes):
+            need = cm.stage_memory(slot.tp, pe.b, pe.dp, n, first=i == 0, last=i == P - 1,
+                                   inflight=in_flight(P, i, v, pe.m), mode=mode,
+                                   island=name, micro_batches=pe.m)
+            if need <= cap:
+                stage_times[i] += n * (cm.per_layer_s(name, slot.tp, pe.b, mode)
+                                       - cm.per_layer_s(name, slot.tp, pe.b, modes[i]))
+                modes[i], memory[i] = mode, need
+                break
+        else:
+            return None
+    return replace(pe, stage_times=stage_times, memory=memory, modes=tuple(modes), v=v,
+                   wrap=wrap_hop(cm, pe.layout, pe.dp, pe.b))

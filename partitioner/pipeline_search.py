@@ -1,0 +1,214 @@
+"""hetero-PP search: island orders, TP per island, one DP degree, stages per island, micro-batch.
+
+Configurations are grouped by (order, TPs, DP, micro-batch); a group has a floor, its
+configurations a bound tightened to whole layers when reached; one heap, best bound first,
+stops when the next bound cannot beat the K-th best plan -- the same result as costing them
+all -- or after SearchLimits.max_pp_evaluations costings. Each configuration is costed plain
+and with v = 2..max_virtual_stages chunks per stage where its micro-batches allow."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+
+import numpy as np
+
+from partitioner.costs import (CostModel, divisors, tp_choices)
+from partitioner.inputs import (FleetSpec, SearchLimits)
+from partitioner.bounds import Bounds, group_floors, integer_bottleneck, interleaved_bound
+from partitioner.candidates import Candidate, dedup, label_pp, stage_layout
+from partitioner.evaluate import evaluate_pipeline
+
+
+def island_orders(islands, limits: SearchLimits) -> list:
+    """Ordered non-empty subsets of islands, all of them when few; else a heuristic set."""
+    out = []
+    for k in range(1, len(islands) + 1):
+        out.extend(itertools.permutations(islands, k))
+    if len(out) <= limits.max_orders:
+        return out
+    # Many islands: the full set in a few sensible orders, plus each island alone.
+    by_mem = sorted(islands, key=lambda i: -i.chip.usable_bytes)
+    by_speed = sorted(islands, key=lambda i: -i.chip.flops("bf16"))
+    picks = [tuple(islands), tuple(by_mem), tuple(by_speed), tuple(reversed(by_speed)), tuple(reversed(by_mem))]
+    picks += [(i,) for i in islands]
+    seen, uniq = set(), []
+    for order in picks:
+        key = tuple(i.name for i in order)
+        if key not in seen:
+            seen.add(key)
+            uniq.append(order)
+    return uniq
+
+
+def stage_choices(S: int, limits: SearchLimits, small_fleet: bool) -> list[int]:
+    """Stage counts tried for an island that has room for S stages: all of them on small
+    fleets (and whenever asked to be exhaustive), else S, S-1, S/2 and S/4."""
+    if S <= 0:
+        return []
+    if limits.exhaustive_stages or (small_fleet and S <= 8) or S <= 2:
+        return list(range(1, S + 1))
+    picks = {S, S - 1, (S + 1) // 2, (S + 3) // 4}
+    return sorted(p for p in picks if p >= 1)
+
+
+GROUP, CONFIG, REFINED = 0, 1, 2      # hetero-PP heap entries, in the order they turn into each other
+
+
+def _pp_groups(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: Bounds,
+               cutoff: float = math.inf, stats: dict | None = None):
+    """Yield (floor, order, TPs, dp, b, bridge bound) for every hetero-PP group of configurations
+    (one per island order, TP per island, DP degree and micro-batch) whose floor is below `cutoff`
+    (the K-th best plan known: nothing at or above it can enter the top K). A group's stage
+    counts are enumerated only when the search reaches its floor."""
+    model, train = cm.model, cm.train
+    G = train.global_batch
+    bs = train.micro_batch_choices()
+    nbytes = model.seq_len * model.hidden * cm.e
+    tps = {i.name: tp_choices(model, i) for i in fleet.islands}
+    divs = np.array(divisors(G))
+    stats = {} if stats is None else stats
+    for order in island_orders(fleet.islands, limits):
+        bridge_lb = [2.0 * (len(order) - 1) * (cm.bridge_latency + b * nbytes / cm.bridge_bandwidth) for b in bs]
+        for ts in itertools.product(*[tps[i.name] for i in order]):
+            max_dp = min(i.size // t for i, t in zip(order, ts))
+            for bi, b in enumerate(bs):
+                dps = divs[(divs <= max_dp) & ((G // divs) % b == 0)]
+                if dps.size == 0:
+                    continue
+                stats["pp_groups"] = stats.get("pp_groups", 0) + int(dps.size)
+                floors = group_floors(cm, bounds, order, ts, b, dps, bridge_lb[bi], limits.max_virtual_stages)
+                for dp, floor in zip(dps.tolist(), floors.tolist()):
+                    if floor < cutoff:
+                        yield floor, order, ts, dp, b, bridge_lb[bi]
+
+
+def _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge, cutoff):
+    """The stage-count configurations of one (order, TPs, dp, b) whose lower bound is below
+    `cutoff`, best bound first (None if none)."""
+    G, L = cm.train.global_batch, cm.model.layers
+    m = G // (dp * b)
+    fits = [bounds.layers_fit(i, t, b, dp) for i, t in zip(order, ts)]
+    if min(fits) < 1:
+        return None
+    taus = [bounds.layer(i, t, b) for i, t in zip(order, ts)]
+    e_first, e_last = bounds.first[(order[0].name, ts[0], b)], bounds.last[(order[-1].name, ts[-1], b)]
+    choices = tuple(tuple(stage_choices(i.size // (t * dp), limits, small)) for i, t in zip(order, ts))
+    arr = products.get(choices)
+    if arr is None:
+        arr = np.array(list(itertools.product(*choices)), dtype=np.int64).reshape(-1, len(order))
+        products[choices] = arr
+    P = arr.sum(axis=1)
+    ok = (P <= L) & (arr @ np.array(fits, dtype=np.int64) >= L)
+    if not ok.any():
+        return None
+    sel, P = arr[ok], P[ok]
+    inv = sel @ (1.0 / np.array(taus))
+    c = np.maximum((L + e_first / taus[0] + e_last / taus[-1]) / inv,
+                   max(e_first + taus[0], e_last + taus[-1], max(taus)))
+    n_avg = -(-L // P)
+    ab = np.array([bounds.tail_line(i, t, dp) for i, t in zip(order, ts)])
+    tail = (n_avg[:, None] * ab[None, :, 0] + ab[None, :, 1]).min(axis=1)
+    rest = L * min(taus) + e_first + e_last + bridge + tail
+    lb = (m - 1) * c + rest
+    fill = L * min(taus) + e_first + e_last
+    vs = np.where((P >= 2) & (m % P == 0), np.minimum(limits.max_virtual_stages, L // P), 1)
+    if (vs > 1).any():
+        lb = np.where(vs > 1, np.minimum(lb, interleaved_bound(m, c, fill, bridge + tail, np.maximum(vs, 1))), lb)
+    keep = np.flatnonzero(lb < cutoff)
+    if keep.size == 0:
+        return None
+    keep = keep[np.argsort(lb[keep], kind="stable")]
+    return _Configs(lb[keep].tolist(), sel[keep], c[keep].tolist(), rest[keep].tolist(), vs[keep].tolist(),
+                    (tuple(zip(order, ts)), dp, b, m, taus, e_first, e_last, fill))
+
+
+class _Configs:
+    """One group's configurations, best bound first; a configuration becomes a tuple only
+    when the search reaches it (most never do)."""
+
+    __slots__ = ("lb", "sel", "c", "rest", "vs", "shared")
+
+    def __init__(self, lb, sel, c, rest, vs, shared):
+        self.lb, self.sel, self.c, self.rest, self.vs, self.shared = lb, sel, c, rest, vs, shared
+
+    def __len__(self) -> int:
+        return len(self.lb)
+
+    def config(self, k: int) -> tuple:
+        pairs, dp, b, m, taus, e_first, e_last, fill = self.shared
+        return (self.lb[k], pairs, self.sel[k].tolist(), dp, b, m,
+                (self.c[k], taus, e_first, e_last, self.rest[k], fill, self.vs[k]))
+
+
+def search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best: list | None = None):
+    """The K best of `best` (plans already known, any kind) and the hetero-PP plans of `fleet`.
+
+    One heap, best bound first, of three kinds of entry: a group (its floor; expanded into
+    its stage-count configurations when popped), a configuration (its continuous bound;
+    tightened to whole layers when popped) and a tightened configuration (costed when popped).
+    It stops when the next bound cannot beat the K-th best, so the result is as if every
+    configuration were costed -- or after limits.max_pp_evaluations costings."""
+    L = cm.model.layers
+    best = sorted(best or [], key=lambda c: c.step)[:keep]
+
+    def cutoff() -> float:
+        return best[-1].step if len(best) >= keep else math.inf
+
+    heap = [(g[0], n, GROUP, g) for n, g in enumerate(_pp_groups(cm, fleet, limits, bounds, cutoff(), stats))]
+    heapq.heapify(heap)
+    small = fleet.total_chips <= limits.small_fleet_chips
+    products: dict = {}
+    counter = itertools.count(len(heap))
+    evaluated = refined = configs = 0
+    while heap:
+        lb, _n, kind, entry = heapq.heappop(heap)
+        if lb >= cutoff():
+            break
+        if kind == GROUP:
+            _floor, order, ts, dp, b, bridge = entry
+            stats["pp_groups_expanded"] = stats.get("pp_groups_expanded", 0) + 1
+            group = _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge, cutoff())
+            if group is not None:
+                configs += len(group)
+                heapq.heappush(heap, (group.lb[0], next(counter), CONFIG, (group, 0)))
+            continue
+        if kind == CONFIG:
+            group, k = entry
+            if k + 1 < len(group):
+                heapq.heappush(heap, (group.lb[k + 1], next(counter), CONFIG, (group, k + 1)))
+            entry = group.config(k)
+        _lb, pairs, ss, dp, b, m, (c, taus, e_first, e_last, rest, fill, vmax) = entry
+        if kind == CONFIG:
+            # the bound is tightened to whole layers only when the config comes up
+            refined += 1
+            c = integer_bottleneck(c, ss, taus, e_first, e_last, L)
+            bound = (m - 1) * c + rest
+            if vmax > 1:
+                bound = min(bound, float(interleaved_bound(m, c, fill, rest - fill, vmax)))
+            heapq.heappush(heap, (bound, next(counter), REFINED, entry))
+            continue
+        if evaluated >= limits.max_pp_evaluations:
+            # Best bound first, so what is left is what the bounds rank last; the plan is
+            # still never worse than the seeds (islands alone, hetero-DP).
+            stats["pp_cut_at_budget"] = stats.get("pp_cut_at_budget", 0) + 1
+            stats["pp_open_bound_s"] = lb
+            break
+        layout = stage_layout([(i, t, k) for (i, t), k in zip(pairs, ss)], dp)
+        evaluated += 1
+        if progress and evaluated % 16 == 0:
+            progress(evaluated, limits.max_pp_evaluations, "hetero-PP configurations")
+        for v in range(1, vmax + 1):
+            pe = evaluate_pipeline(cm, layout, dp, b, m, bound=cutoff(), v=v)
+            stats["pp_evaluated_v"] = stats.get("pp_evaluated_v", 0) + 1
+            if pe is None:
+                continue
+            cand = Candidate("pipeline", [pe], pe.step(), 0.0, label_pp(pe))
+            best = dedup(sorted(best + [cand], key=lambda c: c.step))[:keep]
+    if progress and evaluated:
+        progress(limits.max_pp_evaluations, limits.max_pp_evaluations, "hetero-PP configurations")
+    stats["pp_configs"] = stats.get("pp_configs", 0) + configs
+    stats["pp_evaluated"] = stats.get("pp_evaluated", 0) + evaluated
+    stats["pp_refined"] = stats.get("pp_refined", 0) + refined
+    return best

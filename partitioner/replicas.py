@@ -1,0 +1,257 @@
+"""hetero-DP: a homogeneous pipeline per island and an exact split of the global batch.
+
+Per island every replica option (TP, stages, DP; plain or interleaved) is kept until the batch
+is split: the fastest option at every share of the batch (an Envelope), then the exact min-max
+split over the envelopes (issue #20). Also each island alone on the whole batch."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from partitioner.costs import (CostModel, divisors, tp_choices)
+from partitioner.inputs import (IslandSpec, SearchLimits)
+from partitioner.bounds import Bounds
+from partitioner.candidates import Candidate, PipeEval, label_pp, replica_label, stage_layout
+from partitioner.evaluate import evaluate_pipeline, interleavable, interleaved_twin
+
+
+def _pipeline_counts(L: int, p_max: int) -> list[int]:
+    picks = set(range(1, min(p_max, 8) + 1))
+    x = 16
+    while x <= p_max:
+        picks.add(x)
+        x *= 2
+    picks.update(d for d in divisors(L) if d <= p_max)
+    return sorted(picks)
+
+
+def replica_options(cm: CostModel, island: IslandSpec, b: int, limits: SearchLimits, bounds: Bounds,
+                     stats: dict, exhaustive: bool = False, small: bool = True) -> list[PipeEval]:
+    """Homogeneous pipelines on one island, each costed with worst-case in-flight memory, plain
+    and interleaved (v chunks per stage). On a large fleet (`small` False) an interleaved option
+    keeps its plain twin's layer split and recompute modes (`interleaved_twin`) instead of being
+    costed afresh: they are most of the options and the search must stay within seconds."""
+    model, train = cm.model, cm.train
+    G, L = train.global_batch, model.layers
+    out = []
+    for t in tp_choices(model, island):
+        p_max = min(L, island.size // t)
+        ps = list(range(1, p_max + 1)) if exhaustive else _pipeline_counts(L, p_max)
+        for p in ps:
+            d_max = min(island.size // (t * p), G // b)
+            if d_max < 1:
+                continue
+            dps = range(1, d_max + 1) if exhaustive else {d_max, 1 << (d_max.bit_length() - 1)}
+            for dp in sorted(dps):
+                if bounds.layers_fit(island, t, b, dp) * p < L:
+                    continue
+                layout = stage_layout([(island, t, p)], dp)
+                plain = None
+                for v in range(1, limits.max_virtual_stages + 1):
+                    if not interleavable(p, v, L) or (v > 1 and p * dp > G // b):
+                        continue
+                    if v == 1 or small:
+                        pe = evaluate_pipeline(cm, layout, dp, b, m=G, inflight_m=G, v=v)
+                        stats["dp_evaluated"] = stats.get("dp_evaluated", 0) + 1
+                    else:
+                        pe = interleaved_twin(cm, plain, v) if plain is not None else None
+                        stats["dp_twins"] = stats.get("dp_twins", 0) + 1
+                    plain = pe if v == 1 else plain
+                    if pe is not None:
+                        out.append(pe)
+    return out
+
+
+def _micro_batch_counts(pe: PipeEval, units: int) -> np.ndarray:
+    """The micro-batch counts per replica this pipeline can run within `units` (interleaved: multiples
+    of its stages)."""
+    step = len(pe.layout) if pe.v > 1 else 1
+    return np.arange(step, units // pe.dp + 1, step)
+
+
+def best_batch_split(pes: list[PipeEval], units: int):
+    """Split `units` micro-batches of the global batch between pipelines (each >= 1 micro-batch
+    per replica) to minimise the slowest pipeline's step. Exact; returns (step, [m_k]) or None."""
+    f = np.full(units + 1, np.inf)
+    f[0] = 0.0
+    back = []
+    for pe in pes:
+        d = pe.dp
+        ms = _micro_batch_counts(pe, units)
+        if ms.size == 0:
+            return None
+        tm = (ms - 1) * pe.cycle + pe.fill
+        u = np.arange(units + 1)[:, None]
+        prev = u - d * ms[None, :]
+        valid = prev >= 0
+        cand = np.maximum(np.where(valid, f[np.where(valid, prev, 0)], np.inf), tm[None, :])
+        arg = np.argmin(cand, axis=1)
+        f = cand[np.arange(units + 1), arg]
+        back.append(ms[arg])
+    if not np.isfinite(f[units]):
+        return None
+    m_list = []
+    u = units
+    for k in range(len(pes) - 1, -1, -1):
+        mk = int(back[k][u])
+        m_list.append(mk)
+        u -= pes[k].dp * mk
+    m_list.reverse()
+    return float(f[units]), m_list
+
+
+def replica_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
+    """Replicas with their micro-batch counts set: the slowest one plus the bridge reduction."""
+    links = min(pe.island.nodes_spanned(0, pe.chips) for pe in pes)
+    cross = cm.cross_island_reduce_s([pe.island for pe in pes], links)
+    step = max(p.step() for p in pes) + cross
+    return Candidate("replicas", pes, step, cross, replica_label(pes, b))
+
+
+def combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
+    """Every combination of one option per island, each with its exact batch split (brute force)."""
+    G = cm.train.global_batch
+    units = G // b
+    names = [n for n in options_by_island if options_by_island[n]]
+    out = []
+    for k in range(2, len(names) + 1):
+        for subset in itertools.combinations(names, k):
+            for combo in itertools.product(*[options_by_island[n] for n in subset]):
+                res = best_batch_split(list(combo), units)
+                if res is None:
+                    continue
+                _, m_list = res
+                pes = [pe.with_micro_batches(mk) for pe, mk in zip(combo, m_list)]
+                out.append(replica_candidate(cm, pes, b))
+    out.sort(key=lambda c: c.step)
+    return out[:keep]
+
+
+@dataclass
+class Envelope:
+    """One island's best replica step at every share of the batch.
+
+    step[u]: the fastest option (TP, stages, DP) that takes exactly u micro-batches of
+    the global batch (u a multiple of its DP), inf where none does; pick[u]: which.
+    Keeping every option until the batch is split is the point: a few options cut by
+    steady-state throughput cannot serve every share (issue #20)."""
+
+    island: IslandSpec
+    b: int
+    options: list
+    step: np.ndarray
+    pick: np.ndarray
+
+    def replica(self, u: int) -> PipeEval:
+        pe = self.options[int(self.pick[u])]
+        return pe.with_micro_batches(u // pe.dp)
+
+
+def envelope(island: IslandSpec, b: int, options: list, units: int) -> Envelope:
+    step = np.full(units + 1, np.inf)
+    pick = np.full(units + 1, -1, dtype=np.int64)
+    for k, pe in enumerate(options):
+        ms = _micro_batch_counts(pe, units)
+        u = ms * pe.dp
+        t = (ms - 1) * pe.cycle + pe.fill
+        better = t < step[u]
+        step[u[better]] = t[better]
+        pick[u[better]] = k
+    return Envelope(island, b, options, step, pick)
+
+
+def _reach(envs: list, units: int, cap: float) -> list:
+    """reach[k][u]: can the first k islands take exactly u micro-batches, each at least one,
+    with every step <= cap. Boolean convolutions, by FFT (counts are small integers)."""
+    size = 1 << (2 * units + 1).bit_length()
+    reach = [np.zeros(units + 1, dtype=bool)]
+    reach[0][0] = True
+    for env in envs:
+        ok = env.step <= cap
+        conv = np.fft.irfft(np.fft.rfft(reach[-1], size) * np.fft.rfft(ok, size), size)[:units + 1]
+        reach.append(conv > 0.5)
+    return reach
+
+
+def split_batch(envs: list, units: int) -> tuple[float, list[int]] | None:
+    """The split of `units` micro-batches over the islands (each >= 1) that minimises the
+    slowest island's step: binary search over the envelopes' values, exact feasibility."""
+    values = np.unique(np.concatenate([e.step[np.isfinite(e.step)] for e in envs]))
+    if values.size == 0 or not _reach(envs, units, values[-1])[-1][units]:
+        return None
+    lo = int(np.searchsorted(values, max(float(np.min(e.step)) for e in envs)))
+    hi = values.size - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _reach(envs, units, values[mid])[-1][units]:
+            hi = mid
+        else:
+            lo = mid + 1
+    cap = float(values[lo])
+    reach = _reach(envs, units, cap)
+    shares = []
+    left = units
+    for k in range(len(envs) - 1, -1, -1):
+        v = np.arange(1, left + 1)
+        ok = (envs[k].step[v] <= cap) & reach[k][left - v]
+        # among feasible shares, the one this island runs fastest
+        pick = int(v[ok][np.argmin(envs[k].step[v[ok]])])
+        shares.append(pick)
+        left -= pick
+    shares.reverse()
+    return cap, shares
+
+
+def island_envelopes(cm, fleet, limits, bounds, stats, progress=None) -> dict:
+    """{micro-batch: {island name: Envelope}} with every replica option kept."""
+    G = cm.train.global_batch
+    out = {}
+    bs = cm.train.micro_batch_choices()
+    for k, b in enumerate(bs):
+        out[b] = {}
+        for island in fleet.islands:
+            pes = replica_options(cm, island, b, limits, bounds, stats,
+                                   small=fleet.total_chips <= limits.small_fleet_chips)
+            if pes:
+                out[b][island.name] = envelope(island, b, pes, G // b)
+        if progress:
+            progress(k + 1, len(bs), "replica options")
+    return out
+
+
+def _subsets(names: list, limit: int = 5):
+    """Island subsets of two or more for hetero-DP: all of them when few islands, else the whole fleet."""
+    if len(names) > limit:
+        return [tuple(names)]
+    return [c for k in range(2, len(names) + 1) for c in itertools.combinations(names, k)]
+
+
+def search_replicas(cm, envelopes: dict, keep: int, stats) -> list:
+    out = []
+    for b, by_island in envelopes.items():
+        units = cm.train.global_batch // b
+        for subset in _subsets(list(by_island)):
+            envs = [by_island[n] for n in subset]
+            res = split_batch(envs, units)
+            stats["dp_splits"] = stats.get("dp_splits", 0) + 1
+            if res is None:
+                continue
+            pes = [env.replica(u) for env, u in zip(envs, res[1])]
+            out.append(replica_candidate(cm, pes, b))
+    out.sort(key=lambda c: c.step)
+    return out[:keep]
+
+
+def alone_candidates(envelopes: dict, name: str) -> list:
+    """The island alone as one homogeneous pipeline on the whole batch (from its envelope)."""
+    out = []
+    for by_island in envelopes.values():
+        env = by_island.get(name)
+        if env is None or not np.isfinite(env.step[-1]):
+            continue
+        pe = env.replica(len(env.step) - 1)
+        out.append(Candidate("pipeline", [pe], pe.step(), 0.0, label_pp(pe)))
+    return out
