@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from partitioner.costs import (CostModel)
+from partitioner.costs import CostModel
 
 
 class Bounds:

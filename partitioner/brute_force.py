@@ -8,12 +8,11 @@ import itertools
 
 import numpy as np
 
-from partitioner.costs import (CostModel, divisors, tp_choices)
-from partitioner.inputs import (FleetSpec, ModelSpec,
-                                SearchLimits, TrainSpec)
-from partitioner.layer_split import compositions
 from partitioner.candidates import Candidate, label_pp, stage_layout
+from partitioner.costs import CostModel, divisors, tp_choices
 from partitioner.evaluate import evaluate_pipeline, interleavable, stage_time_rows
+from partitioner.inputs import FleetSpec, ModelSpec, SearchLimits, TrainSpec
+from partitioner.layer_split import compositions
 from partitioner.pipeline_search import island_orders
 from partitioner.replicas import combine_replicas
 
@@ -48,7 +47,7 @@ def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=No
                             for v in range(1, max_virtual_stages + 1):
                                 if not interleavable(P, v, L) or (v > 1 and m % P):
                                     continue
-                                pe = _brute_pipeline(cm, layout, dp, b, m, m, comps_cache, v=v)
+                                pe = _best_split(cm, layout, dp, b, m, comps_cache, v=v)
                                 if pe is not None and (best is None or pe.step() < best.step):
                                     best = Candidate("pipeline", [pe], pe.step(), 0.0, label_pp(pe))
     if "replicas" in train.modes and len(fleet.islands) >= 2:
@@ -63,9 +62,7 @@ def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=No
                             for v in range(1, max_virtual_stages + 1):
                                 if not interleavable(p, v, L) or (v > 1 and p * dp > G // b):
                                     continue
-                                pe = _brute_pipeline(cm, layout, dp, b, G, G, comps_cache, objective="cycle", v=v)
-                                if pe is not None:
-                                    opts.extend(pe)
+                                opts.extend(_replica_splits(cm, layout, dp, b, G, comps_cache, v=v))
                 options[island.name] = _pareto(opts)
             for cand in combine_replicas(cm, options, b, 1):
                 if best is None or cand.step < best.step:
@@ -88,10 +85,10 @@ def _pareto(pes: list) -> list:
     return out
 
 
-def _brute_pipeline(cm, layout, dp, b, m, mi, cache, objective="step", v: int = 1):
-    """Best split of one pipeline (v chunks per stage) by enumerating every composition (vectorised)."""
-    P = len(layout)
-    L = cm.model.layers
+def _split_times(cm, layout, dp: int, b: int, mi: int, cache: dict, v: int):
+    """(stage times, layer counts) of every composition of the layers over the pipeline's stages
+    that fits (one row each), or None; `cache` keeps the compositions by (layers, stages)."""
+    P, L = len(layout), cm.model.layers
     comps = cache.get((L, P))
     if comps is None:
         comps = compositions(L, P)
@@ -99,29 +96,39 @@ def _brute_pipeline(cm, layout, dp, b, m, mi, cache, objective="step", v: int = 
     rows = np.vstack(stage_time_rows(cm, layout, dp, b, mi, v)[0])
     times = rows[np.arange(P)[None, :], comps - 1]
     ok = np.isfinite(times).all(axis=1)
-    if not ok.any():
+    return (times[ok], comps[ok]) if ok.any() else None
+
+
+def _best_split(cm, layout, dp: int, b: int, m: int, cache: dict, *, v: int = 1):
+    """The pipeline (v chunks per stage, m micro-batches) at its best layer split, every split tried."""
+    found = _split_times(cm, layout, dp, b, m, cache, v)
+    if found is None:
         return None
-    times, comps = times[ok], comps[ok]
-    if objective == "step":
-        # tail depends on the split: compute it exactly for the best few by (cycle, sum), then all ties.
-        top = times.max(axis=1)
-        key = (m - 1) * top + (times.sum(axis=1) if v == 1 else top + (times.sum(axis=1) - top) / v)
-        order = np.argsort(key)
-        best = None
-        bound = None
-        for j in order:
-            if bound is not None and key[j] >= bound:
-                break
-            pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi, v=v)
-            if pe is not None and (best is None or pe.step() < best.step()):
-                best = pe
-                bound = pe.step()
-        return best
-    # For replicas: the throughput-optimal split (min cycle, then min fill) and the fill-optimal one.
+    times, comps = found
+    # the tail depends on the split: cost exactly the best few by (cycle, sum), then all ties
+    top = times.max(axis=1)
+    key = (m - 1) * top + (times.sum(axis=1) if v == 1 else top + (times.sum(axis=1) - top) / v)
+    best = None
+    for j in np.argsort(key):
+        if best is not None and key[j] >= best.step():
+            break
+        pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=m, v=v)
+        if pe is not None and (best is None or pe.step() < best.step()):
+            best = pe
+    return best
+
+
+def _replica_splits(cm, layout, dp: int, b: int, m: int, cache: dict, *, v: int = 1) -> list:
+    """A replica option's candidate splits: the throughput-optimal one (min cycle, then min fill)
+    and the fill-optimal one, each costed for m micro-batches in flight at most."""
+    found = _split_times(cm, layout, dp, b, m, cache, v)
+    if found is None:
+        return []
+    times, comps = found
     out = []
     for key in ((times.max(axis=1), times.sum(axis=1)), (times.sum(axis=1), times.max(axis=1))):
         j = int(np.lexsort((key[1], key[0]))[0])
-        pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=mi, v=v)
+        pe = evaluate_pipeline(cm, layout, dp, b, m, counts=tuple(int(x) for x in comps[j]), inflight_m=m, v=v)
         if pe is not None:
             out.append(pe)
-    return out or None
+    return out

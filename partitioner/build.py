@@ -4,12 +4,10 @@ comes from the Candidate's evaluated pipelines."""
 
 from __future__ import annotations
 
-
-
-from partitioner.costs import (CostModel, head_forward_flops, layer_forward_flops)
-from partitioner.inputs import (FleetSpec)
-from partitioner.plan import PipelinePlan, Plan, StagePlan, assign_ranks
 from partitioner.candidates import Candidate, PipeEval
+from partitioner.costs import CostModel, head_forward_flops, layer_forward_flops
+from partitioner.inputs import FleetSpec
+from partitioner.plan import PipelinePlan, Plan, StagePlan, assign_ranks
 
 
 def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:

@@ -7,10 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-
-from partitioner.costs import (interleaved_cycle_fill,
-                               pipeline_step_s)
-from partitioner.inputs import (IslandSpec)
+from partitioner.costs import interleaved_cycle_fill, pipeline_step_s
+from partitioner.inputs import IslandSpec
 from partitioner.plan import Plan
 
 

@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from partitioner.costs import (CostModel)
-from partitioner.inputs import (RECOMPUTE_MODES)
+from partitioner.candidates import PipeEval
+from partitioner.costs import CostModel
+from partitioner.inputs import RECOMPUTE_MODES
 from partitioner.interleave import peak_in_flight
 from partitioner.layer_split import min_bottleneck, min_sum_split
-from partitioner.candidates import PipeEval
 
 
 def in_flight(P: int, i: int, v: int, mi: int) -> float:

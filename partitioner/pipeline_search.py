@@ -11,14 +11,15 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-from partitioner.costs import (CostModel, divisors, tp_choices)
-from partitioner.inputs import (FleetSpec, SearchLimits)
 from partitioner.bounds import Bounds, group_floors, integer_bottleneck, interleaved_bound
 from partitioner.candidates import Candidate, dedup, label_pp, stage_layout
+from partitioner.costs import CostModel, divisors, tp_choices
 from partitioner.evaluate import evaluate_pipeline
+from partitioner.inputs import FleetSpec, SearchLimits
 
 
 def island_orders(islands, limits: SearchLimits) -> list:
@@ -56,12 +57,53 @@ def stage_choices(S: int, limits: SearchLimits, small_fleet: bool) -> list[int]:
 GROUP, CONFIG, REFINED = 0, 1, 2      # hetero-PP heap entries, in the order they turn into each other
 
 
+class Group(NamedTuple):
+    """Every configuration of one island order, TP per island, DP degree and micro-batch."""
+
+    floor: float                     # below every configuration's step
+    order: tuple                     # islands in pipeline order
+    tps: tuple                       # TP degree per island
+    dp: int
+    b: int
+    bridge: float                    # a lower bound on the bridge hops' share of the step
+
+
+class GroupShape(NamedTuple):
+    """What a group's configurations share, for their bounds and their costing."""
+
+    pairs: tuple                     # (island, TP) in pipeline order
+    dp: int
+    b: int
+    m: int                           # micro-batches per replica
+    taus: list                       # fastest per-layer time per island
+    e_first: float                   # embedding on the first stage
+    e_last: float                    # LM head and loss on the last
+    fill: float                      # a lower bound on the sum of the stage times
+
+
+class Config(NamedTuple):
+    """One configuration: stages per island, with its bounds."""
+
+    shape: GroupShape
+    stages: list                     # stages per island
+    bottleneck: float                # a lower bound on the slowest stage
+    rest: float                      # a lower bound on the fill, the bridge hops and the DP tail
+    vmax: int                        # most chunks per stage its micro-batches allow (1: plain only)
+
+    def bound(self, bottleneck: float) -> float:
+        """The step's lower bound at this bottleneck, plain or interleaved (the lower)."""
+        m, fill = self.shape.m, self.shape.fill
+        plain = (m - 1) * bottleneck + self.rest
+        if self.vmax == 1:
+            return plain
+        return min(plain, float(interleaved_bound(m, bottleneck, fill, self.rest - fill, self.vmax)))
+
+
 def _pp_groups(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: Bounds,
                cutoff: float = math.inf, stats: dict | None = None):
-    """Yield (floor, order, TPs, dp, b, bridge bound) for every hetero-PP group of configurations
-    (one per island order, TP per island, DP degree and micro-batch) whose floor is below `cutoff`
-    (the K-th best plan known: nothing at or above it can enter the top K). A group's stage
-    counts are enumerated only when the search reaches its floor."""
+    """Yield a Group for every island order, TP per island, DP degree and micro-batch whose floor
+    is below `cutoff` (the K-th best plan known: nothing at or above it can enter the top K). A
+    group's stage counts are enumerated only when the search reaches its floor."""
     model, train = cm.model, cm.train
     G = train.global_batch
     bs = train.micro_batch_choices()
@@ -81,12 +123,13 @@ def _pp_groups(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: Bo
                 floors = group_floors(cm, bounds, order, ts, b, dps, bridge_lb[bi], limits.max_virtual_stages)
                 for dp, floor in zip(dps.tolist(), floors.tolist()):
                     if floor < cutoff:
-                        yield floor, order, ts, dp, b, bridge_lb[bi]
+                        yield Group(floor, order, ts, dp, b, bridge_lb[bi])
 
 
-def _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge, cutoff):
-    """The stage-count configurations of one (order, TPs, dp, b) whose lower bound is below
-    `cutoff`, best bound first (None if none)."""
+def _group_configs(cm, bounds, limits, *, small: bool, products: dict, group: Group, cutoff: float):
+    """The stage-count configurations of one group whose lower bound is below `cutoff`, best
+    bound first (None if none). `products`: the stage-count products already built, by choices."""
+    order, ts, dp, b, bridge = group.order, group.tps, group.dp, group.b, group.bridge
     G, L = cm.train.global_batch, cm.model.layers
     m = G // (dp * b)
     fits = [bounds.layers_fit(i, t, b, dp) for i, t in zip(order, ts)]
@@ -120,26 +163,42 @@ def _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge
     if keep.size == 0:
         return None
     keep = keep[np.argsort(lb[keep], kind="stable")]
-    return _Configs(lb[keep].tolist(), sel[keep], c[keep].tolist(), rest[keep].tolist(), vs[keep].tolist(),
-                    (tuple(zip(order, ts)), dp, b, m, taus, e_first, e_last, fill))
+    shape = GroupShape(tuple(zip(order, ts)), dp, b, m, taus, e_first, e_last, fill)
+    return _Configs(lb[keep].tolist(), sel[keep], c[keep].tolist(), rest[keep].tolist(), vs[keep].tolist(), shape)
 
 
 class _Configs:
-    """One group's configurations, best bound first; a configuration becomes a tuple only
+    """One group's configurations, best bound first; a configuration becomes a Config only
     when the search reaches it (most never do)."""
 
-    __slots__ = ("lb", "sel", "c", "rest", "vs", "shared")
+    __slots__ = ("lb", "sel", "c", "rest", "vs", "shape")
 
-    def __init__(self, lb, sel, c, rest, vs, shared):
-        self.lb, self.sel, self.c, self.rest, self.vs, self.shared = lb, sel, c, rest, vs, shared
+    def __init__(self, lb, sel, c, rest, vs, shape: GroupShape):
+        self.lb, self.sel, self.c, self.rest, self.vs, self.shape = lb, sel, c, rest, vs, shape
 
     def __len__(self) -> int:
         return len(self.lb)
 
-    def config(self, k: int) -> tuple:
-        pairs, dp, b, m, taus, e_first, e_last, fill = self.shared
-        return (self.lb[k], pairs, self.sel[k].tolist(), dp, b, m,
-                (self.c[k], taus, e_first, e_last, self.rest[k], fill, self.vs[k]))
+    def config(self, k: int) -> Config:
+        return Config(self.shape, self.sel[k].tolist(), self.c[k], self.rest[k], self.vs[k])
+
+
+class _NextConfig(NamedTuple):
+    configs: _Configs
+    k: int
+
+
+def _cost(cm, config: Config, cutoff: float, stats: dict) -> list:
+    """The configuration costed plain and with 2..vmax chunks per stage (None-free list)."""
+    shape = config.shape
+    layout = stage_layout([(i, t, k) for (i, t), k in zip(shape.pairs, config.stages)], shape.dp)
+    out = []
+    for v in range(1, config.vmax + 1):
+        pe = evaluate_pipeline(cm, layout, shape.dp, shape.b, shape.m, bound=cutoff, v=v)
+        stats["pp_evaluated_v"] = stats.get("pp_evaluated_v", 0) + 1
+        if pe is not None:
+            out.append(Candidate("pipeline", [pe], pe.step(), 0.0, label_pp(pe)))
+    return out
 
 
 def search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best: list | None = None):
@@ -156,7 +215,7 @@ def search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best: 
     def cutoff() -> float:
         return best[-1].step if len(best) >= keep else math.inf
 
-    heap = [(g[0], n, GROUP, g) for n, g in enumerate(_pp_groups(cm, fleet, limits, bounds, cutoff(), stats))]
+    heap: list = [(g.floor, n, GROUP, g) for n, g in enumerate(_pp_groups(cm, fleet, limits, bounds, cutoff(), stats))]
     heapq.heapify(heap)
     small = fleet.total_chips <= limits.small_fleet_chips
     products: dict = {}
@@ -167,45 +226,33 @@ def search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best: 
         if lb >= cutoff():
             break
         if kind == GROUP:
-            _floor, order, ts, dp, b, bridge = entry
             stats["pp_groups_expanded"] = stats.get("pp_groups_expanded", 0) + 1
-            group = _group_configs(cm, bounds, limits, small, products, order, ts, dp, b, bridge, cutoff())
+            group = _group_configs(cm, bounds, limits, small=small, products=products, group=entry, cutoff=cutoff())
             if group is not None:
                 configs += len(group)
-                heapq.heappush(heap, (group.lb[0], next(counter), CONFIG, (group, 0)))
-            continue
-        if kind == CONFIG:
+                heapq.heappush(heap, (group.lb[0], next(counter), CONFIG, _NextConfig(group, 0)))
+        elif kind == CONFIG:
             group, k = entry
             if k + 1 < len(group):
-                heapq.heappush(heap, (group.lb[k + 1], next(counter), CONFIG, (group, k + 1)))
-            entry = group.config(k)
-        _lb, pairs, ss, dp, b, m, (c, taus, e_first, e_last, rest, fill, vmax) = entry
-        if kind == CONFIG:
+                heapq.heappush(heap, (group.lb[k + 1], next(counter), CONFIG, _NextConfig(group, k + 1)))
             # the bound is tightened to whole layers only when the config comes up
+            config = group.config(k)
             refined += 1
-            c = integer_bottleneck(c, ss, taus, e_first, e_last, L)
-            bound = (m - 1) * c + rest
-            if vmax > 1:
-                bound = min(bound, float(interleaved_bound(m, c, fill, rest - fill, vmax)))
-            heapq.heappush(heap, (bound, next(counter), REFINED, entry))
-            continue
-        if evaluated >= limits.max_pp_evaluations:
+            shape = config.shape
+            c = integer_bottleneck(config.bottleneck, config.stages, shape.taus, shape.e_first, shape.e_last, L)
+            heapq.heappush(heap, (config.bound(c), next(counter), REFINED, config))
+        elif evaluated >= limits.max_pp_evaluations:
             # Best bound first, so what is left is what the bounds rank last; the plan is
             # still never worse than the seeds (islands alone, hetero-DP).
             stats["pp_cut_at_budget"] = stats.get("pp_cut_at_budget", 0) + 1
             stats["pp_open_bound_s"] = lb
             break
-        layout = stage_layout([(i, t, k) for (i, t), k in zip(pairs, ss)], dp)
-        evaluated += 1
-        if progress and evaluated % 16 == 0:
-            progress(evaluated, limits.max_pp_evaluations, "hetero-PP configurations")
-        for v in range(1, vmax + 1):
-            pe = evaluate_pipeline(cm, layout, dp, b, m, bound=cutoff(), v=v)
-            stats["pp_evaluated_v"] = stats.get("pp_evaluated_v", 0) + 1
-            if pe is None:
-                continue
-            cand = Candidate("pipeline", [pe], pe.step(), 0.0, label_pp(pe))
-            best = dedup(sorted(best + [cand], key=lambda c: c.step))[:keep]
+        else:
+            evaluated += 1
+            if progress and evaluated % 16 == 0:
+                progress(evaluated, limits.max_pp_evaluations, "hetero-PP configurations")
+            for cand in _cost(cm, entry, cutoff(), stats):
+                best = dedup(sorted(best + [cand], key=lambda c: c.step))[:keep]
     if progress and evaluated:
         progress(limits.max_pp_evaluations, limits.max_pp_evaluations, "hetero-PP configurations")
     stats["pp_configs"] = stats.get("pp_configs", 0) + configs

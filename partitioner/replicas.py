@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from partitioner.costs import (CostModel, divisors, tp_choices)
-from partitioner.inputs import (IslandSpec, SearchLimits)
 from partitioner.bounds import Bounds
 from partitioner.candidates import Candidate, PipeEval, label_pp, replica_label, stage_layout
+from partitioner.costs import CostModel, divisors, tp_choices
 from partitioner.evaluate import evaluate_pipeline, interleavable, interleaved_twin
+from partitioner.inputs import IslandSpec, SearchLimits
 
 
 def _pipeline_counts(L: int, p_max: int) -> list[int]:
@@ -72,7 +73,14 @@ def _micro_batch_counts(pe: PipeEval, units: int) -> np.ndarray:
     return np.arange(step, units // pe.dp + 1, step)
 
 
-def best_batch_split(pes: list[PipeEval], units: int):
+class BatchSplit(NamedTuple):
+    """A split of the global batch's micro-batches between pipelines or islands."""
+
+    step: float                      # the slowest one's step
+    shares: list                     # micro-batches each takes (per replica for best_batch_split)
+
+
+def best_batch_split(pes: list[PipeEval], units: int) -> BatchSplit | None:
     """Split `units` micro-batches of the global batch between pipelines (each >= 1 micro-batch
     per replica) to minimise the slowest pipeline's step. Exact; returns (step, [m_k]) or None."""
     f = np.full(units + 1, np.inf)
@@ -100,7 +108,7 @@ def best_batch_split(pes: list[PipeEval], units: int):
         m_list.append(mk)
         u -= pes[k].dp * mk
     m_list.reverse()
-    return float(f[units]), m_list
+    return BatchSplit(float(f[units]), m_list)
 
 
 def replica_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
@@ -123,7 +131,7 @@ def combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
                 res = best_batch_split(list(combo), units)
                 if res is None:
                     continue
-                _, m_list = res
+                m_list = res.shares
                 pes = [pe.with_micro_batches(mk) for pe, mk in zip(combo, m_list)]
                 out.append(replica_candidate(cm, pes, b))
     out.sort(key=lambda c: c.step)
@@ -176,7 +184,7 @@ def _reach(envs: list, units: int, cap: float) -> list:
     return reach
 
 
-def split_batch(envs: list, units: int) -> tuple[float, list[int]] | None:
+def split_batch(envs: list, units: int) -> BatchSplit | None:
     """The split of `units` micro-batches over the islands (each >= 1) that minimises the
     slowest island's step: binary search over the envelopes' values, exact feasibility."""
     values = np.unique(np.concatenate([e.step[np.isfinite(e.step)] for e in envs]))
@@ -202,7 +210,7 @@ def split_batch(envs: list, units: int) -> tuple[float, list[int]] | None:
         shares.append(pick)
         left -= pick
     shares.reverse()
-    return cap, shares
+    return BatchSplit(cap, shares)
 
 
 def island_envelopes(cm, fleet, limits, bounds, stats, progress=None) -> dict:
@@ -239,7 +247,7 @@ def search_replicas(cm, envelopes: dict, keep: int, stats) -> list:
             stats["dp_splits"] = stats.get("dp_splits", 0) + 1
             if res is None:
                 continue
-            pes = [env.replica(u) for env, u in zip(envs, res[1])]
+            pes = [env.replica(u) for env, u in zip(envs, res.shares)]
             out.append(replica_candidate(cm, pes, b))
     out.sort(key=lambda c: c.step)
     return out[:keep]

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from partitioner.bounds import Bounds
 from partitioner.brute_force import brute_force
@@ -43,8 +44,15 @@ from partitioner.costs import CostModel, divisors, tp_choices
 from partitioner.evaluate import evaluate_pipeline, evaluate_uniform, in_flight, interleaved_twin
 from partitioner.inputs import FleetSpec, InfeasibleError, ModelSpec, SearchLimits, TrainSpec
 from partitioner.pipeline_search import search_pp
-from partitioner.replicas import (Envelope, alone_candidates, best_batch_split, envelope, island_envelopes,
-                                  search_replicas, split_batch)
+from partitioner.replicas import (
+    Envelope,
+    alone_candidates,
+    best_batch_split,
+    envelope,
+    island_envelopes,
+    search_replicas,
+    split_batch,
+)
 
 __all__ = ["Candidate", "Envelope", "PipeEval", "SearchResult", "Slot", "best_batch_split", "brute_force",
            "envelope", "evaluate_pipeline", "in_flight", "interleaved_twin", "naive_baseline", "search",
@@ -123,6 +131,25 @@ def naive_baseline(cm: CostModel, fleet: FleetSpec) -> Candidate | None:
     return best
 
 
+@dataclass
+class _Run:
+    """What every phase of one search shares: the cost model, limits, bounds, statistics, clock."""
+
+    cm: CostModel
+    fleet: FleetSpec
+    limits: SearchLimits
+    bounds: Bounds
+    keep: int
+    progress: Callable[..., None] | None
+    t0: float = field(default_factory=time.perf_counter)
+    stats: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+
+    def lap(self, name: str) -> None:
+        """Seconds since the previous lap (or the start) as timing[name]."""
+        self.timing[name] = time.perf_counter() - self.t0 - sum(self.timing.values())
+
+
 def search(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None, top: int = 1,
            limits: SearchLimits | None = None, progress=None) -> SearchResult:
     """The best plans (best first), the naive baseline, the lower bounds the best plan is held
@@ -132,36 +159,45 @@ def search(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None, t
     island's own search, and the best of those seeds the whole fleet's hetero-PP search,
     whose configurations are then cut by their bounds against that incumbent."""
     t0 = time.perf_counter()
-    limits = limits or SearchLimits()
     check_inputs(fleet, model, train)
     cm = CostModel(fleet, model, train, profile)
-    bounds = Bounds(cm)
-    keep = max(2, top)
-    stats: dict = {}
-    timing: dict = {}
-    envelopes = island_envelopes(cm, fleet, limits, bounds, stats, progress)
-    timing["replica_options_s"] = time.perf_counter() - t0
-    alone = _islands_alone(cm, fleet, limits, bounds, envelopes, stats, progress)
-    timing["islands_alone_s"] = time.perf_counter() - t0 - sum(timing.values())
+    run = _Run(cm, fleet, limits or SearchLimits(), Bounds(cm), max(2, top), progress, t0)
+    envelopes = island_envelopes(cm, fleet, run.limits, run.bounds, run.stats, progress)
+    run.lap("replica_options_s")
+    alone = _islands_alone(run, envelopes)
+    run.lap("islands_alone_s")
     hetero_dp = []
     if "replicas" in train.modes and len(fleet.islands) >= 2:
-        hetero_dp = search_replicas(cm, envelopes, keep, stats)
-    timing["hetero_dp_s"] = time.perf_counter() - t0 - sum(timing.values())
+        hetero_dp = search_replicas(cm, envelopes, run.keep, run.stats)
+    run.lap("hetero_dp_s")
+    cands = _best_candidates(run, envelopes, alone, hetero_dp)
+    run.lap("hetero_pp_s")
+    if len(fleet.islands) == 1:
+        alone = {fleet.islands[0].name: cands[0]}
+    return _result(run, cands, alone, hetero_dp)
+
+
+def _best_candidates(run: _Run, envelopes: dict, alone: dict, hetero_dp: list) -> list:
+    """The K best plans of any kind: hetero-DP and the islands alone seed the hetero-PP search."""
+    cm, fleet, train = run.cm, run.fleet, run.cm.train
     cands = hetero_dp + ([c for c in alone.values() if c.kind in train.modes] if len(fleet.islands) > 1 else [])
     if "pipeline" in train.modes:
         seeds = cands if len(fleet.islands) > 1 else alone_candidates(envelopes, fleet.islands[0].name)
-        cands = search_pp(cm, fleet, limits, keep, bounds, stats, progress, best=seeds)
-    timing["hetero_pp_s"] = time.perf_counter() - t0 - sum(timing.values())
-    cands = dedup(sorted(cands, key=lambda c: c.step))[:keep]
+        cands = search_pp(cm, fleet, run.limits, run.keep, run.bounds, run.stats, run.progress, best=seeds)
+    cands = dedup(sorted(cands, key=lambda c: c.step))[:run.keep]
     if not cands:
-        raise InfeasibleError(explain_infeasible(cm, fleet, model, train))
-    if len(fleet.islands) == 1:
-        alone = {fleet.islands[0].name: cands[0]}
+        raise InfeasibleError(explain_infeasible(cm, fleet, cm.model, train))
+    return cands
+
+
+def _result(run: _Run, cands: list, alone: dict, hetero_dp: list) -> SearchResult:
+    """The plans built from the candidates, the naive baseline beside them, the statistics."""
+    cm, fleet, stats = run.cm, run.fleet, run.stats
     plans = [to_plan(cm, fleet, c) for c in cands]
     base = naive_baseline(cm, fleet)
     base_plan = to_plan(cm, fleet, base) if base else None
-    elapsed = time.perf_counter() - t0
-    stats.update({k: round(v, 4) for k, v in timing.items()})
+    elapsed = time.perf_counter() - run.t0
+    stats.update({k: round(v, 4) for k, v in run.timing.items()})
     return SearchResult(plans=plans, candidates=cands, baseline=base,
                         baseline_plan=base_plan, search_s=elapsed,
                         evaluated=stats.get("pp_evaluated", 0) + stats.get("dp_evaluated", 0),
@@ -169,21 +205,23 @@ def search(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None, t
                         islands_alone=alone, hetero_dp=hetero_dp[0] if hetero_dp else None)
 
 
-def _islands_alone(cm, fleet, limits, bounds, envelopes, stats, progress=None) -> dict:
+def _islands_alone(run: _Run, envelopes: dict) -> dict:
     """{island: its best plan on the whole batch with the other islands idle}: a lower bound the
     fleet's plan must meet, and the denominator of its efficiency (issue #20)."""
-    out = {}
+    out: dict = {}
+    fleet = run.fleet
     if len(fleet.islands) < 2:
         return out
     sub_stats: dict = {}
     for k, island in enumerate(fleet.islands):
         seeds = alone_candidates(envelopes, island.name)
-        if "pipeline" in cm.train.modes:
-            seeds = search_pp(cm, replace(fleet, islands=(island,)), limits, 1, bounds, sub_stats, best=seeds)
+        if "pipeline" in run.cm.train.modes:
+            seeds = search_pp(run.cm, replace(fleet, islands=(island,)), run.limits, 1, run.bounds, sub_stats,
+                              best=seeds)
         if seeds:
             out[island.name] = min(seeds, key=lambda c: c.step)
-        if progress:
-            progress(k + 1, len(fleet.islands), "islands alone")
-    stats["alone_pp_configs"] = sub_stats.get("pp_configs", 0)
-    stats["alone_pp_evaluated"] = sub_stats.get("pp_evaluated", 0)
+        if run.progress:
+            run.progress(k + 1, len(fleet.islands), "islands alone")
+    run.stats["alone_pp_configs"] = sub_stats.get("pp_configs", 0)
+    run.stats["alone_pp_evaluated"] = sub_stats.get("pp_evaluated", 0)
     return out
