@@ -58,3 +58,14 @@ def test_a_re_plan_without_the_first_node_uses_only_the_survivors_chips_in_the_c
     layout = build_layout(job.cluster, plan, "127.0.0.2")
     assert "127.0.0.1" not in layout.hosts                  # no worker on the lost node
     assert summary(plan)["world_size"] == plan.world_size and summary(plan)["predicted_step_s"] > 0
+
+
+def test_report_lines_for_replan_and_rejoin_events():
+    from hetero.report.analysis import event_text
+
+    replan = {"time": 1.0, "event": "replan", "from_step": 4, "gone": ["127.0.0.3"], "back": [],
+              "new": {"plan": "a(tp1 dp1 layers 0-3), 4 x micro-batch 2", "predicted_step_s": 0.25}}
+    assert event_text(replan) == ("re-planned (lost 127.0.0.3) from step 4: a(tp1 dp1 layers 0-3), "
+                                  "4 x micro-batch 2, predicted 0.250 s/step")
+    assert event_text({"time": 2.0, "event": "rejoin", "host": "127.0.0.3", "at_step": 6}) == \
+        "node 127.0.0.3 taken back at step 6"

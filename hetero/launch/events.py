@@ -7,6 +7,12 @@ Every line has `time` (epoch seconds) and `event`, plus its details:
     failure  {"attempt", "reason", "restart", "fatal"}             an attempt failed
     restart  {"attempt", "from_step"}                              the whole job starts again
     resume   {"from_step", "steps", "replanned"}                   hetero run --resume goes on
+    replan   {"attempt", "from_step", "lost", "gone", "back", "waited_s", "old", "new", "kept"}
+             the elastic re-plan (hetero.launch.fleet): nodes lost (`gone`) or back; old and new plan in
+             short (plan, world_size, micro-batching, predicted_step_s, tokens_per_s); `kept`: the old
+             plan's file (plan-until-step-N.json)
+    rejoin   {"attempt", "host", "at_step", "seen_at_step"}        a lost node is back: the attempt stops at
+                                                                   the checkpoint of `at_step` to re-plan up
 
 Only the head writes it (members may not share the run directory); `hetero report`
 lists the events and marks them on its charts (hetero.report). A line is written whole

@@ -92,6 +92,14 @@ def event_text(event: dict) -> str:
         return f"restart {event.get('attempt')} from step {event.get('from_step')}"
     if kind == "resume":
         return f"resumed from step {event.get('from_step')} to step {event.get('steps')}"
+    if kind == "replan":
+        new = event.get("new") if isinstance(event.get("new"), dict) else {}
+        why = (f"lost {', '.join(map(str, event.get('gone') or []))}" if event.get("gone")
+               else f"{', '.join(map(str, event.get('back') or []))} back")
+        speed = f", predicted {float(new['predicted_step_s']):.3f} s/step" if new.get("predicted_step_s") else ""
+        return f"re-planned ({why}) from step {event.get('from_step')}: {new.get('plan')}{speed}"
+    if kind == "rejoin":
+        return f"node {event.get('host')} taken back at step {event.get('at_step')}"
     if kind == "start":
         return f"attempt {event.get('attempt')} started (hang timeout {event.get('hang_timeout_s')} s)"
     details = {k: v for k, v in event.items() if k not in ("time", "event")}
