@@ -142,7 +142,11 @@ def test_the_checkpoint_bench_reports_its_contract_fields(model, tmp_path):
     ranks = runs[0]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
     assert all(set(r) == {"rank", "shard_bytes", "peak_extra_host_bytes", "blocked_s", "write_s",
-                          "first_blocked_s", "first_write_s"} for r in ranks)     # the contract, the first save
+                          "first_blocked_s", "first_write_s", "sync_blocked_s", "sync_write_s", "snapshot_s",
+                          "issue_s", "snapshot_wait_s", "standin_step_s", "standin_slowdown_s"}
+               for r in ranks)     # the contract, the first save, the synchronous anchor, the background save's parts
+    assert all(r["blocked_s"] == pytest.approx(r["issue_s"] + r["snapshot_wait_s"] + r["standin_slowdown_s"])
+               and r["snapshot_s"] > 0 and r["standin_step_s"] > 0 for r in ranks)
     params = sum(layout.full_shape(model, n)[0] * (layout.full_shape(model, n) + (1,))[1]
                  for n in layout.model_names(model))
     assert params * 12 <= sum(r["shard_bytes"] for r in ranks) < params * 12 * 1.05   # fp32 weights + 2 moments
