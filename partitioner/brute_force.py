@@ -76,7 +76,7 @@ def _pareto(pes: list) -> list:
     def same(o, pe) -> bool:
         return o.dp == pe.dp and o.v == pe.v and (pe.v == 1 or len(o.layout) == len(pe.layout))
 
-    out = []
+    out: list = []
     for pe in pes:
         if not any(o is not pe and same(o, pe) and o.cycle <= pe.cycle and o.fill <= pe.fill
                    and (o.cycle, o.fill) != (pe.cycle, pe.fill) for o in pes):

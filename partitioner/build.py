@@ -12,7 +12,7 @@ from partitioner.plan import PipelinePlan, Plan, StagePlan, assign_ranks
 
 def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
     model, train = cm.model, cm.train
-    stages = []
+    stages: list[StagePlan] = []
     pipelines = []
     for k, pe in enumerate(cand.pipes):
         idx = []
@@ -71,11 +71,11 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
         "hfu_used_chips": sum(hw.values()) / (step * used_peak),
     }
     modes = {s.recompute for s in stages}
-    sources = {}
+    sources: dict[str, set] = {}
     for s in stages:
         sources.setdefault(s.chip, set()).add(s.source)
     layer_src = {c: (v.pop() if len(v) == 1 else "mixed") for c, v in sources.items()}
-    used_by_island = {}
+    used_by_island: dict[str, int] = {}
     for r in ranks:
         used_by_island[r.island] = used_by_island.get(r.island, 0) + 1
     return Plan(

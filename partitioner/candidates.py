@@ -108,7 +108,7 @@ def stage_layout(order_tps_stages, dp: int) -> list:
 
 
 def label_pp(pe: PipeEval) -> str:
-    parts = []
+    parts: list[list] = []
     for island, t, _off in pe.layout:
         if parts and parts[-1][0] == island.name and parts[-1][1] == t:
             parts[-1][2] += 1

@@ -405,7 +405,7 @@ class CostModel:
         return True if island is None else self._islands[island].chip.fused
 
     def stage_memory(self, t: int, b: int, dp: int, n_layers, first: bool, last: bool,
-                     inflight: float, mode: str, island: str | None = None, micro_batches: int | None = None):
+                     inflight, mode: str, island: str | None = None, micro_batches: int | None = None):
         """Bytes one chip of a stage needs at peak: the largest of its phases (see the module
         docstring). `island`: whose chip (vendor kernels or the reference ops; None: vendor);
         `micro_batches`: the pipeline's m (None: gradients and every in-flight micro-batch are

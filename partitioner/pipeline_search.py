@@ -24,7 +24,7 @@ from partitioner.inputs import FleetSpec, SearchLimits
 
 def island_orders(islands, limits: SearchLimits) -> list:
     """Ordered non-empty subsets of islands, all of them when few; else a heuristic set."""
-    out = []
+    out: list = []
     for k in range(1, len(islands) + 1):
         out.extend(itertools.permutations(islands, k))
     if len(out) <= limits.max_orders:
@@ -201,8 +201,8 @@ def _cost(cm, config: Config, cutoff: float, stats: dict) -> list:
     return out
 
 
-def search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best: list | None = None):
-    """The K best of `best` (plans already known, any kind) and the hetero-PP plans of `fleet`.
+def search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, seeds: list | None = None) -> list:
+    """The K best of `seeds` (plans already known, any kind) and the hetero-PP plans of `fleet`.
 
     One heap, best bound first, of three kinds of entry: a group (its floor; expanded into
     its stage-count configurations when popped), a configuration (its continuous bound;
@@ -210,7 +210,7 @@ def search_pp(cm, fleet, limits, keep: int, bounds, stats, progress=None, best: 
     It stops when the next bound cannot beat the K-th best, so the result is as if every
     configuration were costed -- or after limits.max_pp_evaluations costings."""
     L = cm.model.layers
-    best = sorted(best or [], key=lambda c: c.step)[:keep]
+    best = sorted(seeds or [], key=lambda c: c.step)[:keep]
 
     def cutoff() -> float:
         return best[-1].step if len(best) >= keep else math.inf

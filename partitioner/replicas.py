@@ -102,11 +102,11 @@ def best_batch_split(pes: list[PipeEval], units: int) -> BatchSplit | None:
     if not np.isfinite(f[units]):
         return None
     m_list = []
-    u = units
+    left = units
     for k in range(len(pes) - 1, -1, -1):
-        mk = int(back[k][u])
+        mk = int(back[k][left])
         m_list.append(mk)
-        u -= pes[k].dp * mk
+        left -= pes[k].dp * mk
     m_list.reverse()
     return BatchSplit(float(f[units]), m_list)
 
@@ -216,7 +216,7 @@ def split_batch(envs: list, units: int) -> BatchSplit | None:
 def island_envelopes(cm, fleet, limits, bounds, stats, progress=None) -> dict:
     """{micro-batch: {island name: Envelope}} with every replica option kept."""
     G = cm.train.global_batch
-    out = {}
+    out: dict = {}
     bs = cm.train.micro_batch_choices()
     for k, b in enumerate(bs):
         out[b] = {}

@@ -183,7 +183,7 @@ def _best_candidates(run: _Run, envelopes: dict, alone: dict, hetero_dp: list) -
     cands = hetero_dp + ([c for c in alone.values() if c.kind in train.modes] if len(fleet.islands) > 1 else [])
     if "pipeline" in train.modes:
         seeds = cands if len(fleet.islands) > 1 else alone_candidates(envelopes, fleet.islands[0].name)
-        cands = search_pp(cm, fleet, run.limits, run.keep, run.bounds, run.stats, run.progress, best=seeds)
+        cands = search_pp(cm, fleet, run.limits, run.keep, run.bounds, run.stats, run.progress, seeds=seeds)
     cands = dedup(sorted(cands, key=lambda c: c.step))[:run.keep]
     if not cands:
         raise InfeasibleError(explain_infeasible(cm, fleet, cm.model, train))
@@ -217,7 +217,7 @@ def _islands_alone(run: _Run, envelopes: dict) -> dict:
         seeds = alone_candidates(envelopes, island.name)
         if "pipeline" in run.cm.train.modes:
             seeds = search_pp(run.cm, replace(fleet, islands=(island,)), run.limits, 1, run.bounds, sub_stats,
-                              best=seeds)
+                              seeds=seeds)
         if seeds:
             out[island.name] = min(seeds, key=lambda c: c.step)
         if run.progress:
