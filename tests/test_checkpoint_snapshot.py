@@ -3,7 +3,7 @@ checkpoint N runs while step N+1's forward and backward run, and before_update()
 update until it is done. Here each snapshot is held back until step N+1 has reached its update (so the
 overlap is certain, not a matter of timing): the checkpoints written so equal, byte for byte, those of
 a run that copies synchronously, in fp32 (per-parameter state) and bf16 (fp32 master weights, the
-flat layout)."""
+flat layout). A snapshot cut short is never sealed: the resume takes the previous checkpoint.
 
 import dataclasses
 import json
@@ -89,3 +89,25 @@ def test_a_snapshot_taken_while_the_next_step_ran_equals_a_synchronous_save(job,
     assert in_flight == [True] * (STEPS - 1)        # steps 2 and 3 ran their forward and backward beside it
     assert sorted(saved[True]) == list(range(1, STEPS + 1))
     assert saved[True] == saved[False]
+
+
+def test_a_snapshot_cut_short_is_never_sealed_and_the_resume_takes_the_previous_checkpoint(job, tmp_path,
+                                                                                           monkeypatch):
+    copy = ckpt.Staging.copy
+
+    def dies_at_step_2(self, tensor):
+        if threading.current_thread().name == "checkpoint-2":
+            raise RuntimeError("the snapshot of step 2 was cut short")
+        return copy(self, tensor)
+
+    monkeypatch.setattr(ckpt.Staging, "copy", dies_at_step_2)
+    root = tmp_path / "ckpt"
+    train = dataclasses.replace(job.train, checkpoint=CheckpointConfig(str(root), 1))
+    with pytest.raises(RuntimeError, match="cut short"):
+        train_solo(CPU, job.model, train, str(tmp_path / "run"), steps=STEPS)
+    assert ckpt.pointed_step(str(root)) == 1 and ckpt.sealed_steps(str(root)) == [1]
+    assert os.path.isdir(ckpt.partial_dir(str(root), 2))
+    monkeypatch.undo()
+    records = train_solo(CPU, job.model, train, str(tmp_path / "run"), steps=STEPS)
+    assert records[-1]["step"] == STEPS and not os.path.exists(ckpt.partial_dir(str(root), 2))
+    assert sorted(ckpt.sealed_steps(str(root))) == [1, 2, 3]
