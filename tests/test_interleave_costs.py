@@ -93,3 +93,16 @@ def test_search_with_chunks_agrees_with_brute_force_and_builds_a_valid_plan():
     assert sorted(x for i in pipe.stages for lo, hi in best.stages[i].layer_ranges for x in range(lo, hi)) \
         == list(range(MODEL.layers))
     assert best.breakdown["bubble_fraction"] < plain.breakdown["bubble_fraction"]
+
+
+def test_hetero_plan_shows_an_interleaved_stages_chunks():
+    from hetero.commands.plan import _summary, layers_text
+
+    best = search(FLEET, MODEL, TRAIN, limits=INTERLEAVED).best
+    stage = next(s for s in best.stages if s.chunks)
+    assert layers_text(stage) == ",".join(f"{a}-{b}" for a, b in stage.chunks) + f" ({stage.num_layers})"
+    assert _summary(best)["stages"][stage.index]["chunks"] == [list(c) for c in stage.chunks]
+    plain = search(FLEET, MODEL, TRAIN).best
+    assert all("chunks" not in s for s in _summary(plain)["stages"])
+    assert layers_text(plain.stages[0]) == f"{plain.stages[0].layers[0]}-{plain.stages[0].layers[1]} " \
+                                           f"({plain.stages[0].num_layers})"

@@ -83,7 +83,13 @@ def _summary(plan) -> dict:
     return {"label": plan.provenance.get("label"), "kind": plan.kind, "predicted_step_s": plan.predicted_step_s,
             "tokens_per_s": plan.tokens_per_s, "mfu": dict(plan.mfu),
             "stages": [{"island": s.island, "chip": s.chip, "tp": s.tp, "dp": s.dp, "layers": list(s.layers),
+                        **({"chunks": [list(c) for c in s.chunks]} if s.chunks else {}),
                         "recompute": s.recompute} for s in plan.stages]}
+
+
+def layers_text(stage) -> str:
+    """A stage's layers for the table: its range, or its chunks' ranges when interleaved, and the count."""
+    return ",".join(f"{start}-{end}" for start, end in stage.layer_ranges) + f" ({stage.num_layers})"
 
 
 def to_text(job, result, top: int, want_explain: bool, emulated: list, profile_path) -> list[str]:
@@ -100,7 +106,7 @@ def to_text(job, result, top: int, want_explain: bool, emulated: list, profile_p
     usable = {i.name: job.cluster.chip(i.chip).memory_gb - job.cluster.chip(i.chip).memory_reserve_gb
               for i in job.cluster.islands}
     for s in best.stages:
-        layers = f"{s.layers[0]}-{s.layers[1]} ({s.num_layers})"
+        layers = layers_text(s)
         lines.append(f"{s.index:>5}  {s.pipeline:>4}  {s.island:<10} {s.chip:<13} {s.tp:>3} {s.dp:>4}  {layers:<12} "
                      f"{s.recompute:<9} {_secs(s.time_s):>10}  {s.memory_gb:>7.3g} / {usable[s.island]:<6.3g}  {s.source}")
     lines.append("")
