@@ -3,7 +3,7 @@ checkpoint N runs while step N+1's forward and backward run, and before_update()
 update until it is done. Here each snapshot is held back until step N+1 has reached its update (so the
 overlap is certain, not a matter of timing): the checkpoints written so equal, byte for byte, those of
 a run that copies synchronously, in fp32 (per-parameter state) and bf16 (fp32 master weights, the
-flat layout). A snapshot cut short is never sealed: the resume takes the previous checkpoint.
+flat layout). A snapshot cut short is never sealed: the resume takes the previous checkpoint."""
 
 import dataclasses
 import json

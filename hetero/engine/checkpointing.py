@@ -50,9 +50,9 @@ class Checkpoints:
         self.pretrained = pretrained
         self._log_once, self._fleet_count = log_once, fleet_count
         self._scope, self._onto_device = scope, onto_device
-        self.root = train_config.checkpoint.dir if train_config.checkpoint else None
+        self.root: str = train_config.checkpoint.dir if train_config.checkpoint else ""   # "": none kept
         self.every = train_config.checkpoint.every if train_config.checkpoint else 0
-        self._pending = None                 # (step, extra, write): the save whose writer may still run
+        self._pending: tuple | None = None   # (step, extra, write): the save whose writer may still run
         self._in_flight = None               # that writer while its snapshot may still be copying
         self._stream = None                  # the side stream snapshots copy on
         # The last save (seconds): training blocked (issue_s in save(), waited_s in before_update),
@@ -68,10 +68,10 @@ class Checkpoints:
         """Load the newest good checkpoint (falling back past bad ones); return its step, 0 for none.
         Each rank reads on the host, outside the device scope, only the chunks that overlap its own TP
         slices and ZeRO-1 shard (the plan may differ from the saver's); only they cross the host link."""
-        saved = ckpt.load(self.root, self.model_config, log=self._log_once, agree=self._any_rank,
+        saved = ckpt.load(self.root or None, self.model_config, log=self._log_once, agree=self._any_rank,
                           read=self.optimizer.read_part)
         if self.place.rank == 0:
-            ckpt.discard_partials(self.root)   # saves a crash cut short; no rank writes yet
+            ckpt.discard_partials(self.root or None)   # saves a crash cut short; no rank writes yet
         if saved is None:
             return 0
         self.optimizer.load_part(saved.part, saved.optimizer_steps, self._onto_device, self._scope)
