@@ -75,3 +75,15 @@ def test_interleaved_checkpoint_resumes_under_a_plain_plan(interleaved_run):
     assert len(tail) == 2
     for got, want in zip(tail, reference[4:]):
         assert abs(got - want) <= 1e-5 * abs(want), (tail, reference)
+
+
+def test_one_island_interleaved_match_one_process(tmp_path):
+    """Both stages on one island: every hop, the wrap-around included, on the island's strict
+    (NCCL-rule) point-to-point."""
+    cluster, job_path, job = four_layer_job(tmp_path)
+    plan = interleaved(make_plan(job, [("wide", 1, 1, (0, 2), 0), ("wide", 1, 1, (2, 4), 1)]), 2)
+    records, _, _ = run_fleet(tmp_path, plan, job_path=job_path, cluster_path=cluster, steps=2, name="island")
+    reference = solo_losses(tmp_path, job, steps=2)
+    fleet = [r["loss"] for r in last_attempt(records)]
+    for got, want in zip(fleet, reference):
+        assert abs(got - want) <= 1e-5 * abs(want), (fleet, reference)

@@ -32,6 +32,7 @@ from hetero.errors import PEER_STOPPED_EXIT_CODE
 from hetero.engine.transport import BridgeTransport, NativeTransport, device_scope, to_device, to_host
 
 TIMEOUT_S = float(os.environ.get("HETERO_COMM_TIMEOUT", "300"))
+P2P_STREAMS = (("F", False), ("F", True), ("B", False), ("B", True))   # (kind, wrap-around): Comms.p2p_group
 
 
 class Comms:
@@ -42,6 +43,9 @@ class Comms:
         self.device = device
         self.accelerator = accelerator   # device memory scope and host staging; None: plain torch
         self.tp_group = self.dp_group = None
+        # Interleaved pipelines: one island-wide group per (kind, wrap) of stage-to-stage traffic
+        # (p2p_group), so that each pair of ranks carries one direction of one kind per group.
+        self.p2p_groups: dict | None = None
         self.native = None
         self.bridge = None
         self.endpoint = self.client = None
@@ -86,6 +90,9 @@ class Comms:
             group = dist.new_group(members)
             if local in members:
                 self.dp_group = group
+        if any(p.virtual_stages > 1 for p in self.topology.plan.pipelines):   # alike on every rank
+            world = list(range(dist.get_world_size()))
+            self.p2p_groups = {key: dist.new_group(world) for key in P2P_STREAMS}
 
     def _first_collective(self) -> None:
         """One all-reduce over the whole island before any point-to-point: NCCL leaves a batched
@@ -93,6 +100,8 @@ class Comms:
         flag = self._to_device(torch.ones(1), torch.float32)
         with device_scope(self.accelerator):
             dist.all_reduce(flag)
+            for group in (self.p2p_groups or {}).values():   # theirs too: p2p is all they carry
+                dist.all_reduce(self._to_device(torch.ones(1), torch.float32), group=group)
         answered = int(round(float(self._to_host(flag)[0])))
         if answered != dist.get_world_size():
             raise RuntimeError(f"island world check: {answered} ranks answered, {dist.get_world_size()} expected")
@@ -114,6 +123,18 @@ class Comms:
         self.bridge = _Stamped(self.endpoint, self.device, TIMEOUT_S, accelerator)
 
     # -- use ------------------------------------------------------------------
+    def p2p_group(self, kind: str, wrap: bool):
+        """The native group of stage-to-stage messages of `kind` ("F" activations, "B" gradients)
+        across an ordinary boundary or the interleaved wrap-around; None: the island's world.
+
+        NCCL/HCCL run a pair's operations in issue order and a send waits for its receive. In an
+        interleaved pipeline a stage sends an activation long before its neighbour needs it (that
+        lag is what shrinks the bubble), and a receive queued behind that send on the same pair
+        would wait for it: two stages deadlock (tests/test_interleave_fleet.py, one island). With a
+        group per (kind, wrap), each pair of a group carries messages one way only, in the order
+        both sides issue them, and a send no longer holds up anything behind it but later sends."""
+        return self.p2p_groups[(kind, wrap)] if self.p2p_groups else None
+
     def transport_to(self, rank: int):
         """Native inside the island, bridge across islands."""
         return self.native if self.topology.island_of[rank] == self.place.island else self.bridge

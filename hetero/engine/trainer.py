@@ -79,9 +79,8 @@ class Trainer:
         self._track_memory()
         topology = comms.topology
         # chunk 0's neighbours; the other chunks' (interleaved) in _chunk_links
-        self.prev = self._link(topology.neighbour(place, -1))
-        self.next = self._link(topology.neighbour(place, +1))
-        self._chunk_links = {(step, c): self._link(topology.neighbour(place, step, c))
+        self.prev, self.next = self._neighbour_link(-1, 0), self._neighbour_link(1, 0)
+        self._chunk_links = {(step, c): self._neighbour_link(step, c)
                              for c in range(1, place.virtual_stages) for step in (-1, 1)}
         partners = topology.tied_partners(place) if model_config.tie_embeddings else None
         self.grads = GradientSync(comms, self.model, self.params, accelerator, self._scope, self._link(partners),
@@ -136,11 +135,22 @@ class Trainer:
         into = chunk if (kind == "F") == receive else chunk + int(self.place.is_last)
         return tags.micro_batch(mb, kind, into, chunks)
 
-    def _link(self, peers):
+    def _neighbour_link(self, step: int, chunk: int):
+        """The link to the stage before (-1: activations in, gradients out) or after (+1) `chunk`;
+        on the island's native p2p, each way in its kind's group (Comms.p2p_group, interleaved)."""
+        place = self.place
+        wrap = place.is_first if step < 0 else place.is_last     # the interleaved wrap-around
+        incoming, outgoing = ("F", "B") if step < 0 else ("B", "F")
+        return self._link(self.comms.topology.neighbour(place, step, chunk),
+                          send_group=self.comms.p2p_group(outgoing, wrap),
+                          recv_group=self.comms.p2p_group(incoming, wrap))
+
+    def _link(self, peers, send_group=None, recv_group=None):
         if peers is None:
             return None
         transport = self.comms.transport_to(peers[0])
-        return StageLink(transport, self.place.tp_rank, self.place.stage.tp, self.comms.tp_group, peers)
+        return StageLink(transport, self.place.tp_rank, self.place.stage.tp, self.comms.tp_group, peers,
+                         send_group, recv_group)
 
     @torch.no_grad()
     def _load_pretrained(self) -> None:
@@ -254,6 +264,10 @@ class Trainer:
         Each action's receive is posted ahead: together with the previous action's send,
         in one batch (NCCL/HCCL: two stages that send to each other at once must not
         block on a receive while their own send is unmatched), or at the step's start.
+        Interleaved, receives are posted a pipeline's length of actions ahead: there every
+        pair of native ranks carries one kind one way per group (Comms.p2p_group), so an
+        early receive holds up nothing, and a neighbour's send that runs ahead (the schedule
+        sends long before the data is needed) is matched at once instead of waiting for it.
         """
         place, mb_size = self.place, self.place.micro_batch
         hidden_shape = (mb_size, self.model_config.seq_len, self.model_config.hidden)
@@ -261,6 +275,7 @@ class Trainer:
         inputs, outputs, loss_sum = {}, {}, 0.0
         posted: dict = {}
         chunks = 1 + max(action.chunk for action in self.schedule)    # v: the chunks the schedule runs
+        ahead = 1 if chunks == 1 else len(place.pipeline_stages)      # receives posted ahead
 
         def embeds(chunk: int) -> bool:       # the model's first piece: token input
             return place.is_first and chunk == 0
@@ -319,7 +334,8 @@ class Trainer:
                 if send_link is not None:
                     sent_at = self.clock.stamp()
                     send_link.send(payload, self._tag(mb, kind, chunk, chunks, False))
-                post(index + 1)
+                for later in range(index + 1, index + 1 + ahead):
+                    post(later)
             compute = self.clock.now() - t0 - waited
             self.metrics.action(step, mb, kind, compute, waited, posted_at, received, sent_at, link,
                                 chunk=chunk if chunks > 1 else None)

@@ -103,13 +103,16 @@ class NativeTransport:
         self._issue(ops)
 
     def _issue(self, ops: list) -> None:
-        if not ops:
-            return
-        works = dist.batch_isend_irecv([op for op, _ in ops])
-        if len(works) != len(ops):      # a coalescing backend returns one work for the group
-            works = [works[-1]] * len(ops) if works else [None] * len(ops)
-        for (_op, slot), work in zip(ops, works):
-            slot.append(work)
+        """One dist.batch_isend_irecv per process group among `ops` (torch wants one group per batch)."""
+        by_group: dict = {}
+        for op, slot in ops:
+            by_group.setdefault(id(getattr(op, "group", None)), []).append((op, slot))
+        for group_ops in by_group.values():
+            works = dist.batch_isend_irecv([op for op, _ in group_ops])
+            if len(works) != len(group_ops):      # a coalescing backend returns one work for the group
+                works = [works[-1]] * len(group_ops) if works else [None] * len(group_ops)
+            for (_op, slot), work in zip(group_ops, works):
+                slot.append(work)
 
     def _submit(self, op) -> list:
         """Queue `op` in the open batch, or issue it alone; returns the slot its work lands in."""
@@ -120,15 +123,16 @@ class NativeTransport:
             self._issue([(op, slot)])
         return slot
 
-    def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int, group=None) -> None:
         tensor = tensor.detach().contiguous()
-        slot = self._submit(dist.P2POp(dist.isend, tensor, self._local(dst), tag=NATIVE_TAG))
+        slot = self._submit(dist.P2POp(dist.isend, tensor, self._local(dst), group=group, tag=NATIVE_TAG))
         self._pending.append((slot, tensor))   # the tensor lives until the send is done
 
-    def irecv(self, shape, dtype, src: int, tag: int) -> PendingRecv:
+    def irecv(self, shape, dtype, src: int, tag: int, group=None) -> PendingRecv:
+        """`group`: a process group over the whole island world (Comms.p2p_group), or None for it."""
         with device_scope(self.accelerator):
             out = torch.empty(shape, dtype=dtype, device=self.device)
-        slot = self._submit(dist.P2POp(dist.irecv, out, self._local(src), tag=NATIVE_TAG))
+        slot = self._submit(dist.P2POp(dist.irecv, out, self._local(src), group=group, tag=NATIVE_TAG))
 
         def finish() -> torch.Tensor:
             if not slot:
@@ -206,11 +210,16 @@ class StageLink:
     receiver j), so that no all-gather waits on the critical path.
     """
 
-    def __init__(self, transport, my_tp_rank: int, my_tp_size: int, tp_group, peers: list[int]):
+    def __init__(self, transport, my_tp_rank: int, my_tp_size: int, tp_group, peers: list[int],
+                 send_group=None, recv_group=None):
         self.transport = transport
         self.kind = "bridge" if isinstance(transport, BridgeTransport) else "native"
         self.tp_rank, self.tp_size, self.tp_group = my_tp_rank, my_tp_size, tp_group
         self.peers = peers        # the other stage's ranks, by their tp_rank
+        # native only: the process groups sends and receives go in (Comms.p2p_group); default: the world
+        native = self.kind == "native"
+        self._send = {"group": send_group} if native and send_group is not None else {}
+        self._recv = {"group": recv_group} if native and recv_group is not None else {}
 
     def batch(self):
         """Operations on this link inside the block go out together (see NativeTransport.batch)."""
@@ -221,11 +230,11 @@ class StageLink:
         if _whole(flat.numel(), flat.dtype, len(self.peers)):
             for receiver, peer in enumerate(self.peers):   # sender i serves receivers i, i+a, ...
                 if receiver % self.tp_size == self.tp_rank:
-                    self.transport.isend(flat, peer, tag)
+                    self.transport.isend(flat, peer, tag, **self._send)
             return
         for piece in overlap_plan(flat.numel(), self.tp_size, len(self.peers)):
             if piece.sender == self.tp_rank and piece.stop > piece.start:
-                self.transport.isend(flat[piece.start:piece.stop], self.peers[piece.receiver], tag)
+                self.transport.isend(flat[piece.start:piece.stop], self.peers[piece.receiver], tag, **self._send)
 
     def post(self, shape, dtype, tag: int) -> PendingRecv:
         """Post the receives of one tensor now; `wait()` on the result assembles it."""
@@ -233,10 +242,11 @@ class StageLink:
         for size in shape:
             numel *= size
         if _whole(numel, dtype, self.tp_size):
-            whole = self.transport.irecv((numel,), dtype, self.peers[self.tp_rank % len(self.peers)], tag)
+            whole = self.transport.irecv((numel,), dtype, self.peers[self.tp_rank % len(self.peers)], tag, **self._recv)
             return PendingRecv(lambda: whole.wait().view(shape))
         start, stop = share(numel, self.tp_size, self.tp_rank)
-        parts = [(piece, self.transport.irecv((piece.stop - piece.start,), dtype, self.peers[piece.sender], tag))
+        parts = [(piece, self.transport.irecv((piece.stop - piece.start,), dtype, self.peers[piece.sender], tag,
+                                              **self._recv))
                  for piece in overlap_plan(numel, len(self.peers), self.tp_size)
                  if piece.receiver == self.tp_rank and piece.stop > piece.start]
         accelerator = getattr(self.transport, "accelerator", None)
