@@ -231,7 +231,7 @@ class _FleetJob:
                else f"node{'s' if len(back) > 1 else ''} {', '.join(back)} back")
         self.say(f"re-planned ({why}), resuming from step {step}:", console=True)
         for label, plan_summary in (("old", old), ("new", new)):
-            speed = (f"; predicted {plan_summary['predicted_step_s']:.3f} s/step, "
+            speed = (f"; predicted {plan_summary['predicted_step_s']:.3g} s/step, "
                      f"{plan_summary['tokens_per_s']:.0f} tokens/s" if "predicted_step_s" in plan_summary else "")
             self.say(f"  {label} plan: {plan_summary['plan']}{speed}", console=True)
         control.record("replan", attempt=attempt, from_step=step, lost=sorted(elastic.lost), gone=gone, back=back,
