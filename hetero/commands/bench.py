@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-TARGETS = ["accelerators", "planner", "bridge", "runtime", "efficiency", "memory", "checkpoint"]
+TARGETS = ["accelerators", "planner", "bridge", "runtime", "efficiency", "memory", "checkpoint", "recovery"]
 
 
 def register(subparsers) -> None:
