@@ -47,3 +47,16 @@ def test_interleaving_row_searches_the_same_fleet_with_chunks():
     assert row["tokens_per_s"] >= plain.best.tokens_per_s * (1 - 1e-9)     # a wider space never loses
     assert row["meets_lower_bounds"] and all(1 <= v <= planner.INTERLEAVE_V for v in row["virtual_stages"])
     assert f"ratio {row['ratio_vs_islands']:.3f}" in planner.interleaving_line(row)
+
+
+def test_gap_rows_say_where_the_ratio_goes():
+    cfg = planner.CONFIGS
+    job = load_job(cluster=os.path.join(cfg, "a800-910b-32.yaml"), model=os.path.join(cfg, "llama2-7b.yaml"),
+                   train=os.path.join(cfg, "train-llama2.yaml"))
+    result = plan_job(job, top=2)
+    rows = planner.gap_rows(result)
+    assert {r["island"] for r in rows} == {"a800", "ascend"}
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    for r in rows:
+        assert 0 < r["tail_s"] <= r["fixed_s"] < r["step_s"]
+        assert r["at_alone_rate_s"] > 0 and "fixed per step" in planner.gap_line(r)

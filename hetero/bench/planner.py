@@ -98,7 +98,34 @@ def interleaving_row(job, plain) -> dict:
             "virtual_stages": [p.virtual_stages for p in best.pipelines],
             "bubble_fraction": best.breakdown["bubble_fraction"],
             "plain_bubble_fraction": plain.best.breakdown["bubble_fraction"],
-            "meets_lower_bounds": room["meets_lower_bounds"]}
+            "meets_lower_bounds": room["meets_lower_bounds"], "gap": gap_rows(result)}
+
+
+def gap_rows(result) -> list[dict]:
+    """Where the ratio to the islands alone goes, per island of the best hetero-DP plan: its share
+    of the batch, its step, the part of the step that does not shrink with the share (fill and
+    drain plus the DP reduction and optimizer tail), and the step its share would take at the
+    island's alone rate. Each island alone spreads that fixed part over the whole batch, the
+    fleet over its share: the ceiling the ratio meets (issue #20)."""
+    hdp, alone = result.hetero_dp, result.islands_alone
+    if hdp is None:
+        return []
+    batch = sum(pe.dp * pe.b * pe.m for pe in hdp.pipes)
+    out = []
+    for pe in hdp.pipes:
+        share = pe.dp * pe.b * pe.m
+        solo = alone.get(pe.island.name)
+        out.append({"island": pe.island.name, "share": share / batch, "step_s": pe.step(), "fixed_s": pe.fill,
+                    "tail_s": pe.tail, "virtual_stages": pe.v, "micro_batches": pe.m,
+                    "at_alone_rate_s": solo.step * share / batch if solo else None,
+                    "alone_fixed_s": solo.pipes[0].fill if solo and len(solo.pipes) == 1 else None})
+    return out
+
+
+def gap_line(row: dict) -> str:
+    return (f"{row['island']}: share {row['share']:.3f}, step {row['step_s']:.2f} s (at its alone rate "
+            f"{row['at_alone_rate_s']:.2f} s), fixed per step {row['fixed_s']:.2f} s of which DP reduce + "
+            f"optimizer {row['tail_s']:.2f} s, {row['virtual_stages']} chunk(s) per stage, m {row['micro_batches']}")
 
 
 def interleaving_line(row: dict) -> str:
@@ -145,6 +172,8 @@ def run(args) -> int:
         _log(args, "   " + fleet_line(report[key]))
         report[key]["interleaving"] = interleaving_row(job, result)
         _log(args, "   " + interleaving_line(report[key]["interleaving"]))
+        for gap in report[key]["interleaving"]["gap"]:
+            _log(args, "     hetero-DP " + gap_line(gap))
     result = fleets["search_1024"]
     report["goal_ratio_vs_islands"] = RATIO_GOAL
 
