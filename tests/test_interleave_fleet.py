@@ -55,6 +55,7 @@ def interleaved_run(tmp_path_factory):
     return tmp_path, (cluster, job_path, job), records, run_dir, solo_losses(tmp_path, job, steps=6)
 
 
+@pytest.mark.slow        # with its fixture's run: 30-40 s on a loaded 2-core host
 def test_two_islands_interleaved_match_one_process(interleaved_run):
     _, _, records, run_dir, reference = interleaved_run
     fleet = [r["loss"] for r in last_attempt(records)]
@@ -65,6 +66,7 @@ def test_two_islands_interleaved_match_one_process(interleaved_run):
     assert len(timing) == 4 * 2 * 2 * 4 and {t["chunk"] for t in timing} == {0, 1}
 
 
+@pytest.mark.slow
 def test_interleaved_checkpoint_resumes_under_a_plain_plan(interleaved_run):
     tmp_path, (cluster, job_path, job), _, _, reference = interleaved_run
     plain = make_plan(job, [("wide", 1, 1, (0, 3), 0), ("narrow", 1, 1, (3, 4), 0)])
