@@ -1,5 +1,5 @@
 """Brute force over the search's space: every configuration, every layer split (and every
-chunk count up to max_virtual_stages); exponential, for checking the search on fleets of at
+chunk count up to train.max_virtual_stages); exponential, for checking the search on fleets of at
 most ~16 chips and ~16 layers (tests, `hetero bench planner`)."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from partitioner.pipeline_search import island_orders
 from partitioner.replicas import combine_replicas
 
 
-def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None,
-                max_virtual_stages: int = SearchLimits.max_virtual_stages) -> Candidate | None:
-    """Every configuration of the same space (chunks per stage 1..max_virtual_stages included),
+def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None) -> Candidate | None:
+    """Every configuration of the same space (chunks per stage 1..train.max_virtual_stages included),
     every layer split: for checking the search on small fleets. Exponential; keep layers
     <= ~16 and chips <= ~16."""
     cm = CostModel(fleet, model, train, profile)
-    limits = SearchLimits(exhaustive_stages=True, max_orders=10 ** 6, max_virtual_stages=max_virtual_stages)
+    limits = SearchLimits(exhaustive_stages=True, max_orders=10 ** 6)
+    max_virtual_stages = train.max_virtual_stages
     G, L = train.global_batch, model.layers
     best = None
     comps_cache: dict = {}

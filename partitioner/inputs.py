@@ -178,6 +178,11 @@ class TrainSpec:
     # free for what the model does not count: allocator fragmentation, collective
     # and kernel workspaces, framework buffers.
     memory_headroom: float = 0.05
+    # Interleaved 1F1B: model chunks per stage the planner may give a pipeline, 1..this (1: plain
+    # 1F1B only). Like `modes` and `recompute_modes`, what the engine runs: 1 by default until it
+    # runs interleaved plans end to end (hetero.engine.support.INTERLEAVED); `hetero plan
+    # --virtual-stages N` asks for more.
+    max_virtual_stages: int = 1
 
     @property
     def dtype_bytes(self) -> int:
@@ -213,8 +218,4 @@ class SearchLimits:
     # hetero-PP configurations costed at most (best bound first); reached only on fleets of
     # thousands of chips, where each costs about a millisecond (issue #20: <= 10 s at 8,192)
     max_pp_evaluations: int = 1000
-    # interleaved 1F1B: model chunks per stage tried, 1..this (1: plain 1F1B only). 1 until the
-    # engine runs interleaved plans end to end (hetero.engine.support.INTERLEAVED); the planner's
-    # costs and search for v <= 4 are in place (SearchLimits(max_virtual_stages=4))
-    max_virtual_stages: int = 1
     extra: Mapping[str, object] = field(default_factory=dict)

@@ -120,7 +120,7 @@ def _pp_groups(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: Bo
                 if dps.size == 0:
                     continue
                 stats["pp_groups"] = stats.get("pp_groups", 0) + int(dps.size)
-                floors = group_floors(cm, bounds, order, ts, b, dps, bridge_lb[bi], limits.max_virtual_stages)
+                floors = group_floors(cm, bounds, order, ts, b, dps, bridge_lb[bi], train.max_virtual_stages)
                 for dp, floor in zip(dps.tolist(), floors.tolist()):
                     if floor < cutoff:
                         yield Group(floor, order, ts, dp, b, bridge_lb[bi])
@@ -156,7 +156,7 @@ def _group_configs(cm, bounds, limits, *, small: bool, products: dict, group: Gr
     rest = L * min(taus) + e_first + e_last + bridge + tail
     lb = (m - 1) * c + rest
     fill = L * min(taus) + e_first + e_last
-    vs = np.where((P >= 2) & (m % P == 0), np.minimum(limits.max_virtual_stages, L // P), 1)
+    vs = np.where((P >= 2) & (m % P == 0), np.minimum(cm.train.max_virtual_stages, L // P), 1)
     if (vs > 1).any():
         lb = np.where(vs > 1, np.minimum(lb, interleaved_bound(m, c, fill, bridge + tail, np.maximum(vs, 1))), lb)
     keep = np.flatnonzero(lb < cutoff)

@@ -51,7 +51,7 @@ def replica_options(cm: CostModel, island: IslandSpec, b: int, limits: SearchLim
                     continue
                 layout = stage_layout([(island, t, p)], dp)
                 plain = None
-                for v in range(1, limits.max_virtual_stages + 1):
+                for v in range(1, train.max_virtual_stages + 1):
                     if not interleavable(p, v, L) or (v > 1 and p * dp > G // b):
                         continue
                     if v == 1 or small:

@@ -3,16 +3,18 @@ running the schedule, the memory of its peak, and the search against brute force
 
 from __future__ import annotations
 
+import json
+import os
 import random
 
 import pytest
 
 from partitioner.costs import CostModel, interleaved_cycle_fill, pipeline_step_s
-from partitioner.inputs import ChipModel, FleetSpec, IslandSpec, ModelSpec, SearchLimits, TrainSpec
+from partitioner.inputs import ChipModel, FleetSpec, IslandSpec, ModelSpec, TrainSpec
 from partitioner.interleave import bubble_fraction, simulate
+from partitioner.plan import Plan
 from partitioner.search import brute_force, evaluate_pipeline, in_flight, interleaved_twin, search, stage_layout
 
-INTERLEAVED = SearchLimits(max_virtual_stages=4)
 
 
 def chip(name: str, tflops: float, mem_gb: float) -> ChipModel:
@@ -24,6 +26,7 @@ FLEET = FleetSpec("emulated-mixed", (IslandSpec("fast", chip("emu-fast", 0.01, 0
                                      IslandSpec("slow", chip("emu-slow", 0.004, 0.06), (2,))), 1e9, 1e9, 50e-6)
 MODEL = ModelSpec(8, 256, 8, 4, 704, 2048, 128, name="llama-tiny")
 TRAIN = TrainSpec(8, 2, "fp32")
+INTERLEAVED = TrainSpec(8, 2, "fp32", max_virtual_stages=4)
 
 
 def step(T, hops, wrap, m, v) -> float:
@@ -80,9 +83,9 @@ def test_twin_equals_a_fresh_costing_with_the_same_split():
 
 
 def test_search_with_chunks_agrees_with_brute_force_and_builds_a_valid_plan():
-    result = search(FLEET, MODEL, TRAIN, limits=INTERLEAVED)
-    bf = brute_force(FLEET, MODEL, TRAIN, max_virtual_stages=4)
-    plain = search(FLEET, MODEL, TRAIN, limits=SearchLimits(max_virtual_stages=1)).best
+    result = search(FLEET, MODEL, INTERLEAVED)
+    bf = brute_force(FLEET, MODEL, INTERLEAVED)
+    plain = search(FLEET, MODEL, TRAIN).best
     best = result.best
     assert bf.step * (1 - 1e-9) <= best.predicted_step_s <= bf.step * 1.01
     assert best.predicted_step_s < plain.predicted_step_s          # interleaving pays on this fleet
@@ -98,7 +101,7 @@ def test_search_with_chunks_agrees_with_brute_force_and_builds_a_valid_plan():
 def test_hetero_plan_shows_an_interleaved_stages_chunks():
     from hetero.commands.plan import _summary, layers_text
 
-    best = search(FLEET, MODEL, TRAIN, limits=INTERLEAVED).best
+    best = search(FLEET, MODEL, INTERLEAVED).best
     stage = next(s for s in best.stages if s.chunks)
     assert layers_text(stage) == ",".join(f"{a}-{b}" for a, b in stage.chunks) + f" ({stage.num_layers})"
     assert _summary(best)["stages"][stage.index]["chunks"] == [list(c) for c in stage.chunks]
@@ -106,3 +109,19 @@ def test_hetero_plan_shows_an_interleaved_stages_chunks():
     assert all("chunks" not in s for s in _summary(plain)["stages"])
     assert layers_text(plain.stages[0]) == f"{plain.stages[0].layers[0]}-{plain.stages[0].layers[1]} " \
                                            f"({plain.stages[0].num_layers})"
+
+
+def test_hetero_plan_virtual_stages_flag(hetero_cli, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    job = ("--cluster", "configs/emulated-small-memory.yaml", "--model", "configs/llama-tiny.yaml",
+           "--train", "configs/train-tiny.yaml")
+    code, out, err = hetero_cli("plan", *job, "--virtual-stages", "4", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["version"] == 2 and max(p["virtual_stages"] for p in data["pipelines"]) > 1
+    assert Plan.from_dict(data).problems() == []
+    code, out, err = hetero_cli("plan", *job, "--json")
+    assert code == 0, err
+    assert json.loads(out)["version"] == 1
+    code, out, err = hetero_cli("plan", *job, "--virtual-stages", "5")
+    assert code == 2 and "--virtual-stages" in err and len(err.strip().splitlines()) == 1

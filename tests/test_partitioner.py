@@ -12,7 +12,7 @@ import pytest
 
 from partitioner.costs import (CostModel, activation_bytes, layer_forward_flops, model_flops_per_sample,
                                pipeline_step_s, total_params, tp_choices)
-from partitioner.inputs import ChipModel, FleetSpec, InfeasibleError, IslandSpec, ModelSpec, SearchLimits, TrainSpec
+from partitioner.inputs import ChipModel, FleetSpec, InfeasibleError, IslandSpec, ModelSpec, TrainSpec
 from partitioner.layer_split import brute_force_split, split_layers
 from partitioner.plan import Plan, PlanError
 from partitioner.profile import ProfileDB, ProfileError
@@ -232,7 +232,7 @@ def test_fast_island_gets_more_layers_on_emulated_mixed():
 
 
 def test_plan_json_round_trip_and_stable_format():
-    plan = search(EMU_3, LLAMA_TINY, TRAIN_TINY, limits=SearchLimits(max_virtual_stages=1)).best
+    plan = search(EMU_3, LLAMA_TINY, TrainSpec(8, 2, "fp32", max_virtual_stages=1)).best
     data = json.loads(plan.to_json())
     assert data["format"] == "hetero-plan" and data["version"] == 1
     for key in ("stages", "pipelines", "ranks", "micro_batch", "num_micro_batches", "recompute",

@@ -9,7 +9,7 @@ import time
 
 from hetero.config import load_catalog, load_job
 from hetero.planning import Progress, chip_model, fleet_spec, headroom, model_spec, plan_job, train_spec
-from partitioner.inputs import FleetSpec, IslandSpec, ModelSpec, SearchLimits, TrainSpec
+from partitioner.inputs import FleetSpec, IslandSpec, ModelSpec, TrainSpec
 from partitioner.search import brute_force, search
 
 HELP = ("plan search at 1,024 and 8,192 chips (time, tokens/s, ratio to the islands alone), gap to "
@@ -27,8 +27,8 @@ FLEETS = (("search_1024", "a800-910b-kunlun-1024.yaml", "train-llama2.yaml"),
 # Narayanan et al. 2021 (SC'21, "Efficient Large-Scale Language Model Training on GPU
 # Clusters Using Megatron-LM"), Table 1: 138-163 TFLOP/s per A100 = 44-52% of the 312
 # TFLOP/s bf16/fp16 peak, counting the FLOPs of full activation recomputation.
-ANCHOR = {"source": "Narayanan et al. 2021, Table 1 (Megatron-LM on A100, GPT models 1.7B-1T)",
-          "tflops_per_gpu": [138, 163], "fraction_of_peak": [0.44, 0.52]}
+ANCHOR: dict = {"source": "Narayanan et al. 2021, Table 1 (Megatron-LM on A100, GPT models 1.7B-1T)",
+                "tflops_per_gpu": [138, 163], "fraction_of_peak": [0.44, 0.52]}
 ISSUE_RANGE = [0.35, 0.55]
 
 
@@ -87,8 +87,8 @@ def interleaving_row(job, plain) -> dict:
     beside `plain` (the default search's result): tokens/s, the ratio to the islands alone (each
     island alone may interleave too), the chosen plan's chunks and bubble, the search's CPU time."""
     cpu = time.process_time()
-    result = search(fleet_spec(job.cluster), model_spec(job.model), train_spec(job.train), top=2,
-                    limits=SearchLimits(max_virtual_stages=INTERLEAVE_V))
+    result = search(fleet_spec(job.cluster), model_spec(job.model),
+                    train_spec(job.train, max_virtual_stages=INTERLEAVE_V), top=2)
     cpu = time.process_time() - cpu
     room = headroom(result)
     best = result.best
@@ -186,6 +186,7 @@ def run(args) -> int:
         t1 = time.perf_counter()
         bf = brute_force(fleet, model, train)
         t2 = time.perf_counter()
+        assert bf is not None, name      # the search found a plan, so the same space has one
         gap = res.best.predicted_step_s / bf.step - 1.0
         gaps.append({"case": name, "search_step_s": res.best.predicted_step_s, "brute_force_step_s": bf.step,
                      "gap": gap, "ok": gap <= GAP_GOAL, "search_s": t1 - t0, "brute_force_s": t2 - t1,
@@ -229,7 +230,7 @@ def run(args) -> int:
     anchor = {"plan": p.provenance.get("label"), "recompute": p.recompute, "predicted_step_s": p.predicted_step_s,
               "mfu": mfu, "hfu": hfu, "tflops_per_gpu_hardware": hfu * peak, "anchor": ANCHOR,
               "issue_range": ISSUE_RANGE, "mfu_in_issue_range": ISSUE_RANGE[0] <= mfu <= ISSUE_RANGE[1],
-              "hfu_in_anchor_range": ANCHOR["fraction_of_peak"][0] <= hfu <= ANCHOR["fraction_of_peak"][1],
+              "hfu_in_anchor_range": bool(ANCHOR["fraction_of_peak"][0] <= hfu <= ANCHOR["fraction_of_peak"][1]),
               "search_s": res.search_s}
     report["a100_anchor"] = anchor
     _log(args, f"   plan: {anchor['plan']}, recompute {p.recompute}")

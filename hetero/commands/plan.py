@@ -13,6 +13,7 @@ from hetero.planning import Progress, headroom, load_profile, plan_job
 from partitioner import explain
 
 MAX_TOP = 1000
+MAX_VIRTUAL_STAGES = 4     # the chunk counts the cost model is checked for (tests/test_interleave_costs.py)
 
 
 def register(subparsers) -> None:
@@ -33,6 +34,10 @@ def register(subparsers) -> None:
     parser.add_argument("--top", type=whole(1, MAX_TOP), default=1, metavar="K", help="show the K best plans (default 1)")
     parser.add_argument("--explain", action="store_true", help="say why the runner-up lost")
     parser.add_argument("--out", metavar="FILE", help="also write the chosen Plan (JSON) to FILE")
+    parser.add_argument("--virtual-stages", type=whole(1, MAX_VIRTUAL_STAGES), default=1, metavar="V",
+                        help="let each pipeline hold up to V model chunks per stage (interleaved 1F1B, "
+                             f"1-{MAX_VIRTUAL_STAGES}; default 1: plain 1F1B). A plan with V > 1 is format "
+                             "version 2 (docs/plan-format.md)")
     parser.set_defaults(func=run)
 
 
@@ -41,7 +46,8 @@ def run(args) -> int:
     profile = load_profile(args.profile)
     # A bar on a terminal only: in logs and pipes the one-line answer (or error) stands alone.
     progress = Progress("searching plans") if not args.json and sys.stderr.isatty() else None
-    result = plan_job(job, profile=profile, top=max(args.top, 2), progress=progress)
+    result = plan_job(job, profile=profile, top=max(args.top, 2), progress=progress,
+                      max_virtual_stages=args.virtual_stages)
     best = result.best
     if args.out:
         try:
