@@ -66,7 +66,7 @@ def search_plan(job, kind: str = "auto", profile=None):
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,
                 progress: bool = True, say=None, kind: str = "auto", target=None, elastic: bool = True,
-                **timeouts) -> RunResult:
+                node: str | None = None, token_file: str | None = None, **timeouts) -> RunResult:
     """Plan (unless given a plan file), launch every planned worker, train `steps` steps.
 
     `target`: a hetero.launch.targets.Target (`--on ray`), or None: every island on this
@@ -74,10 +74,10 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
     file against the job: hetero.plan_check) before the run directory is made; a UserError
     raised before any worker starts leaves nothing behind. `timeouts`: hang_timeout and
     rejoin_timeout, for the launcher (hetero.launch.fleet.launch_fleet); `elastic`: a lost node's
-    chips are re-planned around (the same search, `kind`) instead of waited for."""
-    from hetero.launch.targets import launcher_for
-
-    launch = launcher_for(target, job.cluster)
+    chips are re-planned around (the same search, `kind`) instead of waited for. `node` (the
+    coordinator's host): this machine is the head of a job started host by host (`hetero run --node`):
+    it runs its own share and hands the members the job (hetero.launch.join); `token_file`: the job token."""
+    launch = _launcher(target, job.cluster, node, token_file)
     say = say or _say
     _check_counts(steps, max_restarts, timeouts)
     run_dir = os.path.abspath(run_dir)
@@ -93,8 +93,13 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
             _fill(made, job, paths, plan, steps)
             say(f"run directory: {run_dir}")
             worker_paths = {part: os.path.abspath(paths[part]) for part in DEFAULTS}
+            settings = dict(timeouts, **_elastic(job, kind, elastic))
+            if node is not None:
+                from hetero.launch.join import share_of
+
+                settings["share"] = share_of(run_dir, steps)
             return _launch(launch, job, worker_paths, run_dir, plan.to_dict(), steps, max_restarts, progress,
-                           made=made, timeouts=dict(timeouts, **_elastic(job, kind, elastic)))
+                           made=made, timeouts=settings)
     except UserError:
         if made.only_ours():
             made.undo()      # refused before any worker started: leave nothing behind
@@ -221,6 +226,26 @@ def _launch(launch, job, paths: dict, run_dir: str, plan_data: dict, steps: int,
         stop.set()
         follower.join()
     return RunResult(code, run_dir, plan_data, records)
+
+
+def _launcher(target, cluster, node: str | None, token_file: str | None):
+    """The launch function: hetero.launch.targets.launcher_for's, or with `node` this host's launcher of a
+    job started host by host (the head's: `node` must be the coordinator's host)."""
+    if node is None:
+        from hetero.launch.targets import launcher_for
+
+        return launcher_for(target, cluster)
+    import functools
+
+    from hetero.launch.fleet import launch_fleet
+
+    if target is not None:
+        raise UserError(f"--node and --on {target.engine} exclude each other")
+    if node != cluster.coordinator.host:
+        raise UserError(f"--node {node}: with --model and --train this host is the head, which must be the "
+                        f"coordinator's host {cluster.coordinator.host}; member hosts take only --cluster, "
+                        "--node and --token-file")
+    return functools.partial(launch_fleet, node=node, token_file=token_file)
 
 
 def _elastic(job, kind: str, elastic: bool) -> dict:

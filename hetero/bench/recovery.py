@@ -161,11 +161,12 @@ def _plan(folder: str, job: str) -> None:
     from hetero.config import load_job
     from partitioner.plan import PipelinePlan, Plan, RankPlan, StagePlan
 
-    loaded = load_job(cluster=job, model=job, train=job)
+    loaded = load_job(cluster=job, model=job, train=job).require("model", "train")
     stages = tuple(StagePlan(i, 0, name, "fleet-chip", 1, 1, (i, i + 1), "none", 0, 0.1, 0.0)
                    for i, name in enumerate("abc"))
     ranks = tuple(RankPlan(i, name, 0, 0, 0, i, 0, 0) for i, name in enumerate("abc"))
     model, train = loaded.model, loaded.train
+    assert model is not None and train is not None   # required above
     plan = Plan(kind="pipeline", cluster="recovery-three", model=model.name, dtype="fp32", layers=model.layers,
                 heads=model.heads, kv_heads=model.kv_heads, global_batch=train.global_batch, micro_batch=2,
                 num_micro_batches=4, recompute="none", zero1=False, stages=stages,

@@ -46,6 +46,13 @@ def register(subparsers) -> None:
                              "or a local Ray), or, from a Slurm batch script, on the allocation's nodes under srun "
                              "(cluster hosts named as Slurm names its nodes), instead of this machine")
     add_recovery_flags(parser)
+    parser.add_argument("--node", metavar="HOST",
+                        help="start the job host by host: on the coordinator's host (the head) with --model and "
+                             "--train, on every other host with only --cluster and --token-file; the head plans and "
+                             "hands the members the plan, the job files and the run settings")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="with --node: the file holding the job token (the same on every host; the head makes "
+                             "one in its run directory when not given)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its latest checkpoint, with its own cluster/model/"
                              "train files and plan (not with --cluster/--model/--train/--out); --kind or --plan "
@@ -58,7 +65,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.node and _is_member(args):
+        return _member(args)
     if args.resume:
+        if args.node:
+            raise UserError("--resume with --node: not supported yet (resume on one machine, or start afresh)")
         job, result, steps = _resume(args)
     else:
         paths = default_paths(cluster=args.cluster, model=args.model, train=args.train)
@@ -66,7 +77,8 @@ def run(args) -> int:
         steps = job.train.steps if args.steps is None else args.steps
         run_dir = args.out or os.path.join("runs", f"{job.cluster.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         result = train_fleet(job, paths, run_dir, steps, plan_file=args.plan, max_restarts=args.max_restarts,
-                             progress=not args.json, kind=args.kind or "auto", target=args.on, **_timeouts(args))
+                             progress=not args.json, kind=args.kind or "auto", target=args.on, node=args.node,
+                             token_file=args.token_file, **_timeouts(args))
     predicted = result.plan.get("predicted_step_s")
     step_s = result.steady_step_s
     summary = {
@@ -96,6 +108,30 @@ def run(args) -> int:
         print(f"hetero run: done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
               f"{summary['tokens_per_s']:.0f} tokens/s, step time {step_s:.3f} s ({versus})", file=sys.stderr)
     return 0
+
+
+def _is_member(args) -> bool:
+    """--node names a host other than the coordinator's: a member, which takes the job from the head."""
+    if not args.cluster:
+        raise UserError("--node needs --cluster (the cluster file names the coordinator's host, the head)")
+    return load_job(cluster=args.cluster).require("cluster").cluster.coordinator.host != args.node
+
+
+def _member(args) -> int:
+    """`hetero run --node HOST --cluster C --token-file F [--out RUN]` on a member host."""
+    from hetero.launch.join import run_member
+
+    given = [flag for flag in ("model", "train", "plan", "resume", "steps", "on") if getattr(args, flag)]
+    if given:
+        raise UserError(f"--node {args.node} is a member host: the head hands it the job; drop --{given[0]}")
+    if not args.token_file:
+        raise UserError(f"--node {args.node}: give the head's job token with --token-file")
+    run_dir = args.out or os.path.join("runs", f"{args.node}-{time.strftime('%Y%m%d-%H%M%S')}")
+    code = run_member(args.cluster, args.node, args.token_file, run_dir,
+                      say=lambda line: print(f"hetero run: {line}", file=sys.stderr, flush=True))
+    print(f"hetero run: {'done' if code == 0 else f'failed (exit {code})'}; this host's logs: {run_dir}",
+          file=sys.stderr)
+    return 0 if code == 0 else 1
 
 
 def _resume(args):

@@ -82,6 +82,9 @@ def plan_key(attempt: int) -> str:
     return f"hetero.launch/{attempt}/plan"
 
 
+JOB_KEY = "hetero.launch/job"   # head (hetero run --node): what member hosts need to run the job
+
+
 class LaunchAbort(Exception):
     """The job cannot go on (coordinator lost, token refused); the message says why."""
 
@@ -138,6 +141,7 @@ class HeadControl:
         self.plan_text: str | None = None     # the plan this attempt runs (members adopt it)
         self.standby: set = set()             # hosts without workers now (lost, or left out): watched for
         self.checkpoint_step = lambda: 0      # the step `latest` names (the job sets it)
+        self.share: dict | None = None        # hetero run --node: the job handed to member hosts (JOB_KEY)
         self._back: dict = {}                 # standby host -> the checkpoint step when it came back
         self._back_read_at = 0.0
 
@@ -150,6 +154,8 @@ class HeadControl:
             self.say(self._announce)
             self._announce = None
         self.client.kv_set(plan_key(attempt), json.dumps({"plan": self.plan_text}))
+        if self.share is not None:
+            self.client.kv_set(JOB_KEY, json.dumps({**self.share, "plan": self.plan_text}))
         self._back = {}
         for host_name in self.members:
             self.client.kv_set(node_key(attempt, host_name), json.dumps({"state": "pending"}))

@@ -27,7 +27,7 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
                  shutdown_timeout: float = 15.0, heartbeat_timeout: float = 5.0,
                  stdout=None, stderr=None, checkpoint_dir: str | None = None,
                  hang_timeout: float | None = None, rejoin_timeout: float | None = None,
-                 elastic: bool = True, replan=None) -> int:
+                 elastic: bool = True, replan=None, share: dict | None = None) -> int:
     """Run `entrypoint` on this node's share of the fleet (all of it when `node` is None).
 
     cluster:      path of a cluster YAML, or a loaded hetero.config.ClusterConfig.
@@ -66,6 +66,9 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
                   launcher is started again is taken back at the next checkpoint (the job re-plans up
                   to its first plan; no restart is spent on it). Events: replan, rejoin.
                   False (--no-elastic): every restart waits for the same fleet.
+    share:        (head) a JSON-able dict the head hands every node through the coordinator with
+                  the current plan (`hetero run --node`: the job files and run settings; see
+                  hetero.launch.join).
 
     Every node must be given the same cluster, plan, entrypoint and token; the head's
     max_restarts is the one that counts. SIGINT/SIGTERM (handled when called from the main
@@ -118,7 +121,7 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
                               rejoin_timeout=watchdog.rejoin_or_default(rejoin_timeout),
                               say=lambda line: job.say(line, console=True),
                               announce=watchdog.describe_timeout(hang, hang_timeout is not None, predicted))
-        control.plan_text, control.checkpoint_step = job.plan_text, job.resume_step
+        control.plan_text, control.checkpoint_step, control.share = job.plan_text, job.resume_step, share
     else:
         control = MemberControl(layout, token, node, join_timeout, lost_timeout)
     try:
