@@ -14,7 +14,7 @@ and the optimizer's counters are read in save() itself. On an emulated chip the 
 chip's one queue, so the compute behind it waits for it (a real chip's copy engine overlaps them):
 the emulation is never the more forgiving.
 
-done. Every decision (which checkpoint to resume from, a failed write, sealing) is taken from
+Every decision (which checkpoint to resume from, a failed write, sealing) is taken from
 fleet-wide counts, so all ranks take it alike and `latest` keeps naming the previous checkpoint
 when any rank's part fails.
 """
