@@ -274,7 +274,7 @@ class Trainer:
         total_tokens = self.train.global_batch * self.model_config.seq_len
         inputs, outputs, loss_sum = {}, {}, 0.0
         posted: dict = {}
-        chunks = place.virtual_stages                                  # v: the chunks the schedule runs
+        chunks = 1 + max(action.chunk for action in self.schedule)    # v: the chunks the schedule runs
         ahead = 1 if chunks == 1 else len(place.pipeline_stages)      # receives posted ahead
 
         def embeds(chunk: int) -> bool:       # the model's first piece: token input
@@ -309,7 +309,7 @@ class Trainer:
                 if ends(chunk) and not embeds(chunk):
                     _, labels = self.data.batch(step, first_sample, mb_size)
                 with self._scope():
-                    out = self.model(x, chunk=chunk)
+                    out = self.model(x, chunk=chunk) if chunks > 1 else self.model(x)
                     if ends(chunk):
                         labels = to_device(self.accel, labels, self.comms.device)
                         out = self.model.loss(out, labels, reduction="sum") / total_tokens
