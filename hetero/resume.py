@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 import yaml
 
+from hetero.atomic import write_atomic
 from hetero.engine import checkpoint as ckpt
 from hetero.errors import UserError
 
 PARTS = ("cluster", "model", "train")
 RUN_JSON = "run.json"
+PLAN_JSON = "plan.json"
 LOCK = ".lock"
 
 
@@ -123,9 +125,7 @@ def keep_until(path: str, step: int) -> None:
                 continue
             if isinstance(record_step, int) and record_step <= step:
                 kept.append(line)
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, "".join(kept))
 
 
 def last_attempts(path: str) -> None:
@@ -140,9 +140,7 @@ def last_attempts(path: str) -> None:
                 with contextlib.suppress(ValueError, AttributeError):
                     by_step[json.loads(line).get("step")] = line
     lines = [by_step[s] for s in sorted(s for s in by_step if isinstance(s, int))]
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.writelines(lines)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, "".join(lines))
 
 
 def set_aside_logs(run_dir: str) -> str | None:
@@ -174,9 +172,37 @@ def read_record(run_dir: str) -> dict:
 
 
 def write_record(run_dir: str, record: dict) -> None:
-    with open(os.path.join(run_dir, RUN_JSON + ".tmp"), "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1)
-    os.replace(os.path.join(run_dir, RUN_JSON + ".tmp"), os.path.join(run_dir, RUN_JSON))
+    write_atomic(os.path.join(run_dir, RUN_JSON), json.dumps(record, indent=1))
+
+
+# -- a re-planned run's plans ------------------------------------------------------------
+
+def kept_plan_name(step: int) -> str:
+    """The name a plan replaced at checkpoint `step` keeps in the run directory."""
+    return f"plan-until-step-{step}.json"
+
+
+def keep_replaced_plan(run_dir: str, step: int, text: str | None = None) -> str | None:
+    """Keep the plan that trained a run until checkpoint `step` as RUN_DIR/plan-until-step-<step>.json,
+    before a new plan.json replaces it: `text` (the plan a launcher holds), else the run's plan.json as
+    it is. Returns that file's name; None when there was no plan to keep."""
+    if text is None:
+        try:
+            with open(os.path.join(run_dir, PLAN_JSON), encoding="utf-8") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            return None
+    kept = kept_plan_name(step)
+    write_atomic(os.path.join(run_dir, kept), text)
+    return kept
+
+
+def write_plan(run_dir: str, text: str) -> str:
+    """Make `text` the run's plan.json (whole or not at all: a launcher on another node may read it);
+    returns its path."""
+    path = os.path.join(run_dir, PLAN_JSON)
+    write_atomic(path, text)
+    return path
 
 
 def portable_text(source: str, data_path: str | None) -> str:

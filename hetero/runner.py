@@ -172,13 +172,9 @@ def _resume_plan(stopped, plan_file: str | None, kind: str | None):
 
 def _replace_plan(run_dir: str, plan, step: int) -> str:
     """Write the new plan.json, keeping the old one beside it; returns the line that says so."""
-    plan_path = os.path.join(run_dir, "plan.json")
-    kept = f"plan-until-step-{step}.json"
-    old = _old_plan(plan_path)
-    if os.path.exists(plan_path):
-        os.replace(plan_path, os.path.join(run_dir, kept))
-    with open(plan_path, "w", encoding="utf-8") as handle:
-        handle.write(plan.to_json())
+    old = _old_plan(os.path.join(run_dir, resume.PLAN_JSON))
+    kept = resume.keep_replaced_plan(run_dir, step) or resume.kept_plan_name(step)
+    resume.write_plan(run_dir, plan.to_json())
     return (f"re-planned from step {step}: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step "
             f"(the run had {old}; its plan kept as {kept})")
 

@@ -27,6 +27,7 @@ import secrets
 import socket
 import time
 
+from hetero.atomic import write_atomic
 from hetero.check.items import Item, is_local
 
 FOLDER = ".hetero-storage-check"
@@ -128,12 +129,7 @@ def read_probe(folder: str, host: str, nonce: str) -> bool:
 
 def _write(folder: str, name: str, data: dict) -> None:
     """Atomically: a reader on another node sees the old file or the new one, never half of it."""
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, os.path.join(folder, name))
+    write_atomic(os.path.join(folder, name), json.dumps(data), fsync=True)
 
 
 def _read(path: str):

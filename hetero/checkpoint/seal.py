@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import shutil
 
+from hetero.atomic import write_atomic
 from hetero.checkpoint import format as fmt
 from hetero.errors import JobFatalError
 
@@ -38,8 +40,9 @@ def prepare(root: str, step: int) -> None:
 def discard(root: str, step: int) -> None:
     """Remove what an unfinished save of `step` left (its partial folder, a pointer being written)."""
     shutil.rmtree(partial_dir(root, step), ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(root, fmt.LATEST + ".tmp"))
+    for pointer in glob.glob(glob.escape(os.path.join(root, fmt.LATEST)) + ".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(pointer)
 
 
 def discard_partials(root: str | None) -> None:
@@ -68,8 +71,7 @@ def seal(root: str, step: int, model_config, extra: dict, writers: list[int]) ->
         os.replace(partial, final)
         moved = True
         fsync_dir(root)
-        write_json(os.path.join(root, fmt.LATEST + ".tmp"), {"step": step, "dir": os.path.basename(final)})
-        os.replace(os.path.join(root, fmt.LATEST + ".tmp"), os.path.join(root, fmt.LATEST))
+        write_json(os.path.join(root, fmt.LATEST), {"step": step, "dir": os.path.basename(final)})
     except OSError:
         discard(root, step)
         if moved and _pointed(root) != step:
@@ -109,10 +111,8 @@ def _pointed(root: str) -> int | None:
 
 
 def write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """`data` as `path`, durable (fsynced) and whole or not at all."""
+    write_atomic(path, json.dumps(data, indent=1), fsync=True)
 
 
 def fsync_dir(path: str) -> None:

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from hetero.atomic import write_atomic
 from hetero.checkpoint import format as fmt
 
 BLOCK = 8 << 20                          # bytes per write (and hash update)
@@ -78,12 +79,7 @@ def report(directory: str, rank: int, step: int, chunks: list[fmt.Chunk], file: 
                 "offsets": list(c.offsets), "lengths": list(c.lengths), "file": file, "key": key}
                for c, key in zip(chunks, keys)]
     data = {"rank": rank, "step": step, "files": {file: {"bytes": size, "sha256": sha}}, "chunks": tensors}
-    path = os.path.join(directory, fmt.report_file(rank))
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(directory, fmt.report_file(rank)), json.dumps(data), fsync=True)
 
 
 class AsyncWrite:

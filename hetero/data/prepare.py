@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from hetero.atomic import atomic_file
 from hetero.data import documents as docs
 from hetero.data.tokenizer import TokenizerInfo, describe, load_tokenizer
 from hetero.data.sidecar import sidecar_path, write_sidecar
@@ -39,22 +40,16 @@ def prepare(tokenizer_dir: str, inputs: list[str], out: str, *, eos: str | None 
     total_bytes = sum(os.path.getsize(path) for path in inputs)
     progress = progress or Progress(total_bytes, stream=None)
     counts = {"tokens": 0, "documents": 0, "bytes": 0}
-    partial = out + ".partial"
     start = time.perf_counter()
-    try:
-        with open(partial, "wb") as handle:
-            for ids, documents, size in _encoded(tokenizer, info, inputs, workers):
-                ids.astype(dtype).tofile(handle)
-                counts["tokens"] += len(ids)
-                counts["documents"] += documents
-                counts["bytes"] += size
-                progress.update(counts["bytes"], counts["tokens"])
+    with atomic_file(out, "wb") as handle:
+        for ids, documents, size in _encoded(tokenizer, info, inputs, workers):
+            ids.astype(dtype).tofile(handle)
+            counts["tokens"] += len(ids)
+            counts["documents"] += documents
+            counts["bytes"] += size
+            progress.update(counts["bytes"], counts["tokens"])
         if not counts["documents"]:
             raise UserError(f"{', '.join(inputs)}: no documents (empty or only blank lines)")
-        os.replace(partial, out)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     seconds = time.perf_counter() - start
     progress.finish(counts["bytes"], counts["tokens"])
     sidecar = _write_sidecar(out, info, dtype, counts, inputs)

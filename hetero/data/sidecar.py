@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+from hetero.atomic import write_atomic
 from hetero.errors import UserError
 
 SIDECAR_SUFFIX = ".json"
@@ -21,11 +22,7 @@ def sidecar_path(path: str) -> str:
 def write_sidecar(path: str, fields: dict) -> dict:
     """Write token file `path`'s sidecar atomically; return what it holds."""
     sidecar = {"format": FORMAT, **fields}
-    target = sidecar_path(path)
-    with open(target + ".partial", "w", encoding="utf-8") as handle:
-        json.dump(sidecar, handle, indent=2)
-        handle.write("\n")
-    os.replace(target + ".partial", target)
+    write_atomic(sidecar_path(path), json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 
 
