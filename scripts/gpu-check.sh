@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (issue 13): on a machine with one NVIDIA GPU, in a few minutes,
-#   1. the accelerator tests on `cuda` (pytest: tests/test_vendor_attention_cuda.py runs
+#   1. the accelerator tests on `cuda` (pytest: tests/accelerators/test_vendor_attention_cuda.py runs
 #      the accelerator and ops on the device; the ops suites beside it run on the host),
 #   2. op parity on the device against the plain-torch reference,
 #   3. a mixed run: a 1-GPU `cuda` island + a 1-chip `cpu` island through the bridge,
@@ -49,8 +49,8 @@ fi
 # 3. The accelerator tests on the device.
 say "pytest: accelerator and ops tests on cuda"
 tests=0
-"$py" -m pytest -q -p no:cacheprovider tests/test_vendor_attention_cuda.py tests/test_ops.py \
-    tests/test_ops_vendor.py tests/test_vendor_attention.py >&2 || tests=$?
+"$py" -m pytest -q -p no:cacheprovider tests/accelerators/test_vendor_attention_cuda.py tests/accelerators/test_ops.py \
+    tests/accelerators/test_ops_vendor.py tests/accelerators/test_vendor_attention.py >&2 || tests=$?
 [[ "$tests" == 0 ]] || say "pytest FAILED (exit $tests); the measurements still run"
 
 # 4. Op parity, the mixed run and MFU (text, or one JSON object with --json).

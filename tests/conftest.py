@@ -5,6 +5,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
+TESTS = os.path.join(ROOT, "tests")
+FIXTURES = os.path.join(TESTS, "fixtures")   # YAML, plans and recorded runs the tests read
+WORKERS = os.path.join(TESTS, "workers")     # small scripts the launch tests start as workers
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 BIN = os.path.dirname(sys.executable)
 SHADOWED = '''

@@ -15,7 +15,7 @@ Stages (each prints what it measured beside what it compares against):
   float64 on the host, values and attention gradients;
 - mixed: a 1-GPU `cuda` island and a 1-chip `cpu` island (configs/gpu-check.yaml)
   train through the bridge; the losses are compared with one process on the
-  CPU (hetero.engine.solo), as tests/test_engine_fleet.py does;
+  CPU (hetero.engine.solo), as tests/hetero/engine/test_engine_fleet.py does;
 - mfu:   single-chip MFU of a ~1B-parameter Llama (configs/llama-1b.yaml) in
   bf16, forward + backward + AdamW, against the catalog chip's peak.
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import free_port
+from tests.conftest import free_port
 
 from comm_bridge.allreduce import cross_island_all_reduce, ring_all_reduce
 from comm_bridge.channel import Endpoint

@@ -1,4 +1,4 @@
-"""Registers with the job's coordinator and heartbeats (tests/test_launch.py).
+"""Registers with the job's coordinator and heartbeats (tests/hetero/launch/test_launch.py).
 
 On attempt 0, global rank 1 stops heartbeating but stays alive (a hung worker
 its agent cannot see); the coordinator must declare it failed and the launcher

@@ -1,4 +1,4 @@
-"""Fails on the job's first attempt, succeeds after a restart (tests/test_launch.py).
+"""Fails on the job's first attempt, succeeds after a restart (tests/hetero/launch/test_launch.py).
 
 On attempt 0 (HETERO_RESTART_COUNT) global rank argv[2] (default 0) exits
 with code 7 (an ordinary failure: 3 is hetero.errors.FATAL_EXIT_CODE) once its

@@ -1,4 +1,4 @@
-"""One rank fails, a peer stops itself right after (tests/test_launch_lifecycle.py).
+"""One rank fails, a peer stops itself right after (tests/hetero/launch/test_launch_lifecycle.py).
 
 argv: MARKS FAILING_RANK EXIT_CODE. On attempt 0 (HETERO_RESTART_COUNT) global rank
 FAILING_RANK writes MARKS/failing, waits a second and exits with EXIT_CODE; with

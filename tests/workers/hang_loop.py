@@ -1,4 +1,4 @@
-"""A training loop in miniature for the hang watchdog (tests/test_hang_multinode.py): no torch,
+"""A training loop in miniature for the hang watchdog (tests/hetero/launch/test_hang_multinode.py): no torch,
 only progress stamps. Every rank steps every 0.1 s; on attempt 0 (HETERO_RESTART_COUNT), at
 step 5 global rank argv[1] stops moving in its own work (the hook of hetero.engine.progress,
 HETERO_TEST_HANG_AT, set by the test) and every other rank waits for it in "bridge receive",

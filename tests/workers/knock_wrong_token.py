@@ -1,4 +1,4 @@
-"""Knocks on the job's coordinator with a wrong token, then exits 0 (tests/test_launch_lifecycle.py).
+"""Knocks on the job's coordinator with a wrong token, then exits 0 (tests/hetero/launch/test_launch_lifecycle.py).
 
 Global rank 0 calls Register with the job token reversed and prints "refused" when the
 coordinator refuses it; the launcher must count the refusal in <run dir>/metrics/coordinator.json.

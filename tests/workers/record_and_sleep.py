@@ -1,4 +1,4 @@
-"""Records its pid in argv[1]/<global rank>.pid, then sleeps until stopped (tests/test_launch.py).
+"""Records its pid in argv[1]/<global rank>.pid, then sleeps until stopped (tests/hetero/launch/test_launch.py).
 
 With argv[2] == "--exit-with-launcher" it exits with 43 the moment its agent's parent (the
 launcher) is gone, as a worker of `hetero run` does when the coordinator inside the launcher
