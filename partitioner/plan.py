@@ -12,36 +12,26 @@ Global ranks are numbered island by island (islands in cluster order), and
 inside an island by island-local rank; a stage owns a contiguous block of
 tp*dp island-local ranks, local = offset + dp_rank*tp + tp_rank, so a TP group
 is tp consecutive chips inside one node.
+
+This module holds the records and their JSON form; the format's constants and field readers live
+in partitioner.plan_format, the invariants in partitioner.plan_invariants (both re-exported here:
+`from partitioner.plan import PlanError, FORMAT` keeps working).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Mapping
+from typing import Any, Mapping
 
 from partitioner.inputs import DTYPE_BYTES, RECOMPUTE_MODES
+from partitioner.plan_format import (FORMAT, INTERLEAVED_VERSION, KINDS, MAX_BATCH, MAX_COUNT, VERSION, VERSIONS,
+                                     PlanError, get_field, read_flag, read_int, read_items, read_mapping, read_number,
+                                     read_pair, read_table, read_text, show, unique_keys)
+from partitioner.plan_invariants import problems as plan_problems
 
-FORMAT = "hetero-plan"
-VERSION = 1
-INTERLEAVED_VERSION = 2     # written when any pipeline has virtual_stages > 1 (docs/plan-format.md)
-VERSIONS = (VERSION, INTERLEAVED_VERSION)
-KINDS = ("pipeline", "replicas")
-
-
-MAX_COUNT = 1 << 20      # chips, ranks, stages, layers, heads: far beyond any fleet or model
-MAX_BATCH = 10 ** 9
-
-
-class PlanError(ValueError):
-    """A plan that breaks the format or its invariants. `field` names the offending
-    field ("stages[1].tp") when there is one; `reason` is the message without it."""
-
-    def __init__(self, reason: str, field: str = ""):
-        self.field = field
-        self.reason = reason
-        super().__init__(f"{field}: {reason}" if field else reason)
+__all__ = ["FORMAT", "INTERLEAVED_VERSION", "KINDS", "MAX_BATCH", "MAX_COUNT", "VERSION", "VERSIONS", "PipelinePlan",
+           "Plan", "PlanError", "RankPlan", "StagePlan", "assign_ranks", "interleaved"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +126,19 @@ class Plan:
     def world_size(self) -> int:
         return len(self.ranks)
 
+    @property
+    def label(self) -> str:
+        """The planner's name for this plan ("pipeline a(tp2 x2 stages) -> ..."), or its kind when it
+        has none (a hand-written plan): what tells candidates apart in `hetero plan`'s lists."""
+        return str(self.provenance.get("label") or self.kind)
+
+    def summary(self) -> str:
+        """The plan in one line, as it runs: each stage (island, TP, DP, layers) in pipeline order, then
+        the micro-batches: "a(tp1 dp2 layers 0-3) -> b(tp1 dp1 layers 3-8), 4 x micro-batch 2".
+        Every message that names a run's plan in a line (run, resume, re-plan, compare) uses this."""
+        parts = [f"{s.island}(tp{s.tp} dp{s.dp} layers {s.layers[0]}-{s.layers[1]})" for s in self.stages]
+        return " -> ".join(parts) + f", {self.num_micro_batches} x micro-batch {self.micro_batch}"
+
     # -- serialisation ---------------------------------------------------------
 
     @property
@@ -172,22 +175,22 @@ class Plan:
             raise PlanError(f"plan version {version!r} is not supported (expected {VERSION}, or "
                             f"{INTERLEAVED_VERSION} for interleaved pipelines)", "version")
         plan = cls(
-            kind=_text(data, "kind", choices=KINDS), cluster=_text(data, "cluster"), model=_text(data, "model"),
-            dtype=_text(data, "dtype", choices=tuple(DTYPE_BYTES)), layers=_int(data, "layers", low=1),
-            heads=_int(data, "heads", low=1), kv_heads=_int(data, "kv_heads", low=1),
-            global_batch=_int(data, "global_batch", low=1, high=MAX_BATCH),
-            micro_batch=_int(data, "micro_batch", low=1, high=MAX_BATCH),
-            num_micro_batches=_int(data, "num_micro_batches", low=1, high=MAX_BATCH),
-            recompute=_text(data, "recompute", choices=RECOMPUTE_MODES + ("mixed",)), zero1=_flag(data, "zero1"),
-            stages=tuple(_stage(s, f"stages[{i}]") for i, s in enumerate(_items(data, "stages"))),
-            pipelines=tuple(_pipeline(p, f"pipelines[{i}]") for i, p in enumerate(_items(data, "pipelines"))),
-            ranks=tuple(_rank(r, f"ranks[{i}]") for i, r in enumerate(_items(data, "ranks"))),
-            predicted_step_s=_number(data, "predicted_step_s"),
-            tokens_per_s=_number(data, "tokens_per_s"),
-            mfu=_table(data, "mfu", _number), breakdown=_table(data, "breakdown", _number, low=None, default={}),
-            measured=_flag(data, "measured", default=False),
-            provenance=dict(_mapping(data, "provenance", default={})),
-            idle=_table(data, "idle", _int, default={}),
+            kind=read_text(data, "kind", choices=KINDS), cluster=read_text(data, "cluster"), model=read_text(data, "model"),
+            dtype=read_text(data, "dtype", choices=tuple(DTYPE_BYTES)), layers=read_int(data, "layers", low=1),
+            heads=read_int(data, "heads", low=1), kv_heads=read_int(data, "kv_heads", low=1),
+            global_batch=read_int(data, "global_batch", low=1, high=MAX_BATCH),
+            micro_batch=read_int(data, "micro_batch", low=1, high=MAX_BATCH),
+            num_micro_batches=read_int(data, "num_micro_batches", low=1, high=MAX_BATCH),
+            recompute=read_text(data, "recompute", choices=RECOMPUTE_MODES + ("mixed",)), zero1=read_flag(data, "zero1"),
+            stages=tuple(_stage(s, f"stages[{i}]") for i, s in enumerate(read_items(data, "stages"))),
+            pipelines=tuple(_pipeline(p, f"pipelines[{i}]") for i, p in enumerate(read_items(data, "pipelines"))),
+            ranks=tuple(_rank(r, f"ranks[{i}]") for i, r in enumerate(read_items(data, "ranks"))),
+            predicted_step_s=read_number(data, "predicted_step_s"),
+            tokens_per_s=read_number(data, "tokens_per_s"),
+            mfu=read_table(data, "mfu", read_number), breakdown=read_table(data, "breakdown", read_number, low=None, default={}),
+            measured=read_flag(data, "measured", default=False),
+            provenance=dict(read_mapping(data, "provenance", default={})),
+            idle=read_table(data, "idle", read_int, default={}),
         )
         if version != plan.version:      # the version says whether a pipeline is interleaved
             raise PlanError(f"virtual_stages > 1 needs plan version {INTERLEAVED_VERSION}" if version == VERSION else
@@ -199,161 +202,17 @@ class Plan:
     def from_json(cls, text: str) -> "Plan":
         try:
             # NaN / Infinity parse, and the field readers refuse them by name.
-            data = json.loads(text, object_pairs_hook=_unique_keys)
+            data = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as exc:
             raise PlanError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
         except RecursionError:
             raise PlanError("not valid JSON (nested too deeply)") from None
         return cls.from_dict(data)
 
-    # -- checks ------------------------------------------------------------------
-
     def problems(self, fleet=None) -> list[str]:
-        """Every broken invariant, as sentences; [] for a valid plan.
-
-        With a FleetSpec, also checks islands, chips, node placement of TP groups
-        and memory against each chip's usable memory."""
-        out: list[str] = []
-        if self.kind not in KINDS:
-            out.append(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "pipeline" and len(self.pipelines) != 1:
-            out.append(f"a 'pipeline' plan has exactly one pipeline, got {len(self.pipelines)}")
-        if [s.index for s in self.stages] != list(range(len(self.stages))):
-            out.append("stage indices must be 0..n-1 in order")
-        seen_stages: set = set()
-        total = 0
-        for p in self.pipelines:
-            if not p.stages:
-                out.append(f"pipeline {p.index} has no stages")
-                continue
-            mine = []
-            for i in p.stages:
-                if i in seen_stages or not 0 <= i < len(self.stages):
-                    out.append(f"pipeline {p.index}: stage {i} missing or used twice")
-                    continue
-                seen_stages.add(i)
-                s = self.stages[i]
-                mine.append(s)
-                if s.pipeline != p.index:
-                    out.append(f"stage {i} says pipeline {s.pipeline}, listed under {p.index}")
-                if s.dp != p.dp:
-                    out.append(f"stage {i}: dp {s.dp} differs from its pipeline's {p.dp}")
-            out.extend(self._layer_problems(p, mine))
-            if p.micro_batch != self.micro_batch:
-                out.append(f"pipeline {p.index}: micro_batch {p.micro_batch} != plan's {self.micro_batch}")
-            if p.num_micro_batches < 1:
-                out.append(f"pipeline {p.index}: needs at least one micro-batch")
-            total += p.samples
-        if seen_stages != set(range(len(self.stages))):
-            out.append("some stages belong to no pipeline")
-        if total != self.global_batch:
-            out.append(f"pipelines process {total} samples per step, global_batch is {self.global_batch}")
-        for s in self.stages:
-            if s.tp < 1 or s.dp < 1:
-                out.append(f"stage {s.index}: tp and dp must be >= 1")
-            elif self.heads % s.tp or self.kv_heads % s.tp:
-                out.append(f"stage {s.index}: tp {s.tp} must divide heads ({self.heads}) and kv_heads ({self.kv_heads})")
-        # ranks
-        if [r.rank for r in self.ranks] != list(range(len(self.ranks))):
-            out.append("global ranks must be 0..n-1 in order")
-        chips_seen: dict = {}
-        per_stage: dict = {}
-        for r in self.ranks:
-            key = (r.island, r.local_rank)
-            if key in chips_seen:
-                out.append(f"chip {r.island}[{r.local_rank}] is used by ranks {chips_seen[key]} and {r.rank}")
-            chips_seen[key] = r.rank
-            if not 0 <= r.stage < len(self.stages):
-                out.append(f"rank {r.rank}: unknown stage {r.stage}")
-                continue
-            s = self.stages[r.stage]
-            if r.island != s.island or r.pipeline != s.pipeline:
-                out.append(f"rank {r.rank}: island/pipeline differ from its stage {s.index}")
-            if not (0 <= r.tp_rank < s.tp and 0 <= r.dp_rank < s.dp):
-                out.append(f"rank {r.rank}: tp_rank/dp_rank out of range for stage {s.index}")
-            if r.local_rank != s.offset + r.dp_rank * s.tp + r.tp_rank:
-                out.append(f"rank {r.rank}: local rank {r.local_rank} is not offset + dp_rank*tp + tp_rank")
-            per_stage.setdefault(r.stage, set()).add((r.tp_rank, r.dp_rank))
-        for s in self.stages:
-            if len(per_stage.get(s.index, ())) != s.tp * s.dp:
-                out.append(f"stage {s.index}: expected {s.tp * s.dp} ranks (tp x dp), got {len(per_stage.get(s.index, ()))}")
-        if fleet is not None:
-            out.extend(self._fleet_problems(fleet))
-        return out
-
-    def _layer_problems(self, p: PipelinePlan, stages: list[StagePlan]) -> list[str]:
-        """A pipeline's stages tile [0, layers) in order: plainly, or (virtual_stages v > 1) as p*v
-        pieces, the stage at position i holding pieces i, i+p, ..., i+(v-1)p as its `chunks`."""
-        out, v = [], p.virtual_stages
-        if v < 1:
-            return [f"pipeline {p.index}: virtual_stages must be >= 1, got {v}"]
-        if v > 1:
-            if len(stages) < 2:
-                out.append(f"pipeline {p.index}: virtual_stages {v} needs at least 2 stages, it has {len(stages)}")
-            if p.num_micro_batches % max(len(stages), 1):
-                out.append(f"pipeline {p.index}: virtual_stages {v} needs num_micro_batches "
-                           f"({p.num_micro_batches}) to be a multiple of its {len(stages)} stages")
-        pieces: list = [None] * (len(stages) * v)
-        for position, s in enumerate(stages):
-            if v == 1 and s.chunks:
-                out.append(f"stage {s.index}: has chunks but its pipeline's virtual_stages is 1")
-                continue
-            if v > 1 and len(s.chunks) != v:
-                out.append(f"stage {s.index}: expected {v} chunks (its pipeline's virtual_stages), got {len(s.chunks)}")
-                continue
-            if v > 1 and s.layers != (s.chunks[0][0], s.chunks[-1][1]):
-                out.append(f"stage {s.index}: layers {list(s.layers)} must be the span of its chunks, "
-                           f"[{s.chunks[0][0]}, {s.chunks[-1][1]}]")
-            for c, piece in enumerate(s.layer_ranges):
-                pieces[c * len(stages) + position] = (s.index, piece)
-        start = 0
-        for index, (stage, (first, end)) in ((j, piece) for j, piece in enumerate(pieces) if piece is not None):
-            if first != start or end <= first:
-                what = f"chunk {index // len(stages)} " if v > 1 else ""
-                out.append(f"pipeline {p.index}: stage {stage} {what}has layers [{first}, {end}], expected to "
-                           f"start at {start} and be non-empty")
-            start = end
-        if start != self.layers:
-            out.append(f"pipeline {p.index}: layers end at {start}, the model has {self.layers}")
-        return out
-
-    def _fleet_problems(self, fleet) -> list[str]:
-        out = []
-        islands = {i.name: i for i in fleet.islands}
-        for s in self.stages:
-            island = islands.get(s.island)
-            if island is None:
-                out.append(f"stage {s.index}: unknown island {s.island!r}")
-                continue
-            if island.chip.name != s.chip:
-                out.append(f"stage {s.index}: island {s.island} has chip {island.chip.name}, plan says {s.chip}")
-            if island.tp_limit % s.tp:
-                out.append(f"stage {s.index}: tp {s.tp} does not divide every node of island {s.island} "
-                           f"(node sizes {list(island.nodes)}), so a TP group would straddle nodes")
-            if s.offset + s.tp * s.dp > island.size:
-                out.append(f"stage {s.index}: needs chips {s.offset}..{s.offset + s.tp * s.dp - 1} of island "
-                           f"{s.island}, which has {island.size}")
-            usable = island.chip.usable_bytes / 1e9
-            if s.memory_gb > usable * (1 + 1e-9):
-                out.append(f"stage {s.index}: needs {s.memory_gb:.3f} GB per chip, {island.chip.name} has "
-                           f"{usable:.3f} GB usable")
-        for r in self.ranks:
-            island = islands.get(r.island)
-            if island is None:
-                continue
-            if not 0 <= r.local_rank < island.size:
-                out.append(f"rank {r.rank}: local rank {r.local_rank} beyond island {r.island} ({island.size} chips)")
-            elif island.node_of(r.local_rank) != r.node:
-                out.append(f"rank {r.rank}: node {r.node} but local rank {r.local_rank} sits on node "
-                           f"{island.node_of(r.local_rank)}")
-        # TP groups inside one node
-        groups: dict = {}
-        for r in self.ranks:
-            groups.setdefault((r.stage, r.dp_rank), set()).add(r.node)
-        for (stage, dp_rank), nodes in groups.items():
-            if len(nodes) > 1:
-                out.append(f"stage {stage}: TP group of dp_rank {dp_rank} spans nodes {sorted(nodes)}")
-        return out
+        """Every broken invariant, as sentences; [] for a valid plan (partitioner.plan_invariants). With a
+        FleetSpec, also islands, chips, node placement of TP groups and memory against each chip."""
+        return plan_problems(self, fleet)
 
     def validate(self, fleet=None) -> "Plan":
         problems = self.problems(fleet)
@@ -364,7 +223,7 @@ class Plan:
 
 def assign_ranks(fleet, stages: list[StagePlan]) -> tuple[RankPlan, ...]:
     """Global ranks island by island (cluster order), island-local ranks by chip index."""
-    ranks = []
+    ranks: list[RankPlan] = []
     for island in fleet.islands:
         mine = sorted((s for s in stages if s.island == island.name), key=lambda s: s.offset)
         entries = []
@@ -427,137 +286,35 @@ def _pipeline_dict(p: PipelinePlan) -> dict:
     return out
 
 
-# -- reading the JSON form: one function per field type, each naming the field it refuses --------
+# -- the JSON form's parts, read with partitioner.plan_format's field readers --------------------
 
-_MISSING = object()
-
-
-def _pair(pair, name: str) -> tuple[int, int]:
-    """A [start, end] layer range, `name` the field it is read from."""
-    if not isinstance(pair, list) or len(pair) != 2:
-        raise PlanError(f"expected [start, end], got {_show(pair)}", name)
-    start, end = (_int({name: pair}, name, index=i) for i in (0, 1))
-    return start, end
-
-
-def _stage(data, where: str) -> StagePlan:
-    start, end = _pair(_get(data, "layers", where), f"{where}.layers")
-    chunks = _get(data, "chunks", where, default=[])
+def _stage(data: Any, where: str) -> StagePlan:
+    start, end = read_pair(get_field(data, "layers", where), f"{where}.layers")
+    chunks = get_field(data, "chunks", where, default=[])
     if not isinstance(chunks, list):
-        raise PlanError(f"expected a list, got {_show(chunks)}", f"{where}.chunks")
+        raise PlanError(f"expected a list, got {show(chunks)}", f"{where}.chunks")
     return StagePlan(
-        index=_int(data, "index", where), pipeline=_int(data, "pipeline", where), island=_text(data, "island", where),
-        chip=_text(data, "chip", where), tp=_int(data, "tp", where, low=1), dp=_int(data, "dp", where, low=1),
-        layers=(start, end), recompute=_text(data, "recompute", where, choices=RECOMPUTE_MODES),
-        offset=_int(data, "offset", where), time_s=_number(data, "time_s", where),
-        memory_gb=_number(data, "memory_gb", where), source=_text(data, "source", where, default="estimated"),
-        chunks=tuple(_pair(chunk, f"{where}.chunks[{c}]") for c, chunk in enumerate(chunks)))
+        index=read_int(data, "index", where), pipeline=read_int(data, "pipeline", where), island=read_text(data, "island", where),
+        chip=read_text(data, "chip", where), tp=read_int(data, "tp", where, low=1), dp=read_int(data, "dp", where, low=1),
+        layers=(start, end), recompute=read_text(data, "recompute", where, choices=RECOMPUTE_MODES),
+        offset=read_int(data, "offset", where), time_s=read_number(data, "time_s", where),
+        memory_gb=read_number(data, "memory_gb", where), source=read_text(data, "source", where, default="estimated"),
+        chunks=tuple(read_pair(chunk, f"{where}.chunks[{c}]") for c, chunk in enumerate(chunks)))
 
 
-def _pipeline(data, where: str) -> PipelinePlan:
-    stages = _items(data, "stages", where)
+def _pipeline(data: Any, where: str) -> PipelinePlan:
+    stages = read_items(data, "stages", where)
     return PipelinePlan(
-        index=_int(data, "index", where),
-        stages=tuple(_int({"stages": stages}, "stages", where, index=i) for i in range(len(stages))),
-        dp=_int(data, "dp", where, low=1), micro_batch=_int(data, "micro_batch", where, low=1, high=MAX_BATCH),
-        num_micro_batches=_int(data, "num_micro_batches", where, low=1, high=MAX_BATCH),
-        virtual_stages=_int(data, "virtual_stages", where, low=1, default=1))
+        index=read_int(data, "index", where),
+        stages=tuple(read_int({"stages": stages}, "stages", where, index=i) for i in range(len(stages))),
+        dp=read_int(data, "dp", where, low=1), micro_batch=read_int(data, "micro_batch", where, low=1, high=MAX_BATCH),
+        num_micro_batches=read_int(data, "num_micro_batches", where, low=1, high=MAX_BATCH),
+        virtual_stages=read_int(data, "virtual_stages", where, low=1, default=1))
 
 
-def _rank(data, where: str) -> RankPlan:
-    return RankPlan(**{key: _text(data, key, where) if key == "island" else _int(data, key, where)
-                       for key in RankPlan.__dataclass_fields__})
+def _rank(data: Any, where: str) -> RankPlan:
+    fields: dict[str, Any] = {key: read_text(data, key, where) if key == "island" else read_int(data, key, where)
+                              for key in RankPlan.__dataclass_fields__}
+    return RankPlan(**fields)
 
 
-def _get(data, key: str, where: str, default=_MISSING):
-    if not isinstance(data, Mapping):
-        raise PlanError(f"expected an object, got {_show(data)}", where)
-    if key not in data:
-        if default is _MISSING:
-            raise PlanError("missing", _join(where, key))
-        return default
-    return data[key]
-
-
-def _int(data, key: str, where: str = "", low: int = 0, high: int = MAX_COUNT, index: int | None = None,
-         default=_MISSING) -> int:
-    value = _get(data, key, where, default)
-    name = _join(where, key)
-    if index is not None:
-        value, name = value[index], f"{name}[{index}]"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PlanError(f"expected a whole number, got {_show(value)}", name)
-    if not low <= value <= high:
-        raise PlanError(f"expected a whole number from {low} to {high}, got {value}", name)
-    return value
-
-
-def _number(data, key: str, where: str = "", low: float | None = 0.0) -> float:
-    value = _get(data, key, where)
-    name = _join(where, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PlanError(f"expected a number, got {_show(value)}", name)
-    if not math.isfinite(value):
-        raise PlanError(f"expected a finite number, got {value}", name)
-    if low is not None and value < low:
-        raise PlanError(f"expected a number >= {low:g}, got {value}", name)
-    return float(value)
-
-
-def _text(data, key: str, where: str = "", choices: tuple | None = None, default=_MISSING) -> str:
-    value = _get(data, key, where, default)
-    name = _join(where, key)
-    if not isinstance(value, str) or not value:
-        raise PlanError(f"expected a non-empty string, got {_show(value)}", name)
-    if choices is not None and value not in choices:
-        raise PlanError(f"expected one of {', '.join(choices)}, got {_show(value)}", name)
-    return value
-
-
-def _flag(data, key: str, where: str = "", default=_MISSING) -> bool:
-    value = _get(data, key, where, default)
-    if not isinstance(value, bool):
-        raise PlanError(f"expected true or false, got {_show(value)}", _join(where, key))
-    return value
-
-
-def _items(data, key: str, where: str = "") -> list:
-    value = _get(data, key, where)
-    if not isinstance(value, list):
-        raise PlanError(f"expected a list, got {_show(value)}", _join(where, key))
-    return value
-
-
-def _mapping(data, key: str, where: str = "", default=_MISSING) -> Mapping:
-    value = _get(data, key, where, default)
-    if not isinstance(value, Mapping):
-        raise PlanError(f"expected an object, got {_show(value)}", _join(where, key))
-    return value
-
-
-def _table(data, key: str, read, default=_MISSING, **limits) -> dict:
-    """{name: value} with every value read by `read` (_int or _number) under `limits`."""
-    table = _mapping(data, key, default=default)
-    return {name: read(table, name, key, **limits) for name in table}
-
-
-def _unique_keys(pairs: list) -> dict:
-    """A JSON object whose keys are unique: a hand-edited plan naming a field twice is ambiguous."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise PlanError(f"not valid JSON: the key {_show(key)} appears twice in one object")
-        out[key] = value
-    return out
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _show(value) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
