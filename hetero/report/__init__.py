@@ -85,7 +85,8 @@ def summary_lines(report: dict) -> list[str]:
         f"  MFU         {mfu}",
         f"  bubble      {report['bubble_share']:.1%} of rank time idle (predicted {report['predicted_bubble_share']:.1%}); "
         f"compute {split['forward'] + split['backward']:.0%}",
-        f"  bridge      {report['exposed_bridge_share']:.1%} of the step exposed ({report['exposed_bridge_s'] * 1e3:.1f} ms)",
+        f"  comm        {comm_text(report['exposed_comm'])}; bridge alone {report['exposed_bridge_share']:.1%} "
+        f"({report['exposed_bridge_s'] * 1e3:.1f} ms)",
     ]
     if report["efficiency"]:
         e = report["efficiency"]
@@ -98,6 +99,16 @@ def summary_lines(report: dict) -> list[str]:
     lines += [f"  note        {note}" for note in report["notes"]]
     lines.append(f"  page        {report['html']}")
     return lines
+
+
+def comm_text(comm: dict) -> str:
+    """One line: exposed communication's share of the step (worst rank), and its parts."""
+    parts = ", ".join(f"{COMM_NAMES[kind]} {share:.1%}" for kind, share in comm["parts"].items())
+    return (f"{comm['share']:.1%} of the step exposed, worst rank ({comm['s'] * 1e3:.1f} ms: {parts}; "
+            f"mean over ranks {comm['mean_share']:.1%})")
+
+
+COMM_NAMES = {"bridge_recv": "bridge receive", "p2p_recv": "p2p receive", "send": "send"}
 
 
 __all__ = ["build", "summary_lines", "load_run"]

@@ -10,6 +10,10 @@ Definitions (the page repeats them):
   time; bubble share = sum of idle over ranks / (ranks x step time);
 - exposed bridge share: exposed bridge time of the worst receiving rank /
   step time (hetero.bench.runtime's definition), median over steady steps;
+- exposed communication: per rank and step, the receive waits after the sender
+  handed the data over (bridge and in-island p2p) plus the time actions spent
+  handing their outputs over (sends); the share is the worst rank's sum / step
+  time, median over steady steps (bridge receives, p2p receives and sends apart);
 - E = mixed fleet tokens/s / sum of the sub-fleets' tokens/s;
 - refused: connections and calls the coordinator (wrong or missing job token)
   and the bridge endpoints (bad frames, failed hellos) turned away, by reason;
@@ -53,6 +57,7 @@ def analyse(run) -> dict:
         "predicted_bubble_share": predicted_bubble_share(plan),
         "exposed_bridge_s": statistics.median(exposed.get(s["step"], 0.0) for s in steady),
         "exposed_bridge_share": statistics.median(exposed.get(s["step"], 0.0) / s["step_s"] for s in steady),
+        "exposed_comm": exposed_comm(plan, run.ranks, steady),
         "time_split": time_split(per_rank, steady),
         "ranks": rank_rows(run, per_rank, steady),
         "memory": memory_per_stage(run),
@@ -93,7 +98,7 @@ def event_text(event: dict) -> str:
     if kind == "resume":
         return f"resumed from step {event.get('from_step')} to step {event.get('steps')}"
     if kind == "replan":
-        new = event.get("new") if isinstance(event.get("new"), dict) else {}
+        new: dict = event["new"] if isinstance(event.get("new"), dict) else {}
         why = (f"lost {', '.join(map(str, event.get('gone') or []))}" if event.get("gone")
                else f"{', '.join(map(str, event.get('back') or []))} back")
         speed = f", predicted {float(new['predicted_step_s']):.3f} s/step" if new.get("predicted_step_s") else ""
@@ -108,7 +113,7 @@ def event_text(event: dict) -> str:
 
 def event_counts(events: list[dict]) -> str:
     """'hang 1, failure 1, restart 1' (the marked kinds only), or 'none'."""
-    counts: dict = {}
+    counts: dict[str, int] = {}
     for event in events:
         if event["event"] in MARKED_EVENTS:
             counts[event["event"]] = counts.get(event["event"], 0) + 1
@@ -121,7 +126,7 @@ def steady_steps(steps: list[dict]) -> list[dict]:
 
 def chip_types(run) -> dict:
     """{chip: {peak_flops, memory_gb, usable_gb, emulated, chips}} for the chip types the plan uses."""
-    out = {}
+    out: dict[str, dict] = {}
     for stage in run.plan["stages"]:
         spec = run.cluster.chip(stage["chip"])
         entry = out.setdefault(stage["chip"], {
@@ -144,9 +149,14 @@ def stage_flops(run) -> dict:
         samples = pipeline["dp"] * pipeline["micro_batch"] * pipeline["num_micro_batches"]
         last = pipeline["stages"][-1]
         for index in pipeline["stages"]:
-            start, end = run.plan["stages"][index]["layers"]
-            out[index] = samples * ((end - start) * per_layer + (head if index == last else 0.0))
+            layers = stage_layers(run.plan["stages"][index])
+            out[index] = samples * (layers * per_layer + (head if index == last else 0.0))
     return out
+
+
+def stage_layers(stage: dict) -> int:
+    """The layers a stage holds: its chunks' (interleaved 1F1B: `layers` is only their span), else `layers`."""
+    return sum(end - start for start, end in stage.get("chunks") or [stage["layers"]])
 
 
 def mfu_per_chip(run, step_s: float, notes: list | None = None) -> dict:
@@ -197,6 +207,29 @@ def predicted_bubble_share(plan: dict) -> float:
     stages = {s["index"]: s for s in plan["stages"]}
     busy = [m[stages[r["stage"]]["pipeline"]] * stages[r["stage"]]["time_s"] for r in plan["ranks"]]
     return 1.0 - sum(busy) / len(busy) / plan["predicted_step_s"]
+
+
+def exposed_comm(plan: dict, ranks: dict, steady: list[dict]) -> dict:
+    """Communication not hidden behind compute, per steady step on the rank that had the most
+    (timeline.exposed_comm: receives after the hand-over, bridge and native, and sends), median
+    over the steady steps: {"s", "share" (of the step), "parts": {kind: share}, "rank",
+    "mean_share" (over all ranks)}."""
+    per_step = timeline.exposed_comm(plan, ranks)
+    rows: list[tuple[float, int | None, float, dict[str, float], float]] = []   # step_s, worst, its s, parts, mean
+    for s in steady:
+        cells = per_step.get(s["step"], {})
+        totals = {rank: sum(cell.values()) for rank, cell in cells.items()}
+        if not totals:      # a step without timing lines: nothing seen, nothing exposed
+            rows.append((s["step_s"], None, 0.0, dict.fromkeys(timeline.COMM_KINDS, 0.0), 0.0))
+            continue
+        worst = max(totals, key=lambda rank: totals[rank])
+        rows.append((s["step_s"], worst, totals[worst], cells[worst], sum(totals.values()) / len(totals)))
+    median_row = sorted(rows, key=lambda row: row[2] / row[0])[(len(rows) - 1) // 2]
+    return {"s": statistics.median(row[2] for row in rows),
+            "share": statistics.median(row[2] / row[0] for row in rows),
+            "parts": {kind: statistics.median(row[3][kind] / row[0] for row in rows) for kind in timeline.COMM_KINDS},
+            "rank": median_row[1],
+            "mean_share": statistics.median(row[4] / row[0] for row in rows)}
 
 
 def time_split(per_rank: dict, steady: list[dict]) -> dict:

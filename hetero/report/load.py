@@ -72,7 +72,7 @@ STEP_OPTIONAL = {"time": finite(), "time_dilation": finite(0.0, above=True, null
                  "peak_memory_gb": numbers_or_null(0.0)}
 RANK_FIELDS = {"step": whole(1), "mb": whole(0), "phase": one_of("forward", "backward"),
                "compute_s": finite(0.0), "p2p_wait_s": finite(0.0), "posted_at": finite(), "received_at": finite()}
-RANK_OPTIONAL = {"sent_at": finite(nullable=True)}
+RANK_OPTIONAL = {"sent_at": finite(nullable=True), "chunk": whole(0)}
 
 
 @dataclass
@@ -102,8 +102,7 @@ def load_run(path: str) -> Run:
     ranks = {}
     for entry in plan["ranks"]:
         rank_path = os.path.join(run_dir, "metrics", f"rank{entry['rank']:05d}.jsonl")
-        ranks[entry["rank"]] = _last_per_key(read_jsonl(rank_path, RANK_FIELDS, RANK_OPTIONAL),
-                                             lambda r: (r["step"], r["mb"], r["phase"]))
+        ranks[entry["rank"]] = _last_per_key(read_jsonl(rank_path, RANK_FIELDS, RANK_OPTIONAL), action_key)
     cluster, model = _configs(run_dir)
     efficiency = read_json(efficiency_path, ("mixed", "subfleets")) if efficiency_path else None
     from hetero.launch import events
@@ -115,6 +114,12 @@ def load_run(path: str) -> Run:
         run.notes.append(f"the emulated chips ran time-dilated (x{dilation:g} wall seconds per chip second); "
                          "every time here is the chips' time")
     return run
+
+
+def action_key(record: dict) -> tuple[int, int, str, int]:
+    """A timing line's action: (step, micro-batch, phase, chunk). Interleaved 1F1B runs each
+    micro-batch once per chunk (the line's `chunk`; a plain run's lines name none: 0)."""
+    return record["step"], record["mb"], record["phase"], int(record.get("chunk") or 0)
 
 
 def _check_peaks_fit(steps: list[dict], stages: int, path: str) -> None:
@@ -181,7 +186,7 @@ def read_refusals(metrics_dir: str) -> dict:
     metrics/coordinator.json ({"refusals": {reason: n}, "refused_total": n}); each rank's
     bridge endpoint metrics/bridge-rankNNNNN.json ({"rejected": {reason: n}, "rejected_total": n}).
     A file that is absent counts nothing."""
-    out = {"coordinator": {}, "bridge": {}}
+    out: dict[str, dict[str, int]] = {"coordinator": {}, "bridge": {}}
     files = [("coordinator", os.path.join(metrics_dir, COORDINATOR_FILE), "refusals", "refused_total")]
     files += [("bridge", path, "rejected", "rejected_total")
               for path in sorted(glob.glob(os.path.join(metrics_dir, BRIDGE_FILES)))]
@@ -204,8 +209,7 @@ def read_refusals(metrics_dir: str) -> dict:
             raise UserError(f"{path}: {total_key}: {problem}")
         if total > sum(reasons.values()):        # counted without a reason: keep the total right
             out[who]["unspecified"] = out[who].get("unspecified", 0) + total - sum(reasons.values())
-    out["total"] = sum(sum(counts.values()) for counts in (out["coordinator"], out["bridge"]))
-    return out
+    return {**out, "total": sum(sum(counts.values()) for counts in out.values())}
 
 
 def read_jsonl(path: str, required=(), optional=None) -> list[dict]:

@@ -93,6 +93,7 @@ def _cards(r: dict) -> str:
         ("bubble (idle) share", f"{r['bubble_share']:.1%}", f"predicted {r['predicted_bubble_share']:.1%}"),
         ("exposed bridge (worst rank)", f"{r['exposed_bridge_share']:.1%}",
          f"of the step · {r['exposed_bridge_s'] * 1e3:.1f} ms per step"),
+        _comm_card(r["exposed_comm"]),
     ]
     if r["efficiency"]:
         e = r["efficiency"]
@@ -102,6 +103,14 @@ def _cards(r: dict) -> str:
                    f"<div class='v{' small' if chr(10) in v else ''}'>{_e(v).replace(chr(10), '<br>')}</div>"
                    f"<div class='d'>{d}</div></div>" for k, v, d in cards)
     return f"<div class='cards'>{body}</div>"
+
+
+def _comm_card(comm: dict) -> tuple[str, str, str]:
+    """Exposed communication (bridge and p2p receives after the hand-over, sends), worst rank."""
+    parts = " · ".join(f"{name} {comm['parts'][kind]:.1%}" for kind, name in
+                       (("bridge_recv", "bridge recv"), ("p2p_recv", "p2p recv"), ("send", "send")))
+    return ("exposed communication (worst rank)", f"{comm['share']:.1%}",
+            f"{comm['s'] * 1e3:.1f} ms per step: {parts} · mean over ranks {comm['mean_share']:.1%}")
 
 
 def _efficiency(e: dict, image: bytes) -> str:
@@ -181,6 +190,12 @@ the output to the next stage).</dd>
 <dt>Exposed bridge transfer</dt><dd>For a receive over the bridge: arrival time minus when the sender handed the data
 over (or when the receiver started waiting, if later) — transfer time nothing overlapped. The headline share is the
 worst receiving rank's sum per step over the step time (as in <code>hetero bench runtime</code>).</dd>
+<dt>Exposed communication</dt><dd>Per rank and step: every receive's wait after its sender handed the data over
+(over the bridge, or the island's native p2p; interleaved runs pair each chunk with the chunk before it, round the
+pipeline) plus the time each action spent handing its output over (from sent_at to the action's end: the send and the
+receives posted with it, inside compute_s). The headline is the worst rank's sum over the step time, median over steady
+steps; the parts are each kind's median share on that rank. Gradient reductions in the step tail are not included (the
+timing lines do not separate them).</dd>
 <dt>Idle (bubble)</dt><dd>Step time − compute − exposed bridge time, per rank: waiting for a neighbour's activation or
 gradient (pipeline fill, drain and imbalance) plus the step tail after the rank's last action (gradient reduction,
 optimizer and waiting for the slowest rank, which the timing lines do not separate). Bubble share = Σ idle over ranks /
