@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hetero.atomic import temporary_path
 from hetero.checkpoint import seal, writer
 
 import accelerators
@@ -365,7 +366,8 @@ def test_non_finite_weights_are_never_checkpointed(job, tmp_path, monkeypatch):
 
 def full_disk(monkeypatch, code, target):
     """Make checkpoint writes raise OSError(code): `target` is "stage" (a rank's safetensors file,
-    on its writer thread) or the name of the JSON file whose write fails (state.json, latest.tmp)."""
+    on its writer thread) or the name of the JSON file whose write fails (state.json, latest): that write
+    leaves half a temporary file beside it, as a full disk would."""
     if target == "stage":
         def failing_save(path, chunks, hook=None):
             raise OSError(code, os.strerror(code), path)
@@ -375,7 +377,7 @@ def full_disk(monkeypatch, code, target):
 
     def failing_json(path, data):
         if os.path.basename(path) == target:
-            with open(path, "w") as handle:
+            with open(temporary_path(path), "w") as handle:
                 handle.write("{half")
             raise OSError(code, os.strerror(code), path)
         original(path, data)
@@ -386,7 +388,7 @@ def full_disk(monkeypatch, code, target):
 @pytest.mark.parametrize("code,target,what", [
     (errno.ENOSPC, "stage", "no space left on device"),
     (errno.ENOSPC, "state.json", "no space left on device"),
-    (errno.ENOSPC, "latest.tmp", "no space left on device"),
+    (errno.ENOSPC, "latest", "no space left on device"),
     (errno.EDQUOT, "stage", "disk quota exceeded"),
 ])
 def test_full_disk_while_saving_is_fatal_and_keeps_latest(job, root, tmp_path, monkeypatch, code, target, what):
