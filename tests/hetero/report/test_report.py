@@ -70,6 +70,15 @@ def test_bubble_and_exposed_bridge_match_hand_calculation():
     assert sum(report["time_split"].values()) == pytest.approx(1.0)
 
 
+def test_exposed_communication_matches_hand_calculation():
+    comm = analysis.analyse(load_run(FIXTURE))["exposed_comm"]
+    # slow (rank 1): bridge receives 0.03 + 0.03, its two forwards handed over in their last 0.01 each;
+    # fast (rank 0): bridge 0.03 (F0), its two backwards' hand-overs 0.01 each.
+    assert comm["rank"] == 1 and comm["s"] == pytest.approx(0.08) and comm["share"] == pytest.approx(0.08 / STEP)
+    assert comm["parts"] == pytest.approx({"bridge_recv": 0.06 / STEP, "p2p_recv": 0.0, "send": 0.02 / STEP})
+    assert comm["mean_share"] == pytest.approx((0.08 + 0.05) / 2 / STEP)
+
+
 def test_timeline_agrees_with_bench_runtime():
     from hetero.bench.runtime import exposed_bridge_per_step
 
