@@ -104,8 +104,9 @@ def summary_lines(report: dict) -> list[str]:
 def comm_text(comm: dict) -> str:
     """One line: exposed communication's share of the step (worst rank), and its parts."""
     parts = ", ".join(f"{COMM_NAMES[kind]} {share:.1%}" for kind, share in comm["parts"].items())
+    reduce = "" if comm["reduce_share"] is None else f"; gradient reductions {comm['reduce_share']:.1%} (rank 0)"
     return (f"{comm['share']:.1%} of the step exposed, worst rank ({comm['s'] * 1e3:.1f} ms: {parts}; "
-            f"mean over ranks {comm['mean_share']:.1%})")
+            f"mean over ranks {comm['mean_share']:.1%}){reduce}")
 
 
 COMM_NAMES = {"bridge_recv": "bridge receive", "p2p_recv": "p2p receive", "send": "send"}

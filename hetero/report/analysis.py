@@ -213,7 +213,9 @@ def exposed_comm(plan: dict, ranks: dict, steady: list[dict]) -> dict:
     """Communication not hidden behind compute, per steady step on the rank that had the most
     (timeline.exposed_comm: receives after the hand-over, bridge and native, and sends), median
     over the steady steps: {"s", "share" (of the step), "parts": {kind: share}, "rank",
-    "mean_share" (over all ranks)}."""
+    "mean_share" (over all ranks), "reduce_share"}. The gradient reductions have no timing
+    lines; rank 0's step record times the part of them after its compute (`dp_reduce_exposed_s`,
+    `cross_island_reduce_s`): their share of the step is `reduce_share` (None if not recorded)."""
     per_step = timeline.exposed_comm(plan, ranks)
     rows: list[tuple[float, int | None, float, dict[str, float], float]] = []   # step_s, worst, its s, parts, mean
     for s in steady:
@@ -229,7 +231,16 @@ def exposed_comm(plan: dict, ranks: dict, steady: list[dict]) -> dict:
             "share": statistics.median(row[2] / row[0] for row in rows),
             "parts": {kind: statistics.median(row[3][kind] / row[0] for row in rows) for kind in timeline.COMM_KINDS},
             "rank": median_row[1],
-            "mean_share": statistics.median(row[4] / row[0] for row in rows)}
+            "mean_share": statistics.median(row[4] / row[0] for row in rows),
+            "reduce_share": reduce_share(steady)}
+
+
+def reduce_share(steady: list[dict]) -> float | None:
+    """Rank 0's gradient reductions after its compute (DP within the island, then across
+    islands) over the step time, median over steady steps; None when the steps do not say."""
+    keys = ("dp_reduce_exposed_s", "cross_island_reduce_s")
+    shares = [sum(float(s.get(k) or 0.0) for k in keys) / s["step_s"] for s in steady if any(k in s for k in keys)]
+    return statistics.median(shares) if shares else None
 
 
 def time_split(per_rank: dict, steady: list[dict]) -> dict:

@@ -109,8 +109,9 @@ def _comm_card(comm: dict) -> tuple[str, str, str]:
     """Exposed communication (bridge and p2p receives after the hand-over, sends), worst rank."""
     parts = " · ".join(f"{name} {comm['parts'][kind]:.1%}" for kind, name in
                        (("bridge_recv", "bridge recv"), ("p2p_recv", "p2p recv"), ("send", "send")))
+    reduce = "" if comm["reduce_share"] is None else f" · gradient reductions {comm['reduce_share']:.1%} (rank 0)"
     return ("exposed communication (worst rank)", f"{comm['share']:.1%}",
-            f"{comm['s'] * 1e3:.1f} ms per step: {parts} · mean over ranks {comm['mean_share']:.1%}")
+            f"{comm['s'] * 1e3:.1f} ms per step: {parts} · mean over ranks {comm['mean_share']:.1%}{reduce}")
 
 
 def _efficiency(e: dict, image: bytes) -> str:
@@ -194,8 +195,9 @@ worst receiving rank's sum per step over the step time (as in <code>hetero bench
 (over the bridge, or the island's native p2p; interleaved runs pair each chunk with the chunk before it, round the
 pipeline) plus the time each action spent handing its output over (from sent_at to the action's end: the send and the
 receives posted with it, inside compute_s). The headline is the worst rank's sum over the step time, median over steady
-steps; the parts are each kind's median share on that rank. Gradient reductions in the step tail are not included (the
-timing lines do not separate them).</dd>
+steps; the parts are each kind's median share on that rank. Gradient reductions have no timing lines: beside it, rank
+0's step record gives the part of its reductions after its compute (dp_reduce_exposed_s + cross_island_reduce_s) as a
+share of the step.</dd>
 <dt>Idle (bubble)</dt><dd>Step time − compute − exposed bridge time, per rank: waiting for a neighbour's activation or
 gradient (pipeline fill, drain and imbalance) plus the step tail after the rank's last action (gradient reduction,
 optimizer and waiting for the slowest rank, which the timing lines do not separate). Bubble share = Σ idle over ranks /

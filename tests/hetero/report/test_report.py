@@ -77,6 +77,7 @@ def test_exposed_communication_matches_hand_calculation():
     assert comm["rank"] == 1 and comm["s"] == pytest.approx(0.08) and comm["share"] == pytest.approx(0.08 / STEP)
     assert comm["parts"] == pytest.approx({"bridge_recv": 0.06 / STEP, "p2p_recv": 0.0, "send": 0.02 / STEP})
     assert comm["mean_share"] == pytest.approx((0.08 + 0.05) / 2 / STEP)
+    assert comm["reduce_share"] is None          # the fixture's steps do not time their reductions
 
 
 def test_timeline_agrees_with_bench_runtime():

@@ -24,6 +24,7 @@ FIXTURE = os.path.join(FIXTURES, "report-run")
 FORWARD = {"slow": 0.2, "fast": 0.3}     # a stage's forward of one micro-batch (all its chunks), s
 BACKWARD = {"slow": 0.4, "fast": 0.6}
 HOP, SEND, TAIL = 0.02, 0.01, 0.05        # bridge transfer, handing over (inside compute), step tail
+REDUCE = 0.03                             # rank 0's gradient reduction after its compute (in the tail)
 STEPS = 2
 
 
@@ -88,7 +89,8 @@ def record(tmp_path, name: str, plan: dict) -> tuple[str, float, dict]:
                     moved = {k: (line[k] + start if k in shift and line[k] is not None else line[k]) for k in line}
                     handle.write(json.dumps({"step": step, **moved}) + "\n")
         start += step_s
-        steps.append({"step": step, "loss": 6.9, "tokens_per_s": 128 / step_s, "step_s": step_s, "time": start})
+        steps.append({"step": step, "loss": 6.9, "tokens_per_s": 128 / step_s, "step_s": step_s, "time": start,
+                      "dp_reduce_exposed_s": REDUCE, "cross_island_reduce_s": 0.0})
     (run_dir / "metrics" / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     return str(run_dir), step_s, totals
 
@@ -127,6 +129,7 @@ def test_interleaved_exposed_transfer_pairs_chunks(runs):
         worst = max(comm for _, _, comm in totals.values())
         assert report["exposed_comm"]["s"] == pytest.approx(worst)
         assert report["exposed_comm"]["share"] == pytest.approx(worst / step_s)
+        assert report["exposed_comm"]["reduce_share"] == pytest.approx(REDUCE / step_s)
         run = load_run(run_dir)
         parts = timeline.segments(run.plan, run.ranks, 2, run.steps[1]["time"] - step_s, step_s)
         for segments in parts.values():
