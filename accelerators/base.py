@@ -51,6 +51,11 @@ class Accelerator:
     is_emulated: bool = False
     time_dilation: float = 1.0          # wall seconds per device second (emulated chips may stretch time)
     startup_seconds: float = 20.0       # typical runtime start-up, for estimating preflight checks
+    # Device->host copies run on DMA copy engines, on a side stream, beside compute (GPUs, NPUs): a copy
+    # handed to a side stream is hidden behind the compute. False where the "device" is the host (cpu):
+    # a copy there is a memcpy that takes cores from the compute. Checkpoints snapshot in the background
+    # only where this is True (hetero.engine.checkpointing).
+    copy_engine: bool = True
 
     def __init__(self) -> None:
         self._module = self._load_device_module()

@@ -21,6 +21,7 @@ class CpuAccelerator(Accelerator):
     startup_seconds = 3.0
     visible_devices_env: str | None = None
     env_prefixes = ("OMP_", "MKL_", "GLOO_")
+    copy_engine = False     # a "copy" is a host memcpy competing with the compute for the same cores
 
     @classmethod
     def probe(cls) -> ProbeResult:

@@ -27,10 +27,14 @@ over raises `EmulatedOutOfMemory`, which is also a `torch.OutOfMemoryError`
 like a real vendor's. Every other tensor is host memory.
 
 Host link: `to_device` (host -> device), `to_host` and `copy_to_host` (device ->
-host, the latter into an existing host tensor) are the copy API; each charges bytes / `host_link_gbps` to the clock (a spec without
-the key copies at its memory bandwidth; the catalog always names one). A
-blocking `to_host` then waits for the clock; `non_blocking=True` only queues
-the copy (wait on an event recorded after it, as on a real chip).
+host, the latter into an existing host tensor) are the copy API; each charges
+bytes / `host_link_gbps` (a spec without the key copies at its memory bandwidth;
+the catalog always names one). A blocking `to_host` then waits for the clock;
+`non_blocking=True` only queues the copy (wait on an event recorded after it, as
+on a real chip). `copy_to_host` on a side stream (`new_stream()`) runs on the
+chip's copy engine, its own queue beside compute, under CUDA's ordering rules
+(accelerators.emulated_streams); on the default stream it is in order with
+compute.
 
 Strict mode (on by default; HETERO_EMULATED_STRICT=0 or strict=False turns it
 off): the chip refuses what a real device would refuse, with a
@@ -69,6 +73,12 @@ The chip spec is a plain dict (the catalog's `ChipSpec.to_dict()`):
 `memory_bandwidth_gbps` (GB/s), optional `host_link_gbps` (GB/s per direction)
 and `memory_reserve_gb` (default 0); other keys are ignored. Without an explicit
 spec the accelerator reads it as JSON from HETERO_EMULATED_CHIP.
+
+The module is split by concern: the pace and clocks (emulated_pace), the memory
+ledger (emulated_memory), the dispatch mode that charges each op
+(emulated_dispatch), the queues, streams and events (emulated_streams); this one
+keeps the accelerator and its environment. Every public name is importable from
+here.
 """
 
 from __future__ import annotations
@@ -80,311 +90,32 @@ import sys
 import threading
 import time
 import traceback
-import weakref
 from typing import Any, Mapping
 
 import torch
-from torch.utils import flop_counter
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 
 from accelerators import strict_backend
 from accelerators.base import ProbeResult
 from accelerators.cpu import CpuAccelerator, host_copy
-from accelerators.errors import AcceleratorUnavailable, DeviceContractError, EmulatedOutOfMemory
+from accelerators.emulated_dispatch import EmulationMode
+from accelerators.emulated_memory import EmulatedDeviceOutOfMemory, MemoryLedger
+from accelerators.emulated_pace import GB, TFLOPS, ChipPace, VirtualClock
+from accelerators.emulated_streams import CopyEngine, EmulatedEvent, EmulatedStream, InFlightCopy
+from accelerators.errors import AcceleratorUnavailable, DeviceContractError
 from accelerators.strict_backend import BACKEND_NAME as STRICT_BACKEND
+
+# Split by concern (the pace and clocks, the memory ledger, the dispatch mode, streams and events);
+# these names stay importable from here.
+__all__ = ["CHIP_ENV", "DILATION_ENV", "STRICT_ENV", "BACKEND_ENV", "VISIBLE_ENV", "GB", "TFLOPS",
+           "ChipPace", "VirtualClock", "MemoryLedger", "EmulatedDeviceOutOfMemory", "EmulationMode",
+           "EmulatedStream", "EmulatedEvent", "CopyEngine", "InFlightCopy", "EmulatedAccelerator"]
 
 CHIP_ENV = "HETERO_EMULATED_CHIP"
 DILATION_ENV = "HETERO_EMULATED_TIME_DILATION"
 STRICT_ENV = "HETERO_EMULATED_STRICT"
 BACKEND_ENV = "HETERO_BACKEND"          # the island's backend, set by the launcher
 VISIBLE_ENV = "HETERO_EMULATED_VISIBLE_DEVICES"
-GB = 1e9
-TFLOPS = 1e12
-
-aten = torch.ops.aten
-
-# Which spec rate a tensor dtype runs at. The catalog lists no fp64 rate, so
-# fp64 (used by gradient checks) runs at the fp32 rate.
-_DTYPE_RATE_KEY = {
-    torch.float32: "fp32", torch.float64: "fp32",
-    torch.float16: "fp16", torch.bfloat16: "bf16",
-}
-for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
-    if hasattr(torch, _name):
-        _DTYPE_RATE_KEY[getattr(torch, _name)] = "fp8"
-
-# Ops that allocate or reinterpret but move no data.
-_FREE_OPS = {
-    aten.detach, aten._unsafe_view, aten.empty, aten.empty_strided, aten.new_empty,
-    aten.new_empty_strided, aten.empty_like, aten.lift_fresh, aten._local_scalar_dense,
-}
-# Free ops whose output is a fresh allocation on the device (lift_fresh: torch.tensor(data)
-# inside the scope, the constant becoming a device tensor).
-_ALLOCATING_OPS = {
-    aten.empty, aten.empty_strided, aten.new_empty, aten.new_empty_strided, aten.empty_like,
-    aten.lift_fresh,
-}
-
-
-def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape)
-
-
-def _cpu_attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
-
-
-# FLOP formulas by op packet: torch's (shape-wrapped, called as f(*args, out_val=out, **kw))
-# plus the CPU flash-attention kernels torch's table does not list.
-_FLOP_FORMULAS: dict[Any, Any] = dict(flop_counter.flop_registry)
-for _packet, _formula in (
-    ("_scaled_dot_product_flash_attention_for_cpu", _cpu_attention_flops),
-    ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_attention_backward_flops),
-):
-    if hasattr(aten, _packet):
-        _FLOP_FORMULAS[getattr(aten, _packet)] = _formula
-
-
-class ChipPace:
-    """The numbers of a chip spec that pace the emulation; `dilation` wall
-    seconds pass per second of the chip's time."""
-
-    def __init__(self, chip: Mapping[str, Any], dilation: float = 1.0):
-        self.name = _require(chip, "name", str)
-        self.dilation = float(dilation)
-        tflops = _require(chip, "tflops", Mapping)
-        if not tflops or any(not isinstance(v, (int, float)) or v <= 0 for v in tflops.values()):
-            raise ValueError(f"emulated chip {self.name!r}: 'tflops' must map dtypes to positive "
-                             f"TFLOP/s, got {dict(tflops)!r}")
-        self.tflops = {str(k): float(v) for k, v in tflops.items()}
-        self.memory_gb = _positive(chip, "memory_gb", self.name)
-        self.bandwidth_gbps = _positive(chip, "memory_bandwidth_gbps", self.name)
-        self.host_link_gbps = (_positive(chip, "host_link_gbps", self.name) if "host_link_gbps" in chip
-                               else self.bandwidth_gbps)
-        self.reserve_gb = float(_require(chip, "memory_reserve_gb", (int, float))) \
-            if "memory_reserve_gb" in chip else 0.0
-        if not 0.0 <= self.reserve_gb < self.memory_gb:
-            raise ValueError(f"emulated chip {self.name!r}: 'memory_reserve_gb' must be in "
-                             f"[0, memory_gb={self.memory_gb:g}), got {self.reserve_gb:g}")
-        self.capacity_bytes = int((self.memory_gb - self.reserve_gb) * GB)   # usable device memory
-        self.bytes_per_second = self.bandwidth_gbps * GB
-        self.host_link_bytes_per_second = self.host_link_gbps * GB
-        fallback = self.tflops.get("fp32", min(self.tflops.values()))
-        self._flops_per_second = {
-            dtype: TFLOPS * self.tflops.get(key, fallback) for dtype, key in _DTYPE_RATE_KEY.items()
-        }
-        self._default_flops_per_second = TFLOPS * fallback
-
-    def flops_per_second(self, dtype: torch.dtype) -> float:
-        """Peak rate for `dtype`; a dtype the spec does not list runs at its fp32 rate."""
-        return self._flops_per_second.get(dtype, self._default_flops_per_second)
-
-    def seconds(self, flops: float, nbytes: float, dtype: torch.dtype) -> float:
-        """Roofline time of one op on this chip, in wall seconds."""
-        return self.dilation * max(flops / self.flops_per_second(dtype), nbytes / self.bytes_per_second)
-
-    def copy_seconds(self, nbytes: float) -> float:
-        """Time of a host <-> device copy of `nbytes` over the host link, in wall seconds."""
-        return self.dilation * nbytes / self.host_link_bytes_per_second
-
-
-class VirtualClock:
-    """When the emulated device will have finished everything issued so far.
-
-    Times are `time.perf_counter()` seconds (wall, dilation included).
-    `busy_seconds` is the sum of all costs charged: deterministic, whatever
-    the host is doing.
-    """
-
-    def __init__(self) -> None:
-        self.ready_at = time.perf_counter()
-        self.busy_seconds = 0.0
-        self._lock = threading.Lock()
-
-    def charge(self, seconds: float, issued_at: float | None = None) -> float:
-        """Queue `seconds` of device work issued at `issued_at` (default now)."""
-        issued_at = time.perf_counter() if issued_at is None else issued_at
-        with self._lock:
-            self.ready_at = max(self.ready_at, issued_at) + seconds
-            self.busy_seconds += seconds
-            return self.ready_at
-
-    def mark(self) -> float:
-        """The clock value an event recorded now would carry."""
-        return max(self.ready_at, time.perf_counter())
-
-    def wait_until(self, when: float) -> None:
-        """Block the host until wall time reaches `when`."""
-        while True:
-            remaining = when - time.perf_counter()
-            if remaining <= 0:
-                return
-            time.sleep(remaining)
-
-    def wait(self) -> None:
-        self.wait_until(self.ready_at)
-
-
-class EmulatedDeviceOutOfMemory(torch.OutOfMemoryError, EmulatedOutOfMemory):
-    """What the ledger raises: a `torch.OutOfMemoryError` (what real vendors raise) that is
-    also the layer's torch-free `EmulatedOutOfMemory`, with its byte counts."""
-
-    def __init__(self, message: str, **numbers: Any):
-        EmulatedOutOfMemory.__init__(self, message, **numbers)
-
-
-class MemoryLedger:
-    """Bytes of the storages the emulated device holds, against its capacity."""
-
-    def __init__(self, chip: ChipPace):
-        self.chip = chip
-        self.allocated = 0
-        self.peak = 0
-        self._live: dict[int, int] = {}  # storage data_ptr -> bytes
-        self._lock = threading.Lock()
-
-    def holds(self, tensor: torch.Tensor) -> bool:
-        """Whether `tensor`'s storage is device memory (a view of device memory is too)."""
-        return tensor.untyped_storage().data_ptr() in self._live
-
-    def track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0 or key in self._live:
-            return
-        with self._lock:
-            if self.allocated + nbytes > self.chip.capacity_bytes:
-                reserve = f" - memory_reserve_gb={self.chip.reserve_gb:g}" if self.chip.reserve_gb else ""
-                raise EmulatedDeviceOutOfMemory(
-                    f"emulated chip {self.chip.name!r} is out of memory: tried to allocate "
-                    f"{_mib(nbytes)} with {_mib(self.allocated)} of {_mib(self.chip.capacity_bytes)} "
-                    f"(memory_gb={self.chip.memory_gb:g}{reserve}) already in use",
-                    chip=self.chip.name, requested=nbytes, in_use=self.allocated,
-                    capacity=self.chip.capacity_bytes,
-                )
-            self._live[key] = nbytes
-            self.allocated += nbytes
-            self.peak = max(self.peak, self.allocated)
-        weakref.finalize(storage, self._release, key)
-
-    def _release(self, key: int) -> None:
-        with self._lock:
-            self.allocated -= self._live.pop(key, 0)
-
-    def reset_peak(self) -> None:
-        self.peak = self.allocated
-
-
-class EmulationMode(TorchDispatchMode):
-    """Charges every aten op to the virtual clock and its outputs to the ledger."""
-
-    def __init__(self, accelerator: "EmulatedAccelerator", strict: bool = False):
-        super().__init__()
-        self.accelerator = accelerator
-        self.pace = accelerator.pace
-        self.clock = accelerator.clock
-        self.ledger = accelerator.ledger
-        self.strict = strict
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        issued_at = time.perf_counter()
-        packet = func.overloadpacket
-        free = func.is_view or packet in _FREE_OPS
-        inputs = _tensors(args) + _tensors(kwargs.values())
-        transfer = self._check_inputs(func, args, inputs) if self.strict and not free else None
-        out = func(*args, **kwargs)
-        if packet is aten._local_scalar_dense:
-            self.clock.wait()  # .item(): the host reads device memory
-            return out
-        if free:
-            if packet in _ALLOCATING_OPS:
-                for tensor in _tensors(out):
-                    self.ledger.track(tensor)
-            return out
-        outputs = _tensors(out)
-        for tensor in outputs:
-            self.ledger.track(tensor)
-        if transfer is not None:   # copy_ between host and device memory: the host link's time
-            self.clock.charge(self.pace.copy_seconds(transfer.nbytes), issued_at)
-            return out
-        formula = _FLOP_FORMULAS.get(packet)
-        flops = formula(*args, out_val=out, **kwargs) if formula is not None else 0
-        nbytes = sum(t.nbytes for t in inputs) + sum(t.nbytes for t in outputs)
-        dtype = _compute_dtype(inputs or outputs)
-        self.clock.charge(self.pace.seconds(flops, nbytes, dtype), issued_at)
-        return out
-
-    def _check_inputs(self, func, args, inputs: list[torch.Tensor]) -> torch.Tensor | None:
-        """Strict mode: refuse a device op that reads host memory. A copy_ between host and
-        device memory is a transfer: returns the tensor whose bytes cross the host link."""
-        host = [t for t in inputs if self._is_host(t)]
-        if not host:
-            return None
-        if func.overloadpacket is aten.copy_ and len(host) == 1:
-            dst, src = args[0], args[1]
-            if self.ledger.holds(dst) or self.ledger.holds(src):
-                return src
-        tensor = host[0]
-        self.accelerator.violation(
-            f"{func} reads a host tensor (shape {tuple(tensor.shape)}, {tensor.dtype}) that is not in "
-            f"device memory; move it with the accelerator's copy API first (accelerator.to_device(tensor))")
-        return None
-
-    def _is_host(self, tensor: torch.Tensor) -> bool:
-        return tensor.dim() > 0 and tensor.numel() > 0 and not self.ledger.holds(tensor)
-
-
-class EmulatedStream:
-    """The emulated device has one in-order queue; every stream is that queue."""
-
-    def __init__(self, accelerator: "EmulatedAccelerator"):
-        self._accelerator = accelerator
-
-    def synchronize(self) -> None:
-        self._accelerator.synchronize()
-
-    def query(self) -> bool:
-        return time.perf_counter() >= self._accelerator.clock.ready_at
-
-    def wait_stream(self, stream) -> None:
-        return None  # one queue: already ordered
-
-    def wait_event(self, event) -> None:
-        return None
-
-    def record_event(self, event: "EmulatedEvent | None" = None) -> "EmulatedEvent":
-        event = event or EmulatedEvent(self._accelerator)
-        event.record()
-        return event
-
-
-class EmulatedEvent:
-    """Records the virtual clock; waits for and measures virtual time."""
-
-    def __init__(self, accelerator: "EmulatedAccelerator", enable_timing: bool = True):
-        self._clock = accelerator.clock
-        self._dilation = accelerator.time_dilation
-        self.time: float | None = None
-
-    def record(self, stream=None) -> None:
-        self.time = self._clock.mark()
-
-    def query(self) -> bool:
-        return self.time is None or time.perf_counter() >= self.time
-
-    def synchronize(self) -> None:
-        if self.time is not None:
-            self._clock.wait_until(self.time)
-
-    def wait(self, stream=None) -> None:
-        return None  # one queue: already ordered
-
-    def elapsed_time(self, end: "EmulatedEvent") -> float:
-        """Milliseconds of the chip's time from this event to `end`."""
-        if self.time is None or end.time is None:
-            raise RuntimeError("both events must be recorded before elapsed_time")
-        return (end.time - self.time) * 1000.0 / self._dilation
 
 
 class EmulatedAccelerator(CpuAccelerator):
@@ -395,6 +126,7 @@ class EmulatedAccelerator(CpuAccelerator):
     env_prefixes = ("HETERO_EMULATED_", "OMP_", "GLOO_")
     visible_devices_env = VISIBLE_ENV
     is_emulated = True
+    copy_engine = True      # modelled: side streams are the chip's copy engine (accelerators.emulated_streams)
 
     def __init__(self, chip: Mapping[str, Any] | None = None, time_dilation: float | None = None,
                  strict: bool | None = None):
@@ -408,6 +140,8 @@ class EmulatedAccelerator(CpuAccelerator):
         self.pace = ChipPace(chip, self.time_dilation)
         self.clock = VirtualClock()
         self.ledger = MemoryLedger(self.pace)
+        self.copies = CopyEngine()
+        self._default_stream = EmulatedStream(self)
         self._scope = threading.local()
         self._device_index: int | None = None   # set by set_device
         self.dist_backend = _backend_from_env()
@@ -419,6 +153,8 @@ class EmulatedAccelerator(CpuAccelerator):
             torch.zeros(1).add_(1)
         self.clock = VirtualClock()
         self.ledger = MemoryLedger(self.pace)
+        self.copies = CopyEngine()
+        self._default_stream = EmulatedStream(self)
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -497,26 +233,38 @@ class EmulatedAccelerator(CpuAccelerator):
         return f"emulated {self.pace.name}"
 
     def synchronize(self, index: int | None = None) -> None:
+        """Wait for both queues (compute and the copy engine); every copy in flight lands."""
         self.require_device("synchronize()")
         self.clock.wait()
+        self.copies.clock.wait()
+        self.copies.land()
 
     def properties(self, index: int | None = None) -> dict:
         return {"name": self.device_name(), "total_memory": self.pace.capacity_bytes,
                 "tflops": dict(self.pace.tflops), "memory_bandwidth_gbps": self.pace.bandwidth_gbps,
                 "host_link_gbps": self.pace.host_link_gbps, "emulated": True}
 
-    # Streams and events -----------------------------------------------------------
+    # Streams and events (accelerators.emulated_streams: the compute queue and the copy engine) ----
     def new_stream(self, priority: int = 0) -> EmulatedStream:
-        return EmulatedStream(self)
+        """A side stream: the chip's device->host copy engine (compute issued on it still runs on the
+        one compute queue)."""
+        return EmulatedStream(self, on_engine=True)
 
     def current_stream(self, index: int | None = None) -> EmulatedStream:
-        return EmulatedStream(self)
+        return getattr(self._scope, "stream", None) or self._default_stream
 
     def default_stream(self, index: int | None = None) -> EmulatedStream:
-        return EmulatedStream(self)
+        return self._default_stream
 
-    def stream(self, stream) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext(stream)
+    @contextlib.contextmanager
+    def stream(self, stream):
+        """Make `stream` this thread's current stream (as torch.cuda.stream)."""
+        previous = getattr(self._scope, "stream", None)
+        self._scope.stream = stream
+        try:
+            yield stream
+        finally:
+            self._scope.stream = previous
 
     def new_event(self, enable_timing: bool = True) -> EmulatedEvent:
         return EmulatedEvent(self, enable_timing)
@@ -555,18 +303,40 @@ class EmulatedAccelerator(CpuAccelerator):
             return tensor.detach().clone()
 
     def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
-        """Device -> host copy into an existing host tensor (a checkpoint's staging buffer): charged at
-        the host link exactly as `to_host` (a host `src` in strict mode is free), on the chip's one
-        queue, so compute issued after it waits for it (a real chip's copy engine could overlap
-        the two: the emulation is never the more forgiving); a blocking one waits for the device."""
+        """Device -> host copy into an existing host tensor (a checkpoint's staging buffer), charged at the
+        host link as `to_host`, on the queue of the current stream: the compute queue (the default
+        stream; compute issued after it waits for it), or the copy engine (a side stream; compute goes on
+        beside it, the rules in accelerators.emulated_streams). A blocking copy waits for itself; a
+        non-blocking one lands in `dst` only once something waits for it. A host `src` in strict mode
+        is a plain host copy, free and immediate (nothing crosses the link)."""
         self.require_device("copy_to_host()")
-        if not (self.strict and not self.ledger.holds(src)):
-            self.clock.charge(self.pace.copy_seconds(src.nbytes))
-        if not non_blocking:
-            self.clock.wait()
+        if self.strict and not self.ledger.holds(src):
+            with _disable_current_modes():
+                host_copy(dst, src)
+            return dst
+        stream = self.current_stream()
+        done = self._queue_copy(stream, src)
+        if non_blocking:
+            self.copies.queue(InFlightCopy(dst, src, done, stream.on_engine), poison=self.strict)
+            return dst
+        stream.clock().wait_until(done)
+        self.copies.hazards(set(), {dst.untyped_storage().data_ptr()})   # an earlier copy into dst lands first
         with _disable_current_modes():  # the copy lands in host memory, not the chip's
             host_copy(dst, src)
         return dst
+
+    def _queue_copy(self, stream: EmulatedStream, src: torch.Tensor) -> float:
+        """Charge a copy of `src` on `stream`'s queue; when it is done. On the copy engine it starts after
+        the events the stream waited for, and must follow the device work that last wrote `src`."""
+        seconds = self.pace.copy_seconds(src.nbytes)
+        if not stream.on_engine:
+            return self.clock.charge(seconds)
+        written = self.ledger.written_at.get(src.untyped_storage().data_ptr(), 0.0)
+        if self.strict and written > max(stream.floor, self.clock.synced_to):
+            self.violation(f"copy_to_host on a side stream reads a tensor (shape {tuple(src.shape)}) whose "
+                           "last device write is not known done; make the stream wait for it first "
+                           "(stream.wait_event(event recorded after the write) or stream.wait_stream)")
+        return self.copies.clock.charge(seconds, issued_at=max(time.perf_counter(), stream.floor, written))
 
     def to_device(self, tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         """Host -> device copy: a new tensor in device memory (counted by the ledger, so it may
@@ -669,44 +439,3 @@ def _checked_dilation(value: float, source: str = "time_dilation") -> float:
         raise AcceleratorUnavailable(f"{source} must be a number >= 1 (wall seconds per chip second), got {value!r}")
     return float(value)
 
-
-def _require(chip: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in chip:
-        raise ValueError(f"emulated chip spec is missing {key!r} (has {sorted(chip)})")
-    if not isinstance(chip[key], kind) or isinstance(chip[key], bool):
-        wanted = "a number" if kind == (int, float) else f"a {getattr(kind, '__name__', kind)}"
-        raise ValueError(f"emulated chip spec: {key!r} must be {wanted}, "
-                         f"got {type(chip[key]).__name__}")
-    return chip[key]
-
-
-def _positive(chip: Mapping[str, Any], key: str, name: str) -> float:
-    value = _require(chip, key, (int, float))
-    if value <= 0:
-        raise ValueError(f"emulated chip {name!r}: {key!r} must be positive, got {value}")
-    return float(value)
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    """The tensors in an op's output or argument list (one level of nesting)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    found = []
-    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
-        for item in value:
-            if isinstance(item, torch.Tensor):
-                found.append(item)
-            elif isinstance(item, (list, tuple)):
-                found.extend(t for t in item if isinstance(t, torch.Tensor))
-    return found
-
-
-def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
-    for tensor in tensors:
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB"

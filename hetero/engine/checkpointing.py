@@ -10,9 +10,16 @@ done. The copy itself runs in the background too (`Checkpoints.background`): par
 state change only at the next optimizer update, so the snapshot of step N is exact as long as it ends
 before step N+1's update, which `before_update()` ensures. What is copied: the weights (the fp32
 master copy in bf16/fp16), the moments, each rank's own TP slice or ZeRO-1 shard; the loss scaler's
-and the optimizer's counters are read in save() itself. On an emulated chip the copy is charged on the
-chip's one queue, so the compute behind it waits for it (a real chip's copy engine overlaps them):
-the emulation is never the more forgiving.
+and the optimizer's counters are read in save() itself.
+
+Background or synchronous is the accelerator's declared capability (`copy_engine`, a class attribute,
+vLLM-platforms style): a chip with DMA copy engines (GPUs, NPUs, the emulated chip, which models one)
+copies on a side stream while the next step computes; on plain `cpu` the "copy" is a host memcpy that
+takes cores from the step, so a background snapshot only slows the step (measured: `hetero bench
+checkpoint`) and the copy is made synchronously; HETERO_CHECKPOINT_SNAPSHOT=background|sync overrides
+the choice. The side stream waits for an event recorded in save()
+after the step's update, as CUDA needs (a non-blocking side stream is not ordered after the compute
+stream by itself); the emulated chip refuses a copy whose source's last write it was not told is done.
 
 Every decision (which checkpoint to resume from, a failed write, sealing) is taken from
 fleet-wide counts, so all ranks take it alike and `latest` keeps naming the previous checkpoint
@@ -30,14 +37,17 @@ import torch
 
 from hetero.engine import checkpoint as ckpt
 from hetero.engine import progress, retention
-from hetero.errors import JobFatalError
+from hetero.errors import JobFatalError, UserError
+
+SNAPSHOT_ENV = "HETERO_CHECKPOINT_SNAPSHOT"   # background | sync | auto (the accelerator's copy_engine)
 
 
 class Checkpoints:
     # Snapshots in the background (CheckFreq, Mohan et al., FAST'21): save() hands the device->host copy
     # to the writer's thread and returns; the copy runs while the next step's forward and backward do
     # (they only read what is copied), and before_update() waits for it. False: save() copies first.
-    background = True
+    # None: HETERO_CHECKPOINT_SNAPSHOT (background, sync) or else the accelerator's `copy_engine` decides.
+    background: bool | None = None
 
     def __init__(self, comms, accelerator, model_config, train_config, model, optimizer, scaler, *,
                  pretrained, log_once: Callable[[str], None], fleet_count: Callable[[list], list[int]],
@@ -50,6 +60,7 @@ class Checkpoints:
         self.pretrained = pretrained
         self._log_once, self._fleet_count = log_once, fleet_count
         self._scope, self._onto_device = scope, onto_device
+        self.background = background_snapshots(accelerator, type(self).background)
         self.root: str = train_config.checkpoint.dir if train_config.checkpoint else ""   # "": none kept
         self.every = train_config.checkpoint.every if train_config.checkpoint else 0
         self._pending: tuple | None = None   # (step, extra, write): the save whose writer may still run
@@ -105,16 +116,21 @@ class Checkpoints:
         """This rank's writer of checkpoint `step`; in the background mode its thread also makes the
         snapshot (the copy into staging), else the copy is made here first, training waiting for it."""
         directory, copy, names = ckpt.partial_dir(self.root, step), self.staging.begin().copy, self._own_names()
+        produced = self.accel.new_event()     # after the update that wrote what is copied
+        produced.record()
         if self.background:
             return ckpt.AsyncWrite(directory, self.place.rank, step, staging=self.staging,
-                                   snapshot=lambda: self._snapshot(copy, names)).start()
-        chunks = self._snapshot(copy, names)
+                                   snapshot=lambda: self._snapshot(copy, names, produced)).start()
+        chunks = self._snapshot(copy, names, produced)
         return ckpt.AsyncWrite(directory, self.place.rank, step, chunks, staging=self.staging).start()
 
-    def _snapshot(self, copy, names) -> list:
+    def _snapshot(self, copy, names, produced) -> list:
         """This rank's own shard copied into the staging buffers (on a side stream where the chip has
-        streams, so the copy can overlap the compute queued on the main one), waited for."""
-        with self.accel.stream(self._copy_stream()):
+        streams, so the copy can overlap the compute queued on the main one; the stream first waits for
+        the event `produced`, recorded after the compute that wrote the shard), waited for."""
+        stream = self._copy_stream()
+        with self.accel.stream(stream):
+            produced.wait(stream)
             chunks = self.optimizer.own_chunks(copy, names)
             self.staging.finish()
         return chunks
@@ -206,6 +222,21 @@ class Checkpoints:
         if self._any_rank(bad is not None):
             where = f" ({bad} on rank {self.place.rank})" if bad else ""
             raise JobFatalError(f"step {step}: weights are not finite{where}; stopping before checkpointing")
+
+
+def background_snapshots(accelerator, override: bool | None = None) -> bool:
+    """Whether saves snapshot in the background: `override` when set, else HETERO_CHECKPOINT_SNAPSHOT
+    (background or sync) when set, else whether the accelerator declares DMA copy engines
+    (`copy_engine`; False on plain cpu, where the copy is a host memcpy that only slows the step it
+    would run beside)."""
+    if override is not None:
+        return bool(override)
+    chosen = os.environ.get(SNAPSHOT_ENV, "").strip().lower()
+    if chosen in ("", "auto"):
+        return bool(getattr(accelerator, "copy_engine", False))
+    if chosen not in ("background", "sync"):
+        raise UserError(f"{SNAPSHOT_ENV} must be background, sync or auto, got {chosen!r}")
+    return chosen == "background"
 
 
 def _out_of_space(write, *args) -> int | None:

@@ -1,6 +1,6 @@
 """A checkpoint's device->host copy goes through the accelerator's copy_to_host into the reused
-staging buffers: the emulated chip charges its host link for it exactly as for `to_host` (so the
-emulation is never more forgiving than a real chip), a blocking copy waits for the device and a
+staging buffers: the emulated chip charges its host link for it exactly as for `to_host` (on the queue
+of the current stream: its compute queue, or its copy engine for a side stream's copy), a blocking copy waits for the device and a
 non-blocking one does not; a device source is copied asynchronously into pinned buffers and the
 save synchronizes once (a recording fake of a CUDA-like accelerator); and the trainer's saves are
 charged for every byte of the shard they write."""
@@ -132,10 +132,13 @@ def test_the_trainer_s_saves_are_charged_for_every_byte_they_write(tmp_path):
         train = dataclasses.replace(job.train, checkpoint=CheckpointConfig(str(tmp_path / "ckpt"), 1))
         charged, original = [], chip.copy_to_host
 
+        def busy():         # both queues: the compute queue's and the copy engine's (a side stream's copies)
+            return chip.clock.busy_seconds + chip.copies.clock.busy_seconds
+
         def spy(dst, src, non_blocking=False):
-            before = chip.clock.busy_seconds
+            before = busy()
             out = original(dst, src, non_blocking)
-            charged.append((src.nbytes, chip.clock.busy_seconds - before))
+            charged.append((src.nbytes, busy() - before))
             return out
 
         chip.copy_to_host = spy

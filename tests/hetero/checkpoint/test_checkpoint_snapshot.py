@@ -102,6 +102,7 @@ def test_a_snapshot_cut_short_is_never_sealed_and_the_resume_takes_the_previous_
         return copy(self, tensor)
 
     monkeypatch.setattr(ckpt.Staging, "copy", dies_at_step_2)
+    monkeypatch.setattr(Checkpoints, "background", True)      # plain cpu copies synchronously by default
     root = tmp_path / "ckpt"
     train = dataclasses.replace(job.train, checkpoint=CheckpointConfig(str(root), 1))
     with pytest.raises(RuntimeError, match="cut short"):
