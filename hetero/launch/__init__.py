@@ -13,7 +13,9 @@ meeting its island's other nodes in the coordinator's token-checked store
 world per island. The head
 node (the cluster's coordinator host) also runs comm_bridge's coordinator and
 decides, for every attempt, whether the job is done, failed, or restarts as a
-whole (hetero/launch/control.py). Who runs where: hetero/launch/layout.py.
+whole (hetero/launch/control.py; the other nodes follow it: member.py, through
+the keys of protocol.py). Who runs where: hetero/launch/layout.py. On Ray, one driver
+runs it all and Ray says which hosts are there (ray_fleet.py, ray_elastic.py).
 
 Each worker's environment:
 

@@ -23,10 +23,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 # Imported here, not when needed: the agent calls remove_rings from its parent-watch thread
 # too, and an import racing the main thread's can see a half-initialised module.
 from comm_bridge.shm import job_hex_of, remove_job_rings
+from hetero.atomic import write_atomic
 from hetero.errors import FATAL_EXIT_CODE, PEER_STOPPED_EXIT_CODE
 from hetero.launch.layout import IslandLayout, NodeWorkers
 from hetero.launch.logs import agent_outcome_path, fatal_path
@@ -40,11 +42,22 @@ FATAL, CRASHED, AGENT_ERROR, FOLLOWED, STOPPED = range(5)
 SETTLE_S = 3.0   # after a failure, how long agents get to stop on their own and say why
 
 
+class AgentHandle(Protocol):
+    """What the launcher needs of an island agent: subprocess.Popen's, or hetero.launch.ray_actors.AgentProc's
+    for an agent in a Ray actor."""
+
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 @dataclass
 class AgentProcess:
     island: IslandLayout
     node: NodeWorkers
-    proc: subprocess.Popen
+    proc: AgentHandle
     log_dir: str
     exited_at: float | None = None   # time.time() when this launcher first saw it exit
 
@@ -131,8 +144,7 @@ class LocalIslands:
         if code in (None, 0):
             return []
         seen = agent.exited_at or time.time()
-        failures = [self._fatal_line(agent, rank, seen) for rank in agent.node.global_ranks]
-        failures = [f for f in failures if f is not None]
+        failures = [f for rank in agent.node.global_ranks if (f := self._fatal_line(agent, rank, seen)) is not None]
         for worker in _recorded_failures(agent):
             rank, exitcode = worker["rank"], worker["exitcode"]
             log = os.path.join(agent.log_dir, f"{agent.island.name}.{worker['island_rank']}")
@@ -197,9 +209,7 @@ def write_outcome(path: str, failures: list[dict]) -> None:
     """The agent's side: record its failed workers for the launcher (best effort: a full
     disk leaves the launcher the agent's exit status alone)."""
     try:
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump({"failures": failures}, handle)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps({"failures": failures}))
     except OSError:
         pass
 
@@ -215,7 +225,7 @@ def _recorded_failures(agent: AgentProcess) -> list[dict]:
         return []
 
 
-def _signal(proc: subprocess.Popen, sig: int) -> None:
+def _signal(proc: AgentHandle, sig: int) -> None:
     try:
         proc.send_signal(sig)
     except ProcessLookupError:

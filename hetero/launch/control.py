@@ -3,15 +3,8 @@
 The head node (the cluster's coordinator host; in local mode, this launcher)
 runs a fresh coordinator for every attempt, so a new attempt never sees the
 last one's registrations, failures or keys. The launchers talk through its
-key-value store:
-
-    hetero.launch/state                    head: {"attempt", "state": running|done|failed, "restart", "reason", "fatal"}
-    hetero.launch/<attempt>/node/<host>    each other node: {"state": pending|running|done|failed, "reason",
-                                           "fatal", "priority", "beat"}
-    hetero.launch/<attempt>/ack/<host>     each other node, once it has read the verdict and stopped
-    hetero.launch/<attempt>/hang           head: {"rank", "host", "pid", "stacks"}: the node on that host
-                                           dumps that worker's stacks and kills it
-    hetero.progress/<attempt>/<rank>       each worker: its progress stamps (hetero.launch.progress_report)
+key-value store (the keys: hetero.launch.protocol; the other nodes' side:
+hetero.launch.member).
 
 The head decides: an attempt fails when an island on any node fails, when the
 coordinator declares a registered worker failed for missed heartbeats (the
@@ -44,68 +37,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
 
 from comm_bridge.client import CoordinatorClient
 from comm_bridge.coordinator import Coordinator
 from comm_bridge.errors import AddressInUseError, AuthenticationError, CoordinatorError
+from hetero.atomic import write_atomic
+from hetero.errors import UserError
 from hetero.launch import events, watchdog
 from hetero.launch.agents import CRASHED, FATAL, SETTLE_S, STOPPED, LocalStatus
-from hetero.errors import UserError
 from hetero.launch.layout import LOCAL_HOST, FleetLayout
-
-STATE_KEY = "hetero.launch/state"
-BEAT_S = 1.0   # a non-head node rewrites its status at least this often
-# The reason comm_bridge's coordinator records when a worker calls Leave (a clean exit).
-LEFT_REASON = "left the job"
-# How that reason begins when a worker stopped heartbeating.
-MISSED_HEARTBEATS = "no heartbeat"
-
-
-def node_key(attempt: int, host: str) -> str:
-    return f"hetero.launch/{attempt}/node/{host}"
-
-
-def ack_key(attempt: int, host: str) -> str:
-    return f"hetero.launch/{attempt}/ack/{host}"
-
-
-def hang_key(attempt: int) -> str:
-    return f"hetero.launch/{attempt}/hang"
-
-
-def here_key(attempt: int, host: str) -> str:
-    return f"hetero.launch/{attempt}/here/{host}"
-
-
-def plan_key(attempt: int) -> str:
-    return f"hetero.launch/{attempt}/plan"
-
-
-JOB_KEY = "hetero.launch/job"   # head (hetero run --node): what member hosts need to run the job
-
-
-class LaunchAbort(Exception):
-    """The job cannot go on (coordinator lost, token refused); the message says why."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    attempt: int
-    state: str              # running | done | failed
-    reason: str = ""
-    restart: bool = False   # failed, and the whole job starts again
-    fatal: bool = False     # failed in a way every restart would repeat (never restarts)
-    regrow: bool = False    # stopped to take a node back (elastic): no restart is spent on it
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "Verdict":
-        data = json.loads(text)
-        return cls(int(data["attempt"]), str(data["state"]), str(data.get("reason", "")),
-                   bool(data.get("restart", False)), bool(data.get("fatal", False)), bool(data.get("regrow", False)))
+from hetero.launch.protocol import (BEAT_S, JOB_KEY, LEFT_REASON, MISSED_HEARTBEATS, STATE_KEY, LaunchAbort, Verdict,
+                                    ack_key, hang_key, here_key, node_key, plan_key)
 
 
 class HeadControl:
@@ -153,14 +95,14 @@ class HeadControl:
         if self._announce:                 # after the port is ours: a refused start stays one line
             self.say(self._announce)
             self._announce = None
-        self.client.kv_set(plan_key(attempt), json.dumps({"plan": self.plan_text}))
+        self._store().kv_set(plan_key(attempt), json.dumps({"plan": self.plan_text}))
         if self.share is not None:
-            self.client.kv_set(JOB_KEY, json.dumps({**self.share, "plan": self.plan_text}))
+            self._store().kv_set(JOB_KEY, json.dumps({**self.share, "plan": self.plan_text}))
         self._back = {}
         for host_name in self.members:
-            self.client.kv_set(node_key(attempt, host_name), json.dumps({"state": "pending"}))
-            self.client.kv_set(ack_key(attempt, host_name), "")
-        self.client.kv_set(STATE_KEY, Verdict(attempt, "running").to_json())
+            self._store().kv_set(node_key(attempt, host_name), json.dumps({"state": "pending"}))
+            self._store().kv_set(ack_key(attempt, host_name), "")
+        self._store().kv_set(STATE_KEY, Verdict(attempt, "running").to_json())
         self._seen = {h: ("", time.monotonic()) for h in self.members}
         self._silent = set()     # members given up on: end() does not wait for their ack
         self._failing_since = None
@@ -175,18 +117,31 @@ class HeadControl:
         """A fresh coordinator on the cluster's port, and this launcher's client of it."""
         cluster = self.layout.cluster.coordinator
         host = LOCAL_HOST if self.layout.local else cluster.host
-        self.coordinator = Coordinator(self.token, world_size, host=host,
-                                       port=cluster.port, bind_all=cluster.bind_all and not self.layout.local,
-                                       heartbeat_timeout=self.heartbeat_timeout)
+        coordinator = Coordinator(self.token, world_size, host=host,
+                                  port=cluster.port, bind_all=cluster.bind_all and not self.layout.local,
+                                  heartbeat_timeout=self.heartbeat_timeout)
+        self.coordinator = coordinator
         try:
-            self.coordinator.start()
+            address = coordinator.start()
         except AddressInUseError as exc:   # the user picks another port: bad input, not a fault
             self.coordinator = None        # never served: nothing to stop or count
             raise UserError(f"cannot start the job's coordinator: {exc}") from None
         except (OSError, RuntimeError) as exc:
             self.coordinator = None
             raise LaunchAbort(f"cannot start the coordinator on {host}:{cluster.port}: {exc}") from None
-        self.client = CoordinatorClient(self.coordinator.address, self.token, 0, timeout=10.0)
+        self.client = CoordinatorClient(address, self.token, 0, timeout=10.0)
+
+    def _store(self) -> CoordinatorClient:
+        """This attempt's client of its coordinator (LaunchAbort when none runs)."""
+        if self.client is None:
+            raise LaunchAbort("the job's coordinator is not running")
+        return self.client
+
+    def _running(self) -> Coordinator:
+        """This attempt's coordinator (LaunchAbort when none runs)."""
+        if self.coordinator is None:
+            raise LaunchAbort("the job's coordinator is not running")
+        return self.coordinator
 
     def gather(self, attempt: int, wanted, timeout: float) -> set:
         """Before attempt `attempt` of an elastic job: call the nodes in (state `waiting`) and return
@@ -195,7 +150,7 @@ class HeadControl:
         self._serve(1)
         present: set = set()
         try:
-            self.client.kv_set(STATE_KEY, Verdict(attempt, "waiting", restart=True).to_json())
+            self._store().kv_set(STATE_KEY, Verdict(attempt, "waiting", restart=True).to_json())
             deadline = time.monotonic() + timeout
             while True:
                 present |= {h for h in wanted if h not in present and self._has(here_key(attempt, h))}
@@ -207,7 +162,7 @@ class HeadControl:
 
     def _has(self, key: str) -> bool:
         try:
-            self.client.kv_get(key)
+            self._store().kv_get(key)
             return True
         except AuthenticationError as exc:
             raise LaunchAbort(f"the job's own coordinator refused its token: {exc}") from None
@@ -225,7 +180,7 @@ class HeadControl:
             failures.append((CRASHED, self.hang[1]))
         if local.state == "failed":
             failures.append((local.priority, local.reason))
-        for rank, why in sorted(self.coordinator.failed.items()):
+        for rank, why in sorted(self._running().failed.items()):
             if why != LEFT_REASON:   # a worker that leaves has finished; its agent reports how
                 failures.append((CRASHED, f"the coordinator reports global rank {rank} failed: {why}"))
         members_done, members_running = True, False
@@ -261,7 +216,7 @@ class HeadControl:
             if back is None:
                 return None
             verdict = back
-        self.client.kv_set(STATE_KEY, verdict.to_json())
+        self._store().kv_set(STATE_KEY, verdict.to_json())
         return verdict
 
     def _take_back(self) -> Verdict | None:
@@ -273,7 +228,7 @@ class HeadControl:
         self._back_read_at = now
         step = self.checkpoint_step()
         for host_name in sorted(self.standby - set(self._back)):
-            if self._has(node_key(self.attempt, host_name)):
+            if self.came_back(host_name):
                 self._back[host_name] = step
                 self.say(f"node {host_name} is back: taking it back at the next checkpoint (after step {step})")
         ready = sorted(h for h, seen in self._back.items() if step > seen)
@@ -285,6 +240,16 @@ class HeadControl:
                           seen_at_step=self._back[host_name])
         return Verdict(self.attempt, "failed", reason, restart=True, regrow=True)
 
+    def came_back(self, host_name: str) -> bool:
+        """Whether the standby `host_name` is there again: its launcher joined this attempt."""
+        return self._has(node_key(self.attempt, host_name))
+
+    def runs_without(self, lost: set, hosts) -> None:
+        """Elastic: from the next attempt on the job runs without the `lost` hosts (of `hosts`, the first
+        plan's other nodes): no report is awaited from them, and they are watched for coming back."""
+        self.members = [h for h in hosts if h not in lost]
+        self.standby = set(lost)
+
     def watch(self) -> None:
         """Run the hang watchdog (the launcher calls it before it looks at its islands: a hung rank's
         stacks must be dumped before anything stops it). On a hang, have the rank's stacks dumped and
@@ -292,11 +257,11 @@ class HeadControl:
         progress reports stopped too is a stopped process: the same."""
         if self.hang is not None or self.watchdog is None or self.coordinator is None:
             return
-        failed = {rank: why for rank, why in self.coordinator.failed.items() if why != LEFT_REASON}
+        failed = {rank: why for rank, why in self._running().failed.items() if why != LEFT_REASON}
         hang = next((h for rank, why in sorted(failed.items()) if why.startswith(MISSED_HEARTBEATS)
                      for h in [self.watchdog.stopped(rank)] if h is not None and self._alive(h)), None)
         if hang is None and not failed:   # once a rank failed, the others stop on their own: not hung
-            hang = self.watchdog.check(gone=set(self.coordinator.failed) | set(self.coordinator.finished))
+            hang = self.watchdog.check(gone=set(self._running().failed) | set(self._running().finished))
         if hang is not None:
             self._on_hang(hang)
 
@@ -312,7 +277,7 @@ class HeadControl:
         if here:
             watchdog.dump_and_kill(hang.pid, hang.stacks)
         else:
-            self.client.kv_set(hang_key(self.attempt), json.dumps({"rank": hang.rank, "host": hang.host,
+            self._store().kv_set(hang_key(self.attempt), json.dumps({"rank": hang.rank, "host": hang.host,
                                                                    "pid": hang.pid, "stacks": hang.stacks}))
             ready += watchdog.DUMP_WAIT_S + 2 * BEAT_S
         line = hang.line()
@@ -322,7 +287,7 @@ class HeadControl:
         if self.run_dir and hang.stacks and hang.stacks.startswith(self.run_dir + os.sep):
             details["stacks"] = os.path.relpath(hang.stacks, self.run_dir)
         events.record(self.run_dir, "hang", attempt=self.attempt, timeout_s=self.hang_timeout, **details,
-                      ranks=self.watchdog.summary())
+                      ranks=self.watchdog.summary() if self.watchdog is not None else {})
 
     def record(self, event: str, **details) -> None:
         """An event of the job (events.jsonl): the head keeps them."""
@@ -331,7 +296,7 @@ class HeadControl:
     def _member(self, host_name: str) -> dict:
         """A member's last report; a silent member counts as failed."""
         try:
-            text = self.client.kv_get(node_key(self.attempt, host_name))
+            text = self._store().kv_get(node_key(self.attempt, host_name))
         except (CoordinatorError, AuthenticationError) as exc:
             raise LaunchAbort(f"the job's own coordinator stopped answering: {exc}") from None
         now = time.monotonic()
@@ -356,7 +321,7 @@ class HeadControl:
         waiting = [h for h in self.members if h not in self._silent]
         while waiting and time.monotonic() < deadline:
             try:
-                waiting = [h for h in waiting if self.client.kv_get(ack_key(self.attempt, h)) != "1"]
+                waiting = [h for h in waiting if self._store().kv_get(ack_key(self.attempt, h)) != "1"]
                 for host_name in waiting:
                     self._member(host_name)   # one that stopped reporting is lost: not waited for
             except (CoordinatorError, AuthenticationError, LaunchAbort):
@@ -386,136 +351,10 @@ class HeadControl:
         path = os.path.join(self.run_dir, "metrics", "coordinator.json")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w", encoding="utf-8") as handle:
-                json.dump({"refusals": self.refusals, "refused_total": sum(self.refusals.values())}, handle, indent=1)
-            os.replace(path + ".tmp", path)
+            write_atomic(path, json.dumps({"refusals": self.refusals,
+                                           "refused_total": sum(self.refusals.values())}, indent=1))
         except OSError:
             pass   # a full disk: the job's own failure says so
-
-
-class MemberControl:
-    """A node that is not the head: reports its islands, follows the head's verdicts."""
-
-    def __init__(self, layout: FleetLayout, token: str, host: str, join_timeout: float, lost_timeout: float):
-        self.layout = layout
-        self.host = host
-        self.join_timeout = join_timeout
-        self.lost_timeout = lost_timeout
-        self.client = CoordinatorClient(layout.coordinator_address, token, 0, timeout=5.0)
-        self.attempt = 0
-        self._reported = ""
-        self._reported_at = 0.0
-        self._beat = 0
-        self._last_ok = time.monotonic()
-        self._hang_read_at = 0.0
-        self._hang_done = False
-        self.plan_text: str | None = None   # the plan the head runs this attempt under (begin reads it)
-        self.plan_known = False
-
-    def begin(self, attempt: int) -> int:
-        """Wait until the head runs attempt >= `attempt` (saying this node is here while an elastic head
-        gathers the nodes); return the attempt to run."""
-        deadline = time.monotonic() + self.join_timeout
-        while True:
-            state = self._read(1.0)
-            if state is not None and state.attempt >= attempt:
-                if state.state == "running":
-                    self.attempt, self._reported, self._reported_at = state.attempt, "", 0.0
-                    self._last_ok = time.monotonic()
-                    self._hang_done = False
-                    self.plan_text, self.plan_known = self._plan(state.attempt)
-                    return state.attempt
-                if state.state == "waiting":   # an elastic head calls the nodes in: say this one is here
-                    self._say_here(state.attempt)
-                    deadline = time.monotonic() + self.join_timeout
-                elif not state.restart:
-                    raise LaunchAbort(f"the job ended before this node joined: {state.reason or state.state}")
-            if time.monotonic() > deadline:
-                raise LaunchAbort(f"no coordinator running attempt {attempt} at {self.layout.coordinator_address} "
-                                  f"after {self.join_timeout:.0f} s (is the head node's launcher running?)")
-            time.sleep(0.2)
-
-    def _say_here(self, attempt: int) -> None:
-        try:
-            self.client.kv_set(here_key(attempt, self.host), "1")
-        except CoordinatorError:
-            pass   # the next look
-
-    def _plan(self, attempt: int) -> tuple[str | None, bool]:
-        """(the plan text the head runs `attempt` under, whether the head said): None with True: no plan."""
-        try:
-            return json.loads(self.client.kv_get(plan_key(attempt), timeout=2.0)).get("plan"), True
-        except (CoordinatorError, ValueError, AttributeError):
-            return None, False
-
-    def step(self, local: LocalStatus, interrupted: str | None) -> Verdict | None:
-        if interrupted:
-            self._report({"state": "failed", "reason": interrupted, "final": True})
-        else:
-            self._report({"state": local.state, "reason": local.reason, "fatal": local.fatal,
-                          "priority": local.priority})
-        state = self._read(0.0)
-        if state is None:
-            if time.monotonic() - self._last_ok > self.lost_timeout:
-                return Verdict(self.attempt, "failed", f"lost the coordinator at {self.layout.coordinator_address}")
-            return None
-        self._last_ok = time.monotonic()
-        if state.attempt == self.attempt and state.state != "running":
-            return state
-        if state.attempt > self.attempt:   # the head gave up on this node and moved on
-            return Verdict(self.attempt, "failed", f"the head moved on to attempt {state.attempt}", restart=True)
-        return None
-
-    def watch(self) -> None:
-        self._dump_if_asked()
-
-    def _dump_if_asked(self) -> None:
-        """The head named a hung worker on this host: dump its stacks and kill it (once per attempt)."""
-        now = time.monotonic()
-        if self._hang_done or now - self._hang_read_at < watchdog.READ_S:
-            return
-        self._hang_read_at = now
-        try:
-            asked = json.loads(self.client.kv_get(hang_key(self.attempt)))
-        except (CoordinatorError, ValueError):
-            return    # none named (or the store is busy: the next read)
-        self._hang_done = True
-        if asked.get("host") == self.host:
-            watchdog.dump_and_kill(int(asked.get("pid", 0)), asked.get("stacks"))
-
-    def record(self, event: str, **details) -> None:
-        """Only the head keeps events."""
-
-    def end(self) -> None:
-        try:
-            self.client.kv_set(ack_key(self.attempt, self.host), "1")
-        except (CoordinatorError, AuthenticationError):
-            pass   # the head gave up waiting; nothing left to tell it
-
-    def close(self) -> None:
-        self.client.close()
-
-    def _report(self, status: dict) -> None:
-        """Write this node's status when it changes, and at least every BEAT_S (the head's liveness check)."""
-        text = json.dumps(status)
-        now = time.monotonic()
-        if text == self._reported and now - self._reported_at < BEAT_S:
-            return
-        self._beat += 1
-        try:
-            self.client.kv_set(node_key(self.attempt, self.host), json.dumps({**status, "beat": self._beat}))
-            self._reported, self._reported_at = text, now
-        except CoordinatorError:
-            pass   # retried on the next step
-
-    def _read(self, wait: float) -> Verdict | None:
-        try:
-            return Verdict.from_json(self.client.kv_get(STATE_KEY, timeout=wait))
-        except AuthenticationError:
-            raise LaunchAbort(f"the coordinator at {self.layout.coordinator_address} refused this node's "
-                              f"job token (give every node the head's HETERO_JOB_TOKEN)") from None
-        except CoordinatorError:
-            return None
 
 
 def _priority(value) -> int:

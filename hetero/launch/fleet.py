@@ -13,7 +13,9 @@ import time
 from hetero.errors import JobFatalError, UserError
 from hetero.launch import inputs, watchdog
 from hetero.launch.agents import LocalIslands, LocalStatus, remove_rings
-from hetero.launch.control import HeadControl, LaunchAbort, MemberControl
+from hetero.launch.control import HeadControl
+from hetero.launch.member import MemberControl
+from hetero.launch.protocol import LaunchAbort
 from hetero.launch.environment import island_env
 from hetero.launch.layout import FleetLayout, build_layout
 from hetero.launch.logs import attempt_log_dir
@@ -110,6 +112,7 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
         job.elastic = _Elastic(config, replan, watchdog.rejoin_or_default(rejoin_timeout), members)
     job.agent_work(0)   # every per-island input checked before anything starts
     lost_timeout = max(10.0, 2 * heartbeat_timeout)   # a silent node (or head) counts as lost
+    control: HeadControl | MemberControl
     if is_head:
         # Only the head: a member's workers may meet the head's on this host once its coordinator runs.
         remove_rings(token)
@@ -123,6 +126,7 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
                               announce=watchdog.describe_timeout(hang, hang_timeout is not None, predicted))
         control.plan_text, control.checkpoint_step, control.share = job.plan_text, job.resume_step, share
     else:
+        assert node is not None   # without --node this launcher is the head
         control = MemberControl(layout, token, node, join_timeout, lost_timeout)
     try:
         with _Interrupts() as interrupts:
@@ -168,7 +172,7 @@ class _FleetJob:
         try:
             while True:
                 if attempt and self.elastic is not None:
-                    self.regroup(control, attempt)
+                    self.regroup(control, attempt, self.elastic)
                 attempt = control.begin(attempt)   # a late member joins the head's current attempt
                 if isinstance(control, MemberControl) and control.plan_known and control.plan_text != self.plan_text:
                     self.adopt(control.plan_text, control)
@@ -200,11 +204,10 @@ class _FleetJob:
         finally:
             control.close()
 
-    def regroup(self, control, attempt: int) -> None:
+    def regroup(self, control, attempt: int, elastic: "_Elastic") -> None:
         """Elastic, on the head before a restart: call the nodes in; when the nodes that answer differ
         from those the job runs on, re-plan on them (down when nodes are lost, up to the first plan when
         they are all back), say the old and new plan, record a replan event."""
-        elastic = self.elastic
         started = time.monotonic()
         present = control.gather(attempt, elastic.hosts, elastic.rejoin_timeout)
         lost = sorted(set(elastic.hosts) - present)
@@ -228,8 +231,7 @@ class _FleetJob:
         new = summary(plan)
         gone, back = sorted(set(lost) - elastic.lost), sorted(elastic.lost - set(lost))
         elastic.lost = set(lost)
-        control.members = [h for h in elastic.hosts if h not in elastic.lost]
-        control.standby = set(elastic.lost)
+        control.runs_without(elastic.lost, elastic.hosts)
         why = (f"node{'s' if len(gone) > 1 else ''} {', '.join(gone)} not back after {waited:.0f} s" if gone
                else f"node{'s' if len(back) > 1 else ''} {', '.join(back)} back")
         self.say(f"re-planned ({why}), resuming from step {step}:", console=True)
@@ -245,23 +247,27 @@ class _FleetJob:
         replaces is kept as plan-until-step-<step>.json; returns that name), the layout follows it, and
         the entrypoint's arguments and HETERO_PLAN name the new file."""
         from hetero.launch.inputs import load_plan
+        from hetero.resume import PLAN_JSON, keep_replaced_plan, write_plan
 
-        path = os.path.join(self.run_dir, "plan.json")
+        path = os.path.join(self.run_dir, PLAN_JSON)
         kept = None
         if step is not None and self.plan_text is not None:
-            kept = f"plan-until-step-{step}.json"
-            _write(os.path.join(self.run_dir, kept), self.plan_text)
+            kept = keep_replaced_plan(self.run_dir, step, self.plan_text)
         if text is not None and _read(path) != text:
-            _write(path, text)
+            write_plan(self.run_dir, text)   # whole or not at all: another launcher may read it
         plan = load_plan(path, self.layout.cluster) if text is not None else None
         if text is not None and self.plan_path is not None:
             self.entry = [path if _same_file(arg, self.plan_path) else arg for arg in self.entry]
         self.plan, self.plan_text = plan, text
         self.plan_path = path if text is not None else None
-        self.layout = build_layout(self.layout.cluster, plan, self.node)
+        self.layout = self.layout_for(plan)
         control.layout = self.layout
         control.plan_text = text
         return kept
+
+    def layout_for(self, plan) -> FleetLayout:
+        """The layout this launcher runs `plan` under (hetero.launch.ray_fleet's driver runs no node of its own)."""
+        return build_layout(self.layout.cluster, plan, self.node)
 
     def resume_point(self) -> str:
         """Where a restart resumes: the step the checkpoint directory's `latest` names."""
@@ -355,14 +361,6 @@ def _read(path: str | None) -> str | None:
             return handle.read()
     except OSError:
         return None
-
-
-def _write(path: str, text: str) -> None:
-    """Write whole or not at all (another launcher on a shared run directory may read it)."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
 
 
 def _same_file(arg: str, path: str) -> bool:

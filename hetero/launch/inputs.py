@@ -20,7 +20,9 @@ def load_cluster(cluster) -> tuple[ClusterConfig, str | None]:
     if isinstance(cluster, ClusterConfig):
         return cluster, None
     path = os.fspath(cluster)
-    return load_job(cluster=path).cluster, os.path.abspath(path)
+    config = load_job(cluster=path).cluster
+    assert config is not None   # a cluster file given is loaded, or load_job raised
+    return config, os.path.abspath(path)
 
 
 def load_plan(path: str, cluster: ClusterConfig):

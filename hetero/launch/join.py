@@ -17,7 +17,7 @@ import time
 
 from hetero.errors import UserError
 from hetero.launch import inputs
-from hetero.launch.control import JOB_KEY
+from hetero.launch.protocol import JOB_KEY
 
 WAIT_S = 300.0
 

@@ -125,17 +125,17 @@ def build_layout(cluster: ClusterConfig, plan=None, node: str | None = None, aut
     device_base = _device_bases(cluster)
     islands = []
     for index, island in enumerate(cluster.islands):
-        nodes = []
+        nodes: list[NodeWorkers] = []
         first_chip = 0
-        for node_index, n in enumerate(island.nodes):
-            locals_here = [c for c in range(first_chip, first_chip + n.chips) if (island.name, c) in chosen]
+        for node_index, spec in enumerate(island.nodes):
+            locals_here = [c for c in range(first_chip, first_chip + spec.chips) if (island.name, c) in chosen]
             if locals_here:
                 base = device_base[(index, node_index)]
                 nodes.append(NodeWorkers(
-                    host=n.host, node=node_index, group_rank=len(nodes),
+                    host=spec.host, node=node_index, group_rank=len(nodes),
                     island_ranks=(), global_ranks=tuple(chosen[(island.name, c)] for c in locals_here),
                     devices=tuple(base + c - first_chip for c in locals_here)))
-            first_chip += n.chips
+            first_chip += spec.chips
         if not nodes:
             continue
         # Island-local ranks are dense, node by node: what torch elastic assigns.

@@ -49,7 +49,7 @@ def watch_parent(parent_pid: int, on_loss) -> threading.Thread:
 def children(pid: int | None = None) -> list[int]:
     """Live (not zombie) child processes of `pid` (default: this process), from /proc."""
     pid = os.getpid() if pid is None else pid
-    found = []
+    found: list[int] = []
     try:
         names = os.listdir("/proc")
     except OSError:

@@ -49,18 +49,21 @@ class _Agent(_Chip):
             env[visible[0]] = visible[1]
         spec = {**spec, "parent_pid": os.getpid()}
         os.makedirs(spec["log_dir"], exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "hetero.launch.island_agent", json.dumps(spec)],
-                                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        return self.proc.pid
+        proc = subprocess.Popen([sys.executable, "-m", "hetero.launch.island_agent", json.dumps(spec)],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = proc
+        threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
+        return proc.pid
 
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
+    def _read(self, output) -> None:
+        for raw in output:
             self.lines.append(raw.decode("utf-8", errors="replace"))
 
     def poll(self) -> tuple[int | None, list[str]]:
         """(the agent's exit status or None while it runs, its output since the last poll)."""
+        if self.proc is None:
+            raise RuntimeError("poll before start")   # the driver polls only once start has answered
         code = self.proc.poll()
         if code is not None:
             time.sleep(0.05)   # let the reader take the last lines
@@ -117,11 +120,11 @@ class AgentProc:
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
+        while (code := self.poll()) is None:
+            if timeout is not None and deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(self.label, timeout)
             time.sleep(0.1)
-        return self.returncode
+        return code
 
     def kill(self) -> None:
         """End the actor (and so its agent: the agent watches its parent)."""

@@ -12,9 +12,16 @@ which starts that island's torch elastic agent there with today's environment
 attempt; every actor of the attempt is stopped, and the whole job restarts from its
 last checkpoint (up to max_restarts) in fresh actors on the same placement groups.
 A lost Ray node (Ray says it is dead, or its raylet refuses a connection) is named as
-the attempt's failure, and a restart onto it is refused at once (LaunchAbort): its
-bundles would wait for it for ever. Ctrl-C stops every actor. At the end the actors
-and placement groups are removed.
+the attempt's failure. Elastic (the default, given a planner: `hetero run --on ray`, or
+`hetero launch --on ray --model --train`): the driver waits up to --rejoin-timeout for the
+node to be back, re-plans on the chips that remain exactly as the loopback launcher does
+(hetero.launch.fleet's regroup, hetero.launch.elastic's planner, the `replan` event),
+reserves placement groups for the new layout and resumes from the last checkpoint; a Ray
+node of the job that comes back is taken back at the next checkpoint (`rejoin`) and the plan
+grows again (hetero.launch.ray_elastic says which hosts are there). Not elastic (--no-elastic,
+or no planner): a restart onto a lost node is refused at once (LaunchAbort), since its
+bundles would wait for it for ever. Ctrl-C stops every actor. At the end the actors and
+placement groups are removed.
 
 A `host: auto` node gets a STRICT_PACK placement group of its own; once reserved, the
 Ray node it landed on becomes its host (hetero.launch.ray_placement.placed_cluster),
@@ -35,14 +42,16 @@ import socket
 import sys
 import tempfile
 import time
+from typing import Any
 
 from hetero.errors import UserError
 from hetero.launch import inputs, watchdog
 from hetero.launch.agents import CRASHED, AgentProcess, LocalIslands, LocalStatus, remove_rings
-from hetero.launch.control import HeadControl, LaunchAbort
-from hetero.launch.fleet import _FleetJob, _Interrupts, check_timeout
-from hetero.launch.layout import build_layout
+from hetero.launch.protocol import LaunchAbort
+from hetero.launch.fleet import _Elastic, _FleetJob, _Interrupts, _read, check_timeout
+from hetero.launch.layout import FleetLayout, build_layout
 from hetero.launch.logs import fatal_path
+from hetero.launch.ray_elastic import RayHeadControl
 from hetero.launch.ray_placement import (IslandPlacement, crowded, is_auto, missing_hosts, placed_cluster,
                                          placed_yaml, plan_placement, rebind, short_of, with_node_ids)
 
@@ -77,7 +86,7 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
                   hang_timeout: float | None = None, rejoin_timeout: float | None = None,
                   elastic: bool = True, replan=None) -> int:
     """launch_fleet (see hetero.launch.fleet) with every island on the Ray cluster at `address`.
-    Not elastic yet (`elastic` and `replan` are taken and unused): a restart places the same fleet.
+    `elastic`, `replan`, `rejoin_timeout`: as launch_fleet's, a host being there when a live Ray node has it.
     Returns as launch_fleet does; raises UserError for bad input, a host that is no Ray node, or
     bundles the Ray cluster cannot hold. The hang watchdog runs as with launch_fleet; a hung rank
     on another machine than the driver is not signalled for its stacks (no launcher runs there):
@@ -116,19 +125,27 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
             job = _RayJob(layout, None, entry, token, run_dir, os.path.abspath(plan_path) if plan_path else None,
                           cluster_path, forwarded, rdzv_timeout, shutdown_timeout, stdout, stderr,
                           os.path.abspath(checkpoint_dir) if checkpoint_dir else os.path.join(run_dir, "checkpoints"))
-            job.placements = placements
+            job.placements, job.placed, job.driver_ip, job.placement_timeout = (placements, layout, driver_ip,
+                                                                               placement_timeout)
+            job.plan, job.plan_text = plan, _read(plan_path)
+            job.first = (plan, job.plan_text)
+            rejoin = watchdog.rejoin_or_default(rejoin_timeout)
+            if elastic and len(layout.hosts) > 1:
+                job.elastic = _Elastic(layout.cluster, replan, rejoin, layout.hosts)
             job.say(f"on Ray: connected in {connected - started:.1f} s, {len(placements)} placement group(s) reserved "
                     f"in {reserved - connected:.1f} s{where}, coordinator at {layout.coordinator_address}",
                     console=True)
             remove_rings(token)
             predicted = plan.predicted_step_s if plan is not None else None
             hang = hang_timeout or watchdog.default_timeout(predicted)
-            control = HeadControl(layout, token, [], max_restarts, heartbeat_timeout,
-                                  ack_timeout=shutdown_timeout + 30.0, join_timeout=rdzv_timeout,
-                                  lost_timeout=max(10.0, 2 * heartbeat_timeout), run_dir=run_dir,
-                                  hang_timeout=hang, rejoin_timeout=watchdog.rejoin_or_default(rejoin_timeout),
-                                  say=lambda line: job.say(line, console=True),
-                                  announce=watchdog.describe_timeout(hang, hang_timeout is not None, predicted))
+            control = RayHeadControl(layout, token, [], max_restarts, heartbeat_timeout,
+                                     ack_timeout=shutdown_timeout + 30.0, join_timeout=rdzv_timeout,
+                                     lost_timeout=max(10.0, 2 * heartbeat_timeout), run_dir=run_dir,
+                                     hang_timeout=hang, rejoin_timeout=rejoin,
+                                     say=lambda line: job.say(line, console=True),
+                                     announce=watchdog.describe_timeout(hang, hang_timeout is not None, predicted),
+                                     ips={host: _ip(host) for host in layout.hosts})
+            control.plan_text, control.checkpoint_step = job.plan_text, job.resume_step
             with _Interrupts() as interrupts:
                 return job.run(control, interrupts, max_restarts)
         finally:
@@ -187,7 +204,7 @@ def _check_reachable(address: str | None) -> None:
         raise UserError(f"--on ray: nothing answers at {where} (is the Ray head running? `ray start --head`)")
 
 
-def _answers(host: str, port: int) -> bool:
+def answers(host: str, port: int) -> bool:
     """True when the raylet at host:port accepts a connection: Ray's own verdict on a killed node
     takes its health checks (seconds to minutes), a closed port does not."""
     try:
@@ -296,12 +313,38 @@ def _release(ray) -> None:
 
 class _RayJob(_FleetJob):
     placements: list[IslandPlacement] = []
+    placed: FleetLayout | None = None   # the layout `placements` were reserved for
+    driver_ip = ""
+    placement_timeout = PLACEMENT_TIMEOUT_S
+
+    def layout_for(self, plan) -> FleetLayout:
+        return build_layout(self.layout.cluster, plan, node=self.driver_ip)
 
     def start_islands(self, attempt: int):
+        if self.placed is not self.layout:   # re-planned (elastic): bundles where the new plan's workers go
+            self.placements = _replace(self.placements, self.layout, self.placement_timeout)
+            self.placed = self.layout
         if attempt:
             _refuse_lost(self.placements)
         work = {(island.name, node.node): (spec, env) for island, node, spec, env in self.agent_work(attempt)}
-        return RayIslands.start(self.placements, work, attempt, self.shutdown_timeout, self.stdout, self.run_dir)
+        return RayIslands.on_ray(self.placements, work, attempt, self.shutdown_timeout, self.stdout, self.run_dir)
+
+
+def _replace(placements, layout: FleetLayout, timeout: float) -> list[IslandPlacement]:
+    """The placement groups of `layout` (a re-planned job), reserved once those of `placements` are removed
+    (their bundles on a lost node would never be granted). A refusal here ends the job (LaunchAbort)."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for placement in placements:
+        if placement.group in _GROUPS:
+            _GROUPS.remove(placement.group)
+        with contextlib.suppress(Exception):
+            remove_placement_group(placement.group)
+    try:
+        return _reserve(ray, layout, timeout)
+    except UserError as exc:
+        raise LaunchAbort(f"cannot place the re-planned job on Ray: {exc}") from None
 
 
 def _refuse_lost(placements) -> None:
@@ -310,7 +353,7 @@ def _refuse_lost(placements) -> None:
     lost = lost_nodes(placements)
     if lost:
         raise LaunchAbort(f"cannot restart on the same Ray nodes: {'; '.join(lost)} (re-planning on the "
-                          f"surviving nodes is not supported yet)")
+                          f"surviving nodes needs the job's model and train files, and no --no-elastic)")
 
 
 def lost_nodes(placements) -> list[str]:
@@ -319,7 +362,7 @@ def lost_nodes(placements) -> list[str]:
 
     ours = {share.node_id for placement in placements for share in placement.shares}
     alive = {n["NodeID"] for n in ray.nodes()
-             if n["Alive"] and n["NodeID"] in ours and _answers(n["NodeManagerAddress"], n["NodeManagerPort"])}
+             if n["Alive"] and n["NodeID"] in ours and answers(n["NodeManagerAddress"], n["NodeManagerPort"])}
     lost: dict = {}
     for placement in placements:
         for share in placement.shares:
@@ -335,8 +378,9 @@ class RayIslands(LocalIslands):
     placements: list = []
 
     @classmethod
-    def start(cls, placements, work: dict, attempt: int, shutdown_timeout: float, stdout=None,
-              run_dir: str | None = None) -> "RayIslands":
+    def on_ray(cls, placements, work: dict, attempt: int, shutdown_timeout: float, stdout=None,
+               run_dir: str | None = None) -> "RayIslands":
+        """LocalIslands.start's counterpart: each (island, node) share's agent in an AgentHost actor on its bundles."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from hetero.launch.ray_actors import AgentHost, AgentProc, ChipHolder
@@ -346,18 +390,19 @@ class RayIslands(LocalIslands):
             for share in placement.shares:
                 spec, env = work[(share.island.name, share.node.node)]
                 for rank in share.node.global_ranks:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(fatal_path(run_dir, rank))
+                    if run_dir:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(fatal_path(run_dir, rank))
 
                 def on(bundle: int, group=placement.group):
                     return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle)
 
-                options = {"num_cpus": 1.0}
+                options: dict[str, Any] = {"num_cpus": 1.0}
                 if share.resource == "GPU":
                     options["num_gpus"] = 1.0
                 elif share.resource:
                     options["resources"] = {share.resource: 1.0}
-                host = AgentHost.options(scheduling_strategy=on(share.first), **options).remote()
+                host: Any = AgentHost.options(scheduling_strategy=on(share.first), **options).remote()
                 mates = [ChipHolder.options(scheduling_strategy=on(b), **options).remote()
                          for b in share.bundles[1:]] if share.resource else []
                 holders += mates
@@ -385,8 +430,10 @@ class RayIslands(LocalIslands):
 
         super().stop()
         for agent in self.agents:
+            kill = getattr(agent.proc, "kill", None)   # AgentProc: the actor goes (Popen's kill is never reached here)
             with contextlib.suppress(Exception):
-                agent.proc.kill()
+                if kill is not None:
+                    kill()
         for holder in self.holders:
             with contextlib.suppress(Exception):
                 ray.kill(holder, no_restart=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from hetero.config import ClusterConfig
 from hetero.config.cluster import AUTO, AUTO_PREFIX
@@ -53,7 +54,7 @@ class IslandPlacement:
     island: IslandLayout
     bundles: tuple[dict, ...]
     shares: tuple[NodeShare, ...]
-    group: object = None   # its Ray placement group, once reserved
+    group: Any = None   # its Ray placement group (ray.util.placement_group.PlacementGroup), once reserved
     strategy: str = "PACK"
 
     @property
@@ -91,7 +92,8 @@ def plan_placement(layout: FleetLayout, ips: dict) -> list[IslandPlacement]:
     placements = []
     for island in layout.islands:
         resource = ray_resource(island.accelerator)
-        bundles, shares = [], []
+        bundles: list[dict] = []
+        shares: list[NodeShare] = []
         for node in island.nodes:
             if is_auto(node.host):
                 share = NodeShare(island, node, None, 0, resource)

@@ -10,7 +10,10 @@ Mapping (`by`): "name" (default) matches the node's name (SLURMD_NODENAME, else 
 SLURM_NODEID of the expanded SLURM_JOB_NODELIST) to a cluster host by full name, short
 name or address; "order" takes the cluster file's hosts in their order of appearance,
 node i of the allocation being host i (for files written with addresses Slurm does not
-know). Not run under a real Slurm yet: tested against recorded Slurm environments and a
+know). Not elastic: srun ends the whole job step when one node's task fails or its node is
+lost (--kill-on-bad-exit), so a lost node cannot be re-planned around from inside the step; the
+launchers run with --no-elastic, and --rejoin-timeout / the elastic default are said to be unused
+(NOT_ELASTIC, one line). Not run under a real Slurm yet: tested against recorded Slurm environments and a
 stand-in srun (tests/test_slurm_launch.py).
 """
 
@@ -28,6 +31,8 @@ from hetero.errors import UserError
 from hetero.launch.targets import cluster_hosts
 
 BY = ("name", "order")
+NOT_ELASTIC = ("--on slurm is not elastic: srun ends the job step when a node is lost, so no re-plan on the "
+               "survivors (--rejoin-timeout unused); --max-restarts restarts the job on the same nodes")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
@@ -113,7 +118,10 @@ def this_host(cluster, env: dict, by: str = "name") -> str | None:
     """The cluster host this task runs (None: this Slurm node runs none of the job)."""
     nodes, index = allocation(env)
     mapping = map_hosts(cluster, nodes, by)
-    name = env.get("SLURMD_NODENAME") or nodes[index]
+    name = env.get("SLURMD_NODENAME") or (nodes[index] if index is not None else None)
+    if name is None:
+        raise UserError("--on slurm: neither SLURMD_NODENAME nor SLURM_NODEID says which node this is "
+                        "(run it inside a job step: srun)")
     if name not in mapping and index is not None and index < len(nodes):
         name = nodes[index]
     return mapping.get(name)
@@ -149,6 +157,10 @@ def slurm_launcher(by: str = "name"):
         config, _ = load_cluster(cluster)
         refuse_auto(config, "--on slurm")
         host = this_host(config, env, by)
+        if options.get("elastic", True) and (options.get("replan") is not None or options.get("rejoin_timeout")) \
+                and host == config.coordinator.host:
+            print(f"hetero launch: {NOT_ELASTIC}", file=sys.stderr, flush=True)
+        options = {**options, "elastic": False}
         if host is None:
             print(f"hetero launch: Slurm node {env.get('SLURMD_NODENAME', '?')} runs no host of cluster "
                   f"'{config.name}'; nothing to do here", file=sys.stderr, flush=True)
@@ -162,7 +174,7 @@ def slurm_run_launcher(by: str = "name"):
     """launch_fleet's signature for `hetero run --on slurm`, called in the batch script (or an salloc
     shell): every node's `hetero launch --on slurm` under srun, writing into the (shared) run directory."""
     def launch(cluster, plan_path, entrypoint, args=(), node=None, max_restarts=0, run_dir=None, stdout=None,
-               stderr=None, hang_timeout=None, rejoin_timeout=None, **_):
+               stderr=None, hang_timeout=None, elastic=True, **_):
         from hetero.launch.inputs import load_cluster
 
         env = dict(os.environ)
@@ -173,10 +185,11 @@ def slurm_run_launcher(by: str = "name"):
         config, path = load_cluster(cluster)
         path = path or os.path.join(run_dir, "cluster.yaml")   # hetero run keeps a copy in its run directory
         map_hosts(config, nodes, by)   # every host in the allocation, before anything starts
+        if elastic:
+            print(f"hetero run: {NOT_ELASTIC}", file=sys.stderr, flush=True)
         argv = ["launch", "--on", "slurm", "--slurm-by", by, "--cluster", path, "--max-restarts", str(max_restarts),
                 "--run-dir", run_dir, *(["--plan", plan_path] if plan_path else []),
-                *(["--hang-timeout", repr(hang_timeout)] if hang_timeout else []),
-                *(["--rejoin-timeout", repr(rejoin_timeout)] if rejoin_timeout else []), *entrypoint.split(), *args]
+                *(["--hang-timeout", repr(hang_timeout)] if hang_timeout else []), *entrypoint.split(), *args]
         return run_under_srun(argv, env, stdout, stderr)
 
     return launch

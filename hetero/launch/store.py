@@ -109,7 +109,7 @@ class CoordinatorStore(dist.Store):
         return self.prefix + key
 
     def _seconds(self) -> float:
-        return self.timeout.total_seconds()
+        return self.timeout.total_seconds()   # type: ignore[attr-defined]  # torch sets it (set_timeout); its stubs lack it
 
 
 def _bytes(value) -> bytes:

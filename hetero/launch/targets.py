@@ -81,7 +81,7 @@ def is_this_machine(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError, OSError):
         return False   # unresolvable here: not an address of this machine
-    return any(_is_own_address(info[0], info[4][0]) for info in infos)
+    return any(_is_own_address(info[0], str(info[4][0])) for info in infos)
 
 
 def _own_names() -> set[str]:

@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 from hetero.engine import progress
@@ -124,7 +125,7 @@ class Watchdog:
             seen["beat_at"] = now
         seen["report"] = report
 
-    def verdict(self, now: float, gone: set = frozenset()) -> Hang | None:
+    def verdict(self, now: float, gone: Collection[int] = frozenset()) -> Hang | None:
         if len(self._ranks) < self.world_size:
             return None     # a rank not heard from yet: the others may be waiting for it to start
         training = {rank: seen for rank, seen in self._ranks.items()

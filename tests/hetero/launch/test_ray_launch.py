@@ -27,6 +27,7 @@ import pytest
 from tests.conftest import FIXTURES, ROOT, WORKERS, free_port
 from hetero.config import load_job
 from hetero.engine.checkpoint import pointed_step
+from hetero.launch import events
 from hetero.launch.layout import build_layout
 from hetero.launch.ray_placement import WORKER_CPUS, missing_hosts, plan_placement, short_of
 
@@ -199,8 +200,12 @@ def hetero(*argv: str, timeout: float = 420) -> tuple[subprocess.CompletedProces
 
 
 def steps_of(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics", "steps.jsonl")) as handle:
-        return [json.loads(line) for line in handle]
+    """The run's step records so far ([] before the first)."""
+    path = os.path.join(run_dir, "metrics", "steps.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def first_step_after(run_dir, started: float) -> float:
@@ -238,10 +243,10 @@ def test_default_job_on_ray_matches_the_local_run(runs):
 
 
 
-def start_run_on_ray(ray_cluster, job_files, out):
-    """`hetero run --on ray=ADDRESS --max-restarts 1 --json` in the background (RAY_ADDRESS dropped)."""
+def start_run_on_ray(ray_cluster, job_files, out, *extra: str):
+    """`hetero run --on ray=ADDRESS --max-restarts 1 --json EXTRA` in the background (RAY_ADDRESS dropped)."""
     command = [sys.executable, "-m", "hetero", "run", "--on", f"ray={ray_cluster.address}", *job_files,
-               "--out", str(out), "--max-restarts", "1", "--json"]
+               "--out", str(out), "--max-restarts", "1", "--json", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=without_ray_address())
 
@@ -317,12 +322,75 @@ print(json.dumps({"groups": groups, "actors": actors}))
 """
 
 
+ELASTIC_STEPS = 20   # the node is back within a few steps; the rest leave room to take it back
+
+
+def wait_for(predicate, timeout: float, what: str, proc):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+# Takes the second node down and brings it back.
+@pytest.mark.slow
+@pytest.mark.timeout(900)   # with the module's Ray cluster (setup counts): minutes on a loaded CI machine
+def test_a_lost_ray_node_is_planned_around_and_taken_back(ray_cluster, job_files, tmp_path):
+    """Elastic --on ray: the slow island's Ray node dies mid-run; the driver re-plans on the fast island's
+    chips (the loopback launcher's planner and events) and resumes from the last checkpoint; the node
+    started again is taken back at the next checkpoint, the plan grows back, and all steps finish."""
+    train = tmp_path / "train.yaml"
+    with open(job_files[5]) as handle:
+        text = re.sub(r"^steps: \d+", f"steps: {ELASTIC_STEPS}", handle.read(), flags=re.M)
+    train.write_text(re.sub(r"every: \d+", "every: 2", text))
+    out = tmp_path / "run"
+    proc = start_run_on_ray(ray_cluster, [*job_files[:5], str(train)], out, "--rejoin-timeout", "3")
+    try:
+        wait_for(lambda: len(steps_of(out)) >= 3 and (out / "checkpoints" / "latest").exists(), 300,
+                 "step 3", proc)
+        ray_cluster.lose_second()
+        killed_at, killed_step = time.time(), len(steps_of(out))
+        replan = wait_for(lambda: next((e for e in events.read(str(out)) if e["event"] == "replan"), None), 120,
+                          "the replan event", proc)
+        ray_cluster.restore_second()
+        stdout, stderr = proc.communicate(timeout=480)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    found = events.read(str(out))
+    failure = next(e for e in found if e["event"] == "failure")
+    assert "Ray node 127.0.0.3 (island slow) is lost" in failure["reason"]
+    assert failure["time"] - killed_at <= 10.0                                    # detection
+    assert replan["lost"] == [SECOND] and replan["old"]["world_size"] == 4 and replan["new"]["world_size"] == 2
+    assert "re-planned (node 127.0.0.3 not back after" in stderr and "new plan: fast(" in stderr
+    down = replan["from_step"]
+    assert killed_step - down <= 2                                                # <= the checkpoint interval
+    rejoin = next(e for e in found if e["event"] == "rejoin")
+    up = next(e for e in found if e["event"] == "replan" and e["back"] == [SECOND])
+    assert rejoin["host"] == SECOND and up["lost"] == [] and up["new"]["world_size"] == 4
+    assert len(json.loads((out / f"plan-until-step-{up['from_step']}.json").read_text())["ranks"]) == 2
+    assert len(json.loads((out / "plan.json").read_text())["ranks"]) == 4         # the first plan again
+    records = steps_of(out)
+    assert records[-1]["step"] == ELASTIC_STEPS and len(json.loads(stdout)["losses"]) == ELASTIC_STEPS
+    # A step trained under the first plan and again on the survivors (from the checkpoint): the same loss.
+    twice: dict = {}
+    for record in records:
+        twice.setdefault(record["step"], []).append(record["loss"])
+    for step in range(down + 1, killed_step + 1):
+        assert max(twice[step]) - min(twice[step]) <= 1e-5 * abs(twice[step][0]), (step, twice[step])
+
+
 # Last in the module: it takes the second node down (and brings it back for any test after it).
 @pytest.mark.slow
 @pytest.mark.timeout(900)   # with the module's Ray cluster and runs (setup counts): minutes on a loaded CI machine
 def test_a_lost_node_stops_every_actor_of_the_job(ray_cluster, job_files, tmp_path):
+    """Not elastic (--no-elastic): a restart onto the lost node is refused at once, in one line."""
     out = tmp_path / "run"
-    proc = start_run_on_ray(ray_cluster, job_files, out)
+    proc = start_run_on_ray(ray_cluster, job_files, out, "--no-elastic")
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("logs/attempt_0/slow.*/stdout.log")):   # the slow island's workers run

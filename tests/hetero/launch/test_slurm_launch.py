@@ -139,3 +139,33 @@ def test_run_on_slurm_starts_every_nodes_launcher_from_the_batch_script(tmp_path
     monkeypatch.setattr(os, "environ", dict(STEP_ON_SECOND))
     with pytest.raises(UserError, match="not under srun"):
         slurm.slurm_run_launcher()(cluster, None, "-m hetero.engine.worker", run_dir=run_dir)
+
+
+def test_on_slurm_says_in_one_line_that_it_is_not_elastic(tmp_path, monkeypatch, capsys):
+    """srun ends the step when a node is lost: `hetero run --on slurm` says so (elastic is hetero run's
+    default), `--no-elastic` is quiet, and every node's launcher runs with elastic off."""
+    import hetero.launch.fleet as fleet
+    import hetero.launch.slurm as slurm
+
+    monkeypatch.setattr(slurm, "run_under_srun", lambda argv, env, stdout, stderr: 0)
+    monkeypatch.setattr(os, "environ", dict(BATCH))
+    cluster = cluster_of(tmp_path, ["gpu07", "gpu08"])
+    slurm.slurm_run_launcher()(cluster, None, "-m hetero.engine.worker", run_dir=str(tmp_path / "run"),
+                               elastic=True, rejoin_timeout=5.0)
+    assert capsys.readouterr().err == f"hetero run: {slurm.NOT_ELASTIC}\n"
+    slurm.slurm_run_launcher()(cluster, None, "-m hetero.engine.worker", run_dir=str(tmp_path / "run"),
+                               elastic=False)
+    assert capsys.readouterr().err == ""
+
+    calls = []
+    monkeypatch.setattr(fleet, "launch_fleet", lambda *args, **options: calls.append(options) or 0)
+    monkeypatch.setattr(os, "environ", dict(STEP_ON_SECOND, SLURMD_NODENAME="gpu07", SLURM_NODEID="0"))
+    assert slurm.slurm_launcher()(cluster, None, "-m hetero.engine.worker", rejoin_timeout=5.0) == 0
+    assert calls[-1]["elastic"] is False and capsys.readouterr().err == f"hetero launch: {slurm.NOT_ELASTIC}\n"
+
+
+def test_a_step_without_a_node_name_or_id_is_one_line(tmp_path):
+    cluster = cluster_of(tmp_path, ["gpu07", "gpu08"])
+    outside = {k: v for k, v in STEP_ON_SECOND.items() if k not in ("SLURMD_NODENAME", "SLURM_STEP_ID")}
+    with pytest.raises(UserError, match="neither SLURMD_NODENAME nor SLURM_NODEID"):
+        this_host(cluster, outside)
