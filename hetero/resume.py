@@ -23,12 +23,16 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
 
 import yaml
 
 from hetero.atomic import write_atomic
 from hetero.engine import checkpoint as ckpt
 from hetero.errors import UserError
+
+if TYPE_CHECKING:
+    from hetero.config.load import FullJob
 
 PARTS = ("cluster", "model", "train")
 RUN_JSON = "run.json"
@@ -42,7 +46,7 @@ class Stopped:
 
     run_dir: str
     paths: dict          # {part: RUN_DIR/<part>.yaml}
-    job: object          # hetero.config.Job of those files
+    job: FullJob         # the job those files make
     step: int            # the checkpoint step the workers resume from
     steps: int           # the total the run was asked for
 
@@ -72,7 +76,7 @@ def open_run(run_dir: str) -> Stopped:
     missing = [os.path.basename(p) for p in paths.values() if not os.path.isfile(p)]
     if missing:
         raise UserError(f"--resume {run_dir}: not a run directory of `hetero run` (no {', '.join(missing)})")
-    job = load_job(**paths).require(*PARTS)
+    job = load_job(**paths).require("cluster", "model", "train")
     step = checkpoint_step(run_dir)
     recorded = read_record(run_dir).get("steps")
     steps = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else job.train.steps
@@ -229,7 +233,7 @@ class RunLock:
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK)
-        self.handle = None
+        self.handle: TextIO | None = None
 
     def __enter__(self) -> "RunLock":
         handle = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with

@@ -11,12 +11,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hetero import resume
 from hetero.commands.flags import add_job_files
 from hetero.config.model import model_text
 from hetero.errors import UserError
 from hetero.launch import events
+
+if TYPE_CHECKING:
+    from partitioner.plan import Plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {"cluster": "emulated-mixed.yaml", "model": "llama-tiny.yaml", "train": "train-tiny.yaml"}
@@ -28,7 +32,7 @@ KINDS = {"auto": ("pipeline", "replicas"), "pipeline": ("pipeline",), "replicas"
 class RunResult:
     code: int
     run_dir: str
-    plan: dict
+    plan: Plan                                     # the plan it ran under (the last one, if re-planned)
     records: list = field(default_factory=list)    # metrics/steps.jsonl, last attempt per step
     resumed_from: int | None = None                # --resume: the checkpoint step it went on from
 
@@ -98,7 +102,7 @@ def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | Non
                 from hetero.launch.join import share_of
 
                 settings["share"] = share_of(run_dir, steps)
-            return _launch(launch, job, worker_paths, run_dir, plan.to_dict(), steps, max_restarts, progress,
+            return _launch(launch, job, worker_paths, run_dir, plan, steps, max_restarts, progress,
                            made=made, timeouts=settings)
     except UserError:
         if made.only_ours():
@@ -148,7 +152,7 @@ def resume_fleet(stopped, steps: int | None = None, plan_file: str | None = None
         say(f"resuming {run_dir} from step {stopped.step} to step {total}")
         events.record(run_dir, "resume", from_step=stopped.step, steps=total, replanned=bool(plan_file or kind))
         try:
-            result = _launch(launch, job, stopped.paths, run_dir, plan.to_dict(), total, max_restarts, progress,
+            result = _launch(launch, job, stopped.paths, run_dir, plan, total, max_restarts, progress,
                              first_step=stopped.step, offset=offset,
                              timeouts=dict(timeouts, **_elastic(job, kind or "auto", elastic)))
         finally:
@@ -175,7 +179,7 @@ def _replace_plan(run_dir: str, plan, step: int) -> str:
     old = _old_plan(os.path.join(run_dir, resume.PLAN_JSON))
     kept = resume.keep_replaced_plan(run_dir, step) or resume.kept_plan_name(step)
     resume.write_plan(run_dir, plan.to_json())
-    return (f"re-planned from step {step}: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step "
+    return (f"re-planned from step {step}: {plan.summary()}; predicted {plan.predicted_step_s:.3f} s/step "
             f"(the run had {old}; its plan kept as {kept})")
 
 
@@ -192,11 +196,11 @@ def choose_plan(job, plan_file: str | None, kind: str, say):
 
     # What the search cannot choose around (the train file's dtype) is the train file's to fix.
     plan = check_supported(search_plan(job, kind), dict(job.sources).get("train", "the train file"))
-    say(f"plan: {describe(plan)}; predicted {plan.predicted_step_s:.3f} s/step")
+    say(f"plan: {plan.summary()}; predicted {plan.predicted_step_s:.3f} s/step")
     return plan
 
 
-def _launch(launch, job, paths: dict, run_dir: str, plan_data: dict, steps: int, max_restarts: int,
+def _launch(launch, job, paths: dict, run_dir: str, plan: Plan, steps: int, max_restarts: int,
             progress: bool, made=None, first_step: int = 0, offset: int = 0, timeouts: dict | None = None) -> RunResult:
     """Start every worker of plan.json in run_dir and follow metrics/steps.jsonl from byte `offset` (the
     records before it are the run's earlier steps) until the launcher returns."""
@@ -221,7 +225,7 @@ def _launch(launch, job, paths: dict, run_dir: str, plan_data: dict, steps: int,
     finally:
         stop.set()
         follower.join()
-    return RunResult(code, run_dir, plan_data, records)
+    return RunResult(code, run_dir, plan, records)
 
 
 def _launcher(target, cluster, node: str | None, token_file: str | None):
@@ -274,7 +278,7 @@ def _old_plan(plan_path: str) -> str:
 
     try:
         with open(plan_path, encoding="utf-8") as handle:
-            return describe(Plan.from_json(handle.read()))
+            return Plan.from_json(handle.read()).summary()
     except Exception:  # pylint: disable=broad-except  # only words for a message: any unreadable plan will do
         return "an unreadable plan.json"
 
@@ -353,9 +357,10 @@ class RunDir:
         self.made.clear()
 
 
-def describe(plan) -> str:
-    parts = [f"{s.island}(tp{s.tp} dp{s.dp} layers {s.layers[0]}-{s.layers[1]})" for s in plan.stages]
-    return " -> ".join(parts) + f", {plan.num_micro_batches} x micro-batch {plan.micro_batch}"
+def describe(plan: Plan) -> str:
+    """Plan.summary(), for the callers that still import it from here (hetero.launch.elastic,
+    hetero.compare.fleet); new code calls plan.summary()."""
+    return plan.summary()
 
 
 def _follow(path: str, span: tuple, stop: threading.Event, records: list, show: bool, offset: int = 0) -> None:

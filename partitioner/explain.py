@@ -13,17 +13,13 @@ PARTS = (
 )
 
 
-def describe(plan: Plan) -> str:
-    return str(plan.provenance.get("label", plan.kind))
-
-
 def compare(best: Plan, other: Plan, other_name: str = "runner-up") -> list[str]:
     """Sentences on why `other` predicts a slower step than `best`."""
     gap = other.predicted_step_s - best.predicted_step_s
     rel = gap / best.predicted_step_s if best.predicted_step_s else 0.0
     lines = [
-        f"chosen:    {describe(best)}: {best.predicted_step_s:.4g} s per step",
-        f"{other_name + ':':<10} {describe(other)}: {other.predicted_step_s:.4g} s per step "
+        f"chosen:    {best.label}: {best.predicted_step_s:.4g} s per step",
+        f"{other_name + ':':<10} {other.label}: {other.predicted_step_s:.4g} s per step "
         f"({'+' if gap >= 0 else ''}{gap:.3g} s, {100 * rel:+.1f}%)",
     ]
     diffs = []

@@ -97,8 +97,8 @@ def _measure(job, paths, out, args, say) -> dict:
         result = _train(sub_job, sub_paths, os.path.join(out, "subfleets", island.name), args, say)
         subfleets[island.name] = _summary(result, job)
         if not args.no_host_costs:
-            subfleets[island.name]["host_cost"] = asdict(island_host_cost(result.plan, result.steady_step_s))
-        predicted_sub += result.plan["tokens_per_s"]
+            subfleets[island.name]["host_cost"] = asdict(island_host_cost(result.plan.to_dict(), result.steady_step_s))
+        predicted_sub += result.plan.tokens_per_s
     # Plan the mixed fleet with each island's speed and host costs as just measured
     # alone (as `hetero profile` would), so the split between islands follows reality.
     profile = calibration_profile(job, subfleets)
@@ -231,7 +231,7 @@ def _train(job, paths, run_dir, args, say, plan_file=None):
 
 def _summary(result, job) -> dict:
     tokens = job.train.global_batch * job.model.seq_len
-    plan = result.plan
+    plan = result.plan.to_dict()
     return {
         "tokens_per_s": tokens / result.steady_step_s, "step_s": result.steady_step_s,
         "predicted_tokens_per_s": plan["tokens_per_s"], "predicted_step_s": plan["predicted_step_s"],

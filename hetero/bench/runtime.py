@@ -43,7 +43,7 @@ def run(args) -> int:
     if result.code != 0:
         print(f"bench runtime: the run failed (exit {result.code}); see {result.run_dir}/launcher.log")
         return 1
-    report = analyse(result.run_dir, result.plan, warmup=min(2, args.steps - 1))
+    report = analyse(result.run_dir, result.plan.to_dict(), warmup=min(2, args.steps - 1))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

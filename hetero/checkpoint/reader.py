@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any, TypeGuard
 
 import torch
 from safetensors import safe_open
@@ -103,6 +104,8 @@ def load(root: str | None, model_config, *, log=print, agree=None, read=None) ->
     skipped = []                        # (what, verdict, why) of each rejected pointer or checkpoint
     try:
         newest = latest(root)
+        if newest is None:              # the pointer went away since the check above
+            return None
         steps = [s for s in sealed_steps(root) if s < _step_of(newest)]
         candidates = [newest] + [step_dir(root, s) for s in steps]
     except CorruptCheckpoint as exc:
@@ -154,7 +157,8 @@ class Checkpoint:
         self.step = self._check_step(state_path)
         expected = dataclasses.asdict(model_config)
         if self.state.get("model") != expected:
-            saved_model = self.state.get("model") if isinstance(self.state.get("model"), dict) else {}
+            saved = self.state.get("model")
+            saved_model = saved if isinstance(saved, dict) else {}
             diff = sorted(k for k in expected if saved_model.get(k) != expected[k])
             raise JobFatalError(f"{directory}: checkpoint is for another model (differs in {', '.join(diff)})")
         self.optimizer_steps = self._check_optimizer_steps(state_path)
@@ -321,12 +325,15 @@ def read_state(directory: str) -> dict:
     return state
 
 
-def _is_step(value) -> bool:
+def _is_step(value: Any) -> TypeGuard[int]:
     return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= fmt.MAX_STEP
 
 
 def _step_of(directory: str) -> int:
-    return int(fmt.STEP_DIR.fullmatch(os.path.basename(directory)).group(1))
+    match = fmt.STEP_DIR.fullmatch(os.path.basename(directory))
+    if match is None:
+        raise CorruptCheckpoint(directory, "not a step-NNNNNNNN folder")
+    return int(match.group(1))
 
 
 def _escapes(root: str, directory: str) -> str | None:

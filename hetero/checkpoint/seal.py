@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import shutil
+from typing import Any
 
 from hetero.atomic import write_atomic
 from hetero.checkpoint import format as fmt
@@ -48,8 +49,10 @@ def discard(root: str, step: int) -> None:
 def discard_partials(root: str | None) -> None:
     """Remove every `.partial` folder under root: saves that a crash or kill cut short (rank 0, at resume,
     before any rank writes)."""
+    if root is None:
+        return
     with contextlib.suppress(OSError):
-        for name in os.listdir(root or ""):
+        for name in os.listdir(root):
             if name.endswith(".partial") and fmt.STEP_DIR.fullmatch(name.removesuffix(".partial")):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
@@ -85,7 +88,8 @@ def merge_reports(partial: str, writers: list[int]) -> tuple[dict, dict]:
     """({file: {bytes, sha256}}, {name: {shape, dtype, chunks: [{offsets, lengths, file, key}]}}) from
     the writers' reports. A report missing means the checkpoint folder is not the one every rank writes
     to (it must be storage every node sees): JobFatalError naming it."""
-    files, tensors = {}, {}
+    files: dict[str, Any] = {}
+    tensors: dict[str, dict[str, Any]] = {}
     for rank in writers:
         path = os.path.join(partial, fmt.report_file(rank))
         try:

@@ -21,7 +21,7 @@ import signal
 import struct
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -36,7 +36,10 @@ _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "
 def layout(chunks: list[fmt.Chunk]) -> tuple[bytes, list[str]]:
     """The safetensors header for `chunks` in order (8-byte length + JSON, padded to 8) and each
     chunk's key: its tensor's name, `name#k` for the k-th further chunk of the same name."""
-    header, keys, seen, at = {"__metadata__": {"format": "pt"}}, [], {}, 0
+    header: dict[str, dict[str, Any]] = {"__metadata__": {"format": "pt"}}
+    keys: list[str] = []
+    seen: dict[str, int] = {}
+    at = 0
     for chunk in chunks:
         count = seen.get(chunk.name, 0)
         seen[chunk.name] = count + 1
@@ -59,7 +62,7 @@ def write_safetensors(path: str, chunks: list[fmt.Chunk], hook=None) -> tuple[in
     with open(path, "wb") as handle:
         handle.write(head)
         for chunk in chunks:
-            data = memoryview(chunk.tensor.detach().reshape(-1).view(torch.uint8).numpy())
+            data = chunk.tensor.detach().reshape(-1).view(torch.uint8).numpy().data   # a view, no copy
             for at in range(0, len(data), BLOCK):
                 block = data[at:at + BLOCK]
                 digest.update(block)

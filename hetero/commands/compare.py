@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from hetero.commands.flags import number, whole
+from hetero.commands.flags import add_job_files, number, whole
 
 
 def register(subparsers) -> None:
@@ -20,9 +20,8 @@ def register(subparsers) -> None:
             "per layer the largest absolute and relative difference of the hidden states, then the logits, the "
             "loss and each layer's gradient norm, and flag the first row beyond --rtol. Relative differences "
             "are max|ours - theirs| / max|theirs|. Exits 1 when a row is flagged. Needs transformers."))
-    parser.add_argument("--model", required=True, metavar="HF_DIR",
-                        help="Hugging Face Llama directory (config.json + *.safetensors)")
-    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default configs/emulated-mixed.yaml)")
+    add_job_files(parser, ("model", "cluster"), defaults={"cluster": "emulated-mixed.yaml"},
+                  described={"model": ("HF_DIR", "Hugging Face Llama directory (config.json + *.safetensors)")})
     parser.add_argument("--plan", metavar="FILE", help="plan JSON to run (default: the planner's best)")
     parser.add_argument("--kind", choices=("auto", "pipeline", "replicas"), default="auto",
                         help="without --plan: plan hetero-PP, hetero-DP or let the planner pick (default auto)")

@@ -66,12 +66,14 @@ JOB_FILES = {
 }
 
 
-def add_job_files(parser, kinds=("cluster", "model", "train"), *, optional=(), defaults=None, notes=None) -> None:
+def add_job_files(parser, kinds=("cluster", "model", "train"), *, optional=(), defaults=None, notes=None,
+                  described=None) -> None:
     """--cluster/--model/--train, declared alike by every command that reads a job: required unless in
     `optional` or given a default (`defaults`: {kind: file under configs/}); `notes`: {kind: text added
-    to the help}."""
+    to the help}; `described`: {kind: (metavar, help)} for a command that takes another form of the file
+    (`hetero compare --model HF_DIR`)."""
     for kind in kinds:
-        metavar, text = JOB_FILES[kind]
+        metavar, text = (described or {}).get(kind, JOB_FILES[kind])
         text += (notes or {}).get(kind, "")
         if defaults and kind in defaults:
             parser.add_argument(f"--{kind}", metavar=metavar, help=f"{text} (default configs/{defaults[kind]})")

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from hetero.commands.flags import add_job_files, whole
 from hetero.config import load_job
 from hetero.errors import UserError
 from hetero.planning import Progress, headroom, load_profile, plan_job
 from partitioner import explain
+
+if TYPE_CHECKING:
+    from partitioner.plan import Plan
 
 MAX_TOP = 1000
 MAX_VIRTUAL_STAGES = 4     # the chunk counts the cost model is checked for (tests/test_interleave_costs.py)
@@ -42,7 +46,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    job = load_job(cluster=args.cluster, model=args.model, train=args.train)
+    job = load_job(cluster=args.cluster, model=args.model, train=args.train).require("cluster", "model", "train")
     profile = load_profile(args.profile)
     # A bar on a terminal only: in logs and pipes the one-line answer (or error) stands alone.
     progress = Progress("searching plans") if not args.json and sys.stderr.isatty() else None
@@ -104,7 +108,7 @@ def to_text(job, result, top: int, want_explain: bool, emulated: list, profile_p
     note = f" (emulated chips: {', '.join(emulated)})" if emulated else ""
     lines.append(f"plan for {job.model.name} on {job.cluster.name}: {job.cluster.total_chips} chips, "
                  f"{best.world_size} used{note}")
-    lines.append(describe_plan(best))
+    lines.append(_candidate(best))
     lines.append("")
     header = f"{'stage':>5}  {'pipe':>4}  {'island':<10} {'chip':<13} {'tp':>3} {'dp':>4}  {'layers':<12} " \
              f"{'recompute':<9} {'time/mb':>10}  {'memory GB':>16}  source"
@@ -143,7 +147,7 @@ def to_text(job, result, top: int, want_explain: bool, emulated: list, profile_p
         lines.append("")
         lines.append(f"top {min(top, len(result.plans))}:")
         for rank, plan in enumerate(result.plans[:top], 1):
-            lines.append(f"  {rank}. {_secs(plan.predicted_step_s):>10}  {describe_plan(plan)}")
+            lines.append(f"  {rank}. {_secs(plan.predicted_step_s):>10}  {_candidate(plan)}")
     if want_explain:
         lines.append("")
         if len(result.plans) > 1:
@@ -185,8 +189,9 @@ def _mtok(value: float) -> str:
     return f"{value / 1e6:.3g} M" if value >= 1e5 else f"{value:,.0f}"
 
 
-def describe_plan(plan) -> str:
-    return f"{plan.provenance.get('label', plan.kind)}, recompute {plan.recompute}"
+def _candidate(plan: Plan) -> str:
+    """A candidate in the ranked list: the planner's label (Plan.label) and its recompute mode."""
+    return f"{plan.label}, recompute {plan.recompute}"
 
 
 def _secs(value: float) -> str:

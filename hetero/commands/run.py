@@ -6,12 +6,13 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from hetero.commands.flags import add_recovery_flags, whole
 from hetero.config import load_job
 from hetero.launch.targets import parse_target
 from hetero.errors import UserError
-from hetero.runner import MAX_STEPS, add_job_arguments, default_paths, resume_fleet, train_fleet
+from hetero.runner import MAX_STEPS, RunResult, add_job_arguments, default_paths, resume_fleet, train_fleet
 
 MAX_RESTARTS = 1000
 
@@ -79,16 +80,7 @@ def run(args) -> int:
         result = train_fleet(job, paths, run_dir, steps, plan_file=args.plan, max_restarts=args.max_restarts,
                              progress=not args.json, kind=args.kind or "auto", target=args.on, node=args.node,
                              token_file=args.token_file, **_timeouts(args))
-    predicted = result.plan.get("predicted_step_s")
-    step_s = result.steady_step_s
-    summary = {
-        "ok": result.code == 0, "run_dir": result.run_dir, "steps": len(result.records), "requested_steps": steps,
-        "final_loss": result.records[-1]["loss"] if result.records else None,
-        "losses": [r["loss"] for r in result.records],
-        "step_s": step_s, "predicted_step_s": predicted,
-        "tokens_per_s": job.train.global_batch * job.model.seq_len / step_s if step_s else None,
-        "measured_over_predicted": step_s / predicted if step_s and predicted else None,
-    }
+    summary = _summary(job, result, steps)
     if args.resume:
         summary["resumed_from_step"] = result.resumed_from
     if args.json:
@@ -104,17 +96,34 @@ def run(args) -> int:
         print(f"hetero run: done, but no step was recorded in {result.run_dir}/metrics/steps.jsonl", file=sys.stderr)
     elif not args.json:
         ratio = summary["measured_over_predicted"]
-        versus = f"predicted {predicted:.3f} s, ratio {ratio:.2f}" if ratio else "no prediction in the plan"
+        versus = (f"predicted {summary['predicted_step_s']:.3f} s, ratio {ratio:.2f}" if ratio
+                  else "no prediction in the plan")
         print(f"hetero run: done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"{summary['tokens_per_s']:.0f} tokens/s, step time {step_s:.3f} s ({versus})", file=sys.stderr)
+              f"{summary['tokens_per_s']:.0f} tokens/s, step time {summary['step_s']:.3f} s ({versus})",
+              file=sys.stderr)
     return 0
+
+
+def _summary(job, result: RunResult, steps: int) -> dict[str, Any]:
+    """What `--json` prints (and the closing line reads): the losses, the measured step time and tokens/s,
+    and the measured step against the plan's prediction."""
+    predicted = result.plan.predicted_step_s
+    step_s = result.steady_step_s
+    return {
+        "ok": result.code == 0, "run_dir": result.run_dir, "steps": len(result.records), "requested_steps": steps,
+        "final_loss": result.records[-1]["loss"] if result.records else None,
+        "losses": [r["loss"] for r in result.records],
+        "step_s": step_s, "predicted_step_s": predicted,
+        "tokens_per_s": job.train.global_batch * job.model.seq_len / step_s if step_s else None,
+        "measured_over_predicted": step_s / predicted if step_s and predicted else None,
+    }
 
 
 def _is_member(args) -> bool:
     """--node names a host other than the coordinator's: a member, which takes the job from the head."""
     if not args.cluster:
         raise UserError("--node needs --cluster (the cluster file names the coordinator's host, the head)")
-    return load_job(cluster=args.cluster).require("cluster").cluster.coordinator.host != args.node
+    return load_job(cluster=args.cluster).require_cluster().coordinator.host != args.node
 
 
 def _member(args) -> int:
