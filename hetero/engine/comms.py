@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,10 @@ from hetero.engine import progress, tags
 from hetero.engine.topology import Topology
 from hetero.errors import PEER_STOPPED_EXIT_CODE
 from hetero.engine.transport import BridgeTransport, NativeTransport, device_scope, to_device, to_host
+
+if TYPE_CHECKING:
+    from comm_bridge.channel import Endpoint
+    from comm_bridge.client import CoordinatorClient
 
 TIMEOUT_S = float(os.environ.get("HETERO_COMM_TIMEOUT", "300"))
 P2P_STREAMS = (("F", False), ("F", True), ("B", False), ("B", True))   # (kind, wrap-around): Comms.p2p_group
@@ -42,14 +47,17 @@ class Comms:
         self.place = topology.place(rank)
         self.device = device
         self.accelerator = accelerator   # device memory scope and host staging; None: plain torch
-        self.tp_group = self.dp_group = None
+        self.tp_group: dist.ProcessGroup | None = None
+        self.dp_group: dist.ProcessGroup | None = None
         # Interleaved pipelines: one island-wide group per (kind, wrap) of stage-to-stage traffic
         # (p2p_group), so that each pair of ranks carries one direction of one kind per group.
-        self.p2p_groups: dict | None = None
-        self.native = None
-        self.bridge = None
-        self.endpoint = self.client = None
-        self.grad_wire_dtype = None      # the hetero-DP sum's bridge dtype (network.bridge.grad_dtype); None: fp32
+        self.p2p_groups: dict[tuple[str, bool], dist.ProcessGroup] | None = None
+        self.native: NativeTransport | None = None
+        self.bridge: BridgeTransport | None = None
+        self.endpoint: Endpoint | None = None
+        self.client: CoordinatorClient | None = None
+        # the hetero-DP sum's bridge dtype (network.bridge.grad_dtype); None: fp32
+        self.grad_wire_dtype: torch.dtype | None = None
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -113,14 +121,15 @@ class Comms:
         token = os.environ["HETERO_JOB_TOKEN"]
         entry = self.topology.by_rank[self.rank]
         host = cluster.island(entry.island).nodes[entry.node].host
-        self.endpoint = Endpoint(self.rank, token, host=host, accelerator=accelerator, default_timeout=TIMEOUT_S,
-                                 **transport_options(cluster.network.bridge.transport))
-        self.client = CoordinatorClient(os.environ["HETERO_COORDINATOR"], token, self.rank, timeout=TIMEOUT_S)
-        self.client.register_endpoint(self.endpoint, island=entry.island, local_rank=entry.local_rank)
-        self.client.on_failure(_stop_on_peer_failure)
-        self.client.start_heartbeats()
-        self.endpoint.add_peers(self.client.address_book().values())
-        self.bridge = _Stamped(self.endpoint, self.device, TIMEOUT_S, accelerator)
+        endpoint = Endpoint(self.rank, token, host=host, accelerator=accelerator, default_timeout=TIMEOUT_S,
+                            **transport_options(cluster.network.bridge.transport))
+        client = CoordinatorClient(os.environ["HETERO_COORDINATOR"], token, self.rank, timeout=TIMEOUT_S)
+        self.endpoint, self.client = endpoint, client
+        client.register_endpoint(endpoint, island=entry.island, local_rank=entry.local_rank)
+        client.on_failure(_stop_on_peer_failure)
+        client.start_heartbeats()
+        endpoint.add_peers(client.address_book().values())
+        self.bridge = _Stamped(endpoint, self.device, TIMEOUT_S, accelerator)
 
     # -- use ------------------------------------------------------------------
     def p2p_group(self, kind: str, wrap: bool):

@@ -18,16 +18,20 @@ The native side keeps NCCL's and HCCL's rules, which gloo forgives:
 The bridge side stages device->host copies through the accelerator
 (comm_bridge.staging: a side stream and an event where the vendor has streams)
 instead of a synchronous `.cpu()`, and its receives can be posted ahead.
+
+Which pieces of a boundary tensor go where at a TP mismatch is comm_bridge.reshard's
+(the one implementation); `StageLink` only says what carries them.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from comm_bridge.reshard import overlap_plan, share
+from comm_bridge.reshard import Piece, Reshard, all_gather_shares, assemble, post_pieces, send_pieces
 
 NATIVE_TAG = 0   # NCCL/HCCL ignore tags: match in issue order, on gloo too
 # A stage boundary tensor up to this size goes whole to every receiving TP rank: one island
@@ -35,8 +39,10 @@ NATIVE_TAG = 0   # NCCL/HCCL ignore tags: match in issue order, on gloo too
 # micro-batch) costs more than (b-1)/b of a megabyte more on the link.
 WHOLE_MAX_BYTES = 1 << 20
 
+_Slot = list["dist.Work | None"]   # where a native op's work lands once its batch is issued
 
-def device_scope(accelerator):
+
+def device_scope(accelerator) -> ContextManager:
     """The accelerator's device scope (emulated chips: what is allocated inside is device memory)."""
     scope = getattr(accelerator, "device_scope", None)
     return scope() if scope else contextlib.nullcontext()
@@ -59,15 +65,13 @@ def to_host(accelerator, tensor: torch.Tensor) -> torch.Tensor:
 class PendingRecv:
     """A receive that has been posted; `wait()` returns the tensor."""
 
-    def __init__(self, finish):
+    def __init__(self, finish: Callable[[], torch.Tensor]):
         self._finish = finish
-        self._result = None
-        self._done = False
+        self._result: torch.Tensor | None = None
 
     def wait(self) -> torch.Tensor:
-        if not self._done:
+        if self._result is None:
             self._result = self._finish()
-            self._done = True
         return self._result
 
 
@@ -83,47 +87,49 @@ class NativeTransport:
         self.topology = topology
         self.device = device
         self.accelerator = accelerator
-        self._pending: list = []           # (work, tensor): sends not yet known complete
-        self._batch: list | None = None    # ops of the open batch: (P2POp, PendingSlot)
+        self._pending: list[tuple[_Slot, torch.Tensor]] = []   # sends not yet known complete
+        self._batch: list[tuple[dist.P2POp, _Slot]] | None = None   # ops of the open batch
 
     def _local(self, rank: int) -> int:
         return self.topology.world_rank(rank)
 
     @contextlib.contextmanager
-    def batch(self):
+    def batch(self) -> Iterator[None]:
         """Issue the sends and receives of the block together, at its end (re-entrant)."""
         if self._batch is not None:
             yield
             return
-        self._batch = ops = []
+        ops: list[tuple[dist.P2POp, _Slot]] = []
+        self._batch = ops
         try:
             yield
         finally:
             self._batch = None
         self._issue(ops)
 
-    def _issue(self, ops: list) -> None:
+    def _issue(self, ops: list[tuple[dist.P2POp, _Slot]]) -> None:
         """One dist.batch_isend_irecv per process group among `ops` (torch wants one group per batch)."""
-        by_group: dict = {}
+        by_group: dict[int, list[tuple[dist.P2POp, _Slot]]] = {}
         for op, slot in ops:
             by_group.setdefault(id(getattr(op, "group", None)), []).append((op, slot))
         for group_ops in by_group.values():
-            works = dist.batch_isend_irecv([op for op, _ in group_ops])
+            issued = dist.batch_isend_irecv([op for op, _ in group_ops])
+            works: list[dist.Work | None] = list(issued)
             if len(works) != len(group_ops):      # a coalescing backend returns one work for the group
-                works = [works[-1]] * len(group_ops) if works else [None] * len(group_ops)
+                works = [works[-1] if works else None] * len(group_ops)
             for (_op, slot), work in zip(group_ops, works):
                 slot.append(work)
 
-    def _submit(self, op) -> list:
+    def _submit(self, op: dist.P2POp) -> _Slot:
         """Queue `op` in the open batch, or issue it alone; returns the slot its work lands in."""
-        slot: list = []
+        slot: _Slot = []
         if self._batch is not None:
             self._batch.append((op, slot))
         else:
             self._issue([(op, slot)])
         return slot
 
-    def isend(self, tensor: torch.Tensor, dst: int, tag: int, group=None) -> None:
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int, group: dist.ProcessGroup | None = None) -> None:
         tensor = tensor.detach().contiguous()
         slot = self._submit(dist.P2POp(dist.isend, tensor, self._local(dst), group=group, tag=NATIVE_TAG))
         self._pending.append((slot, tensor))   # the tensor lives until the send is done
@@ -207,65 +213,56 @@ class StageLink:
     receivers then all-gather inside their TP group. Bridge load spreads over
     all a x b links (FlagScale's overlap mapping). A tensor of at most
     WHOLE_MAX_BYTES goes whole to each receiver instead (sender j mod a serves
-    receiver j), so that no all-gather waits on the critical path.
+    receiver j), so that no all-gather waits on the critical path. The mapping
+    is comm_bridge.reshard's; the tensor travels flat (its dim 0).
     """
 
-    def __init__(self, transport, my_tp_rank: int, my_tp_size: int, tp_group, peers: list[int],
-                 send_group=None, recv_group=None):
+    def __init__(self, transport, my_tp_rank: int, my_tp_size: int, tp_group: dist.ProcessGroup | None,
+                 peers: list[int], send_group: dist.ProcessGroup | None = None,
+                 recv_group: dist.ProcessGroup | None = None):
         self.transport = transport
         self.kind = "bridge" if isinstance(transport, BridgeTransport) else "native"
         self.tp_rank, self.tp_size, self.tp_group = my_tp_rank, my_tp_size, tp_group
         self.peers = peers        # the other stage's ranks, by their tp_rank
         # native only: the process groups sends and receives go in (Comms.p2p_group); default: the world
         native = self.kind == "native"
-        self._send = {"group": send_group} if native and send_group is not None else {}
-        self._recv = {"group": recv_group} if native and recv_group is not None else {}
+        self._send: dict[str, Any] = {"group": send_group} if native and send_group is not None else {}
+        self._recv: dict[str, Any] = {"group": recv_group} if native and recv_group is not None else {}
 
-    def batch(self):
+    def batch(self) -> ContextManager:
         """Operations on this link inside the block go out together (see NativeTransport.batch)."""
         return self.transport.batch()
 
     def send(self, full: torch.Tensor, tag: int) -> None:
         flat = full.detach().contiguous().view(-1)
-        if _whole(flat.numel(), flat.dtype, len(self.peers)):
-            for receiver, peer in enumerate(self.peers):   # sender i serves receivers i, i+a, ...
-                if receiver % self.tp_size == self.tp_rank:
-                    self.transport.isend(flat, peer, tag, **self._send)
-            return
-        for piece in overlap_plan(flat.numel(), self.tp_size, len(self.peers)):
-            if piece.sender == self.tp_rank and piece.stop > piece.start:
-                self.transport.isend(flat[piece.start:piece.stop], self.peers[piece.receiver], tag, **self._send)
+        plan = _reshard(flat.numel(), flat.dtype, self.tp_size, len(self.peers))
 
-    def post(self, shape, dtype, tag: int) -> PendingRecv:
+        def isend(piece_tensor: torch.Tensor, piece: Piece) -> None:
+            self.transport.isend(piece_tensor, self.peers[piece.receiver], tag, **self._send)
+        send_pieces(plan, self.tp_rank, flat, 0, isend)
+
+    def post(self, shape: Sequence[int], dtype: torch.dtype, tag: int) -> PendingRecv:
         """Post the receives of one tensor now; `wait()` on the result assembles it."""
         numel = 1
         for size in shape:
             numel *= size
-        if _whole(numel, dtype, self.tp_size):
-            whole = self.transport.irecv((numel,), dtype, self.peers[self.tp_rank % len(self.peers)], tag, **self._recv)
-            return PendingRecv(lambda: whole.wait().view(shape))
-        start, stop = share(numel, self.tp_size, self.tp_rank)
-        parts = [(piece, self.transport.irecv((piece.stop - piece.start,), dtype, self.peers[piece.sender], tag,
-                                              **self._recv))
-                 for piece in overlap_plan(numel, len(self.peers), self.tp_size)
-                 if piece.receiver == self.tp_rank and piece.stop > piece.start]
+        plan = _reshard(numel, dtype, len(self.peers), self.tp_size)
+        parts = post_pieces(plan, self.tp_rank, lambda piece: self.transport.irecv(
+            (piece.stop - piece.start,), dtype, self.peers[piece.sender], tag, **self._recv))
         accelerator = getattr(self.transport, "accelerator", None)
+        device = self.transport.device
 
         def finish() -> torch.Tensor:
             arrived = [(piece, pending.wait()) for piece, pending in parts]   # host work (the bridge's)
             with device_scope(accelerator):
-                if len(arrived) == 1 and arrived[0][0].start == start and arrived[0][0].stop == stop:
-                    mine = arrived[0][1]
-                else:
-                    mine = torch.empty(stop - start, dtype=dtype, device=self.transport.device)
-                    for piece, part in arrived:
-                        mine[piece.start - start:piece.stop - start].copy_(part)
-                if self.tp_size == 1:
+                mine = assemble(plan, self.tp_rank, arrived, (numel,), 0,
+                                lambda span: torch.empty(span, dtype=dtype, device=device))
+                if not plan.gathers:
                     return mine.view(shape)
-                return _all_gather_flat(mine, numel, self.tp_size, self.tp_group).view(shape)
+                return all_gather_shares(mine, numel, 0, self.tp_size, self.tp_group).view(shape)
         return PendingRecv(finish)
 
-    def recv(self, shape, dtype, tag: int) -> torch.Tensor:
+    def recv(self, shape: Sequence[int], dtype: torch.dtype, tag: int) -> torch.Tensor:
         return self.post(shape, dtype, tag).wait()
 
     def exchange(self, full: torch.Tensor, tag: int) -> torch.Tensor:
@@ -277,22 +274,10 @@ class StageLink:
         return pending.wait()
 
 
-def _whole(numel: int, dtype: torch.dtype, receivers: int) -> bool:
-    """Whether a tensor goes whole to each of `receivers` TP ranks (instead of in shares that they
-    all-gather): when it is at most WHOLE_MAX_BYTES, where the all-gather's latency costs more
-    than the extra bytes on the link. Sender and receiver decide alike from numel and dtype."""
-    return receivers > 1 and numel * torch.empty((), dtype=dtype).element_size() <= WHOLE_MAX_BYTES
-
-
-def _all_gather_flat(mine: torch.Tensor, numel: int, parts: int, group) -> torch.Tensor:
-    """Rebuild a flat tensor from every TP rank's share (shares differ by at most one)."""
-    widest = -(-numel // parts)
-    padded = torch.zeros(widest, dtype=mine.dtype, device=mine.device)
-    padded[:mine.numel()].copy_(mine)
-    gathered = [torch.empty_like(padded) for _ in range(parts)]
-    dist.all_gather(gathered, padded, group=group)
-    pieces = []
-    for k, part in enumerate(gathered):
-        lo, hi = share(numel, parts, k)
-        pieces.append(part[:hi - lo])
-    return torch.cat(pieces)
+def _reshard(numel: int, dtype: torch.dtype, senders: int, receivers: int) -> Reshard:
+    """The mapping of one flat boundary tensor: whole to each of `receivers` TP ranks (instead of
+    in shares that they all-gather) when it is at most WHOLE_MAX_BYTES, where the all-gather's
+    latency costs more than the extra bytes on the link. Sender and receiver decide alike from
+    numel and dtype."""
+    small = numel * torch.empty((), dtype=dtype).element_size() <= WHOLE_MAX_BYTES
+    return Reshard(numel, senders, receivers, whole=receivers > 1 and small)

@@ -135,7 +135,7 @@ def out_of_memory_message(exc: BaseException, accelerator=None, topology: Topolo
     vendor's message and the accelerator's counters."""
     rank = int(os.environ.get("HETERO_GLOBAL_RANK", "0"))
     entry = topology.by_rank.get(rank) if topology is not None else None
-    stage = topology.plan.stages[entry.stage] if entry is not None else None
+    stage = topology.plan.stages[entry.stage] if topology is not None and entry is not None else None
     island = entry.island if entry is not None else os.environ.get("HETERO_ISLAND", "?")
     chip = stage.chip if stage is not None else os.environ.get("HETERO_CHIP", "?")
     where = f"rank {rank} (island {island}, stage {entry.stage if entry else '?'}, chip {chip})"
@@ -153,8 +153,9 @@ def out_of_memory_message(exc: BaseException, accelerator=None, topology: Topolo
 
 def _oom_numbers(exc: BaseException, accelerator) -> tuple[int | None, int | None, int | None]:
     """(requested, in use, capacity) in bytes, each None where unknown."""
-    if all(hasattr(exc, key) for key in ("requested", "in_use", "capacity")):
-        return exc.requested, exc.in_use, exc.capacity
+    reported = [getattr(exc, key, None) for key in ("requested", "in_use", "capacity")]
+    if all(isinstance(value, int) for value in reported):   # the emulated chip's error carries its numbers
+        return reported[0], reported[1], reported[2]
     found = re.search(r"[Tt]ried to allocate ([\d.]+) ?([KMGT]i?B|B)", str(exc))
     requested = int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
     in_use = capacity = None

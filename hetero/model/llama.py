@@ -114,6 +114,15 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class _Body(nn.Module):
+    """The `model.` prefix of the HF names: the modules a stage holds (embed_tokens only on the
+    first stage, norm only on the last; an absent one is no attribute, as in the HF checkpoint)."""
+
+    embed_tokens: VocabParallelEmbedding
+    layers: nn.ModuleDict
+    norm: RMSNorm
+
+
 class LlamaStage(nn.Module):
     """One pipeline stage of a Llama decoder on one TP rank.
 
@@ -137,6 +146,8 @@ class LlamaStage(nn.Module):
     layout-free and load into any other cut.
     """
 
+    lm_head: ColumnParallelLinear   # the last stage only
+
     def __init__(self, config: ModelConfig, layer_range: tuple[int, int] | range | None = None,
                  first: bool | None = None, last: bool | None = None,
                  tp: TensorParallel | None = None, dtype: torch.dtype = torch.float32,
@@ -155,17 +166,18 @@ class LlamaStage(nn.Module):
         self.layer_range = (start, end)     # the span; the layers held are `chunks`
         self.first, self.last = first, last
         self.tied_lm_head = config.tie_embeddings and last and not first
-        kinds = dict(dtype=dtype, device=device)
 
-        self.model = nn.Module()
+        self.model = _Body()
         if first:
-            self.model.embed_tokens = VocabParallelEmbedding(config.vocab, config.hidden, tp, **kinds)
+            self.model.embed_tokens = VocabParallelEmbedding(config.vocab, config.hidden, tp, dtype=dtype,
+                                                             device=device)
         # String keys give HF names with global indices: model.layers.7.mlp...
         self.model.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(config, tp, recompute=recompute, **kinds) for a, b in ranges for i in range(a, b)})
+            {str(i): DecoderLayer(config, tp, recompute=recompute, dtype=dtype, device=device)
+             for a, b in ranges for i in range(a, b)})
         if last:
-            self.model.norm = RMSNorm(config.hidden, config.norm_eps, **kinds)
-            self.lm_head = ColumnParallelLinear(config.hidden, config.vocab, tp, **kinds)
+            self.model.norm = RMSNorm(config.hidden, config.norm_eps, dtype=dtype, device=device)
+            self.lm_head = ColumnParallelLinear(config.hidden, config.vocab, tp, dtype=dtype, device=device)
             if config.tie_embeddings and first:
                 self.lm_head.weight = self.model.embed_tokens.weight
         if seed is not None:

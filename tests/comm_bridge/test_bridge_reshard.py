@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from comm_bridge.channel import Endpoint
-from comm_bridge.reshard import overlap_plan, receive_share, send_share, share
+from comm_bridge.reshard import (
+    Reshard,
+    assemble,
+    overlap_plan,
+    post_pieces,
+    receive_share,
+    send_pieces,
+    send_share,
+    share,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,6 +41,31 @@ def test_overlap_plan_tiles_exactly(senders, receivers):
             assert sum(p.stop - p.start for p in pieces if p.receiver == j) == r1 - r0
         # Never more pieces than the two cut-point sets allow.
         assert len(pieces) <= senders + receivers - 1
+
+
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("a, b", [(1, 2), (3, 2), (2, 5)])
+def test_send_post_assemble_moves_every_piece_once(a, b, whole):
+    """The pieces the engine's stage links carry (hetero.engine.transport.StageLink), through an
+    in-memory mailbox: each receiver assembles its span (its share, or everything when `whole`:
+    sender j mod a serves receiver j, and nobody all-gathers)."""
+    full = torch.randn(3, 11, 2)
+    plan = Reshard(11, a, b, whole=whole)
+    assert plan.gathers == (not whole)
+    mailbox = {}
+    for i in range(a):
+        send_pieces(plan, i, full, 1, lambda chunk, piece: mailbox.setdefault(piece, chunk.clone()))
+    spans = []
+    for j in range(b):
+        arrived = [(piece, mailbox.pop(key)) for piece, key in post_pieces(plan, j, lambda piece: piece)]
+        if whole:
+            assert [piece.sender for piece, _ in arrived] == [j % a]
+        spans.append(assemble(plan, j, arrived, full.shape, 1, torch.empty))
+    assert not mailbox   # every piece sent was received, once
+    if whole:
+        assert all(torch.equal(span, full) for span in spans)
+    else:
+        assert torch.equal(torch.cat(spans, dim=1), full)
 
 
 @pytest.mark.parametrize("a, b", [(2, 4), (4, 2), (1, 3), (3, 2)])

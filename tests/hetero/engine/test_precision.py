@@ -77,6 +77,19 @@ def test_small_updates_move_the_master_copy_and_would_round_away_without_it(job)
     assert _changed(before, params) == 1.0                 # 20 lr > one bf16 step: every one followed
 
 
+def test_load_master_without_a_master_copy_is_one_clear_error(job):
+    """Found by mypy: load_master copied into `self.master` whatever the layout, and an optimizer
+    without a master copy (per parameter, or fp32 under ZeRO-1) failed on None ('NoneType' object
+    is not subscriptable); it now says what is missing."""
+    model, _ = job
+    stage, params, _ = _bf16_stage(model)
+    full = {n: init_full_tensor(model, stage.hf_name(n), 5) for n in params}
+    for optimizer in (AdamW(stage, params, SMALL_LR, 0.0), AdamW(stage, params, SMALL_LR, 0.0, shard=FlatShard(params))):
+        assert optimizer.master is None
+        with pytest.raises(RuntimeError, match="keeps no fp32 master copy"):
+            optimizer.load_master(full, lambda t: t, contextlib.nullcontext)
+
+
 def _solo_trainer(model, train, run_dir, steps, log=None):
     accel = accelerators.get_accelerator("cpu")
     comms = Comms.solo(Topology(single_chip_plan(model, train)), accel.device(0))
