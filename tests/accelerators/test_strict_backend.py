@@ -132,12 +132,14 @@ def test_default_predicate_asks_the_emulated_chip():
 
 
 def test_predicate_is_pluggable():
-    from accelerators import strict_backend
+    from accelerators import strict_backend, strict_device
 
-    strict_backend.set_device_tensor_predicate(lambda t: t.dtype == torch.float16)
+    strict_backend.set_device_tensor_predicate(lambda t: t.dtype == torch.float16)   # the facade's name
     try:
-        assert strict_backend.is_device_tensor(torch.ones(2, dtype=torch.float16))
+        assert strict_device.is_device_tensor(torch.ones(2, dtype=torch.float16))
+        strict_device.check_device("all_reduce", [[torch.ones(2, dtype=torch.float16)]])
         with pytest.raises(strict_backend.HostTensorRefused, match="all_reduce was given a host tensor"):
-            strict_backend._check_device("all_reduce", [[torch.ones(2)]])
+            strict_device.check_device("all_reduce", [[torch.ones(2)]])
     finally:
         strict_backend.set_device_tensor_predicate(None)
+    assert not strict_device.is_device_tensor(torch.ones(2, dtype=torch.float16))   # the default again
