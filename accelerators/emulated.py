@@ -292,13 +292,15 @@ class EmulatedAccelerator(CpuAccelerator):
     def to_host(self, tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         """Device -> host copy: charged at the host link; a blocking one waits for the device.
 
-        In strict mode a tensor already in host memory is copied free of charge (a real
-        `.to("cpu")` of a host tensor moves nothing)."""
+        On a side stream it runs on the copy engine, as `copy_to_host` does. In strict mode a tensor
+        already in host memory is copied free of charge (a real `.to("cpu")` of a host tensor moves
+        nothing)."""
         self.require_device("to_host()")
+        stream = self.current_stream()
         if not (self.strict and not self.ledger.holds(tensor)):
-            self.clock.charge(self.pace.copy_seconds(tensor.nbytes))
+            self._queue_copy(stream, tensor)
         if not non_blocking:
-            self.clock.wait()
+            stream.clock().wait_until(stream.mark())
         with _disable_current_modes():  # the copy lands in host memory, not the chip's
             return tensor.detach().clone()
 
@@ -336,7 +338,8 @@ class EmulatedAccelerator(CpuAccelerator):
             self.violation(f"copy_to_host on a side stream reads a tensor (shape {tuple(src.shape)}) whose "
                            "last device write is not known done; make the stream wait for it first "
                            "(stream.wait_event(event recorded after the write) or stream.wait_stream)")
-        return self.copies.clock.charge(seconds, issued_at=max(time.perf_counter(), stream.floor, written))
+        stream.last_done = self.copies.clock.charge(seconds, issued_at=max(time.perf_counter(), stream.floor, written))
+        return stream.last_done
 
     def to_device(self, tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         """Host -> device copy: a new tensor in device memory (counted by the ledger, so it may

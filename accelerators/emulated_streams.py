@@ -105,19 +105,28 @@ class EmulatedStream:
         self._accelerator = accelerator
         self.on_engine = on_engine
         self.floor = 0.0
+        self.last_done = 0.0        # an engine stream: when its last copy is done (the engine is shared)
 
     def clock(self) -> VirtualClock:
         return self._accelerator.copies.clock if self.on_engine else self._accelerator.clock
 
+    def mark(self) -> float:
+        """When everything issued on this stream so far is done (an event recorded now)."""
+        if self.on_engine:
+            return max(self.last_done, time.perf_counter())
+        return self._accelerator.clock.mark()
+
     def synchronize(self) -> None:
         self._accelerator.require_device("synchronize()")
-        self.clock().wait()
-        self._accelerator.copies.land(self.on_engine)
+        until = self.mark()
+        self.clock().wait_until(until)
+        self._accelerator.copies.land(self.on_engine, until)
 
     def query(self) -> bool:
-        done = time.perf_counter() >= self.clock().ready_at
+        until = self.mark()
+        done = time.perf_counter() >= until
         if done:
-            self._accelerator.copies.land(self.on_engine)
+            self._accelerator.copies.land(self.on_engine, until)
         return done
 
     def wait_stream(self, stream: "EmulatedStream") -> None:
@@ -151,7 +160,7 @@ class EmulatedEvent:
     def record(self, stream: EmulatedStream | None = None) -> None:
         stream = stream or self._accelerator.current_stream()
         self.on_engine = stream.on_engine
-        self.time = stream.clock().mark()
+        self.time = stream.mark()
 
     def query(self) -> bool:
         if self.time is None:

@@ -154,3 +154,19 @@ def test_the_copy_engine_capability_picks_background_snapshots():
     cpu = accelerators.get_accelerator("cpu")
     assert background_snapshots(cpu) is False and background_snapshots(EmulatedAccelerator(CHIP)) is True
     assert background_snapshots(cpu, True) is True and background_snapshots(EmulatedAccelerator(CHIP), False) is False
+
+
+def test_to_host_on_a_side_stream_runs_on_the_one_engine_behind_its_earlier_copies(chip):
+    source = written_on_chip(chip)
+    busy_side, side = side_after_compute(chip), side_after_compute(chip)
+    with chip.stream(busy_side):
+        chip.copy_to_host(torch.empty(MB), source, non_blocking=True)       # 0.1 s on the engine
+        chip.copy_to_host(torch.empty(MB), source, non_blocking=True)
+    compute_busy, engine_busy = chip.clock.busy_seconds, chip.copies.clock.busy_seconds
+    with chip.stream(side):
+        host = chip.to_host(source[:1024], non_blocking=True)
+        done = side.record_event()
+    assert chip.clock.busy_seconds == compute_busy
+    assert chip.copies.clock.busy_seconds == pytest.approx(engine_busy + chip.pace.copy_seconds(4096))
+    assert done.time == pytest.approx(chip.copies.clock.ready_at)             # queued behind the engine's copies
+    assert torch.equal(host, source[:1024])
