@@ -23,21 +23,21 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+import yaml
+
 from hetero.errors import UserError
-from hetero.launch import events
+from hetero.launch import events, loopback
 from hetero.runner import ROOT
 
 HELP = ("recovery times on a three-node loopback fleet: a node SIGKILLed (detection, re-plan, first step "
         "after resume, steps lost) and a worker SIGSTOPped, beside torchft's published figures")
-HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+HOSTS = loopback.hosts(3)
 STEPS = 10
 CHECKPOINT_EVERY = 2
 FAULT_AFTER_STEP = 3       # the fault comes once this many steps are recorded (and a checkpoint sealed)
@@ -47,21 +47,17 @@ WAIT_S = 600.0
 ANCHOR = {"source": "torchft (published, not measured here)", "heartbeat_interval_s": 0.1, "timeout_s": 5.0,
           "detection_s": 5.1}
 
-JOB = """\
-cluster:
-  name: recovery-three
-  coordinator: {{host: 127.0.0.1, port: {port}}}
-  chips:
-    fleet-chip: {{accelerator: emulated, emulated: true, tflops: {{fp32: 1000}}, memory_gb: 1,
-                 memory_bandwidth_gbps: 100000, intra_node_gbps: 1000, host_link_gbps: 100000}}
-  islands:
-    - {{name: a, accelerator: emulated, chip: fleet-chip, nodes: [{{host: 127.0.0.1, chips: 1}}]}}
-    - {{name: b, accelerator: emulated, chip: fleet-chip, nodes: [{{host: 127.0.0.2, chips: 1}}]}}
-    - {{name: c, accelerator: emulated, chip: fleet-chip, nodes: [{{host: 127.0.0.3, chips: 1}}]}}
-model: {{name: micro-llama, layers: 3, hidden: 64, heads: 4, kv_heads: 2, ffn_hidden: 128, vocab: 128, seq_len: 16}}
-train: {{global_batch: 8, micro_batch: 2, steps: {steps}, lr: 0.01, seed: 11, grad_clip: 1.0,
-        checkpoint: {{dir: checkpoints, every: {every}}}}}
-"""
+MODEL = {"name": "micro-llama", "layers": 3, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn_hidden": 128, "vocab": 128,
+         "seq_len": 16}
+
+
+def job_text(port: int) -> str:
+    """The scenarios' job file: the three-node loopback cluster (hetero.launch.loopback), the micro Llama and its
+    training (checkpoint every CHECKPOINT_EVERY steps)."""
+    train = {"global_batch": 8, "micro_batch": 2, "steps": STEPS, "lr": 0.01, "seed": 11, "grad_clip": 1.0,
+             "checkpoint": {"dir": "checkpoints", "every": CHECKPOINT_EVERY}}
+    return yaml.safe_dump({"cluster": loopback.loopback_cluster("recovery-three", len(HOSTS), port), "model": MODEL,
+                           "train": train}, sort_keys=False)
 
 
 def add_arguments(parser) -> None:
@@ -121,26 +117,12 @@ def timings(found: list[dict], records: list[dict], fault_at: float, last_step_b
             "steps_done": len({r["step"] for r in records})}
 
 
-def free_port_block(count: int) -> int:
-    """A port p with p .. p+count-1 free on every interface (the coordinator's, then the islands')."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as probe:
-                    probe.bind(("", port))
-        except OSError:
-            continue
-        return base
-    raise UserError("hetero bench recovery: no free block of ports on this machine")
-
-
 def _prepare(folder: str) -> tuple[str, str]:
     """(the job file, the run directory) of a scenario."""
     os.makedirs(folder)
     job = os.path.join(folder, "job.yaml")
     with open(job, "w", encoding="utf-8") as handle:
-        handle.write(JOB.format(port=free_port_block(len(HOSTS) + 1), steps=STEPS, every=CHECKPOINT_EVERY))
+        handle.write(job_text(loopback.free_port_block(len(HOSTS) + 1)))
     return job, os.path.join(folder, "run")
 
 

@@ -14,29 +14,18 @@ import pytest
 
 from hetero.config import load_job
 from hetero.engine.checkpoint import pointed_step
-from hetero.launch import events
+from hetero.launch import events, loopback
 from hetero.launch.fleet import launch_fleet
 from tests.hetero.engine.test_engine_fleet import CONFIG, last_attempt, make_plan
 from tests.hetero.launch.test_launch import finish, free_port_block, launcher
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 TOKEN = "elastic-token-5d1e"
-HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+HOSTS = loopback.hosts(3)
 LOST = HOSTS[2]
 STEPS = 10
 REJOIN_TIMEOUT = 2.0
 
-CLUSTER = """
-name: elastic-three
-coordinator: {{host: 127.0.0.1, port: {port}}}
-chips:
-  fleet-chip: {{accelerator: emulated, emulated: true, tflops: {{fp32: 1000}}, memory_gb: 1,
-               memory_bandwidth_gbps: 100000, intra_node_gbps: 1000, host_link_gbps: 100000}}
-islands:
-  - {{name: a, accelerator: emulated, chip: fleet-chip, nodes: [{{host: 127.0.0.1, chips: 1}}]}}
-  - {{name: b, accelerator: emulated, chip: fleet-chip, nodes: [{{host: 127.0.0.2, chips: 1}}]}}
-  - {{name: c, accelerator: emulated, chip: fleet-chip, nodes: [{{host: 127.0.0.3, chips: 1}}]}}
-"""
 
 
 def _node_processes(host: str) -> list[int]:
@@ -91,7 +80,7 @@ def _fresh_losses(tmp_path, cluster: str, plan_path: str, checkpoints, from_step
 
 def test_a_lost_node_is_planned_around_and_taken_back(tmp_path):
     cluster = str(tmp_path / "cluster.yaml")
-    (tmp_path / "cluster.yaml").write_text(CLUSTER.format(port=free_port_block(8)))
+    (tmp_path / "cluster.yaml").write_text(loopback.loopback_cluster_yaml("elastic-three", len(HOSTS), free_port_block(8)))
     job = load_job(cluster=cluster, model=CONFIG, train=CONFIG)
     first = make_plan(job, [("a", 1, 1, (0, 1), 0), ("b", 1, 1, (1, 2), 0), ("c", 1, 1, (2, 3), 0)])
     plan_path = tmp_path / "plan.json"

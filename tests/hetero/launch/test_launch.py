@@ -5,15 +5,14 @@ Helpers at the top are shared with tests/hetero/launch/test_launch_multinode.py 
 
 import json
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from hetero.launch.loopback import free_port_block  # noqa: F401  (shared: other tests import it from here)
 from tests.conftest import FIXTURES, ROOT, WORKERS
 
 LAUNCH_CONFIGS = os.path.join(FIXTURES, "launch")
@@ -23,20 +22,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # ----------------------------------------------------------------- helpers
-def free_port_block(count: int) -> int:
-    """A port p with p .. p+count-1 all free on every interface (coordinator + rendezvous ports)."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as sock:
-                    sock.bind(("", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free block of ports")
-
-
 def write_cluster(tmp_path, name: str, chips: int | None = None) -> str:
     """tests/fixtures/launch/<name>.yaml with a free coordinator port (rendezvous ports follow it),
     and optionally `chips` chips on every node (fewer processes: faster on 2 cores)."""

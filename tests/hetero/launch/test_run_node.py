@@ -11,25 +11,16 @@ import sys
 import pytest
 
 from hetero.config import load_job
+from hetero.launch.loopback import loopback_cluster_yaml
 from tests.hetero.engine.test_engine_fleet import CONFIG, last_attempt, make_plan
 from tests.hetero.launch.test_launch import ROOT, free_port_block
 
-CLUSTER = """
-name: run-node-two
-coordinator: {{host: 127.0.0.1, port: {port}}}
-chips:
-  fleet-chip: {{accelerator: emulated, emulated: true, tflops: {{fp32: 1000}}, memory_gb: 1,
-               memory_bandwidth_gbps: 100000, intra_node_gbps: 1000, host_link_gbps: 100000}}
-islands:
-  - {{name: a, accelerator: emulated, chip: fleet-chip, nodes: [{{host: 127.0.0.1, chips: 1}}]}}
-  - {{name: b, accelerator: emulated, chip: fleet-chip, nodes: [{{host: 127.0.0.2, chips: 1}}]}}
-"""
 STEPS = 3
 
 
 def _files(tmp_path):
     cluster = tmp_path / "cluster.yaml"
-    cluster.write_text(CLUSTER.format(port=free_port_block(4)))
+    cluster.write_text(loopback_cluster_yaml("run-node-two", 2, free_port_block(4)))
     token = tmp_path / "token"
     token.write_text("run-node-token-81b2\n")
     return str(cluster), str(token)
