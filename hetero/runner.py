@@ -32,7 +32,7 @@ KINDS = {"auto": ("pipeline", "replicas"), "pipeline": ("pipeline",), "replicas"
 class RunResult:
     code: int
     run_dir: str
-    plan: Plan                                     # the plan it ran under (the last one, if re-planned)
+    plan: Plan                                     # the plan it was launched with (elastic re-plans: run events)
     records: list = field(default_factory=list)    # metrics/steps.jsonl, last attempt per step
     resumed_from: int | None = None                # --resume: the checkpoint step it went on from
 
