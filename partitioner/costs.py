@@ -67,6 +67,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioner.inputs import DTYPE_BYTES, RECOMPUTE_MODES, ChipModel, FleetSpec, IslandSpec, ModelSpec, TrainSpec
+from partitioner.schedule_time import (  # noqa: F401  # pylint: disable=unused-import  # re-exported
+    BACKWARD_SHARE, exposed_reduce_s, interleaved_cycle_fill, pipeline_step_s)
 
 GRAD_REDUCE_BYTES = 4          # gradients are reduced in fp32 (main grads)
 SOFTMAX_PASSES = 8             # elementwise passes over the b*a*s^2 scores (scale, mask, softmax, cast)
@@ -506,6 +508,13 @@ class CostModel:
         return (params_per_chip / shard * optimizer_bytes_per_param(self.dtype)
                 / (island.chip.memory_bandwidth * island.chip.bw_eff)) + self.host_cost(island.name).optimizer_step_s
 
+    def reduce_parts(self, island: IslandSpec, offset: int, t: int, dp: int, params_per_chip: float):
+        """(overlappable, after the update) seconds of a stage's DP reduction: the engine starts the
+        gradient all-reduce (ZeRO-1: the reduce-scatter, half of it) during the backward; ZeRO-1's
+        all-gather of the updated parameters follows the update (partitioner/schedule_time.py)."""
+        total = self.dp_allreduce_s(island, offset, t, dp, params_per_chip)
+        return (total / 2, total / 2) if self.zero1(dp) else (total, 0.0)
+
     @staticmethod
     def staging_s(src: IslandSpec, dst: IslandSpec, nbytes: float) -> float:
         """The bridge is CPU-mediated: `nbytes` leave the sending chip over its host link and
@@ -531,50 +540,6 @@ class CostModel:
         host_link = min(island.chip.host_link_bandwidth for island in islands)
         staging = 2.0 * nbytes / max(1, links) / host_link
         return max(ring, staging) + 2 * (k - 1) * self.bridge_latency
-
-
-def pipeline_step_s(stage_times, boundary_times, m: int, tail: float) -> float:
-    """1F1B with heterogeneous stages: (m-1)*max_i T_i + sum_i T_i, where a boundary
-    slower than every stage throttles the steady state, and fill/drain cross each
-    boundary once forward and once backward; plus the tail (DP reduction, optimizer)."""
-    cycle = max(stage_times)
-    if boundary_times:
-        cycle = max(cycle, max(boundary_times))
-    return (m - 1) * cycle + sum(stage_times) + 2.0 * sum(boundary_times) + tail
-
-
-BACKWARD_SHARE = 2.0 / 3.0     # of a stage's forward + backward time: backward is twice the forward
-
-
-def interleaved_cycle_fill(stage_times, inner_hops, wrap_hop: float, v: int) -> tuple[float, float]:
-    """(cycle, fill) of interleaved 1F1B with v chunks per stage: the step is
-    (m-1)*cycle + fill + tail, m a multiple of the p stages; v == 1 is `pipeline_step_s`.
-
-    stage_times T_i: stage i's forward + backward of one micro-batch, all its chunks; inner_hops:
-    one crossing of each stage boundary, wrap_hop: stage p-1 back to stage 0 (the bridge when
-    the pipeline ends on another island than it starts); H = the sum of all p hops. Derived from
-    the schedule (partitioner/interleave.py) with uneven stages, and checked against running it
-    op by op (tests/test_interleave_costs.py: within a few per cent):
-    - steady state, per micro-batch, the slowest of: the slowest stage; each boundary's link,
-      crossed v times each way (the wrap-around v-1 times); and the ring -- in 1F1B order a
-      backward of chunk c on stage p-1 waits for chunk c+1's backward of the same micro-batch
-      to come back round from stage 0, so p chunk slots must cover every stage's backward of
-      one chunk plus every hop: (BACKWARD_SHARE * sum T + v*H)/p;
-    - fill and drain: the first chunk reaches the slowest stage, the last leaves it, after the
-      other stages' work on one chunk, 1/v of plain 1F1B's (Megatron's (p-1)/(v m) bubble),
-      plus one crossing of each boundary each way, plus the ring's hops once per extra chunk;
-      never less than one micro-batch's chain: the whole model forward and backward with every
-      hop v times (m = p: nothing hides the ring's latency)."""
-    p = len(stage_times)
-    top, total = max(stage_times), sum(stage_times)
-    if v == 1:
-        cycle = max(top, max(inner_hops, default=0.0))
-        return cycle, total + 2.0 * sum(inner_hops)
-    hops = sum(inner_hops) + wrap_hop
-    cycle = max(top, v * max(inner_hops, default=0.0), (v - 1) * wrap_hop, (BACKWARD_SHARE * total + v * hops) / p)
-    fill = top + (total - top) / v + 2.0 * sum(inner_hops) + (v - 1) * hops
-    chain = total + 2.0 * (v * sum(inner_hops) + (v - 1) * wrap_hop)
-    return cycle, max(fill, chain - (p - 1) * cycle)
 
 
 def tp_choices(model: ModelSpec, island: IslandSpec) -> list[int]:

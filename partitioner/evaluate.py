@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 
 from partitioner.candidates import PipeEval
-from partitioner.costs import CostModel
+from partitioner.costs import CostModel, exposed_reduce_s
 from partitioner.inputs import RECOMPUTE_MODES
 from partitioner.interleave import peak_in_flight
 from partitioner.layer_split import min_bottleneck, min_sum_split
@@ -139,17 +139,33 @@ def boundaries(cm, layout, dp, b) -> list:
 
 
 def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi, v: int = 1) -> PipeEval:
-    P = len(layout)
     boundary = boundaries(cm, layout, dp, b)
-    tail = 0.0
-    sources = []
-    for i, ((island, t, off), n) in enumerate(zip(layout, counts)):
-        params = cm.stage_params(t, n, first=i == 0, last=i == P - 1)
-        tail = max(tail, cm.dp_allreduce_s(island, off, t, dp, params) + cm.optimizer_s(island, dp, params))
-        sources.append(cm.layer_cost(island.name, t, b).source)
+    tail = step_tail(cm, layout, dp, counts, stage_times, boundary, v)
+    sources = [cm.layer_cost(slot.island.name, slot.tp, b).source for slot in layout]
     memory = stage_memories(cm, layout, counts, modes, dp, b, m, mi, v)
     wrap = wrap_hop(cm, layout, dp, b) if v > 1 else 0.0
     return PipeEval(layout, dp, b, m, counts, modes, stage_times, boundary, tail, memory, sources, v, wrap)
+
+
+def step_tail(cm, layout, dp, counts, stage_times, boundary, v: int) -> float:
+    """The step's tail after the pipeline's last backward: the part of the stages' DP reductions
+    the backward does not hide (schedule_time.exposed_reduce_s), then the slowest update (with
+    ZeRO-1's all-gather); the fleet-wide norm between them joins the stages."""
+    return sum(tail_parts(cm, layout, dp, counts, stage_times, boundary, v)[:2])
+
+
+def tail_parts(cm, layout, dp, counts, stage_times, boundary, v: int) -> tuple[float, float, float]:
+    """(exposed DP reduction, update with ZeRO-1's all-gather, the slowest stage's whole DP reduction)
+    seconds of the step's tail (`step_tail` is the first two's sum)."""
+    P = len(layout)
+    hidden, after, whole = [], 0.0, 0.0
+    for i, ((island, t, off), n) in enumerate(zip(layout, counts)):
+        params = cm.stage_params(t, n, first=i == 0, last=i == P - 1)
+        overlapped, gather = cm.reduce_parts(island, off, t, dp, params)
+        hidden.append(overlapped)
+        after = max(after, gather + cm.optimizer_s(island, dp, params))
+        whole = max(whole, overlapped + gather)
+    return exposed_reduce_s(stage_times, boundary, v, hidden), after, whole
 
 
 def stage_memories(cm, layout, counts, modes, dp, b, m, mi, v: int = 1) -> list:
@@ -223,4 +239,5 @@ def interleaved_twin(cm: CostModel, pe: PipeEval, v: int) -> PipeEval | None:
         else:
             return None
     return replace(pe, stage_times=stage_times, memory=memory, modes=tuple(modes), v=v,
-                   wrap=wrap_hop(cm, pe.layout, pe.dp, pe.b))
+                   wrap=wrap_hop(cm, pe.layout, pe.dp, pe.b),
+                   tail=step_tail(cm, pe.layout, pe.dp, pe.counts, stage_times, pe.boundary, v))

@@ -151,7 +151,7 @@ def _group_configs(cm, bounds, limits, *, small: bool, products: dict, group: Gr
     c = np.maximum((L + e_first / taus[0] + e_last / taus[-1]) / inv,
                    max(e_first + taus[0], e_last + taus[-1], max(taus)))
     n_avg = -(-L // P)
-    ab = np.array([bounds.tail_line(i, t, dp) for i, t in zip(order, ts)])
+    ab = np.array([tail_floor_line(bounds, i, t, dp) for i, t in zip(order, ts)])
     tail = (n_avg[:, None] * ab[None, :, 0] + ab[None, :, 1]).min(axis=1)
     rest = L * min(taus) + e_first + e_last + bridge + tail
     lb = (m - 1) * c + rest
@@ -165,6 +165,24 @@ def _group_configs(cm, bounds, limits, *, small: bool, products: dict, group: Gr
     keep = keep[np.argsort(lb[keep], kind="stable")]
     shape = GroupShape(tuple(zip(order, ts)), dp, b, m, taus, e_first, e_last, fill)
     return _Configs(lb[keep].tolist(), sel[keep], c[keep].tolist(), rest[keep].tolist(), vs[keep].tolist(), shape)
+
+
+def tail_floor_line(bounds, island, t: int, dp: int) -> tuple[float, float]:
+    """floor(n) = a*n + c: the part of a middle stage's tail (n layers) that no overlap hides, its
+    update and ZeRO-1's all-gather after it (the DP reduction itself may hide behind the backward:
+    partitioner/schedule_time.py); linear in the stage's parameters, memoised with the bounds."""
+    key = ("floor", island.name, t, dp)
+    hit = bounds.tails.get(key)
+    if hit is None:
+        one, two = (_tail_floor(bounds.cm, island, t, dp, n) for n in (1, 2))
+        hit = (two - one, 2 * one - two)
+        bounds.tails[key] = hit
+    return hit
+
+
+def _tail_floor(cm, island, t: int, dp: int, n: int) -> float:
+    params = cm.stage_params(t, n, first=False, last=False)
+    return cm.reduce_parts(island, 0, t, dp, params)[1] + cm.optimizer_s(island, dp, params)
 
 
 class _Configs:

@@ -9,6 +9,8 @@ import time
 
 from hetero.config import load_catalog, load_job
 from hetero.planning import Progress, chip_model, fleet_spec, headroom, model_spec, plan_job, train_spec
+from partitioner.costs import CostModel
+from partitioner.evaluate import tail_parts
 from partitioner.inputs import FleetSpec, IslandSpec, ModelSpec, TrainSpec
 from partitioner.search import brute_force, search
 
@@ -86,27 +88,30 @@ def interleaving_row(job, plain) -> dict:
     """The same fleet searched with interleaved 1F1B allowed (up to INTERLEAVE_V chunks per stage)
     beside `plain` (the default search's result): tokens/s, the ratio to the islands alone (each
     island alone may interleave too), the chosen plan's chunks and bubble, the search's CPU time."""
+    specs = fleet_spec(job.cluster), model_spec(job.model), train_spec(job.train, max_virtual_stages=INTERLEAVE_V)
     cpu = time.process_time()
-    result = search(fleet_spec(job.cluster), model_spec(job.model),
-                    train_spec(job.train, max_virtual_stages=INTERLEAVE_V), top=2)
+    result = search(*specs, top=2)
     cpu = time.process_time() - cpu
     room = headroom(result)
     best = result.best
+    cm = CostModel(*specs)
     return {"max_virtual_stages": INTERLEAVE_V, "search_s": result.search_s, "search_cpu_s": cpu,
             "tokens_per_s": best.tokens_per_s, "islands_alone_tokens_per_s": room["islands_alone_tokens_per_s"],
             "ratio_vs_islands": room["efficiency_vs_islands"], "plan": best.provenance.get("label"),
             "virtual_stages": [p.virtual_stages for p in best.pipelines],
             "bubble_fraction": best.breakdown["bubble_fraction"],
             "plain_bubble_fraction": plain.best.breakdown["bubble_fraction"],
-            "meets_lower_bounds": room["meets_lower_bounds"], "gap": gap_rows(result)}
+            "meets_lower_bounds": room["meets_lower_bounds"], "gap": gap_rows(result, cm)}
 
 
-def gap_rows(result) -> list[dict]:
+def gap_rows(result, cm: CostModel | None = None) -> list[dict]:
     """Where the ratio to the islands alone goes, per island of the best hetero-DP plan: its share
     of the batch, its step, the part of the step that does not shrink with the share (fill and
     drain plus the DP reduction and optimizer tail), and the step its share would take at the
     island's alone rate. Each island alone spreads that fixed part over the whole batch, the
-    fleet over its share: the ceiling the ratio meets (issue #20)."""
+    fleet over its share: the ceiling the ratio meets (issue #20). With the cost model `cm`, the tail
+    in its parts: the DP reduction's exposed part (the rest overlaps the backward) beside the whole
+    reduction, and the update (with ZeRO-1's all-gather of the parameters)."""
     hdp, alone = result.hetero_dp, result.islands_alone
     if hdp is None:
         return []
@@ -119,13 +124,24 @@ def gap_rows(result) -> list[dict]:
                     "tail_s": pe.tail, "virtual_stages": pe.v, "micro_batches": pe.m,
                     "at_alone_rate_s": solo.step * share / batch if solo else None,
                     "alone_fixed_s": solo.pipes[0].fill if solo and len(solo.pipes) == 1 else None})
+        if cm is not None:
+            exposed, update, whole = tail_parts(cm, pe.layout, pe.dp, pe.counts, pe.stage_times, pe.boundary, pe.v)
+            out[-1].update({"dp_reduce_exposed_s": exposed, "dp_reduce_s": whole, "update_s": update})
     return out
 
 
 def gap_line(row: dict) -> str:
     return (f"{row['island']}: share {row['share']:.3f}, step {row['step_s']:.2f} s (at its alone rate "
             f"{row['at_alone_rate_s']:.2f} s), fixed per step {row['fixed_s']:.2f} s of which DP reduce + "
-            f"optimizer {row['tail_s']:.2f} s, {row['virtual_stages']} chunk(s) per stage, m {row['micro_batches']}")
+            f"optimizer {row['tail_s']:.2f} s{_tail_detail(row)}, {row['virtual_stages']} chunk(s) per stage, "
+            f"m {row['micro_batches']}")
+
+
+def _tail_detail(row: dict) -> str:
+    if "dp_reduce_s" not in row:
+        return ""
+    return (f" (DP reduce exposed {row['dp_reduce_exposed_s']:.2f} s of {row['dp_reduce_s']:.2f} s, "
+            f"update {row['update_s']:.2f} s)")
 
 
 def interleaving_line(row: dict) -> str:
