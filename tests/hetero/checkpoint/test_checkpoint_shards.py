@@ -138,23 +138,31 @@ class _nothing:
 def test_the_checkpoint_bench_reports_its_contract_fields(model, tmp_path):
     from hetero.bench.checkpoint import measure
 
-    runs = measure((CONFIG,), directory=str(tmp_path))["runs"]
-    assert [r["model"] for r in runs] == [model.name] and runs[0]["load_s"] > 0
-    ranks = runs[0]["ranks"]
-    assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
-    assert all(set(r) == {"rank", "shard_bytes", "peak_extra_host_bytes", "blocked_s", "write_s",
-                          "first_blocked_s", "first_write_s", "sync_blocked_s", "sync_write_s", "snapshot_s",
-                          "issue_s", "snapshot_wait_s", "standin_step_s", "standin_slowdown_s"}
-               for r in ranks)     # the contract, the first save, the synchronous anchor, the background save's parts
-    assert all(r["blocked_s"] == pytest.approx(r["issue_s"] + r["snapshot_wait_s"] + r["standin_slowdown_s"])
-               and r["snapshot_s"] > 0 and r["standin_step_s"] > 0 for r in ranks)
+    # cpu, then emulated A100 ranks (time-dilated x2, a short stand-in step to keep the test quick)
+    runs = measure((CONFIG,), directory=str(tmp_path), chip="A100-80G", dilation=2.0, chip_step_s=0.05)["runs"]
+    assert [(r["model"], r["device"], r["time_dilation"]) for r in runs] == [
+        (model.name, "cpu", 1.0), (model.name, "emulated A100-80G", 2.0)]
+    fields = {"rank", "shard_bytes", "peak_extra_host_bytes", "blocked_s", "write_s", "snapshot_mode",
+              "background_blocked_s", "background_write_s", "first_blocked_s", "first_write_s", "sync_blocked_s",
+              "sync_write_s", "snapshot_s", "issue_s", "snapshot_wait_s", "standin_step_s", "standin_slowdown_s"}
+    for run, extra, mode in zip(runs, (set(), {"chip_copy_s"}), ("sync", "background")):
+        ranks = run["ranks"]
+        assert run["load_s"] > 0 and [r["rank"] for r in ranks] == [0, 1, 2, 3]
+        assert all(set(r) == fields | extra for r in ranks)   # the contract, the anchor, both modes' parts
+        assert all(r["background_blocked_s"] == pytest.approx(r["issue_s"] + r["snapshot_wait_s"] + r["standin_slowdown_s"])
+                   and r["snapshot_s"] > 0 and r["standin_step_s"] > 0 for r in ranks)
+        assert all(r["snapshot_mode"] == mode and r["blocked_s"] == r[f"{mode}_blocked_s"] for r in ranks)
+    # on the chip the snapshot's copies were charged on its copy engine at the host link's 32 GB/s
+    assert all(r["chip_copy_s"] == pytest.approx(r["shard_bytes"] / 32e9, rel=0.05) for r in runs[1]["ranks"])
+    assert all(r["standin_step_s"] >= 0.05 for r in runs[1]["ranks"])           # chip seconds, not wall
     params = sum(layout.full_shape(model, n)[0] * (layout.full_shape(model, n) + (1,))[1]
                  for n in layout.model_names(model))
-    assert params * 12 <= sum(r["shard_bytes"] for r in ranks) < params * 12 * 1.05   # fp32 weights + 2 moments
+    assert params * 12 <= sum(r["shard_bytes"] for r in runs[0]["ranks"]) < params * 12 * 1.05   # fp32 weights + 2 moments
 
 
 def test_hetero_bench_checkpoint_prints_the_contract_and_judges_each_rank(hetero_cli, tmp_path):
-    code, out, err = hetero_cli("bench", "checkpoint", "--model", CONFIG, "--dir", str(tmp_path), "--json")
+    code, out, err = hetero_cli("bench", "checkpoint", "--model", CONFIG, "--dir", str(tmp_path), "--chip", "none",
+                                "--json")
     assert code == 0, err
     report = json.loads(out)
     ranks = report["runs"][0]["ranks"]
@@ -165,3 +173,7 @@ def test_hetero_bench_checkpoint_prints_the_contract_and_judges_each_rank(hetero
     assert os.listdir(tmp_path) == []                      # its checkpoints go in a folder it removes
     code, _, err = hetero_cli("bench", "checkpoint", "--tp", "0")
     assert code == 2 and "--tp and --dp must be at least 1" in err
+    code, _, err = hetero_cli("bench", "checkpoint", "--chip", "no-such-chip")
+    assert code == 2 and "--chip no-such-chip: not a catalog chip" in err
+    code, _, err = hetero_cli("bench", "checkpoint", "--time-dilation", "0.5")
+    assert code == 2 and "--time-dilation must be a number >= 1" in err
