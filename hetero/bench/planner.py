@@ -178,7 +178,8 @@ def run(args) -> int:
     fleets = {}
     for key, cluster, train in FLEETS:
         job = load_job(cluster=_cfg(cluster), model=_cfg("llama2-70b.yaml"), train=_cfg(train))
-        _log(args, f"1. {cluster} ({job.cluster.total_chips:,} chips) x llama2-70b x {train}")
+        chips = job.cluster.total_chips if job.cluster is not None else 0
+        _log(args, f"1. {cluster} ({chips:,} chips) x llama2-70b x {train}")
         cpu = time.process_time()
         result = plan_job(job, top=2, progress=Progress("   searching") if _tty(args) else None)
         fleets[key] = result

@@ -175,3 +175,72 @@ def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) == 1:
         return shape[0], 1
     return shape[0], math.prod(shape[1:])
+
+
+END_OF_COMPUTE = None               # StageBuckets.issued: a bucket started after the stage's last action
+
+
+class StageBuckets:
+    """The stage's DP gradient reduction cut into one bucket per model chunk, each started as soon
+    as its gradients are final and waited for only where the step needs the sums (Megatron's
+    overlap_grad_reduce, with a chunk as the bucket: all of its gradients become final together,
+    at the chunk's last backward of the step).
+
+    Interleaved 1F1B runs the stage's chunks' last backwards p actions apart (chunk v-1 first), so
+    chunk c's reduction overlaps the c*p backwards that follow it on this stage; a plain stage's one
+    chunk is final at its last action, as is the interleaved stage's chunk 0: those start with the
+    tail (nothing of this stage's compute is left to hide them behind), as do `held` chunks (a
+    tied embedding copy: its gradient is first summed with the other copy's). Every DP rank of a
+    stage runs the same schedule, so all issue the same collectives in the same order on the DP
+    group, as NCCL requires of one communicator.
+    """
+
+    def __init__(self, chunk_names: list[list[str]], schedule: list, held: set[int]):
+        self.names = chunk_names
+        last: dict[int, int] = {}
+        for index, action in enumerate(schedule):
+            if action.kind == "B":
+                last[action.chunk] = index
+        end = len(schedule) - 1
+        # the action after which each chunk's gradients are final, where that is before the end
+        self.final_at = {index: chunk for chunk, index in last.items() if index < end and chunk not in held}
+        self.works: list = []
+        self.issued: dict[int, int | None] = {}    # chunk -> the action it was started after (None: the end)
+
+    def begin(self) -> None:
+        self.works, self.issued = [], {}
+
+    def final_after(self, index: int) -> int | None:
+        """The chunk whose gradients became final with action `index` (to be started now), or None."""
+        chunk = self.final_at.get(index)
+        return None if chunk is None or chunk in self.issued else chunk
+
+    def start(self, chunk: int, at: int | None, works: list) -> None:
+        self.issued[chunk] = at
+        self.works.extend(works)
+
+    def remaining(self) -> list[int]:
+        return [chunk for chunk in range(len(self.names)) if chunk not in self.issued]
+
+    def wait(self) -> None:
+        """Block until every started bucket's reduction is done."""
+        for work in self.works:
+            work.wait()
+        self.works = []
+
+
+def chunk_names(names, chunks) -> list[list[str]]:
+    """The stage's parameter names (HF names, in order) by the model chunk holding them: a layer's
+    by its index in `chunks` (the stage's layer ranges); the embedding is chunk 0's, the final norm
+    and LM head the last chunk's. `chunks` None: one chunk."""
+    if not chunks:
+        return [list(names)]
+    out: list[list[str]] = [[] for _ in chunks]
+    for name in names:
+        if name.startswith("model.layers."):
+            number = int(name.split(".")[2])
+            chunk = next(c for c, (start, end) in enumerate(chunks) if start <= number < end)
+        else:
+            chunk = 0 if name == layout.EMBED else len(chunks) - 1
+        out[chunk].append(name)
+    return out

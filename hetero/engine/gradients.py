@@ -15,21 +15,42 @@ loss scale) and makes them the fleet's, in this order:
 
 The sums are linear, so the tied swap may come before the DP sum: both stages of a
 pipeline have the same DP degree and swap replica by replica.
+
+Step 2 overlaps the backward (`after_backward`, on by default; HETERO_OVERLAP_GRAD_REDUCE=0 turns
+it off): the stage's gradients are cut by model chunk (hetero.engine.buckets.StageBuckets) and a
+chunk whose last backward of the step is not the stage's last action (interleaved 1F1B: every
+chunk but chunk 0) starts its DP reduction at once, asynchronously, on the gradients the later
+backwards no longer touch: an all-reduce of its gradients, or under ZeRO-1 a reduce of each DP
+rank's part of the chunk's range to that rank (a reduce-scatter of the range: NCCL's
+reduce_scatter_tensor needs equal shards, and the chunk's range is not cut at the shards'
+edges). bf16/fp16 take the chunk's gradients into the fp32 flat vector (unscaled) first. The
+rest start in `within_stage`, which waits for all of them; everything after it (hetero-DP
+buckets, fp64 norm, clipping) sees the same sums as without the overlap.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 
 from hetero.engine import tags
-from hetero.engine.buckets import GradBuckets, GradShard, fitting_bucket_elements, grad_bucket_elements
+from hetero.engine.buckets import (END_OF_COMPUTE, GradBuckets, GradShard, StageBuckets, chunk_names,
+                                   fitting_bucket_elements, grad_bucket_elements)
 from hetero.model import layout
+
+OVERLAP_ENV = "HETERO_OVERLAP_GRAD_REDUCE"      # "0": every DP reduction waits for the whole backward
+
+
+def overlap_wanted(environ=None) -> bool:
+    """Whether DP reductions start during the backward (HETERO_OVERLAP_GRAD_REDUCE, default on)."""
+    return (os.environ if environ is None else environ).get(OVERLAP_ENV, "1").strip() not in ("0", "false", "no")
 
 
 class GradientSync:
     def __init__(self, comms, model, params: dict, accelerator, scope, tied_link=None, shard=None,
-                 zero: bool = False):
+                 zero: bool = False, schedule=None):
         self.comms, self.model, self.params, self.accel = comms, model, params, accelerator
         self.place = comms.place
         self.scope = scope               # () -> the device scope island collectives run in
@@ -37,14 +58,29 @@ class GradientSync:
         self.shard = shard               # the stage's flat layout (hetero.engine.zero), or None
         self.zero = zero                 # ZeRO-1: reduce-scatter over the DP group
         self.grads: dict = {}            # {name: fp32 gradient} of the step being reduced
-        self.flat = None                 # their flat vector (flat layout only)
-        self._buckets = None             # hetero-DP gradient buckets, made on first use
+        self.flat: torch.Tensor | None = None      # their flat vector (flat layout only)
+        self._buckets: GradBuckets | None = None   # hetero-DP gradient buckets, made on first use
+        self._prepared = False           # backward accumulates straight into `flat`
+        # the DP reduction by chunk, started during the backward (None: all of it after)
+        self.overlap: StageBuckets | None = None
+        if schedule is not None and self.place.stage.dp > 1 and overlap_wanted():
+            names = chunk_names(params, getattr(model, "chunks", None))
+            held = {c for c, group in enumerate(names) if tied_link is not None and self._tied_name() in group}
+            self.overlap = StageBuckets(names, schedule, held)
+
+    def _tied_name(self) -> str:
+        """This stage's copy of a tied embedding."""
+        return layout.EMBED if self.place.is_first else layout.LM_HEAD
 
     def prepare(self) -> None:
         """Before backward: fp32 parameters in the flat layout get their gradients as views of one
         fresh flat vector, so backward accumulates straight into it (no second copy of the gradients)."""
+        if self.overlap is not None:
+            self.overlap.begin()
+        self._prepared = False
         if self.shard is None or next(iter(self.params.values())).dtype != torch.float32:
             return
+        self._prepared = True
         with self.scope():
             self.flat = torch.zeros(self.shard.padded, dtype=torch.float32, device=self.comms.device)
         for name, view in self.shard.views(self.flat).items():
@@ -55,22 +91,58 @@ class GradientSync:
         if self.shard is None:
             self.grads = {name: param.grad for name, param in self.params.items()}
             return
-        if self.flat is not None:       # prepared: backward wrote into the flat vector
-            for param in self.params.values():
-                param.grad = None
-            self.grads = self.shard.views(self.flat)
-            return
-        with self.scope():
-            self.flat = self.shard.flatten({n: p.grad for n, p in self.params.items()}, torch.float32,
-                                           self.comms.device)
-            if loss_scale != 1.0:
-                self.flat.mul_(1.0 / loss_scale)
+        if not self._prepared:           # bf16/fp16: into the fp32 flat vector (chunks taken early are)
+            self._take([name for name, param in self.params.items() if param.grad is not None], loss_scale)
         for param in self.params.values():
             param.grad = None
         self.grads = self.shard.views(self.flat)
 
+    def _take(self, names: list[str], loss_scale: float) -> None:
+        """Move the gradients of `names` into the flat fp32 vector (made on first use), unscaled."""
+        with self.scope():
+            if self.flat is None:
+                self.flat = torch.zeros(self.shard.padded, dtype=torch.float32, device=self.comms.device)
+            views = self.shard.views(self.flat)
+            for name in names:
+                views[name].copy_(self.params[name].grad)
+                if loss_scale != 1.0:
+                    views[name].mul_(1.0 / loss_scale)
+                self.params[name].grad = None
+
+    def after_backward(self, index: int, loss_scale: float = 1.0) -> None:
+        """Action `index` of the schedule (a backward) has run: start the DP reduction of the chunk
+        whose gradients it made final, if any (StageBuckets says which)."""
+        overlap = self.overlap
+        chunk = None if overlap is None else overlap.final_after(index)
+        if overlap is None or chunk is None:
+            return
+        if self.shard is not None and not self._prepared:
+            self._take(overlap.names[chunk], loss_scale)
+        overlap.start(chunk, index, self._reduce_async(overlap.names[chunk]))
+
+    def _reduce_async(self, names: list[str]) -> list:
+        """Issue the DP reduction of the gradients of `names` (one chunk's); return its works."""
+        group = self.comms.dp_group
+        with self.scope():
+            if self.shard is None:
+                return [dist.all_reduce(self.params[n].grad, group=group, async_op=True) for n in names]
+            spans = _spans(sorted((self.shard.offsets[n], self.shard.offsets[n] + self.params[n].numel())
+                                  for n in names))
+            if not self.zero:
+                return [dist.all_reduce(self._vector()[lo:hi], group=group, async_op=True) for lo, hi in spans]
+            works = []
+            size = self.shard.shard_numel
+            for lo, hi in spans:
+                for rank in range(self.shard.size):      # each DP rank's part of [lo, hi), summed onto it
+                    start, stop = max(lo, rank * size), min(hi, (rank + 1) * size)
+                    if start < stop:
+                        works.append(dist.reduce(self._vector()[start:stop], dst=dist.get_global_rank(group, rank),
+                                                 group=group, async_op=True))
+            return works
+
     def release(self) -> None:
         self.grads, self.flat = {}, None
+        self._prepared = False
 
     def within_stage(self) -> None:
         """Sum gradients between tied embedding copies, then over the stage's DP group."""
@@ -78,7 +150,7 @@ class GradientSync:
         if self.tied_link is not None:
             # The two copies may differ in TP: swap full gradients (resharded like
             # activations), then add the other copy's share of ours.
-            name = "model.embed_tokens.weight" if self.place.is_first else "lm_head.weight"
+            name = self._tied_name()
             grad = self.grads[name]
             with self.scope():
                 full = self.model.tp.all_gather(grad, 0)
@@ -88,16 +160,39 @@ class GradientSync:
                 grad.add_(self.model.tp.shard(other, 0))
         if self.place.stage.dp == 1:
             return
+        if self.overlap is not None:
+            self._finish_overlap()
+            return
         with self.scope():
             if self.zero:
-                mine = self.shard.reduce_scatter(self.flat)
-                self.flat.zero_()
-                self.shard.shard_of(self.flat).copy_(mine)
+                flat = self._vector()
+                mine = self.shard.reduce_scatter(flat)
+                flat.zero_()
+                self.shard.shard_of(flat).copy_(mine)
             elif self.flat is not None:
                 dist.all_reduce(self.flat, group=self.comms.dp_group)
             else:
                 for grad in self.grads.values():
                     dist.all_reduce(grad, group=self.comms.dp_group)
+
+    def _finish_overlap(self) -> None:
+        """Start the chunks not started during the backward, wait for all; under ZeRO-1 keep only
+        this rank's shard (zeros elsewhere, as after a reduce-scatter)."""
+        assert self.overlap is not None
+        for chunk in self.overlap.remaining():
+            names = self.overlap.names[chunk]
+            if names:
+                self.overlap.start(chunk, END_OF_COMPUTE, self._reduce_async(names))
+        self.overlap.wait()
+        if self.zero:
+            with self.scope():
+                self._vector()[:self.shard.lo].zero_()
+                self._vector()[self.shard.hi:].zero_()
+
+    def _vector(self) -> torch.Tensor:
+        """The flat gradient vector (flat layout: made by `prepare`, an early chunk or `collect`)."""
+        assert self.flat is not None, "no flat gradient vector yet"
+        return self.flat
 
     def across_pipelines(self) -> None:
         """hetero-DP: sum gradients over the pipelines (one whole replica per island).
@@ -114,7 +209,7 @@ class GradientSync:
         if self._buckets is None:
             wanted = fitting_bucket_elements(grad_bucket_elements(), self.accel.free_memory(), self.comms.fleet_sum)
             self._buckets = GradBuckets(self.model.config, wanted)
-        shards = {}
+        shards: dict[str, list[GradShard]] = {}
         for name in self.params:
             hf = self.model.hf_name(name)
             dim = layout.split_dim(hf)
@@ -162,3 +257,15 @@ class GradientSync:
         if self.flat is None:
             return self.grads
         return self.shard.shard_of(self.flat)
+
+
+def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted [start, stop) ranges merged where they touch (a chunk's parameters lie end to end in
+    the flat layout: one span; anything else still reduces each value once)."""
+    out: list[tuple[int, int]] = []
+    for start, stop in ranges:
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], stop)
+        else:
+            out.append((start, stop))
+    return out

@@ -7,9 +7,9 @@ work over all chunks as over one), each action of the schedule runs one chunk, a
 each chunk has its own neighbours (the last stage's chunk c feeds the first stage's
 chunk c+1) and its own message tags.
 
-A step: 1F1B (`_step_compute`; fp16 scales the loss before backward), the gradients
-made the fleet's (GradientSync: tied copies, DP group — reduce-scattered under ZeRO-1 —
-hetero-DP pipelines), one fleet-wide sum of the loss and squared norm, then clip and
+A step: 1F1B (`_step_compute`; fp16 scales the loss before backward; a chunk's DP
+reduction starts as soon as its last backward has run), the gradients made the fleet's
+(GradientSync: tied copies, DP group — reduce-scattered under ZeRO-1 — hetero-DP pipelines), one fleet-wide sum of the loss and squared norm, then clip and
 update (AdamW over fp32 master weights in bf16/fp16: hetero.engine.precision), or a
 skipped update (fp16 overflow anywhere, or train.on_nan: skip).
 
@@ -73,7 +73,7 @@ class Trainer:
                 full = init_full_tensor(model_config, self.model.hf_name(name), train_config.seed)
                 self.optimizer.load_master({name: full}, self._onto_device, self._scope)
         self.scaler = LossScaler(enabled=self.dtype == torch.float16)
-        if self.zero1 and place.dp_rank == 0 and place.tp_rank == 0:
+        if shard is not None and self.zero1 and place.dp_rank == 0 and place.tp_rank == 0:
             log(f"stage {stage.index}: ZeRO-1 over DP {stage.dp}: each rank keeps {shard.shard_numel:,} of "
                 f"{shard.numel:,} parameters' optimizer state per TP rank")
         self._track_memory()
@@ -82,21 +82,21 @@ class Trainer:
         self.prev, self.next = self._neighbour_link(-1, 0), self._neighbour_link(1, 0)
         self._chunk_links = {(step, c): self._neighbour_link(step, c)
                              for c in range(1, place.virtual_stages) for step in (-1, 1)}
-        partners = topology.tied_partners(place) if model_config.tie_embeddings else None
-        self.grads = GradientSync(comms, self.model, self.params, accelerator, self._scope, self._link(partners),
-                                  shard=shard, zero=self.zero1)
-        self.data = SampleSource(train_config.data, model_config.vocab, model_config.seq_len,
-                                 train_config.seed, train_config.global_batch)
         self.schedule = stage_schedule(place.position, len(place.pipeline_stages), place.num_micro_batches,
                                        place.virtual_stages)
+        partners = topology.tied_partners(place) if model_config.tie_embeddings else None
+        self.grads = GradientSync(comms, self.model, self.params, accelerator, self._scope, self._link(partners),
+                                  shard=shard, zero=self.zero1, schedule=self.schedule)
+        self.data = SampleSource(train_config.data, model_config.vocab, model_config.seq_len,
+                                 train_config.seed, train_config.global_batch)
         self.checkpoints = Checkpoints(comms, accelerator, model_config, train_config, self.model, self.optimizer,
                                        self.scaler, pretrained=pretrained, log_once=self._log_once,
                                        fleet_count=self._fleet_count, scope=self._scope, onto_device=self._onto_device)
         self.start_step = self.checkpoints.resume()
         if self.start_step == 0 and pretrained:   # a run's own checkpoint wins over its starting model
             self._load_pretrained()
-        self.metrics = MetricsRecorder(run_dir, place.rank, self.clock,
-                                       PeakMemory(accelerator, comms.topology.plan, place.rank))
+        self.peaks = PeakMemory(accelerator, comms.topology.plan, place.rank)
+        self.metrics = MetricsRecorder(run_dir, place.rank, self.clock, self.peaks)
 
     # -- set-up helpers ---------------------------------------------------------
     def _scope(self):
@@ -195,17 +195,18 @@ class Trainer:
         tokens_per_step = self.train.global_batch * self.model_config.seq_len
         progress.step(step)                 # the head's hang watchdog (hetero.engine.progress)
         started = self.clock.now()
-        self.metrics.peaks.step_started()
+        self.peaks.step_started()
         self.grads.prepare()
-        loss_sum = self._step_compute(step)
+        loss_sum = self._step_compute(step, self.grads.after_backward)
         progress.stamp("island collective")
+        dp_started = self.clock.now()
         self.grads.collect(self.scaler.scale)
         self.grads.within_stage()
         reduce_started = self.clock.now()
         self.grads.across_pipelines()
         cross_island_s = self.clock.now() - reduce_started
         sums = torch.tensor([loss_sum, self.grads.local_sq_norm()], dtype=torch.float64)
-        totals = self.comms.fleet_sum(torch.cat([sums, self.metrics.peaks.slots()]))   # peaks ride along
+        totals = self.comms.fleet_sum(torch.cat([sums, self.peaks.slots()]))   # peaks ride along
         loss, grad_norm = float(totals[0]) / tokens_per_step, math.sqrt(float(totals[1]))
         scale, lr = self.scaler.scale, learning_rate(self.train, step, self.steps)
         finite = self._check_finite(step, loss)
@@ -218,13 +219,14 @@ class Trainer:
         self.optimizer.zero_grad()
         self.grads.release()
         self.accel.synchronize()
-        self.metrics.peaks.update_done()
+        self.peaks.update_done()
         step_s = self.clock.now() - started
         self.checkpoints.seal_ready()       # before the step's record: a recorded step N+1 means N is sealed
         if finite and (math.isfinite(grad_norm) or self.scaler.enabled):   # an fp16 overflow is recorded too
             self.metrics.step({"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / step_s,
                                "step_s": step_s, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                                "time": self.clock.stamp(), "cross_island_reduce_s": cross_island_s, "lr": lr,
+                               "dp_reduce_exposed_s": reduce_started - dp_started, **self._overlap_fields(),
                                **self._scaler_fields(scale)}, peak_slots=totals[2:])
 
     def _check_finite(self, step: int, loss: float) -> bool:
@@ -257,9 +259,18 @@ class Trainer:
         """fp16's step-record fields: the loss scale the step ran at, and the skipped steps so far."""
         return {"loss_scale": scale, "skipped_steps": self.scaler.skipped_steps} if self.scaler.enabled else {}
 
-    def _step_compute(self, step: int) -> float:
+    def _overlap_fields(self) -> dict:
+        """Where this rank started each chunk's DP reduction: the schedule action it followed (null:
+        after the stage's compute); only when the reduction overlaps the backward."""
+        overlap = self.grads.overlap
+        if overlap is None:
+            return {}
+        return {"dp_reduce_issued_after": [overlap.issued.get(c) for c in range(len(overlap.names))]}
+
+    def _step_compute(self, step: int, after_backward=None) -> float:
         """Run this stage's 1F1B schedule (interleaved: over its chunks) for one step; return the
-        summed loss (the stage holding the model's last piece).
+        summed loss (the stage holding the model's last piece). `after_backward(index, loss_scale)`
+        runs after each backward's sends are issued (GradientSync starts final chunks' DP reductions).
 
         Each action's receive is posted ahead: together with the previous action's send,
         in one batch (NCCL/HCCL: two stages that send to each other at once must not
@@ -336,6 +347,8 @@ class Trainer:
                     send_link.send(payload, self._tag(mb, kind, chunk, chunks, False))
                 for later in range(index + 1, index + 1 + ahead):
                     post(later)
+            if kind == "B" and after_backward is not None:
+                after_backward(index, self.scaler.scale)
             compute = self.clock.now() - t0 - waited
             self.metrics.action(step, mb, kind, compute, waited, posted_at, received, sent_at, link,
                                 chunk=chunk if chunks > 1 else None)
