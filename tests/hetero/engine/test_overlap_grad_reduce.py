@@ -60,3 +60,24 @@ def test_interleaved_dp_reduction_starts_before_the_backward_ends_and_matches_on
     for record in fleet:
         assert record["dp_reduce_issued_after"] == [None, last_b1], record
         assert record["dp_reduce_exposed_s"] >= 0.0
+
+
+@pytest.mark.slow
+def test_bf16_zero1_takes_chunks_early_and_sums_the_same_as_without_the_overlap(tmp_path, monkeypatch):
+    """bf16 moves a chunk's gradients into the fp32 flat vector when it starts its reduction: the
+    losses and norms are those of the run that reduces everything after the backward, bit for bit."""
+    seen = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("HETERO_OVERLAP_GRAD_REDUCE", flag)
+        (tmp_path / flag).mkdir()
+        cluster, job_path, job = four_layer_job(tmp_path / flag)
+        with open(job_path, encoding="utf-8") as handle:
+            text = handle.read().replace("  steps: 5\n", "  steps: 5\n  dtype: bf16\n")
+        with open(job_path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        plan = interleaved(make_plan(job, [("wide", 1, 2, (0, 2), 0), ("wide", 1, 2, (2, 4), 2)]), 2)
+        plan = dataclasses.replace(plan, zero1=True, dtype="bf16")
+        records, _, _ = run_fleet(tmp_path / flag, plan, job_path=job_path, cluster_path=cluster, steps=2)
+        seen[flag] = [(r["loss"], r["grad_norm"], r.get("dp_reduce_issued_after")) for r in last_attempt(records)]
+    assert [r[:2] for r in seen["1"]] == [r[:2] for r in seen["0"]]
+    assert [r[2] for r in seen["1"]] != [r[2] for r in seen["0"]] == [None, None]
