@@ -286,8 +286,8 @@ def poison_loss(monkeypatch, at_step, value):
     """Make this rank's summed loss `value` at the 1-based step `at_step`."""
     original = Trainer._step_compute
 
-    def patched(self, step):
-        loss = original(self, step)
+    def patched(self, step, *args, **kwargs):        # the trainer also passes the backward's hook
+        loss = original(self, step, *args, **kwargs)
         return value if step + 1 == at_step else loss
 
     monkeypatch.setattr(Trainer, "_step_compute", patched)
@@ -323,8 +323,8 @@ def test_non_finite_gradient_norm_stops_before_the_checkpoint(job, tmp_path, mon
 def test_on_nan_skip_drops_that_steps_update_and_goes_on(job, tmp_path, monkeypatch):
     original = Trainer._step_compute
 
-    def patched(self, step):
-        loss = original(self, step)
+    def patched(self, step, *args, **kwargs):        # the trainer also passes the backward's hook
+        loss = original(self, step, *args, **kwargs)
         if step + 1 == 2:
             self.params[next(iter(self.params))].grad.fill_(float("nan"))
         return loss
