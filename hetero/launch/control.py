@@ -86,6 +86,7 @@ class HeadControl:
         self.share: dict | None = None        # hetero run --node: the job handed to member hosts (JOB_KEY)
         self._back: dict = {}                 # standby host -> the checkpoint step when it came back
         self._back_read_at = 0.0
+        self._judged: set = set()             # coordinator failures the hang watchdog has looked at this attempt
 
     def begin(self, attempt: int) -> int:
         """Start a fresh coordinator for `attempt` and tell the other nodes to run it (and under
@@ -107,6 +108,7 @@ class HeadControl:
         self._silent = set()     # members given up on: end() does not wait for their ack
         self._failing_since = None
         self.hang = None
+        self._judged = set()
         if self.hang_timeout:
             self.watchdog = watchdog.Watchdog(self.client, attempt, self.layout.world_size, self.hang_timeout)
         events.record(self.run_dir, "start", attempt=attempt, hang_timeout_s=self.hang_timeout,
@@ -181,7 +183,9 @@ class HeadControl:
         if local.state == "failed":
             failures.append((local.priority, local.reason))
         for rank, why in sorted(self._running().failed.items()):
-            if why != LEFT_REASON:   # a worker that leaves has finished; its agent reports how
+            # A worker that leaves has finished (its agent reports how); one the watchdog has not looked at
+            # yet may be a stopped process whose stacks it would dump: the next round, after watch().
+            if why != LEFT_REASON and self._watched(rank):
                 failures.append((CRASHED, f"the coordinator reports global rank {rank} failed: {why}"))
         members_done, members_running = True, False
         for host_name in self.members:
@@ -218,6 +222,11 @@ class HeadControl:
             verdict = back
         self._store().kv_set(STATE_KEY, verdict.to_json())
         return verdict
+
+    def _watched(self, rank: int) -> bool:
+        """Whether the coordinator's failure of `rank` may fail the attempt now: the watchdog has judged
+        it (a failure that lands between watch() and step() waits one round), or there is nothing to judge."""
+        return self.watchdog is None or self.hang is not None or rank in self._judged
 
     def _take_back(self) -> Verdict | None:
         """Elastic: a standby host that came back (its launcher joined this attempt) is taken back at the
@@ -258,6 +267,7 @@ class HeadControl:
         if self.hang is not None or self.watchdog is None or self.coordinator is None:
             return
         failed = {rank: why for rank, why in self._running().failed.items() if why != LEFT_REASON}
+        self._judged = set(failed)
         hang = next((h for rank, why in sorted(failed.items()) if why.startswith(MISSED_HEARTBEATS)
                      for h in [self.watchdog.stopped(rank)] if h is not None and self._alive(h)), None)
         if hang is None and not failed:   # once a rank failed, the others stop on their own: not hung

@@ -210,3 +210,48 @@ def test_the_flags_refuse_bad_values_with_exit_2(hetero_cli, command):
     assert code == 2 and "--rejoin-timeout" in err and "Traceback" not in err
     code, _, err = hetero_cli(command, "--hang-timeout", "soon", *extra)
     assert code == 2 and "--hang-timeout" in err
+
+
+class _FakeCoordinator:
+    def __init__(self):
+        self.failed: dict = {}
+        self.finished: set = set()
+
+
+class _FakeClient:
+    def kv_set(self, key, value):
+        pass
+
+
+class _QuietWatchdog:
+    """A watchdog that finds no hang (the failed rank is gone, not stopped)."""
+
+    def stopped(self, rank):
+        return None
+
+    def check(self, gone=()):
+        return None
+
+
+def test_a_heartbeat_failure_waits_for_the_watchdog_to_look_at_it(tmp_path):
+    """A failure the coordinator records between the launcher's watch() and step() must not end the
+    attempt before the watchdog has judged it (it may be a stopped process whose stacks it dumps):
+    the verdict comes one round later, after watch(). (Under load the SIGSTOPped worker of `hetero
+    bench recovery` lost its stack dump to exactly that race.)"""
+    from hetero.config import load_job
+    from hetero.launch.agents import LocalStatus
+    from hetero.launch.control import HeadControl
+    from hetero.launch.layout import build_layout
+    from tests.conftest import FIXTURES
+
+    cluster = load_job(cluster=os.path.join(FIXTURES, "launch", "ray-two-node.yaml")).cluster
+    control = HeadControl(build_layout(cluster, None), "token", [], 1, 5.0, ack_timeout=1.0, join_timeout=1.0,
+                          lost_timeout=1.0, run_dir=str(tmp_path), hang_timeout=TIMEOUT)
+    control.coordinator, control.client, control.watchdog = _FakeCoordinator(), _FakeClient(), _QuietWatchdog()
+    running = LocalStatus("running")
+    control.watch()
+    control.coordinator.failed[2] = "no heartbeat for 5.0 s"    # lands after watch(), before step()
+    assert control.step(running, None) is None
+    control.watch()
+    verdict = control.step(running, None)
+    assert verdict is not None and verdict.state == "failed" and "global rank 2 failed: no heartbeat" in verdict.reason
