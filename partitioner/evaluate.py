@@ -165,7 +165,7 @@ def tail_parts(cm, layout, dp, counts, stage_times, boundary, v: int) -> tuple[f
         hidden.append(overlapped)
         after = max(after, gather + cm.optimizer_s(island, dp, params))
         whole = max(whole, overlapped + gather)
-    return exposed_reduce_s(stage_times, boundary, v, hidden), after, whole
+    return exposed_reduce_s(stage_times, boundary, v, hidden, chunked=cm.e >= 4), after, whole
 
 
 def stage_memories(cm, layout, counts, modes, dp, b, m, mi, v: int = 1) -> list:

@@ -13,6 +13,8 @@ i's backward of one micro-batch (all chunks) and v chunks per stage:
   1F1B drains the chunks p actions apart, chunk v-1 first; the drain runs no forwards);
 - a stage's reduction of R_i seconds is v buckets of R_i/v on one DP communicator, run in
   order, so they finish at max_c (release_c + (c+1) R_i/v); only what lies beyond E is exposed.
+The engine starts chunks early in fp32 only (bf16/fp16 reduce an fp32 copy made at collection,
+hetero/engine/gradients.py): there a stage's v buckets all start at its last backward.
 Under ZeRO-1 half of R_i (the reduce-scatter) overlaps; the other half (the all-gather of the
 updated parameters) follows the update. The fleet-wide norm joins the stages, so the tail is the
 slowest stage's exposed reduction plus the slowest stage's update. Every gap is a lower bound of
@@ -65,15 +67,17 @@ def interleaved_cycle_fill(stage_times, inner_hops, wrap_hop: float, v: int) -> 
     return cycle, max(fill, chain - (p - 1) * cycle)
 
 
-def exposed_reduce_s(stage_times, boundary_times, v: int, reduce_s) -> float:
+def exposed_reduce_s(stage_times, boundary_times, v: int, reduce_s, chunked: bool = True) -> float:
     """The slowest stage's DP reduction time (overlappable part `reduce_s[i]`) left after the end of
-    the pipeline's compute, its buckets started at their chunks' last backwards (module docstring)."""
+    the pipeline's compute, its buckets started at their chunks' last backwards (module docstring);
+    `chunked` False: all of a stage's at its last backward (the engine under bf16/fp16)."""
     p = len(stage_times)
+    buckets = v if chunked else 1
     exposed, before = 0.0, 0.0        # before: W_i, how long before E stage i's last backward ends
     for i, (time_s, reduce) in enumerate(zip(stage_times, reduce_s)):
         backward = BACKWARD_SHARE * time_s / v
         if reduce > 0.0:
-            done = max((c + 1) * reduce / v - c * p * backward for c in range(v))
+            done = max((c + 1) * reduce / buckets - c * p * backward for c in range(buckets))
             exposed = max(exposed, done - before)
         before += backward + (boundary_times[i] if i < len(boundary_times) else 0.0)
     return exposed

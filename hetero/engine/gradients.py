@@ -23,8 +23,10 @@ chunk but chunk 0) starts its DP reduction at once, asynchronously, on the gradi
 backwards no longer touch: an all-reduce of its gradients, or under ZeRO-1 a reduce of each DP
 rank's part of the chunk's range to that rank (a reduce-scatter of the range: NCCL's
 reduce_scatter_tensor needs equal shards, and the chunk's range is not cut at the shards'
-edges). bf16/fp16 take the chunk's gradients into the fp32 flat vector (unscaled) first. The
-rest start in `within_stage`, which waits for all of them; everything after it (hetero-DP
+edges). fp32 only, where backward writes the gradients in their final form: bf16/fp16 reduce
+an fp32 copy that the memory model places at collection, not beside the drain's activations, so
+their chunks all start at the end (partitioner/schedule_time.py costs it so). The rest start
+in `within_stage`, which waits for all of them; everything after it (hetero-DP
 buckets, fp64 norm, clipping) sees the same sums as without the overlap.
 """
 
@@ -66,7 +68,9 @@ class GradientSync:
         if schedule is not None and self.place.stage.dp > 1 and overlap_wanted():
             names = chunk_names(params, getattr(model, "chunks", None))
             held = {c for c, group in enumerate(names) if tied_link is not None and self._tied_name() in group}
-            self.overlap = StageBuckets(names, schedule, held)
+            # bf16/fp16 gradients become fp32 at collection: none can start during the backward
+            final_form = shard is None or next(iter(params.values())).dtype == torch.float32
+            self.overlap = StageBuckets(names, schedule if final_form else [], held)
 
     def _tied_name(self) -> str:
         """This stage's copy of a tied embedding."""
@@ -109,15 +113,13 @@ class GradientSync:
                     views[name].mul_(1.0 / loss_scale)
                 self.params[name].grad = None
 
-    def after_backward(self, index: int, loss_scale: float = 1.0) -> None:
+    def after_backward(self, index: int) -> None:
         """Action `index` of the schedule (a backward) has run: start the DP reduction of the chunk
         whose gradients it made final, if any (StageBuckets says which)."""
         overlap = self.overlap
         chunk = None if overlap is None else overlap.final_after(index)
         if overlap is None or chunk is None:
             return
-        if self.shard is not None and not self._prepared:
-            self._take(overlap.names[chunk], loss_scale)
         overlap.start(chunk, index, self._reduce_async(overlap.names[chunk]))
 
     def _reduce_async(self, names: list[str]) -> list:

@@ -269,7 +269,7 @@ class Trainer:
 
     def _step_compute(self, step: int, after_backward=None) -> float:
         """Run this stage's 1F1B schedule (interleaved: over its chunks) for one step; return the
-        summed loss (the stage holding the model's last piece). `after_backward(index, loss_scale)`
+        summed loss (the stage holding the model's last piece). `after_backward(index)`
         runs after each backward's sends are issued (GradientSync starts final chunks' DP reductions).
 
         Each action's receive is posted ahead: together with the previous action's send,
@@ -348,7 +348,7 @@ class Trainer:
                 for later in range(index + 1, index + 1 + ahead):
                     post(later)
             if kind == "B" and after_backward is not None:
-                after_backward(index, self.scaler.scale)
+                after_backward(index)
             compute = self.clock.now() - t0 - waited
             self.metrics.action(step, mb, kind, compute, waited, posted_at, received, sent_at, link,
                                 chunk=chunk if chunks > 1 else None)

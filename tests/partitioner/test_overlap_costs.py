@@ -32,3 +32,11 @@ def test_exposed_part_is_never_more_than_the_reduction_nor_negative(v):
     for reduce_s in ([0.0] * 4, [0.1, 5.0, 0.3, 9.0], [3.0, 3.0, 3.0, 3.0]):
         got = exposed_reduce_s(times, hops, v, reduce_s)
         assert 0.0 <= got <= max(reduce_s) + 1e-12
+
+
+def test_unchunked_stages_start_their_whole_reduction_at_their_last_backward():
+    """bf16/fp16: the engine starts no chunk early, so only the predecessors' drain hides it."""
+    times, hops = [3.0, 3.0], [0.1]
+    assert exposed_reduce_s(times, hops, 4, [1.0, 0.0], chunked=False) == pytest.approx(1.0)
+    drain = BACKWARD_SHARE * 3.0 / 4 + 0.1
+    assert exposed_reduce_s(times, hops, 4, [0.0, 1.0], chunked=False) == pytest.approx(1.0 - drain)

@@ -62,10 +62,11 @@ def test_interleaved_dp_reduction_starts_before_the_backward_ends_and_matches_on
         assert record["dp_reduce_exposed_s"] >= 0.0
 
 
+
 @pytest.mark.slow
-def test_bf16_zero1_takes_chunks_early_and_sums_the_same_as_without_the_overlap(tmp_path, monkeypatch):
-    """bf16 moves a chunk's gradients into the fp32 flat vector when it starts its reduction: the
-    losses and norms are those of the run that reduces everything after the backward, bit for bit."""
+def test_bf16_starts_no_chunk_early_and_sums_the_same_as_without_the_overlap(tmp_path, monkeypatch):
+    """bf16/fp16 reduce an fp32 copy of the gradients the memory model places at collection, so no
+    chunk starts during the drain; the sums are those of the run without the overlap, bit for bit."""
     seen = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("HETERO_OVERLAP_GRAD_REDUCE", flag)
@@ -80,4 +81,4 @@ def test_bf16_zero1_takes_chunks_early_and_sums_the_same_as_without_the_overlap(
         records, _, _ = run_fleet(tmp_path / flag, plan, job_path=job_path, cluster_path=cluster, steps=2)
         seen[flag] = [(r["loss"], r["grad_norm"], r.get("dp_reduce_issued_after")) for r in last_attempt(records)]
     assert [r[:2] for r in seen["1"]] == [r[:2] for r in seen["0"]]
-    assert [r[2] for r in seen["1"]] != [r[2] for r in seen["0"]] == [None, None]
+    assert [r[2] for r in seen["1"]] == [[None, None]] * 2 and [r[2] for r in seen["0"]] == [None, None]
