@@ -1,8 +1,12 @@
 """Cost model: FLOPs, bytes, memory and communication time of a Llama-style decoder.
 
-Everything is per chip and per micro-batch unless a name says otherwise. One module of ~600
-lines on purpose: every formula below shares this docstring's notation and derivations, and the
-CostModel that memoises them is what the search modules ask (partitioner/evaluate.py).
+Everything is per chip and per micro-batch unless a name says otherwise. The prices of
+operations live here, in one module of ~560 lines on purpose: every formula below shares this
+docstring's notation and derivations (counts, memory phases, op times and links all use b, s, h,
+t, e and N as defined here, and the memory phases follow the engine's allocations step by step),
+and the CostModel that memoises them is what the search modules ask (partitioner/evaluate.py).
+Composing stage times along a schedule (1F1B, interleaved, and the DP reduction's overlap with
+the backward) is partitioner/schedule_time.py, re-exported here.
 Notation: b micro-batch, s sequence, h hidden, a heads, f ffn_hidden, V vocab,
 t TP degree, e bytes per element of the training dtype, N = b*s tokens.
 
