@@ -357,12 +357,6 @@ class RunDir:
         self.made.clear()
 
 
-def describe(plan: Plan) -> str:
-    """Plan.summary(), for the callers that still import it from here (hetero.launch.elastic,
-    hetero.compare.fleet); new code calls plan.summary()."""
-    return plan.summary()
-
-
 def _follow(path: str, span: tuple, stop: threading.Event, records: list, show: bool, offset: int = 0) -> None:
     """Print a progress line per finished step until `stop`; collect the records. `span`: (the step the
     workers start after, the last step); `offset`: where in the file this invocation's records begin."""

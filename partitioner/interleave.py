@@ -12,7 +12,7 @@ Pure functions, no torch: the engine's schedule (hetero/engine/schedule.py) must
 exactly `chunk_order`, and the cost model (partitioner/costs.py) takes its memory from
 `peak_in_flight` and its bubble from `bubble_fraction`. `simulate` runs the schedule
 op by op with given times; it is the reference the formulas and the cost model's step
-time are checked against (tests/test_interleave_costs.py).
+time are checked against (tests/partitioner/test_interleave_costs.py).
 """
 
 from __future__ import annotations

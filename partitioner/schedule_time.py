@@ -44,7 +44,7 @@ def interleaved_cycle_fill(stage_times, inner_hops, wrap_hop: float, v: int) -> 
     one crossing of each stage boundary, wrap_hop: stage p-1 back to stage 0 (the bridge when
     the pipeline ends on another island than it starts); H = the sum of all p hops. Derived from
     the schedule (partitioner/interleave.py) with uneven stages, and checked against running it
-    op by op (tests/test_interleave_costs.py: within a few per cent):
+    op by op (tests/partitioner/test_interleave_costs.py: within a few per cent):
     - steady state, per micro-batch, the slowest of: the slowest stage; each boundary's link,
       crossed v times each way (the wrap-around v-1 times); and the ring -- in 1F1B order a
       backward of chunk c on stage p-1 waits for chunk c+1's backward of the same micro-batch

@@ -196,7 +196,10 @@ def _run(model, tp: int, dp: int, root: str, device: "_Host") -> dict:
     for stage_names in halves:
         reader = rank_optimizer(model, full, stage_names, TensorParallel())
         started = time.perf_counter()
-        saved = ckpt.Checkpoint(ckpt.latest(root), model)
+        sealed = ckpt.latest(root)
+        if sealed is None:
+            raise RuntimeError(f"bench checkpoint: no sealed checkpoint under {root} after the save")
+        saved = ckpt.Checkpoint(sealed, model)
         reader.load_part(reader.read_part(saved), saved.optimizer_steps, lambda t: t, _NoScope)
         load_s = max(load_s, time.perf_counter() - started)
     return {"model": model.name, "device": device.label, "time_dilation": device.dilation, "ranks": ranks,
@@ -423,6 +426,7 @@ def rank_optimizer(model, full: dict, names, tp: TensorParallel, dp: int = 1, dp
         else:
             store.copy_(shard.shard_of(shard.flatten(moments, torch.float32, "cpu")))
     if master:
+        assert shard is not None and made.master is not None        # a master copy is always sharded
         made.master.copy_(shard.shard_of(shard.flatten(local, torch.float32, "cpu")))
     return made
 

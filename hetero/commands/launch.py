@@ -90,7 +90,8 @@ def _on_slurm(args, entrypoint: str) -> int:
     return slurm_launcher(args.slurm_by)(args.cluster, args.plan, entrypoint, args.args,
                                          max_restarts=args.max_restarts, run_dir=args.run_dir,
                                          token_file=args.token_file, rdzv_timeout=args.rdzv_timeout,
-                                         hang_timeout=args.hang_timeout, rejoin_timeout=args.rejoin_timeout)
+                                         hang_timeout=args.hang_timeout, rejoin_timeout=args.rejoin_timeout,
+                                         elastic=args.elastic)
 
 
 def _argv(args) -> list[str]:
@@ -103,4 +104,6 @@ def _argv(args) -> list[str]:
     for flag, value in (("--hang-timeout", args.hang_timeout), ("--rejoin-timeout", args.rejoin_timeout)):
         if value is not None:
             argv += [flag, repr(value)]
+    if not args.elastic:
+        argv.append("--no-elastic")
     return argv + (["-m", args.script] if args.module else [os.path.abspath(args.script)]) + list(args.args)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from partitioner.plan import Plan
 
 MAX_TOP = 1000
-MAX_VIRTUAL_STAGES = 4     # the chunk counts the cost model is checked for (tests/test_interleave_costs.py)
+MAX_VIRTUAL_STAGES = 4     # the chunk counts the cost model is checked for (tests/partitioner/test_interleave_costs.py)
 
 
 def register(subparsers) -> None:

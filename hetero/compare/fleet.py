@@ -57,7 +57,7 @@ def compare_fleet(hf_dir: str, *, cluster: str | None = None, plan_file: str | N
         raise UserError(f"the fleet's compare run failed (exit {code}); its logs: {log} and {work}/logs")
     ours = gather(work, batch)
     rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
-    return {"model": hf_dir, "where": f"fleet {job.cluster.name}: {runner.describe(plan)}", "run_dir": work,
+    return {"model": hf_dir, "where": f"fleet {job.cluster.name}: {plan.summary()}", "run_dir": work,
             "dtype": dtype, "batch": batch, "seq_len": seq_len, "seed": seed, "layers": config.layers,
             "rtol_default": rtol == DEFAULT_RTOL[dtype], **compare_traces(ours, theirs, rtol)}
 

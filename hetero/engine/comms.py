@@ -139,7 +139,7 @@ class Comms:
         NCCL/HCCL run a pair's operations in issue order and a send waits for its receive. In an
         interleaved pipeline a stage sends an activation long before its neighbour needs it (that
         lag is what shrinks the bubble), and a receive queued behind that send on the same pair
-        would wait for it: two stages deadlock (tests/test_interleave_fleet.py, one island). With a
+        would wait for it: two stages deadlock (tests/hetero/engine/test_interleave_fleet.py, one island). With a
         group per (kind, wrap), each pair of a group carries messages one way only, in the order
         both sides issue them, and a send no longer holds up anything behind it but later sends."""
         return self.p2p_groups[(kind, wrap)] if self.p2p_groups else None

@@ -85,11 +85,9 @@ class Replanner:
 
 def summary(plan) -> dict:
     """A plan in short, for the replan event and the lines that announce it."""
-    from hetero.runner import describe
-
     if plan is None:
         return {"plan": "every chip, no plan"}
-    return {"plan": describe(plan), "kind": plan.kind, "world_size": plan.world_size,
+    return {"plan": plan.summary(), "kind": plan.kind, "world_size": plan.world_size,
             "micro_batch": plan.micro_batch, "num_micro_batches": plan.num_micro_batches,
             "predicted_step_s": plan.predicted_step_s, "tokens_per_s": plan.tokens_per_s}
 

@@ -14,7 +14,7 @@ know). Not elastic: srun ends the whole job step when one node's task fails or i
 lost (--kill-on-bad-exit), so a lost node cannot be re-planned around from inside the step; the
 launchers run with --no-elastic, and --rejoin-timeout / the elastic default are said to be unused
 (NOT_ELASTIC, one line). Not run under a real Slurm yet: tested against recorded Slurm environments and a
-stand-in srun (tests/test_slurm_launch.py).
+stand-in srun (tests/hetero/launch/test_slurm_launch.py).
 """
 
 from __future__ import annotations

@@ -162,6 +162,22 @@ def test_on_slurm_says_in_one_line_that_it_is_not_elastic(tmp_path, monkeypatch,
     monkeypatch.setattr(os, "environ", dict(STEP_ON_SECOND, SLURMD_NODENAME="gpu07", SLURM_NODEID="0"))
     assert slurm.slurm_launcher()(cluster, None, "-m hetero.engine.worker", rejoin_timeout=5.0) == 0
     assert calls[-1]["elastic"] is False and capsys.readouterr().err == f"hetero launch: {slurm.NOT_ELASTIC}\n"
+    assert slurm.slurm_launcher()(cluster, None, "-m hetero.engine.worker", rejoin_timeout=5.0,
+                                  elastic=False) == 0
+    assert calls[-1]["elastic"] is False and capsys.readouterr().err == ""
+
+
+def test_hetero_launch_on_slurm_repeats_no_elastic_for_every_node():
+    """The batch script's `hetero launch --on slurm --no-elastic` reruns itself under srun with the flag
+    kept, so no node's launcher says it is not elastic after the user turned elasticity off."""
+    from hetero.cli import build_parser
+    from hetero.commands.launch import _argv
+
+    parser = build_parser()
+    quiet = parser.parse_args(["launch", "--on", "slurm", "--cluster", "c.yaml", "--no-elastic", "train.py"])
+    assert "--no-elastic" in _argv(quiet)
+    assert "--no-elastic" not in _argv(parser.parse_args(["launch", "--on", "slurm", "--cluster", "c.yaml",
+                                                            "train.py"]))
 
 
 def test_a_step_without_a_node_name_or_id_is_one_line(tmp_path):
