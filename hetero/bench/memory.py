@@ -26,6 +26,7 @@ import tempfile
 
 import yaml
 
+from hetero.commands.flags import add_job_files
 from hetero.config import load_catalog, load_job
 from hetero.errors import UserError
 from hetero.planning import fleet_spec, model_spec, train_spec
@@ -37,6 +38,7 @@ HELP = "predicted vs measured peak memory per stage: fp32/bf16 x recompute x ZeR
 RATIO_GOAL = 0.10
 RETRIES = 1                # a cell whose run fails (a loaded machine can miss a heartbeat) runs once more
 CONFIGS = os.path.join(ROOT, "configs")
+DEFAULT_FILES = {"cluster": "emulated-mixed.yaml", "model": "llama-tiny.yaml", "train": "train-tiny.yaml"}
 DTYPES = ("fp32", "bf16")
 RECOMPUTE = ("none", "selective", "full")
 ZERO = (False, True)
@@ -66,10 +68,7 @@ class Cell:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default configs/emulated-mixed.yaml)")
-    parser.add_argument("--model", metavar="FILE", help="model YAML (default configs/llama-tiny.yaml)")
-    parser.add_argument("--train", metavar="FILE", help="train YAML (default configs/train-tiny.yaml); "
-                                                        "its dtype is replaced by each cell's")
+    add_job_files(parser, defaults=DEFAULT_FILES, notes={"train": ", its dtype replaced by each cell's"})
     parser.add_argument("--steps", type=int, default=3, help="steps per cell (default 3)")
     parser.add_argument("--only", metavar="TEXT", action="append", default=[],
                         help="run only the cells whose name (e.g. bf16/full/zero1-on/tp2) contains TEXT; repeatable "
@@ -91,9 +90,7 @@ def run(args) -> int:
     if not chosen:
         raise UserError(f"--only {' '.join(args.only)}: no cell matches; cells look like "
                         f"{cells()[0].name}")
-    paths = {"cluster": args.cluster or os.path.join(CONFIGS, "emulated-mixed.yaml"),
-             "model": args.model or os.path.join(CONFIGS, "llama-tiny.yaml"),
-             "train": args.train or os.path.join(CONFIGS, "train-tiny.yaml")}
+    paths = {kind: getattr(args, kind) or os.path.join(CONFIGS, name) for kind, name in DEFAULT_FILES.items()}
     out = args.out or tempfile.mkdtemp(prefix="hetero-bench-memory-")
     rows = []
     for index, cell in enumerate(chosen, 1):
