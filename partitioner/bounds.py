@@ -33,21 +33,6 @@ class Bounds:
             self.last[key] = self.cm.last_extra_s(island.name, t, b)
         return hit
 
-    def tail(self, island, t, dp, n) -> float:
-        """DP reduction + optimizer of a middle stage with n layers (some stage has >= L/P)."""
-        key = ("tail", island.name, t, dp, n)
-        hit = self.tails.get(key)
-        if hit is None:
-            params = self.cm.stage_params(t, n, first=False, last=False)
-            hit = self.cm.dp_allreduce_s(island, 0, t, dp, params) + self.cm.optimizer_s(island, dp, params)
-            self.tails[key] = hit
-        return hit
-
-    def tail_line(self, island, t, dp) -> tuple[float, float]:
-        """tail(n) = a*n + c for n >= 1 layers (both parts are linear in the stage's parameters)."""
-        one, two = self.tail(island, t, dp, 1), self.tail(island, t, dp, 2)
-        return (two - one, one - (two - one))
-
     def layers_fit(self, island, t, b, dp) -> int:
         """Most layers one middle stage could hold (one micro-batch in flight, cheapest mode)."""
         key = (island.name, t, b, dp)

@@ -238,7 +238,8 @@ def _summary(result, job) -> dict:
         "run_dir": result.run_dir,
         "plan": {"kind": plan["kind"],
                  "stages": [{k: s[k] for k in ("island", "chip", "tp", "dp", "layers")} for s in plan["stages"]],
-                 "samples": [p["samples"] for p in plan["pipelines"]], "micro_batch": plan["micro_batch"]},
+                 "samples": [p["samples"] for p in plan["pipelines"]], "micro_batch": plan["micro_batch"],
+                 "summary": result.plan.summary()},
     }
 
 

@@ -65,7 +65,7 @@ def fleet_row(result) -> dict:
     ratio = room["efficiency_vs_islands"]
     return {"search_s": result.search_s, "goal_s": SEARCH_GOAL_S, "ok": result.search_s <= SEARCH_GOAL_S,
             "configs_bounded": result.stats.get("pp_groups"), "configs_evaluated": result.evaluated,
-            "plan": best.provenance.get("label"), "predicted_step_s": best.predicted_step_s,
+            "plan": best.label, "predicted_step_s": best.predicted_step_s,
             "tokens_per_s": best.tokens_per_s, "mfu": dict(best.mfu),
             "islands_alone_tokens_per_s": room["islands_alone_tokens_per_s"],
             "ratio_vs_islands": ratio, "ratio_goal": RATIO_GOAL,
@@ -97,7 +97,7 @@ def interleaving_row(job, plain) -> dict:
     cm = CostModel(*specs)
     return {"max_virtual_stages": INTERLEAVE_V, "search_s": result.search_s, "search_cpu_s": cpu,
             "tokens_per_s": best.tokens_per_s, "islands_alone_tokens_per_s": room["islands_alone_tokens_per_s"],
-            "ratio_vs_islands": room["efficiency_vs_islands"], "plan": best.provenance.get("label"),
+            "ratio_vs_islands": room["efficiency_vs_islands"], "plan": best.label,
             "virtual_stages": [p.virtual_stages for p in best.pipelines],
             "bubble_fraction": best.breakdown["bubble_fraction"],
             "plain_bubble_fraction": plain.best.breakdown["bubble_fraction"],
@@ -207,7 +207,7 @@ def run(args) -> int:
         gap = res.best.predicted_step_s / bf.step - 1.0
         gaps.append({"case": name, "search_step_s": res.best.predicted_step_s, "brute_force_step_s": bf.step,
                      "gap": gap, "ok": gap <= GAP_GOAL, "search_s": t1 - t0, "brute_force_s": t2 - t1,
-                     "search_plan": res.best.provenance.get("label"), "brute_force_plan": bf.label})
+                     "search_plan": res.best.label, "brute_force_plan": bf.label})
         _log(args, f"   {name}: search {res.best.predicted_step_s:.5g} s, brute force {bf.step:.5g} s, "
                    f"gap {100 * gap:+.3f}% (goal <= {100 * GAP_GOAL:g}%); search {t1 - t0:.2f} s, "
                    f"brute force {t2 - t1:.1f} s")
@@ -228,7 +228,7 @@ def run(args) -> int:
         row = {"cluster": cluster, "model": model, "predicted_step_s": res.best.predicted_step_s,
                "baseline_step_s": base.predicted_step_s if base else None,
                "speedup": base.predicted_step_s / res.best.predicted_step_s if base else None,
-               "plan": res.best.provenance.get("label"), "baseline": base.provenance.get("label") if base else None}
+               "plan": res.best.label, "baseline": base.label if base else None}
         speedups.append(row)
         sp = f"{row['speedup']:.2f}x" if row["speedup"] else "naive plan does not fit"
         _log(args, f"   {cluster} x {model}: {res.best.predicted_step_s:.4g} s vs naive "
@@ -244,7 +244,7 @@ def run(args) -> int:
     mfu = p.breakdown["mfu_used_chips"]
     hfu = p.breakdown["hfu_used_chips"]
     peak = 312.0
-    anchor = {"plan": p.provenance.get("label"), "recompute": p.recompute, "predicted_step_s": p.predicted_step_s,
+    anchor = {"plan": p.label, "recompute": p.recompute, "predicted_step_s": p.predicted_step_s,
               "mfu": mfu, "hfu": hfu, "tflops_per_gpu_hardware": hfu * peak, "anchor": ANCHOR,
               "issue_range": ISSUE_RANGE, "mfu_in_issue_range": ISSUE_RANGE[0] <= mfu <= ISSUE_RANGE[1],
               "hfu_in_anchor_range": bool(ANCHOR["fraction_of_peak"][0] <= hfu <= ANCHOR["fraction_of_peak"][1]),

@@ -103,13 +103,13 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
     members = [h for h in layout.hosts if h != layout.head] if node is not None and is_head else []
     if generated and members:
         _write_token(run_dir, token, stderr)
-    job = _FleetJob(layout, node, entry, token, run_dir, os.path.abspath(plan_path) if plan_path else None,
+    job = FleetJob(layout, node, entry, token, run_dir, os.path.abspath(plan_path) if plan_path else None,
                     cluster_path, base_env, rdzv_timeout, shutdown_timeout, stdout, stderr,
                     os.path.abspath(checkpoint_dir) if checkpoint_dir else os.path.join(run_dir, "checkpoints"))
-    job.plan, job.plan_text = plan, _read(plan_path)
+    job.plan, job.plan_text = plan, read_text(plan_path)
     job.first = (plan, job.plan_text)
     if is_head and members and elastic:
-        job.elastic = _Elastic(config, replan, watchdog.rejoin_or_default(rejoin_timeout), members)
+        job.elastic = ElasticState(config, replan, watchdog.rejoin_or_default(rejoin_timeout), members)
     job.agent_work(0)   # every per-island input checked before anything starts
     lost_timeout = max(10.0, 2 * heartbeat_timeout)   # a silent node (or head) counts as lost
     control: HeadControl | MemberControl
@@ -129,13 +129,13 @@ def launch_fleet(cluster, plan_path: str | None, entrypoint: str, args=(), node:
         assert node is not None   # without --node this launcher is the head
         control = MemberControl(layout, token, node, join_timeout, lost_timeout)
     try:
-        with _Interrupts() as interrupts:
+        with Interrupts() as interrupts:
             return job.run(control, interrupts, max_restarts)
     finally:
         remove_rings(token)
 
 
-class _FleetJob:
+class FleetJob:
     def __init__(self, layout: FleetLayout, node, entry, token, run_dir, plan_path, cluster_path, base_env,
                  rdzv_timeout, shutdown_timeout, stdout, stderr, checkpoint_dir):
         self.layout = layout
@@ -157,7 +157,7 @@ class _FleetJob:
         self.plan = None                      # the Plan this node runs now (None: every chip)
         self.plan_text: str | None = None
         self.first: tuple = (None, None)      # the job's first (Plan, text): what re-planning up returns to
-        self.elastic: _Elastic | None = None  # the head's elastic re-plan (with other nodes, not --no-elastic)
+        self.elastic: ElasticState | None = None  # the head's elastic re-plan (with other nodes, not --no-elastic)
 
     def say(self, message: str, console: bool = False) -> None:
         """A line for the launcher's log (`stderr`); `console`: also for the person at the
@@ -167,7 +167,7 @@ class _FleetJob:
         if console and self.stderr is not None and self.stderr is not sys.stderr:
             print(line, file=sys.stderr, flush=True)
 
-    def run(self, control, interrupts: "_Interrupts", max_restarts: int) -> int:
+    def run(self, control, interrupts: "Interrupts", max_restarts: int) -> int:
         attempt = 0
         try:
             while True:
@@ -204,7 +204,7 @@ class _FleetJob:
         finally:
             control.close()
 
-    def regroup(self, control, attempt: int, elastic: "_Elastic") -> None:
+    def regroup(self, control, attempt: int, elastic: "ElasticState") -> None:
         """Elastic, on the head before a restart: call the nodes in; when the nodes that answer differ
         from those the job runs on, re-plan on them (down when nodes are lost, up to the first plan when
         they are all back), say the old and new plan, record a replan event."""
@@ -253,7 +253,7 @@ class _FleetJob:
         kept = None
         if step is not None and self.plan_text is not None:
             kept = keep_replaced_plan(self.run_dir, step, self.plan_text)
-        if text is not None and _read(path) != text:
+        if text is not None and read_text(path) != text:
             write_plan(self.run_dir, text)   # whole or not at all: another launcher may read it
         plan = load_plan(path, self.layout.cluster) if text is not None else None
         if text is not None and self.plan_path is not None:
@@ -280,7 +280,7 @@ class _FleetJob:
 
         return (pointed_step(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else None) or 0
 
-    def run_attempt(self, control, attempt: int, interrupts: "_Interrupts"):
+    def run_attempt(self, control, attempt: int, interrupts: "Interrupts"):
         islands = self.start_islands(attempt)
         final = None   # this node's status once its islands are stopped
         try:
@@ -342,7 +342,7 @@ def check_timeout(flag: str, value: float | None) -> None:
         raise UserError(f"{flag} must be a number of seconds > 0, got {value!r}")
 
 
-class _Elastic:
+class ElasticState:
     """The head's elastic re-plan settings and state."""
 
     def __init__(self, config, replan, rejoin_timeout: float, hosts):
@@ -353,7 +353,9 @@ class _Elastic:
         self.lost: set = set()              # those the job runs without now
 
 
-def _read(path: str | None) -> str | None:
+def read_text(path: str | None) -> str | None:
+    """A file's text, or None when there is no path or it cannot be read (a plan file compared across
+    attempts: a missing one reads as changed)."""
     if path is None:
         return None
     try:
@@ -367,7 +369,7 @@ def _same_file(arg: str, path: str) -> bool:
     return not arg.startswith("-") and os.path.abspath(arg) == os.path.abspath(path)
 
 
-class _Interrupts:
+class Interrupts:
     """SIGINT/SIGTERM to the launcher: remember it; the job loop stops every island.
 
     Only the main thread can install handlers: called from another thread,
@@ -377,7 +379,7 @@ class _Interrupts:
         self.signum = 0
         self._previous: dict = {}
 
-    def __enter__(self) -> "_Interrupts":
+    def __enter__(self) -> "Interrupts":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -48,7 +48,7 @@ from hetero.errors import UserError
 from hetero.launch import inputs, watchdog
 from hetero.launch.agents import CRASHED, AgentProcess, LocalIslands, LocalStatus, remove_rings
 from hetero.launch.protocol import LaunchAbort
-from hetero.launch.fleet import _Elastic, _FleetJob, _Interrupts, _read, check_timeout
+from hetero.launch.fleet import ElasticState, FleetJob, Interrupts, check_timeout, read_text
 from hetero.launch.layout import FleetLayout, build_layout
 from hetero.launch.logs import fatal_path
 from hetero.launch.ray_elastic import RayHeadControl
@@ -127,11 +127,11 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
                           os.path.abspath(checkpoint_dir) if checkpoint_dir else os.path.join(run_dir, "checkpoints"))
             job.placements, job.placed, job.driver_ip, job.placement_timeout = (placements, layout, driver_ip,
                                                                                placement_timeout)
-            job.plan, job.plan_text = plan, _read(plan_path)
+            job.plan, job.plan_text = plan, read_text(plan_path)
             job.first = (plan, job.plan_text)
             rejoin = watchdog.rejoin_or_default(rejoin_timeout)
             if elastic and len(layout.hosts) > 1:
-                job.elastic = _Elastic(layout.cluster, replan, rejoin, layout.hosts)
+                job.elastic = ElasticState(layout.cluster, replan, rejoin, layout.hosts)
             job.say(f"on Ray: connected in {connected - started:.1f} s, {len(placements)} placement group(s) reserved "
                     f"in {reserved - connected:.1f} s{where}, coordinator at {layout.coordinator_address}",
                     console=True)
@@ -146,7 +146,7 @@ def launch_on_ray(cluster, plan_path: str | None, entrypoint: str, args=(), node
                                      announce=watchdog.describe_timeout(hang, hang_timeout is not None, predicted),
                                      ips={host: _ip(host) for host in layout.hosts})
             control.plan_text, control.checkpoint_step = job.plan_text, job.resume_step
-            with _Interrupts() as interrupts:
+            with Interrupts() as interrupts:
                 return job.run(control, interrupts, max_restarts)
         finally:
             remove_rings(token)
@@ -311,7 +311,7 @@ def _release(ray) -> None:
         ray.shutdown()
 
 
-class _RayJob(_FleetJob):
+class _RayJob(FleetJob):
     placements: list[IslandPlacement] = []
     placed: FleetLayout | None = None   # the layout `placements` were reserved for
     driver_ip = ""

@@ -328,10 +328,11 @@ def efficiency(data: dict, source: str = "efficiency.json") -> dict:
 
 
 def _plan_label(plan) -> str:
-    """One line for a plan summary as `bench efficiency` records it (kind, stages), a full plan, or text."""
+    """One line for a plan as `bench efficiency` records it (its Plan.summary(); kind and stages in
+    records written before it had one), a full plan, or text."""
     if not isinstance(plan, dict):
         return str(plan or "")
-    label = (plan.get("provenance") or {}).get("label") or plan.get("label")
+    label = plan.get("summary") or (plan.get("provenance") or {}).get("label") or plan.get("label")
     if label:
         return label
     try:
