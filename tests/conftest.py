@@ -16,6 +16,19 @@ def configs_dir() -> str:
 
 
 @pytest.fixture
+def fresh_accelerator(monkeypatch):
+    """No accelerator chosen by the environment or cached from an earlier test, before or after."""
+    import accelerators
+    from accelerators import registry
+
+    monkeypatch.delenv(registry.SELECT_ENV, raising=False)
+    monkeypatch.delenv("HETERO_EMULATED_CHIP", raising=False)
+    accelerators.reset_accelerator()
+    yield
+    accelerators.reset_accelerator()
+
+
+@pytest.fixture
 def hetero_cli(capsys):
     """Run `hetero ARGS...` in this process; return (exit code, stdout, stderr)."""
     from hetero.cli import main

@@ -16,13 +16,7 @@ from accelerators.cpu import CpuAccelerator
 from tests.fakes.vendors import Recorder, install_ascend, install_kunlun
 
 
-@pytest.fixture(autouse=True)
-def fresh_selection(monkeypatch):
-    monkeypatch.delenv(registry.SELECT_ENV, raising=False)
-    monkeypatch.delenv("HETERO_EMULATED_CHIP", raising=False)
-    accelerators.reset_accelerator()
-    yield
-    accelerators.reset_accelerator()
+pytestmark = pytest.mark.usefixtures("fresh_accelerator")  # no accelerator chosen before or after
 
 
 def test_names_lists_builtins_and_imports_nothing_heavy():

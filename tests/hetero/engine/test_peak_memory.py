@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import accelerators
-from accelerators import registry
 from accelerators.base import Accelerator
 from accelerators.cpu import CpuAccelerator
 from accelerators.emulated import EmulatedAccelerator
@@ -48,13 +47,7 @@ class Plan:
         self.world_size = len(stage_of_rank)
 
 
-@pytest.fixture(autouse=True)
-def fresh_selection(monkeypatch):
-    monkeypatch.delenv(registry.SELECT_ENV, raising=False)
-    monkeypatch.delenv("HETERO_EMULATED_CHIP", raising=False)
-    accelerators.reset_accelerator()
-    yield
-    accelerators.reset_accelerator()
+pytestmark = pytest.mark.usefixtures("fresh_accelerator")  # no accelerator chosen before or after
 
 
 # -- the per-stage maximum from slot vectors ---------------------------------------------------
