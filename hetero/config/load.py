@@ -177,11 +177,14 @@ def check_job(job: Job, origin: dict) -> None:
                               f"{data.path}: its tokenizer's vocabulary ({meta['vocab_size']}) is larger "
                               f"than model '{job.model.name}''s vocab ({job.model.vocab}) in {origin['model']}")
     if job.model and job.cluster:
+        from hetero.planning import model_spec      # planning reads Job: imported here, not at the top
+        from partitioner.costs import layer_params
+
+        one_layer = layer_params(model_spec(job.model))     # the cost model's count, the one definition
         for island in job.cluster.islands:
             chip = job.cluster.chip(island.chip)
-            # A chip too small for even one layer's weights can never hold a stage.
-            layer_params = 4 * job.model.hidden ** 2 + 3 * job.model.hidden * job.model.ffn_hidden
-            if layer_params * 2 > chip.memory_gb * 1e9:
+            # A chip too small for even one layer's weights (2 bytes each) can never hold a stage.
+            if one_layer * 2 > chip.memory_gb * 1e9:
                 raise ConfigError(origin["cluster"], f"islands[{job.cluster.islands.index(island)}].chip",
                                   f"chip {island.chip} ({chip.memory_gb:g} GB) cannot hold even one layer "
                                   f"of model '{job.model.name}'")
