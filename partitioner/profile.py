@@ -178,20 +178,14 @@ class ProfileDB:
         model = data.get("model")
         if not isinstance(model, dict) or any(not isinstance(model.get(k), int) for k in SHAPE_FIELDS):
             raise ProfileError(f"{source}: model: expected integers {', '.join(SHAPE_FIELDS)}")
-        layers = data.get("layers")
-        if not isinstance(layers, list):
-            raise ProfileError(f"{source}: layers: expected a list")
         clean = []
-        for index, entry in enumerate(layers):
-            where = f"{source}: layers[{index}]"
-            if not isinstance(entry, dict) or not isinstance(entry.get("chip"), str):
-                raise ProfileError(f"{where}: expected an object with a 'chip' name")
+        for where, entry in _chip_entries(data.get("layers"), "layers", source):
             for key in ("tp", "micro_batch"):
                 if not isinstance(entry.get(key), int) or isinstance(entry.get(key), bool) or entry[key] < 1:
                     raise ProfileError(f"{where}.{key}: expected a positive integer")
             for key in ("forward_s", "backward_s"):
                 value = entry.get(key)
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                if not _is_number(value) or not value > 0:
                     raise ProfileError(f"{where}.{key}: expected a positive number of seconds")
             clean.append({"chip": entry["chip"], "accelerator": str(entry.get("accelerator", "")),
                           "tp": entry["tp"], "micro_batch": entry["micro_batch"],
@@ -224,22 +218,32 @@ class ProfileDB:
         return cls.from_dict(data, source=path)
 
 
+def _chip_entries(entries, field: str, source: str):
+    """(where, entry) for each entry of the file's list `field`, each an object naming its chip."""
+    if not isinstance(entries, list):
+        raise ProfileError(f"{source}: {field}: expected a list")
+    for index, entry in enumerate(entries):
+        where = f"{source}: {field}[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("chip"), str):
+            raise ProfileError(f"{where}: expected an object with a 'chip' name")
+        yield where, entry
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _host_costs(entries, source: str) -> list:
     """The file's `host_costs` list, checked: (chip, HostCost, accelerator, micro_batch) each.
     Absent: none (every chip's host costs are 0 s); a missing field of an entry is 0 s too."""
     if entries is None:
         return []
-    if not isinstance(entries, list):
-        raise ProfileError(f"{source}: host_costs: expected a list")
     out = []
-    for index, entry in enumerate(entries):
-        where = f"{source}: host_costs[{index}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("chip"), str):
-            raise ProfileError(f"{where}: expected an object with a 'chip' name")
+    for where, entry in _chip_entries(entries, "host_costs", source):
         values = {}
         for key in HOST_FIELDS:
             value = entry.get(key, 0.0)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+            if not _is_number(value) or not 0 <= value < float("inf"):
                 raise ProfileError(f"{where}.{key}: expected a number of seconds >= 0")
             values[key] = float(value)
         micro_batch = entry.get("micro_batch")
