@@ -13,7 +13,9 @@ FORMAT = "hetero-plan"
 VERSION = 1
 INTERLEAVED_VERSION = 2     # written when any pipeline has virtual_stages > 1 (docs/plan-format.md)
 VERSIONS = (VERSION, INTERLEAVED_VERSION)
-KINDS = ("pipeline", "replicas")
+# pipeline: one pipeline (hetero-PP); replicas: a pipeline per island (hetero-DP); hybrid: several
+# pipelines, each over one island or several, the batch split between them (hetero-DP of hetero-PP).
+KINDS = ("pipeline", "replicas", "hybrid")
 
 
 MAX_COUNT = 1 << 20      # chips, ranks, stages, layers, heads: far beyond any fleet or model

@@ -22,6 +22,8 @@ def problems(plan: Plan, fleet: Any = None) -> list[str]:
         out.append(f"kind must be one of {KINDS}, got {plan.kind!r}")
     if plan.kind == "pipeline" and len(plan.pipelines) != 1:
         out.append(f"a 'pipeline' plan has exactly one pipeline, got {len(plan.pipelines)}")
+    if plan.kind == "hybrid" and len(plan.pipelines) < 2:
+        out.append(f"a 'hybrid' plan has several pipelines, got {len(plan.pipelines)}")
     if [s.index for s in plan.stages] != list(range(len(plan.stages))):
         out.append("stage indices must be 0..n-1 in order")
     out.extend(_pipeline_problems(plan))
