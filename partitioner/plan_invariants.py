@@ -22,8 +22,8 @@ def problems(plan: Plan, fleet: Any = None) -> list[str]:
         out.append(f"kind must be one of {KINDS}, got {plan.kind!r}")
     if plan.kind == "pipeline" and len(plan.pipelines) != 1:
         out.append(f"a 'pipeline' plan has exactly one pipeline, got {len(plan.pipelines)}")
-    if plan.kind == "hybrid" and len(plan.pipelines) < 2:
-        out.append(f"a 'hybrid' plan has several pipelines, got {len(plan.pipelines)}")
+    if plan.kind == "hybrid":
+        out.extend(_hybrid_problems(plan))
     if [s.index for s in plan.stages] != list(range(len(plan.stages))):
         out.append("stage indices must be 0..n-1 in order")
     out.extend(_pipeline_problems(plan))
@@ -35,6 +35,26 @@ def problems(plan: Plan, fleet: Any = None) -> list[str]:
     out.extend(_rank_problems(plan))
     if fleet is not None:
         out.extend(_fleet_problems(plan, fleet))
+    return out
+
+
+def _hybrid_problems(plan: Plan) -> list[str]:
+    """Several pipelines, each island in one of them, and one at least over several islands (a
+    pipeline per island is a 'replicas' plan)."""
+    if len(plan.pipelines) < 2:
+        return [f"a 'hybrid' plan has several pipelines, got {len(plan.pipelines)}"]
+    out: list[str] = []
+    owner: dict[str, int] = {}
+    spans = False
+    for p in plan.pipelines:
+        islands = {plan.stages[i].island for i in p.stages if 0 <= i < len(plan.stages)}
+        spans = spans or len(islands) > 1
+        for island in sorted(islands):
+            if owner.setdefault(island, p.index) != p.index:
+                out.append(f"island {island} has stages of pipelines {owner[island]} and {p.index} (in a "
+                           f"'hybrid' plan each island belongs to one pipeline)")
+    if not spans:
+        out.append("a 'hybrid' plan has a pipeline over several islands (one pipeline per island is 'replicas')")
     return out
 
 

@@ -29,3 +29,4 @@ def test_explain_names_both_plans_by_their_labels():
     lines = explain.compare(best, other)
     assert lines[0].startswith(f"chosen:    {best.label}: ")
     assert lines[1].startswith("runner-up: pipeline: ")
+
