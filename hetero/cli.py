@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
+import os
 import sys
 
 from hetero import __version__
@@ -56,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hetero {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`hetero plan --json | head`): not an error of ours. Point stdout at
+        # /dev/null so that the interpreter's own flush at exit does not raise again, and exit as a
+        # process killed by SIGPIPE would (128 + 13), without a traceback.
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass    # stdout is not a file descriptor (captured in-process): nothing will flush to a pipe
 
 
 if __name__ == "__main__":

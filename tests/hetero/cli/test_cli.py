@@ -75,3 +75,18 @@ def test_a_module_that_does_not_import_is_an_error_not_a_missing_command(monkeyp
                                                                "no_such_module"])
     with pytest.raises(ModuleNotFoundError, match="no_such_module"):
         build_parser()
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback():
+    """`hetero env --json | head -0`: the pipe closes before hetero writes. No traceback, and the
+    exit status of a process that SIGPIPE would have ended (141)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "hetero", "env", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()                     # the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
