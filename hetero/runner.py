@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {"cluster": "emulated-mixed.yaml", "model": "llama-tiny.yaml", "train": "train-tiny.yaml"}
 MAX_STEPS = 10 ** 9
-KINDS = {"auto": ("pipeline", "replicas"), "pipeline": ("pipeline",), "replicas": ("replicas",)}
+KINDS = {"auto": ("pipeline", "replicas", "hybrid"), "pipeline": ("pipeline",), "replicas": ("replicas",),
+         "hybrid": ("hybrid",)}
 
 
 @dataclass
@@ -49,8 +50,9 @@ def add_job_arguments(parser, train_default: str = DEFAULTS["train"]) -> None:
     `hetero run` and the benchmarks that train."""
     add_job_files(parser, defaults=dict(DEFAULTS, train=train_default))
     parser.add_argument("--kind", choices=sorted(KINDS), default="auto",
-                        help="plan hetero-PP (pipeline across islands), hetero-DP (replicas, one per island) "
-                             "or let the planner pick (auto, the default)")
+                        help="plan hetero-PP (pipeline across islands), hetero-DP (replicas, one per island), "
+                             "hetero-DP of hetero-PP pipelines (hybrid: several pipelines, some over several "
+                             "islands, the batch split between them) or let the planner pick (auto, the default)")
 
 
 def default_paths(**given) -> dict:

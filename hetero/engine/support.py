@@ -14,7 +14,12 @@ Whoever teaches the engine a feature says so here, and only here:
   and moments (fp16 with loss scaling);
 - RECOMPUTE_MODES: the activation recompute modes hetero.model.recompute implements;
 - INTERLEAVED: interleaved (virtual-stage) 1F1B, pipelines[].virtual_stages > 1
-  (hetero.engine.schedule, stages holding several layer chunks).
+  (hetero.engine.schedule, stages holding several layer chunks);
+- KINDS: the plan kinds it trains. "hybrid" (several pipelines, some over several islands)
+  needs nothing of its own: every rank sits in one pipeline (hetero.engine.topology), a
+  pipeline's stages talk over the bridge where they cross islands, and the hetero-DP bucket
+  sum adds every rank's counted shards fleet-wide (hetero.engine.gradients), so a pipeline cut
+  over two islands contributes its layers from both.
 
 Every field of the plan format is in exactly one of CHOICES (the engine acts on
 its value), STRUCTURE (the layout the engine builds, checked against the job and
@@ -32,6 +37,7 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 ZERO1 = True               # hetero.engine.zero + optimizer: state sharded over each stage's DP group
 MIXED_PRECISION = True     # hetero.engine.precision: fp32 master weights and moments, fp16 loss scaling
 INTERLEAVED = True         # hetero.engine.schedule: virtual stages (several layer chunks per stage)
+KINDS = ("pipeline", "replicas", "hybrid")   # hetero-PP, hetero-DP, hetero-DP of hetero-PP pipelines
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class Choice:
 HOW_TO_REPLAN = "'hetero run' without --plan plans only what this engine runs"
 
 CHOICES = {
-    "kind": Choice(("pipeline", "replicas")),
+    "kind": Choice(KINDS),
     "dtype": Choice(("fp32", "bf16", "fp16") if MIXED_PRECISION else ("fp32",),
                     "bf16/fp16 training with fp32 master weights is not implemented yet"),
     "zero1": Choice((False, True) if ZERO1 else (False,),
