@@ -66,8 +66,20 @@ def search_plan(job, kind: str = "auto", profile=None):
     from hetero.engine import support
     from hetero.planning import plan_job
 
+    _hybrid_fits(job.cluster, kind)
     return plan_job(job, profile=profile, modes=KINDS[kind], recompute_modes=support.RECOMPUTE_MODES,
                     zero1=None if support.ZERO1 else False).best
+
+
+def _hybrid_fits(cluster, kind: str) -> None:
+    """--kind hybrid on a cluster of fewer than three islands with chips: no hybrid plan exists (two
+    pipelines, one over two islands at least), so say so in one line instead of searching (also what an
+    elastic re-plan says when lost nodes took islands)."""
+    islands = [i.name for i in cluster.islands if i.size > 0]
+    if kind == "hybrid" and len(islands) < 3:
+        raise UserError(f"--kind hybrid: a hybrid plan needs at least three islands (two pipelines, one over "
+                        f"two islands); cluster '{cluster.name}' has {len(islands)} ({', '.join(islands)}); "
+                        "use --kind pipeline, replicas or auto")
 
 
 def train_fleet(job, paths: dict, run_dir: str, steps: int, plan_file: str | None = None, max_restarts: int = 0,

@@ -182,7 +182,8 @@ class Checkpoints:
 
     def _writes_checkpoint(self, rank: int) -> bool:
         """Whether `rank` writes its part: pipeline 0's ranks hold the whole model once (hetero-DP
-        replicas are copies); in a DP group without ZeRO-1 the replicas are copies too (dp rank 0
+        replicas are copies; a hybrid plan's pipeline 0 may span islands, its ranks on each write
+        their layers); in a DP group without ZeRO-1 the replicas are copies too (dp rank 0
         writes), with ZeRO-1 every DP rank writes its own shard."""
         plan = self.comms.topology.plan
         where = next(r for r in plan.ranks if r.rank == rank)

@@ -278,7 +278,9 @@ def _stop_on_peer_failure(rank: int, reason: str) -> None:
 
 class ReplicaSum:
     """Sums hetero-DP gradient buckets (1-D tensors on this rank's device) over every rank of
-    every island. Every rank starts the same buckets in the same order.
+    every island. Every rank starts the same buckets in the same order. Nothing here depends on
+    which pipeline an island's ranks belong to: a hybrid plan's pipeline over several islands
+    adds its layers from each of them like any other bucket contents.
 
     Islands of equal size use comm_bridge's island-aware ring (reduce-scatter in the
     island, bridge ring between same-local-rank peers, all-gather: every rank's link

@@ -8,7 +8,7 @@ loss scale) and makes them the fleet's, in this order:
 1. between the two copies of a tied embedding (each DP replica with its partner),
 2. over the stage's DP group: all-reduced, or under ZeRO-1 reduce-scattered so each
    rank holds the sum of its own shard only (zeros elsewhere),
-3. over the pipelines of a hetero-DP plan (bucketed, hetero.engine.buckets); under
+3. over the pipelines of a hetero-DP or hybrid plan (bucketed, hetero.engine.buckets); under
    ZeRO-1 every DP rank contributes its own shard, so the buckets still add each value once,
 4. this rank's share of the global squared norm (fp64, every value counted once: one
    DP replica or, under ZeRO-1, each rank's own shard), and clipping.
@@ -197,13 +197,17 @@ class GradientSync:
         return self.flat
 
     def across_pipelines(self) -> None:
-        """hetero-DP: sum gradients over the pipelines (one whole replica per island).
+        """hetero-DP and hybrid: sum gradients over the pipelines (each a whole model replica, on one
+        island or, hybrid, cut over several).
 
         Replicas may split layers and TP differently, so the sum runs over the
         full-model layout, streamed in fixed-size buckets (GradBuckets): each rank
         writes its own TP shard of the gradients of pipeline-unique values at their
         full-model positions (zeros elsewhere) into a device bucket, and the
         island-aware all-reduce (Comms.replica_sum) adds the bucket up fleet-wide.
+        Every rank of every pipeline takes part, so a pipeline cut over two islands
+        brings its first layers from one and the rest from the other: the fleet-wide
+        sum of the counted shards is still each pipeline's gradient once.
         No full-model vector is ever built.
         """
         if len(self.comms.topology.plan.pipelines) == 1:

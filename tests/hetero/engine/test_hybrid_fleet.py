@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import pytest
 from tests.conftest import free_port
-from tests.hetero.engine.test_engine_fleet import CONFIG, HERE, last_attempt, make_plan, run_fleet, solo_losses
+from tests.hetero.engine.test_engine_fleet import (CONFIG, HERE, fleet_job, last_attempt, make_plan, run_fleet,
+                                                    solo_losses)
 
 from hetero.config import load_job
 from hetero.engine import support
 from hetero.engine.checkpointing import Checkpoints
 from hetero.engine.topology import Topology
-from hetero.errors import ConfigError
+from hetero.errors import ConfigError, UserError
 from hetero.plan_check import check_plan, check_supported
 from hetero.planning import fleet_spec
+from hetero.runner import KINDS, choose_plan, search_plan
 from partitioner.plan import PipelinePlan, Plan, RankPlan, StagePlan
 
 THREE = f"{HERE}/emulated-three-islands.yaml"
@@ -76,6 +78,23 @@ def test_hybrid_plan_is_valid_and_checked_against_the_job(hybrid):
         check_plan(both, job, "plan.json")
     with pytest.raises(ConfigError, match="global_batch"):
         check_plan(make_hybrid_plan(job, [(HYBRID[0][0], 6), (HYBRID[1][0], 4)]), job, "plan.json")
+
+
+def test_run_takes_a_hybrid_plan_file_under_kind_hybrid_or_auto_only(tmp_path, hybrid):
+    _, job, plan = hybrid
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    assert "hybrid" in KINDS["auto"] and KINDS["hybrid"] == ("hybrid",)
+    for kind in ("hybrid", "auto"):
+        assert choose_plan(job, str(path), kind, say=print) == plan
+    with pytest.raises(UserError, match=f"--kind replicas: the plan {path} is a 'hybrid' plan"):
+        choose_plan(job, str(path), "replicas", say=print)
+
+
+def test_kind_hybrid_on_two_islands_is_one_line_before_any_search(tmp_path):
+    _, job = fleet_job(tmp_path)        # wide and narrow: no pipeline over two islands beside another
+    with pytest.raises(UserError, match=r"--kind hybrid: .*at least three islands.*has 2 \(wide, narrow\)"):
+        search_plan(job, "hybrid")
 
 
 def test_hybrid_topology_splits_the_batch_and_pairs_neighbours_across_islands(hybrid):
