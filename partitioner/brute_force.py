@@ -1,6 +1,7 @@
 """Brute force over the search's space: every configuration, every layer split (and every
-chunk count up to train.max_virtual_stages); exponential, for checking the search on fleets of at
-most ~16 chips and ~16 layers (tests, `hetero bench planner`)."""
+chunk count up to train.max_virtual_stages), hetero-PP, hetero-DP and hybrid (every grouping of the
+islands into pipelines); exponential, for checking the search on fleets of at most ~16 chips and ~16
+layers (tests, `hetero bench planner`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from partitioner.evaluate import evaluate_pipeline, interleavable, stage_time_ro
 from partitioner.inputs import FleetSpec, ModelSpec, SearchLimits, TrainSpec
 from partitioner.layer_split import compositions
 from partitioner.pipeline_search import island_orders
-from partitioner.replicas import combine_replicas
+from partitioner.hybrid import groupings, hybrid_candidate
+from partitioner.replicas import combine_replicas, envelope, split_batch
 
 
 def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None) -> Candidate | None:
@@ -50,23 +52,66 @@ def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=No
                                 pe = _best_split(cm, layout, dp, b, m, comps_cache, v=v)
                                 if pe is not None and (best is None or pe.step() < best.step):
                                     best = Candidate("pipeline", [pe], pe.step(), 0.0, label_pp(pe))
-    if "replicas" in train.modes and len(fleet.islands) >= 2:
-        for b in train.micro_batch_choices():
-            options = {}
-            for island in fleet.islands:
-                opts = []
-                for t in tp_choices(model, island):
-                    for p in range(1, min(L, island.size // t) + 1):
-                        for dp in range(1, min(island.size // (t * p), G // b) + 1):
-                            layout = stage_layout([(island, t, p)], dp)
-                            for v in range(1, max_virtual_stages + 1):
-                                if not interleavable(p, v, L) or (v > 1 and p * dp > G // b):
-                                    continue
-                                opts.extend(_replica_splits(cm, layout, dp, b, G, comps_cache, v=v))
-                options[island.name] = _pareto(opts)
+    several = ("replicas" in train.modes and len(fleet.islands) >= 2) or ("hybrid" in train.modes
+                                                                          and len(fleet.islands) >= 3)
+    for b in train.micro_batch_choices() if several else ():
+        options = {island.name: _pareto([pe for t in tp_choices(model, island) for p in range(1, min(L, island.size // t) + 1)
+                                         for pe in _group_options(cm, ((island, t, p),), b, comps_cache)])
+                   for island in fleet.islands}
+        if "replicas" in train.modes:
             for cand in combine_replicas(cm, options, b, 1):
                 if best is None or cand.step < best.step:
                     best = cand
+        if "hybrid" in train.modes:
+            cand = _best_hybrid(cm, fleet, options, b, comps_cache)
+            if cand is not None and (best is None or cand.step < best.step):
+                best = cand
+    return best
+
+
+def _group_options(cm, order_tps_stages, b: int, cache: dict) -> list:
+    """Every DP degree and chunk count of one pipeline shape ((island, TP, stages) in order), each
+    at its throughput- and fill-optimal layer splits, costed as replica options are (the whole batch
+    in flight at most)."""
+    G, L = cm.train.global_batch, cm.model.layers
+    P = sum(s for _i, _t, s in order_tps_stages)
+    out: list = []
+    if P > L:
+        return out
+    max_dp = min(min(i.size // (t * s) for i, t, s in order_tps_stages), G // b)
+    for dp in range(1, max_dp + 1):
+        layout = stage_layout(list(order_tps_stages), dp)
+        for v in range(1, cm.train.max_virtual_stages + 1):
+            if not interleavable(P, v, L) or (v > 1 and P * dp > G // b):
+                continue
+            out.extend(_replica_splits(cm, layout, dp, b, G, cache, v=v))
+    return out
+
+
+def _best_hybrid(cm, fleet: FleetSpec, options: dict, b: int, cache: dict):
+    """Every grouping of the islands into pipelines (hybrid.groupings), every pipeline shape over
+    each group (island order, TP per island, stages per island, DP, chunks, both layer splits), the
+    exact min-max batch split over the groups' envelopes."""
+    units = cm.train.global_batch // b
+    envs: dict = {(n,): envelope(fleet.island(n), b, opts, units) for n, opts in options.items() if opts}
+    best = None
+    for grouping in groupings([i.name for i in fleet.islands], len(fleet.islands)):
+        for group in grouping:
+            if group not in envs:
+                islands = [fleet.island(n) for n in group]
+                opts = [pe for order in itertools.permutations(islands)
+                        for ts in itertools.product(*[tp_choices(cm.model, i) for i in order])
+                        for ss in itertools.product(*[range(1, i.size // t + 1) for i, t in zip(order, ts)])
+                        for pe in _group_options(cm, tuple(zip(order, ts, ss)), b, cache)]
+                envs[group] = envelope(islands[0], b, _pareto(opts), units) if opts else None
+        if any(envs.get(g) is None for g in grouping):
+            continue
+        chosen = [envs[g] for g in grouping]
+        res = split_batch(chosen, units)
+        if res is not None:
+            cand = hybrid_candidate(cm, [env.replica(u) for env, u in zip(chosen, res.shares)], b)
+            if best is None or cand.step < best.step:
+                best = cand
     return best
 
 

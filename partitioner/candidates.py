@@ -1,6 +1,6 @@
 """The search's records: a stage's place (Slot), one costed pipeline (PipeEval), a candidate plan
-(Candidate: one pipeline or a replica per island) and the search's answer (SearchResult); how
-they are labelled and deduplicated. No search logic here (docs/architecture.md: partitioner)."""
+(Candidate: one pipeline, a replica per island, or several pipelines over groups of islands) and the
+search's answer (SearchResult); how they are labelled and deduplicated. No search logic here (docs/architecture.md: partitioner)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class PipeEval:
 
 @dataclass
 class Candidate:
-    kind: str                        # pipeline | replicas
+    kind: str                        # pipeline | replicas | hybrid
     pipes: list                      # PipeEval per pipeline
     step: float
     cross_s: float = 0.0
@@ -124,6 +124,24 @@ def replica_label(pes: list, b: int) -> str:
         f"{p.island.name}(pp{len(p.layout)}{f' x{p.v} chunks' if p.v > 1 else ''} tp{p.layout[0].tp} dp{p.dp}, "
         f"{p.dp * p.b * p.m} samples)"
         for p in pes) + f", micro-batch {b}"
+
+
+def hybrid_label(pes: list, b: int) -> str:
+    """"hybrid [a(tp2 x3) -> b(tp1 x2), dp 4, 96 samples] + [c(tp4 x2), dp 2, 32 samples], micro-batch 1"."""
+    return "hybrid " + " + ".join(f"[{_chain(p)}, dp {p.dp}, {p.dp * p.b * p.m} samples"
+                                  f"{f', {p.v} chunks per stage' if p.v > 1 else ''}]" for p in pes) \
+        + f", micro-batch {b}"
+
+
+def _chain(pe: PipeEval) -> str:
+    """A pipeline's islands in order, with each one's TP and number of stages: "a(tp2 x3) -> b(tp1 x2)"."""
+    parts: list[list] = []
+    for island, t, _off in pe.layout:
+        if parts and parts[-1][0] == island.name and parts[-1][1] == t:
+            parts[-1][2] += 1
+        else:
+            parts.append([island.name, t, 1])
+    return " -> ".join(f"{name}(tp{t} x{s})" for name, t, s in parts)
 
 
 def dedup(cands: list) -> list:

@@ -173,7 +173,7 @@ class TrainSpec:
     max_micro_batch: int = 16
     recompute_modes: tuple[str, ...] = RECOMPUTE_MODES
     zero1: bool | None = None              # None: ZeRO-1 wherever DP > 1
-    modes: tuple[str, ...] = ("pipeline", "replicas")   # hetero-PP and hetero-DP
+    modes: tuple[str, ...] = ("pipeline", "replicas", "hybrid")   # hetero-PP, hetero-DP, and DP of PP pipelines
     # Share of each chip's usable memory (after the vendor reserve) the planner keeps
     # free for what the model does not count: allocator fragmentation, collective
     # and kernel workspaces, framework buffers.
@@ -218,4 +218,7 @@ class SearchLimits:
     # hetero-PP configurations costed at most (best bound first); reached only on fleets of
     # thousands of chips, where each costs about a millisecond (issue #20: <= 10 s at 8,192)
     max_pp_evaluations: int = 1000
+    # hybrid plans (hetero-DP of hetero-PP pipelines) are searched up to this many islands: the
+    # groupings of n islands grow like the Bell numbers (3 at 3 islands, 25 at 4, 145 at 5, 756 at 6)
+    max_hybrid_islands: int = 5
     extra: Mapping[str, object] = field(default_factory=dict)

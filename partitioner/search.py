@@ -42,6 +42,7 @@ from partitioner.build import to_plan
 from partitioner.candidates import Candidate, PipeEval, SearchResult, Slot, dedup, label_pp, stage_layout
 from partitioner.costs import CostModel, divisors, tp_choices
 from partitioner.evaluate import evaluate_pipeline, evaluate_uniform, in_flight, interleaved_twin
+from partitioner.hybrid import Hybrid, search_hybrid
 from partitioner.inputs import FleetSpec, InfeasibleError, ModelSpec, SearchLimits, TrainSpec
 from partitioner.pipeline_search import search_pp
 from partitioner.replicas import (
@@ -170,17 +171,23 @@ def search(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=None, t
     if "replicas" in train.modes and len(fleet.islands) >= 2:
         hetero_dp = search_replicas(cm, envelopes, run.keep, run.stats)
     run.lap("hetero_dp_s")
-    cands = _best_candidates(run, envelopes, alone, hetero_dp)
+    hybrid = []
+    if "hybrid" in train.modes and len(fleet.islands) >= 3:      # two pipelines, one over two islands
+        space = Hybrid(fleet.islands, envelopes, run.limits, run.bounds, hetero_dp + list(alone.values()))
+        hybrid = search_hybrid(cm, space, run.keep, run.stats, progress)
+    run.lap("hybrid_s")
+    cands = _best_candidates(run, envelopes, alone, hetero_dp + hybrid)
     run.lap("hetero_pp_s")
     if len(fleet.islands) == 1:
         alone = {fleet.islands[0].name: cands[0]}
     return _result(run, cands, alone, hetero_dp)
 
 
-def _best_candidates(run: _Run, envelopes: dict, alone: dict, hetero_dp: list) -> list:
-    """The K best plans of any kind: hetero-DP and the islands alone seed the hetero-PP search."""
+def _best_candidates(run: _Run, envelopes: dict, alone: dict, known: list) -> list:
+    """The K best plans of any kind: the hetero-DP and hybrid plans (`known`) and the islands alone
+    seed the hetero-PP search."""
     cm, fleet, train = run.cm, run.fleet, run.cm.train
-    cands = hetero_dp + ([c for c in alone.values() if c.kind in train.modes] if len(fleet.islands) > 1 else [])
+    cands = known + ([c for c in alone.values() if c.kind in train.modes] if len(fleet.islands) > 1 else [])
     if "pipeline" in train.modes:
         seeds = cands if len(fleet.islands) > 1 else alone_candidates(envelopes, fleet.islands[0].name)
         cands = search_pp(cm, fleet, run.limits, run.keep, run.bounds, run.stats, run.progress, seeds=seeds)
