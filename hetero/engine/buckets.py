@@ -96,9 +96,18 @@ class GradBuckets:
             self.buckets.append(current)
         self.widest = max(sum((p.stop - p.start) * p.cols for p in b) for b in self.buckets)
 
-    def all_reduce(self, shards: dict, sum_bucket, device, scope=contextlib.nullcontext) -> None:
+    def holders(self, held: dict[str, set[str]]) -> list[list[str]]:
+        """Per bucket, the islands (in `held`'s order) holding any of its values (`held`: island -> HF
+        names, held_names). The others would add zeros and need none of the sum: a hybrid plan's
+        pipeline cut over two islands moves each half of the model over one island's bridge links."""
+        return [[island for island, names in held.items() if any(p.hf in names for p in bucket)]
+                for bucket in self.buckets]
+
+    def all_reduce(self, shards: dict, sum_bucket, device, scope=contextlib.nullcontext,
+                   indices: list[int] | None = None) -> None:
         """Sum every rank's `shards` (HF name -> [GradShard]: a tied LM head is a second copy of the
-        embedding) over the fleet, in place, bucket by bucket.
+        embedding) over the fleet, in place, bucket by bucket; `indices`: only those buckets, in
+        order (the ones this rank's island holds values of; None: all).
 
         `sum_bucket` sums one 1-D fp32 device tensor fleet-wide: either a callable
         `sum_bucket(buffer, index)` that sums it in place (one bucket at a time), or an object
@@ -108,19 +117,22 @@ class GradBuckets:
         are filled and started (one device buffer: a started bucket's bytes have left it) before
         bucket k's bridge ring and copy-out, so the device works while the bridge carries. Host work (the
         bridge) runs outside `scope`, the device scope the buffer is made and filled in."""
+        order = list(range(len(self.buckets))) if indices is None else list(indices)
+        if not order:
+            return
         with scope():
             buffer = torch.empty(self.widest, dtype=torch.float32, device=device)
         start = getattr(sum_bucket, "start", None)
         if start is None:
-            for index in range(len(self.buckets)):
+            for index in order:
                 bucket = self._fill(buffer, index, shards, scope)
                 sum_bucket(bucket, index)
                 self._copy_out(bucket, index, shards, scope)
             return
         pending: collections.deque = collections.deque()
-        for index in range(len(self.buckets)):
-            while len(pending) <= BUCKETS_AHEAD and index + len(pending) < len(self.buckets):
-                ahead = index + len(pending)
+        for position, index in enumerate(order):
+            while len(pending) <= BUCKETS_AHEAD and position + len(pending) < len(order):
+                ahead = order[position + len(pending)]
                 pending.append(start(self._fill(buffer, ahead, shards, scope), ahead))
             total = pending.popleft().finish(buffer[:self._length(index)])
             self._copy_out(total, index, shards, scope)
@@ -168,6 +180,20 @@ class GradBuckets:
         if dim != 1 or len(shape) != 2:
             raise ValueError(f"{piece.hf}: cannot bucket a shard split along dim {dim} of {shape}")
         return region[:, start:stop], shard.grad[piece.start:piece.stop]
+
+
+def held_names(config, holdings) -> set[str]:
+    """The HF names of the values held by stages `holdings`, [(layer ranges, first, last)]
+    (Topology.island_holdings); a tied LM head is the embedding's copy."""
+    names: set[str] = set()
+    for ranges, first, last in holdings:
+        for start, end in ranges:
+            names.update(layout.layer_name(i, suffix) for i in range(start, end) for suffix in layout.LAYER_SPLIT_DIMS)
+        if first:
+            names.add(layout.EMBED)
+        if last:
+            names.update((layout.FINAL_NORM, layout.EMBED if config.tie_embeddings else layout.LM_HEAD))
+    return names
 
 
 def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -182,15 +182,21 @@ class Comms:
         `finish` later (ReplicaSum)."""
         return ReplicaSum(self)
 
-    def _island_sizes(self) -> dict[str, int]:
-        islands = list(dict.fromkeys(r.island for r in self.topology.plan.ranks))
+    def bucket_sum(self, islands_of) -> "ReplicaSum":
+        """The hetero-DP bucket sum over only the islands `islands_of(index)` holding bucket `index`'s
+        values (GradBuckets.holders); only their ranks may start that bucket."""
+        return ReplicaSum(self, islands_of)
+
+    def _island_sizes(self, among=None) -> dict[str, int]:
+        """Ranks per island, in plan order; `among`: only those islands."""
+        islands = [i for i in dict.fromkeys(r.island for r in self.topology.plan.ranks) if among is None or i in among]
         return {i: sum(1 for r in self.topology.plan.ranks if r.island == i) for i in islands}
 
-    def _island_ranks_at(self, world_rank_of) -> list[int]:
-        """Global ranks, one per island in plan order: the rank at island world rank
-        `world_rank_of(island size)`."""
+    def _island_ranks_at(self, world_rank_of, among=None) -> list[int]:
+        """Global ranks, one per island in plan order (`among`: only those islands): the rank at
+        island world rank `world_rank_of(island size)`."""
         found = []
-        for island, size in self._island_sizes().items():
+        for island, size in self._island_sizes(among).items():
             want = world_rank_of(size)
             found.append(next(r.rank for r in self.topology.plan.ranks
                               if r.island == island and self.topology.world_rank(r.rank) == want))
@@ -278,9 +284,10 @@ def _stop_on_peer_failure(rank: int, reason: str) -> None:
 
 class ReplicaSum:
     """Sums hetero-DP gradient buckets (1-D tensors on this rank's device) over every rank of
-    every island. Every rank starts the same buckets in the same order. Nothing here depends on
-    which pipeline an island's ranks belong to: a hybrid plan's pipeline over several islands
-    adds its layers from each of them like any other bucket contents.
+    every island, or (`islands_of`) over the islands holding the bucket's values: the others would
+    add zeros and need none of the sum (a hybrid plan's pipeline cut over two islands sums its first
+    layers from one and the rest from the other). Every rank of those islands starts the same
+    buckets in the same order.
 
     Islands of equal size use comm_bridge's island-aware ring (reduce-scatter in the
     island, bridge ring between same-local-rank peers, all-gather: every rank's link
@@ -294,8 +301,9 @@ class ReplicaSum:
     while bucket k is on the bridge (hetero.engine.buckets).
     """
 
-    def __init__(self, comms: Comms):
+    def __init__(self, comms: Comms, islands_of=None):
         self.comms = comms
+        self.islands_of = islands_of     # bucket index -> the islands in its sum; None: every island
 
     def __call__(self, bucket: torch.Tensor, index: int = 0) -> torch.Tensor:
         result = self.start(bucket, index).finish(bucket)
@@ -314,15 +322,16 @@ class ReplicaSum:
         comms = self.comms
         if comms.topology.plan.world_size == 1 or comms.endpoint is None:
             return _IslandSum(bucket, comms.topology.plan.world_size > 1, comms.accelerator)
-        sizes = comms._island_sizes()
+        among = None if self.islands_of is None else self.islands_of(index)
+        sizes = comms._island_sizes(among)
         group = comms._island_group()
         if len(set(sizes.values())) == 1:
             mine = comms.topology.world_rank(comms.rank)
-            return start_cross_island(bucket, comms.endpoint, comms._island_ranks_at(lambda size: mine),
+            return start_cross_island(bucket, comms.endpoint, comms._island_ranks_at(lambda size: mine, among),
                                       island_group=group, wire_dtype=comms.grad_wire_dtype, timeout=TIMEOUT_S,
                                       accelerator=comms.accelerator)
         holder = index % sizes[comms.place.island]
-        return start_lane(bucket, comms.endpoint, comms._island_ranks_at(lambda size: index % size), holder,
+        return start_lane(bucket, comms.endpoint, comms._island_ranks_at(lambda size: index % size, among), holder,
                           island_group=group, wire_dtype=comms.grad_wire_dtype, timeout=TIMEOUT_S,
                           accelerator=comms.accelerator)
 

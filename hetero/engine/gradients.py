@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from hetero.engine import tags
 from hetero.engine.buckets import (END_OF_COMPUTE, GradBuckets, GradShard, StageBuckets, chunk_names,
-                                   fitting_bucket_elements, grad_bucket_elements)
+                                   fitting_bucket_elements, grad_bucket_elements, held_names)
 from hetero.model import layout
 
 OVERLAP_ENV = "HETERO_OVERLAP_GRAD_REDUCE"      # "0": every DP reduction waits for the whole backward
@@ -62,6 +62,7 @@ class GradientSync:
         self.grads: dict = {}            # {name: fp32 gradient} of the step being reduced
         self.flat: torch.Tensor | None = None      # their flat vector (flat layout only)
         self._buckets: GradBuckets | None = None   # hetero-DP gradient buckets, made on first use
+        self._bucket_islands: list[list[str]] = []   # per bucket, the islands holding its values
         self._prepared = False           # backward accumulates straight into `flat`
         # the DP reduction by chunk, started during the backward (None: all of it after)
         self.overlap: StageBuckets | None = None
@@ -205,9 +206,11 @@ class GradientSync:
         writes its own TP shard of the gradients of pipeline-unique values at their
         full-model positions (zeros elsewhere) into a device bucket, and the
         island-aware all-reduce (Comms.replica_sum) adds the bucket up fleet-wide.
-        Every rank of every pipeline takes part, so a pipeline cut over two islands
-        brings its first layers from one and the rest from the other: the fleet-wide
-        sum of the counted shards is still each pipeline's gradient once.
+        A bucket is summed over the islands holding any of its values only
+        (GradBuckets.holders): in a hybrid plan a pipeline cut over two islands
+        brings its first layers' buckets from one and the rest from the other, each
+        over that island's bridge links, and still adds each pipeline's gradient once;
+        in a replicas plan every island holds every bucket, as before.
         No full-model vector is ever built.
         """
         if len(self.comms.topology.plan.pipelines) == 1:
@@ -215,6 +218,9 @@ class GradientSync:
         if self._buckets is None:
             wanted = fitting_bucket_elements(grad_bucket_elements(), self.accel.free_memory(), self.comms.fleet_sum)
             self._buckets = GradBuckets(self.model.config, wanted)
+            held = {island: held_names(self.model.config, parts)
+                    for island, parts in self.comms.topology.island_holdings().items()}
+            self._bucket_islands = self._buckets.holders(held)
         shards: dict[str, list[GradShard]] = {}
         for name in self.params:
             hf = self.model.hf_name(name)
@@ -223,7 +229,9 @@ class GradientSync:
             if dim is not None and self.model.tp.size > 1:
                 part = (dim, *self.model.tp.part(layout.full_shape(self.model.config, hf)[dim], hf))
             shards.setdefault(hf, []).append(GradShard(self.grads[name], part, self.counts_once(name)))
-        self._buckets.all_reduce(shards, self.comms.replica_sum, self.comms.device, self.scope)
+        island, islands = self.place.island, self._bucket_islands
+        self._buckets.all_reduce(shards, self.comms.bucket_sum(islands.__getitem__), self.comms.device, self.scope,
+                                 indices=[k for k, holders in enumerate(islands) if island in holders])
 
     def counts_once(self, name: str) -> bool:
         """Whether this rank's copy of `name` is the one that counts in a fleet-wide sum:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 from tests.conftest import free_port
-from tests.hetero.engine.test_engine_fleet import (CONFIG, HERE, fleet_job, last_attempt, make_plan, run_fleet,
-                                                    solo_losses)
+from tests.hetero.engine.test_engine_fleet import (CONFIG, HERE, fleet_job, last_attempt, make_plan,
+                                                    make_replicas_plan, run_fleet, solo_losses)
 
 from hetero.config import load_job
 from hetero.engine import support
+from hetero.engine.buckets import GradBuckets, held_names
 from hetero.engine.checkpointing import Checkpoints
 from hetero.engine.topology import Topology
 from hetero.errors import ConfigError, UserError
@@ -110,6 +111,33 @@ def test_hybrid_topology_splits_the_batch_and_pairs_neighbours_across_islands(hy
     # each island's native world holds its own pipeline's groups only
     assert topology.island_groups("a") == ([[0, 1]], [[0], [1]])
     assert topology.island_groups("c") == ([[0]], [[0]])
+
+
+def bucket_islands(job, plan, capacity=4096):
+    """Per bucket of the hetero-DP sum, the islands it is summed over (as GradientSync finds them)."""
+    buckets = GradBuckets(job.model, capacity)
+    held = {island: held_names(job.model, parts) for island, parts in Topology(plan).island_holdings().items()}
+    return buckets, buckets.holders(held)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bucket_is_summed_over_the_islands_holding_its_values(tmp_path, tied):
+    _, job = three_islands(tmp_path, TIED if tied else CONFIG)
+    buckets, islands = bucket_islands(job, make_hybrid_plan(job, HYBRID))
+    for bucket, where in zip(buckets.buckets, islands):
+        names = {piece.hf for piece in bucket}
+        on_a = any(n == "model.embed_tokens.weight" or n.startswith(("model.layers.0.", "model.layers.1."))
+                   for n in names)
+        on_b = any(n.startswith("model.layers.2.") or n in ("model.norm.weight", "lm_head.weight") for n in names)
+        on_b = on_b or (tied and "model.embed_tokens.weight" in names)      # b's tied LM head is a copy
+        assert where == [i for i, holds in (("a", on_a), ("b", on_b), ("c", True)) if holds], (names, where)
+    # a and b each carry part of the model over the bridge, c all of it
+    assert any("b" not in i for i in islands) and any("a" not in i for i in islands)
+    assert all("c" in i for i in islands)
+    # replicas: every island holds every bucket, as before
+    _, job = fleet_job(tmp_path)
+    plan = make_replicas_plan(job, [("wide", [(2, (0, 2)), (1, (2, 3))], 6), ("narrow", [(1, (0, 3))], 2)])
+    assert set(map(tuple, bucket_islands(job, plan)[1])) == {("wide", "narrow")}
 
 
 def test_hybrid_checkpoint_is_written_once_by_pipeline_0_over_both_its_islands(hybrid):
