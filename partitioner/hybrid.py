@@ -9,11 +9,16 @@ reuse their replica envelopes. Every grouping is then split exactly by replicas.
 same min-max split as hetero-DP), and gradients are reduced across the pipelines over the bridge
 as for replicas (CostModel.cross_island_reduce_s).
 
-The option space of a group is large on fleets of thousands of chips (and a pipeline over
-thousands of chips costs milliseconds), so each group's configurations are costed best bound
-first at the shares the group would take, and stop once the next bound cannot beat the best
-costed at each of those shares; small fleets (SearchLimits.small_fleet_chips) cost them all,
-which is what brute_force.py checks the search against.
+Pruning (a pipeline over thousands of chips costs milliseconds): every configuration of a group
+has a bound (bounds.py's balanced cycle, a fill from the stages' fewest layers, their hops and the
+ends' DP tails), so each group has a floor at every share, and each (micro-batch, grouping) a floor
+(`relaxed_split` over the floors). Groupings are visited lowest floor first and dropped once the
+floor cannot beat the K-th best plan known (hetero-DP, the islands alone, hybrids found). A visited
+grouping costs its groups best bound first at the shares its floor gives them, until the next bound
+cannot beat the best costed there, splits exactly, and costs again at the split's shares if they
+moved (a few rounds). On large fleets (above SearchLimits.small_fleet_chips) a group tries the TP
+degrees its islands' replica envelopes pick, DP degrees 1..8, 2^k and 3 x 2^k, and the largest
+stage counts of stage_choices; small fleets cost every configuration, which brute_force.py checks.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from partitioner.costs import CostModel, tp_choices
 from partitioner.evaluate import evaluate_pipeline, interleavable, interleaved_twin
 from partitioner.inputs import IslandSpec, SearchLimits
 from partitioner.pipeline_search import island_orders, stage_choices, tail_floor_line
-from partitioner.replicas import Envelope, envelope, split_batch
+from partitioner.replicas import BatchSplit, Envelope, envelope, split_batch
 
 
 def groupings(names: list, limit: int) -> list[tuple[tuple[str, ...], ...]]:
@@ -91,6 +96,9 @@ def _stage_sets(caps: list, limits: SearchLimits, small: bool, L: int, fits: lis
     """Stages per island (one row each) for one (order, TPs, DP) whose islands have room for `caps`
     stages: every count on small fleets, else the counts of stage_choices no other choice beats at
     every island (more stages of one DP: a shorter cycle). `products`: rows already built, by choices."""
+    if not small and sum(caps) <= L:      # every island at its most stages: the one maximal choice
+        ok = sum(c * f for c, f in zip(caps, fits)) >= L
+        return np.array([caps] if ok else [], dtype=np.int64).reshape(-1, len(caps))
     choices = tuple(tuple(range(1, c + 1)) if small else tuple(stage_choices(c, limits, False)) for c in caps)
     arr = products.get(choices)
     if arr is None:
@@ -101,7 +109,7 @@ def _stage_sets(caps: list, limits: SearchLimits, small: bool, L: int, fits: lis
     if not small:
         # maximal: no island can take its next stage count within L stages (more only fits better)
         for j, c in enumerate(choices):
-            after = np.array([c[min(k + 1, len(c) - 1)] if k + 1 < len(c) else 10 ** 9 for k in range(len(c))])
+            after = np.array(list(c[1:]) + [10 ** 9])
             nxt = after[np.searchsorted(np.array(c), arr[:, j])]
             ok &= P - arr[:, j] + nxt > L
     return arr[ok]
@@ -116,9 +124,7 @@ def group_configs(cm: CostModel, bounds: Bounds, group: tuple, b: int, limits: S
     out: list[GroupConfig] = []
     products: dict = {}
     for order in orders:
-        tp_sets = [tp_choices(cm.model, i) if small or not tps_hint or i.name not in tps_hint
-                   else tps_hint[i.name] for i in order]
-        for ts in itertools.product(*tp_sets):
+        for ts in _tp_combos(order, tps_hint, cm.model, small):
             rows, dps = [], []
             for dp in _dp_choices(min(i.size // t for i, t in zip(order, ts)), small):
                 fits = [bounds.layers_fit(i, t, b, dp) for i, t in zip(order, ts)]
@@ -154,10 +160,31 @@ def _config_bounds(cm: CostModel, bounds: Bounds, order, ts, b: int, arr: np.nda
     bridges = np.array([r[0] for r in rows])
     insides = np.array([r[1] for r in rows])
     lines = np.array([r[2] for r in rows])          # rows x islands x (a, c)
-    tail = (-(-L // P)[:, None] * lines[:, :, 0] + lines[:, :, 1]).min(axis=1)
+    middle = (-(-L // P)[:, None] * lines[:, :, 0] + lines[:, :, 1]).min(axis=1)
+    ends = np.array([_end_tails(cm, bounds, order, ts, d) for d in dp_col.tolist()]).reshape(-1, 2)
+    tail = ends[:, 0] + np.maximum(middle, ends[:, 1])
     fill = (arr @ (taus + host) + (L - P) * taus.min() + e_first + e_last + 2.0 * bridges
             + 2.0 * ((arr - 1) * insides).sum(axis=1) + tail)
     return cycle, np.maximum(fill, cycle)
+
+
+def _end_tails(cm: CostModel, bounds: Bounds, order, ts, dp: int) -> tuple[float, float]:
+    """Floors under the step's tail from the pipeline's ends (memoised): the first stage's DP reduction
+    (it starts after the last backward of all, so none of it hides; schedule_time.exposed_reduce_s),
+    and the slower of the ends' updates (with ZeRO-1's all-gather) over the embedding or the LM head
+    and one layer."""
+    key = ("ends", order[0].name, ts[0], order[-1].name, ts[-1], dp)
+    hit = bounds.tails.get(key)
+    if hit is None:
+        exposed, after = 0.0, 0.0
+        for island, t, first in ((order[0], ts[0], True), (order[-1], ts[-1], False)):
+            params = cm.stage_params(t, 1, first=first, last=not first)
+            overlapped, gather = cm.reduce_parts(island, 0, t, dp, params)
+            exposed = overlapped if first else exposed
+            after = max(after, gather + cm.optimizer_s(island, dp, params))
+        hit = (exposed, after)
+        bounds.tails[key] = hit
+    return hit
 
 
 def _hop_floors(cm: CostModel, hops: dict, order, ts, dp: int, b: int) -> tuple[float, list[float]]:
@@ -291,19 +318,29 @@ def hybrid_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
 
 
 def _tp_hints(by_island: dict) -> dict:
-    """Per island the TP degrees of its fastest replicas on the whole batch and on a share of it as
-    large as its speed's (large fleets try only those in a group: an island's TP is mostly a matter
-    of its chip and the model)."""
-    speeds = {name: _speed(env) for name, env in by_island.items()}
-    total = sum(speeds.values())
+    """Per island the TP degrees its replica envelope picks at some share and those between, the one
+    of its fastest replica on the whole batch first (large fleets try only these in a group: an
+    island's TP is mostly a matter of its chip and the model)."""
     out = {}
     for name, env in by_island.items():
-        units = len(env.step) - 1
-        share = int(round(units * speeds[name] / total)) if total else units
-        finite = np.flatnonzero(np.isfinite(env.step[:max(share, 1) + 1]))
-        picks = {int(env.pick[-1]), int(env.pick[finite[-1]]) if finite.size else -1} - {-1}
-        out[name] = sorted({env.options[k].layout[0].tp for k in picks})
+        picks = [int(env.pick[-1])] + np.unique(env.pick[env.pick >= 0]).tolist()
+        tps = [env.options[k].layout[0].tp for k in picks if k >= 0]
+        # and the powers of two between them (each divides the largest, so each is a TP choice too)
+        between = [1 << k for k in range(16) if tps and min(tps) < 1 << k < max(tps)]
+        out[name] = list(dict.fromkeys(tps + between))
     return out
+
+
+def _tp_combos(order, tps_hint: dict | None, model, small: bool, most: int = 16) -> list[tuple]:
+    """TP degrees per island of `order` tried: every combination on small fleets or when the hinted
+    ones make at most `most`; else each island at its first hint, and each island in turn at its others."""
+    if small or not tps_hint:
+        return list(itertools.product(*[tp_choices(model, i) for i in order]))
+    sets = [tps_hint.get(i.name) or tp_choices(model, i) for i in order]
+    if math.prod(len(x) for x in sets) <= most:
+        return list(itertools.product(*sets))
+    base = tuple(x[0] for x in sets)
+    return [base] + [base[:j] + (t,) + base[j + 1:] for j, x in enumerate(sets) for t in x[1:]]
 
 
 def _speed(env: Envelope) -> float:
@@ -311,12 +348,6 @@ def _speed(env: Envelope) -> float:
     u = np.flatnonzero(np.isfinite(env.step))
     u = u[u > 0]
     return float(np.max(u / env.step[u])) if u.size else 0.0
-
-
-class _Floor(NamedTuple):
-    """An envelope's stand-in for split_batch: only its step array is read."""
-
-    step: np.ndarray
 
 
 class Hybrid(NamedTuple):
@@ -386,25 +417,62 @@ def _floor_split(cm, space: Hybrid, groups: dict, grouping, b: int, small: bool,
         options = groups[(group, b)]
         if options is None:
             return None
-        envs.append(_Floor(options.floor))
-    return split_batch(envs, cm.train.global_batch // b)
+        envs.append(options.floor)
+    return relaxed_split([env.step if isinstance(env, Envelope) else env for env in envs],
+                         cm.train.global_batch // b)
+
+
+def relaxed_split(steps: list, units: int) -> BatchSplit | None:
+    """A lower bound on split_batch's step over envelopes `steps` (each indexed by micro-batches),
+    cheap: the least step T at which the groups could take `units` between them if each could take
+    any number up to the most it takes within T. The shares: those most-numbers, scaled to `units`."""
+    best = [np.minimum.accumulate(s[::-1])[::-1] for s in steps]      # best[u]: fastest at u or more
+    values = np.unique(np.concatenate([s[np.isfinite(s)] for s in steps])) if steps else np.array([])
+    if values.size == 0:
+        return None
+
+    def caps(t: float) -> np.ndarray:
+        return np.array([int(np.flatnonzero(bb <= t)[-1]) if (bb <= t).any() else 0 for bb in best])
+
+    lo, hi = 0, values.size - 1
+    if caps(values[hi]).sum() < units or any(not np.isfinite(s[1:]).any() for s in steps):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if caps(values[mid]).sum() >= units:
+            hi = mid
+        else:
+            lo = mid + 1
+    got = caps(values[lo])
+    shares = np.maximum(1, np.floor(got * units / max(got.sum(), 1))).astype(int).tolist()
+    return BatchSplit(float(values[lo]), shares)
 
 
 def _cost_grouping(cm, space: Hybrid, groups: dict, grouping, b: int, shares: list, stats: dict, cutoff: float):
-    """The grouping's best plan: each group costed around its share, then the exact split."""
-    envs = []
-    for group, u in zip(grouping, shares):
-        if len(group) == 1:
-            envs.append(space.envelopes[b][group[0]])
-            continue
-        options = groups[(group, b)]
-        options.cost_at(u, cutoff)
-        env = options.envelope()
-        if env is None:
+    """The grouping's best plan: each group costed around its share, the exact split, and again at
+    the split's shares while they move to shares not costed yet (a few rounds)."""
+    res: BatchSplit | None = None
+    envs: list[Envelope] = []
+    seen: set = set()
+    for _round in range(3):
+        envs = []
+        for group, u in zip(grouping, shares):
+            if len(group) == 1:
+                envs.append(space.envelopes[b][group[0]])
+                continue
+            options = groups[(group, b)]
+            if (group, u) not in seen:
+                options.cost_at(u, cutoff)
+                seen.add((group, u))
+            env = options.envelope()
+            if env is None:
+                return None
+            envs.append(env)
+        res = split_batch(envs, cm.train.global_batch // b)
+        stats["hybrid_splits"] = stats.get("hybrid_splits", 0) + 1
+        if res is None:
             return None
-        envs.append(env)
-    res = split_batch(envs, cm.train.global_batch // b)
-    stats["hybrid_splits"] = stats.get("hybrid_splits", 0) + 1
-    if res is None:
-        return None
-    return hybrid_candidate(cm, [env.replica(u) for env, u in zip(envs, res.shares)], b)
+        shares = res.shares
+        if all(len(g) == 1 or (g, u) in seen for g, u in zip(grouping, shares)):
+            break
+    return hybrid_candidate(cm, [env.replica(u) for env, u in zip(envs, shares)], b)
