@@ -134,8 +134,8 @@ class GradBuckets:
             while len(pending) <= BUCKETS_AHEAD and position + len(pending) < len(order):
                 ahead = order[position + len(pending)]
                 pending.append(start(self._fill(buffer, ahead, shards, scope), ahead))
-            total = pending.popleft().finish(buffer[:self._length(index)])
-            self._copy_out(total, index, shards, scope)
+            # no name keeps the landed sum: it is freed before the next bucket's lands beside the buffer
+            self._copy_out(pending.popleft().finish(buffer[:self._length(index)]), index, shards, scope)
 
     def _length(self, index: int) -> int:
         last = self.buckets[index][-1]

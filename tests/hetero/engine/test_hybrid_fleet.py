@@ -6,14 +6,18 @@ its checkpoint resumes under a plain one-pipeline plan with the same losses."""
 
 from __future__ import annotations
 
+import types
+import weakref
+
 import pytest
+import torch
 from tests.conftest import free_port
 from tests.hetero.engine.test_engine_fleet import (CONFIG, HERE, fleet_job, last_attempt, make_plan,
                                                     make_replicas_plan, run_fleet, solo_losses)
 
 from hetero.config import load_job
 from hetero.engine import support
-from hetero.engine.buckets import GradBuckets, held_names
+from hetero.engine.buckets import GradBuckets, GradShard, held_names
 from hetero.engine.checkpointing import Checkpoints
 from hetero.engine.topology import Topology
 from hetero.errors import ConfigError, UserError
@@ -138,6 +142,44 @@ def test_a_bucket_is_summed_over_the_islands_holding_its_values(tmp_path, tied):
     _, job = fleet_job(tmp_path)
     plan = make_replicas_plan(job, [("wide", [(2, (0, 2)), (1, (2, 3))], 6), ("narrow", [(1, (0, 3))], 2)])
     assert set(map(tuple, bucket_islands(job, plan)[1])) == {("wide", "narrow")}
+
+
+class LandedSum:
+    """A two-phase bucket sum whose total lands in a new device tensor (as a bridge ring's does):
+    doubles the bucket; records the buckets started and the most landed sums alive at once."""
+
+    def __init__(self):
+        self.started, self.landed, self.most_alive = [], [], 0
+
+    def start(self, bucket, index):
+        self.started.append(index)
+        staged = bucket.clone()
+        return types.SimpleNamespace(finish=lambda out: self._land(staged))
+
+    def _land(self, staged):
+        alive = [ref for ref in self.landed if ref() is not None]
+        self.most_alive = max(self.most_alive, len(alive) + 1)
+        total = staged * 2
+        self.landed.append(weakref.ref(total))
+        return total
+
+
+def test_only_the_islands_buckets_are_summed_and_one_landed_sum_lives_at_a_time(tmp_path):
+    """A rank sums the buckets its island holds (`indices`) and leaves the others; the landed sum of
+    one bucket is freed before the next lands (the device holds the buffer and one sum: a planner's
+    plan on a chip with little room to spare ran out of memory with two)."""
+    _, job = three_islands(tmp_path)
+    buckets = GradBuckets(job.model, 4096)
+    grads = {hf: torch.ones(shape) for hf, shape in buckets.shapes.items()}
+    shards = {hf: [GradShard(g, None, True)] for hf, g in grads.items()}
+    summed = LandedSum()
+    mine = [k for k in range(len(buckets.buckets)) if k % 3]
+    buckets.all_reduce(shards, summed, torch.device("cpu"), indices=mine)
+    assert summed.started == mine and summed.most_alive == 1
+    for k, bucket in enumerate(buckets.buckets):
+        for piece in bucket:
+            rows = grads[piece.hf].view(buckets.shapes[piece.hf][0], -1)[piece.start:piece.stop]
+            assert bool((rows == (2.0 if k in mine else 1.0)).all()), (k, piece)
 
 
 def test_hybrid_checkpoint_is_written_once_by_pipeline_0_over_both_its_islands(hybrid):
