@@ -11,7 +11,7 @@ from hetero.config import load_catalog, load_job
 from hetero.planning import Progress, chip_model, fleet_spec, headroom, model_spec, plan_job, train_spec
 from partitioner.costs import CostModel
 from partitioner.evaluate import tail_parts
-from partitioner.inputs import FleetSpec, IslandSpec, ModelSpec, TrainSpec
+from partitioner.inputs import ChipModel, FleetSpec, IslandSpec, ModelSpec, TrainSpec
 from partitioner.search import brute_force, search
 
 HELP = ("plan search at 1,024 and 8,192 chips (time, tokens/s, ratio to the islands alone), gap to "
@@ -54,6 +54,12 @@ def _island(name: str, chip: str, nodes: tuple) -> IslandSpec:
     return IslandSpec(name, chip_model(load_catalog()[chip]), nodes)
 
 
+def _emu(name: str, tflops: float, memory_gb: float, bandwidth_gbps: float) -> ChipModel:
+    """An emulated chip for the brute-force cases (efficiencies 1, the reference ops' memory)."""
+    return ChipModel(name, {"fp32": tflops * 1e12}, memory_gb * 1e9, 0.0, bandwidth_gbps * 1e9,
+                     bandwidth_gbps / 2 * 1e9, emulated=True, accelerator="emulated")
+
+
 def _tty(args) -> bool:
     return not args.json and sys.stderr.isatty()
 
@@ -65,7 +71,7 @@ def fleet_row(result) -> dict:
     ratio = room["efficiency_vs_islands"]
     return {"search_s": result.search_s, "goal_s": SEARCH_GOAL_S, "ok": result.search_s <= SEARCH_GOAL_S,
             "configs_bounded": result.stats.get("pp_groups"), "configs_evaluated": result.evaluated,
-            "plan": best.label, "predicted_step_s": best.predicted_step_s,
+            "kind": best.kind, "plan": best.label, "predicted_step_s": best.predicted_step_s,
             "tokens_per_s": best.tokens_per_s, "mfu": dict(best.mfu),
             "islands_alone_tokens_per_s": room["islands_alone_tokens_per_s"],
             "ratio_vs_islands": ratio, "ratio_goal": RATIO_GOAL,
@@ -81,7 +87,7 @@ def fleet_line(row: dict) -> str:
             f"(goal <= {SEARCH_GOAL_S:g} s: {'met' if row['ok'] else 'MISSED'}); "
             f"{row['tokens_per_s'] / 1e6:.3f} M tokens/s, islands alone sum {alone['sum'] / 1e6:.3f} M, "
             f"ratio {row['ratio_vs_islands']:.3f} (goal >= {RATIO_GOAL}: {'met' if row['ratio_ok'] else 'MISSED'}); "
-            f"plan: {row['plan']}")
+            f"{row['kind']} plan won: {row['plan']}")
 
 
 def interleaving_row(job, plain) -> dict:
@@ -165,6 +171,12 @@ def small_cases(quick: bool) -> list:
                     25e9, 12.5e9, 30e-6)
     small_llama = ModelSpec(layers=12, hidden=2048, heads=16, kv_heads=8, ffn_hidden=5632, vocab=32000,
                             seq_len=2048, name="llama-12L-2048")
+    # two islands that hold the model only together beside one that holds it alone: a hybrid plan wins
+    hyb = FleetSpec("emu-hybrid-8", (IslandSpec("a", _emu("emu-a", 0.006, 0.014, 3), (2,)),
+                                     IslandSpec("b", _emu("emu-b", 0.004, 0.014, 2), (2,)),
+                                     IslandSpec("c", _emu("emu-c", 0.008, 0.1, 4), (4,))), 1e9, 1e9, 50e-6)
+    cases.append(("emu-a 2 + emu-b 2 (hold it only together) + emu-c 4 x llama-tiny (8 chips)", hyb,
+                  model_spec(job.model), TrainSpec(global_batch=8, micro_batch=2, dtype="fp32")))
     if not quick:
         cases.append(("A800 8 + Ascend-910B 8 x llama 12 layers/2048 (16 chips)", gpu, small_llama,
                       TrainSpec(global_batch=32, micro_batch=1, dtype="bf16", max_micro_batch=4)))
@@ -205,10 +217,12 @@ def run(args) -> int:
         t2 = time.perf_counter()
         assert bf is not None, name      # the search found a plan, so the same space has one
         gap = res.best.predicted_step_s / bf.step - 1.0
-        gaps.append({"case": name, "search_step_s": res.best.predicted_step_s, "brute_force_step_s": bf.step,
+        gaps.append({"case": name, "search_kind": res.best.kind, "brute_force_kind": bf.kind,
+                     "search_step_s": res.best.predicted_step_s, "brute_force_step_s": bf.step,
                      "gap": gap, "ok": gap <= GAP_GOAL, "search_s": t1 - t0, "brute_force_s": t2 - t1,
                      "search_plan": res.best.label, "brute_force_plan": bf.label})
-        _log(args, f"   {name}: search {res.best.predicted_step_s:.5g} s, brute force {bf.step:.5g} s, "
+        _log(args, f"   {name}: search {res.best.predicted_step_s:.5g} s ({res.best.kind}), brute force "
+                   f"{bf.step:.5g} s ({bf.kind}), "
                    f"gap {100 * gap:+.3f}% (goal <= {100 * GAP_GOAL:g}%); search {t1 - t0:.2f} s, "
                    f"brute force {t2 - t1:.1f} s")
     report["brute_force"] = gaps

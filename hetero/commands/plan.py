@@ -28,7 +28,8 @@ def register(subparsers) -> None:
             "Search the plan that minimises the predicted step time: islands in pipeline order, "
             "uneven layers per stage, a TP degree per island, DP, micro-batch size and count, and "
             "recompute per stage, under each chip's memory; or one replica per island with an "
-            "uneven batch split. Layer times come from --profile where measured, else from the "
+            "uneven batch split; or (three islands or more) several pipelines, some over a group of "
+            "islands, with the batch split between them. Layer times come from --profile where measured, else from the "
             "chip catalog (analytic model). Prints a table, or one JSON object with --json."
         ),
     )
@@ -139,10 +140,7 @@ def to_text(job, result, top: int, want_explain: bool, emulated: list, profile_p
     lines.append(f"{measured}; bridge figures from {'the profile' if bridge == 'measured' else 'the cluster file'}"
                  + ("" if profile_path else " (run 'hetero profile' to measure)"))
     lines.extend(headroom_lines(headroom(result)))
-    stats = result.stats
-    lines.append(f"searched in {result.search_s:.2f} s ({stats.get('pp_evaluated', 0)} hetero-PP configurations "
-                 f"costed of {stats.get('pp_groups', 0)} groups bounded, {stats.get('dp_evaluated', 0)} replica options"
-                 + (", hetero-PP cut at its costing budget" if stats.get("pp_cut_at_budget") else "") + ")")
+    lines.append(search_line(result))
     if top > 1:
         lines.append("")
         lines.append(f"top {min(top, len(result.plans))}:")
@@ -157,6 +155,17 @@ def to_text(job, result, top: int, want_explain: bool, emulated: list, profile_p
         if base:
             lines.extend(explain.compare(best, base, "naive"))
     return lines
+
+
+def search_line(result) -> str:
+    """How long the search took and what it costed: hetero-PP configurations, replica options, and
+    the hybrid part (groupings of the islands into pipelines, pipelines costed over groups)."""
+    stats = result.stats
+    hybrid = (f", {stats.get('hybrid_evaluated', 0)} hybrid pipelines costed for {stats['hybrid_groupings']} "
+              f"groupings of the islands in {stats.get('hybrid_s', 0.0):.2f} s" if stats.get("hybrid_groupings") else "")
+    return (f"searched in {result.search_s:.2f} s ({stats.get('pp_evaluated', 0)} hetero-PP configurations costed "
+            f"of {stats.get('pp_groups', 0)} groups bounded, {stats.get('dp_evaluated', 0)} replica options{hybrid}"
+            + (", hetero-PP cut at its costing budget" if stats.get("pp_cut_at_budget") else "") + ")")
 
 
 def headroom_lines(room: dict) -> list[str]:

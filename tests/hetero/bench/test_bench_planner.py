@@ -9,6 +9,7 @@ import pytest
 from hetero.bench import planner
 from hetero.config import load_job
 from hetero.planning import plan_job
+from partitioner.search import search
 
 
 def test_fleet_row_reports_the_ratio_to_the_islands_and_the_goals():
@@ -24,6 +25,15 @@ def test_fleet_row_reports_the_ratio_to_the_islands_and_the_goals():
     assert row["meets_lower_bounds"] and row["stats"]["pp_evaluated"] >= 1
     line = planner.fleet_line({**row, "search_cpu_s": 0.5})
     assert "islands alone sum" in line and f"ratio {row['ratio_vs_islands']:.3f}" in line and "0.50 s of CPU" in line
+    assert row["kind"] in ("pipeline", "replicas", "hybrid") and f"{row['kind']} plan won: {row['plan']}" in line
+
+
+def test_brute_force_cases_include_one_a_hybrid_plan_wins():
+    names = [name for name, *_ in planner.small_cases(quick=True)]
+    assert any("hold it only together" in name for name in names)
+    name, fleet, model, train = next(c for c in planner.small_cases(quick=True) if "together" in c[0])
+    assert len(fleet.islands) == 3 and fleet.total_chips <= 16
+    assert search(fleet, model, train).best.kind == "hybrid", name
 
 
 def test_the_bench_plans_both_fleets_of_issue_20():

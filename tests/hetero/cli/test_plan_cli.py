@@ -159,3 +159,38 @@ seq_len: 32
     plan = json.loads(out)
     assert plan["provenance"]["bridge"] == "measured"
     assert set(plan["provenance"]["layer_time"].values()) <= {"measured", "calibrated"}
+
+
+HYBRID_CLUSTER = """
+name: hybrid-3
+coordinator: {host: 127.0.0.1, port: 29400}
+islands:
+  - {name: a, accelerator: emulated, chip: emu-a, nodes: [{host: 127.0.0.1, chips: 2}]}
+  - {name: b, accelerator: emulated, chip: emu-b, nodes: [{host: 127.0.0.1, chips: 2}]}
+  - {name: c, accelerator: emulated, chip: emu-c, nodes: [{host: 127.0.0.1, chips: 4}]}
+network: {intra_node_gbps: 2, inter_node_gbps: 1, bridge: {transport: auto, gbps: 1, latency_us: 50}}
+chips:
+  emu-a: {accelerator: emulated, emulated: true, tflops: {fp32: 0.006}, memory_gb: 0.014, memory_bandwidth_gbps: 3,
+          intra_node_gbps: 1.5, host_link_gbps: 1}
+  emu-b: {accelerator: emulated, emulated: true, tflops: {fp32: 0.004}, memory_gb: 0.014, memory_bandwidth_gbps: 2,
+          intra_node_gbps: 1, host_link_gbps: 1}
+  emu-c: {accelerator: emulated, emulated: true, tflops: {fp32: 0.008}, memory_gb: 0.1, memory_bandwidth_gbps: 4,
+          intra_node_gbps: 2, host_link_gbps: 1}
+"""
+
+
+def test_plan_prints_a_hybrid_plan_and_its_search(hetero_cli, tmp_path):
+    """Islands a and b hold llama-tiny only together, c alone: a pipeline over a and b beside c."""
+    cluster = _write(tmp_path / "hybrid.yaml", HYBRID_CLUSTER)
+    files = ("--cluster", cluster, "--model", "configs/llama-tiny.yaml", "--train", "configs/train-tiny.yaml")
+    code, out, err = hetero_cli("plan", *files, "--out", str(tmp_path / "plan.json"))
+    assert code == 0, err
+    assert "hybrid [" in out and "hybrid pipelines costed for 3 groupings of the islands" in out
+    plan = Plan.from_json((tmp_path / "plan.json").read_text())
+    assert plan.kind == "hybrid" and len(plan.pipelines) == 2 and plan.problems() == []
+    code, out, err = hetero_cli("plan", *files, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["kind"] == "hybrid" and sum(p["samples"] for p in data["pipelines"]) == 8
+    assert {"hybrid_groupings", "hybrid_configs", "hybrid_evaluated", "hybrid_s"} <= set(data["search_stats"])
+    assert data["meets_lower_bounds"] and set(data["islands_alone_tokens_per_s"]) == {"c", "sum"}
