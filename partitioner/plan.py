@@ -134,10 +134,15 @@ class Plan:
 
     def summary(self) -> str:
         """The plan in one line, as it runs: each stage (island, TP, DP, layers) in pipeline order, then
-        the micro-batches: "a(tp1 dp2 layers 0-3) -> b(tp1 dp1 layers 3-8), 4 x micro-batch 2".
+        the micro-batches: "a(tp1 dp2 layers 0-3) -> b(tp1 dp1 layers 3-8), 4 x micro-batch 2"; several
+        pipelines (replicas, hybrid) joined by " + ", each with its own micro-batches.
         Every message that names a run's plan in a line (run, resume, re-plan, compare) uses this."""
-        parts = [f"{s.island}(tp{s.tp} dp{s.dp} layers {s.layers[0]}-{s.layers[1]})" for s in self.stages]
-        return " -> ".join(parts) + f", {self.num_micro_batches} x micro-batch {self.micro_batch}"
+        lines = []
+        for p in self.pipelines:
+            parts = [f"{s.island}(tp{s.tp} dp{s.dp} layers {s.layers[0]}-{s.layers[1]})"
+                     for s in (self.stages[i] for i in p.stages if 0 <= i < len(self.stages))]
+            lines.append(" -> ".join(parts) + f", {p.num_micro_batches} x micro-batch {p.micro_batch}")
+        return " + ".join(lines)
 
     # -- serialisation ---------------------------------------------------------
 

@@ -47,6 +47,9 @@ def test_hybrid_wins_where_two_islands_hold_the_model_only_together():
     assert sorted(map(sorted, pipes)) == [["a", "b"], ["c"]]
     assert sum(p.samples for p in best.pipelines) == HYB_TRAIN.global_batch
     assert best.label.startswith("hybrid [") and " -> " in best.label and "] + [" in best.label
+    # one line as it runs: each pipeline's stages in order and its own micro-batches, pipelines joined by " + "
+    first, second = best.summary().split(" + ")
+    assert " -> " in first + second and all(f" x micro-batch {best.micro_batch}" in p for p in (first, second))
     assert Plan.from_json(best.to_json()).to_dict() == best.to_dict()
     assert json.loads(best.to_json())["version"] == 1
     # never slower than the island alone or any other kind, and what brute force finds
