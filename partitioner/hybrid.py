@@ -75,9 +75,20 @@ class GroupConfig(NamedTuple):
     cycle: float                     # a lower bound on its cycle (slowest stage)
     fill: float                      # a lower bound on its fill (one micro-batch through, tail)
 
-    def bound(self, units: int) -> float:
-        """A lower bound on its step at `units` micro-batches of the global batch."""
-        return (max(units // self.dp, 1) - 1) * self.cycle + self.fill
+    def bound(self, units: int, vmax: int = 1) -> float:
+        """A lower bound on its step at `units` micro-batches of the global batch (`vmax`: the most
+        chunks per stage it may be run with)."""
+        return float(_bound(max(units // self.dp, 1), self.cycle, self.fill, vmax))
+
+
+def _bound(m, cycle, fill, vmax: int):
+    """A lower bound on a pipeline's step at m micro-batches per replica from bounds on its cycle and
+    fill; with up to `vmax` chunks per stage, the fill may shrink by vmax at most (bounds.py's
+    interleaved bound, the hops and the tail shrunk too: lower still)."""
+    plain = (m - 1) * cycle + fill
+    if vmax == 1:
+        return plain
+    return np.minimum(plain, m * cycle + (np.maximum(fill, cycle) - cycle) / vmax)
 
 
 def _dp_choices(max_dp: int, small: bool) -> list[int]:
@@ -240,11 +251,12 @@ class GroupOptions:
         self.dps = np.array([c.dp for c in configs], dtype=np.int64)
         self.cycles = np.array([c.cycle for c in configs])
         self.fills = np.array([c.fill for c in configs])
+        self.vmax = cm.train.max_virtual_stages
         self.floor = np.full(self.units + 1, np.inf)
         for dp in np.unique(self.dps).tolist():
             mine = self.dps == dp
             ms = np.arange(1, self.units // dp + 1)
-            steps = (ms[None, :] - 1) * self.cycles[mine][:, None] + self.fills[mine][:, None]
+            steps = _bound(ms[None, :], self.cycles[mine][:, None], self.fills[mine][:, None], self.vmax)
             self.floor[ms * dp] = steps.min(axis=0)
 
     def cost_at(self, u: int, cutoff: float = math.inf) -> None:
@@ -257,13 +269,13 @@ class GroupOptions:
                     self._cost(k)
             return
         best = min((_step_at(pe, u) for pes in self.costed.values() for pe in pes), default=math.inf)
-        lbs = (np.maximum(u // self.dps, 1) - 1) * self.cycles + self.fills
+        lbs = _bound(np.maximum(u // self.dps, 1), self.cycles, self.fills, self.vmax)
         heap = [(lb, k, False) for k, lb in enumerate(lbs.tolist()) if lb < min(best, cutoff) and k not in self.costed]
         heapq.heapify(heap)
         while heap and heap[0][0] < min(best, cutoff):
             _lb, k, tight = heapq.heappop(heap)
             if not tight:
-                heapq.heappush(heap, (self._tight(k).bound(u), k, True))
+                heapq.heappush(heap, (self._tight(k).bound(u, self.vmax), k, True))
                 continue
             best = min([best] + [_step_at(pe, u) for pe in self._cost(k)])
             self.stats["hybrid_costed_at_share"] = self.stats.get("hybrid_costed_at_share", 0) + 1

@@ -66,7 +66,8 @@ def test_hybrid_wins_where_two_islands_hold_the_model_only_together():
     (EMU_3, LLAMA_TINY, TrainSpec(8, 2, "fp32", modes=("hybrid",))),
     (GPU_3x, LLAMA_8, TrainSpec(8, 1, "bf16", search_micro_batch=False, modes=("hybrid",))),
     (HYB, LLAMA_TINY, TrainSpec(16, 1, "fp32", max_micro_batch=4, modes=("hybrid",))),
-], ids=["emu-3", "three-kinds-12", "hybrid-3-batch-16"])
+    (HYB, LLAMA_TINY, TrainSpec(16, 2, "fp32", search_micro_batch=False, max_virtual_stages=2, modes=("hybrid",))),
+], ids=["emu-3", "three-kinds-12", "hybrid-3-batch-16", "hybrid-3-interleaved"])
 def test_hybrid_search_matches_brute_force_on_small_fleets(fleet, model, train):
     """Hybrid plans alone (modes=("hybrid",)), so the agreement is about them, not the other kinds."""
     result = search(fleet, model, train)
