@@ -214,9 +214,12 @@ def _inside_hop(cm: CostModel, hops: dict, island: IslandSpec, t: int, dp: int, 
     return hops[key]
 
 
-def cost_config(cm: CostModel, cfg: GroupConfig, b: int, stats: dict, small: bool) -> list[PipeEval]:
+def cost_config(cm: CostModel, cfg: GroupConfig, b: int, stats: dict, small: bool,
+                at: tuple[int, float] | None = None) -> list[PipeEval]:
     """The configuration costed as a replica option is (every m up to the whole batch in flight),
-    plain and interleaved up to train.max_virtual_stages (twins of the plain one on large fleets)."""
+    plain and interleaved up to train.max_virtual_stages (twins of the plain one on large fleets).
+    `at` (share, step): the plain pipeline is given up (none) as soon as its step at that share
+    provably reaches that step, before its layer split is made (evaluate_pipeline's bound)."""
     G, L = cm.train.global_batch, cm.model.layers
     layout = stage_layout(list(zip(cfg.order, cfg.tps, cfg.stages)), cfg.dp)
     P = len(layout)
@@ -226,7 +229,7 @@ def cost_config(cm: CostModel, cfg: GroupConfig, b: int, stats: dict, small: boo
         if not interleavable(P, v, L) or (v > 1 and P * cfg.dp > G // b):
             continue
         if v == 1 or small:
-            pe = evaluate_pipeline(cm, layout, cfg.dp, b, m=G, inflight_m=G, v=v)
+            pe = _evaluate(cm, layout, cfg.dp, b, v, at if v == 1 and cm.train.max_virtual_stages == 1 else None)
             stats["hybrid_evaluated"] = stats.get("hybrid_evaluated", 0) + 1
         else:
             pe = interleaved_twin(cm, plain, v) if plain is not None else None
@@ -234,6 +237,19 @@ def cost_config(cm: CostModel, cfg: GroupConfig, b: int, stats: dict, small: boo
         if pe is not None:
             out.append(pe)
     return out
+
+
+def _evaluate(cm: CostModel, layout: list, dp: int, b: int, v: int, at: tuple[int, float] | None):
+    """evaluate_pipeline with the whole batch in flight; with `at` (share, step), first at the share's
+    micro-batches with that step as its bound (None when reached), then, if it may beat it, again at
+    the whole batch with the same layer split (the same pipeline, its memory at any m)."""
+    G = cm.train.global_batch
+    if at is not None and math.isfinite(at[1]) and at[0] // dp >= 1:
+        probe = evaluate_pipeline(cm, layout, dp, b, m=at[0] // dp, inflight_m=G, bound=at[1], v=v)
+        if probe is None:
+            return None
+        return evaluate_pipeline(cm, layout, dp, b, m=G, counts=probe.counts, inflight_m=G, v=v)
+    return evaluate_pipeline(cm, layout, dp, b, m=G, inflight_m=G, v=v)
 
 
 class GroupOptions:
@@ -277,7 +293,7 @@ class GroupOptions:
             if not tight:
                 heapq.heappush(heap, (self._tight(k).bound(u, self.vmax), k, True))
                 continue
-            best = min([best] + [_step_at(pe, u) for pe in self._cost(k)])
+            best = min([best] + [_step_at(pe, u) for pe in self._cost(k, (u, best))])
             self.stats["hybrid_costed_at_share"] = self.stats.get("hybrid_costed_at_share", 0) + 1
 
     def _tight(self, k: int) -> GroupConfig:
@@ -291,10 +307,13 @@ class GroupOptions:
             self._tightened[k] = cfg._replace(cycle=cycle, fill=max(cfg.fill, cycle))
         return self._tightened[k]
 
-    def _cost(self, k: int) -> list[PipeEval]:
-        self.costed[k] = cost_config(self.cm, self.configs[k], self.b, self.stats, self.small)
-        self._env = None
-        return self.costed[k]
+    def _cost(self, k: int, at: tuple[int, float] | None = None) -> list[PipeEval]:
+        """Configuration k costed; one given up at a share (`at`) stays uncosted for the other shares."""
+        pes = cost_config(self.cm, self.configs[k], self.b, self.stats, self.small, at)
+        if pes or at is None:
+            self.costed[k] = pes
+            self._env = None
+        return pes
 
     def envelope(self) -> Envelope | None:
         if self._env is None:
