@@ -19,6 +19,7 @@ from hetero.config import load_job
 from hetero.engine import support
 from hetero.engine.buckets import GradBuckets, GradShard, held_names
 from hetero.engine.checkpointing import Checkpoints
+from hetero.engine.comms import Comms
 from hetero.engine.topology import Topology
 from hetero.errors import ConfigError, UserError
 from hetero.plan_check import check_plan, check_supported
@@ -142,6 +143,16 @@ def test_a_bucket_is_summed_over_the_islands_holding_its_values(tmp_path, tied):
     _, job = fleet_job(tmp_path)
     plan = make_replicas_plan(job, [("wide", [(2, (0, 2)), (1, (2, 3))], 6), ("narrow", [(1, (0, 3))], 2)])
     assert set(map(tuple, bucket_islands(job, plan)[1])) == {("wide", "narrow")}
+
+
+def test_a_buckets_ring_is_one_rank_per_holding_island(hybrid):
+    """The ring (or lane holders) of a bucket held by a and c, or by b and c: those islands' ranks only."""
+    _, _, plan = hybrid
+    comms = Comms(Topology(plan), 0, torch.device("cpu"))
+    assert comms._island_sizes(["a", "c"]) == {"a": 2, "c": 1}
+    assert comms._island_ranks_at(lambda size: 1 % size, ["a", "c"]) == [1, 3]
+    assert comms._island_ranks_at(lambda size: 0, ["b", "c"]) == [2, 3]
+    assert comms._island_ranks_at(lambda size: 0) == [0, 2, 3]        # every island: as for replicas
 
 
 class LandedSum:
