@@ -406,14 +406,17 @@ def search_hybrid(cm: CostModel, space: Hybrid, keep: int, stats: dict, progress
     small = sum(i.size for i in space.islands) <= space.limits.small_fleet_chips
     groups: dict = {}
     visits = []
+    known = sorted(c.step for c in space.known)
     for b, singles in space.envelopes.items():
+        if len(known) >= keep and _one_micro_batch_through(cm, space, b) >= known[keep - 1]:
+            stats["hybrid_cut_micro_batches"] = stats.get("hybrid_cut_micro_batches", 0) + 1
+            continue
         hints = _tp_hints(singles)
         for grouping in parts:
             floor = _floor_split(cm, space, groups, grouping, b, small, hints, stats)
             if floor is not None:
                 visits.append((floor.step, b, grouping, floor.shares))
     visits.sort(key=lambda v: v[0])
-    known = sorted(c.step for c in space.known)
     out: list[Candidate] = []
     for n, (floor_step, b, grouping, shares) in enumerate(visits):
         best = sorted(known + [c.step for c in out])
@@ -428,6 +431,16 @@ def search_hybrid(cm: CostModel, space: Hybrid, keep: int, stats: dict, progress
             progress(n + 1, len(visits), "hybrid plans")
     stats["hybrid_groups"] = len(groups)
     return out
+
+
+def _one_micro_batch_through(cm: CostModel, space: Hybrid, b: int) -> float:
+    """A floor under every hybrid plan at micro-batch b: its pipeline over several islands takes at
+    least one micro-batch through every layer at the fleet's fastest, the embedding and the head."""
+    bounds, L = space.bounds, cm.model.layers
+    pairs = [(i, t) for i in space.islands for t in tp_choices(cm.model, i)]
+    taus = [bounds.layer(i, t, b) for i, t in pairs]
+    return (L * min(taus) + min(bounds.first[(i.name, t, b)] for i, t in pairs)
+            + min(bounds.last[(i.name, t, b)] for i, t in pairs))
 
 
 def _floor_split(cm, space: Hybrid, groups: dict, grouping, b: int, small: bool, hints: dict, stats: dict):
