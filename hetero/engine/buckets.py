@@ -113,7 +113,7 @@ class GradBuckets:
         `sum_bucket(buffer, index)` that sums it in place (one bucket at a time), or an object
         whose `start(buffer, index)` issues the bucket's island phase and device->host staging
         and returns a pending sum whose `finish(buffer)` returns the device tensor holding the
-        total (Comms.replica_sum). With the latter the rounds overlap: buckets k+1..k+BUCKETS_AHEAD
+        total (Comms.bucket_sum). With the latter the rounds overlap: buckets k+1..k+BUCKETS_AHEAD
         are filled and started (one device buffer: a started bucket's bytes have left it) before
         bucket k's bridge ring and copy-out, so the device works while the bridge carries. Host work (the
         bridge) runs outside `scope`, the device scope the buffer is made and filled in."""

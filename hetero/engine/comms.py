@@ -176,15 +176,10 @@ class Comms:
                                 accelerator=self.accelerator)
         return self._to_host(on_device).to(torch.float64)
 
-    @property
-    def replica_sum(self) -> "ReplicaSum":
+    def bucket_sum(self, islands_of=None) -> "ReplicaSum":
         """The hetero-DP bucket sum: call it on a bucket to sum it in place, or `start` it and
-        `finish` later (ReplicaSum)."""
-        return ReplicaSum(self)
-
-    def bucket_sum(self, islands_of) -> "ReplicaSum":
-        """The hetero-DP bucket sum over only the islands `islands_of(index)` holding bucket `index`'s
-        values (GradBuckets.holders); only their ranks may start that bucket."""
+        `finish` later (ReplicaSum); `islands_of(index)`: only the islands holding bucket `index`'s
+        values (GradBuckets.holders) sum it, and only their ranks may start it (None: every island)."""
         return ReplicaSum(self, islands_of)
 
     def _island_sizes(self, among=None) -> dict[str, int]:

@@ -205,7 +205,7 @@ class GradientSync:
         full-model layout, streamed in fixed-size buckets (GradBuckets): each rank
         writes its own TP shard of the gradients of pipeline-unique values at their
         full-model positions (zeros elsewhere) into a device bucket, and the
-        island-aware all-reduce (Comms.replica_sum) adds the bucket up fleet-wide.
+        island-aware all-reduce (Comms.bucket_sum) adds the bucket up fleet-wide.
         A bucket is summed over the islands holding any of its values only
         (GradBuckets.holders): in a hybrid plan a pipeline cut over two islands
         brings its first layers' buckets from one and the rest from the other, each
