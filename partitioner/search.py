@@ -1,4 +1,5 @@
-"""Plan search: hetero-PP (one pipeline across islands) against hetero-DP (a replica per island).
+"""Plan search: hetero-PP (one pipeline across islands) against hetero-DP (a replica per island)
+and hybrid (hetero-DP of hetero-PP pipelines, each over one island or a group of them).
 
 hetero-PP space: which islands and in what pipeline order; a TP degree per island
 (a power of two dividing heads and kv_heads, within one node); one DP degree for
@@ -12,10 +13,15 @@ islands; gradients are reduced over the bridge. Every option an island has is
 kept until the batch is split: per island, the fastest option at every share of
 the batch (an Envelope), then the exact min-max split over the envelopes.
 
+hybrid space (three islands or more; partitioner/hybrid.py): every grouping of the islands
+into pipelines, each group's hetero-PP pipelines kept as an Envelope over batch shares like an
+island's replica options, the same exact min-max split across the groups.
+
 Order (issue #20): the replica envelopes first (cheap); they give each island
 alone on the whole batch, which seeds that island's own hetero-PP search; the
-islands alone and the best hetero-DP plans seed the whole fleet's hetero-PP
-search, so the chosen plan is never slower than either lower bound. hetero-PP
+islands alone and the best hetero-DP plans bound the hybrid search, and all of
+them seed the whole fleet's hetero-PP search, so the chosen plan is never slower
+than either lower bound. hetero-PP
 configurations are grouped by (order, TPs, DP, micro-batch); a group has a floor
 (every island at its most stages), its configurations a bound (balanced layers,
 no memory limit) that is tightened to whole layers when reached; everything is
@@ -26,7 +32,8 @@ stats say so). Stage rows and per-layer costs are memoised.
 
 One job per module: partitioner/candidates.py (the records), evaluate.py (costing one
 pipeline), bounds.py, pipeline_search.py (hetero-PP), replicas.py (hetero-DP and the islands
-alone), build.py (the Plan), brute_force.py; this module runs them in order (`search`).
+alone), hybrid.py (hybrid), build.py (the Plan), brute_force.py; this module runs them in order
+(`search`).
 """
 
 from __future__ import annotations
@@ -207,7 +214,8 @@ def _result(run: _Run, cands: list, alone: dict, hetero_dp: list) -> SearchResul
     stats.update({k: round(v, 4) for k, v in run.timing.items()})
     return SearchResult(plans=plans, candidates=cands, baseline=base,
                         baseline_plan=base_plan, search_s=elapsed,
-                        evaluated=stats.get("pp_evaluated", 0) + stats.get("dp_evaluated", 0),
+                        evaluated=stats.get("pp_evaluated", 0) + stats.get("dp_evaluated", 0)
+                        + stats.get("hybrid_evaluated", 0),
                         bounded=stats.get("pp_configs", 0), stats=stats,
                         islands_alone=alone, hetero_dp=hetero_dp[0] if hetero_dp else None)
 
