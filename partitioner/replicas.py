@@ -140,7 +140,8 @@ def combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
 
 @dataclass
 class Envelope:
-    """One island's best replica step at every share of the batch.
+    """One island's best replica step at every share of the batch (or a hybrid group's best pipeline
+    over its islands: partitioner/hybrid.py; `island` is then the group's first).
 
     step[u]: the fastest option (TP, stages, DP) that takes exactly u micro-batches of
     the global batch (u a multiple of its DP), inf where none does; pick[u]: which.
