@@ -337,7 +337,7 @@ def test_bucket_size_comes_from_the_environment_and_bad_values_are_one_line():
 
 
 class StagedSum:
-    """A two-phase bucket sum (like Comms.replica_sum): `start` takes the bucket's bytes at once
+    """A two-phase bucket sum (like Comms.bucket_sum): `start` takes the bucket's bytes at once
     (its island phase and staging), `finish` returns the fleet total. Records the order of the
     calls, the storage each started bucket lived in, and how many were in flight at most."""
 
