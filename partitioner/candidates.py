@@ -108,13 +108,7 @@ def stage_layout(order_tps_stages, dp: int) -> list:
 
 
 def label_pp(pe: PipeEval) -> str:
-    parts: list[list] = []
-    for island, t, _off in pe.layout:
-        if parts and parts[-1][0] == island.name and parts[-1][1] == t:
-            parts[-1][2] += 1
-        else:
-            parts.append([island.name, t, 1])
-    chain = " -> ".join(f"{name}(tp{t} x{s} stage{'s' if s > 1 else ''})" for name, t, s in parts)
+    chain = " -> ".join(f"{name}(tp{t} x{s} stage{'s' if s > 1 else ''})" for name, t, s in _island_runs(pe))
     chunks = f", {pe.v} chunks per stage (interleaved)" if pe.v > 1 else ""
     return f"pipeline {chain}, dp {pe.dp}, micro-batch {pe.b} x {pe.m}{chunks}"
 
@@ -135,13 +129,18 @@ def hybrid_label(pes: list, b: int) -> str:
 
 def _chain(pe: PipeEval) -> str:
     """A pipeline's islands in order, with each one's TP and number of stages: "a(tp2 x3) -> b(tp1 x2)"."""
+    return " -> ".join(f"{name}(tp{t} x{s})" for name, t, s in _island_runs(pe))
+
+
+def _island_runs(pe: PipeEval) -> list[list]:
+    """[island name, TP, stages] for each run of consecutive stages on one island at one TP."""
     parts: list[list] = []
     for island, t, _off in pe.layout:
         if parts and parts[-1][0] == island.name and parts[-1][1] == t:
             parts[-1][2] += 1
         else:
             parts.append([island.name, t, 1])
-    return " -> ".join(f"{name}(tp{t} x{s})" for name, t, s in parts)
+    return parts
 
 
 def dedup(cands: list) -> list:

@@ -35,7 +35,7 @@ from partitioner.candidates import Candidate, PipeEval, hybrid_label, stage_layo
 from partitioner.costs import CostModel, tp_choices
 from partitioner.evaluate import evaluate_pipeline, interleavable, interleaved_twin
 from partitioner.inputs import IslandSpec, SearchLimits
-from partitioner.pipeline_search import island_orders, stage_choices, tail_floor_line
+from partitioner.pipeline_search import island_orders, stage_choices, stage_product, tail_floor_line
 from partitioner.replicas import BatchSplit, Envelope, envelope, split_batch
 
 
@@ -111,10 +111,7 @@ def _stage_sets(caps: list, limits: SearchLimits, small: bool, L: int, fits: lis
         ok = sum(c * f for c, f in zip(caps, fits)) >= L
         return np.array([caps] if ok else [], dtype=np.int64).reshape(-1, len(caps))
     choices = tuple(tuple(range(1, c + 1)) if small else tuple(stage_choices(c, limits, False)) for c in caps)
-    arr = products.get(choices)
-    if arr is None:
-        arr = np.array(list(itertools.product(*choices)), dtype=np.int64).reshape(-1, len(caps))
-        products[choices] = arr
+    arr = stage_product(choices, products)
     P = arr.sum(axis=1)
     ok = (P <= L) & (arr @ np.array(fits, dtype=np.int64) >= L)
     if not small:

@@ -22,6 +22,16 @@ from partitioner.evaluate import evaluate_pipeline
 from partitioner.inputs import FleetSpec, SearchLimits
 
 
+def stage_product(choices: tuple, products: dict) -> np.ndarray:
+    """Every combination of stage counts, one row each (a column per island of `choices`), memoised
+    in `products` by the choices."""
+    arr = products.get(choices)
+    if arr is None:
+        arr = np.array(list(itertools.product(*choices)), dtype=np.int64).reshape(-1, len(choices))
+        products[choices] = arr
+    return arr
+
+
 def island_orders(islands, limits: SearchLimits) -> list:
     """Ordered non-empty subsets of islands, all of them when few; else a heuristic set."""
     out: list = []
@@ -138,10 +148,7 @@ def _group_configs(cm, bounds, limits, *, small: bool, products: dict, group: Gr
     taus = [bounds.layer(i, t, b) for i, t in zip(order, ts)]
     e_first, e_last = bounds.first[(order[0].name, ts[0], b)], bounds.last[(order[-1].name, ts[-1], b)]
     choices = tuple(tuple(stage_choices(i.size // (t * dp), limits, small)) for i, t in zip(order, ts))
-    arr = products.get(choices)
-    if arr is None:
-        arr = np.array(list(itertools.product(*choices)), dtype=np.int64).reshape(-1, len(order))
-        products[choices] = arr
+    arr = stage_product(choices, products)
     P = arr.sum(axis=1)
     ok = (P <= L) & (arr @ np.array(fits, dtype=np.int64) >= L)
     if not ok.any():
