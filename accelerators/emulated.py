@@ -55,6 +55,8 @@ tests) gets the same rules without each launcher having to ask for them:
 Collectives: `dist_backend` is `hetero-strict` (accelerators/strict_backend.py:
 NCCL/HCCL's rules on gloo; registered when the accelerator is built), or plain
 `gloo` where the launcher's HETERO_BACKEND names it (`backend: gloo` on the island).
+Under `hetero-strict` a blocking collective occupies the compute queue for its host
+seconds, as NCCL's does its stream (`charge_collective`); under plain gloo it is free.
 
 Devices: HETERO_EMULATED_VISIBLE_DEVICES (a comma-separated list, set by the
 launcher like CUDA_VISIBLE_DEVICES) says how many device indices this process
@@ -185,6 +187,11 @@ class EmulatedAccelerator(CpuAccelerator):
                 dtype: torch.dtype = torch.float32) -> None:
         """Charge work done outside the device scope (e.g. by a custom kernel)."""
         self.clock.charge(self.pace.seconds(flops, nbytes, dtype))
+
+    def charge_collective(self, seconds: float, issued_at: float) -> None:
+        """A blocking collective issued at `issued_at` took `seconds` on the host: on a real chip it
+        runs on the compute queue after the work before it (accelerators/strict_stream_time.py)."""
+        self.clock.charge(seconds, issued_at)
 
     def track(self, tensor: torch.Tensor) -> torch.Tensor:
         """Count a tensor made outside the scope (e.g. loaded weights) as device memory."""

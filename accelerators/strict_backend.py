@@ -47,7 +47,8 @@ Not enforced (documented differences from the vendors):
   (NCCL puts them on different streams), and a batch's coupling across peers;
 - matching sizes and dtypes of a send and its receive beyond what gloo checks;
 - collectives are gloo's (after the device check): their order across ranks and
-  their results are gloo's, with no device time charged; a collective some rank
+  their results are gloo's; a blocking one is charged to the emulated chip's
+  compute queue (strict_stream_time.py), an asynchronous one nothing; a collective some rank
   never calls waits for the group's timeout (as under NCCL's watchdog) and is
   not reported by the pair watchdog above;
 - `set_device` (which device a process drives): the emulated accelerator's
@@ -56,8 +57,8 @@ Not enforced (documented differences from the vendors):
   pair's watchdog bounds it).
 
 Parts (one job each): strict_errors.py (the name and the errors), strict_device.py
-(which tensors are device memory), strict_p2p.py (the per-pair ordered streams and their
-rendezvous), strict_watchdog.py (deadlock reports); this module is the process group
+(which tensors are device memory), strict_stream_time.py (a blocking collective's device
+time), strict_p2p.py (the per-pair ordered streams and their rendezvous), strict_watchdog.py (deadlock reports); this module is the process group
 that dispatches to them and to gloo, and its registration.
 
 Notes: a crossing is reported about a second after both sides stall (they
@@ -82,6 +83,7 @@ from torch.distributed.distributed_c10d import AllgatherOptions, GroupName
 from accelerators.strict_device import check_device, is_device_tensor, set_device_tensor_predicate
 from accelerators.strict_errors import BACKEND_NAME, HostTensorRefused, P2PDeadlock, StrictBackendError
 from accelerators.strict_p2p import Entry, Op, P2PWork, PairStream, PointToPoint, calling_batch
+from accelerators.strict_stream_time import on_compute_stream
 from accelerators.strict_watchdog import TIMEOUT_ENV, WATCH_INTERVAL_S, PairWatchdog
 
 __all__ = ["BACKEND_NAME", "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "WATCH_INTERVAL_S", "HostTensorRefused",
@@ -207,24 +209,29 @@ class StrictProcessGroup(dist.ProcessGroup):
     # Collectives: gloo's, after the device check -------------------------------------
     def allreduce(self, tensors: Tensors, opts: Any = None) -> dist.Work:  # type: ignore[override]  # list form only
         check_device("all_reduce", tensors)
-        return self.gloo.allreduce(tensors, opts or dist.AllreduceOptions())
+        opts = opts or dist.AllreduceOptions()
+        return on_compute_stream(opts, lambda: self.gloo.allreduce(tensors, opts))
 
     def allreduce_coalesced(self, tensors: Tensors, opts: Any = None) -> dist.Work:
         check_device("all_reduce_coalesced", tensors)
-        return self.gloo.allreduce_coalesced(tensors, opts or dist.AllreduceCoalescedOptions())
+        opts = opts or dist.AllreduceCoalescedOptions()
+        return on_compute_stream(opts, lambda: self.gloo.allreduce_coalesced(tensors, opts))
 
     def broadcast(self, tensors: Tensors, opts: Any = None) -> dist.Work:  # type: ignore[override]  # list form only
         check_device("broadcast", tensors)
-        return self.gloo.broadcast(tensors, opts or dist.BroadcastOptions())
+        opts = opts or dist.BroadcastOptions()
+        return on_compute_stream(opts, lambda: self.gloo.broadcast(tensors, opts))
 
     def reduce(self, tensors: Tensors, opts: Any = None) -> dist.Work:  # type: ignore[override]  # list form only
         check_device("reduce", tensors)
-        return self.gloo.reduce(tensors, opts or dist.ReduceOptions())
+        opts = opts or dist.ReduceOptions()
+        return on_compute_stream(opts, lambda: self.gloo.reduce(tensors, opts))
 
     def allgather(self, output_lists: list[Tensors], inputs: Tensors,  # type: ignore[override]  # list form only
                   opts: Any = None) -> dist.Work:
         check_device("all_gather", [output_lists, inputs])
-        return self.gloo.allgather(output_lists, inputs, opts or AllgatherOptions())
+        opts = opts or AllgatherOptions()
+        return on_compute_stream(opts, lambda: self.gloo.allgather(output_lists, inputs, opts))
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,  # pylint: disable=redefined-builtin
                           opts: Any = None) -> dist.Work:
@@ -236,7 +243,8 @@ class StrictProcessGroup(dist.ProcessGroup):
     def reduce_scatter(self, outputs: Tensors, input_lists: list[Tensors],  # type: ignore[override]  # list form only
                        opts: Any = None) -> dist.Work:
         check_device("reduce_scatter", [outputs, input_lists])
-        return self.gloo.reduce_scatter(outputs, input_lists, opts or dist.ReduceScatterOptions())
+        opts = opts or dist.ReduceScatterOptions()
+        return on_compute_stream(opts, lambda: self.gloo.reduce_scatter(outputs, input_lists, opts))
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,  # pylint: disable=redefined-builtin
                               opts: Any = None) -> dist.Work:

@@ -107,6 +107,17 @@ def test_events_measure_virtual_time_and_wait(chip):
     assert time.perf_counter() >= end.time and end.query()
 
 
+def test_a_blocking_collective_queues_after_the_work_before_it(chip):
+    """Charged from its issue, after the 40 ms already queued: 40 + 20 ms on one queue, as NCCL's stream."""
+    start = chip.new_event()
+    start.record()
+    chip.account(flops=0.04e9)
+    chip.charge_collective(0.02, time.perf_counter())
+    end = chip.new_event()
+    end.record()
+    assert start.elapsed_time(end) == pytest.approx(60.0, abs=2.0)
+
+
 def test_device_to_host_copies_wait(chip):
     x = on_chip(chip, torch.full((4,), 2.0))
     chip.account(flops=0.02e9)

@@ -79,6 +79,18 @@ def test_collectives_equal_gloo(contract):
     assert contract[0]["collectives"]["subgroup_all_reduce"] == [3.0, 3.0]
 
 
+def test_a_blocking_collective_is_charged_to_the_device_clock_an_async_one_is_not():
+    """NCCL runs a collective on the compute stream: a blocking one (TP's all-reduce) adds its time,
+    the peer's lateness included; the DP reduction's async_op=True runs beside compute."""
+    seen = run_pair("stream_time")
+    for result in seen:
+        assert [op for op, _ in result["charges"]] == ["all_reduce", "all_gather", "broadcast"]
+        assert result["issued_after_call"] and result["value"] == [4.0] * 4   # summed twice
+    waited = seen[0]["charges"][0][1]
+    assert waited >= 0.25   # rank 0 waited for rank 1, 0.3 s late: its chip could not run on meanwhile
+    assert seen[1]["charges"][0][1] < waited
+
+
 @pytest.mark.parametrize("scenario", ["crossing_sends", "crossing_isend_recv"])
 def test_a_schedule_that_deadlocks_under_nccl_is_reported_naming_both_ranks(scenario):
     for rank, seen in enumerate(run_pair(scenario)):

@@ -137,13 +137,48 @@ def silent_peer(rank: int) -> dict:
         store.set("rank0 done", b"1")
 
 
+class ClockRecorder:
+    """An accelerator with a device clock, as far as the backend asks: it records every charge."""
+
+    def __init__(self) -> None:
+        self.charges: list[tuple[str, float, float]] = []
+        self.op = ""
+
+    def charge_collective(self, seconds: float, issued_at: float) -> None:
+        self.charges.append((self.op, seconds, issued_at))
+
+
+def stream_time(rank: int) -> dict:
+    """Which collectives charge the compute queue, and how long: rank 1 comes 0.3 s late to the first."""
+    from accelerators import registry
+
+    clock = registry._current = ClockRecorder()  # pylint: disable=protected-access
+    x = dev(torch.ones(4))
+    try:
+        clock.op = "all_reduce"
+        if rank == 1:
+            time.sleep(0.3)
+        before = time.perf_counter()
+        dist.all_reduce(x)
+        clock.op = "all_reduce async"
+        dist.all_reduce(x, async_op=True).wait()
+        clock.op = "all_gather"
+        dist.all_gather([dev(torch.zeros(4)) for _ in range(2)], x)
+        clock.op = "broadcast"
+        dist.broadcast(x, 0)
+    finally:
+        registry._current = None  # pylint: disable=protected-access
+    return {"charges": [[op, seconds] for op, seconds, _ in clock.charges],
+            "issued_after_call": clock.charges[0][2] >= before, "value": x.tolist()}
+
+
 def contract(rank: int) -> dict:
     """What a healthy schedule sees: refusals, rendezvous, ordered and batched p2p, collectives."""
     return {"host_refused": host_refused(rank), **rendezvous(rank), **ordered_p2p(rank),
             "collectives": collectives(rank)}
 
 
-SCENARIOS = {f.__name__: f for f in (contract, collectives, crossing_sends, crossing_isend_recv, silent_peer)}
+SCENARIOS = {f.__name__: f for f in (contract, collectives, stream_time, crossing_sends, crossing_isend_recv, silent_peer)}
 
 
 def main() -> None:
