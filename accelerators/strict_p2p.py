@@ -29,7 +29,12 @@ from accelerators.strict_device import describe
 from accelerators.strict_errors import BACKEND_NAME, StrictBackendError
 
 _BATCH_CODE = inspect.unwrap(dist.batch_isend_irecv).__code__
-_POLL_MIN_S, _POLL_MAX_S = 0.0005, 0.02  # how often a waiting entry looks at the store
+# How often a waiting entry looks at the store: from _POLL_MIN_S up to _POLL_BUSY_S for its first
+# _POLL_BUSY_FOR_S (a pipeline's receive posted ahead waits a few tens of ms, and every poll it
+# misses is latency NCCL does not have: at a 20 ms cap it cost the emulated fleet's middle stage
+# about 2.7 % of its step), then up to _POLL_MAX_S (an idle or deadlocked pair; a store check is a
+# loopback round trip, so polling fast forever would take a 2-core host's cycles).
+_POLL_MIN_S, _POLL_BUSY_S, _POLL_BUSY_FOR_S, _POLL_MAX_S = 0.0005, 0.002, 1.0, 0.02
 _QUEUED_SHOWN = 4  # queued ops a deadlock report lists per rank
 
 
@@ -180,7 +185,7 @@ class PairStream:
             else:
                 waiting[op] = f"ready/{me}->{peer}/{op.seq}"
         works = []
-        pause = _POLL_MIN_S
+        pause, since = _POLL_MIN_S, time.monotonic()
         while waiting:
             if self.error is not None:
                 raise _Abandoned()
@@ -194,7 +199,7 @@ class PairStream:
                     works.append((op, self.gloo.recv([op.tensor], peer, op.seq)))
             if waiting and not moved:  # poll: a store wait with a timeout logs a warning per expiry
                 time.sleep(pause)
-                pause = min(2 * pause, _POLL_MAX_S)
+                pause = next_poll(pause, time.monotonic() - since)
         for op, work in works:
             work.wait()
             with self.lock:
@@ -244,6 +249,11 @@ class PairStream:
     def stop(self) -> None:
         """End the stream's thread once what is queued has run (or failed)."""
         self.queue.put(None)
+
+
+def next_poll(pause: float, waited_s: float) -> float:
+    """The pause after `pause`, for an entry that has waited `waited_s` (the constants' comment)."""
+    return min(2 * pause, _POLL_BUSY_S if waited_s < _POLL_BUSY_FOR_S else _POLL_MAX_S)
 
 
 def calling_batch() -> list | None:

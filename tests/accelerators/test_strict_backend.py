@@ -155,3 +155,18 @@ def test_predicate_is_pluggable():
     finally:
         strict_backend.set_device_tensor_predicate(None)
     assert not strict_device.is_device_tensor(torch.ones(2, dtype=torch.float16))   # the default again
+
+
+def test_a_waiting_entry_polls_often_at_first_then_backs_off():
+    """Every missed poll is latency NCCL has not: a receive posted ahead looks every 2 ms or less for
+    its first second, an idle pair backs off to 20 ms."""
+    from accelerators.strict_p2p import next_poll
+
+    pause, schedule = 0.0005, []
+    for waited in (0.0, 0.01, 0.1, 0.5, 0.99):
+        pause = next_poll(pause, waited)
+        schedule.append(pause)
+    assert schedule == [0.001, 0.002, 0.002, 0.002, 0.002]
+    for _ in range(10):
+        pause = next_poll(pause, 5.0)
+    assert pause == 0.02
