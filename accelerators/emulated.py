@@ -188,6 +188,11 @@ class EmulatedAccelerator(CpuAccelerator):
         """Charge work done outside the device scope (e.g. by a custom kernel)."""
         self.clock.charge(self.pace.seconds(flops, nbytes, dtype))
 
+    def queue_ready_at(self) -> float:
+        """When the compute queue will have run everything issued so far (perf_counter seconds):
+        a send issued now leaves no earlier (accelerators/strict_stream_time.py)."""
+        return self.clock.ready_at
+
     def charge_collective(self, seconds: float, issued_at: float) -> None:
         """A blocking collective issued at `issued_at` took `seconds` on the host: on a real chip it
         runs on the compute queue after the work before it (accelerators/strict_stream_time.py)."""

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from accelerators.strict_device import describe
 from accelerators.strict_errors import BACKEND_NAME, StrictBackendError
+from accelerators.strict_stream_time import queue_ready_at, wait_for_queue
 
 _BATCH_CODE = inspect.unwrap(dist.batch_isend_irecv).__code__
 # How often a waiting entry looks at the store: from _POLL_MIN_S up to _POLL_BUSY_S for its first
@@ -58,6 +59,9 @@ class Op:
         self.future: torch.futures.Future = torch.futures.Future()
         self.error: Exception | None = None
         self.done = False
+        # A send's data is there once the sender's compute queue has run what was issued before it
+        # (NCCL's send is ordered on the stream): perf_counter seconds, 0 where no clock is kept.
+        self.ready_at = queue_ready_at() if kind == "send" else 0.0
 
     def describe(self, peer: int) -> str:
         where = f"to rank {peer}" if self.kind == "send" else f"from rank {peer}"
@@ -193,6 +197,7 @@ class PairStream:
             for op in moved:
                 store.delete_key(waiting.pop(op))
                 if op.kind == "send":
+                    wait_for_queue(op.ready_at)
                     store.set(f"go/{me}->{peer}/{op.seq}", "1")
                     works.append((op, self.gloo.send([op.tensor], peer, op.seq)))
                 else:

@@ -1,4 +1,6 @@
-"""`hetero-strict`'s device time of a blocking collective: it occupies the compute stream.
+"""`hetero-strict` on a chip with a device clock: collectives and sends keep NCCL's stream order.
+
+**A blocking collective occupies the compute stream.**
 
 NCCL and HCCL enqueue a collective on the caller's stream: it starts after the work queued
 before it and the work queued after it starts after it, so a blocking collective in the
@@ -14,6 +16,12 @@ on NCCL's own stream beside compute and is charged nothing. torch does not pass 
 for `all_gather_into_tensor` and `reduce_scatter_tensor` (their options default to
 asynchronous), so those are not charged. Host communication is not time-dilated, so the
 charge is its wall seconds (accelerators/emulated.py, "Time dilation").
+
+**A send leaves after the work queued before it.** NCCL's send runs on the stream, so its
+data cannot reach the peer before the sender's chip has computed it; the emulated chip's host
+holds the values as soon as it issues the ops. A send therefore records when the sender's
+compute queue will have run what was issued before it (`queue_ready_at`), and the pair's stream
+hands it to gloo no earlier (`wait_for_queue`, on the stream's thread: the host runs on).
 """
 
 from __future__ import annotations
@@ -22,6 +30,21 @@ import time
 from typing import Any, Callable
 
 import torch.distributed as dist
+
+
+def queue_ready_at() -> float:
+    """When the current accelerator's compute queue will have run what was issued so far
+    (perf_counter seconds), 0 where it keeps no clock (real chips order sends themselves)."""
+    from accelerators import registry
+
+    ready = getattr(registry._current, "queue_ready_at", None)  # pylint: disable=protected-access  # never select one here
+    return float(ready()) if ready is not None else 0.0
+
+
+def wait_for_queue(ready_at: float) -> None:
+    """Sleep until perf_counter reaches `ready_at` (a send's data is computed by then)."""
+    while (remaining := ready_at - time.perf_counter()) > 0:
+        time.sleep(remaining)
 
 
 def on_compute_stream(opts: Any, start: Callable[[], dist.Work]) -> dist.Work:

@@ -157,6 +157,13 @@ def test_predicate_is_pluggable():
     assert not strict_device.is_device_tensor(torch.ones(2, dtype=torch.float16))   # the default again
 
 
+def test_a_send_leaves_after_the_senders_queue_has_run_the_host_does_not_wait():
+    sender, receiver = run_pair("send_order")
+    assert receiver["value"] == [3.0] * 4
+    assert receiver["received_at"] >= sender["ready_at"]     # perf_counter is one clock for the host
+    assert sender["isend_returned_at"] < sender["ready_at"] - 0.2
+
+
 def test_a_waiting_entry_polls_often_at_first_then_backs_off():
     """Every missed poll is latency NCCL has not: a receive posted ahead looks every 2 ms or less for
     its first second, an idle pair backs off to 20 ms."""

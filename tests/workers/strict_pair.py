@@ -172,13 +172,42 @@ def stream_time(rank: int) -> dict:
             "issued_after_call": clock.charges[0][2] >= before, "value": x.tolist()}
 
 
+class LateQueue:
+    """A chip whose compute queue runs 0.4 s past every send's issue."""
+
+    def __init__(self) -> None:
+        self.ready: list[float] = []
+
+    def queue_ready_at(self) -> float:
+        self.ready.append(time.perf_counter() + 0.4)
+        return self.ready[-1]
+
+
+def send_order(rank: int) -> dict:
+    """Rank 0's send may not reach rank 1 before rank 0's queue has run; rank 0's host runs on."""
+    from accelerators import registry
+
+    x = dev(torch.full((4,), 3.0))
+    if rank == 1:
+        dist.recv(x, 0)
+        return {"received_at": time.perf_counter(), "value": x.tolist()}
+    chip = registry._current = LateQueue()  # pylint: disable=protected-access
+    try:
+        work = dist.isend(x, 1)
+        returned_at = time.perf_counter()
+        work.wait()
+    finally:
+        registry._current = None  # pylint: disable=protected-access
+    return {"ready_at": chip.ready[0], "isend_returned_at": returned_at}
+
+
 def contract(rank: int) -> dict:
     """What a healthy schedule sees: refusals, rendezvous, ordered and batched p2p, collectives."""
     return {"host_refused": host_refused(rank), **rendezvous(rank), **ordered_p2p(rank),
             "collectives": collectives(rank)}
 
 
-SCENARIOS = {f.__name__: f for f in (contract, collectives, stream_time, crossing_sends, crossing_isend_recv, silent_peer)}
+SCENARIOS = {f.__name__: f for f in (contract, collectives, stream_time, send_order, crossing_sends, crossing_isend_recv, silent_peer)}
 
 
 def main() -> None:
