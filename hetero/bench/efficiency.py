@@ -138,10 +138,10 @@ def _measure(job, paths, out, args, say) -> dict:
 
 
 def candidate_plans(job, kind: str, profile) -> list:
-    """The best plan of each kind asked for (auto: hetero-PP and hetero-DP). The cost
-    model ranks plans well within a kind but can misjudge one kind against the other
-    (per-stage costs it only scales from whole-model runs), so both are measured."""
-    kinds = ("pipeline", "replicas") if kind == "auto" else (kind,)
+    """The best plan of each kind asked for (auto: hetero-PP, hetero-DP and, on three islands or
+    more, hybrid). The cost model ranks plans well within a kind but can misjudge one kind
+    against another (per-stage costs it only scales from whole-model runs), so each is measured."""
+    kinds = auto_kinds(job.cluster) if kind == "auto" else (kind,)
     plans = []
     for each in kinds:
         try:
@@ -152,6 +152,12 @@ def candidate_plans(job, kind: str, profile) -> list:
     if not plans:
         raise UserError(f"no plan of kind {' or '.join(kinds)} fits {job.cluster.name}")
     return plans
+
+
+def auto_kinds(cluster) -> tuple[str, ...]:
+    """The plan kinds `--kind auto` measures: hybrid needs three islands with chips."""
+    islands = [island for island in cluster.islands if island.size > 0]
+    return ("pipeline", "replicas") + (("hybrid",) if len(islands) >= 3 else ())
 
 
 def time_dilation(cluster, given: str = "auto", cores: int | None = None) -> tuple[float, str]:

@@ -160,7 +160,7 @@ def test_calibration_with_host_costs_reproduces_each_island_s_step_and_charges_m
     assert all(hosted[kind] > bare[kind] for kind in bare)
 
 
-def test_the_three_island_example_validates_and_plans_both_kinds(hetero_cli):
+def test_the_three_island_example_validates_and_plans_every_kind(hetero_cli):
     from hetero.bench.efficiency import alone, candidate_plans
     from hetero.runner import search_plan
 
@@ -176,6 +176,7 @@ def test_the_three_island_example_validates_and_plans_both_kinds(hetero_cli):
     for island in job.cluster.islands:      # each island alone is the anchor: it must train the model
         assert search_plan(alone(job, island)).tokens_per_s > 0
     plans = {p.kind: p for p in candidate_plans(job, "auto", None)}
-    assert set(plans) == {"pipeline", "replicas"}
+    assert set(plans) == {"pipeline", "replicas", "hybrid"}      # three islands: hybrid is measured too
+    assert len(plans["hybrid"].pipelines) >= 2
     assert {s.island for s in plans["replicas"].stages} == {"fast", "mid", "big"}
     assert sum(p.samples for p in plans["replicas"].pipelines) == 64
