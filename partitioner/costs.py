@@ -440,6 +440,53 @@ class CostModel:
                   inflight: float) -> tuple[np.ndarray, np.ndarray]:
         """Time of this stage holding n = 1..L layers (inf where nothing fits) and the
         recompute mode chosen for each n (index into RECOMPUTE_MODES): the fastest that fits."""
+        return self._stage_entry(island, t, b, dp, first, last, inflight)[:2]
+
+    def steady_memories(self, b: int, dp: int, stages: list) -> list[float]:
+        """stage_memory of stages [(island, t, first, last, inflight, mode, n)] with gradients and
+        every in-flight micro-batch together (micro_batches None): looked up in the memory rows
+        stage_rows kept beside a stage's time row, or in those costed here before, the rest costed
+        in one vectorised call per (island, t, first, last, mode). Each is its own element of the
+        same arithmetic, so a stage's bytes do not depend on which stages it is costed with."""
+        cache = self._cache
+        out: list[float] = []
+        todo: dict = {}
+        for j, (name, t, first, last, k, mode, n) in enumerate(stages):
+            row = cache.get(("row", name, t, b, dp, first, last, k))
+            mem = row[2].get(mode) if row is not None else None
+            if mem is not None:
+                out.append(float(mem[n - 1]))
+                continue
+            hit = cache.get(("memory", name, t, b, dp, first, last, k, mode, n))
+            out.append(0.0 if hit is None else hit)
+            if hit is None:
+                todo.setdefault((name, t, first, last, mode), []).append((j, n, k))
+        for (name, t, first, last, mode), rows in todo.items():
+            idx, ns, ks = zip(*rows)
+            got = self.stage_memory(t, b, dp, np.array(ns, dtype=np.float64), first=first, last=last,
+                                    inflight=np.array(ks, dtype=np.float64), mode=mode, island=name)
+            for j, n, k, value in zip(idx, ns, ks, np.atleast_1d(got).tolist()):
+                out[j] = value
+                cache[("memory", name, t, b, dp, first, last, k, mode, n)] = value
+        return out
+
+    def stage_entries(self, b: int, dp: int, stages: list) -> list:
+        """[(row, pick, memory rows by mode)] of stages [(island, t, first, last, inflight)] (a
+        pipeline's, in order): stage_row's and steady_memory's, those not cached yet costed in one
+        pass per (island, t, first, last)."""
+        cache = self._cache
+        out = [cache.get(("row", name, t, b, dp, first, last, k)) for name, t, first, last, k in stages]
+        missing: dict = {}
+        for (name, t, first, last, k), hit in zip(stages, out):
+            if hit is None:
+                missing.setdefault((name, t, first, last), []).append(k)
+        if missing:
+            for (name, t, first, last), ks in missing.items():
+                self.stage_rows(name, t, b, dp, first=first, last=last, inflights=ks)
+            out = [cache[("row", name, t, b, dp, first, last, k)] for name, t, first, last, k in stages]
+        return out
+
+    def _stage_entry(self, island: str, t: int, b: int, dp: int, first: bool, last: bool, inflight: float):
         key = ("row", island, t, b, dp, first, last, inflight)
         hit = self._cache.get(key)
         if hit is None:
@@ -449,7 +496,8 @@ class CostModel:
 
     def stage_rows(self, island: str, t: int, b: int, dp: int, *, first: bool, last: bool, inflights) -> None:
         """Fill the cache with `stage_row` for several in-flight counts in one pass (a column of
-        counts against the row of layer counts): a pipeline's stages differ only in that."""
+        counts against the row of layer counts): a pipeline's stages differ only in that. Each
+        mode's memory row is kept beside it (`steady_memories`)."""
         todo = sorted({k for k in inflights if ("row", island, t, b, dp, first, last, k) not in self._cache})
         if not todo:
             return
@@ -461,6 +509,7 @@ class CostModel:
         extra += self.stage_host_s(island)
         best = np.full((len(todo), L), np.inf)
         choice = np.full((len(todo), L), -1, dtype=np.int64)
+        mems: list[dict] = [{} for _ in todo]
         for index, mode in enumerate(RECOMPUTE_MODES):
             if mode not in self.train.recompute_modes:
                 continue
@@ -469,8 +518,10 @@ class CostModel:
             ok = (mem <= cap) & (time < best)
             best = np.where(ok, time, best)
             choice = np.where(ok, index, choice)
+            for j in range(len(todo)):
+                mems[j][mode] = mem[j]
         for j, k in enumerate(todo):
-            self._cache[("row", island, t, b, dp, first, last, k)] = (best[j], choice[j])
+            self._cache[("row", island, t, b, dp, first, last, k)] = (best[j], choice[j], mems[j])
 
     def best_layer_s(self, island: str, t: int, b: int) -> float:
         """Fastest per-layer time of any allowed mode (for lower bounds)."""
@@ -482,7 +533,18 @@ class CostModel:
               t_src: int, dp: int, b: int) -> float:
         """One activation (or its gradient) across a stage boundary, per micro-batch.
 
-        All DP replicas whose senders share a node share that node's link."""
+        All DP replicas whose senders share a node share that node's link. Memoised: every
+        pipeline the search costs asks for the same boundaries (the entry keeps the islands, so
+        their ids stay theirs)."""
+        key = ("p2p", id(src), src_offset, id(dst), dst_offset, t_src, dp, b)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = (self._p2p_s(src, src_offset, dst, dst_offset, t_src, dp, b), src, dst)
+            self._cache[key] = hit
+        return hit[0]
+
+    def _p2p_s(self, src: IslandSpec, src_offset: int, dst: IslandSpec, dst_offset: int,
+               t_src: int, dp: int, b: int) -> float:
         nbytes = b * self.model.seq_len * self.model.hidden * self.e
         per_node = max(1, min(dp, max(1, src.smallest_node // max(1, t_src))))
         if src.name != dst.name:
@@ -518,6 +580,19 @@ class CostModel:
         all-gather of the updated parameters follows the update (partitioner/schedule_time.py)."""
         total = self.dp_allreduce_s(island, offset, t, dp, params_per_chip)
         return (total / 2, total / 2) if self.zero1(dp) else (total, 0.0)
+
+    def stage_tail(self, island: IslandSpec, offset: int, t: int, dp: int, n: int, *, first: bool,
+                   last: bool) -> tuple[float, float, float]:
+        """(overlappable DP reduction, ZeRO-1's all-gather, update) seconds of one stage of n layers
+        at `offset` (reduce_parts and optimizer_s of its parameters); memoised like p2p_s."""
+        key = ("tail", id(island), offset, t, dp, n, first, last)
+        hit = self._cache.get(key)
+        if hit is None:
+            params = self.stage_params(t, n, first=first, last=last)
+            overlapped, gather = self.reduce_parts(island, offset, t, dp, params)
+            hit = (overlapped, gather, self.optimizer_s(island, dp, params), island)
+            self._cache[key] = hit
+        return hit[0], hit[1], hit[2]
 
     @staticmethod
     def staging_s(src: IslandSpec, dst: IslandSpec, nbytes: float) -> float:

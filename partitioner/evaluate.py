@@ -34,20 +34,21 @@ def stage_time_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int, v: in
     """Per stage, its time at n = 1..L layers (inf where they do not fit or n < v) and the
     recompute mode picked at each n. Interleaved, each of its v chunks pays the chip's host
     costs and crosses each bridge boundary, and the wrap-around joins the last and first stages."""
+    times, picks = _time_matrix(cm, layout, dp, b, mi, v)
+    return list(times), picks
+
+
+def _time_matrix(cm: CostModel, layout: list, dp: int, b: int, mi: int, v: int) -> tuple[np.ndarray, list]:
+    """stage_time_rows as one matrix (a row per stage), from the cost model's memoised rows."""
     P = len(layout)
-    _prefetch_rows(cm, layout, dp, b, mi, v)
+    entries = cm.stage_entries(b, dp, [(slot.island.name, slot.tp, i == 0, i == P - 1, in_flight(P, i, v, mi))
+                                       for i, slot in enumerate(layout)])
     handoffs = bridge_handoffs(cm, layout)
     extra = [h + e for h, e in zip(handoffs, chunk_extras(cm, layout, v))] if v > 1 else handoffs
-    rows, picks = [], []
-    for i, (island, t, _off) in enumerate(layout):
-        row, pick = cm.stage_row(island.name, t, b, dp, first=i == 0, last=i == P - 1,
-                                inflight=in_flight(P, i, v, mi))
-        row = row + extra[i]
-        if v > 1:
-            row[:v - 1] = np.inf
-        rows.append(row)
-        picks.append(pick)
-    return rows, picks
+    times = np.vstack([entry[0] for entry in entries]) + np.array(extra)[:, None]
+    if v > 1:
+        times[:, :v - 1] = np.inf
+    return times, [entry[1] for entry in entries]
 
 
 def chunk_extras(cm: CostModel, layout: list, v: int) -> list[float]:
@@ -75,10 +76,10 @@ def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
     if P == 0 or P > cm.model.layers or not interleavable(P, v, cm.model.layers):
         return None
     mi = m if inflight_m is None else inflight_m
-    rows, picks = stage_time_rows(cm, layout, dp, b, mi, v)
+    rows, picks = _time_matrix(cm, layout, dp, b, mi, v)
     if counts is None:
         # at least v layers per stage: split the L - P(v-1) layers beyond each stage's first v-1
-        times = np.vstack(rows)[:, v - 1:cm.model.layers - (P - 1) * (v - 1)]
+        times = rows[:, v - 1:cm.model.layers - (P - 1) * (v - 1)]
         cap = min_bottleneck(times)
         if cap is None:
             return None
@@ -90,7 +91,7 @@ def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
         if split is None:
             return None
         counts = tuple(n + v - 1 for n in split.counts)
-    stage_times = [float(rows[i][n - 1]) for i, n in enumerate(counts)]
+    stage_times = rows[np.arange(P), np.array(counts) - 1].tolist()
     if not all(math.isfinite(x) for x in stage_times):
         return None
     modes = tuple(RECOMPUTE_MODES[int(picks[i][n - 1])] for i, n in enumerate(counts))
@@ -124,16 +125,6 @@ def bridge_handoffs(cm: CostModel, layout: list) -> list[float]:
     return out
 
 
-def _prefetch_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int, v: int = 1) -> None:
-    """Cost each island's stage rows in one pass per (island, TP, first, last)."""
-    P = len(layout)
-    want: dict = {}
-    for i, slot in enumerate(layout):
-        want.setdefault((slot.island.name, slot.tp, i == 0, i == P - 1), []).append(in_flight(P, i, v, mi))
-    for (name, t, first, last), inflights in want.items():
-        cm.stage_rows(name, t, b, dp, first=first, last=last, inflights=inflights)
-
-
 def boundaries(cm, layout, dp, b) -> list:
     return [cm.p2p_s(a.island, a.offset, z.island, z.offset, a.tp, dp, b) for a, z in zip(layout, layout[1:])]
 
@@ -160,35 +151,40 @@ def tail_parts(cm, layout, dp, counts, stage_times, boundary, v: int) -> tuple[f
     P = len(layout)
     hidden, after, whole = [], 0.0, 0.0
     for i, ((island, t, off), n) in enumerate(zip(layout, counts)):
-        params = cm.stage_params(t, n, first=i == 0, last=i == P - 1)
-        overlapped, gather = cm.reduce_parts(island, off, t, dp, params)
+        overlapped, gather, update = cm.stage_tail(island, off, t, dp, n, first=i == 0, last=i == P - 1)
         hidden.append(overlapped)
-        after = max(after, gather + cm.optimizer_s(island, dp, params))
+        after = max(after, gather + update)
         whole = max(whole, overlapped + gather)
     return exposed_reduce_s(stage_times, boundary, v, hidden, chunked=cm.e >= 4), after, whole
 
 
 def stage_memories(cm, layout, counts, modes, dp, b, m, mi, v: int = 1) -> list:
-    """Each stage's peak bytes per chip; the steady-state stages (m above their in-flight
-    count) of one island, TP, place and mode in one vectorised call."""
+    """Each stage's peak bytes per chip: the steady-state stages (m above their in-flight count)
+    through CostModel.steady_memories (memoised, vectorised), the others one by one."""
     P = len(layout)
     memory = [0.0] * P
-    groups: dict = {}
+    steady, where = [], []
     for i, (slot, n) in enumerate(zip(layout, counts)):
         inflight = in_flight(P, i, v, mi)
-        first, last = i == 0, i == P - 1
         if m > inflight:
-            groups.setdefault((slot.island.name, slot.tp, first, last, modes[i]), []).append((i, n, inflight))
+            steady.append((slot.island.name, slot.tp, i == 0, i == P - 1, inflight, modes[i], n))
+            where.append(i)
         else:
-            memory[i] = cm.stage_memory(slot.tp, b, dp, n, first=first, last=last, inflight=inflight, mode=modes[i],
-                                        island=slot.island.name, micro_batches=m)
-    for (name, t, first, last, mode), rows in groups.items():
-        idx, ns, ks = zip(*rows)
-        got = cm.stage_memory(t, b, dp, np.array(ns, dtype=np.float64), first=first, last=last,
-                              inflight=np.array(ks, dtype=np.float64), mode=mode, island=name)
-        for i, value in zip(idx, np.atleast_1d(got).tolist()):
-            memory[i] = value
+            memory[i] = cm.stage_memory(slot.tp, b, dp, n, first=i == 0, last=i == P - 1, inflight=inflight,
+                                        mode=modes[i], island=slot.island.name, micro_batches=m)
+    for i, value in zip(where, cm.steady_memories(b, dp, steady)):
+        memory[i] = value
     return memory
+
+
+def _stage_memory(cm, slot, dp: int, b: int, n: int, i: int, P: int, inflight: float, mode: str, m: int) -> float:
+    """Stage i of P (at `slot`, n layers, `inflight` micro-batches' activations at its peak, m
+    micro-batches per step) in `mode`: its peak bytes per chip, as stage_memories costs it."""
+    first, last = i == 0, i == P - 1
+    if m > inflight:
+        return cm.steady_memories(b, dp, [(slot.island.name, slot.tp, first, last, inflight, mode, n)])[0]
+    return cm.stage_memory(slot.tp, b, dp, n, first=first, last=last, inflight=inflight, mode=mode,
+                           island=slot.island.name, micro_batches=m)
 
 
 def evaluate_uniform(cm: CostModel, layout: list, dp: int, b: int, m: int, counts: tuple, mode: str) -> PipeEval | None:
@@ -228,9 +224,7 @@ def interleaved_twin(cm: CostModel, pe: PipeEval, v: int) -> PipeEval | None:
             continue
         later = RECOMPUTE_MODES[RECOMPUTE_MODES.index(modes[i]) + 1:]
         for mode in (x for x in later if x in cm.train.recompute_modes):
-            need = cm.stage_memory(slot.tp, pe.b, pe.dp, n, first=i == 0, last=i == P - 1,
-                                   inflight=in_flight(P, i, v, pe.m), mode=mode,
-                                   island=name, micro_batches=pe.m)
+            need = _stage_memory(cm, slot, pe.dp, pe.b, n, i, P, in_flight(P, i, v, pe.m), mode, pe.m)
             if need <= cap:
                 stage_times[i] += n * (cm.per_layer_s(name, slot.tp, pe.b, mode)
                                        - cm.per_layer_s(name, slot.tp, pe.b, modes[i]))

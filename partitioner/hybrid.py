@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -33,7 +34,7 @@ import numpy as np
 from partitioner.bounds import Bounds, integer_bottleneck
 from partitioner.candidates import Candidate, PipeEval, hybrid_label, stage_layout
 from partitioner.costs import CostModel, tp_choices
-from partitioner.evaluate import evaluate_pipeline, interleavable, interleaved_twin
+from partitioner.evaluate import evaluate_pipeline, interleavable, interleaved_twin, stage_memories
 from partitioner.inputs import IslandSpec, SearchLimits
 from partitioner.pipeline_search import island_orders, stage_choices, stage_product, tail_floor_line
 from partitioner.replicas import BatchSplit, Envelope, envelope, split_batch
@@ -245,7 +246,8 @@ def _evaluate(cm: CostModel, layout: list, dp: int, b: int, v: int, at: tuple[in
         probe = evaluate_pipeline(cm, layout, dp, b, m=at[0] // dp, inflight_m=G, bound=at[1], v=v)
         if probe is None:
             return None
-        return evaluate_pipeline(cm, layout, dp, b, m=G, counts=probe.counts, inflight_m=G, v=v)
+        # the same stages at m = G: only the memory's steady state depends on m
+        return replace(probe, m=G, memory=stage_memories(cm, layout, probe.counts, probe.modes, dp, b, G, G, v))
     return evaluate_pipeline(cm, layout, dp, b, m=G, inflight_m=G, v=v)
 
 

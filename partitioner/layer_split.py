@@ -58,18 +58,25 @@ def _shift_index(L: int):
 
 
 def min_sum_split(times: np.ndarray, cap: float) -> Split | None:
-    """Among splits with every stage time <= cap, the one with the smallest total."""
+    """Among splits with every stage time <= cap, the one with the smallest total.
+
+    Only the first W columns can be taken (W: the most layers any stage holds within cap; the
+    rest are inf), so the dynamic program runs on those: the same sums and the same first-minimum
+    choices as over all L, at a fraction of the work on long pipelines."""
     P, L = times.shape
     ok = np.logical_and.accumulate(times <= cap, axis=1)
-    cost = np.where(ok, times, np.inf)
+    width = max(1, int(ok.sum(axis=1).max()))
+    cost = np.where(ok[:, :width], times[:, :width], np.inf)
     prev_index, valid = _shift_index(L)
+    prev_index, valid = prev_index[:, :width], valid[:, :width]
+    rows = np.arange(L + 1)
     best = np.full(L + 1, np.inf)
     best[0] = 0.0
     choices = []
     for i in range(P):
         cand = np.where(valid, best[prev_index], np.inf) + cost[i][None, :]
         arg = np.argmin(cand, axis=1)
-        best = cand[np.arange(L + 1), arg]
+        best = cand[rows, arg]
         choices.append(arg)
     if not np.isfinite(best[L]):
         return None
@@ -85,10 +92,27 @@ def min_sum_split(times: np.ndarray, cap: float) -> Split | None:
 
 
 def min_bottleneck(times: np.ndarray) -> float | None:
-    """The smallest achievable max stage time, or None if no split fits."""
+    """The smallest achievable max stage time, or None if no split fits.
+
+    Rows nondecreasing (the module's contract): a stage holds within C exactly its entries <= C,
+    so C is feasible once every first entry and L entries in all are <= C, and the answer is the
+    larger of the first column's max and the L-th smallest entry. Rows that break the contract
+    get the binary search over leading runs (`_min_bottleneck_search`)."""
     P, L = times.shape
     if P == 0 or P > L:
         return None
+    if L > 1 and not (times[:, 1:] >= times[:, :-1]).all():
+        return _min_bottleneck_search(times)
+    finite = times[np.isfinite(times)]
+    if finite.size < L or not np.isfinite(times[:, 0]).all():
+        return None
+    return float(max(np.partition(finite, L - 1)[L - 1], times[:, 0].max()))
+
+
+def _min_bottleneck_search(times: np.ndarray) -> float | None:
+    """min_bottleneck for any rows: binary search over the distinct finite entries, a stage holding
+    its leading run of entries within the bound."""
+    P, L = times.shape
     finite = times[np.isfinite(times)]
     if finite.size == 0:
         return None

@@ -174,28 +174,47 @@ def envelope(island: IslandSpec, b: int, options: list, units: int) -> Envelope:
 
 def _reach(envs: list, units: int, cap: float) -> list:
     """reach[k][u]: can the first k islands take exactly u micro-batches, each at least one,
-    with every step <= cap. Boolean convolutions, by FFT (counts are small integers)."""
+    with every step <= cap. Boolean convolutions, by FFT (counts are small integers); the first
+    is the first island's own shares (a convolution with reach[0], the single share 0)."""
     size = 1 << (2 * units + 1).bit_length()
     reach = [np.zeros(units + 1, dtype=bool)]
     reach[0][0] = True
-    for env in envs:
-        ok = env.step <= cap
+    for k, env in enumerate(envs):
+        ok = _within(env, units, cap)
+        if k == 0:
+            reach.append(ok)
+            continue
         conv = np.fft.irfft(np.fft.rfft(reach[-1], size) * np.fft.rfft(ok, size), size)[:units + 1]
         reach.append(conv > 0.5)
     return reach
+
+
+def _feasible(envs: list, units: int, cap: float) -> bool:
+    """_reach(envs, units, cap)[-1][units] without its last convolution: some share v of the last
+    island within cap with the others taking units - v."""
+    before = _reach(envs[:-1], units, cap)[-1]
+    return bool(np.any(before[::-1] & _within(envs[-1], units, cap)))
+
+
+def _within(env, units: int, cap: float) -> np.ndarray:
+    """ok[u]: the envelope takes u micro-batches (u = 0..units) within cap."""
+    ok = np.zeros(units + 1, dtype=bool)
+    step = env.step[:units + 1]
+    ok[:step.size] = step <= cap
+    return ok
 
 
 def split_batch(envs: list, units: int) -> BatchSplit | None:
     """The split of `units` micro-batches over the islands (each >= 1) that minimises the
     slowest island's step: binary search over the envelopes' values, exact feasibility."""
     values = np.unique(np.concatenate([e.step[np.isfinite(e.step)] for e in envs]))
-    if values.size == 0 or not _reach(envs, units, values[-1])[-1][units]:
+    if values.size == 0 or not _feasible(envs, units, values[-1]):
         return None
     lo = int(np.searchsorted(values, max(float(np.min(e.step)) for e in envs)))
     hi = values.size - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if _reach(envs, units, values[mid])[-1][units]:
+        if _feasible(envs, units, values[mid]):
             hi = mid
         else:
             lo = mid + 1
