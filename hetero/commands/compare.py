@@ -7,6 +7,7 @@ import json
 import math
 
 from hetero.commands.flags import add_job_files, number, whole
+from hetero.runner import KINDS
 
 
 def register(subparsers) -> None:
@@ -23,8 +24,10 @@ def register(subparsers) -> None:
     add_job_files(parser, ("model", "cluster"), defaults={"cluster": "emulated-mixed.yaml"},
                   described={"model": ("HF_DIR", "Hugging Face Llama directory (config.json + *.safetensors)")})
     parser.add_argument("--plan", metavar="FILE", help="plan JSON to run (default: the planner's best)")
-    parser.add_argument("--kind", choices=("auto", "pipeline", "replicas"), default="auto",
-                        help="without --plan: plan hetero-PP, hetero-DP or let the planner pick (default auto)")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="auto",   # the plan kinds `hetero run` trains
+                        help="without --plan: plan hetero-PP (pipeline), hetero-DP (replicas), hetero-DP of "
+                             "hetero-PP pipelines (hybrid: three islands or more) or let the planner pick "
+                             "(auto, the default); with --plan: the kind the plan must be")
     parser.add_argument("--local", action="store_true",
                         help="one process: the whole model as one stage on this host's CPU, no fleet")
     parser.add_argument("--out", metavar="DIR", help="keep the fleet run's files here (plan, logs, what each "
@@ -46,8 +49,8 @@ def run(args) -> int:
 
     common = dict(dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed, rtol=args.rtol)
     if args.local:
-        if args.cluster or args.plan or args.out:
-            raise UserError("--local runs in one process: --cluster, --plan and --out are for a fleet")
+        if args.cluster or args.plan or args.out or args.kind != "auto":
+            raise UserError("--local runs in one process: --cluster, --plan, --kind and --out are for a fleet")
         from hetero.compare.local import compare_local
 
         result = compare_local(args.model, **common)

@@ -20,6 +20,8 @@ from hetero.config import load_job
 from hetero.errors import UserError
 from hetero.model.hf import read_hf_config
 
+LAUNCHER_LOG = "launcher.log"     # there once the fleet was started: the scratch folder is kept for it on failure
+
 
 def compare_fleet(hf_dir: str, *, cluster: str | None = None, plan_file: str | None = None, dtype: str = "fp32",
                   batch: int = 2, seq_len: int | None = None, seed: int = 0, rtol: float | None = None,
@@ -30,18 +32,31 @@ def compare_fleet(hf_dir: str, *, cluster: str | None = None, plan_file: str | N
 
     config = read_hf_config(hf_dir)
     seq_len = min(config.seq_len, seq_len or 64)
-    if out is None:      # a scratch folder, kept only when the run fails (its logs say why)
+    if out is None:      # a scratch folder, kept only when the fleet's run fails (its logs say why)
         scratch = tempfile.mkdtemp(prefix="hetero-compare-")
-        result = compare_fleet(hf_dir, cluster=cluster, plan_file=plan_file, dtype=dtype, batch=batch,
-                               seq_len=seq_len, seed=seed, rtol=rtol, out=scratch, kind=kind)
+        try:
+            result = compare_fleet(hf_dir, cluster=cluster, plan_file=plan_file, dtype=dtype, batch=batch,
+                                   seq_len=seq_len, seed=seed, rtol=rtol, out=scratch, kind=kind)
+        except BaseException:
+            if not os.path.exists(os.path.join(scratch, LAUNCHER_LOG)):    # refused before any worker started
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
         shutil.rmtree(scratch, ignore_errors=True)
         return {**result, "run_dir": None}
     work = out
+    fresh = not os.path.exists(work)
     os.makedirs(work, exist_ok=True)
-    paths = _job_files(work, config, dtype, batch, seq_len, seed)
-    paths["cluster"] = cluster or runner.default_paths()["cluster"]
-    job = load_job(**paths).require("cluster", "model", "train")
-    plan = runner.choose_plan(job, plan_file, kind, say=lambda message: None)
+    try:
+        paths = _job_files(work, config, dtype, batch, seq_len, seed)
+        paths["cluster"] = cluster or runner.default_paths()["cluster"]
+        job = load_job(**paths).require("cluster", "model", "train")
+        # The run's own choice: a plan file checked against the job and --kind, else the planner's best
+        # of --kind (any kind the engine trains; --kind hybrid on fewer than three islands is one line).
+        plan = runner.choose_plan(job, plan_file, kind, say=lambda message: None)
+    except BaseException:
+        if fresh:        # refused before anything ran: leave no folder of ours behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     plan_path = os.path.join(work, "plan.json")
     with open(plan_path, "w", encoding="utf-8") as handle:
         handle.write(plan.to_json())
@@ -49,7 +64,7 @@ def compare_fleet(hf_dir: str, *, cluster: str | None = None, plan_file: str | N
     theirs = transformers_trace(hf_dir, dtype, tokens, labels)   # first: a missing transformers stops it early
     args = ["--plan", plan_path, "--hf", os.path.abspath(hf_dir), "--out", work]
     args += [arg for kind in ("cluster", "model", "train") for arg in (f"--{kind}", os.path.abspath(paths[kind]))]
-    log = os.path.join(work, "launcher.log")
+    log = os.path.join(work, LAUNCHER_LOG)
     with open(log, "a", encoding="utf-8") as handle:
         code = launch_fleet(job.cluster, plan_path, "-m hetero.compare.worker", args, run_dir=work,
                             stdout=handle, stderr=handle)
