@@ -202,7 +202,11 @@ def bubble_share(per_rank: dict, steady: list[dict]) -> float:
 
 
 def predicted_bubble_share(plan: dict) -> float:
-    """The same quantity from the plan: 1 - mean over ranks of (micro-batches x stage time) / step."""
+    """The same quantity from the plan: 1 - mean over ranks of (micro-batches x stage time) / step.
+    Each rank counts its own pipeline's micro-batches (replicas and hybrid plans give pipelines
+    different counts), and a pipeline that finishes before the slowest one is idle until the
+    gradient sum across them, as the measured bubble counts it (the tail). Not the plan's
+    breakdown.bubble_fraction: that is the slowest pipeline's 1F1B fill and drain alone."""
     m = {p["index"]: p["num_micro_batches"] for p in plan["pipelines"]}
     stages = {s["index"]: s for s in plan["stages"]}
     busy = [m[stages[r["stage"]]["pipeline"]] * stages[r["stage"]]["time_s"] for r in plan["ranks"]]
