@@ -22,6 +22,7 @@ class Bounds:
         self.last: dict = {}
         self.max_layers: dict = {}
         self.tails: dict = {}
+        self.stage_sets: dict = {}       # hybrid groups' stage-count rows by (caps, fits, small)
 
     def layer(self, island, t, b):
         key = (island.name, t, b)

@@ -357,10 +357,13 @@ class CostModel:
 
     def host_cost(self, island: str):
         """The island's chip's measured fixed host costs (all 0 without a profile that has them)."""
-        from partitioner.profile import NO_HOST_COST
-
         if self.profile is None:
-            return NO_HOST_COST
+            hit = self._cache.get("no host cost")
+            if hit is None:       # imported here: partitioner.profile imports this module
+                from partitioner.profile import NO_HOST_COST
+
+                hit = self._cache["no host cost"] = NO_HOST_COST
+            return hit
         return self.profile.host_cost(self._islands[island].chip.name)
 
     def stage_host_s(self, island: str) -> float:

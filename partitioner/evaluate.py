@@ -4,6 +4,7 @@ Everything the searches ask of a single pipeline goes through `evaluate_pipeline
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -25,6 +26,12 @@ def in_flight(P: int, i: int, v: int, mi: int) -> float:
     return peak_in_flight(P, i, v, -(-mi // P) * P) / v
 
 
+@functools.lru_cache(maxsize=4096)
+def in_flights(P: int, v: int, mi: int) -> tuple:
+    """in_flight of every stage of P (memoised: the searches ask for the same pipelines' shapes)."""
+    return tuple(in_flight(P, i, v, mi) for i in range(P))
+
+
 def interleavable(P: int, v: int, L: int) -> bool:
     """v chunks per stage need two stages or more and at least one layer per chunk."""
     return v == 1 or (P >= 2 and P * v <= L)
@@ -41,8 +48,8 @@ def stage_time_rows(cm: CostModel, layout: list, dp: int, b: int, mi: int, v: in
 def _time_matrix(cm: CostModel, layout: list, dp: int, b: int, mi: int, v: int) -> tuple[np.ndarray, list]:
     """stage_time_rows as one matrix (a row per stage), from the cost model's memoised rows."""
     P = len(layout)
-    entries = cm.stage_entries(b, dp, [(slot.island.name, slot.tp, i == 0, i == P - 1, in_flight(P, i, v, mi))
-                                       for i, slot in enumerate(layout)])
+    entries = cm.stage_entries(b, dp, [(slot.island.name, slot.tp, i == 0, i == P - 1, k)
+                                       for i, (slot, k) in enumerate(zip(layout, in_flights(P, v, mi)))])
     handoffs = bridge_handoffs(cm, layout)
     extra = [h + e for h, e in zip(handoffs, chunk_extras(cm, layout, v))] if v > 1 else handoffs
     times = np.vstack([entry[0] for entry in entries]) + np.array(extra)[:, None]
@@ -164,8 +171,7 @@ def stage_memories(cm, layout, counts, modes, dp, b, m, mi, v: int = 1) -> list:
     P = len(layout)
     memory = [0.0] * P
     steady, where = [], []
-    for i, (slot, n) in enumerate(zip(layout, counts)):
-        inflight = in_flight(P, i, v, mi)
+    for i, (slot, n, inflight) in enumerate(zip(layout, counts, in_flights(P, v, mi))):
         if m > inflight:
             steady.append((slot.island.name, slot.tp, i == 0, i == P - 1, inflight, modes[i], n))
             where.append(i)

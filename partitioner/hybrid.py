@@ -139,7 +139,10 @@ def group_configs(cm: CostModel, bounds: Bounds, group: tuple, b: int, limits: S
                 fits = [bounds.layers_fit(i, t, b, dp) for i, t in zip(order, ts)]
                 caps = [i.size // (t * dp) for i, t in zip(order, ts)]
                 if min(fits) >= 1 and min(caps) >= 1:
-                    arr = _stage_sets(caps, limits, small, L, fits, products)
+                    key = (tuple(caps), tuple(fits), small)
+                    arr = bounds.stage_sets.get(key)
+                    if arr is None:
+                        arr = bounds.stage_sets[key] = _stage_sets(caps, limits, small, L, fits, products)
                     rows.append(arr)
                     dps.extend([dp] * len(arr))
             if dps:

@@ -7,9 +7,10 @@ faster or smaller).
 
 `split_layers` is exact: it finds the smallest bottleneck C for which every
 stage can take at least one layer and the stages together can take all L
-(binary search over the distinct finite entries; feasibility is a row-wise
-count, O(P*L)), then, among splits whose every stage is within C, the one with
-the smallest sum of stage times (a min-plus dynamic program, O(P*L^2) vectorised).
+(the L-th smallest entry, or the largest first entry if larger: O(P*L)), then,
+among splits whose every stage is within C, the one with the smallest sum of stage
+times (a min-plus dynamic program, O(P*L*W) vectorised, W the most layers a stage
+holds within C).
 So it minimises (max_i T_i, sum_i T_i) lexicographically: the 1F1B step time
 (m-1)*max + sum for m >= 2, up to ties that only m = 1 would break.
 """
@@ -17,6 +18,7 @@ So it minimises (max_i T_i, sum_i T_i) lexicographically: the 1F1B step time
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,50 +44,40 @@ def _capacities(times: np.ndarray, cap: float) -> np.ndarray:
     return ok.sum(axis=1)
 
 
-_INDEX_CACHE: dict = {}
-
-
-def _shift_index(L: int):
-    hit = _INDEX_CACHE.get(L)
-    if hit is None:
-        k = np.arange(L + 1)[:, None]
-        n = np.arange(1, L + 1)[None, :]
-        prev = k - n
-        valid = prev >= 0
-        hit = (np.where(valid, prev, 0), valid)
-        _INDEX_CACHE[L] = hit
-    return hit
-
-
 def min_sum_split(times: np.ndarray, cap: float) -> Split | None:
     """Among splits with every stage time <= cap, the one with the smallest total.
 
-    Only the first W columns can be taken (W: the most layers any stage holds within cap; the
-    rest are inf), so the dynamic program runs on those: the same sums and the same first-minimum
-    choices as over all L, at a fraction of the work on long pipelines."""
+    A min-plus dynamic program over the stages: best_i[k], the least total of the first i stages
+    holding k layers, is min over n of best_{i-1}[k - n] + times[i, n - 1] for the n within cap
+    (at most W, the most any stage holds within cap: one shifted add per n, no L x L matrix).
+    The choices are recovered walking back from k = L, each stage taking the smallest n that
+    attains its minimum (the same sums, so the same split as costing every n of every stage)."""
     P, L = times.shape
     ok = np.logical_and.accumulate(times <= cap, axis=1)
-    width = max(1, int(ok.sum(axis=1).max()))
-    cost = np.where(ok[:, :width], times[:, :width], np.inf)
-    prev_index, valid = _shift_index(L)
-    prev_index, valid = prev_index[:, :width], valid[:, :width]
-    rows = np.arange(L + 1)
-    best = np.full(L + 1, np.inf)
-    best[0] = 0.0
-    choices = []
+    caps = ok.sum(axis=1).tolist()
+    W = max([1] + caps)
+    cost = np.where(ok[:, :W], times[:, :W], np.inf).tolist()
+    # B[i, W + k] = best_i[k]; the W leading infs stand for k < 0
+    B = np.full((P + 1, W + L + 1), np.inf)
+    B[0, W] = 0.0
     for i in range(P):
-        cand = np.where(valid, best[prev_index], np.inf) + cost[i][None, :]
-        arg = np.argmin(cand, axis=1)
-        best = cand[rows, arg]
-        choices.append(arg)
-    if not np.isfinite(best[L]):
+        prev, out, row = B[i], B[i + 1, W:], cost[i]
+        np.add(prev[W - 1:W + L], row[0], out=out)
+        for j in range(1, caps[i]):
+            np.minimum(out, prev[W - 1 - j:W + L - j] + row[j], out=out)
+    if not B[P, W + L] < np.inf:
         return None
     counts = []
     k = L
     for i in range(P - 1, -1, -1):
-        n = int(choices[i][k]) + 1
-        counts.append(n)
-        k -= n
+        prev, row = B[i, k:W + k].tolist(), cost[i]        # prev[W - n] = best_{i-1}[k - n]
+        best, pick = math.inf, 1
+        for n in range(1, min(W, k) + 1):
+            total = prev[W - n] + row[n - 1]
+            if total < best:
+                best, pick = total, n
+        counts.append(pick)
+        k -= pick
     counts.reverse()
     stage = [float(times[i, n - 1]) for i, n in enumerate(counts)]
     return Split(tuple(counts), max(stage), float(sum(stage)))
