@@ -23,6 +23,14 @@ class Bounds:
         self.max_layers: dict = {}
         self.tails: dict = {}
         self.stage_sets: dict = {}       # hybrid groups' stage-count rows by (caps, fits, small)
+        self.sizes: dict = {}            # chips per island, by name
+
+    def size(self, island) -> int:
+        """The island's chips (memoised: IslandSpec.size sums its nodes at every call)."""
+        hit = self.sizes.get(island.name)
+        if hit is None:
+            hit = self.sizes[island.name] = island.size
+        return hit
 
     def layer(self, island, t, b):
         key = (island.name, t, b)
@@ -65,7 +73,7 @@ def group_floors(cm, bounds, order, ts, b: int, dps: np.ndarray, bridge: float, 
     taus = np.array([bounds.layer(i, t, b) for i, t in zip(order, ts)])
     e_first = bounds.first[(order[0].name, ts[0], b)]
     e_last = bounds.last[(order[-1].name, ts[-1], b)]
-    sizes = np.array([i.size for i in order])
+    sizes = np.array([bounds.size(i) for i in order])
     stages = sizes[None, :] // (np.array(ts)[None, :] * dps[:, None])
     inv = stages @ (1.0 / taus)
     with np.errstate(divide="ignore"):

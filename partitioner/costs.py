@@ -1,7 +1,7 @@
 """Cost model: FLOPs, bytes, memory and communication time of a Llama-style decoder.
 
 Everything is per chip and per micro-batch unless a name says otherwise. The prices of
-operations live here, in one module of ~560 lines on purpose: every formula below shares this
+operations live here, in one module of ~690 lines on purpose: every formula below shares this
 docstring's notation and derivations (counts, memory phases, op times and links all use b, s, h,
 t, e and N as defined here, and the memory phases follow the engine's allocations step by step),
 and the CostModel that memoises them is what the search modules ask (partitioner/evaluate.py).
@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -437,6 +438,46 @@ class CostModel:
                                 largest, 0 if fused else REFERENCE_ADAMW_TEMPS, staged_gather=not fused)
         return float(peak) if np.ndim(peak) == 0 else peak
 
+    def stage_memory_many(self, t: int, b: int, dp: int, island: str, n_layers: Sequence, first: Sequence,
+                          last: Sequence, inflight: Sequence, modes: Sequence) -> list[float]:
+        """stage_memory (micro_batches None) of several stages of one island and TP in one
+        vectorised pass: per stage its layers, place, in-flight count and mode."""
+        m, fused = self.model, self._fused(island)
+        one = len(set(modes)) == 1
+        kinds = list(modes)[:1] if one else list(modes)
+        act = [activation_bytes(m, t, b, self.dtype, mode, fused) for mode in kinds]
+        bwd = [backward_work_bytes(m, t, b, self.dtype, mode, fused) for mode in kinds]
+        n = np.array(n_layers, dtype=np.float64)
+        peak = self._peak_bytes(t, b, dp, island, n, np.array(first, dtype=bool), np.array(last, dtype=bool),
+                                np.array(inflight, dtype=np.float64), act[0] if one else np.array(act),
+                                bwd[0] if one else np.array(bwd))
+        return np.broadcast_to(peak, n.shape).tolist()
+
+    def _peak_bytes(self, t: int, b: int, dp: int, island: str, n, firsts, lasts, inflight, act, work_bytes):
+        """stage_memory's arithmetic (micro_batches None), element by element the same, over arrays
+        that broadcast: layers n, places (boolean firsts, lasts: a place's terms selected, not added
+        as zeros), in-flight counts, and a layer's activation and backward bytes in its mode."""
+        m, e = self.model, self.e
+        fused = self._fused(island)
+        params = n * self.layer_params / t
+        if firsts.any():
+            params = np.where(firsts, params + self.first_static_params(t), params)
+        if lasts.any():
+            params = np.where(lasts, params + self.last_static_params(t), params)
+        per_mb = n * act
+        if firsts.any():
+            per_mb = np.where(firsts, per_mb + e * b * m.seq_len * m.hidden, per_mb)
+        work = np.where(n > 0, work_bytes, 0.0)
+        if lasts.any():
+            work = np.where(lasts, np.maximum(work, self.last_transient_bytes(t, b)), work)
+        largest = max(m.hidden * m.ffn_hidden, m.hidden * m.hidden, 0) / t
+        ends = firsts | lasts
+        if ends.any():
+            largest = np.where(ends, max(m.hidden * m.ffn_hidden, m.hidden * m.hidden, m.vocab * m.hidden) / t,
+                               largest)  # type: ignore[assignment]
+        return optimizer_phases(params, e, dp if self.zero1(dp) else 1, per_mb, work, inflight, True, largest,
+                                0 if fused else REFERENCE_ADAMW_TEMPS, staged_gather=not fused)
+
     # -- one stage row for the layer split -------------------------------------
 
     def stage_row(self, island: str, t: int, b: int, dp: int, *, first: bool, last: bool,
@@ -448,44 +489,39 @@ class CostModel:
     def steady_memories(self, b: int, dp: int, stages: list) -> list[float]:
         """stage_memory of stages [(island, t, first, last, inflight, mode, n)] with gradients and
         every in-flight micro-batch together (micro_batches None): looked up in the memory rows
-        stage_rows kept beside a stage's time row, or in those costed here before, the rest costed
-        in one vectorised call per (island, t, first, last, mode). Each is its own element of the
-        same arithmetic, so a stage's bytes do not depend on which stages it is costed with."""
+        stage_rows kept beside a stage's time row, the others costed in one pass per island and TP
+        (stage_memory_many). Each is its own element of the same arithmetic, so a stage's bytes
+        do not depend on which stages it is costed with."""
         cache = self._cache
         out: list[float] = []
         todo: dict = {}
         for j, (name, t, first, last, k, mode, n) in enumerate(stages):
             row = cache.get(("row", name, t, b, dp, first, last, k))
             mem = row[2].get(mode) if row is not None else None
-            if mem is not None:
-                out.append(float(mem[n - 1]))
+            if mem is not None and row is not None:
+                out.append(float(mem[row[3], n - 1]))
                 continue
-            hit = cache.get(("memory", name, t, b, dp, first, last, k, mode, n))
-            out.append(0.0 if hit is None else hit)
-            if hit is None:
-                todo.setdefault((name, t, first, last, mode), []).append((j, n, k))
-        for (name, t, first, last, mode), rows in todo.items():
-            idx, ns, ks = zip(*rows)
-            got = self.stage_memory(t, b, dp, np.array(ns, dtype=np.float64), first=first, last=last,
-                                    inflight=np.array(ks, dtype=np.float64), mode=mode, island=name)
-            for j, n, k, value in zip(idx, ns, ks, np.atleast_1d(got).tolist()):
+            out.append(0.0)
+            todo.setdefault((name, t), []).append((j, n, first, last, k, mode))
+        for (name, t), rows in todo.items():
+            idx, ns, firsts, lasts, ks, modes = zip(*rows)
+            for j, value in zip(idx, self.stage_memory_many(t, b, dp, name, ns, firsts, lasts, ks, modes)):
                 out[j] = value
-                cache[("memory", name, t, b, dp, first, last, k, mode, n)] = value
         return out
 
     def stage_entries(self, b: int, dp: int, stages: list) -> list:
-        """[(row, pick, memory rows by mode)] of stages [(island, t, first, last, inflight)] (a
-        pipeline's, in order): stage_row's and steady_memory's, those not cached yet costed in one
-        pass per (island, t, first, last)."""
+        """[(row, pick, memory rows by mode, the stage's index in them)] of stages [(island, t, first,
+        last, inflight)] (a pipeline's, in order): stage_row's and steady_memories' numbers, those not
+        cached yet costed in one pass per island and TP."""
         cache = self._cache
         out = [cache.get(("row", name, t, b, dp, first, last, k)) for name, t, first, last, k in stages]
         missing: dict = {}
         for (name, t, first, last, k), hit in zip(stages, out):
             if hit is None:
-                missing.setdefault((name, t, first, last), []).append(k)
+                missing.setdefault((name, t), []).append((first, last, k))
         if missing:
-            for (name, t, first, last), ks in missing.items():
-                self.stage_rows(name, t, b, dp, first=first, last=last, inflights=ks)
+            for (name, t), specs in missing.items():
+                self._fill_rows(name, t, b, dp, specs)
             out = [cache[("row", name, t, b, dp, first, last, k)] for name, t, first, last, k in stages]
         return out
 
@@ -501,30 +537,40 @@ class CostModel:
         """Fill the cache with `stage_row` for several in-flight counts in one pass (a column of
         counts against the row of layer counts): a pipeline's stages differ only in that. Each
         mode's memory row is kept beside it (`steady_memories`)."""
-        todo = sorted({k for k in inflights if ("row", island, t, b, dp, first, last, k) not in self._cache})
+        self._fill_rows(island, t, b, dp, [(first, last, k) for k in inflights])
+
+    def _fill_rows(self, island: str, t: int, b: int, dp: int, specs) -> None:
+        """stage_rows for stages [(first, last, inflight)] of one island and TP, whatever their
+        places: a row each, the places' terms selected per row (CostModel._peak_bytes)."""
+        todo = sorted({tuple(spec) for spec in specs if ("row", island, t, b, dp) + tuple(spec) not in self._cache})
         if not todo:
             return
-        L = self.model.layers
+        L, m, fused = self.model.layers, self.model, self._fused(island)
         n = np.arange(1, L + 1, dtype=np.float64)
-        ks = np.array(todo, dtype=np.float64)[:, None]
+        firsts = np.array([spec[0] for spec in todo], dtype=bool)[:, None]
+        lasts = np.array([spec[1] for spec in todo], dtype=bool)[:, None]
+        ks = np.array([spec[2] for spec in todo], dtype=np.float64)[:, None]
         cap = self.capacity(island)
-        extra = (self.first_extra_s(island, t, b) if first else 0.0) + (self.last_extra_s(island, t, b) if last else 0.0)
+        extra = (np.where(firsts, self.first_extra_s(island, t, b), 0.0)
+                 + np.where(lasts, self.last_extra_s(island, t, b), 0.0))
         extra += self.stage_host_s(island)
         best = np.full((len(todo), L), np.inf)
         choice = np.full((len(todo), L), -1, dtype=np.int64)
-        mems: list[dict] = [{} for _ in todo]
+        mems: dict = {}           # mode -> memory at every (stage of todo, n)
         for index, mode in enumerate(RECOMPUTE_MODES):
             if mode not in self.train.recompute_modes:
                 continue
-            mem = self.stage_memory(t, b, dp, n, first=first, last=last, inflight=ks, mode=mode, island=island)
+            mem = self._peak_bytes(t, b, dp, island, n, firsts, lasts, ks,
+                                   activation_bytes(m, t, b, self.dtype, mode, fused),
+                                   backward_work_bytes(m, t, b, self.dtype, mode, fused))
+            mem = np.broadcast_to(mem, best.shape)
             time = extra + n * self.per_layer_s(island, t, b, mode)
             ok = (mem <= cap) & (time < best)
             best = np.where(ok, time, best)
             choice = np.where(ok, index, choice)
-            for j in range(len(todo)):
-                mems[j][mode] = mem[j]
-        for j, k in enumerate(todo):
-            self._cache[("row", island, t, b, dp, first, last, k)] = (best[j], choice[j], mems[j])
+            mems[mode] = mem
+        for j, spec in enumerate(todo):
+            self._cache[("row", island, t, b, dp) + spec] = (best[j], choice[j], mems, j)
 
     def best_layer_s(self, island: str, t: int, b: int) -> float:
         """Fastest per-layer time of any allowed mode (for lower bounds)."""

@@ -165,32 +165,25 @@ def tail_parts(cm, layout, dp, counts, stage_times, boundary, v: int) -> tuple[f
     return exposed_reduce_s(stage_times, boundary, v, hidden, chunked=cm.e >= 4), after, whole
 
 
-def stage_memories(cm, layout, counts, modes, dp, b, m, mi, v: int = 1) -> list:
+def stage_memories(cm, layout, counts, modes, dp, b, m, mi, v: int = 1, at: tuple | None = None) -> list:
     """Each stage's peak bytes per chip: the steady-state stages (m above their in-flight count)
-    through CostModel.steady_memories (memoised, vectorised), the others one by one."""
-    P = len(layout)
-    memory = [0.0] * P
+    through CostModel.steady_memories (looked up or vectorised), the others one by one. `at`
+    (places, P): the stages are those places of a pipeline of P stages (all of it if None)."""
+    places, P = at if at is not None else (range(len(layout)), len(layout))
+    ks = in_flights(P, v, mi)
+    memory = [0.0] * len(layout)
     steady, where = [], []
-    for i, (slot, n, inflight) in enumerate(zip(layout, counts, in_flights(P, v, mi))):
+    for j, (i, slot, n) in enumerate(zip(places, layout, counts)):
+        inflight = ks[i]
         if m > inflight:
-            steady.append((slot.island.name, slot.tp, i == 0, i == P - 1, inflight, modes[i], n))
-            where.append(i)
+            steady.append((slot.island.name, slot.tp, i == 0, i == P - 1, inflight, modes[j], n))
+            where.append(j)
         else:
-            memory[i] = cm.stage_memory(slot.tp, b, dp, n, first=i == 0, last=i == P - 1, inflight=inflight,
-                                        mode=modes[i], island=slot.island.name, micro_batches=m)
-    for i, value in zip(where, cm.steady_memories(b, dp, steady)):
-        memory[i] = value
+            memory[j] = cm.stage_memory(slot.tp, b, dp, n, first=i == 0, last=i == P - 1, inflight=inflight,
+                                        mode=modes[j], island=slot.island.name, micro_batches=m)
+    for j, value in zip(where, cm.steady_memories(b, dp, steady)):
+        memory[j] = value
     return memory
-
-
-def _stage_memory(cm, slot, dp: int, b: int, n: int, i: int, P: int, inflight: float, mode: str, m: int) -> float:
-    """Stage i of P (at `slot`, n layers, `inflight` micro-batches' activations at its peak, m
-    micro-batches per step) in `mode`: its peak bytes per chip, as stage_memories costs it."""
-    first, last = i == 0, i == P - 1
-    if m > inflight:
-        return cm.steady_memories(b, dp, [(slot.island.name, slot.tp, first, last, inflight, mode, n)])[0]
-    return cm.stage_memory(slot.tp, b, dp, n, first=first, last=last, inflight=inflight, mode=mode,
-                           island=slot.island.name, micro_batches=m)
 
 
 def evaluate_uniform(cm: CostModel, layout: list, dp: int, b: int, m: int, counts: tuple, mode: str) -> PipeEval | None:
@@ -224,20 +217,28 @@ def interleaved_twin(cm: CostModel, pe: PipeEval, v: int) -> PipeEval | None:
     stage_times = [t + e for t, e in zip(pe.stage_times, extra)]
     modes = list(pe.modes)
     memory = stage_memories(cm, pe.layout, pe.counts, pe.modes, pe.dp, pe.b, pe.m, pe.m, v)
-    for i, (slot, n) in enumerate(zip(pe.layout, pe.counts)):
-        name, cap = slot.island.name, cm.capacity(slot.island.name)
-        if memory[i] <= cap:
-            continue
-        later = RECOMPUTE_MODES[RECOMPUTE_MODES.index(modes[i]) + 1:]
-        for mode in (x for x in later if x in cm.train.recompute_modes):
-            need = _stage_memory(cm, slot, pe.dp, pe.b, n, i, P, in_flight(P, i, v, pe.m), mode, pe.m)
-            if need <= cap:
+    # each stage over its memory tries the later allowed modes in order, the first that fits kept;
+    # the stages try theirs side by side (one costing per round)
+    left = {}
+    for i, slot in enumerate(pe.layout):
+        if memory[i] > cm.capacity(slot.island.name):
+            later = RECOMPUTE_MODES[RECOMPUTE_MODES.index(modes[i]) + 1:]
+            left[i] = [x for x in later if x in cm.train.recompute_modes]
+    while left:
+        if not all(left.values()):
+            return None
+        tries = [(i, tried.pop(0)) for i, tried in left.items()]
+        needs = stage_memories(cm, [pe.layout[i] for i, _ in tries], [pe.counts[i] for i, _ in tries],
+                               [mode for _, mode in tries], pe.dp, pe.b, pe.m, pe.m, v,
+                               at=([i for i, _ in tries], P))
+        for (i, mode), need in zip(tries, needs):
+            slot, n = pe.layout[i], pe.counts[i]
+            name = slot.island.name
+            if need <= cm.capacity(name):
                 stage_times[i] += n * (cm.per_layer_s(name, slot.tp, pe.b, mode)
                                        - cm.per_layer_s(name, slot.tp, pe.b, modes[i]))
                 modes[i], memory[i] = mode, need
-                break
-        else:
-            return None
+                del left[i]
     return replace(pe, stage_times=stage_times, memory=memory, modes=tuple(modes), v=v,
                    wrap=wrap_hop(cm, pe.layout, pe.dp, pe.b),
                    tail=step_tail(cm, pe.layout, pe.dp, pe.counts, stage_times, pe.boundary, v))

@@ -133,11 +133,12 @@ def group_configs(cm: CostModel, bounds: Bounds, group: tuple, b: int, limits: S
     out: list[GroupConfig] = []
     products: dict = {}
     for order in orders:
+        sizes = [i.size for i in order]
         for ts in _tp_combos(order, tps_hint, cm.model, small):
             rows, dps = [], []
-            for dp in _dp_choices(min(i.size // t for i, t in zip(order, ts)), small):
+            for dp in _dp_choices(min(n // t for n, t in zip(sizes, ts)), small):
                 fits = [bounds.layers_fit(i, t, b, dp) for i, t in zip(order, ts)]
-                caps = [i.size // (t * dp) for i, t in zip(order, ts)]
+                caps = [n // (t * dp) for n, t in zip(sizes, ts)]
                 if min(fits) >= 1 and min(caps) >= 1:
                     key = (tuple(caps), tuple(fits), small)
                     arr = bounds.stage_sets.get(key)

@@ -124,7 +124,7 @@ def _pp_groups(cm: CostModel, fleet: FleetSpec, limits: SearchLimits, bounds: Bo
     for order in island_orders(fleet.islands, limits):
         bridge_lb = [2.0 * (len(order) - 1) * (cm.bridge_latency + b * nbytes / cm.bridge_bandwidth) for b in bs]
         for ts in itertools.product(*[tps[i.name] for i in order]):
-            max_dp = min(i.size // t for i, t in zip(order, ts))
+            max_dp = min(bounds.size(i) // t for i, t in zip(order, ts))
             for bi, b in enumerate(bs):
                 dps = divs[(divs <= max_dp) & ((G // divs) % b == 0)]
                 if dps.size == 0:
@@ -147,7 +147,7 @@ def _group_configs(cm, bounds, limits, *, small: bool, products: dict, group: Gr
         return None
     taus = [bounds.layer(i, t, b) for i, t in zip(order, ts)]
     e_first, e_last = bounds.first[(order[0].name, ts[0], b)], bounds.last[(order[-1].name, ts[-1], b)]
-    choices = tuple(tuple(stage_choices(i.size // (t * dp), limits, small)) for i, t in zip(order, ts))
+    choices = tuple(tuple(stage_choices(bounds.size(i) // (t * dp), limits, small)) for i, t in zip(order, ts))
     arr = stage_product(choices, products)
     P = arr.sum(axis=1)
     ok = (P <= L) & (arr @ np.array(fits, dtype=np.int64) >= L)
