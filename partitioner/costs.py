@@ -489,9 +489,9 @@ class CostModel:
     def steady_memories(self, b: int, dp: int, stages: list) -> list[float]:
         """stage_memory of stages [(island, t, first, last, inflight, mode, n)] with gradients and
         every in-flight micro-batch together (micro_batches None): looked up in the memory rows
-        stage_rows kept beside a stage's time row, the others costed in one pass per island and TP
-        (stage_memory_many). Each is its own element of the same arithmetic, so a stage's bytes
-        do not depend on which stages it is costed with."""
+        stage_rows kept beside a stage's time row or among those costed here before, the others in
+        one pass per island and TP (stage_memory_many). Each is its own element of the same
+        arithmetic, so a stage's bytes do not depend on which stages it is costed with."""
         cache = self._cache
         out: list[float] = []
         todo: dict = {}
@@ -501,12 +501,15 @@ class CostModel:
             if mem is not None and row is not None:
                 out.append(float(mem[row[3], n - 1]))
                 continue
-            out.append(0.0)
-            todo.setdefault((name, t), []).append((j, n, first, last, k, mode))
+            key = ("memory", name, t, b, dp, first, last, k, mode, n)
+            hit = cache.get(key)
+            out.append(0.0 if hit is None else hit)
+            if hit is None:
+                todo.setdefault((name, t), []).append((j, n, first, last, k, mode, key))
         for (name, t), rows in todo.items():
-            idx, ns, firsts, lasts, ks, modes = zip(*rows)
-            for j, value in zip(idx, self.stage_memory_many(t, b, dp, name, ns, firsts, lasts, ks, modes)):
-                out[j] = value
+            idx, ns, firsts, lasts, ks, modes, keys = zip(*rows)
+            for j, key, value in zip(idx, keys, self.stage_memory_many(t, b, dp, name, ns, firsts, lasts, ks, modes)):
+                out[j] = cache[key] = value
         return out
 
     def stage_entries(self, b: int, dp: int, stages: list) -> list:
