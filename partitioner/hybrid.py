@@ -165,16 +165,18 @@ def _config_bounds(cm: CostModel, bounds: Bounds, order, ts, b: int, arr: np.nda
     cycle = np.maximum((L + e_first / taus[0] + e_last / taus[-1]) / (arr @ (1.0 / taus)),
                        max(e_first + taus[0], e_last + taus[-1], float(taus.max())))
     host = np.array([cm.stage_host_s(i.name) for i in order])
-    per_dp = {}
-    for dp in np.unique(dp_col).tolist():
+    per_dp = []                                     # per distinct DP degree, gathered per row below
+    dps, which = np.unique(dp_col, return_inverse=True)
+    for dp in dps.tolist():
         hop_bridge, hop_inside = _hop_floors(cm, bounds.tails, order, ts, dp, b)
-        per_dp[dp] = (hop_bridge, hop_inside, [tail_floor_line(bounds, i, t, dp) for i, t in zip(order, ts)])
-    rows = [per_dp[d] for d in dp_col.tolist()]
-    bridges = np.array([r[0] for r in rows])
-    insides = np.array([r[1] for r in rows])
-    lines = np.array([r[2] for r in rows])          # rows x islands x (a, c)
+        per_dp.append((hop_bridge, hop_inside, [tail_floor_line(bounds, i, t, dp) for i, t in zip(order, ts)],
+                       _end_tails(cm, bounds, order, ts, dp)))
+    which = which.reshape(-1)
+    bridges = np.array([r[0] for r in per_dp])[which]
+    insides = np.array([r[1] for r in per_dp]).reshape(len(per_dp), -1)[which]
+    lines = np.array([r[2] for r in per_dp]).reshape(len(per_dp), -1, 2)[which]    # rows x islands x (a, c)
     middle = (-(-L // P)[:, None] * lines[:, :, 0] + lines[:, :, 1]).min(axis=1)
-    ends = np.array([_end_tails(cm, bounds, order, ts, d) for d in dp_col.tolist()]).reshape(-1, 2)
+    ends = np.array([r[3] for r in per_dp]).reshape(-1, 2)[which]
     tail = ends[:, 0] + np.maximum(middle, ends[:, 1])
     fill = (arr @ (taus + host) + (L - P) * taus.min() + e_first + e_last + 2.0 * bridges
             + 2.0 * ((arr - 1) * insides).sum(axis=1) + tail)
