@@ -173,8 +173,8 @@ def _config_bounds(cm: CostModel, bounds: Bounds, order, ts, b: int, arr: np.nda
                        _end_tails(cm, bounds, order, ts, dp)))
     which = which.reshape(-1)
     bridges = np.array([r[0] for r in per_dp])[which]
-    insides = np.array([r[1] for r in per_dp]).reshape(len(per_dp), -1)[which]
-    lines = np.array([r[2] for r in per_dp]).reshape(len(per_dp), -1, 2)[which]    # rows x islands x (a, c)
+    insides = np.array([r[1] for r in per_dp]).reshape((len(per_dp), -1))[which]
+    lines = np.array([r[2] for r in per_dp]).reshape((len(per_dp), -1, 2))[which]    # rows x islands x (a, c)
     middle = (-(-L // P)[:, None] * lines[:, :, 0] + lines[:, :, 1]).min(axis=1)
     ends = np.array([r[3] for r in per_dp]).reshape(-1, 2)[which]
     tail = ends[:, 0] + np.maximum(middle, ends[:, 1])
