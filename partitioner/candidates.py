@@ -35,6 +35,8 @@ class PipeEval:
     sources: list
     v: int = 1                       # model chunks per stage (interleaved 1F1B when > 1)
     wrap: float = 0.0                # last stage -> first stage, per crossing (v > 1 goes round)
+    # evaluate.stage_tail_parts of its layout and counts (None: not kept), for its interleaved twins
+    tail_parts: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def cycle(self) -> float:

@@ -138,23 +138,34 @@ def boundaries(cm, layout, dp, b) -> list:
 
 def _finish(cm, layout, dp, b, m, counts, modes, stage_times, mi, v: int = 1) -> PipeEval:
     boundary = boundaries(cm, layout, dp, b)
-    tail = step_tail(cm, layout, dp, counts, stage_times, boundary, v)
+    parts = stage_tail_parts(cm, layout, dp, counts)
+    tail = step_tail(cm, layout, dp, counts, stage_times, boundary, v, parts)
     sources = [cm.layer_cost(slot.island.name, slot.tp, b).source for slot in layout]
     memory = stage_memories(cm, layout, counts, modes, dp, b, m, mi, v)
     wrap = wrap_hop(cm, layout, dp, b) if v > 1 else 0.0
-    return PipeEval(layout, dp, b, m, counts, modes, stage_times, boundary, tail, memory, sources, v, wrap)
+    return PipeEval(layout, dp, b, m, counts, modes, stage_times, boundary, tail, memory, sources, v, wrap,
+                    tail_parts=parts)
 
 
-def step_tail(cm, layout, dp, counts, stage_times, boundary, v: int) -> float:
+def step_tail(cm, layout, dp, counts, stage_times, boundary, v: int, parts: tuple | None = None) -> float:
     """The step's tail after the pipeline's last backward: the part of the stages' DP reductions
     the backward does not hide (schedule_time.exposed_reduce_s), then the slowest update (with
-    ZeRO-1's all-gather); the fleet-wide norm between them joins the stages."""
-    return sum(tail_parts(cm, layout, dp, counts, stage_times, boundary, v)[:2])
+    ZeRO-1's all-gather); the fleet-wide norm between them joins the stages. `parts`: the
+    stages' stage_tail_parts when known (an interleaved twin has its plain pipeline's)."""
+    return sum(tail_parts(cm, layout, dp, counts, stage_times, boundary, v, parts)[:2])
 
 
-def tail_parts(cm, layout, dp, counts, stage_times, boundary, v: int) -> tuple[float, float, float]:
+def tail_parts(cm, layout, dp, counts, stage_times, boundary, v: int,
+               parts: tuple | None = None) -> tuple[float, float, float]:
     """(exposed DP reduction, update with ZeRO-1's all-gather, the slowest stage's whole DP reduction)
     seconds of the step's tail (`step_tail` is the first two's sum)."""
+    hidden, after, whole = parts if parts is not None else stage_tail_parts(cm, layout, dp, counts)
+    return exposed_reduce_s(stage_times, boundary, v, hidden, chunked=cm.e >= 4), after, whole
+
+
+def stage_tail_parts(cm, layout, dp, counts) -> tuple[list, float, float]:
+    """What the tail takes from the stages whatever the schedule: each stage's overlappable DP
+    reduction, the slowest update (with ZeRO-1's all-gather), the slowest whole reduction."""
     P = len(layout)
     hidden, after, whole = [], 0.0, 0.0
     for i, ((island, t, off), n) in enumerate(zip(layout, counts)):
@@ -162,7 +173,7 @@ def tail_parts(cm, layout, dp, counts, stage_times, boundary, v: int) -> tuple[f
         hidden.append(overlapped)
         after = max(after, gather + update)
         whole = max(whole, overlapped + gather)
-    return exposed_reduce_s(stage_times, boundary, v, hidden, chunked=cm.e >= 4), after, whole
+    return hidden, after, whole
 
 
 def stage_memories(cm, layout, counts, modes, dp, b, m, mi, v: int = 1, at: tuple | None = None) -> list:
@@ -241,4 +252,4 @@ def interleaved_twin(cm: CostModel, pe: PipeEval, v: int) -> PipeEval | None:
                 del left[i]
     return replace(pe, stage_times=stage_times, memory=memory, modes=tuple(modes), v=v,
                    wrap=wrap_hop(cm, pe.layout, pe.dp, pe.b),
-                   tail=step_tail(cm, pe.layout, pe.dp, pe.counts, stage_times, pe.boundary, v))
+                   tail=step_tail(cm, pe.layout, pe.dp, pe.counts, stage_times, pe.boundary, v, pe.tail_parts))
