@@ -1,7 +1,7 @@
 """Cost model: FLOPs, bytes, memory and communication time of a Llama-style decoder.
 
 Everything is per chip and per micro-batch unless a name says otherwise. The prices of
-operations live here, in one module of ~690 lines on purpose: every formula below shares this
+operations live here, in one module of ~700 lines on purpose: every formula below shares this
 docstring's notation and derivations (counts, memory phases, op times and links all use b, s, h,
 t, e and N as defined here, and the memory phases follow the engine's allocations step by step),
 and the CostModel that memoises them is what the search modules ask (partitioner/evaluate.py).
@@ -601,9 +601,17 @@ class CostModel:
         per_node = max(1, min(dp, max(1, src.smallest_node // max(1, t_src))))
         if src.name != dst.name:
             return self.bridge_latency + per_node * nbytes / self.bridge_bandwidth + self.staging_s(src, dst, nbytes)
-        if src.node_of(src_offset) == dst.node_of(dst_offset):
+        if self._node(src, src_offset) == self._node(dst, dst_offset):
             return self.fleet.intra_node_latency + per_node * nbytes / src.chip.intra_node_bandwidth
         return self.fleet.inter_node_latency + per_node * nbytes / self.fleet.inter_node_bandwidth
+
+    def _node(self, island: IslandSpec, rank: int) -> int:
+        """island.node_of(rank), memoised (it sums the island's nodes at every call)."""
+        key = ("node", id(island), rank)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = (island.node_of(rank), island)
+        return hit[0]
 
     def dp_allreduce_s(self, island: IslandSpec, offset: int, t: int, dp: int, params_per_chip: float) -> float:
         """Gradient all-reduce (or reduce-scatter + all-gather under ZeRO-1) of one stage.
@@ -613,7 +621,7 @@ class CostModel:
         if dp <= 1:
             return 0.0
         nbytes = params_per_chip * GRAD_REDUCE_BYTES
-        nodes = island.nodes_spanned(offset, t * dp)
+        nodes = self._node(island, offset + t * dp - 1) - self._node(island, offset) + 1   # nodes_spanned
         if nodes <= 1:
             return ring_allreduce_s(nbytes, dp, island.chip.intra_node_bandwidth, self.fleet.intra_node_latency)
         local = max(1, dp // nodes)
