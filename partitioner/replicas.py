@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from partitioner.bounds import Bounds
+from partitioner.bounds import Bounds, interleaved_bound
 from partitioner.candidates import Candidate, PipeEval, label_pp, replica_label, stage_layout
 from partitioner.costs import CostModel, divisors, tp_choices
 from partitioner.evaluate import evaluate_pipeline, interleavable, interleaved_twin
@@ -30,15 +30,18 @@ def _pipeline_counts(L: int, p_max: int) -> list[int]:
 
 
 def replica_options(cm: CostModel, island: IslandSpec, b: int, limits: SearchLimits, bounds: Bounds,
-                     stats: dict, exhaustive: bool = False, small: bool = True) -> list[PipeEval]:
+                     stats: dict, exhaustive: bool = False, small: bool = True, prune: bool = False) -> list[PipeEval]:
     """Homogeneous pipelines on one island, each costed with worst-case in-flight memory, plain
     and interleaved (v chunks per stage). On a large fleet (`small` False) an interleaved option
     keeps its plain twin's layer split and recompute modes (`interleaved_twin`) instead of being
-    costed afresh: they are most of the options and the search must stay within seconds."""
-    model, train = cm.model, cm.train
-    G, L = train.global_batch, model.layers
-    out = []
-    for t in tp_choices(model, island):
+    costed afresh: they are most of the options and the search must stay within seconds.
+
+    `prune`: leave out the (TP, stages, DP) whose every variant's lower bound is above the
+    fastest option costed so far at every share it could take (those most likely to win are
+    costed first): they cannot enter the island's Envelope, which is the same as with them."""
+    G, L = cm.train.global_batch, cm.model.layers
+    specs: list[tuple[int, int, int]] = []
+    for t in tp_choices(cm.model, island):
         p_max = min(L, island.size // t)
         ps = list(range(1, p_max + 1)) if exhaustive else _pipeline_counts(L, p_max)
         for p in ps:
@@ -46,23 +49,70 @@ def replica_options(cm: CostModel, island: IslandSpec, b: int, limits: SearchLim
             if d_max < 1:
                 continue
             dps = range(1, d_max + 1) if exhaustive else {d_max, 1 << (d_max.bit_length() - 1)}
-            for dp in sorted(dps):
-                if bounds.layers_fit(island, t, b, dp) * p < L:
-                    continue
-                layout = stage_layout([(island, t, p)], dp)
-                plain = None
-                for v in range(1, train.max_virtual_stages + 1):
-                    if not interleavable(p, v, L) or (v > 1 and p * dp > G // b):
-                        continue
-                    if v == 1 or small:
-                        pe = evaluate_pipeline(cm, layout, dp, b, m=G, inflight_m=G, v=v)
-                        stats["dp_evaluated"] = stats.get("dp_evaluated", 0) + 1
-                    else:
-                        pe = interleaved_twin(cm, plain, v) if plain is not None else None
-                        stats["dp_twins"] = stats.get("dp_twins", 0) + 1
-                    plain = pe if v == 1 else plain
-                    if pe is not None:
-                        out.append(pe)
+            specs.extend((t, p, dp) for dp in sorted(dps) if bounds.layers_fit(island, t, b, dp) * p >= L)
+    if not prune:
+        return [pe for spec in specs for pe in _spec_options(cm, island, b, spec, stats, small)]
+    units = G // b
+    variants = [_bound_variants(cm, _spec_bound(cm, bounds, island, b, spec), spec, units) for spec in specs]
+    fastest = np.full(units + 1, np.inf)
+    costed: dict = {}
+    # most likely to win first: the lowest bound on the whole batch
+    for k in sorted(range(len(specs)), key=lambda j: float(variants[j][0][1][-1])):
+        if all((steps > fastest[u] * (1 + 1e-9)).all() for u, steps in variants[k]):
+            stats["dp_pruned"] = stats.get("dp_pruned", 0) + 1
+            continue
+        costed[k] = _spec_options(cm, island, b, specs[k], stats, small)
+        for pe in costed[k]:
+            ms = _micro_batch_counts(pe, units)
+            np.minimum.at(fastest, ms * pe.dp, (ms - 1) * pe.cycle + pe.fill)
+    return [pe for k in sorted(costed) for pe in costed[k]]
+
+
+def _spec_options(cm: CostModel, island: IslandSpec, b: int, spec: tuple, stats: dict, small: bool) -> list:
+    """One (TP, stages, DP) costed plain and interleaved (twins of the plain one on large fleets)."""
+    G, L = cm.train.global_batch, cm.model.layers
+    t, p, dp = spec
+    layout = stage_layout([(island, t, p)], dp)
+    out = []
+    plain = None
+    for v in range(1, cm.train.max_virtual_stages + 1):
+        if not interleavable(p, v, L) or (v > 1 and p * dp > G // b):
+            continue
+        if v == 1 or small:
+            pe = evaluate_pipeline(cm, layout, dp, b, m=G, inflight_m=G, v=v)
+            stats["dp_evaluated"] = stats.get("dp_evaluated", 0) + 1
+        else:
+            pe = interleaved_twin(cm, plain, v) if plain is not None else None
+            stats["dp_twins"] = stats.get("dp_twins", 0) + 1
+        plain = pe if v == 1 else plain
+        if pe is not None:
+            out.append(pe)
+    return out
+
+
+def _spec_bound(cm: CostModel, bounds: Bounds, island: IslandSpec, b: int, spec: tuple) -> tuple[float, float]:
+    """(cycle, fill) lower bounds of a homogeneous pipeline: every layer at the island's fastest
+    mode, the embedding on the first stage and the head on the last, no host costs, hops or tail."""
+    t, p, _dp = spec
+    tau = bounds.layer(island, t, b)
+    e_first, e_last = bounds.first[(island.name, t, b)], bounds.last[(island.name, t, b)]
+    fill = cm.model.layers * tau + e_first + e_last
+    cycle = fill if p == 1 else max(fill / p, tau + e_first, tau + e_last)
+    return cycle, fill
+
+
+def _bound_variants(cm: CostModel, line: tuple, spec: tuple, units: int) -> list:
+    """[(shares, step lower bounds there)] for each way the spec runs (`_spec_options`): plain 1F1B
+    at every micro-batch count, v chunks per stage at the multiples of its stages."""
+    L = cm.model.layers
+    _t, p, dp = spec
+    cycle, fill = line
+    ms = np.arange(1, units // dp + 1)
+    out = [(dp * ms, (ms - 1) * cycle + fill)]
+    for v in range(2, cm.train.max_virtual_stages + 1):
+        if interleavable(p, v, L) and p * dp <= units:
+            ms = np.arange(p, units // dp + 1, p)
+            out.append((dp * ms, interleaved_bound(ms, cycle, fill, 0.0, v)))
     return out
 
 
@@ -241,8 +291,8 @@ def island_envelopes(cm, fleet, limits, bounds, stats, progress=None) -> dict:
     for k, b in enumerate(bs):
         out[b] = {}
         for island in fleet.islands:
-            pes = replica_options(cm, island, b, limits, bounds, stats,
-                                   small=fleet.total_chips <= limits.small_fleet_chips)
+            small = fleet.total_chips <= limits.small_fleet_chips
+            pes = replica_options(cm, island, b, limits, bounds, stats, small=small, prune=not small)
             if pes:
                 out[b][island.name] = envelope(island, b, pes, G // b)
         if progress:

@@ -11,7 +11,9 @@ hetero-DP space: per island a homogeneous pipeline (TP, stages, DP, same
 micro-batch everywhere) and an uneven split of the global batch between the
 islands; gradients are reduced over the bridge. Every option an island has is
 kept until the batch is split: per island, the fastest option at every share of
-the batch (an Envelope), then the exact min-max split over the envelopes.
+the batch (an Envelope), then the exact min-max split over the envelopes (on large fleets
+an option whose lower bounds cannot be the fastest at any share is not costed:
+replicas.replica_options).
 
 hybrid space (three islands or more; partitioner/hybrid.py): every grouping of the islands
 into pipelines, each group's hetero-PP pipelines kept as an Envelope over batch shares like an

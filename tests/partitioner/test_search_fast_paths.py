@@ -1,7 +1,7 @@
 """The plan search's fast paths give the numbers of the slow ones exactly (issue #20: the search at
 8,192 chips within seconds, the same plans): the layer split's bottleneck by selection and its
 min-sum DP on the columns within the bottleneck, memory looked up in the stage rows or costed for
-many stages at once, memoised hops."""
+many stages at once, memoised hops, replica options pruned by their bounds."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import itertools
 import numpy as np
 import pytest
 
+from partitioner.bounds import Bounds
 from partitioner.costs import CostModel
-from partitioner.inputs import RECOMPUTE_MODES, FleetSpec, IslandSpec, TrainSpec
+from partitioner.inputs import RECOMPUTE_MODES, FleetSpec, IslandSpec, SearchLimits, TrainSpec
 from partitioner.layer_split import _min_bottleneck_search, brute_force_split, min_bottleneck, min_sum_split
+from partitioner.replicas import envelope, replica_options
 from tests.partitioner.test_partitioner import A800, ASCEND, EMU_MIXED, LLAMA_7B, LLAMA_TINY, TRAIN_TINY
 
 
@@ -129,3 +131,29 @@ def test_memoised_hops_and_tails_are_the_costed_ones():
     params = cm.stage_params(2, 5, first=False, last=True)
     assert (overlapped, gather) == cm.reduce_parts(a, 8, 2, 4, params)
     assert update == cm.optimizer_s(a, 4, params)
+
+
+@pytest.mark.parametrize("vmax", [1, 4])
+def test_pruned_replica_options_give_the_same_envelope(vmax):
+    """island_envelopes leaves out the (TP, stages, DP) whose lower bounds cannot beat the options
+    costed before them at any share: every island's Envelope is step for step the same, and at
+    every share it picks the same pipeline."""
+    fleet = FleetSpec("two-128", (IslandSpec("a800", A800, (8,) * 16), IslandSpec("ascend", ASCEND, (8,) * 16)),
+                      25e9, 12.5e9, 30e-6)
+    train = TrainSpec(512, 1, "bf16", max_virtual_stages=vmax, search_micro_batch=False)
+    cm = CostModel(fleet, LLAMA_7B, train)
+
+    def shape(pe):
+        return pe.layout[0].tp, len(pe.layout), pe.dp, pe.v, pe.counts, pe.modes
+
+    pruned_total = 0
+    for island in fleet.islands:
+        stats: dict = {}
+        full = replica_options(cm, island, 1, SearchLimits(), Bounds(cm), {}, small=False)
+        kept = replica_options(cm, island, 1, SearchLimits(), Bounds(cm), stats, small=False, prune=True)
+        pruned_total += stats.get("dp_pruned", 0)
+        a, b = envelope(island, 1, full, 512), envelope(island, 1, kept, 512)
+        assert np.array_equal(a.step, b.step)
+        for u in np.flatnonzero(np.isfinite(a.step)).tolist():
+            assert shape(a.replica(u)) == shape(b.replica(u))
+    assert pruned_total > 0      # the case prunes something
