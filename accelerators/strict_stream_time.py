@@ -15,7 +15,9 @@ asynchronous one (`async_op=True`: the engine's DP reduction overlapping the bac
 on NCCL's own stream beside compute and is charged nothing. torch does not pass `asyncOp`
 for `all_gather_into_tensor` and `reduce_scatter_tensor` (their options default to
 asynchronous), so those are not charged. Host communication is not time-dilated, so the
-charge is its wall seconds (accelerators/emulated.py, "Time dilation").
+charge is its wall seconds (accelerators/emulated.py, "Time dilation"). It includes any wait for
+a peer that calls later, as an NCCL kernel waits for its peers; the engine synchronizes after every
+action, so a host is never far ahead of its chip and the wait is the peers' skew, not the hosts'.
 
 **A send leaves after the work queued before it.** NCCL's send runs on the stream, so its
 data cannot reach the peer before the sender's chip has computed it; the emulated chip's host
