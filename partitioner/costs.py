@@ -422,20 +422,12 @@ class CostModel:
         docstring). `island`: whose chip (vendor kernels or the reference ops; None: vendor);
         `micro_batches`: the pipeline's m (None: gradients and every in-flight micro-batch are
         counted together, the bound for any m). `n_layers` may be a numpy array."""
-        m, e = self.model, self.e
         fused = self._fused(island)
-        params = self.stage_params(t, n_layers, first=first, last=last)
-        per_mb = n_layers * activation_bytes(m, t, b, self.dtype, mode, fused)
-        if first:
-            per_mb = per_mb + e * b * m.seq_len * m.hidden
-        work = np.where(np.asarray(n_layers) > 0, backward_work_bytes(m, t, b, self.dtype, mode, fused), 0.0)
-        if last:   # the loss runs forward and backward before any layer's backward: one or the other
-            work = np.maximum(work, self.last_transient_bytes(t, b))
         steady = micro_batches is None or micro_batches > inflight
-        largest = max(m.hidden * m.ffn_hidden, m.hidden * m.hidden,
-                      m.vocab * m.hidden if (first or last) else 0) / t
-        peak = optimizer_phases(params, e, dp if self.zero1(dp) else 1, per_mb, work, inflight, steady,
-                                largest, 0 if fused else REFERENCE_ADAMW_TEMPS, staged_gather=not fused)
+        peak = self._peak_bytes(t, b, dp, island, n_layers, np.asarray(first, dtype=bool),
+                                np.asarray(last, dtype=bool), inflight,
+                                activation_bytes(self.model, t, b, self.dtype, mode, fused),
+                                backward_work_bytes(self.model, t, b, self.dtype, mode, fused), steady)
         return float(peak) if np.ndim(peak) == 0 else peak
 
     def stage_memory_many(self, t: int, b: int, dp: int, island: str, n_layers: Sequence, first: Sequence,
@@ -453,10 +445,11 @@ class CostModel:
                                 bwd[0] if one else np.array(bwd))
         return np.broadcast_to(peak, n.shape).tolist()
 
-    def _peak_bytes(self, t: int, b: int, dp: int, island: str, n, firsts, lasts, inflight, act, work_bytes):
-        """stage_memory's arithmetic (micro_batches None), element by element the same, over arrays
-        that broadcast: layers n, places (boolean firsts, lasts: a place's terms selected, not added
-        as zeros), in-flight counts, and a layer's activation and backward bytes in its mode."""
+    def _peak_bytes(self, t: int, b: int, dp: int, island: str | None, n, firsts, lasts, inflight, act, work_bytes,
+                    steady=True):
+        """stage_memory's arithmetic, over arrays that broadcast: layers n, places (boolean firsts,
+        lasts: a place's terms selected, not added as zeros), in-flight counts, a layer's activation
+        and backward bytes in its mode, and whether the step reaches 1F1B's steady state."""
         m, e = self.model, self.e
         fused = self._fused(island)
         params = n * self.layer_params / t
@@ -475,7 +468,7 @@ class CostModel:
         if ends.any():
             largest = np.where(ends, max(m.hidden * m.ffn_hidden, m.hidden * m.hidden, m.vocab * m.hidden) / t,
                                largest)  # type: ignore[assignment]
-        return optimizer_phases(params, e, dp if self.zero1(dp) else 1, per_mb, work, inflight, True, largest,
+        return optimizer_phases(params, e, dp if self.zero1(dp) else 1, per_mb, work, inflight, steady, largest,
                                 0 if fused else REFERENCE_ADAMW_TEMPS, staged_gather=not fused)
 
     # -- one stage row for the layer split -------------------------------------
