@@ -71,12 +71,17 @@ def search_plan(job, kind: str = "auto", profile=None):
                     zero1=None if support.ZERO1 else False).best
 
 
+def hybrid_possible(cluster) -> bool:
+    """Whether a hybrid plan can exist: two pipelines, one over two islands, need three islands with chips."""
+    return sum(1 for island in cluster.islands if island.size > 0) >= 3
+
+
 def _hybrid_fits(cluster, kind: str) -> None:
     """--kind hybrid on a cluster of fewer than three islands with chips: no hybrid plan exists (two
     pipelines, one over two islands at least), so say so in one line instead of searching (also what an
     elastic re-plan says when lost nodes took islands)."""
     islands = [i.name for i in cluster.islands if i.size > 0]
-    if kind == "hybrid" and len(islands) < 3:
+    if kind == "hybrid" and not hybrid_possible(cluster):
         raise UserError(f"--kind hybrid: a hybrid plan needs at least three islands (two pipelines, one over "
                         f"two islands); cluster '{cluster.name}' has {len(islands)} ({', '.join(islands)}); "
                         "use --kind pipeline, replicas or auto")

@@ -36,7 +36,7 @@ import yaml
 
 from hetero.config import load_job
 from hetero.errors import UserError
-from hetero.runner import ROOT, add_job_arguments, default_paths, search_plan, train_fleet
+from hetero.runner import KINDS, ROOT, add_job_arguments, default_paths, hybrid_possible, search_plan, train_fleet
 
 HELP = "mixed-fleet efficiency E against each island training alone (goal E >= 0.97 on emulated-mixed)"
 GOAL = 0.97
@@ -155,9 +155,9 @@ def candidate_plans(job, kind: str, profile) -> list:
 
 
 def auto_kinds(cluster) -> tuple[str, ...]:
-    """The plan kinds `--kind auto` measures: hybrid needs three islands with chips."""
-    islands = [island for island in cluster.islands if island.size > 0]
-    return ("pipeline", "replicas") + (("hybrid",) if len(islands) >= 3 else ())
+    """The plan kinds `--kind auto` measures: those `hetero run --kind auto` chooses from, hybrid
+    where one can exist."""
+    return tuple(kind for kind in KINDS["auto"] if kind != "hybrid" or hybrid_possible(cluster))
 
 
 def time_dilation(cluster, given: str = "auto", cores: int | None = None) -> tuple[float, str]:
