@@ -48,8 +48,8 @@ Not enforced (documented differences from the vendors):
 - matching sizes and dtypes of a send and its receive beyond what gloo checks;
 - collectives are gloo's (after the device check): their order across ranks and
   their results are gloo's; a blocking one is charged to the emulated chip's
-  compute queue (strict_stream_time.py), an asynchronous one nothing; a collective some rank
-  never calls waits for the group's timeout (as under NCCL's watchdog) and is
+  compute queue (strict_stream_time.py), an asynchronous one nothing; a
+  collective some rank never calls waits for the group's timeout (as under NCCL's watchdog) and is
   not reported by the pair watchdog above;
 - `set_device` (which device a process drives): the emulated accelerator's
   strict mode checks that, not this backend; stream semantics of the returned
@@ -58,8 +58,9 @@ Not enforced (documented differences from the vendors):
 
 Parts (one job each): strict_errors.py (the name and the errors), strict_device.py
 (which tensors are device memory), strict_stream_time.py (a blocking collective's device
-time), strict_p2p.py (the per-pair ordered streams and their rendezvous), strict_watchdog.py (deadlock reports); this module is the process group
-that dispatches to them and to gloo, and its registration.
+time, a send's order after compute), strict_p2p.py (the per-pair ordered streams and their
+rendezvous), strict_watchdog.py (deadlock reports); this module is the process group that
+dispatches to them and to gloo, and its registration.
 
 Notes: a crossing is reported about a second after both sides stall (they
 publish their running entries in the store; a peer's entry must look stuck on
