@@ -112,6 +112,7 @@ class _Gloo(PointToPoint, Protocol):
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor,  # pylint: disable=redefined-builtin
                              opts: dist.ReduceScatterOptions) -> dist.Work: ...
     def gather(self, outputs: list[Tensors], inputs: Tensors, opts: dist.GatherOptions) -> dist.Work: ...
+    def shutdown(self) -> None: ...
     def scatter(self, outputs: Tensors, inputs: list[Tensors], opts: dist.ScatterOptions) -> dist.Work: ...
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,  # pylint: disable=redefined-builtin
                       output_split_sizes: list[int], input_split_sizes: list[int],
@@ -237,7 +238,8 @@ class StrictProcessGroup(dist.ProcessGroup):
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,  # pylint: disable=redefined-builtin
                           opts: Any = None) -> dist.Work:
         check_device("all_gather_into_tensor", [output, input])
-        return self.gloo._allgather_base(output, input, opts or AllgatherOptions())  # pylint: disable=protected-access
+        opts = opts or AllgatherOptions()
+        return on_compute_stream(opts, lambda: self.gloo._allgather_base(output, input, opts))  # pylint: disable=protected-access
 
     _allgather_base = all_gather_single
 
@@ -250,7 +252,8 @@ class StrictProcessGroup(dist.ProcessGroup):
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,  # pylint: disable=redefined-builtin
                               opts: Any = None) -> dist.Work:
         check_device("reduce_scatter_tensor", [output, input])
-        return self.gloo._reduce_scatter_base(output, input, opts or dist.ReduceScatterOptions())  # pylint: disable=protected-access
+        opts = opts or dist.ReduceScatterOptions()
+        return on_compute_stream(opts, lambda: self.gloo._reduce_scatter_base(output, input, opts))  # pylint: disable=protected-access
 
     # torch's stub names the base's parameters outputTensor/inputTensor; torch passes them by position
     _reduce_scatter_base = reduce_scatter_single  # type: ignore[assignment]
@@ -258,18 +261,21 @@ class StrictProcessGroup(dist.ProcessGroup):
     def gather(self, output_lists: list[Tensors], inputs: Tensors,  # type: ignore[override]  # list form only
                opts: Any = None) -> dist.Work:
         check_device("gather", [output_lists, inputs])
-        return self.gloo.gather(output_lists, inputs, opts or dist.GatherOptions())
+        opts = opts or dist.GatherOptions()
+        return on_compute_stream(opts, lambda: self.gloo.gather(output_lists, inputs, opts))
 
     def scatter(self, outputs: Tensors, input_lists: list[Tensors],  # type: ignore[override]  # list form only
                 opts: Any = None) -> dist.Work:
         check_device("scatter", [outputs, input_lists])
-        return self.gloo.scatter(outputs, input_lists, opts or dist.ScatterOptions())
+        opts = opts or dist.ScatterOptions()
+        return on_compute_stream(opts, lambda: self.gloo.scatter(outputs, input_lists, opts))
 
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,  # pylint: disable=redefined-builtin
                       output_split_sizes: list[int], input_split_sizes: list[int], opts: Any = None) -> dist.Work:
         check_device("all_to_all_single", [output, input])
-        return self.gloo.alltoall_base(output, input, output_split_sizes, input_split_sizes,
-                                       opts or dist.AllToAllOptions())
+        opts = opts or dist.AllToAllOptions()
+        return on_compute_stream(opts, lambda: self.gloo.alltoall_base(output, input, output_split_sizes,
+                                                                       input_split_sizes, opts))
 
     def barrier(self, opts: Any = None) -> dist.Work:
         return self.gloo.barrier(opts or dist.BarrierOptions())
@@ -287,6 +293,9 @@ class StrictProcessGroup(dist.ProcessGroup):
             stream.stop()
         for stream in streams:
             stream.thread.join(timeout=5)
+        # gloo's worker threads are joined here, not in a destructor at interpreter exit
+        # (torch 2.13: a joinable thread destroyed there aborts the process after its work is done)
+        self.gloo.shutdown()
 
 
 def deadlock_timeout() -> float:

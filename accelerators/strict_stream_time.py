@@ -9,15 +9,21 @@ on the host at once, on data the emulated chip's host has already computed, so w
 the collective would hide under the device time still queued before it: TP would look free.
 
 For a blocking collective (torch says so in the options' `asyncOp`) on an accelerator that
-keeps a device clock (`charge_collective`: the emulated chip), the collective is waited for
-here and its host seconds are charged to the compute queue from when it was issued. An
+keeps a device clock (`charge_collective`: the emulated chip), the host first waits until the
+compute queue has run what was issued before it (NCCL's kernel starts when the stream reaches
+it: a rank whose chip is late makes its peers wait, not itself), then the collective is waited
+for and its host seconds are charged to the compute queue from when it was issued. An
 asynchronous one (`async_op=True`: the engine's DP reduction overlapping the backward) runs
-on NCCL's own stream beside compute and is charged nothing. torch does not pass `asyncOp`
-for `all_gather_into_tensor` and `reduce_scatter_tensor` (their options default to
-asynchronous), so those are not charged. Host communication is not time-dilated, so the
-charge is its wall seconds (accelerators/emulated.py, "Time dilation"). It includes any wait for
-a peer that calls later, as an NCCL kernel waits for its peers; the engine synchronizes after every
-action, so a host is never far ahead of its chip and the wait is the peers' skew, not the hosts'.
+on NCCL's own stream beside compute and is charged nothing. Host communication is not
+time-dilated, so the charge is its wall seconds (accelerators/emulated.py, "Time dilation"). It
+includes any wait for a peer whose chip comes later, as an NCCL kernel waits for its peers:
+every host issues when its chip gets there, so the wait is the chips' skew, not the hosts'.
+
+**gloo's host work is not the chip's.** gloo copies inputs into its buffers and results back
+into the caller's tensors (as the work completes, in whichever thread waits). Under the
+emulated chip's dispatch mode those copies would be charged at the chip's memory bandwidth,
+work NCCL's kernels never do (for a 1.5 MB bucket's reduce-scatter on emu-slow, about 20 ms).
+Every collective is issued and waited for outside the dispatch modes (`HostWork`).
 
 **A send leaves after the work queued before it.** NCCL's send runs on the stream, so its
 data cannot reach the peer before the sender's chip has computed it; the emulated chip's host
@@ -31,7 +37,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import _disable_current_modes
 
 
 def queue_ready_at() -> float:
@@ -54,10 +62,37 @@ def on_compute_stream(opts: Any, start: Callable[[], dist.Work]) -> dist.Work:
     from accelerators import registry
 
     charge = getattr(registry._current, "charge_collective", None)  # pylint: disable=protected-access  # never select one here
-    if charge is None or getattr(opts, "asyncOp", True):
-        return start()
+    blocking = charge is not None and not getattr(opts, "asyncOp", True)
+    if blocking:   # NCCL's kernel starts when the stream reaches it, not when the host issues it
+        wait_for_queue(queue_ready_at())
     issued_at = time.perf_counter()
-    work = start()
-    work.wait()
-    charge(time.perf_counter() - issued_at, issued_at)  # pylint: disable=not-callable  # None returned above
-    return work
+    with _disable_current_modes():
+        work = start()
+    if not blocking or charge is None:    # (charge is set when blocking; said again for the type checker)
+        return HostWork(work)
+    with _disable_current_modes():
+        work.wait()
+    charge(time.perf_counter() - issued_at, issued_at)
+    return HostWork(work)   # torch waits for it again
+
+
+class HostWork(dist.Work):
+    """A gloo collective's work, waited for outside any dispatch mode (gloo copies its results into
+    the caller's tensors as the wait completes: host work, not the chip's)."""
+
+    def __init__(self, work: dist.Work):
+        super().__init__()
+        self.work = work
+
+    def wait(self, timeout=None) -> bool:
+        with _disable_current_modes():
+            return self.work.wait() if timeout is None else self.work.wait(timeout)
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+    def is_success(self) -> bool:
+        return self.work.is_success()
+
+    def get_future(self) -> torch.futures.Future:
+        return self.work.get_future()

@@ -84,11 +84,22 @@ def test_a_blocking_collective_is_charged_to_the_device_clock_an_async_one_is_no
     the peer's lateness included; the DP reduction's async_op=True runs beside compute."""
     seen = run_pair("stream_time")
     for result in seen:
-        assert [op for op, _ in result["charges"]] == ["all_reduce", "all_gather", "broadcast"]
+        assert [op for op, _ in result["charges"]] == ["all_reduce", "all_gather", "broadcast",
+                                                       "all_gather_into_tensor", "reduce_scatter_tensor"]
         assert result["issued_after_call"] and result["value"] == [4.0] * 4   # summed twice
+        # gloo's own host copies (made as each work completes) are not device work: no mode sees them
+        assert result["device_ops_of_the_collectives"] == []
     waited = seen[0]["charges"][0][1]
     assert waited >= 0.25   # rank 0 waited for rank 1, 0.3 s late: its chip could not run on meanwhile
     assert seen[1]["charges"][0][1] < waited
+
+
+def test_a_blocking_collective_starts_when_the_chip_gets_there_and_the_late_chip_is_waited_for():
+    """A host ahead of its chip issues the collective when its queue has run (NCCL's kernel starts on
+    the stream): its own chip is not charged the wait; the peer's, which waits for it, is."""
+    late, on_time = run_pair("late_queue")
+    assert late["issued_after_queue"] is True
+    assert on_time["charged"] >= 0.25 and late["charged"] < on_time["charged"]
 
 
 @pytest.mark.parametrize("scenario", ["crossing_sends", "crossing_isend_recv"])

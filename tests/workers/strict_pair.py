@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import accelerators.strict_backend as strict
 from hetero.launch.store import loopback_store
@@ -148,6 +149,31 @@ class ClockRecorder:
         self.charges.append((self.op, seconds, issued_at))
 
 
+class LateChip(ClockRecorder):
+    """A chip whose compute queue runs 0.3 s past the host's first collective (the host is ahead)."""
+
+    def __init__(self, late: bool) -> None:
+        super().__init__()
+        self.ready_at = time.perf_counter() + (0.3 if late else 0.0)
+
+    def queue_ready_at(self) -> float:
+        return self.ready_at
+
+
+def late_queue(rank: int) -> dict:
+    """Rank 0's host reaches a blocking all-reduce 0.3 s before its chip does; rank 1's is on time."""
+    from accelerators import registry
+
+    clock = registry._current = LateChip(late=rank == 0)  # pylint: disable=protected-access
+    try:
+        clock.op = "all_reduce"
+        dist.all_reduce(dev(torch.ones(4)))
+    finally:
+        registry._current = None  # pylint: disable=protected-access
+    _, seconds, issued_at = clock.charges[0]
+    return {"charged": seconds, "issued_after_queue": issued_at >= clock.ready_at}
+
+
 def stream_time(rank: int) -> dict:
     """Which collectives charge the compute queue, and how long: rank 1 comes 0.3 s late to the first."""
     from accelerators import registry
@@ -166,10 +192,30 @@ def stream_time(rank: int) -> dict:
         dist.all_gather([dev(torch.zeros(4)) for _ in range(2)], x)
         clock.op = "broadcast"
         dist.broadcast(x, 0)
+        flat, scattered = dev(torch.zeros(8)), dev(torch.zeros(4))
+        with OpsSeen() as ops:    # gloo copies its results as the work completes, under the caller's modes
+            clock.op = "all_gather_into_tensor"
+            dist.all_gather_into_tensor(flat, x)
+            clock.op = "reduce_scatter_tensor"
+            dist.reduce_scatter_tensor(scattered, flat)
+            dist.all_reduce(scattered, async_op=True).wait()
     finally:
         registry._current = None  # pylint: disable=protected-access
     return {"charges": [[op, seconds] for op, seconds, _ in clock.charges],
-            "issued_after_call": clock.charges[0][2] >= before, "value": x.tolist()}
+            "issued_after_call": clock.charges[0][2] >= before, "value": x.tolist(),
+            "device_ops_of_the_collectives": sorted(set(ops.seen))}
+
+
+class OpsSeen(TorchDispatchMode):
+    """The aten ops run under this mode, from any thread that inherits it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
 class LateQueue:
@@ -207,7 +253,7 @@ def contract(rank: int) -> dict:
             "collectives": collectives(rank)}
 
 
-SCENARIOS = {f.__name__: f for f in (contract, collectives, stream_time, send_order, crossing_sends, crossing_isend_recv, silent_peer)}
+SCENARIOS = {f.__name__: f for f in (contract, collectives, stream_time, late_queue, send_order, crossing_sends, crossing_isend_recv, silent_peer)}
 
 
 def main() -> None:
