@@ -249,11 +249,20 @@ class GradientSync:
             return 0.0
         if self.zero:
             mine = self.shard.shard_of(self.flat)
-            return sum(float(mine[p.at:p.at + p.stop - p.start].double().pow(2).sum())
-                       for p in self.shard.pieces() if self.counts_once(p.name))
+            return self._squared_sum([mine[p.at:p.at + p.stop - p.start]
+                                      for p in self.shard.pieces() if self.counts_once(p.name)])
         if self.place.dp_rank != 0:
             return 0.0
-        return sum(float(g.double().pow(2).sum()) for n, g in self.grads.items() if self.counts_once(n))
+        return self._squared_sum([g for n, g in self.grads.items() if self.counts_once(n)])
+
+    def _squared_sum(self, tensors: list[torch.Tensor]) -> float:
+        """The sum of squares of `tensors` in fp64: each read once by a norm that accumulates in
+        fp64 (no fp64 copy of a gradient on the device), one read back by the host for them all."""
+        if not tensors:
+            return 0.0
+        with self.scope():
+            norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors])
+            return float(norms.square().sum())
 
     def clip(self, grad_norm: float, limit: float) -> None:
         """Scale every gradient so the global norm is at most `limit` (0 or None: no clipping)."""
