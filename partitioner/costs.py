@@ -655,15 +655,17 @@ class CostModel:
         device, so a hop pays both copies in series with its transfer."""
         return nbytes / src.chip.host_link_bandwidth + nbytes / dst.chip.host_link_bandwidth
 
-    def cross_island_reduce_s(self, islands: list[IslandSpec], links: int) -> float:
+    def cross_island_reduce_s(self, islands: list[IslandSpec], links: int, chips: list[int] | None = None) -> float:
         """Whole-model gradient reduction between replicas on different islands (hetero-DP).
 
         After each island reduces inside itself, its `links` nodes each hold a
         shard; a ring over the islands moves 2(K-1)/K of the model's gradients
         through each bridge link pair in parallel. Each shard is staged through host
         memory (device -> host before the ring, host -> device after it) at the slowest
-        island's host link; the engine streams buckets and stages bucket k+1 while bucket
-        k is on the bridge, so the ring and the staging overlap: the slower of the two counts."""
+        island's host link. The buckets' device work (`bucket_device_s`, on each island's
+        `chips` ranks; None: not counted) runs on every chip at once. The engine streams
+        buckets: bucket k+1 is filled and staged while bucket k is on the bridge, so the
+        three overlap and the slowest counts."""
         k = len(islands)
         if k <= 1:
             return 0.0
@@ -671,7 +673,20 @@ class CostModel:
         ring = 2.0 * (k - 1) / k * nbytes / (self.bridge_bandwidth * max(1, links))
         host_link = min(island.chip.host_link_bandwidth for island in islands)
         staging = 2.0 * nbytes / max(1, links) / host_link
-        return max(ring, staging) + 2 * (k - 1) * self.bridge_latency
+        device = max((self.bucket_device_s(island, n) for island, n in zip(islands, chips)), default=0.0) \
+            if chips else 0.0
+        return max(ring, staging, device) + 2 * (k - 1) * self.bridge_latency
+
+    def bucket_device_s(self, island: IslandSpec, chips: int) -> float:
+        """The hetero-DP buckets' device memory traffic on one of the `chips` ranks of `island`
+        (hetero.engine.buckets): each rank zeroes every full-model fp32 bucket, copies its own
+        share of the gradients in and the summed share back out (read and write, 1/chips of the
+        model each way), and, in an island of several ranks, receives the island's all-gathered
+        total (the whole model again)."""
+        nbytes = total_params(self.model) * GRAD_REDUCE_BYTES
+        n = max(1, chips)
+        touched = nbytes * (1 if n == 1 else 2) + 4.0 * nbytes / n
+        return touched / (island.chip.memory_bandwidth * island.chip.bw_eff)
 
 
 def tp_choices(model: ModelSpec, island: IslandSpec) -> list[int]:

@@ -349,7 +349,7 @@ def hybrid_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
     is the replicas' (one ring over the pipelines, staged at the slowest host link they use)."""
     links = min(pipe_links(pe) for pe in pes)
     ends = [min((slot.island for slot in pe.layout), key=lambda i: i.chip.host_link_bandwidth) for pe in pes]
-    cross = cm.cross_island_reduce_s(ends, links)
+    cross = cm.cross_island_reduce_s(ends, links, [pe.chips for pe in pes])
     return Candidate("hybrid", pes, max(pe.step() for pe in pes) + cross, cross, hybrid_label(pes, b))
 
 

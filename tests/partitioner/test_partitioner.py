@@ -395,6 +395,24 @@ def test_bridge_hops_and_the_hetero_dp_sum_pay_the_host_link_staging():
     assert costs.cross_island_reduce_s([a, IslandSpec("b", quick, (1,))], 1) == pytest.approx(max(ring, 2 * grads / 1e9))
 
 
+def test_the_hetero_dp_sum_pays_the_buckets_device_work_at_memory_bandwidth():
+    """Every rank zeroes each full-model bucket, copies its share in and out and (islands of several
+    ranks) receives the island's total: on a chip of slow memory that, not the bridge, is the tail."""
+    import dataclasses
+
+    model = ModelSpec(2, 64, 4, 4, 128, 256, 32, name="m")
+    sluggish = dataclasses.replace(SLOW, memory_bandwidth=1e6, host_link_bandwidth=1e9)
+    a, b = IslandSpec("a", FAST, (2,)), IslandSpec("b", sluggish, (2,))
+    costs = CostModel(FleetSpec("f", (a, b), bridge_bandwidth=4e9, bridge_latency=0.0), model, TrainSpec(8))
+    grads = total_params(model) * 4
+    per_byte = 1 / (1e6 * sluggish.bw_eff)
+    assert costs.bucket_device_s(b, 2) == pytest.approx((2 * grads + 4 * grads / 2) * per_byte)
+    assert costs.bucket_device_s(b, 1) == pytest.approx(5 * grads * per_byte)    # no island total to receive
+    assert costs.cross_island_reduce_s([a, b], 1, [2, 2]) == pytest.approx(costs.bucket_device_s(b, 2))
+    # without the ranks' counts (or on fast memory) the bridge and staging decide, as before
+    assert costs.cross_island_reduce_s([a, b], 1) < costs.bucket_device_s(b, 2) / 100
+
+
 # ----------------------------------------------------------------------------- memory phases (the engine's layout)
 
 def test_memory_phases_per_layout_as_the_engine_allocates():
