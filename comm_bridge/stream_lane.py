@@ -71,6 +71,7 @@ class StreamLane:
         self.outbound: dict[int, socket.socket] = {}       # dst rank -> connected socket
         self.inbound: dict[int, InboundStream] = {}        # fd -> accepted stream
         self._unauthenticated: dict[int, InboundStream] = {}  # fd -> accepted stream still owing its hello
+        self.streams_joined = 0   # peers' streams that said a valid hello, over the lane's life
         self.to_close: list = []  # sockets for the driver to unregister from its poller and close
 
     # ------------------------------------------------------------ send side (lock held)
@@ -176,6 +177,7 @@ class StreamLane:
                     if conn.rank is None:
                         conn.check_hello(raw, self._auth)
                         self._unauthenticated.pop(conn.fd, None)
+                        self.streams_joined += 1
                         continue
                     header = F.parse_header(raw, self._auth, self.max_message_bytes)
                     if header.kind == F.KIND_CREDIT or header.sender != conn.rank:
@@ -280,6 +282,7 @@ class StreamLane:
     def stats(self) -> dict:
         return {
             "streams_in": len(self.inbound),
+            "streams_joined": self.streams_joined,   # streams_in counts those still open (a peer done closes its own)
             "streams_unauthenticated": len(self._unauthenticated),
             "stream_buffer_bytes": sum(conn.buffer_bytes() for conn in self.inbound.values()),
             "stream_bytes_received": sum(conn.received for conn in self.inbound.values()),

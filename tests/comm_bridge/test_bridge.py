@@ -302,7 +302,7 @@ def test_tcp_peers_stream_the_payload_and_same_host_shm_peers_only_ring_doorbell
         pending = b.irecv(0, 0)
         a.send(x, 1, 0)
         assert torch.equal(pending.wait(30), x)
-        assert wait_for(lambda b=b: b.stats()["streams_in"] == 1), (shm, b.stats())
+        assert wait_for(lambda b=b: b.stats()["streams_in"] == b.stats()["streams_joined"] == 1), (shm, b.stats())
         streamed = b.stats()["stream_bytes_received"]
         if shm:
             assert streamed < 4096, streamed  # header + descriptor per chunk

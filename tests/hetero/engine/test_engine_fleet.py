@@ -269,7 +269,8 @@ def test_bridge_transport_from_the_cluster_file_is_honoured(tmp_path, transport)
         with open(run_dir / "metrics" / f"bridge-rank{rank:05d}.json") as handle:
             stats = json.load(handle)
         assert stats["bytes_received"] > 0
-        assert (stats["streams_in"] == 0) == (transport == "zmq"), stats
+        # streams ever joined: the peer may have closed its stream before these stats were written
+        assert (stats["streams_joined"] == 0) == (transport == "zmq"), stats
 
 
 @pytest.mark.slow
