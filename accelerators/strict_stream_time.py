@@ -9,15 +9,16 @@ on the host at once, on data the emulated chip's host has already computed, so w
 the collective would hide under the device time still queued before it: TP would look free.
 
 For a blocking collective (torch says so in the options' `asyncOp`) on an accelerator that
-keeps a device clock (`charge_collective`: the emulated chip), the host first waits until the
-compute queue has run what was issued before it (NCCL's kernel starts when the stream reaches
-it: a rank whose chip is late makes its peers wait, not itself), then the collective is waited
-for and its host seconds are charged to the compute queue from when it was issued. An
+keeps a device clock (`charge_collective`: the emulated chip), the collective is waited for
+here and its host seconds are charged to the compute queue from when it was issued. An
 asynchronous one (`async_op=True`: the engine's DP reduction overlapping the backward) runs
 on NCCL's own stream beside compute and is charged nothing. Host communication is not
 time-dilated, so the charge is its wall seconds (accelerators/emulated.py, "Time dilation"). It
-includes any wait for a peer whose chip comes later, as an NCCL kernel waits for its peers:
-every host issues when its chip gets there, so the wait is the chips' skew, not the hosts'.
+includes any wait for a peer that calls later, as an NCCL kernel waits for its peers. The
+charge is exact where the hosts of a group run equally far ahead of their chips (the ranks of
+one island do the same work on the same chip: TP's all-reduces, an island's bucket exchange); a
+host that waited for its chip first would stay exact otherwise, but leave the chip idle while
+it issues the next op after every collective, a gap a real host, running ahead, never shows.
 
 **gloo's host work is not the chip's.** gloo copies inputs into its buffers and results back
 into the caller's tensors (as the work completes, in whichever thread waits). Under the
@@ -63,8 +64,6 @@ def on_compute_stream(opts: Any, start: Callable[[], dist.Work]) -> dist.Work:
 
     charge = getattr(registry._current, "charge_collective", None)  # pylint: disable=protected-access  # never select one here
     blocking = charge is not None and not getattr(opts, "asyncOp", True)
-    if blocking:   # NCCL's kernel starts when the stream reaches it, not when the host issues it
-        wait_for_queue(queue_ready_at())
     issued_at = time.perf_counter()
     with _disable_current_modes():
         work = start()

@@ -149,31 +149,6 @@ class ClockRecorder:
         self.charges.append((self.op, seconds, issued_at))
 
 
-class LateChip(ClockRecorder):
-    """A chip whose compute queue runs 0.3 s past the host's first collective (the host is ahead)."""
-
-    def __init__(self, late: bool) -> None:
-        super().__init__()
-        self.ready_at = time.perf_counter() + (0.3 if late else 0.0)
-
-    def queue_ready_at(self) -> float:
-        return self.ready_at
-
-
-def late_queue(rank: int) -> dict:
-    """Rank 0's host reaches a blocking all-reduce 0.3 s before its chip does; rank 1's is on time."""
-    from accelerators import registry
-
-    clock = registry._current = LateChip(late=rank == 0)  # pylint: disable=protected-access
-    try:
-        clock.op = "all_reduce"
-        dist.all_reduce(dev(torch.ones(4)))
-    finally:
-        registry._current = None  # pylint: disable=protected-access
-    _, seconds, issued_at = clock.charges[0]
-    return {"charged": seconds, "issued_after_queue": issued_at >= clock.ready_at}
-
-
 def stream_time(rank: int) -> dict:
     """Which collectives charge the compute queue, and how long: rank 1 comes 0.3 s late to the first."""
     from accelerators import registry
@@ -253,7 +228,7 @@ def contract(rank: int) -> dict:
             "collectives": collectives(rank)}
 
 
-SCENARIOS = {f.__name__: f for f in (contract, collectives, stream_time, late_queue, send_order, crossing_sends, crossing_isend_recv, silent_peer)}
+SCENARIOS = {f.__name__: f for f in (contract, collectives, stream_time, send_order, crossing_sends, crossing_isend_recv, silent_peer)}
 
 
 def main() -> None:
