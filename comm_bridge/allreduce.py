@@ -97,6 +97,20 @@ def start_cross_island(tensor: torch.Tensor, endpoint, peers: list[int], *, isla
     return PendingSum(ring, device_result, flat.numel(), tuple(tensor.shape), local_size, island_group, accelerator)
 
 
+def start_bridge_ring(shard: torch.Tensor, endpoint, peers: list[int], *, wire_dtype: torch.dtype | None = None,
+                      tag: int = ALLREDUCE_TAG, timeout: float | None = None, accelerator=None) -> "PendingSum":
+    """Phase 2 alone, for a shard its owner has already summed over its island (hetero.engine.owned_sum):
+    staged to host memory now, ringed with `peers` (one owner per island) at `finish(shard)`, which
+    returns the total on the device. `shard` may be dropped once this returns."""
+    if endpoint.rank not in peers:
+        raise ValueError(f"rank {endpoint.rank} is not among its ring peers {peers}")
+    flat = shard.detach().reshape(-1)
+    if len(peers) == 1:
+        return PendingSum(None, flat, flat.numel(), tuple(shard.shape), 1, None, accelerator)
+    ring = _Ring(stage_to_host(flat, accelerator), endpoint, peers, wire_dtype, tag, timeout, None)
+    return PendingSum(ring, None, flat.numel(), tuple(shard.shape), 1, None, accelerator)
+
+
 def lane_all_reduce(tensor: torch.Tensor, endpoint, holders: list[int], holder_local: int, *,
                     island_group=None, tag: int = ALLREDUCE_TAG, timeout: float | None = None,
                     accelerator=None) -> torch.Tensor:

@@ -65,6 +65,41 @@ class BucketPiece(NamedTuple):
     offset: int
 
 
+class Rect(NamedTuple):
+    """Rows x columns of a bucket, starting at bucket position `offset`, rows `stride` apart."""
+    offset: int
+    rows: int
+    cols: int
+    stride: int
+
+
+def rect_of(piece: BucketPiece, part, shape) -> Rect | None:
+    """Where a rank's holding of a parameter of `shape` lies in bucket piece `piece`: all of it
+    (`part` None), the rows of a dim-0 TP shard or the columns of a dim-1 one (`part` = (dim,
+    start, stop)); None if it holds nothing of the piece."""
+    rows, cols = piece.stop - piece.start, piece.cols
+    if part is None:
+        return Rect(piece.offset, rows, cols, cols)
+    dim, start, stop = part
+    if dim == 0:
+        lo, hi = max(piece.start, start), min(piece.stop, stop)
+        return Rect(piece.offset + (lo - piece.start) * cols, hi - lo, cols, cols) if lo < hi else None
+    if dim != 1 or len(shape) != 2:
+        raise ValueError(f"{piece.hf}: cannot bucket a shard split along dim {dim} of {shape}")
+    return Rect(piece.offset + start, rows, stop - start, cols)
+
+
+def held_view(grad: torch.Tensor, piece: BucketPiece, rect: Rect, part, shape) -> torch.Tensor:
+    """The elements of `rect` (rect_of(piece, part, shape)) in the holder's gradient `grad`: a
+    rows x cols view of it."""
+    if part is None:
+        return grad.view(rows_cols(shape))[piece.start:piece.stop]
+    if part[0] == 0:
+        first = (rect.offset - piece.offset) // piece.cols + piece.start - part[1]   # the rect's first row in the shard
+        return grad.view(-1, piece.cols)[first:first + rect.rows]
+    return grad[piece.start:piece.stop]
+
+
 class GradBuckets:
     """The full model's gradient layout (HF names, in order), cut into buckets of whole rows.
 
@@ -82,7 +117,7 @@ class GradBuckets:
         for hf in layout.model_names(config):
             shape = tuple(layout.full_shape(config, hf))
             self.shapes[hf] = shape
-            rows, cols = _rows_cols(shape)
+            rows, cols = rows_cols(shape)
             row = 0
             while row < rows:
                 if used and used + cols > capacity:
@@ -135,15 +170,16 @@ class GradBuckets:
                 ahead = order[position + len(pending)]
                 pending.append(start(self._fill(buffer, ahead, shards, scope), ahead))
             # no name keeps the landed sum: it is freed before the next bucket's lands beside the buffer
-            self._copy_out(pending.popleft().finish(buffer[:self._length(index)]), index, shards, scope)
+            self._copy_out(pending.popleft().finish(buffer[:self.length(index)]), index, shards, scope)
 
-    def _length(self, index: int) -> int:
+    def length(self, index: int) -> int:
+        """Elements in bucket `index`."""
         last = self.buckets[index][-1]
         return last.offset + (last.stop - last.start) * last.cols
 
     def _fill(self, buffer: torch.Tensor, index: int, shards: dict, scope) -> torch.Tensor:
         """Bucket `index` in `buffer`: this rank's counted shards at their places, zeros elsewhere."""
-        bucket = buffer[:self._length(index)]
+        bucket = buffer[:self.length(index)]
         with scope():
             bucket.zero_()
             for piece in self.buckets[index]:
@@ -165,21 +201,12 @@ class GradBuckets:
 
     def _pair(self, bucket: torch.Tensor, piece: BucketPiece, shard: GradShard):
         """(bucket region, gradient region) of `piece` that this shard holds, or None."""
-        rows, cols = piece.stop - piece.start, piece.cols
-        region = bucket[piece.offset:piece.offset + rows * cols].view(rows, cols)
         shape = self.shapes[piece.hf]
-        if shard.part is None:
-            return region, shard.grad.view(_rows_cols(shape))[piece.start:piece.stop]
-        dim, start, stop = shard.part
-        if dim == 0:
-            lo, hi = max(piece.start, start), min(piece.stop, stop)
-            if lo >= hi:
-                return None
-            grad = shard.grad.view(stop - start, cols)
-            return region[lo - piece.start:hi - piece.start], grad[lo - start:hi - start]
-        if dim != 1 or len(shape) != 2:
-            raise ValueError(f"{piece.hf}: cannot bucket a shard split along dim {dim} of {shape}")
-        return region[:, start:stop], shard.grad[piece.start:piece.stop]
+        rect = rect_of(piece, shard.part, shape)
+        if rect is None:
+            return None
+        region = bucket.as_strided((rect.rows, rect.cols), (rect.stride, 1), bucket.storage_offset() + rect.offset)
+        return region, held_view(shard.grad, piece, rect, shard.part, shape)
 
 
 def held_names(config, holdings) -> set[str]:
@@ -196,7 +223,7 @@ def held_names(config, holdings) -> set[str]:
     return names
 
 
-def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
     """A parameter seen as rows x cols: its first dim by the rest (a vector is a column)."""
     if len(shape) == 1:
         return shape[0], 1

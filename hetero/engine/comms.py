@@ -182,6 +182,14 @@ class Comms:
         values (GradBuckets.holders) sum it, and only their ranks may start it (None: every island)."""
         return ReplicaSum(self, islands_of)
 
+    def owned_ring(self, islands_of=None) -> "OwnedRing | None":
+        """The bridge phase of the hetero-DP sum by ownership (hetero.engine.owned_sum), or None
+        where that sum does not apply: one process, no bridge, or islands of different sizes
+        (ReplicaSum's lane path sums those)."""
+        if self.topology.plan.world_size == 1 or self.endpoint is None or len(set(self._island_sizes().values())) != 1:
+            return None
+        return OwnedRing(self, islands_of)
+
     def _island_sizes(self, among=None) -> dict[str, int]:
         """Ranks per island, in plan order; `among`: only those islands."""
         islands = [i for i in dict.fromkeys(r.island for r in self.topology.plan.ranks) if among is None or i in among]
@@ -329,6 +337,26 @@ class ReplicaSum:
         return start_lane(bucket, comms.endpoint, comms._island_ranks_at(lambda size: index % size, among), holder,
                           island_group=group, wire_dtype=comms.grad_wire_dtype, timeout=TIMEOUT_S,
                           accelerator=comms.accelerator)
+
+
+class OwnedRing:
+    """hetero.engine.owned_sum's bridge phase: this rank's island-summed shard of bucket `index`,
+    ringed with the same-local-rank owners of the other islands holding the bucket (`islands_of`,
+    as ReplicaSum's); `start` stages it, the pending sum's `finish` rings it (stamped)."""
+
+    def __init__(self, comms: Comms, islands_of=None):
+        self.comms = comms
+        self.islands_of = islands_of
+
+    def start(self, shard: torch.Tensor, index: int):
+        from comm_bridge.allreduce import start_bridge_ring
+
+        comms = self.comms
+        among = None if self.islands_of is None else self.islands_of(index)
+        mine = comms.topology.world_rank(comms.rank)
+        peers = comms._island_ranks_at(lambda size: mine, among)  # pylint: disable=protected-access
+        return _StampedSum(start_bridge_ring(shard, comms.endpoint, peers, wire_dtype=comms.grad_wire_dtype,
+                                             timeout=TIMEOUT_S, accelerator=comms.accelerator))
 
 
 class _Stamped(BridgeTransport):

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from hetero.engine import tags
 from hetero.engine.buckets import (END_OF_COMPUTE, GradBuckets, GradShard, StageBuckets, chunk_names,
                                    fitting_bucket_elements, grad_bucket_elements, held_names)
+from hetero.engine.owned_sum import IslandHoldings, OwnedSum, holdings_of
 from hetero.model import layout
 
 OVERLAP_ENV = "HETERO_OVERLAP_GRAD_REDUCE"      # "0": every DP reduction waits for the whole backward
@@ -63,6 +64,7 @@ class GradientSync:
         self.flat: torch.Tensor | None = None      # their flat vector (flat layout only)
         self._buckets: GradBuckets | None = None   # hetero-DP gradient buckets, made on first use
         self._bucket_islands: list[list[str]] = []   # per bucket, the islands holding its values
+        self._owned: OwnedSum | bool | None = None   # the sum by ownership; False where it does not apply
         self._prepared = False           # backward accumulates straight into `flat`
         # the DP reduction by chunk, started during the backward (None: all of it after)
         self.overlap: StageBuckets | None = None
@@ -230,8 +232,27 @@ class GradientSync:
                 part = (dim, *self.model.tp.part(layout.full_shape(self.model.config, hf)[dim], hf))
             shards.setdefault(hf, []).append(GradShard(self.grads[name], part, self.counts_once(name)))
         island, islands = self.place.island, self._bucket_islands
+        indices = [k for k, holders in enumerate(islands) if island in holders]
+        owned = self._owned_sum(self._buckets, shards)
+        if owned is not None:
+            owned.all_reduce(shards, indices)
+            return
         self._buckets.all_reduce(shards, self.comms.bucket_sum(islands.__getitem__), self.comms.device, self.scope,
-                                 indices=[k for k, holders in enumerate(islands) if island in holders])
+                                 indices=indices)
+
+    def _owned_sum(self, buckets: GradBuckets, shards: dict) -> OwnedSum | None:
+        """The sum by ownership (hetero.engine.owned_sum) where the islands are of one size, made on
+        first use (the island's ranks learn each other's holdings then); None: the bucket path."""
+        if self._owned is None:
+            ring = self.comms.owned_ring(self._bucket_islands.__getitem__)
+            self._owned = False
+            if ring is not None:
+                names = list(buckets.shapes)
+                group = self.comms._island_group()  # pylint: disable=protected-access
+                holdings = IslandHoldings(names, holdings_of(shards, names), group, self.comms.device, self.scope)
+                me = dist.get_rank(group) if group is not None else 0
+                self._owned = OwnedSum(buckets, holdings, me, group, self.comms.device, self.scope, ring)
+        return self._owned if isinstance(self._owned, OwnedSum) else None
 
     def counts_once(self, name: str) -> bool:
         """Whether this rank's copy of `name` is the one that counts in a fleet-wide sum:
