@@ -655,17 +655,18 @@ class CostModel:
         device, so a hop pays both copies in series with its transfer."""
         return nbytes / src.chip.host_link_bandwidth + nbytes / dst.chip.host_link_bandwidth
 
-    def cross_island_reduce_s(self, islands: list[IslandSpec], links: int, chips: list[int] | None = None) -> float:
+    def cross_island_reduce_s(self, islands: list[IslandSpec], links: int,
+                              ranks: list[tuple[IslandSpec, int]] | None = None) -> float:
         """Whole-model gradient reduction between replicas on different islands (hetero-DP).
 
         After each island reduces inside itself, its `links` nodes each hold a
         shard; a ring over the islands moves 2(K-1)/K of the model's gradients
         through each bridge link pair in parallel. Each shard is staged through host
         memory (device -> host before the ring, host -> device after it) at the slowest
-        island's host link. The buckets' device work (`bucket_device_s`, on each island's
-        `chips` ranks; None: not counted) runs on every chip at once. The engine streams
-        buckets: bucket k+1 is filled and staged while bucket k is on the bridge, so the
-        three overlap and the slowest counts."""
+        island's host link. The sum's device work (`bucket_device_s` on each island of `ranks`:
+        (island, ranks the plan uses there); None: not counted) runs on every chip at once. The
+        engine streams buckets: bucket k+1 is filled and staged while bucket k is on the bridge,
+        so the three overlap and the slowest counts."""
         k = len(islands)
         if k <= 1:
             return 0.0
@@ -673,19 +674,22 @@ class CostModel:
         ring = 2.0 * (k - 1) / k * nbytes / (self.bridge_bandwidth * max(1, links))
         host_link = min(island.chip.host_link_bandwidth for island in islands)
         staging = 2.0 * nbytes / max(1, links) / host_link
-        device = max((self.bucket_device_s(island, n) for island, n in zip(islands, chips)), default=0.0) \
-            if chips else 0.0
+        owned = len({n for _, n in ranks or ()}) == 1     # the engine sums by ownership where islands are of one size
+        device = max((self.bucket_device_s(island, n, owned) for island, n in ranks or ()), default=0.0)
         return max(ring, staging, device) + 2 * (k - 1) * self.bridge_latency
 
-    def bucket_device_s(self, island: IslandSpec, chips: int) -> float:
-        """The hetero-DP buckets' device memory traffic on one of the `chips` ranks of `island`
-        (hetero.engine.buckets): each rank zeroes every full-model fp32 bucket, copies its own
-        share of the gradients in and the summed share back out (read and write, 1/chips of the
-        model each way), and, in an island of several ranks, receives the island's all-gathered
-        total (the whole model again)."""
+    def bucket_device_s(self, island: IslandSpec, chips: int, owned: bool = True) -> float:
+        """The hetero-DP sum's device memory traffic on one of the `chips` ranks of `island`.
+
+        `owned` (hetero.engine.owned_sum: islands of one size): a rank packs the gradients it holds
+        (read and write 1/chips of the model), zeroes its owned shard and adds what it receives into
+        it (1 + 3 x 1/chips), packs the summed shard back (2 x) and lands its values (2 x): 10/chips
+        of the model in all. Otherwise (hetero.engine.buckets' lane path) every rank zeroes each
+        full-model fp32 bucket, copies its share in and out (4/chips) and receives the island's total
+        (the whole model again)."""
         nbytes = total_params(self.model) * GRAD_REDUCE_BYTES
         n = max(1, chips)
-        touched = nbytes * (1 if n == 1 else 2) + 4.0 * nbytes / n
+        touched = 10.0 * nbytes / n if owned else nbytes * (1 if n == 1 else 2) + 4.0 * nbytes / n
         return touched / (island.chip.memory_bandwidth * island.chip.bw_eff)
 
 

@@ -334,14 +334,20 @@ def _step_at(pe: PipeEval, units: int) -> float:
     return pe.step(m) if m >= 1 else math.inf
 
 
+def island_ranks(pes: list) -> dict[str, tuple[IslandSpec, int]]:
+    """Per island the pipelines `pes` use, the island and how many of its chips they use."""
+    chips: dict[str, tuple[IslandSpec, int]] = {}
+    for pe in pes:
+        for slot in pe.layout:
+            island, used = chips.get(slot.island.name, (slot.island, 0))
+            chips[slot.island.name] = (island, used + slot.tp * pe.dp)
+    return chips
+
+
 def pipe_links(pe: PipeEval) -> int:
     """Nodes the pipeline's chips sit on, over all its islands: the bridge links its share of the
     cross-pipeline gradient reduction can use in parallel (a replica's: its island's nodes)."""
-    chips: dict[str, tuple[IslandSpec, int]] = {}
-    for slot in pe.layout:
-        island, used = chips.get(slot.island.name, (slot.island, 0))
-        chips[slot.island.name] = (island, used + slot.tp * pe.dp)
-    return sum(island.nodes_spanned(0, used) for island, used in chips.values())
+    return sum(island.nodes_spanned(0, used) for island, used in island_ranks([pe]).values())
 
 
 def hybrid_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
@@ -349,7 +355,7 @@ def hybrid_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
     is the replicas' (one ring over the pipelines, staged at the slowest host link they use)."""
     links = min(pipe_links(pe) for pe in pes)
     ends = [min((slot.island for slot in pe.layout), key=lambda i: i.chip.host_link_bandwidth) for pe in pes]
-    cross = cm.cross_island_reduce_s(ends, links, [pe.chips for pe in pes])
+    cross = cm.cross_island_reduce_s(ends, links, list(island_ranks(pes).values()))
     return Candidate("hybrid", pes, max(pe.step() for pe in pes) + cross, cross, hybrid_label(pes, b))
 
 

@@ -164,7 +164,7 @@ def best_batch_split(pes: list[PipeEval], units: int) -> BatchSplit | None:
 def replica_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
     """Replicas with their micro-batch counts set: the slowest one plus the bridge reduction."""
     links = min(pe.island.nodes_spanned(0, pe.chips) for pe in pes)
-    cross = cm.cross_island_reduce_s([pe.island for pe in pes], links, [pe.chips for pe in pes])
+    cross = cm.cross_island_reduce_s([pe.island for pe in pes], links, [(pe.island, pe.chips) for pe in pes])
     step = max(p.step() for p in pes) + cross
     return Candidate("replicas", pes, step, cross, replica_label(pes, b))
 

@@ -396,8 +396,9 @@ def test_bridge_hops_and_the_hetero_dp_sum_pay_the_host_link_staging():
 
 
 def test_the_hetero_dp_sum_pays_the_buckets_device_work_at_memory_bandwidth():
-    """Every rank zeroes each full-model bucket, copies its share in and out and (islands of several
-    ranks) receives the island's total: on a chip of slow memory that, not the bridge, is the tail."""
+    """Islands of one size sum by ownership: each rank touches 10/n of the model. Otherwise every rank
+    zeroes each full-model bucket, copies its share in and out and (islands of several ranks)
+    receives the island's total. On a chip of slow memory that, not the bridge, is the tail."""
     import dataclasses
 
     model = ModelSpec(2, 64, 4, 4, 128, 256, 32, name="m")
@@ -406,9 +407,11 @@ def test_the_hetero_dp_sum_pays_the_buckets_device_work_at_memory_bandwidth():
     costs = CostModel(FleetSpec("f", (a, b), bridge_bandwidth=4e9, bridge_latency=0.0), model, TrainSpec(8))
     grads = total_params(model) * 4
     per_byte = 1 / (1e6 * sluggish.bw_eff)
-    assert costs.bucket_device_s(b, 2) == pytest.approx((2 * grads + 4 * grads / 2) * per_byte)
-    assert costs.bucket_device_s(b, 1) == pytest.approx(5 * grads * per_byte)    # no island total to receive
-    assert costs.cross_island_reduce_s([a, b], 1, [2, 2]) == pytest.approx(costs.bucket_device_s(b, 2))
+    assert costs.bucket_device_s(b, 2, owned=False) == pytest.approx((2 * grads + 4 * grads / 2) * per_byte)
+    assert costs.bucket_device_s(b, 1, owned=False) == pytest.approx(5 * grads * per_byte)   # no island total
+    assert costs.bucket_device_s(b, 4) == pytest.approx(10 * grads / 4 * per_byte)
+    assert costs.cross_island_reduce_s([a, b], 1, [(a, 2), (b, 2)]) == pytest.approx(costs.bucket_device_s(b, 2))
+    assert costs.cross_island_reduce_s([a, b], 1, [(a, 3), (b, 1)]) == pytest.approx(costs.bucket_device_s(b, 1, owned=False))
     # without the ranks' counts (or on fast memory) the bridge and staging decide, as before
     assert costs.cross_island_reduce_s([a, b], 1) < costs.bucket_device_s(b, 2) / 100
 
