@@ -8,8 +8,9 @@ loss scale) and makes them the fleet's, in this order:
 1. between the two copies of a tied embedding (each DP replica with its partner),
 2. over the stage's DP group: all-reduced, or under ZeRO-1 reduce-scattered so each
    rank holds the sum of its own shard only (zeros elsewhere),
-3. over the pipelines of a hetero-DP or hybrid plan (bucketed, hetero.engine.buckets); under
-   ZeRO-1 every DP rank contributes its own shard, so the buckets still add each value once,
+3. over the pipelines of a hetero-DP or hybrid plan (bucketed, hetero.engine.buckets, by ownership
+   where the islands are of one size: hetero.engine.owned_sum); under ZeRO-1 every DP rank
+   contributes its own shard, so the buckets still add each value once,
 4. this rank's share of the global squared norm (fp64, every value counted once: one
    DP replica or, under ZeRO-1, each rank's own shard), and clipping.
 
@@ -213,7 +214,9 @@ class GradientSync:
         brings its first layers' buckets from one and the rest from the other, each
         over that island's bridge links, and still adds each pipeline's gradient once;
         in a replicas plan every island holds every bucket, as before.
-        No full-model vector is ever built.
+        No full-model vector is ever built. Where the islands are of one size, the sum goes by
+        ownership instead (hetero.engine.owned_sum): the same buckets, but each rank moves only the
+        gradients it holds, never a full bucket.
         """
         if len(self.comms.topology.plan.pipelines) == 1:
             return

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from hetero.engine import progress
 from hetero.engine.buckets import BUCKETS_AHEAD, BucketPiece, GradBuckets, Rect, held_view, rect_of
 
 _NONE = -1      # encodes "no TP split" in a holding's dim
@@ -213,7 +214,8 @@ class OwnedSum:
         if self.n == 1:
             return flat
         out = self._buffer(sum(m.size for moves in recv for m in moves))
-        dist.all_to_all_single(out, flat, [sum(m.size for m in moves) for moves in recv], sizes, group=self.group)
+        with progress.during("island collective"):      # the head's hang watchdog names the phase
+            dist.all_to_all_single(out, flat, [sum(m.size for m in moves) for moves in recv], sizes, group=self.group)
         return out
 
     def _buffer(self, size: int) -> torch.Tensor:
