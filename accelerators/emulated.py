@@ -145,7 +145,6 @@ class EmulatedAccelerator(CpuAccelerator):
         self.copies = CopyEngine()
         self._default_stream = EmulatedStream(self)
         self._scope = threading.local()
-        self.host_work_depth = 0                # > 0: ops are a collective backend's host work (host_work)
         self._device_index: int | None = None   # set by set_device
         self.dist_backend = _backend_from_env()
         if self.dist_backend == STRICT_BACKEND:
@@ -183,19 +182,6 @@ class EmulatedAccelerator(CpuAccelerator):
 
     def in_scope(self) -> bool:
         return getattr(self._scope, "active", False)
-
-    @contextlib.contextmanager
-    def host_work(self):
-        """The enclosed ops are a collective backend's own host work (gloo staging its buffers and
-        copying results back as the work completes: accelerators/strict_stream_time.py). Their memory
-        is counted as before (the cost model's ZeRO-1 staging); their time is not charged: NCCL's
-        kernels make no such copies. Any thread's ops count while one is open (gloo's worker thread
-        runs under the caller's modes), so it is held only while the caller waits for the backend."""
-        self.host_work_depth += 1
-        try:
-            yield
-        finally:
-            self.host_work_depth -= 1
 
     def account(self, flops: float = 0.0, nbytes: float = 0.0,
                 dtype: torch.dtype = torch.float32) -> None:

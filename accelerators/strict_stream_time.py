@@ -20,13 +20,11 @@ one island do the same work on the same chip: TP's all-reduces, an island's buck
 host that waited for its chip first would stay exact otherwise, but leave the chip idle while
 it issues the next op after every collective, a gap a real host, running ahead, never shows.
 
-**gloo's host work is not the chip's time.** gloo copies inputs into its buffers and results
-back into the caller's tensors (as the work completes, in whichever thread waits). Under the
-emulated chip's dispatch mode those copies were charged at the chip's memory bandwidth, work
-NCCL's kernels never do (for a 1.5 MB bucket's reduce-scatter on emu-slow, about 20 ms). Every
-collective is issued and waited for inside the accelerator's `host_work` (`HostWork` for the
-waits torch makes later): the chip counts their memory, as the cost model's ZeRO-1 staging
-expects, and charges no time.
+**gloo's host work is not the chip's.** gloo copies inputs into its buffers and results back
+into the caller's tensors (as the work completes, in whichever thread waits). Under the
+emulated chip's dispatch mode those copies would be charged at the chip's memory bandwidth,
+work NCCL's kernels never do (for a 1.5 MB bucket's reduce-scatter on emu-slow, about 20 ms).
+Every collective is issued and waited for outside the dispatch modes (`HostWork`).
 
 **A send leaves after the work queued before it.** NCCL's send runs on the stream, so its
 data cannot reach the peer before the sender's chip has computed it; the emulated chip's host
@@ -37,12 +35,12 @@ hands it to gloo no earlier (`wait_for_queue`, on the stream's thread: the host 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import _disable_current_modes
 
 
 def queue_ready_at() -> float:
@@ -67,35 +65,26 @@ def on_compute_stream(opts: Any, start: Callable[[], dist.Work]) -> dist.Work:
     charge = getattr(registry._current, "charge_collective", None)  # pylint: disable=protected-access  # never select one here
     blocking = charge is not None and not getattr(opts, "asyncOp", True)
     issued_at = time.perf_counter()
-    with host_work():
+    with _disable_current_modes():
         work = start()
     if not blocking or charge is None:    # (charge is set when blocking; said again for the type checker)
         return HostWork(work)
-    with host_work():
+    with _disable_current_modes():
         work.wait()
     charge(time.perf_counter() - issued_at, issued_at)  # pylint: disable=not-callable  # None returned above
     return HostWork(work)   # torch waits for it again
 
 
-def host_work():
-    """The current accelerator's `host_work` (a collective backend's own copies: memory, no time),
-    or nothing where it keeps no device clock."""
-    from accelerators import registry
-
-    scope = getattr(registry._current, "host_work", None)  # pylint: disable=protected-access  # never select one here
-    return scope() if scope is not None else contextlib.nullcontext()
-
-
 class HostWork(dist.Work):
-    """A gloo collective's work, waited for inside `host_work` (gloo copies its results into the
-    caller's tensors as the wait completes: host work, not the chip's time)."""
+    """A gloo collective's work, waited for outside any dispatch mode (gloo copies its results into
+    the caller's tensors as the wait completes: host work, not the chip's)."""
 
     def __init__(self, work: dist.Work):
         super().__init__()
         self.work = work
 
     def wait(self, timeout=None) -> bool:
-        with host_work():
+        with _disable_current_modes():
             return self.work.wait() if timeout is None else self.work.wait(timeout)
 
     def is_completed(self) -> bool:

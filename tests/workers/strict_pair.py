@@ -8,7 +8,6 @@ a predicate (tensors whose `_device` attribute is set), so no emulated chip is n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -145,19 +144,9 @@ class ClockRecorder:
     def __init__(self) -> None:
         self.charges: list[tuple[str, float, float]] = []
         self.op = ""
-        self.host_work_depth = 0
 
     def charge_collective(self, seconds: float, issued_at: float) -> None:
         self.charges.append((self.op, seconds, issued_at))
-
-    @contextlib.contextmanager
-    def host_work(self):
-        """The backend's own copies run in here: memory, no time (the emulated chip's contract)."""
-        self.host_work_depth += 1
-        try:
-            yield
-        finally:
-            self.host_work_depth -= 1
 
 
 def stream_time(rank: int) -> dict:
@@ -179,7 +168,7 @@ def stream_time(rank: int) -> dict:
         clock.op = "broadcast"
         dist.broadcast(x, 0)
         flat, scattered = dev(torch.zeros(8)), dev(torch.zeros(4))
-        with OpsSeen(clock) as ops:    # gloo copies its results as the work completes, under the caller's modes
+        with OpsSeen() as ops:    # gloo copies its results as the work completes, under the caller's modes
             clock.op = "all_gather_into_tensor"
             dist.all_gather_into_tensor(flat, x)
             clock.op = "reduce_scatter_tensor"
@@ -189,23 +178,18 @@ def stream_time(rank: int) -> dict:
         registry._current = None  # pylint: disable=protected-access
     return {"charges": [[op, seconds] for op, seconds, _ in clock.charges],
             "issued_after_call": clock.charges[0][2] >= before, "value": x.tolist(),
-            "ops_charged_as_device_work": sorted(set(ops.charged)), "ops_seen": len(ops.seen)}
+            "device_ops_of_the_collectives": sorted(set(ops.seen))}
 
 
 class OpsSeen(TorchDispatchMode):
-    """The aten ops run under this mode, from any thread that inherits it, and those run outside
-    the chip's host_work (which an emulated chip would charge)."""
+    """The aten ops run under this mode, from any thread that inherits it."""
 
-    def __init__(self, chip: ClockRecorder) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.chip = chip
         self.seen: list[str] = []
-        self.charged: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.seen.append(str(func.overloadpacket))
-        if not self.chip.host_work_depth:
-            self.charged.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
 
 
