@@ -239,7 +239,8 @@ class StrictProcessGroup(dist.ProcessGroup):
                           opts: Any = None) -> dist.Work:
         check_device("all_gather_into_tensor", [output, input])
         opts = opts or AllgatherOptions()
-        return on_compute_stream(opts, lambda: self.gloo._allgather_base(output, input, opts))  # pylint: disable=protected-access
+        return on_compute_stream(opts, lambda: self.gloo._allgather_base(output, input, opts),  # pylint: disable=protected-access
+                                 staged_bytes=output.nbytes)
 
     _allgather_base = all_gather_single
 
@@ -253,7 +254,8 @@ class StrictProcessGroup(dist.ProcessGroup):
                               opts: Any = None) -> dist.Work:
         check_device("reduce_scatter_tensor", [output, input])
         opts = opts or dist.ReduceScatterOptions()
-        return on_compute_stream(opts, lambda: self.gloo._reduce_scatter_base(output, input, opts))  # pylint: disable=protected-access
+        return on_compute_stream(opts, lambda: self.gloo._reduce_scatter_base(output, input, opts),  # pylint: disable=protected-access
+                                 staged_bytes=input.nbytes)
 
     # torch's stub names the base's parameters outputTensor/inputTensor; torch passes them by position
     _reduce_scatter_base = reduce_scatter_single  # type: ignore[assignment]

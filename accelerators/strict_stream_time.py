@@ -58,34 +58,53 @@ def wait_for_queue(ready_at: float) -> None:
         time.sleep(remaining)
 
 
-def on_compute_stream(opts: Any, start: Callable[[], dist.Work]) -> dist.Work:
-    """Run `start()` (the gloo collective); a blocking one is waited for and charged to the device."""
+def on_compute_stream(opts: Any, start: Callable[[], dist.Work], staged_bytes: int = 0) -> dist.Work:
+    """Run `start()` (the gloo collective); a blocking one is waited for and charged to the device.
+    `staged_bytes`: the full vector gloo stages once more (see `staging`), counted until it is done."""
     from accelerators import registry
 
     charge = getattr(registry._current, "charge_collective", None)  # pylint: disable=protected-access  # never select one here
     blocking = charge is not None and not getattr(opts, "asyncOp", True)
+    stage = staging(staged_bytes)
     issued_at = time.perf_counter()
     with _disable_current_modes():
         work = start()
     if not blocking or charge is None:    # (charge is set when blocking; said again for the type checker)
-        return HostWork(work)
+        return HostWork(work, stage)
     with _disable_current_modes():
         work.wait()
     charge(time.perf_counter() - issued_at, issued_at)  # pylint: disable=not-callable  # None returned above
     return HostWork(work)   # torch waits for it again
 
 
+def staging(nbytes: int) -> torch.Tensor | None:
+    """gloo stages a full vector once more for reduce_scatter_tensor (its input) and
+    all_gather_into_tensor (its output). Outside the dispatch modes the emulated chip no longer
+    sees that copy, so it is counted here, as device memory held until the collective is done:
+    the memory model's ZeRO-1 staging (partitioner/costs.py, optimizer_phases) expects it. NCCL
+    and HCCL work in place; on a chip that counts no memory this is nothing."""
+    from accelerators import registry
+
+    track = getattr(registry._current, "track", None)  # pylint: disable=protected-access  # never select one here
+    if track is None or nbytes <= 0:
+        return None
+    return track(torch.empty(nbytes, dtype=torch.uint8))
+
+
 class HostWork(dist.Work):
     """A gloo collective's work, waited for outside any dispatch mode (gloo copies its results into
     the caller's tensors as the wait completes: host work, not the chip's)."""
 
-    def __init__(self, work: dist.Work):
+    def __init__(self, work: dist.Work, staged: torch.Tensor | None = None):
         super().__init__()
         self.work = work
+        self.staged = staged      # gloo's staging copy, counted until the work is done (`staging`)
 
     def wait(self, timeout=None) -> bool:
         with _disable_current_modes():
-            return self.work.wait() if timeout is None else self.work.wait(timeout)
+            done = self.work.wait() if timeout is None else self.work.wait(timeout)
+        self.staged = None
+        return done
 
     def is_completed(self) -> bool:
         return self.work.is_completed()
