@@ -9,6 +9,7 @@ a predicate (tensors whose `_device` attribute is set), so no emulated chip is n
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -228,6 +229,7 @@ def contract(rank: int) -> dict:
             "collectives": collectives(rank)}
 
 
+COMPLETE = {"contract", "collectives", "stream_time", "send_order"}   # both ranks end in step
 SCENARIOS = {f.__name__: f for f in (contract, collectives, stream_time, send_order, crossing_sends, crossing_isend_recv, silent_peer)}
 
 
@@ -242,6 +244,13 @@ def main() -> None:
     finally:
         dist.destroy_process_group()
     print(json.dumps(result), flush=True)
+    if scenario in COMPLETE:
+        # The group is torn down; skip the interpreter's own teardown. torch 2.13 + gloo sometimes
+        # aborts there ("terminate called without an active exception", about 1 pair in 30 under
+        # load, after the result is out), which would fail a scenario that has already passed.
+        # Not where a rank must outlive its peer's report (the deadlock scenarios).
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
