@@ -26,8 +26,7 @@ emulated chip's dispatch mode those copies would be charged at the chip's memory
 work NCCL's kernels never do (for a 1.5 MB bucket's reduce-scatter on emu-slow, about 20 ms).
 Every collective is issued and waited for outside the dispatch modes (`HostWork`). The one
 copy the memory model counts, the full vector gloo stages for ZeRO-1's reduce-scatter and
-all-gather, is counted explicitly (`staging`). Leaving the modes on and charging no time instead
-let gloo's threads inherit them, and the worker then aborted at interpreter exit more often.
+all-gather, is counted explicitly (`staging`).
 
 **A send leaves after the work queued before it.** NCCL's send runs on the stream, so its
 data cannot reach the peer before the sender's chip has computed it; the emulated chip's host
