@@ -80,8 +80,8 @@ def _hybrid_fits(cluster, kind: str) -> None:
     """--kind hybrid on a cluster of fewer than three islands with chips: no hybrid plan exists (two
     pipelines, one over two islands at least), so say so in one line instead of searching (also what an
     elastic re-plan says when lost nodes took islands)."""
-    islands = [i.name for i in cluster.islands if i.size > 0]
     if kind == "hybrid" and not hybrid_possible(cluster):
+        islands = [i.name for i in cluster.islands if i.size > 0]
         raise UserError(f"--kind hybrid: a hybrid plan needs at least three islands (two pipelines, one over "
                         f"two islands); cluster '{cluster.name}' has {len(islands)} ({', '.join(islands)}); "
                         "use --kind pipeline, replicas or auto")

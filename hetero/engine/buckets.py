@@ -65,6 +65,17 @@ class BucketPiece(NamedTuple):
     offset: int
 
 
+def overlapped(order: list[int], start, finish) -> None:
+    """`start(index)` each bucket of `order` up to BUCKETS_AHEAD ahead of the one whose
+    `finish(index, started)` runs (in order): the device fills and stages the next buckets while
+    the bridge carries this one."""
+    pending: collections.deque = collections.deque()
+    for position, index in enumerate(order):
+        while len(pending) <= BUCKETS_AHEAD and position + len(pending) < len(order):
+            pending.append(start(order[position + len(pending)]))
+        finish(index, pending.popleft())
+
+
 class Rect(NamedTuple):
     """Rows x columns of a bucket, starting at bucket position `offset`, rows `stride` apart."""
     offset: int
@@ -93,7 +104,7 @@ def held_view(grad: torch.Tensor, piece: BucketPiece, rect: Rect, part, shape) -
     """The elements of `rect` (rect_of(piece, part, shape)) in the holder's gradient `grad`: a
     rows x cols view of it."""
     if part is None:
-        return grad.view(rows_cols(shape))[piece.start:piece.stop]
+        return grad.view(_rows_cols(shape))[piece.start:piece.stop]
     if part[0] == 0:
         first = (rect.offset - piece.offset) // piece.cols + piece.start - part[1]   # the rect's first row in the shard
         return grad.view(-1, piece.cols)[first:first + rect.rows]
@@ -117,7 +128,7 @@ class GradBuckets:
         for hf in layout.model_names(config):
             shape = tuple(layout.full_shape(config, hf))
             self.shapes[hf] = shape
-            rows, cols = rows_cols(shape)
+            rows, cols = _rows_cols(shape)
             row = 0
             while row < rows:
                 if used and used + cols > capacity:
@@ -164,13 +175,10 @@ class GradBuckets:
                 sum_bucket(bucket, index)
                 self._copy_out(bucket, index, shards, scope)
             return
-        pending: collections.deque = collections.deque()
-        for position, index in enumerate(order):
-            while len(pending) <= BUCKETS_AHEAD and position + len(pending) < len(order):
-                ahead = order[position + len(pending)]
-                pending.append(start(self._fill(buffer, ahead, shards, scope), ahead))
-            # no name keeps the landed sum: it is freed before the next bucket's lands beside the buffer
-            self._copy_out(pending.popleft().finish(buffer[:self.length(index)]), index, shards, scope)
+        # no name keeps the landed sum: it is freed before the next bucket's lands beside the buffer
+        overlapped(order, lambda index: start(self._fill(buffer, index, shards, scope), index),
+                   lambda index, started: self._copy_out(started.finish(buffer[:self.length(index)]), index,
+                                                         shards, scope))
 
     def length(self, index: int) -> int:
         """Elements in bucket `index`."""
@@ -223,7 +231,7 @@ def held_names(config, holdings) -> set[str]:
     return names
 
 
-def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
     """A parameter seen as rows x cols: its first dim by the rest (a vector is a column)."""
     if len(shape) == 1:
         return shape[0], 1

@@ -195,6 +195,12 @@ class Comms:
         islands = [i for i in dict.fromkeys(r.island for r in self.topology.plan.ranks) if among is None or i in among]
         return {i: sum(1 for r in self.topology.plan.ranks if r.island == i) for i in islands}
 
+    def _same_rank_peers(self, among=None) -> list[int]:
+        """Bridge ranks of this rank's peers at the same island world rank, one per island of
+        `among` (None: every island), this rank included: the ring of an island-sharded sum."""
+        mine = self.topology.world_rank(self.rank)
+        return self._island_ranks_at(lambda size: mine, among)
+
     def _island_ranks_at(self, world_rank_of, among=None) -> list[int]:
         """Global ranks, one per island in plan order (`among`: only those islands): the rank at
         island world rank `world_rank_of(island size)`."""
@@ -329,8 +335,7 @@ class ReplicaSum:
         sizes = comms._island_sizes(among)
         group = comms._island_group()
         if len(set(sizes.values())) == 1:
-            mine = comms.topology.world_rank(comms.rank)
-            return start_cross_island(bucket, comms.endpoint, comms._island_ranks_at(lambda size: mine, among),
+            return start_cross_island(bucket, comms.endpoint, comms._same_rank_peers(among),
                                       island_group=group, wire_dtype=comms.grad_wire_dtype, timeout=TIMEOUT_S,
                                       accelerator=comms.accelerator)
         holder = index % sizes[comms.place.island]
@@ -353,8 +358,7 @@ class OwnedRing:
 
         comms = self.comms
         among = None if self.islands_of is None else self.islands_of(index)
-        mine = comms.topology.world_rank(comms.rank)
-        peers = comms._island_ranks_at(lambda size: mine, among)  # pylint: disable=protected-access
+        peers = comms._same_rank_peers(among)  # pylint: disable=protected-access
         return _StampedSum(start_bridge_ring(shard, comms.endpoint, peers, wire_dtype=comms.grad_wire_dtype,
                                              timeout=TIMEOUT_S, accelerator=comms.accelerator))
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from hetero.engine import tags
 from hetero.engine.buckets import (END_OF_COMPUTE, GradBuckets, GradShard, StageBuckets, chunk_names,
                                    fitting_bucket_elements, grad_bucket_elements, held_names)
-from hetero.engine.owned_sum import IslandHoldings, OwnedSum, holdings_of
+from hetero.engine.owned_sum import IslandHoldings, OwnedSum
 from hetero.model import layout
 
 OVERLAP_ENV = "HETERO_OVERLAP_GRAD_REDUCE"      # "0": every DP reduction waits for the whole backward
@@ -252,7 +252,7 @@ class GradientSync:
             if ring is not None:
                 names = list(buckets.shapes)
                 group = self.comms._island_group()  # pylint: disable=protected-access
-                holdings = IslandHoldings(names, holdings_of(shards, names), group, self.comms.device, self.scope)
+                holdings = IslandHoldings(names, shards, group, self.comms.device, self.scope)
                 me = dist.get_rank(group) if group is not None else 0
                 self._owned = OwnedSum(buckets, holdings, me, group, self.comms.device, self.scope, ring)
         return self._owned if isinstance(self._owned, OwnedSum) else None

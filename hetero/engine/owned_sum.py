@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from hetero.engine import progress
-from hetero.engine.buckets import BUCKETS_AHEAD, BucketPiece, GradBuckets, Rect, held_view, rect_of
+from hetero.engine.buckets import BucketPiece, GradBuckets, Rect, held_view, overlapped, rect_of
 
 _NONE = -1      # encodes "no TP split" in a holding's dim
 
@@ -84,10 +84,13 @@ def shard_bounds(length: int, n: int, owner: int) -> tuple[int, int]:
 
 
 class IslandHoldings:
-    """Every island rank's holdings (lists of Holding), learnt once over the island group."""
+    """Every island rank's holdings (lists of Holding), learnt once over the island group; this
+    rank's come from GradientSync's {HF name: [GradShard]} (`shards`)."""
 
-    def __init__(self, names: list[str], mine: list[Holding], group, device, scope):
+    def __init__(self, names: list[str], shards: dict, group, device, scope):
         self.index = {name: k for k, name in enumerate(names)}
+        mine = [Holding(self.index[hf], copy, shard.part, shard.counts)
+                for hf, copies in shards.items() for copy, shard in enumerate(copies)]
         size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
         if size == 1:
             self.ranks = [mine]
@@ -105,13 +108,6 @@ class IslandHoldings:
             values = [g.tolist() for g in gathered]
         self.ranks = [[Holding(r[0], r[1], None if r[2] == _NONE else (r[2], r[3], r[4]), bool(r[5]))
                        for r in rank_rows if r[0] != _NONE] for rank_rows in values]
-
-
-def holdings_of(shards: dict, names: list[str]) -> list[Holding]:
-    """This rank's holdings, from GradientSync's {HF name: [GradShard]}."""
-    index = {name: k for k, name in enumerate(names)}
-    return [Holding(index[hf], copy, shard.part, shard.counts)
-            for hf, copies in shards.items() for copy, shard in enumerate(copies)]
 
 
 class Move(NamedTuple):
@@ -152,13 +148,8 @@ class OwnedSum:
         buckets `indices` in order; up to BUCKETS_AHEAD are started ahead of the one finishing."""
         grads = {(self.holdings.index[hf], copy): shard.grad for hf, copies in shards.items()
                  for copy, shard in enumerate(copies)}
-        pending: collections.deque = collections.deque()
-        for position in range(len(indices)):
-            while len(pending) <= BUCKETS_AHEAD and position + len(pending) < len(indices):
-                ahead = indices[position + len(pending)]
-                pending.append((ahead, self._start(ahead, grads)))
-            index, (started, shard) = pending.popleft()
-            self._finish(index, grads, started.finish(shard))
+        overlapped(indices, lambda index: self._start(index, grads),
+                   lambda index, started: self._finish(index, grads, *started))
 
     # -- the moves of one bucket (fixed for the run: computed once) -------------------------
     def _moves(self, index: int, rank: int, owner: int, counted: bool) -> list[Move]:
@@ -238,11 +229,12 @@ class OwnedSum:
                     at += move.size
         return self.ring.start(shard, index), shard
 
-    def _finish(self, index: int, grads: dict, total: torch.Tensor) -> None:
-        """Phase 3: this rank's held values of bucket `index`, from the owners' summed shards."""
+    def _finish(self, index: int, grads: dict, pending, shard: torch.Tensor) -> None:
+        """Phases 2 and 3: `pending` (the started ring of this rank's `shard`) rung over the bridge,
+        then this rank's held values of bucket `index` from the owners' summed shards."""
         _, _, returns, mine = self._plan(index)
         lo, _ = shard_bounds(self.buckets.length(index), self.n, self.me)
-        total = total.reshape(-1)
+        total = pending.finish(shard).reshape(-1)
         with self.scope():
             received = self._exchange([[self._shard_view(total, lo, m) for m in moves] for moves in returns], mine)
             at = 0
