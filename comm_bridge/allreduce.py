@@ -32,6 +32,7 @@ import contextlib
 
 import torch
 
+from comm_bridge.direct_sum import DIRECT_MAX_BYTES, direct_all_reduce
 from comm_bridge.reshard import share
 
 ALLREDUCE_TAG = 0x4152_0000  # "AR": keeps ring traffic apart from pipeline tags by default
@@ -256,11 +257,15 @@ def ring_all_reduce(buf: torch.Tensor, endpoint, peers: list[int], *, wire_dtype
 
     n ranks cut `buf` into n pieces; n-1 reduce-scatter steps leave rank p with the
     full sum of piece p+1, n-1 all-gather steps pass the sums round. Each rank
-    sends 2(n-1)/n of `buf` in all, whatever n is.
+    sends 2(n-1)/n of `buf` in all, whatever n is. A vector of at most DIRECT_MAX_BYTES on
+    the wire skips the ring: one round of direct exchange (comm_bridge.direct_sum).
     """
     n = len(peers)
     if n == 1:
         return buf
+    wire_bytes = buf.numel() * (buf.element_size() if wire_dtype is None else torch.finfo(wire_dtype).bits // 8)
+    if wire_bytes <= DIRECT_MAX_BYTES:
+        return direct_all_reduce(buf, endpoint, peers, wire_dtype=wire_dtype, tag=tag, timeout=timeout)
     me = peers.index(endpoint.rank)
     right, left = peers[(me + 1) % n], peers[(me - 1) % n]
     pieces = [buf.narrow(0, *_start_len(share(buf.numel(), n, k))) for k in range(n)]

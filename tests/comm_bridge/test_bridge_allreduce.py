@@ -14,6 +14,7 @@ from tests.conftest import free_port
 
 from comm_bridge.allreduce import cross_island_all_reduce, ring_all_reduce
 from comm_bridge.channel import Endpoint
+from comm_bridge.direct_sum import DIRECT_MAX_BYTES
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "allreduce-token"
@@ -46,18 +47,51 @@ def run_ring(connected_endpoints, n, length, wire_dtype=None):
     for t in threads:
         t.join(60)
     assert not errors, errors
-    return bufs, expected
+    return bufs, expected, [e.stats()["messages_sent"] for e in endpoints]
 
 
-@pytest.mark.parametrize("n, length", [(2, 1), (3, 1000), (4, 10_001), (5, 3)])
+# up to DIRECT_MAX_BYTES (16,384 fp32) one round of direct exchange, the ring above it
+@pytest.mark.parametrize("n, length", [(2, 1), (3, 1000), (4, 10_001), (5, 3), (2, 16_385), (3, 20_000), (4, 40_001)])
 def test_ring_all_reduce_is_the_exact_sum_on_every_rank(n, length, connected_endpoints):
-    bufs, expected = run_ring(connected_endpoints, n, length)
+    bufs, expected, _ = run_ring(connected_endpoints, n, length)
     for buf in bufs:
         assert torch.equal(buf, expected)
 
 
-def test_ring_all_reduce_bf16_wire_is_close_and_identical_everywhere(connected_endpoints):
-    bufs, expected = run_ring(connected_endpoints, 3, 5000, wire_dtype=torch.bfloat16)
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_a_small_vector_is_summed_in_one_round_a_large_one_by_the_ring(n, connected_endpoints):
+    """A small sum sends each peer its vector once (n-1 messages, one hop of latency); the
+    ring sends 2(n-1) messages one after another (at least: a large piece goes in chunks)."""
+    _, _, small = run_ring(connected_endpoints, n, DIRECT_MAX_BYTES // 4)
+    assert small == [n - 1] * n
+    _, _, large = run_ring(connected_endpoints, n, DIRECT_MAX_BYTES // 4 + 1)
+    assert all(sent >= 2 * (n - 1) for sent in large)
+
+
+def test_the_direct_sum_adds_in_one_order_everywhere(connected_endpoints):
+    """Floats summed in different orders differ in their last bits; every peer must end with the
+    same bits (replicas must not drift), and the sum is the one in peer order."""
+    endpoints = connected_endpoints(4, shm=False, chunk_bytes=4096, default_timeout=30)
+    # element 0 sums to 0 in the peers' order [2, 0, 3, 1] and to 1 in rank order (ulp(1e8) is 8)
+    values = [torch.tensor([[1.0, 1e8, -1e8, 1.0][k], 0.1 * k, 3.0 * k], dtype=torch.float32) for k in range(4)]
+    bufs = [v.clone() for v in values]
+    threads = [threading.Thread(target=ring_all_reduce, args=(bufs[r], endpoints[r], [2, 0, 3, 1]),
+                                kwargs={"timeout": 30}) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    ordered = torch.zeros(3)
+    for r in [2, 0, 3, 1]:
+        ordered += values[r]
+    assert ordered[0] == 0.0
+    for buf in bufs:
+        assert torch.equal(buf, ordered)
+
+
+@pytest.mark.parametrize("length", [5000, 40_000])     # direct (10 kB of bf16) and ring (80 kB)
+def test_ring_all_reduce_bf16_wire_is_close_and_identical_everywhere(length, connected_endpoints):
+    bufs, expected, _ = run_ring(connected_endpoints, 3, length, wire_dtype=torch.bfloat16)
     for buf in bufs:
         assert buf.dtype == torch.float32
         assert torch.equal(buf, bufs[0])  # replicas must not drift apart
