@@ -90,7 +90,9 @@ class EmulationMode(TorchDispatchMode):
         else:
             formula = _FLOP_FORMULAS.get(packet)
             flops = formula(*args, out_val=out, **kwargs) if formula is not None else 0
-            nbytes = sum(t.nbytes for t in inputs) + sum(t.nbytes for t in outputs)
+            # what it reads and writes: its outputs, or (an in-place op that returns nothing, as
+            # the fused optimizers and the foreach ops) the tensors its schema says it writes
+            nbytes = sum(t.nbytes for t in inputs) + sum(t.nbytes for t in outputs or written)
             dtype = _compute_dtype(inputs or outputs)
             done = self.clock.charge(self.pace.seconds(flops, nbytes, dtype), issued_at)
         self.ledger.wrote(written + outputs, done)   # the copy engine's ordering check reads it

@@ -50,8 +50,8 @@ DP degree under ZeRO-1, else 1:
     bf16/fp16 e weight + e grad in backward, then a 4-byte flat fp32 copy (both at
               collection) + 4/D master + 8/D moments; the update casts a shard to e and,
               under ZeRO-1, all-gathers the full e
-The reference AdamW (non-fused chips) makes two 4-byte temporaries per element it
-updates (the per-parameter layout: one tensor at a time; the flat layout: the shard).
+The reference AdamW (chips without a fused AdamW: ChipModel.fused_adamw) makes two 4-byte
+temporaries per element it updates (the per-parameter layout: one tensor at a time; the flat layout: the shard).
 The stage's peak is the largest of these phases: compute (1F1B), gradient collection
 and reduction, update.
 
@@ -416,6 +416,9 @@ class CostModel:
     def _fused(self, island: str | None) -> bool:
         return True if island is None else self._islands[island].chip.fused
 
+    def _fused_adamw(self, island: str | None) -> bool:
+        return True if island is None else self._islands[island].chip.fused_adamw
+
     def stage_memory(self, t: int, b: int, dp: int, n_layers, first: bool, last: bool,
                      inflight, mode: str, island: str | None = None, micro_batches: int | None = None):
         """Bytes one chip of a stage needs at peak: the largest of its phases (see the module
@@ -469,7 +472,7 @@ class CostModel:
             largest = np.where(ends, max(m.hidden * m.ffn_hidden, m.hidden * m.hidden, m.vocab * m.hidden) / t,
                                largest)  # type: ignore[assignment]
         return optimizer_phases(params, e, dp if self.zero1(dp) else 1, per_mb, work, inflight, steady, largest,
-                                0 if fused else REFERENCE_ADAMW_TEMPS, staged_gather=not fused)
+                                0 if self._fused_adamw(island) else REFERENCE_ADAMW_TEMPS, staged_gather=not fused)
 
     # -- one stage row for the layer split -------------------------------------
 

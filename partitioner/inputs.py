@@ -63,6 +63,12 @@ class ChipModel:
         return not self.emulated and self.accelerator not in ("cpu", "emulated")
 
     @property
+    def fused_adamw(self) -> bool:
+        """Whether AdamW runs as one kernel with no temporaries (accelerators.ops: the vendors' fused
+        AdamW, which the emulated chips run too) rather than the reference's elementwise ops."""
+        return self.fused or self.emulated
+
+    @property
     def usable_bytes(self) -> float:
         return self.memory_bytes - self.reserve_bytes
 

@@ -61,8 +61,28 @@ def _sdpa_attention(q, k, v, causal=True, mask=None):
                                           scale=scale)
 
 
+def _fused_adamw(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                 weight_decay=0.0, maximize=False):
+    """torch's fused AdamW kernel (`torch.optim.AdamW(fused=True)`'s): one pass that reads the
+    parameter, gradient and both moments and writes back three, where the reference's eight
+    elementwise ops move three times the bytes. Same math as torch.optim.AdamW; tensors of
+    different dtypes (the kernel wants one) or a build without the kernel run the reference."""
+    if step < 1:
+        raise ValueError(f"adamw_step: step counts from 1, got {step}")
+    if _FUSED_ADAMW is None or not param.dtype == grad.dtype == exp_avg.dtype == exp_avg_sq.dtype:
+        reference.adamw_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                             eps=eps, weight_decay=weight_decay, maximize=maximize)
+        return
+    steps = torch.full((), float(step), dtype=torch.float32, device=param.device)   # the kernel reads it as is
+    _FUSED_ADAMW([param], [grad], [exp_avg], [exp_avg_sq], [], [steps], lr=lr, beta1=beta1, beta2=beta2,
+                 weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
+
+
+_FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)     # torch >= 2.2 (CPU since 2.4)
+
+
 def cuda_kernels() -> Kernels:
-    return {"attention": _sdpa_attention}
+    return {"attention": _sdpa_attention, "adamw_step": _fused_adamw}
 
 
 # Huawei Ascend (torch_npu) ---------------------------------------------------------
@@ -176,5 +196,6 @@ def emulated_kernels(accelerator) -> Kernels:
         run.__name__ = function.__name__
         return run
 
-    return {name: scoped(getattr(reference, name))
-            for name in ("rms_norm", "rotary", "attention", "swiglu", "adamw_step")}
+    kernels = {name: scoped(getattr(reference, name)) for name in ("rms_norm", "rotary", "attention", "swiglu")}
+    kernels["adamw_step"] = scoped(_fused_adamw)   # as the vendors' fused AdamW (CUDA, npu_apply_adam_w)
+    return kernels

@@ -69,6 +69,26 @@ def test_elementwise_is_charged_bytes_over_bandwidth(chip):
     assert chip.clock.busy_seconds == pytest.approx(3 * 4000 / 1e9)
 
 
+def test_an_in_place_op_that_returns_nothing_is_charged_what_it_writes(chip):
+    """The foreach and fused optimizer ops write their arguments and return nothing: the chip
+    charges the tensors their schema says they write, as it charges an op's outputs."""
+    xs = [on_chip(chip, torch.randn(1000)) for _ in range(2)]
+    with chip.device_scope():
+        torch._foreach_add_(xs, 1.0)
+    assert chip.clock.busy_seconds == pytest.approx(2 * 2 * 4000 / 1e9)   # each read and written
+
+
+def test_adamw_is_one_fused_pass(chip):
+    """The emulated chip runs AdamW as the vendors do, one kernel: it reads the parameter, the
+    gradient and both moments and writes them (the schema marks the gradients written too, for a
+    grad scale): 32 bytes per fp32 parameter, where the reference's eight ops moved about 90."""
+    from accelerators import ops
+
+    p, g, m, v = (on_chip(chip, torch.randn(10_000)) for _ in range(4))
+    ops.adamw_step(p, g, m, v, step=1, lr=1e-3, weight_decay=0.1)
+    assert chip.clock.busy_seconds == pytest.approx(32 * 10_000 / 1e9, rel=0.01)
+
+
 def test_backward_is_charged_too(chip):
     x, w = on_chip(chip, torch.randn(8, 16), torch.randn(16, 4, requires_grad=True))
     with chip.device_scope():

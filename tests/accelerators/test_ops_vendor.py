@@ -204,3 +204,38 @@ def test_kunlun_dispatch_end_to_end(monkeypatch):
         assert len(recorder.named("swiglu")) == 1
     finally:
         accelerators.reset_accelerator()
+
+
+# torch's fused AdamW (CUDA; the emulated chips run it too) -------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_fused_adamw_is_the_reference_math(dtype, monkeypatch):
+    calls = []
+    fused = vendor._FUSED_ADAMW
+    monkeypatch.setattr(vendor, "_FUSED_ADAMW", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    kernel = vendor.cuda_kernels()["adamw_step"]
+    torch.manual_seed(0)
+    ours = [torch.randn(1000, dtype=dtype)] + [torch.zeros(1000, dtype=dtype) for _ in range(2)]
+    theirs = [t.clone() for t in ours]
+    for step in range(1, 6):
+        grad = torch.randn(1000, dtype=dtype)
+        kernel(ours[0], grad, ours[1], ours[2], step=step, lr=1e-2, beta1=0.8, beta2=0.95, eps=1e-6,
+               weight_decay=0.1)
+        reference.adamw_step(theirs[0], grad, theirs[1], theirs[2], step=step, lr=1e-2, beta1=0.8, beta2=0.95,
+                             eps=1e-6, weight_decay=0.1)
+    assert len(calls) == 5                   # torch's kernel ran, not the reference
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_fused_adamw_takes_mixed_dtypes_through_the_reference_and_refuses_step_zero():
+    kernel = vendor.cuda_kernels()["adamw_step"]
+    param, grad = torch.ones(8), torch.full((8,), 0.5, dtype=torch.bfloat16)
+    m, v = torch.zeros(8), torch.zeros(8)
+    expected = [t.clone() for t in (param, m, v)]
+    kernel(param, grad, m, v, step=1, lr=0.1, maximize=True)          # the kernel wants one dtype
+    reference.adamw_step(expected[0], grad, expected[1], expected[2], step=1, lr=0.1, maximize=True)
+    for a, b in zip((param, m, v), expected):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="from 1"):
+        kernel(param, param, m, v, step=0, lr=0.1)
