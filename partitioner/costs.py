@@ -115,9 +115,11 @@ def model_flops_per_sample(m: ModelSpec) -> float:
     return 3.0 * (m.layers * layer_forward_flops(m, 1) + head_forward_flops(m, 1))
 
 
-def optimizer_bytes_per_param(dtype: str) -> float:
-    """Bytes the AdamW update moves per parameter (read p, g, m, v; write p, m, v)."""
-    return 28.0 if DTYPE_BYTES.get(dtype, 4) >= 4 else 38.0
+def optimizer_bytes_per_param(dtype: str, fused: bool = True) -> float:
+    """Bytes the AdamW update moves per parameter: fused, one pass (read p, g, m, v; write p, m,
+    v); else the reference's eight elementwise passes (accelerators/ops/reference.py: 92 bytes).
+    bf16/fp16 add the cast of the updated fp32 master to the compute dtype."""
+    return (28.0 if fused else 92.0) + (0.0 if DTYPE_BYTES.get(dtype, 4) >= 4 else 10.0)
 
 
 REFERENCE_ADAMW_TEMPS = 8      # bytes per updated element: the reference AdamW's two fp32 temporaries
@@ -627,7 +629,7 @@ class CostModel:
 
     def optimizer_s(self, island: IslandSpec, dp: int, params_per_chip: float) -> float:
         shard = dp if self.zero1(dp) else 1
-        return (params_per_chip / shard * optimizer_bytes_per_param(self.dtype)
+        return (params_per_chip / shard * optimizer_bytes_per_param(self.dtype, island.chip.fused_adamw)
                 / (island.chip.memory_bandwidth * island.chip.bw_eff)) + self.host_cost(island.name).optimizer_step_s
 
     def reduce_parts(self, island: IslandSpec, offset: int, t: int, dp: int, params_per_chip: float):

@@ -123,6 +123,9 @@ def _measure(job, paths, out, args, say) -> dict:
         "mixed": mixed, "subfleets": subfleets,
         "mixed_candidates": [{"kind": c["plan"]["kind"], "tokens_per_s": c["tokens_per_s"],
                               "efficiency": c["tokens_per_s"] / combined,
+                              # what the plan's shape allows before any engine loss: the calibrated
+                              # cost model's tokens/s for it over the measured anchors
+                              "predicted_efficiency": c["predicted_tokens_per_s"] / combined,
                               "predicted_tokens_per_s": c["predicted_tokens_per_s"],
                               "step_s": c["step_s"], "predicted_step_s": c["predicted_step_s"],
                               "measured_over_predicted": c["step_s"] / c["predicted_step_s"],
@@ -363,7 +366,8 @@ def _print(report: dict) -> None:
                           for c in report["mixed_candidates"])
         print(f"  measured both kinds of plan, kept the faster: {tried} tokens/s")
     for candidate in report["mixed_candidates"]:
-        print(f"  E({candidate['kind']}) = {candidate['efficiency']:.3f}; step {candidate['step_s']:.2f} s measured, "
+        print(f"  E({candidate['kind']}) = {candidate['efficiency']:.3f} (the calibrated cost model's for this plan: "
+              f"{candidate['predicted_efficiency']:.3f}); step {candidate['step_s']:.2f} s measured, "
               f"{candidate['predicted_step_s']:.2f} s predicted (ratio {candidate['measured_over_predicted']:.3f})")
     for name, cost in report["host_costs"].items():
         print(f"  host cost per micro-batch and stage on {name} (fitted from its run alone): "

@@ -110,3 +110,19 @@ def test_bad_host_costs_are_refused_by_name(bad, message):
 def test_scaled_host_costs_are_in_the_slower_clock():
     assert FAST_HOST.scaled(2.0) == HostCost(0.002, 0.0005, 0.00035, 0.01)
     assert FAST_HOST.micro_batch_s == pytest.approx(0.005)
+
+
+def test_the_update_is_one_pass_where_the_chip_fuses_adamw_and_eight_where_it_runs_the_reference():
+    """Kunlun runs the reference AdamW (accelerators/ops: no fused kernel there): 92 bytes a
+    parameter against the fused kernel's 28, and the reference's temporaries in the memory peak."""
+    import dataclasses
+
+    fused = EMU_MIXED.islands[0]
+    reference = dataclasses.replace(fused, name="kunlun", chip=dataclasses.replace(fused.chip, accelerator="kunlun"))
+    fleet = dataclasses.replace(EMU_MIXED, islands=(fused, reference))
+    cm = CostModel(fleet, LLAMA_TINY, TRAIN_TINY)
+    assert fused.chip.fused_adamw and not reference.chip.fused_adamw
+    assert cm.optimizer_s(reference, 1, 1e6) / cm.optimizer_s(fused, 1, 1e6) == pytest.approx(92 / 28)
+    # nothing in flight, full recompute: the update's phase sets the peak, temporaries included
+    peaks = [cm.stage_memory(1, 1, 1, 8, True, True, 0, "full", island=i.name) for i in (fused, reference)]
+    assert peaks[1] > peaks[0]

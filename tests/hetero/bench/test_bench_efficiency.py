@@ -117,6 +117,7 @@ def test_the_whole_bench_runs_on_a_tiny_fleet_and_writes_its_report(tmp_path):
     combined = sum(s["tokens_per_s"] for s in report["subfleets"].values())
     for candidate in report["mixed_candidates"]:     # E of each kind of plan, the pipeline's included
         assert candidate["efficiency"] == pytest.approx(candidate["tokens_per_s"] / combined)
+        assert candidate["predicted_efficiency"] == pytest.approx(candidate["predicted_tokens_per_s"] / combined)
     assert max(c["efficiency"] for c in report["mixed_candidates"]) == pytest.approx(report["efficiency"])
     assert report["efficiency"] == pytest.approx(
         report["mixed"]["tokens_per_s"] / sum(s["tokens_per_s"] for s in report["subfleets"].values()))
