@@ -74,8 +74,8 @@ def _fused_adamw(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2
                              eps=eps, weight_decay=weight_decay, maximize=maximize)
         return
     steps = torch.full((), float(step), dtype=torch.float32, device=param.device)   # the kernel reads it as is
-    _FUSED_ADAMW([param], [grad], [exp_avg], [exp_avg_sq], [], [steps], lr=lr, beta1=beta1, beta2=beta2,
-                 weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
+    _FUSED_ADAMW([param], [grad], [exp_avg], [exp_avg_sq], [], [steps],  # pylint: disable=not-callable  # None above
+                 lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
 
 
 _FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)     # torch >= 2.2 (CPU since 2.4)
