@@ -263,7 +263,7 @@ def ring_all_reduce(buf: torch.Tensor, endpoint, peers: list[int], *, wire_dtype
     n = len(peers)
     if n == 1:
         return buf
-    wire_bytes = buf.numel() * (buf.element_size() if wire_dtype is None else torch.finfo(wire_dtype).bits // 8)
+    wire_bytes = buf.numel() * (buf if wire_dtype is None else torch.empty(0, dtype=wire_dtype)).element_size()
     if wire_bytes <= DIRECT_MAX_BYTES:
         return direct_all_reduce(buf, endpoint, peers, wire_dtype=wire_dtype, tag=tag, timeout=timeout)
     me = peers.index(endpoint.rank)
