@@ -189,9 +189,8 @@ class TrainSpec:
     # and kernel workspaces, framework buffers.
     memory_headroom: float = 0.05
     # Interleaved 1F1B: model chunks per stage the planner may give a pipeline, 1..this (1: plain
-    # 1F1B only). Like `modes` and `recompute_modes`, what the engine runs: 1 by default until it
-    # runs interleaved plans end to end (hetero.engine.support.INTERLEAVED); `hetero plan
-    # --virtual-stages N` asks for more.
+    # 1F1B only, the default; the engine runs interleaved plans too, hetero.engine.support.INTERLEAVED);
+    # `hetero plan --virtual-stages N` asks for more.
     max_virtual_stages: int = 1
 
     @property
