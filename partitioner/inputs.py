@@ -21,10 +21,10 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 # 70-80% of peak on A100-class parts (cuBLAS); we take the low end, 0.7, for every
 # vendor. It is an assumption, not a measurement: `hetero profile` replaces it.
 DEFAULT_MATMUL_EFFICIENCY = 0.7
-# Accelerators whose ops table runs AdamW as one fused kernel (accelerators/ops/vendor.py: torch's
-# fused AdamW on CUDA and the emulated chips, npu_apply_adam_w on Ascend); Kunlun and the plain CPU
-# run the reference's elementwise ops (tests/accelerators/test_ops_vendor.py checks the two agree).
-FUSED_ADAMW = ("cuda", "ascend", "emulated")
+# Accelerators whose ops table runs AdamW as the reference's elementwise ops (Kunlun, the plain CPU);
+# the others run one fused kernel (accelerators/ops/vendor.py: torch's fused AdamW on NVIDIA and the
+# emulated chips, npu_apply_adam_w on Ascend). tests/accelerators/test_ops_vendor.py checks the two agree.
+REFERENCE_ADAMW = ("kunlun", "cpu")
 # Fraction of memory bandwidth that elementwise kernels reach on a real chip.
 DEFAULT_BANDWIDTH_EFFICIENCY = 0.8
 
@@ -68,9 +68,9 @@ class ChipModel:
 
     @property
     def fused_adamw(self) -> bool:
-        """Whether AdamW runs as one kernel with no temporaries (the accelerators whose ops table has
-        one, FUSED_ADAMW) rather than the reference's elementwise ops."""
-        return self.accelerator in FUSED_ADAMW or not self.accelerator    # unnamed: a vendor chip, as `fused`
+        """Whether AdamW runs as one kernel with no temporaries rather than the reference's
+        elementwise ops (REFERENCE_ADAMW); an unnamed accelerator is a vendor chip, as in `fused`."""
+        return self.accelerator not in REFERENCE_ADAMW
 
     @property
     def usable_bytes(self) -> float:
