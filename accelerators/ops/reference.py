@@ -80,13 +80,19 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def check_adamw_step(step: int) -> None:
+    """adamw_step's `step` counts from 1 (the bias corrections divide by 1 - beta**step); every
+    adapter of it refuses 0 alike."""
+    if step < 1:
+        raise ValueError(f"adamw_step: step counts from 1, got {step}")
+
+
 @torch.no_grad()
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                exp_avg_sq: torch.Tensor, *, step: int, lr: float, beta1: float = 0.9,
                beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
                maximize: bool = False) -> None:
-    if step < 1:
-        raise ValueError(f"adamw_step: step counts from 1, got {step}")
+    check_adamw_step(step)
     if maximize:
         grad = -grad
     param.mul_(1.0 - lr * weight_decay)

@@ -67,8 +67,7 @@ def _fused_adamw(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2
     parameter, gradient and both moments and writes back three, where the reference's eight
     elementwise ops move three times the bytes. Same math as torch.optim.AdamW; tensors of
     different dtypes (the kernel wants one) or a build without the kernel run the reference."""
-    if step < 1:
-        raise ValueError(f"adamw_step: step counts from 1, got {step}")
+    reference.check_adamw_step(step)
     if _FUSED_ADAMW is None or not param.dtype == grad.dtype == exp_avg.dtype == exp_avg_sq.dtype:
         reference.adamw_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
                              eps=eps, weight_decay=weight_decay, maximize=maximize)
@@ -135,8 +134,7 @@ def ascend_kernels(torch_npu: ModuleType) -> Kernels:
     @torch.no_grad()
     def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
                    eps=1e-8, weight_decay=0.0, maximize=False):
-        if step < 1:
-            raise ValueError(f"adamw_step: step counts from 1, got {step}")
+        reference.check_adamw_step(step)
         # The kernel multiplies beta*_power by beta itself, so it takes the
         # powers of the *previous* step; it updates var, m, v in place (out=).
         torch_npu.npu_apply_adam_w(
