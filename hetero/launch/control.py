@@ -18,7 +18,8 @@ joins (within join_timeout) or stops beating (for lost_timeout) fails the attemp
 The head also runs the hang watchdog (hetero.launch.watchdog) on the workers' progress
 reports: a hung job's culprit rank gets its stacks dumped and is killed (by the launcher on
 its host), the user gets one line naming it, and the attempt fails with that line as its
-reason, ahead of the failures the kill sets off. What happens (start, hang, failure) goes
+reason, ahead of the failures the kill sets off (at once when that host's launcher has gone quiet too,
+QUIET_S: a node lost with its rank has no one left to dump the stacks). What happens (start, hang, failure) goes
 to <run dir>/events.jsonl (hetero.launch.events).
 
 A failure every restart would repeat (a worker's JobFatalError, a full disk), on
@@ -48,6 +49,10 @@ from hetero.launch.agents import CRASHED, FATAL, SETTLE_S, STOPPED, LocalStatus
 from hetero.launch.layout import LOCAL_HOST, FleetLayout
 from hetero.launch.protocol import (BEAT_S, JOB_KEY, LEFT_REASON, MISSED_HEARTBEATS, STATE_KEY, LaunchAbort, Verdict,
                                     ack_key, hang_key, here_key, node_key, plan_key)
+
+# A member whose report has not changed for this long has lost its launcher: it rewrites the report every
+# BEAT_S, and dumping a hung rank's stacks holds it up DUMP_WAIT_S at most.
+QUIET_S = watchdog.DUMP_WAIT_S + 2 * BEAT_S
 
 
 class HeadControl:
@@ -176,7 +181,7 @@ class HeadControl:
         failures = []   # (priority, reason): the most telling first, then in this order
         if interrupted:
             failures.append((FATAL - 1, interrupted))
-        elif self.hang is not None and time.monotonic() < self.hang[2]:
+        elif self.hang is not None and time.monotonic() < self.hang[2] and not self._dumper_gone(self.hang[0].host):
             return None      # the hung rank's own node is dumping its stacks
         if self.hang is not None:
             failures.append((CRASHED, self.hang[1]))
@@ -289,7 +294,7 @@ class HeadControl:
         else:
             self._store().kv_set(hang_key(self.attempt), json.dumps({"rank": hang.rank, "host": hang.host,
                                                                    "pid": hang.pid, "stacks": hang.stacks}))
-            ready += watchdog.DUMP_WAIT_S + 2 * BEAT_S
+            ready += QUIET_S
         line = hang.line()
         self.hang = (hang, line, ready)
         self.say(line)
@@ -303,8 +308,9 @@ class HeadControl:
         """An event of the job (events.jsonl): the head keeps them."""
         events.record(self.run_dir, event, **details)
 
-    def _member(self, host_name: str) -> dict:
-        """A member's last report; a silent member counts as failed."""
+    def _report(self, host_name: str) -> tuple[str, float]:
+        """A member's last report and for how many seconds it has not changed (every rewrite carries a
+        new beat number, so a live launcher's report changes at least every BEAT_S)."""
         try:
             text = self._store().kv_get(node_key(self.attempt, host_name))
         except (CoordinatorError, AuthenticationError) as exc:
@@ -314,15 +320,29 @@ class HeadControl:
         if text != last:
             self._seen[host_name] = (text, now)
             since = now
+        return text, now - since
+
+    def _dumper_gone(self, host_name: str) -> bool:
+        """Whether the launcher that would dump a hung rank's stacks on `host_name` has stopped reporting
+        for QUIET_S: the node was lost with its rank, so no stacks will come and the attempt need not wait
+        (nor end() for that node's acknowledgement)."""
+        gone = host_name in self._seen and self._report(host_name)[1] > QUIET_S
+        if gone:
+            self._silent.add(host_name)
+        return gone
+
+    def _member(self, host_name: str) -> dict:
+        """A member's last report; a silent member counts as failed."""
+        text, quiet = self._report(host_name)
         status = json.loads(text)
-        if status["state"] == "pending" and now - since > self.join_timeout:
+        if status["state"] == "pending" and quiet > self.join_timeout:
             self._silent.add(host_name)
             return {"state": "failed", "reason": f"node {host_name} never joined attempt {self.attempt} "
                                                  f"(is its launcher running?)"}
-        if status["state"] in ("running", "done") and now - since > self.lost_timeout:
+        if status["state"] in ("running", "done") and quiet > self.lost_timeout:
             self._silent.add(host_name)
             return {"state": "failed", "reason": f"node {host_name} stopped reporting for "
-                                                 f"{now - since:.0f} s (its launcher died?)"}
+                                                 f"{quiet:.0f} s (its launcher died?)"}
         return status
 
     def end(self) -> None:

@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+import yaml
 
 from hetero.config import load_job
 from hetero.engine.checkpoint import pointed_step
@@ -25,6 +26,9 @@ HOSTS = loopback.hosts(3)
 LOST = HOSTS[2]
 STEPS = 10
 REJOIN_TIMEOUT = 2.0
+# The chips' speed: slow enough that the survivors' steps outlast the returning launcher's start (seconds
+# of imports), so the node is taken back mid-run rather than raced by the end of the job.
+SLOW_TFLOPS = 0.00005
 
 
 
@@ -80,7 +84,9 @@ def _fresh_losses(tmp_path, cluster: str, plan_path: str, checkpoints, from_step
 
 def test_a_lost_node_is_planned_around_and_taken_back(tmp_path):
     cluster = str(tmp_path / "cluster.yaml")
-    (tmp_path / "cluster.yaml").write_text(loopback.loopback_cluster_yaml("elastic-three", len(HOSTS), free_port_block(8)))
+    fleet = loopback.loopback_cluster("elastic-three", len(HOSTS), free_port_block(8))
+    fleet["chips"][loopback.CHIP]["tflops"] = {"fp32": SLOW_TFLOPS}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(fleet, sort_keys=False))
     job = load_job(cluster=cluster, model=CONFIG, train=CONFIG)
     first = make_plan(job, [("a", 1, 1, (0, 1), 0), ("b", 1, 1, (1, 2), 0), ("c", 1, 1, (2, 3), 0)])
     plan_path = tmp_path / "plan.json"

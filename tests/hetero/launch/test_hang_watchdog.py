@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 
@@ -255,3 +256,44 @@ def test_a_heartbeat_failure_waits_for_the_watchdog_to_look_at_it(tmp_path):
     control.watch()
     verdict = control.step(running, None)
     assert verdict is not None and verdict.state == "failed" and "global rank 2 failed: no heartbeat" in verdict.reason
+
+
+class _ReportsClient(_FakeClient):
+    """A store that holds one member's report."""
+
+    def __init__(self, reports: dict):
+        self.reports = reports
+
+    def kv_get(self, key):
+        return self.reports[key]
+
+
+@pytest.mark.parametrize("quiet_s, waits", [(0.0, True), (20.0, False)])
+def test_a_hang_on_a_lost_node_does_not_wait_for_stacks_no_one_will_dump(tmp_path, quiet_s, waits):
+    """A rank hung on another node: the head waits for that node's launcher to dump its stacks, unless
+    the launcher has stopped reporting too (the node was lost with the rank: SIGKILL, power): then the
+    attempt fails at once, and end() does not wait for that node's acknowledgement."""
+    from hetero.config import load_job
+    from hetero.launch.agents import LocalStatus
+    from hetero.launch.control import QUIET_S, HeadControl
+    from hetero.launch.layout import build_layout
+    from hetero.launch.protocol import node_key
+    from tests.conftest import FIXTURES
+
+    member = "127.0.0.2"
+    cluster = load_job(cluster=os.path.join(FIXTURES, "launch", "ray-two-node.yaml")).cluster
+    control = HeadControl(build_layout(cluster, None), "token", [member], 1, 5.0, ack_timeout=1.0,
+                          join_timeout=60.0, lost_timeout=60.0, run_dir=str(tmp_path), hang_timeout=TIMEOUT)
+    report = json.dumps({"state": "running", "beat": 7})
+    control.attempt = 0
+    control.coordinator, control.watchdog = _FakeCoordinator(), _QuietWatchdog()
+    control.client = _ReportsClient({node_key(0, member): report})
+    assert quiet_s == 0.0 or quiet_s > QUIET_S
+    control._seen = {member: (report if quiet_s else "an older report", time.monotonic() - quiet_s)}
+    control.hang = (types.SimpleNamespace(host=member), "rank 1 hung in backward", time.monotonic() + 60.0)
+    verdict = control.step(LocalStatus("running"), None)
+    if waits:
+        assert verdict is None and member not in control._silent
+    else:
+        assert verdict is not None and verdict.state == "failed" and verdict.reason == "rank 1 hung in backward"
+        assert member in control._silent
