@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from partitioner.inputs import DTYPE_BYTES, RECOMPUTE_MODES
-from partitioner.plan_format import (FORMAT, INTERLEAVED_VERSION, KINDS, MAX_BATCH, MAX_COUNT, VERSION, VERSIONS,
+from partitioner.plan_format import (FORMAT, INTERLEAVED_VERSION, KINDS, MAX_BATCH, MAX_COUNT, MIXED_MICRO_BATCH_VERSION,
+                                     VERSION, VERSIONS,
                                      PlanError, get_field, read_flag, read_int, read_items, read_mapping, read_number,
                                      read_pair, read_table, read_text, show, unique_keys)
 from partitioner.plan_invariants import problems as plan_problems
@@ -148,7 +149,10 @@ class Plan:
 
     @property
     def version(self) -> int:
-        """The format version this plan is written as: 1 unless a pipeline is interleaved."""
+        """The format version this plan is written as: 3 when its pipelines' micro-batches differ, else 2
+        when a pipeline is interleaved, else 1."""
+        if len({p.micro_batch for p in self.pipelines}) > 1:
+            return MIXED_MICRO_BATCH_VERSION
         return INTERLEAVED_VERSION if any(p.virtual_stages > 1 for p in self.pipelines) else VERSION
 
     def to_dict(self) -> dict:
@@ -177,8 +181,9 @@ class Plan:
             raise PlanError(f"not a hetero plan (expected \"format\": \"{FORMAT}\")")
         version = data.get("version")
         if version not in VERSIONS or isinstance(version, bool):
-            raise PlanError(f"plan version {version!r} is not supported (expected {VERSION}, or "
-                            f"{INTERLEAVED_VERSION} for interleaved pipelines)", "version")
+            raise PlanError(f"plan version {version!r} is not supported (expected {VERSION}, {INTERLEAVED_VERSION} "
+                            f"for interleaved pipelines, or {MIXED_MICRO_BATCH_VERSION} for pipelines of different "
+                            f"micro-batches)", "version")
         plan = cls(
             kind=read_text(data, "kind", choices=KINDS), cluster=read_text(data, "cluster"), model=read_text(data, "model"),
             dtype=read_text(data, "dtype", choices=tuple(DTYPE_BYTES)), layers=read_int(data, "layers", low=1),
@@ -197,10 +202,8 @@ class Plan:
             provenance=dict(read_mapping(data, "provenance", default={})),
             idle=read_table(data, "idle", read_int, default={}),
         )
-        if version != plan.version:      # the version says whether a pipeline is interleaved
-            raise PlanError(f"virtual_stages > 1 needs plan version {INTERLEAVED_VERSION}" if version == VERSION else
-                            f"plan version {version} is not supported without a pipeline of virtual_stages > 1 "
-                            f"(a plain plan is version {VERSION})", "version")
+        if version != plan.version:      # the version says whether a pipeline is interleaved, micro-batches differ
+            raise PlanError(_version_mismatch(version, plan.version), "version")
         return plan
 
     @classmethod
@@ -272,6 +275,19 @@ def _split(layers: int, parts: int) -> list[int]:
     if layers < parts:
         raise PlanError(f"a stage of {layers} layers cannot hold {parts} non-empty chunks")
     return [layers // parts + (1 if c < layers % parts else 0) for c in range(parts)]
+
+
+def _version_mismatch(given: int, needed: int) -> str:
+    """Why a plan written as version `given` is refused when its content is version `needed`."""
+    if needed == MIXED_MICRO_BATCH_VERSION:
+        return f"pipelines of different micro_batch need plan version {MIXED_MICRO_BATCH_VERSION}"
+    if needed == INTERLEAVED_VERSION and given == VERSION:
+        return f"virtual_stages > 1 needs plan version {INTERLEAVED_VERSION}"
+    if given == MIXED_MICRO_BATCH_VERSION:
+        return (f"plan version {given} is not supported when every pipeline has the same micro_batch "
+                f"(such a plan is version {needed})")
+    return (f"plan version {given} is not supported without a pipeline of virtual_stages > 1 "
+            f"(a plain plan is version {VERSION})")
 
 
 def _stage_dict(s: StagePlan) -> dict:

@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping
 FORMAT = "hetero-plan"
 VERSION = 1
 INTERLEAVED_VERSION = 2     # written when any pipeline has virtual_stages > 1 (docs/plan-format.md)
-VERSIONS = (VERSION, INTERLEAVED_VERSION)
+MIXED_MICRO_BATCH_VERSION = 3   # written when the pipelines' micro_batch differ (interleaved or not)
+VERSIONS = (VERSION, INTERLEAVED_VERSION, MIXED_MICRO_BATCH_VERSION)
 # pipeline: one pipeline (hetero-PP); replicas: a pipeline per island (hetero-DP); hybrid: several
 # pipelines, each over one island or several, the batch split between them (hetero-DP of hetero-PP).
 KINDS = ("pipeline", "replicas", "hybrid")

@@ -80,8 +80,8 @@ def _pipeline_problems(plan: Plan) -> list[str]:
             if s.dp != p.dp:
                 out.append(f"stage {i}: dp {s.dp} differs from its pipeline's {p.dp}")
         out.extend(_layer_problems(plan, p, mine))
-        if p.micro_batch != plan.micro_batch:
-            out.append(f"pipeline {p.index}: micro_batch {p.micro_batch} != plan's {plan.micro_batch}")
+        if p.index == 0 and p.micro_batch != plan.micro_batch:
+            out.append(f"pipeline 0: micro_batch {p.micro_batch} != plan's {plan.micro_batch}")
         if p.num_micro_batches < 1:
             out.append(f"pipeline {p.index}: needs at least one micro-batch")
         total += p.samples

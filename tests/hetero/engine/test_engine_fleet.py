@@ -210,9 +210,10 @@ def test_killed_worker_restarts_job_from_last_checkpoint(tmp_path, emulated_flee
 
 
 def make_replicas_plan(job, replicas, micro_batch=2):
-    """replicas: [(island, [(tp, (start, end)), ...], samples)]: one whole-model pipeline per island."""
+    """replicas: [(island, [(tp, (start, end)), ...], samples[, its micro-batch])]: one whole-model pipeline
+    per island, each of `micro_batch` samples unless it names its own."""
     stages, pipelines, ranks_by_island = [], [], {}
-    for p, (island, stage_specs, samples) in enumerate(replicas):
+    for p, (island, stage_specs, samples, *own) in enumerate(replicas):
         indices, offset = [], 0
         for tp, layers in stage_specs:
             index = len(stages)
@@ -222,14 +223,15 @@ def make_replicas_plan(job, replicas, micro_batch=2):
                 ranks_by_island.setdefault(island, []).append((offset + t, index, p, t))
             indices.append(index)
             offset += tp
-        pipelines.append(PipelinePlan(p, tuple(indices), 1, micro_batch, samples // micro_batch))
+        mb = own[0] if own else micro_batch
+        pipelines.append(PipelinePlan(p, tuple(indices), 1, mb, samples // mb))
     ranks = []
     for island in [i.name for i in job.cluster.islands]:
         for local, stage, p, t in sorted(ranks_by_island.get(island, [])):
             ranks.append(RankPlan(len(ranks), island, local, 0, p, stage, t, 0))
     return Plan(kind="replicas", cluster=job.cluster.name, model=job.model.name, dtype="fp32",
                 layers=job.model.layers, heads=job.model.heads, kv_heads=job.model.kv_heads,
-                global_batch=job.train.global_batch, micro_batch=micro_batch,
+                global_batch=job.train.global_batch, micro_batch=pipelines[0].micro_batch,
                 num_micro_batches=pipelines[0].num_micro_batches, recompute="none", zero1=False,
                 stages=tuple(stages), pipelines=tuple(pipelines), ranks=tuple(ranks),
                 predicted_step_s=1.0, tokens_per_s=1.0, mfu={})
@@ -240,7 +242,9 @@ def make_replicas_plan(job, replicas, micro_batch=2):
     [("wide", [(2, (0, 2)), (1, (2, 3))], 6), ("narrow", [(1, (0, 3))], 2)],
     # one rank per island: the island-aware bridge ring; uneven split 2 / 6
     [("wide", [(1, (0, 3))], 2), ("narrow", [(1, (0, 3))], 6)],
-], ids=["unequal", "ring"])
+    # each island its own micro-batch (plan version 3): 2 x 3 samples through a pipeline of two, 2 x 1 alone
+    [("wide", [(2, (0, 2)), (1, (2, 3))], 6, 3), ("narrow", [(1, (0, 3))], 2, 1)],
+], ids=["unequal", "ring", "micro-batches"])
 def test_hetero_dp_replicas_match_one_process(tmp_path, emulated_fleet, replicas, monkeypatch):
     cluster, job = emulated_fleet
     # 20 kB buckets: the ~0.5 MB of gradients stream through the bridge in ~26 of them
