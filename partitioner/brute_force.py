@@ -54,10 +54,13 @@ def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=No
                                     best = Candidate("pipeline", [pe], pe.step(), 0.0, label_pp(pe))
     several = ("replicas" in train.modes and len(fleet.islands) >= 2) or ("hybrid" in train.modes
                                                                           and len(fleet.islands) >= 3)
+    every_b: dict = {island.name: [] for island in fleet.islands}     # replica options at any micro-batch
     for b in train.micro_batch_choices() if several else ():
         options = {island.name: _pareto([pe for t in tp_choices(model, island) for p in range(1, min(L, island.size // t) + 1)
                                          for pe in _group_options(cm, ((island, t, p),), b, comps_cache)])
                    for island in fleet.islands}
+        for name, pes in options.items():
+            every_b[name].extend(pes)
         if "replicas" in train.modes:
             for cand in combine_replicas(cm, options, b, 1):
                 if best is None or cand.step < best.step:
@@ -65,6 +68,10 @@ def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=No
         if "hybrid" in train.modes:
             cand = _best_hybrid(cm, fleet, options, b, comps_cache)
             if cand is not None and (best is None or cand.step < best.step):
+                best = cand
+    if "replicas" in train.modes and len(train.micro_batch_choices()) > 1 and len(fleet.islands) >= 2:
+        for cand in combine_replicas(cm, every_b, 1, 1):     # each island at its own micro-batch
+            if best is None or cand.step < best.step:
                 best = cand
     return best
 

@@ -116,10 +116,13 @@ def label_pp(pe: PipeEval) -> str:
 
 
 def replica_label(pes: list, b: int) -> str:
+    """"replicas a(pp1 tp2 dp1, 28 samples) + b(...), micro-batch 2"; each replica's own micro-batch
+    in its parentheses when they differ."""
+    mixed = len({p.b for p in pes}) > 1
     return "replicas " + " + ".join(
         f"{p.island.name}(pp{len(p.layout)}{f' x{p.v} chunks' if p.v > 1 else ''} tp{p.layout[0].tp} dp{p.dp}, "
-        f"{p.dp * p.b * p.m} samples)"
-        for p in pes) + f", micro-batch {b}"
+        f"{p.dp * p.b * p.m} samples{f', micro-batch {p.b}' if mixed else ''})"
+        for p in pes) + ("" if mixed else f", micro-batch {b}")
 
 
 def hybrid_label(pes: list, b: int) -> str:

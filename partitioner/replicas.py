@@ -116,11 +116,12 @@ def _bound_variants(cm: CostModel, line: tuple, spec: tuple, units: int) -> list
     return out
 
 
-def _micro_batch_counts(pe: PipeEval, units: int) -> np.ndarray:
-    """The micro-batch counts per replica this pipeline can run within `units` (interleaved: multiples
-    of its stages)."""
+def _micro_batch_counts(pe: PipeEval, units: int, b: int | None = None) -> np.ndarray:
+    """The micro-batch counts per replica this pipeline can run within `units` micro-batches of `b`
+    samples (its own micro-batch by default; interleaved: multiples of its stages)."""
     step = len(pe.layout) if pe.v > 1 else 1
-    return np.arange(step, units // pe.dp + 1, step)
+    b = pe.b if b is None else b
+    return np.arange(step, units * b // (pe.dp * pe.b) + 1, step)
 
 
 class BatchSplit(NamedTuple):
@@ -130,15 +131,16 @@ class BatchSplit(NamedTuple):
     shares: list                     # micro-batches each takes (per replica for best_batch_split)
 
 
-def best_batch_split(pes: list[PipeEval], units: int) -> BatchSplit | None:
-    """Split `units` micro-batches of the global batch between pipelines (each >= 1 micro-batch
-    per replica) to minimise the slowest pipeline's step. Exact; returns (step, [m_k]) or None."""
+def best_batch_split(pes: list[PipeEval], units: int, b: int | None = None) -> BatchSplit | None:
+    """Split `units` micro-batches of `b` samples of the global batch (each pipeline's own micro-batch by
+    default; b = 1 when they differ) between pipelines (each >= 1 micro-batch per replica) to minimise
+    the slowest pipeline's step. Exact; returns (step, [m_k]) or None."""
     f = np.full(units + 1, np.inf)
     f[0] = 0.0
     back = []
     for pe in pes:
-        d = pe.dp
-        ms = _micro_batch_counts(pe, units)
+        d = pe.dp * pe.b // (b or pe.b)       # units one micro-batch per replica takes
+        ms = _micro_batch_counts(pe, units, b)
         if ms.size == 0:
             return None
         tm = (ms - 1) * pe.cycle + pe.fill
@@ -156,7 +158,7 @@ def best_batch_split(pes: list[PipeEval], units: int) -> BatchSplit | None:
     for k in range(len(pes) - 1, -1, -1):
         mk = int(back[k][left])
         m_list.append(mk)
-        left -= pes[k].dp * mk
+        left -= pes[k].dp * pes[k].b // (b or pes[k].b) * mk
     m_list.reverse()
     return BatchSplit(float(f[units]), m_list)
 
@@ -170,7 +172,8 @@ def replica_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
 
 
 def combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
-    """Every combination of one option per island, each with its exact batch split (brute force)."""
+    """Every combination of one option per island, each with its exact batch split (brute force). The
+    options run micro-batches of `b` samples, or b = 1: each its own (the split then counts samples)."""
     G = cm.train.global_batch
     units = G // b
     names = [n for n in options_by_island if options_by_island[n]]
@@ -178,12 +181,12 @@ def combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
     for k in range(2, len(names) + 1):
         for subset in itertools.combinations(names, k):
             for combo in itertools.product(*[options_by_island[n] for n in subset]):
-                res = best_batch_split(list(combo), units)
+                res = best_batch_split(list(combo), units, b)
                 if res is None:
                     continue
                 m_list = res.shares
                 pes = [pe.with_micro_batches(mk) for pe, mk in zip(combo, m_list)]
-                out.append(replica_candidate(cm, pes, b))
+                out.append(replica_candidate(cm, pes, pes[0].b))
     out.sort(key=lambda c: c.step)
     return out[:keep]
 
@@ -193,10 +196,11 @@ class Envelope:
     """One island's best replica step at every share of the batch (or a hybrid group's best pipeline
     over its islands: partitioner/hybrid.py; `island` is then the group's first).
 
-    step[u]: the fastest option (TP, stages, DP) that takes exactly u micro-batches of
+    step[u]: the fastest option (TP, stages, DP) that takes exactly u micro-batches of b samples of
     the global batch (u a multiple of its DP), inf where none does; pick[u]: which.
     Keeping every option until the batch is split is the point: a few options cut by
-    steady-state throughput cannot serve every share (issue #20)."""
+    steady-state throughput cannot serve every share (issue #20). With b = 1 the options may
+    run different micro-batches (`by_samples`): u counts samples."""
 
     island: IslandSpec
     b: int
@@ -206,15 +210,15 @@ class Envelope:
 
     def replica(self, u: int) -> PipeEval:
         pe = self.options[int(self.pick[u])]
-        return pe.with_micro_batches(u // pe.dp)
+        return pe.with_micro_batches(u * self.b // (pe.dp * pe.b))
 
 
 def envelope(island: IslandSpec, b: int, options: list, units: int) -> Envelope:
     step = np.full(units + 1, np.inf)
     pick = np.full(units + 1, -1, dtype=np.int64)
     for k, pe in enumerate(options):
-        ms = _micro_batch_counts(pe, units)
-        u = ms * pe.dp
+        ms = _micro_batch_counts(pe, units, b)
+        u = ms * pe.dp * pe.b // b
         t = (ms - 1) * pe.cycle + pe.fill
         better = t < step[u]
         step[u[better]] = t[better]
@@ -300,6 +304,21 @@ def island_envelopes(cm, fleet, limits, bounds, stats, progress=None) -> dict:
     return out
 
 
+def by_samples(envelopes: dict, global_batch: int) -> dict:
+    """{island name: Envelope over samples}: at every share of the batch, in samples, the island's
+    fastest option at any micro-batch (each island may run the micro-batch it is fastest at, and the
+    batch splits in samples rather than in one micro-batch shared by all). {} with one micro-batch."""
+    if len(envelopes) < 2:
+        return {}
+    names = {n for by_island in envelopes.values() for n in by_island}
+    out = {}
+    for name in sorted(names):
+        found = [by_island[name] for by_island in envelopes.values() if name in by_island]
+        options = [pe for env in found for pe in env.options]
+        out[name] = envelope(found[0].island, 1, options, global_batch)
+    return out
+
+
 def _subsets(names: list, limit: int = 5):
     """Island subsets of two or more for hetero-DP: all of them when few islands, else the whole fleet."""
     if len(names) > limit:
@@ -308,9 +327,15 @@ def _subsets(names: list, limit: int = 5):
 
 
 def search_replicas(cm, envelopes: dict, keep: int, stats) -> list:
+    """The best hetero-DP plans: at every micro-batch every island on it, then each island on its own
+    (the batch split in samples over `by_samples` envelopes)."""
+    G = cm.train.global_batch
     out = []
-    for b, by_island in envelopes.items():
-        units = cm.train.global_batch // b
+    splits = [(G // b, by_island) for b, by_island in envelopes.items()]
+    mixed = by_samples(envelopes, G)
+    if mixed:
+        splits.append((G, mixed))
+    for units, by_island in splits:
         for subset in _subsets(list(by_island)):
             envs = [by_island[n] for n in subset]
             res = split_batch(envs, units)
@@ -318,7 +343,9 @@ def search_replicas(cm, envelopes: dict, keep: int, stats) -> list:
             if res is None:
                 continue
             pes = [env.replica(u) for env, u in zip(envs, res.shares)]
-            out.append(replica_candidate(cm, pes, b))
+            if by_island is mixed and len({pe.b for pe in pes}) == 1:
+                continue    # one micro-batch for all: the split at that micro-batch has it
+            out.append(replica_candidate(cm, pes, pes[0].b))
     out.sort(key=lambda c: c.step)
     return out[:keep]
 

@@ -248,6 +248,7 @@ def _summary(result, job) -> dict:
         "plan": {"kind": plan["kind"],
                  "stages": [{k: s[k] for k in ("island", "chip", "tp", "dp", "layers")} for s in plan["stages"]],
                  "samples": [p["samples"] for p in plan["pipelines"]], "micro_batch": plan["micro_batch"],
+                 "micro_batches": [p["micro_batch"] for p in plan["pipelines"]],   # each pipeline's (plan version 3)
                  "summary": result.plan.summary()},
     }
 
@@ -360,7 +361,9 @@ def _print(report: dict) -> None:
     print(f"  {'sum':10s}        {sum(s['tokens_per_s'] for s in report['subfleets'].values()):9.1f} tokens/s")
     mixed = report["mixed"]
     kind = mixed["plan"]["kind"]
-    print(f"  mixed fleet   {mixed['tokens_per_s']:9.1f} tokens/s   ({kind}, samples {mixed['plan']['samples']})")
+    sizes = mixed["plan"]["micro_batches"]
+    each = f", micro-batches {sizes}" if len(set(sizes)) > 1 else ""
+    print(f"  mixed fleet   {mixed['tokens_per_s']:9.1f} tokens/s   ({kind}, samples {mixed['plan']['samples']}{each})")
     if len(report["mixed_candidates"]) > 1:
         tried = ", ".join(f"{c['kind']} {c['tokens_per_s']:.1f} (predicted {c['predicted_tokens_per_s']:.1f})"
                           for c in report["mixed_candidates"])
