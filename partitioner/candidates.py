@@ -115,14 +115,14 @@ def label_pp(pe: PipeEval) -> str:
     return f"pipeline {chain}, dp {pe.dp}, micro-batch {pe.b} x {pe.m}{chunks}"
 
 
-def replica_label(pes: list, b: int) -> str:
+def replica_label(pes: list) -> str:
     """"replicas a(pp1 tp2 dp1, 28 samples) + b(...), micro-batch 2"; each replica's own micro-batch
     in its parentheses when they differ."""
     mixed = len({p.b for p in pes}) > 1
     return "replicas " + " + ".join(
         f"{p.island.name}(pp{len(p.layout)}{f' x{p.v} chunks' if p.v > 1 else ''} tp{p.layout[0].tp} dp{p.dp}, "
         f"{p.dp * p.b * p.m} samples{f', micro-batch {p.b}' if mixed else ''})"
-        for p in pes) + ("" if mixed else f", micro-batch {b}")
+        for p in pes) + ("" if mixed else f", micro-batch {pes[0].b}")
 
 
 def hybrid_label(pes: list, b: int) -> str:

@@ -138,8 +138,8 @@ def best_batch_split(pes: list[PipeEval], units: int, b: int | None = None) -> B
     f = np.full(units + 1, np.inf)
     f[0] = 0.0
     back = []
-    for pe in pes:
-        d = pe.dp * pe.b // (b or pe.b)       # units one micro-batch per replica takes
+    takes = [pe.dp * pe.b // (b or pe.b) for pe in pes]     # units one micro-batch per replica takes
+    for pe, d in zip(pes, takes):
         ms = _micro_batch_counts(pe, units, b)
         if ms.size == 0:
             return None
@@ -158,17 +158,17 @@ def best_batch_split(pes: list[PipeEval], units: int, b: int | None = None) -> B
     for k in range(len(pes) - 1, -1, -1):
         mk = int(back[k][left])
         m_list.append(mk)
-        left -= pes[k].dp * pes[k].b // (b or pes[k].b) * mk
+        left -= takes[k] * mk
     m_list.reverse()
     return BatchSplit(float(f[units]), m_list)
 
 
-def replica_candidate(cm: CostModel, pes: list, b: int) -> Candidate:
+def replica_candidate(cm: CostModel, pes: list) -> Candidate:
     """Replicas with their micro-batch counts set: the slowest one plus the bridge reduction."""
     links = min(pe.island.nodes_spanned(0, pe.chips) for pe in pes)
     cross = cm.cross_island_reduce_s([pe.island for pe in pes], links, [(pe.island, pe.chips) for pe in pes])
     step = max(p.step() for p in pes) + cross
-    return Candidate("replicas", pes, step, cross, replica_label(pes, b))
+    return Candidate("replicas", pes, step, cross, replica_label(pes))
 
 
 def combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
@@ -186,7 +186,7 @@ def combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
                     continue
                 m_list = res.shares
                 pes = [pe.with_micro_batches(mk) for pe, mk in zip(combo, m_list)]
-                out.append(replica_candidate(cm, pes, pes[0].b))
+                out.append(replica_candidate(cm, pes))
     out.sort(key=lambda c: c.step)
     return out[:keep]
 
@@ -345,7 +345,7 @@ def search_replicas(cm, envelopes: dict, keep: int, stats) -> list:
             pes = [env.replica(u) for env, u in zip(envs, res.shares)]
             if by_island is mixed and len({pe.b for pe in pes}) == 1:
                 continue    # one micro-batch for all: the split at that micro-batch has it
-            out.append(replica_candidate(cm, pes, pes[0].b))
+            out.append(replica_candidate(cm, pes))
     out.sort(key=lambda c: c.step)
     return out[:keep]
 
