@@ -204,5 +204,15 @@ def _share_host_cores(topology, cluster) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // neighbours))
 
 
+def exit_without_teardown(code: int) -> None:
+    """End the worker process with `code`, skipping the interpreter's own teardown. main() has
+    destroyed the process groups and closed every file; torch 2.13 + gloo sometimes aborts in that
+    teardown ("terminate called without an active exception", exit -6), which would turn a rank that
+    finished into a failed one and fail or restart the job."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())
