@@ -106,6 +106,30 @@ def layer_forward_flops(m: ModelSpec, b: int) -> float:
             + 2 * n * h * h + 6 * n * h * m.ffn_hidden)
 
 
+def attention_forward_flops(m: ModelSpec, b: int) -> float:
+    """Forward FLOPs of one layer's attention half (q/k/v/o projections and the attention core) for
+    b samples: the part of `layer_forward_flops` a stage holding only that half runs."""
+    n = b * m.seq_len
+    h = m.hidden
+    return 2 * n * h * (h + 2 * m.kv_hidden) + 4 * n * m.seq_len * h + 2 * n * h * h
+
+
+def attention_share(m: ModelSpec) -> float:
+    """The attention half's share of a layer's forward FLOPs (the MLP half holds the rest)."""
+    return attention_forward_flops(m, 1) / layer_forward_flops(m, 1)
+
+
+def blocks_layers(m: ModelSpec, start: int, end: int) -> float:
+    """Half-layer blocks [start, end) (block 2k: layer k's attention half, 2k+1: its MLP half) in
+    layers of compute: whole layers count 1, a lone attention half `attention_share`, a lone MLP
+    half the rest."""
+    share = attention_share(m)
+    whole, rest = divmod(end - start, 2)
+    if not rest:
+        return float(whole)
+    return whole + (share if start % 2 == 0 else 1.0 - share)
+
+
 def head_forward_flops(m: ModelSpec, b: int) -> float:
     return 2.0 * b * m.seq_len * m.hidden * m.vocab
 

@@ -26,13 +26,14 @@ from typing import Any, Mapping
 
 from partitioner.inputs import DTYPE_BYTES, RECOMPUTE_MODES
 from partitioner.plan_format import (FORMAT, INTERLEAVED_VERSION, KINDS, MAX_BATCH, MAX_COUNT, MIXED_MICRO_BATCH_VERSION,
-                                     VERSION, VERSIONS,
+                                     SUBLAYER_VERSION, VERSION, VERSIONS,
                                      PlanError, get_field, read_flag, read_int, read_items, read_mapping, read_number,
                                      read_pair, read_table, read_text, show, unique_keys)
 from partitioner.plan_invariants import problems as plan_problems
 
-__all__ = ["FORMAT", "INTERLEAVED_VERSION", "KINDS", "MAX_BATCH", "MAX_COUNT", "VERSION", "VERSIONS", "PipelinePlan",
-           "Plan", "PlanError", "RankPlan", "StagePlan", "assign_ranks", "interleaved"]
+__all__ = ["FORMAT", "INTERLEAVED_VERSION", "KINDS", "MAX_BATCH", "MAX_COUNT", "SUBLAYER_VERSION", "VERSION",
+           "VERSIONS", "PipelinePlan", "Plan", "PlanError", "RankPlan", "StagePlan", "assign_ranks", "interleaved",
+           "layers_span_text"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class StagePlan:
     # Interleaved 1F1B (its pipeline's virtual_stages v > 1): the stage's v half-open layer ranges in
     # model order, pieces i, i+p, ... of the model cut into p*v; `layers` is then their span, for display.
     chunks: tuple[tuple[int, int], ...] = ()
+    # A boundary inside a layer (version 4): the half-open range [a, b) of half-layer blocks the stage holds
+    # (block 2k: layer k's attention half, 2k+1: its MLP half), set only when a or b is odd; `layers` is then
+    # the layers it touches, (a // 2, (b + 1) // 2), so a split layer is in both neighbours' `layers`.
+    blocks: tuple[()] | tuple[int, int] = ()
 
     @property
     def layer_ranges(self) -> tuple[tuple[int, int], ...]:
@@ -61,7 +66,20 @@ class StagePlan:
 
     @property
     def num_layers(self) -> int:
+        """The layers this stage touches (a layer it holds half of counts whole)."""
         return sum(end - start for start, end in self.layer_ranges)
+
+    @property
+    def block_range(self) -> tuple[int, int]:
+        """The half-layer blocks [a, b) a plain (not interleaved) stage holds: `blocks`, or its layers' blocks."""
+        return self.blocks or (2 * self.layers[0], 2 * self.layers[1])
+
+    @property
+    def held_layers(self) -> float:
+        """The layers' worth of blocks it holds, a half for each half layer (for display: the cost model
+        weights an attention and an MLP half by their FLOPs)."""
+        start, end = self.block_range
+        return (end - start) / 2 if self.blocks else float(self.num_layers)
 
     @property
     def chips(self) -> int:
@@ -140,7 +158,7 @@ class Plan:
         Every message that names a run's plan in a line (run, resume, re-plan, compare) uses this."""
         lines = []
         for p in self.pipelines:
-            parts = [f"{s.island}(tp{s.tp} dp{s.dp} layers {s.layers[0]}-{s.layers[1]})"
+            parts = [f"{s.island}(tp{s.tp} dp{s.dp} layers {layers_span_text(s)})"
                      for s in (self.stages[i] for i in p.stages if 0 <= i < len(self.stages))]
             lines.append(" -> ".join(parts) + f", {p.num_micro_batches} x micro-batch {p.micro_batch}")
         return " + ".join(lines)
@@ -149,8 +167,10 @@ class Plan:
 
     @property
     def version(self) -> int:
-        """The format version this plan is written as: 3 when its pipelines' micro-batches differ, else 2
-        when a pipeline is interleaved, else 1."""
+        """The format version this plan is written as: 4 when a stage boundary falls inside a layer, else 3
+        when its pipelines' micro-batches differ, else 2 when a pipeline is interleaved, else 1."""
+        if any(s.blocks for s in self.stages):
+            return SUBLAYER_VERSION
         if len({p.micro_batch for p in self.pipelines}) > 1:
             return MIXED_MICRO_BATCH_VERSION
         return INTERLEAVED_VERSION if any(p.virtual_stages > 1 for p in self.pipelines) else VERSION
@@ -182,8 +202,8 @@ class Plan:
         version = data.get("version")
         if version not in VERSIONS or isinstance(version, bool):
             raise PlanError(f"plan version {version!r} is not supported (expected {VERSION}, {INTERLEAVED_VERSION} "
-                            f"for interleaved pipelines, or {MIXED_MICRO_BATCH_VERSION} for pipelines of different "
-                            f"micro-batches)", "version")
+                            f"for interleaved pipelines, {MIXED_MICRO_BATCH_VERSION} for pipelines of different "
+                            f"micro-batches, or {SUBLAYER_VERSION} for stage boundaries inside a layer)", "version")
         plan = cls(
             kind=read_text(data, "kind", choices=KINDS), cluster=read_text(data, "cluster"), model=read_text(data, "model"),
             dtype=read_text(data, "dtype", choices=tuple(DTYPE_BYTES)), layers=read_int(data, "layers", low=1),
@@ -202,7 +222,7 @@ class Plan:
             provenance=dict(read_mapping(data, "provenance", default={})),
             idle=read_table(data, "idle", read_int, default={}),
         )
-        if version != plan.version:      # the version says whether a pipeline is interleaved, micro-batches differ
+        if version != plan.version:      # it says: a boundary inside a layer, micro-batches differ, interleaved
             raise PlanError(_version_mismatch(version, plan.version), "version")
         return plan
 
@@ -252,7 +272,11 @@ def interleaved(plan: Plan, virtual_stages: int) -> Plan:
     """The same plan run as interleaved 1F1B with `virtual_stages` chunks per stage: each stage keeps
     its number of layers, split as evenly as it goes into v chunks, and the model is re-cut into the
     p*v pieces in the order the format prescribes. Pipelines of one stage stay plain. For tests and
-    measurements of the engine; predictions (times, memory) are the plain plan's, not re-costed."""
+    measurements of the engine; predictions (times, memory) are the plain plan's, not re-costed.
+    A plan with a stage boundary inside a layer is refused: interleaved pipelines keep whole layers."""
+    if any(s.blocks for s in plan.stages):
+        raise PlanError("an interleaved pipeline keeps whole layers, and this plan has a stage boundary inside a "
+                        "layer (blocks)")
     stages, pipelines = list(plan.stages), []
     for p in plan.pipelines:
         v = virtual_stages if len(p.stages) > 1 else 1
@@ -277,8 +301,19 @@ def _split(layers: int, parts: int) -> list[int]:
     return [layers // parts + (1 if c < layers % parts else 0) for c in range(parts)]
 
 
+def layers_span_text(stage: StagePlan) -> str:
+    """A stage's span in layers, a boundary inside a layer as ".5": "0-3", blocks [0, 5) "0-2.5",
+    [5, 16) "2.5-8" (an interleaved stage: the span of its chunks)."""
+    return "-".join(f"{block // 2}.5" if block % 2 else str(block // 2) for block in stage.block_range)
+
+
 def _version_mismatch(given: int, needed: int) -> str:
     """Why a plan written as version `given` is refused when its content is version `needed`."""
+    if needed == SUBLAYER_VERSION:
+        return f"stage boundaries inside a layer (blocks) need plan version {SUBLAYER_VERSION}"
+    if given == SUBLAYER_VERSION:
+        return (f"plan version {given} is not supported without a stage boundary inside a layer (blocks) "
+                f"(such a plan is version {needed})")
     if needed == MIXED_MICRO_BATCH_VERSION:
         return f"pipelines of different micro_batch need plan version {MIXED_MICRO_BATCH_VERSION}"
     if needed == INTERLEAVED_VERSION and given == VERSION:
@@ -291,12 +326,14 @@ def _version_mismatch(given: int, needed: int) -> str:
 
 
 def _stage_dict(s: StagePlan) -> dict:
-    """A stage's JSON object; `chunks` only when interleaved, so a v == 1 plan reads as format version 1."""
+    """A stage's JSON object; `chunks` only when interleaved and `blocks` only when set, so every other
+    plan reads as before (a v == 1 plan as format version 1)."""
     out = {**asdict(s), "layers": list(s.layers)}
-    if s.chunks:
-        out["chunks"] = [list(c) for c in s.chunks]
-    else:
-        del out["chunks"]
+    for key, value in (("chunks", [list(c) for c in s.chunks]), ("blocks", list(s.blocks))):
+        if value:
+            out[key] = value
+        else:
+            del out[key]
     return out
 
 
@@ -320,7 +357,8 @@ def _stage(data: Any, where: str) -> StagePlan:
         layers=(start, end), recompute=read_text(data, "recompute", where, choices=RECOMPUTE_MODES),
         offset=read_int(data, "offset", where), time_s=read_number(data, "time_s", where),
         memory_gb=read_number(data, "memory_gb", where), source=read_text(data, "source", where, default="estimated"),
-        chunks=tuple(read_pair(chunk, f"{where}.chunks[{c}]") for c, chunk in enumerate(chunks)))
+        chunks=tuple(read_pair(chunk, f"{where}.chunks[{c}]") for c, chunk in enumerate(chunks)),
+        blocks=read_pair(data["blocks"], f"{where}.blocks") if "blocks" in data else ())
 
 
 def _pipeline(data: Any, where: str) -> PipelinePlan:

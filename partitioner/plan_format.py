@@ -13,7 +13,8 @@ FORMAT = "hetero-plan"
 VERSION = 1
 INTERLEAVED_VERSION = 2     # written when any pipeline has virtual_stages > 1 (docs/plan-format.md)
 MIXED_MICRO_BATCH_VERSION = 3   # written when the pipelines' micro_batch differ (interleaved or not)
-VERSIONS = (VERSION, INTERLEAVED_VERSION, MIXED_MICRO_BATCH_VERSION)
+SUBLAYER_VERSION = 4        # written when a stage boundary falls inside a layer (a stage's `blocks`)
+VERSIONS = (VERSION, INTERLEAVED_VERSION, MIXED_MICRO_BATCH_VERSION, SUBLAYER_VERSION)
 # pipeline: one pipeline (hetero-PP); replicas: a pipeline per island (hetero-DP); hybrid: several
 # pipelines, each over one island or several, the batch split between them (hetero-DP of hetero-PP).
 KINDS = ("pipeline", "replicas", "hybrid")
@@ -37,7 +38,7 @@ MISSING: Any = object()       # a default that says "the field is required"
 
 
 def read_pair(pair: Any, name: str) -> tuple[int, int]:
-    """A [start, end] layer range, `name` the field it is read from."""
+    """A [start, end] range (of layers, or of half-layer blocks), `name` the field it is read from."""
     if not isinstance(pair, list) or len(pair) != 2:
         raise PlanError(f"expected [start, end], got {show(pair)}", name)
     start, end = (read_int({name: pair}, name, index=i) for i in (0, 1))

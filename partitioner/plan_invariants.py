@@ -1,7 +1,8 @@
 """What makes a Plan valid beyond its fields' types: pipelines own their stages once and tile the
-model's layers, ranks cover every stage's tp x dp block, and (given the fleet) the islands, chips,
-nodes and memory exist. Each broken invariant is a sentence; Plan.problems and Plan.validate use
-these (kept apart from partitioner.plan, which holds the records and their JSON form).
+model's layers (or its half-layer blocks, when a stage boundary falls inside a layer), ranks cover
+every stage's tp x dp block, and (given the fleet) the islands, chips, nodes and memory exist. Each
+broken invariant is a sentence; Plan.problems and Plan.validate use these (kept apart from
+partitioner.plan, which holds the records and their JSON form).
 """
 
 from __future__ import annotations
@@ -94,10 +95,13 @@ def _pipeline_problems(plan: Plan) -> list[str]:
 
 def _layer_problems(plan: Plan, p: PipelinePlan, stages: list[StagePlan]) -> list[str]:
     """A pipeline's stages tile [0, layers) in order: plainly, or (virtual_stages v > 1) as p*v
-    pieces, the stage at position i holding pieces i, i+p, ..., i+(v-1)p as its `chunks`."""
+    pieces, the stage at position i holding pieces i, i+p, ..., i+(v-1)p as its `chunks`; or, when a
+    stage boundary falls inside a layer, the half-layer blocks (_block_problems)."""
     out, v = [], p.virtual_stages
     if v < 1:
         return [f"pipeline {p.index}: virtual_stages must be >= 1, got {v}"]
+    if any(s.blocks for s in stages):
+        return _block_problems(plan, p, stages)
     if v > 1:
         if len(stages) < 2:
             out.append(f"pipeline {p.index}: virtual_stages {v} needs at least 2 stages, it has {len(stages)}")
@@ -126,6 +130,36 @@ def _layer_problems(plan: Plan, p: PipelinePlan, stages: list[StagePlan]) -> lis
         start = end
     if start != plan.layers:
         out.append(f"pipeline {p.index}: layers end at {start}, the model has {plan.layers}")
+    return out
+
+
+def _block_problems(plan: Plan, p: PipelinePlan, stages: list[StagePlan]) -> list[str]:
+    """A pipeline with a stage boundary inside a layer: plain (interleaved pipelines keep whole layers),
+    its stages tile the half-layer blocks [0, 2 * layers) in order, and a stage with `blocks` has an odd
+    end (else it writes `layers` alone) and `layers` the layers they touch."""
+    out = []
+    if p.virtual_stages != 1:
+        out.append(f"pipeline {p.index}: has a stage boundary inside a layer (blocks), so its virtual_stages "
+                   f"must be 1, got {p.virtual_stages}")
+    start = 0
+    for s in stages:
+        if s.chunks:
+            out.append(f"stage {s.index}: has chunks, but its pipeline has a stage boundary inside a layer "
+                       f"(blocks) and interleaved pipelines keep whole layers")
+        first, end = s.block_range
+        if s.blocks and not first % 2 and not end % 2:
+            out.append(f"stage {s.index}: blocks [{first}, {end}] start and end on whole layers: write layers "
+                       f"[{first // 2}, {end // 2}] without blocks")
+        if s.blocks and s.layers != (first // 2, (end + 1) // 2):
+            out.append(f"stage {s.index}: layers {list(s.layers)} must be the layers its blocks touch, "
+                       f"[{first // 2}, {(end + 1) // 2}]")
+        if first != start or end <= first:
+            out.append(f"pipeline {p.index}: stage {s.index} has blocks [{first}, {end}], expected to start at "
+                       f"{start} and be non-empty")
+        start = end
+    if start != 2 * plan.layers:
+        out.append(f"pipeline {p.index}: blocks end at {start}, the model has {2 * plan.layers} "
+                   f"({plan.layers} layers)")
     return out
 
 

@@ -163,7 +163,8 @@ def stage_rows(cell: Cell, plan, records: list) -> list[dict]:
 def _row(cell: Cell, stage) -> dict:
     return {"cell": cell.name, "dtype": cell.dtype, "recompute": cell.recompute, "zero1": cell.zero1,
             "tp": cell.tp, "dp": cell.dp, "stage": stage.index, "island": stage.island,
-            "layers": list(stage.layers), "predicted_mb": stage.memory_gb * 1e3}
+            "layers": list(stage.layers), **({"blocks": list(stage.blocks)} if stage.blocks else {}),
+            "predicted_mb": stage.memory_gb * 1e3}
 
 
 def _cell_cluster(path: str, cell: Cell, run_dir: str) -> str:

@@ -137,9 +137,10 @@ def chip_types(run) -> dict:
 
 
 def stage_flops(run) -> dict:
-    """{stage index: model FLOPs per step}: the partitioner's count, so plan and report agree."""
+    """{stage index: model FLOPs per step}: the partitioner's count, so plan and report agree (a stage
+    with a boundary inside a layer counts its half layers by their FLOPs: partitioner.costs.blocks_layers)."""
     from hetero.planning import model_spec
-    from partitioner.costs import head_forward_flops, layer_forward_flops
+    from partitioner.costs import blocks_layers, head_forward_flops, layer_forward_flops
 
     spec = model_spec(run.model)
     per_layer = 3.0 * layer_forward_flops(spec, 1)      # forward + backward (2x) per sample
@@ -149,7 +150,8 @@ def stage_flops(run) -> dict:
         samples = pipeline["dp"] * pipeline["micro_batch"] * pipeline["num_micro_batches"]
         last = pipeline["stages"][-1]
         for index in pipeline["stages"]:
-            layers = stage_layers(run.plan["stages"][index])
+            stage = run.plan["stages"][index]
+            layers = blocks_layers(spec, *stage["blocks"]) if "blocks" in stage else stage_layers(stage)
             out[index] = samples * (layers * per_layer + (head if index == last else 0.0))
     return out
 
