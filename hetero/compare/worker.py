@@ -97,14 +97,15 @@ def _step(trainer) -> tuple[list[float], float]:
 
 def _watch(trainer) -> dict:
     """Forward hooks keeping each watched module's output per global sample, during the
-    stage's forward calls only (a recomputing backward runs layers again)."""
+    stage's forward calls only (a recomputing backward runs layers again). A layer split between
+    two stages is watched where its MLP half ends it: the attention half's output is mid-layer."""
     seen: dict = {}
     calls = 0
     current: int | None = None     # the global index of this forward call's first sample; None outside one
     place, model = trainer.place, trainer.model
     inner = model.model
     watched = [("embed", getattr(inner, "embed_tokens", None)),
-               *((f"layer {i}", layer) for i, layer in inner.layers.items()),
+               *((f"layer {i}", layer) for i, layer in inner.layers.items() if layer.halves[1]),
                (FINAL_NORM, getattr(inner, "norm", None)), ("logits", getattr(model, "lm_head", None))]
 
     def hook_for(name):

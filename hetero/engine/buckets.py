@@ -218,12 +218,12 @@ class GradBuckets:
 
 
 def held_names(config, holdings) -> set[str]:
-    """The HF names of the values held by stages `holdings`, [(layer ranges, first, last)]
+    """The HF names of the values held by stages `holdings`, [(half-layer block ranges, first, last)]
     (Topology.island_holdings); a tied LM head is the embedding's copy."""
     names: set[str] = set()
     for ranges, first, last in holdings:
         for start, end in ranges:
-            names.update(layout.layer_name(i, suffix) for i in range(start, end) for suffix in layout.LAYER_SPLIT_DIMS)
+            names.update(name for block in range(start, end) for name in layout.block_names(block))
         if first:
             names.add(layout.EMBED)
         if last:

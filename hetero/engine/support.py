@@ -15,6 +15,8 @@ Whoever teaches the engine a feature says so here, and only here:
 - RECOMPUTE_MODES: the activation recompute modes hetero.model.recompute implements;
 - INTERLEAVED: interleaved (virtual-stage) 1F1B, pipelines[].virtual_stages > 1
   (hetero.engine.schedule, stages holding several layer chunks);
+- SUBLAYER: stages that begin or end inside a layer, at the seam between its attention and
+  MLP halves (stages[].blocks; hetero.model.llama builds the halves a stage holds);
 - KINDS: the plan kinds it trains. "hybrid" (several pipelines, some over several islands)
   needs nothing of its own: every rank sits in one pipeline (hetero.engine.topology), a
   pipeline's stages talk over the bridge where they cross islands, and the hetero-DP bucket
@@ -37,6 +39,7 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 ZERO1 = True               # hetero.engine.zero + optimizer: state sharded over each stage's DP group
 MIXED_PRECISION = True     # hetero.engine.precision: fp32 master weights and moments, fp16 loss scaling
 INTERLEAVED = True         # hetero.engine.schedule: virtual stages (several layer chunks per stage)
+SUBLAYER = True            # hetero.model.llama: stage boundaries between a layer's attention and MLP halves
 KINDS = ("pipeline", "replicas", "hybrid")   # hetero-PP, hetero-DP, hetero-DP of hetero-PP pipelines
 
 
@@ -68,6 +71,7 @@ STRUCTURE = (
     "stages[].layers", "stages[].offset",
     "pipelines[].index", "pipelines[].stages", "pipelines[].dp", "pipelines[].micro_batch",
     "pipelines[].num_micro_batches", *(("pipelines[].virtual_stages",) if INTERLEAVED else ()), "stages[].chunks",
+    *(("stages[].blocks",) if SUBLAYER else ()),
     "ranks[].rank", "ranks[].island", "ranks[].local_rank", "ranks[].node", "ranks[].pipeline", "ranks[].stage",
     "ranks[].tp_rank", "ranks[].dp_rank",
 )
@@ -77,6 +81,7 @@ INFORMATIONAL = (
 )
 KNOWN = frozenset(FORMAT + STRUCTURE + INFORMATIONAL + tuple(CHOICES))
 VERSION_2_ONLY = ("pipelines[].virtual_stages", "stages[].chunks")   # written only by interleaved plans
+VERSION_4_ONLY = ("stages[].blocks",)      # written only for stages that begin or end inside a layer
 LISTS = ("stages", "pipelines", "ranks")
 
 

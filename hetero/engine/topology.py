@@ -98,15 +98,17 @@ class Topology:
         return tp_groups, dp_groups
 
     def island_holdings(self) -> dict[str, list[tuple[tuple[tuple[int, int], ...], bool, bool]]]:
-        """What each island's stages hold, islands in rank order: per stage its layer ranges, whether
-        it holds the embedding (its pipeline's first stage) and whether the final norm and LM head
-        (the last). A hybrid plan's pipeline over several islands leaves each of them part of the
-        model: the hetero-DP bucket sum runs only over the islands holding a bucket's values."""
+        """What each island's stages hold, islands in rank order: per stage its ranges of half-layer
+        blocks (block 2k: layer k's attention half, 2k+1 its MLP half), whether it holds the
+        embedding (its pipeline's first stage) and whether the final norm and LM head (the last).
+        A hybrid plan's pipeline over several islands leaves each of them part of the model: the
+        hetero-DP bucket sum runs only over the islands holding a bucket's values."""
         out: dict[str, list[tuple[tuple[tuple[int, int], ...], bool, bool]]] = {r.island: [] for r in self.plan.ranks}
         for pipeline in self.plan.pipelines:
             for position, index in enumerate(pipeline.stages):
                 stage = self.plan.stages[index]
-                out[stage.island].append((stage.layer_ranges, position == 0, position == len(pipeline.stages) - 1))
+                blocks = (stage.blocks,) if stage.blocks else tuple((2 * a, 2 * b) for a, b in stage.layer_ranges)
+                out[stage.island].append((blocks, position == 0, position == len(pipeline.stages) - 1))
         return out
 
     def tied_partners(self, place: Place) -> list[int] | None:

@@ -61,7 +61,8 @@ class Trainer:
             self.model = LlamaStage(model_config, first=place.is_first, last=place.is_last,
                                     tp=tp, dtype=self.dtype, device=comms.device,
                                     seed=None if pretrained else train_config.seed,
-                                    recompute=stage.recompute, chunks=stage.layer_ranges)
+                                    recompute=stage.recompute,
+                                    **({"blocks": stage.blocks} if stage.blocks else {"chunks": stage.layer_ranges}))
         self.params = dict(self.model.named_parameters())
         self.zero1 = bool(comms.topology.plan.zero1) and stage.dp > 1
         shard = self._flat_layout()

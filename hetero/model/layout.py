@@ -27,6 +27,19 @@ LAYER_SPLIT_DIMS = {
     "input_layernorm.weight": None,
     "post_attention_layernorm.weight": None,
 }
+# Half-layer blocks (a stage may begin or end at the seam inside a layer): block 2k holds layer
+# k's ATTENTION_HALF, block 2k+1 the rest of its suffixes (post-attention norm and MLP).
+ATTENTION_HALF = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                  "self_attn.v_proj.weight", "self_attn.o_proj.weight")
+
+
+def block_names(block: int) -> list[str]:
+    """The HF names of half-layer block `block`: layer block // 2's attention half when even,
+    its MLP half when odd."""
+    index, mlp = divmod(block, 2)
+    return [layer_name(index, suffix) for suffix in LAYER_SPLIT_DIMS if (suffix in ATTENTION_HALF) != bool(mlp)]
+
+
 # Output projections: Megatron scales their init by 1/sqrt(2 * layers).
 OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 

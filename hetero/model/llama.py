@@ -10,6 +10,10 @@ Parameter names follow Hugging Face (model.layers.{global i}.self_attn.q_proj.we
 Activation recompute (hetero.model.recompute) is per stage: `full` recomputes every
 decoder layer in backward, `selective` the attention core of each.
 
+A stage may also begin or end inside a layer, at the seam between its attention half and its
+MLP half (`blocks`: half-layer block 2k is layer k's input norm and attention, 2k+1 its
+post-attention norm and MLP); only the residual stream crosses that seam, as between layers.
+
 GQA under TP: rank r holds q heads [r*heads/tp, ...) and kv heads
 [r*kv_heads/tp, ...); since each kv head serves heads/kv_heads consecutive q
 heads, every q head's kv head is on the same rank.
@@ -94,15 +98,25 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer, or one half of it on a stage that begins or ends inside it: `halves`
+    (attention, mlp) says which it holds; an absent half is no attribute, as in a checkpoint
+    slice."""
+
+    self_attn: Attention
+    mlp: MLP
+
     def __init__(self, config: ModelConfig, tp: TensorParallel, *, dtype: torch.dtype, device,
-                 recompute: str = "none"):
+                 recompute: str = "none", halves: tuple[bool, bool] = (True, True)):
         super().__init__()
         self.recompute = recompute
-        self.input_layernorm = RMSNorm(config.hidden, config.norm_eps, dtype=dtype, device=device)
-        self.self_attn = Attention(config, tp, dtype=dtype, device=device,
-                                   recompute_core=recompute == "selective")
-        self.post_attention_layernorm = RMSNorm(config.hidden, config.norm_eps, dtype=dtype, device=device)
-        self.mlp = MLP(config, tp, dtype=dtype, device=device)
+        self.halves = halves
+        if halves[0]:
+            self.input_layernorm = RMSNorm(config.hidden, config.norm_eps, dtype=dtype, device=device)
+            self.self_attn = Attention(config, tp, dtype=dtype, device=device,
+                                       recompute_core=recompute == "selective")
+        if halves[1]:
+            self.post_attention_layernorm = RMSNorm(config.hidden, config.norm_eps, dtype=dtype, device=device)
+            self.mlp = MLP(config, tp, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.recompute == "full":
@@ -110,8 +124,11 @@ class DecoderLayer(nn.Module):
         return self._layer(x, cos, sin)
 
     def _layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.halves[0]:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        if self.halves[1]:
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
 
 
 class _Body(nn.Module):
@@ -144,6 +161,11 @@ class LlamaStage(nn.Module):
     belongs to chunk 0 (first) and the norm and LM head to the last chunk (last). The
     parameter names are the same HF names whatever the chunking, so checkpoints stay
     layout-free and load into any other cut.
+
+    `blocks` (instead of `layer_range` and `chunks`): the half-open range [a, b) of
+    half-layer blocks the stage holds (2k: layer k's attention half, 2k+1: its MLP half),
+    so it may begin at a layer's MLP half or end after a layer's attention half;
+    `layer_range` is then the layers it touches.
     """
 
     lm_head: ColumnParallelLinear   # the last stage only
@@ -152,14 +174,22 @@ class LlamaStage(nn.Module):
                  first: bool | None = None, last: bool | None = None,
                  tp: TensorParallel | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", *, seed: int | None = 0, recompute: str = "none",
-                 chunks: tuple[tuple[int, int], ...] | None = None):
+                 chunks: tuple[tuple[int, int], ...] | None = None,
+                 blocks: tuple[int, int] | None = None):
         super().__init__()
-        ranges = _check_chunks(config, layer_range, chunks)
+        if blocks is not None:
+            if layer_range is not None or chunks is not None:
+                raise ValueError("give blocks alone, without layer_range or chunks")
+            self.blocks = _check_blocks(config, blocks)
+            ranges: tuple[tuple[int, int], ...] = ((self.blocks[0] // 2, (self.blocks[1] + 1) // 2),)
+        else:
+            ranges = _check_chunks(config, layer_range, chunks)
+            self.blocks = (2 * ranges[0][0], 2 * ranges[-1][1])   # the span, for a plain stage its blocks
         start, end = ranges[0][0], ranges[-1][1]
-        first = start == 0 if first is None else first
-        last = end == config.layers if last is None else last
+        first = self.blocks[0] == 0 if first is None else first
+        last = self.blocks[1] == 2 * config.layers if last is None else last
         tp = tp or NO_TP
-        _check_stage(config, start, end, first, last, tp)
+        _check_stage(config, self.blocks, first, last, tp)
         self.config, self.tp = config, tp
         self.recompute = checked_mode(recompute)
         self.chunks = ranges
@@ -173,7 +203,8 @@ class LlamaStage(nn.Module):
                                                              device=device)
         # String keys give HF names with global indices: model.layers.7.mlp...
         self.model.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(config, tp, recompute=recompute, dtype=dtype, device=device)
+            {str(i): DecoderLayer(config, tp, recompute=recompute, dtype=dtype, device=device,
+                                  halves=self._halves(i, blocks is not None))
              for a, b in ranges for i in range(a, b)})
         if last:
             self.model.norm = RMSNorm(config.hidden, config.norm_eps, dtype=dtype, device=device)
@@ -182,6 +213,13 @@ class LlamaStage(nn.Module):
                 self.lm_head.weight = self.model.embed_tokens.weight
         if seed is not None:
             init_stage(self, seed)
+
+    def _halves(self, layer: int, partial: bool) -> tuple[bool, bool]:
+        """Which halves of `layer` this stage holds: both, unless its `blocks` cut the layer."""
+        if not partial:
+            return True, True
+        a, b = self.blocks
+        return a <= 2 * layer < b, a <= 2 * layer + 1 < b
 
     def hf_name(self, name: str) -> str:
         """The Hugging Face name of the FULL tensor a parameter is a shard of."""
@@ -248,6 +286,15 @@ def _check_range(config: ModelConfig, layer_range) -> tuple[int, int]:
     return start, end
 
 
+def _check_blocks(config: ModelConfig, blocks) -> tuple[int, int]:
+    """A stage's half-layer block range [a, b), within the model's 2 * layers blocks."""
+    start, end = (int(v) for v in blocks)
+    if not 0 <= start <= end <= 2 * config.layers:
+        raise UserError(f"block range [{start}, {end}) does not fit a model of {config.layers} layers "
+                        f"({2 * config.layers} half-layer blocks)")
+    return start, end
+
+
 def _check_chunks(config: ModelConfig, layer_range, chunks) -> tuple[tuple[int, int], ...]:
     """The stage's layer ranges: `chunks` (in model order, disjoint, each non-empty when there are
     several), or the one `layer_range`."""
@@ -262,14 +309,17 @@ def _check_chunks(config: ModelConfig, layer_range, chunks) -> tuple[tuple[int, 
     return ranges
 
 
-def _check_stage(config: ModelConfig, start: int, end: int, first: bool, last: bool,
+def _check_stage(config: ModelConfig, blocks: tuple[int, int], first: bool, last: bool,
                  tp: TensorParallel) -> None:
+    """The stage's span (in half-layer blocks; layers in the messages, x.5 inside a layer) and the
+    model's shape against TP."""
+    start, end = (v / 2 for v in blocks)
     if first and start != 0:
-        raise UserError(f"a first stage must start at layer 0, not {start}")
+        raise UserError(f"a first stage must start at layer 0, not {start:g}")
     if last and end != config.layers:
-        raise UserError(f"a last stage must end at layer {config.layers}, not {end}")
+        raise UserError(f"a last stage must end at layer {config.layers}, not {end:g}")
     if start == end and not (first or last):
-        raise UserError(f"stage [{start}, {end}) holds nothing: no layers, no embedding, no head")
+        raise UserError(f"stage [{start:g}, {end:g}) holds nothing: no layers, no embedding, no head")
     if config.hidden % config.heads or config.head_dim % 2:
         raise UserError(f"hidden ({config.hidden}) / heads ({config.heads}) must be an even integer")
     if config.heads % config.kv_heads:

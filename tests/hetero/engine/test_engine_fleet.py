@@ -311,3 +311,34 @@ def test_tied_embeddings_split_over_islands_match_one_process(tmp_path):
     reference = solo_losses(tmp_path, tied, steps=3)
     for got, want in zip(fleet, reference):
         assert abs(got - want) <= 1e-5 * abs(want), (fleet, reference)
+
+
+def with_blocks(plan, blocks):
+    """`plan` with its stages cut at half-layer blocks [(a, b)] (2k: layer k's attention half, 2k+1 its
+    MLP half): `layers` the layers each touches, `blocks` where an end falls inside a layer."""
+    stages = tuple(dataclasses.replace(s, layers=(a // 2, (b + 1) // 2), blocks=(a, b) if a % 2 or b % 2 else ())
+                   for s, (a, b) in zip(plan.stages, blocks))
+    return dataclasses.replace(plan, stages=stages)
+
+
+def test_stage_boundaries_inside_a_layer_match_one_process_and_resume_under_another_cut(tmp_path, emulated_fleet):
+    cluster, job = emulated_fleet
+    checkpoints = tmp_path / "shared-checkpoints"
+    # wide TP2 holds layer 0 and layer 1's attention -> bridge -> narrow TP1 holds layer 1's MLP and layer 2
+    across = with_blocks(make_plan(job, [("wide", 2, 1, (0, 2), 0), ("narrow", 1, 1, (1, 3), 0)]), [(0, 3), (3, 6)])
+    assert across.version == 4 and across.problems() == []
+    assert "wide(tp2 dp1 layers 0-1.5) -> narrow(tp1 dp1 layers 1.5-3)" in across.summary()
+    records, _, _ = run_fleet(tmp_path, across, steps=4, name="across", checkpoints=checkpoints,
+                              cluster_path=cluster)
+    # then on one island, DP 2 with ZeRO-1, cut after layer 2's attention: the checkpoint loads into any cut
+    inside = with_blocks(make_plan(job, [("wide", 1, 2, (0, 3), 0), ("wide", 1, 2, (2, 3), 2)]), [(0, 5), (5, 6)])
+    inside = dataclasses.replace(inside, zero1=True)
+    assert inside.problems() == []
+    resumed, _, log = run_fleet(tmp_path, inside, steps=6, name="inside", checkpoints=checkpoints,
+                                cluster_path=cluster)
+    assert "resumed from" in log and "(step 4)" in log
+    fleet = [r["loss"] for r in last_attempt(records)] + [r["loss"] for r in last_attempt(resumed)]
+    reference = solo_losses(tmp_path, job, steps=6)
+    assert len(fleet) == 6
+    for got, want in zip(fleet, reference):
+        assert abs(got - want) <= 1e-5 * abs(want), (fleet, reference)
