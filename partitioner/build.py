@@ -5,7 +5,8 @@ comes from the Candidate's evaluated pipelines."""
 from __future__ import annotations
 
 from partitioner.candidates import Candidate, PipeEval
-from partitioner.costs import CostModel, head_forward_flops, layer_forward_flops
+from partitioner.costs import CostModel, blocks_layers, head_forward_flops, layer_forward_flops
+from partitioner.halves import stage_blocks
 from partitioner.inputs import FleetSpec
 from partitioner.plan import PipelinePlan, Plan, StagePlan, assign_ranks
 
@@ -16,17 +17,18 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
     pipelines = []
     for k, pe in enumerate(cand.pipes):
         idx = []
-        start = 0
         cuts = chunk_ranges(pe.counts, pe.v)
-        for i, ((island, t, off), n) in enumerate(zip(pe.layout, pe.counts)):
+        spans = stage_blocks(pe.counts, pe.shifts)
+        for i, (island, t, off) in enumerate(pe.layout):
             chunks = tuple(cuts[i]) if pe.v > 1 else ()
-            layers = (chunks[0][0], chunks[-1][1]) if chunks else (start, start + n)
+            a, z = spans[i]
+            layers = (chunks[0][0], chunks[-1][1]) if chunks else (a // 2, (z + 1) // 2)
             stages.append(StagePlan(
                 index=len(stages), pipeline=k, island=island.name, chip=island.chip.name, tp=t, dp=pe.dp,
                 layers=layers, recompute=pe.modes[i], offset=off, time_s=pe.stage_times[i],
-                memory_gb=pe.memory[i] / 1e9, source=pe.sources[i], chunks=chunks))
+                memory_gb=pe.memory[i] / 1e9, source=pe.sources[i], chunks=chunks,
+                blocks=(a, z) if a % 2 or z % 2 else ()))
             idx.append(stages[-1].index)
-            start += n
         pipelines.append(PipelinePlan(index=k, stages=tuple(idx), dp=pe.dp, micro_batch=pe.b,
                                       num_micro_batches=pe.m, virtual_stages=pe.v))
     ranks = assign_ranks(fleet, stages)
@@ -41,11 +43,12 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
     for st, pe in zip(_stages_by_pipe(stages, pipelines), cand.pipes):
         samples = pe.dp * pe.b * pe.m
         for s in st:
-            flops = samples * (s.num_layers * f_layer + (f_head if s.index == st[-1].index else 0.0))
+            held = blocks_layers(model, *s.blocks) if s.blocks else s.num_layers
+            flops = samples * (held * f_layer + (f_head if s.index == st[-1].index else 0.0))
             if s.recompute == "full":
-                extra = samples * s.num_layers * f_layer / 3.0
-            elif s.recompute == "selective":
-                extra = samples * s.num_layers * 4.0 * model.seq_len * model.seq_len * model.hidden
+                extra = samples * held * f_layer / 3.0
+            elif s.recompute == "selective":      # the attention core: whole in a layer or an attention half
+                extra = samples * _cores(s) * 4.0 * model.seq_len * model.seq_len * model.hidden
             else:
                 extra = 0.0
             done[s.chip] = done.get(s.chip, 0.0) + flops
@@ -106,6 +109,14 @@ def chunk_ranges(counts, v: int) -> list[list[tuple[int, int]]]:
             out[i].append((start, start + size[c]))
             start += size[c]
     return out
+
+
+def _cores(stage) -> int:
+    """Attention cores a stage runs: one per layer, or per attention half it holds."""
+    if not stage.blocks:
+        return stage.num_layers
+    a, z = stage.blocks
+    return sum(1 for block in range(a, z) if block % 2 == 0)
 
 
 def _bubble(pe: PipeEval) -> float:

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from partitioner import halves
 from partitioner.candidates import PipeEval
 from partitioner.costs import CostModel, exposed_reduce_s
 from partitioner.inputs import RECOMPUTE_MODES
@@ -102,7 +103,23 @@ def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
     if not all(math.isfinite(x) for x in stage_times):
         return None
     modes = tuple(RECOMPUTE_MODES[int(picks[i][n - 1])] for i, n in enumerate(counts))
-    return _finish(cm, layout, dp, b, m, tuple(counts), modes, stage_times, mi, v)
+    return with_halves(cm, _finish(cm, layout, dp, b, m, tuple(counts), modes, stage_times, mi, v), rows, picks, mi)
+
+
+def with_halves(cm: CostModel, pe: PipeEval, rows, picks, mi: int) -> PipeEval:
+    """`pe` with its stage boundaries moved half a layer where that shortens its step and the stages
+    that touch one more layer still fit (partitioner/halves.py); `pe` itself otherwise. `mi`: the
+    micro-batches its memory is costed at (evaluate_pipeline's inflight_m)."""
+    found = halves.best_shifts(cm, pe, rows, picks) if cm.train.half_layers else None
+    if found is None:
+        return pe
+    shifts, times = found
+    memory = stage_memories(cm, pe.layout, halves.touched_counts(pe.counts, shifts), pe.modes, pe.dp, pe.b,
+                            pe.m, mi)
+    if any(need > cm.capacity(slot.island.name) for need, slot in zip(memory, pe.layout)):
+        return pe
+    tail = step_tail(cm, pe.layout, pe.dp, pe.counts, times, pe.boundary, 1, pe.tail_parts)
+    return replace(pe, stage_times=times, memory=memory, tail=tail, shifts=shifts, whole_times=list(pe.stage_times))
 
 
 def _split_bound(cm, layout, dp, b, m, v, cap: float, least: float, boundary: list) -> float:
@@ -225,7 +242,7 @@ def interleaved_twin(cm: CostModel, pe: PipeEval, v: int) -> PipeEval | None:
     if pe.v != 1 or not interleavable(P, v, cm.model.layers) or min(pe.counts) < v:
         return None
     extra = chunk_extras(cm, pe.layout, v)
-    stage_times = [t + e for t, e in zip(pe.stage_times, extra)]
+    stage_times = [t + e for t, e in zip(pe.whole_times or pe.stage_times, extra)]
     modes = list(pe.modes)
     memory = stage_memories(cm, pe.layout, pe.counts, pe.modes, pe.dp, pe.b, pe.m, pe.m, v)
     # each stage over its memory tries the later allowed modes in order, the first that fits kept;
@@ -250,6 +267,6 @@ def interleaved_twin(cm: CostModel, pe: PipeEval, v: int) -> PipeEval | None:
                                        - cm.per_layer_s(name, slot.tp, pe.b, modes[i]))
                 modes[i], memory[i] = mode, need
                 del left[i]
-    return replace(pe, stage_times=stage_times, memory=memory, modes=tuple(modes), v=v,
+    return replace(pe, stage_times=stage_times, memory=memory, modes=tuple(modes), v=v, shifts=(), whole_times=None,
                    wrap=wrap_hop(cm, pe.layout, pe.dp, pe.b),
                    tail=step_tail(cm, pe.layout, pe.dp, pe.counts, stage_times, pe.boundary, v, pe.tail_parts))

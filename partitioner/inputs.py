@@ -192,6 +192,9 @@ class TrainSpec:
     # 1F1B only, the default; the engine runs interleaved plans too, hetero.engine.support.INTERLEAVED);
     # `hetero plan --virtual-stages N` asks for more.
     max_virtual_stages: int = 1
+    # Stage boundaries may sit inside a layer, between its attention and MLP halves (partitioner/halves.py;
+    # the engine runs them, hetero.engine.support.SUBLAYER); `hetero plan --whole-layers` keeps whole layers.
+    half_layers: bool = True
 
     @property
     def dtype_bytes(self) -> int:

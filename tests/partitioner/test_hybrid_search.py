@@ -51,7 +51,8 @@ def test_hybrid_wins_where_two_islands_hold_the_model_only_together():
     first, second = best.summary().split(" + ")
     assert " -> " in first + second and all(f" x micro-batch {best.micro_batch}" in p for p in (first, second))
     assert Plan.from_json(best.to_json()).to_dict() == best.to_dict()
-    assert json.loads(best.to_json())["version"] == 1
+    # version 1, or 4 where a stage boundary sits inside a layer (the a -> b pipeline splits one here)
+    assert json.loads(best.to_json())["version"] == (4 if any(s.blocks for s in best.stages) else 1)
     # never slower than the island alone or any other kind, and what brute force finds
     assert best.predicted_step_s <= result.islands_alone["c"].step
     assert all(p.predicted_step_s >= best.predicted_step_s for p in result.plans)

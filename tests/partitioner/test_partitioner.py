@@ -170,10 +170,13 @@ def _check_plan(plan: Plan, fleet: FleetSpec, model: ModelSpec, train: TrainSpec
     # each chip at most once
     chips = [(r.island, r.local_rank) for r in plan.ranks]
     assert len(chips) == len(set(chips))
-    # layers cover the model exactly once, per pipeline (in order: problems() checks the chunk tiling)
+    # half-layer blocks cover the model exactly once, per pipeline (in order: problems() checks the
+    # chunk tiling); a stage boundary may sit inside a layer
     for p in plan.pipelines:
-        covered = sorted(layer for i in p.stages for lo, hi in plan.stages[i].layer_ranges for layer in range(lo, hi))
-        assert covered == list(range(model.layers))
+        spans = [(plan.stages[i].blocks,) if plan.stages[i].blocks else
+                 tuple((2 * lo, 2 * hi) for lo, hi in plan.stages[i].layer_ranges) for i in p.stages]
+        covered = sorted(block for ranges in spans for lo, hi in ranges for block in range(lo, hi))
+        assert covered == list(range(2 * model.layers))
     assert sum(p.samples for p in plan.pipelines) == train.global_batch
     cm = CostModel(fleet, model, train)
     for s in plan.stages:

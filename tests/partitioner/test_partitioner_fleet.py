@@ -78,7 +78,7 @@ def test_chosen_plan_meets_both_lower_bounds(fleet, model, train):
 def test_hetero_dp_keeps_every_replica_option_until_the_batch_is_split():
     """The old search cut each island to its 3 best options by steady-state throughput and then
     split the batch; splitting over every option is never worse, and here strictly better."""
-    fleet, model, train = GPU_32, LLAMA_7B, TrainSpec(256, 1, "bf16")
+    fleet, model, train = GPU_32, LLAMA_7B, TrainSpec(256, 1, "bf16", half_layers=False)
     res = S.search(fleet, model, train)
     cm = CostModel(fleet, model, train)
     bounds, old = Bounds(cm), []
@@ -102,7 +102,7 @@ def test_search_matches_brute_force_on_three_kinds_of_chip():
 
 
 def test_pp_costing_budget_stops_the_search_but_keeps_the_seeds():
-    fleet, model, train = GPU_32, LLAMA_7B, TrainSpec(256, 1, "bf16")
+    fleet, model, train = GPU_32, LLAMA_7B, TrainSpec(256, 1, "bf16", half_layers=False)
     full = S.search(fleet, model, train)
     cut = S.search(fleet, model, train, limits=SearchLimits(max_pp_evaluations=1))
     assert cut.stats["pp_evaluated"] <= 1 and cut.stats.get("pp_cut_at_budget") == 1
