@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from hetero.commands.flags import add_job_files, whole
 from hetero.config import load_job
 from hetero.errors import UserError
 from hetero.planning import Progress, headroom, load_profile, plan_job
 from partitioner import explain
-
-if TYPE_CHECKING:
-    from partitioner.plan import Plan
+from partitioner.plan import Plan, layers_span_text
 
 MAX_TOP = 1000
 MAX_VIRTUAL_STAGES = 4     # the chunk counts the cost model is checked for (tests/partitioner/test_interleave_costs.py)
@@ -43,6 +40,10 @@ def register(subparsers) -> None:
                         help="let each pipeline hold up to V model chunks per stage (interleaved 1F1B, "
                              f"1-{MAX_VIRTUAL_STAGES}; default 1: plain 1F1B). A plan with V > 1 is format "
                              "version 2 (docs/plan-format.md)")
+    parser.add_argument("--whole-layers", action="store_true",
+                        help="keep every stage boundary between layers (by default a boundary may sit "
+                             "inside a layer, between its attention and MLP halves, where that balances the "
+                             "stages better: such a plan is format version 4, docs/plan-format.md)")
     parser.set_defaults(func=run)
 
 
@@ -52,7 +53,7 @@ def run(args) -> int:
     # A bar on a terminal only: in logs and pipes the one-line answer (or error) stands alone.
     progress = Progress("searching plans") if not args.json and sys.stderr.isatty() else None
     result = plan_job(job, profile=profile, top=max(args.top, 2), progress=progress,
-                      max_virtual_stages=args.virtual_stages)
+                      max_virtual_stages=args.virtual_stages, half_layers=not args.whole_layers)
     best = result.best
     if args.out:
         try:
@@ -95,11 +96,15 @@ def _summary(plan) -> dict:
             "tokens_per_s": plan.tokens_per_s, "mfu": dict(plan.mfu),
             "stages": [{"island": s.island, "chip": s.chip, "tp": s.tp, "dp": s.dp, "layers": list(s.layers),
                         **({"chunks": [list(c) for c in s.chunks]} if s.chunks else {}),
+                        **({"blocks": list(s.blocks)} if s.blocks else {}),
                         "recompute": s.recompute} for s in plan.stages]}
 
 
 def layers_text(stage) -> str:
-    """A stage's layers for the table: its range, or its chunks' ranges when interleaved, and the count."""
+    """A stage's layers for the table: its range, or its chunks' ranges when interleaved, and the count;
+    a boundary inside a layer as ".5", with the layers' worth it holds ("0-2.5 (2.5)")."""
+    if stage.blocks:
+        return f"{layers_span_text(stage)} ({stage.held_layers:g})"
     return ",".join(f"{start}-{end}" for start, end in stage.layer_ranges) + f" ({stage.num_layers})"
 
 

@@ -35,15 +35,17 @@ def test_plan_json_fields(hetero_cli):
         assert key in data, key
     assert data["measured"] is False
     assert len(data["memory_gb"]) == len(data["stages"])
-    # layers are half-open and cover the model once per pipeline
+    # half-layer blocks (`blocks` where a stage begins or ends inside a layer, else twice `layers`) are
+    # half-open and cover the model once per pipeline
     for pipe in data["pipelines"]:
         start = 0
         for i in pipe["stages"]:
             stage = data["stages"][i]
             assert {"island", "chip", "tp", "dp", "layers"} <= set(stage)
-            assert stage["layers"][0] == start
-            start = stage["layers"][1]
-        assert start == 8
+            blocks = stage.get("blocks") or [2 * end for end in stage["layers"]]
+            assert blocks[0] == start and stage["layers"] == [blocks[0] // 2, (blocks[1] + 1) // 2]
+            start = blocks[1]
+        assert start == 16
     assert data["predicted_step_s"] <= data["baseline_step_s"]
     assert set(data["mfu"]) <= {"emu-fast", "emu-slow"}
     assert Plan.from_dict(data).problems() == []
@@ -194,3 +196,20 @@ def test_plan_prints_a_hybrid_plan_and_its_search(hetero_cli, tmp_path):
     assert data["kind"] == "hybrid" and sum(p["samples"] for p in data["pipelines"]) == 8
     assert {"hybrid_groupings", "hybrid_configs", "hybrid_evaluated", "hybrid_s"} <= set(data["search_stats"])
     assert data["meets_lower_bounds"] and set(data["islands_alone_tokens_per_s"]) == {"c", "sum"}
+
+
+def test_plan_may_cut_inside_a_layer_unless_told_whole_layers(hetero_cli):
+    job = ("--cluster", "configs/emulated-mixed.yaml", "--model", "configs/llama-tiny.yaml",
+           "--train", "configs/train-efficiency.yaml")
+    code, out, err = hetero_cli("plan", *job, "--json")
+    assert code == 0, err
+    split = json.loads(out)
+    assert split["version"] == 4 and any("blocks" in s for s in split["stages"])
+    assert Plan.from_dict(split).problems() == []
+    code, out, err = hetero_cli("plan", *job, "--json", "--whole-layers")
+    assert code == 0, err
+    whole = json.loads(out)
+    assert whole["version"] == 1 and not any("blocks" in s for s in whole["stages"])
+    assert whole["predicted_step_s"] > split["predicted_step_s"]
+    code, out, err = hetero_cli("plan", *job)
+    assert code == 0 and ".5 (" in out                      # the table shows a cut inside a layer as x.5
