@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -110,6 +111,31 @@ def interleaving_row(job, plain) -> dict:
             "meets_lower_bounds": room["meets_lower_bounds"], "gap": gap_rows(result, cm)}
 
 
+def homogeneous_row(job, result) -> dict:
+    """The same ratio on the fleet made homogeneous: every island's chips replaced by the chip of the
+    island fastest alone (same islands, nodes, network and bridge), searched the same way. No chip
+    differs there, so what it misses of its islands' sum is the anchor's, not the mix's: each island
+    alone trains on the whole global batch, a quarter of the chips on it has four times the samples
+    per chip, so fewer bubbles and less communication per sample than the fleet on its share."""
+    fleet = fleet_spec(job.cluster)
+    fastest = min(result.islands_alone, key=lambda name: result.islands_alone[name].step)
+    chip = next(i.chip for i in fleet.islands if i.name == fastest)
+    same = dataclasses.replace(fleet, islands=tuple(dataclasses.replace(i, chip=chip) for i in fleet.islands))
+    cpu = time.process_time()
+    res = search(same, model_spec(job.model), train_spec(job.train), top=2)
+    room = headroom(res)
+    return {"chip": chip.name, "search_cpu_s": time.process_time() - cpu, "tokens_per_s": res.best.tokens_per_s,
+            "islands_alone_tokens_per_s": room["islands_alone_tokens_per_s"],
+            "ratio_vs_islands": room["efficiency_vs_islands"], "plan": res.best.label}
+
+
+def homogeneous_line(row: dict) -> str:
+    return (f"the same fleet with every chip a {row['chip']} (no mix at all): {row['tokens_per_s'] / 1e6:.3f} M "
+            f"tokens/s, islands alone sum {row['islands_alone_tokens_per_s']['sum'] / 1e6:.3f} M, ratio "
+            f"{row['ratio_vs_islands']:.3f}: the ratio's ceiling comes from the anchor (each island alone on "
+            f"the whole batch), not from mixing chips; plan: {row['plan']}")
+
+
 def gap_rows(result, cm: CostModel | None = None) -> list[dict]:
     """Where the ratio to the islands alone goes, per island of the best hetero-DP plan: its share
     of the batch, its step, the part of the step that does not shrink with the share (fill and
@@ -199,6 +225,8 @@ def run(args) -> int:
         # on a shared host the wall clock counts other processes' time; the CPU time does not
         report[key]["search_cpu_s"] = time.process_time() - cpu
         _log(args, "   " + fleet_line(report[key]))
+        report[key]["homogeneous"] = homogeneous_row(job, result)
+        _log(args, "   " + homogeneous_line(report[key]["homogeneous"]))
         report[key]["interleaving"] = interleaving_row(job, result)
         _log(args, "   " + interleaving_line(report[key]["interleaving"]))
         for gap in report[key]["interleaving"]["gap"]:

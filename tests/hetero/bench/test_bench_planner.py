@@ -70,3 +70,18 @@ def test_gap_rows_say_where_the_ratio_goes():
     for r in rows:
         assert 0 < r["tail_s"] <= r["fixed_s"] < r["step_s"]
         assert r["at_alone_rate_s"] > 0 and "fixed per step" in planner.gap_line(r)
+
+
+def test_homogeneous_row_plans_the_fleet_with_one_chip_everywhere():
+    cfg = planner.CONFIGS
+    job = load_job(cluster=os.path.join(cfg, "a800-910b-32.yaml"), model=os.path.join(cfg, "llama2-7b.yaml"),
+                   train=os.path.join(cfg, "train-llama2.yaml"))
+    mixed = plan_job(job, top=2)
+    row = planner.homogeneous_row(job, mixed)
+    fastest = min(mixed.islands_alone, key=lambda name: mixed.islands_alone[name].step)
+    assert row["chip"] == next(i.chip for i in job.cluster.islands if i.name == fastest)
+    alone = row["islands_alone_tokens_per_s"]
+    assert set(alone) == {"a800", "ascend", "sum"}
+    assert alone["a800"] == pytest.approx(alone["ascend"])      # the same chip everywhere: equal islands
+    assert row["ratio_vs_islands"] == pytest.approx(row["tokens_per_s"] / alone["sum"])
+    assert f"ratio {row['ratio_vs_islands']:.3f}" in planner.homogeneous_line(row)
