@@ -12,10 +12,15 @@ from hetero.planning import plan_job
 from partitioner.search import search
 
 
-def test_fleet_row_reports_the_ratio_to_the_islands_and_the_goals():
+def a800_910b_7b():
+    """Llama 2 7B on the 32-chip A800 + Ascend example: a fleet the search plans in a second."""
     cfg = planner.CONFIGS
-    job = load_job(cluster=os.path.join(cfg, "a800-910b-32.yaml"), model=os.path.join(cfg, "llama2-7b.yaml"),
-                   train=os.path.join(cfg, "train-llama2.yaml"))
+    return load_job(cluster=os.path.join(cfg, "a800-910b-32.yaml"), model=os.path.join(cfg, "llama2-7b.yaml"),
+                    train=os.path.join(cfg, "train-llama2.yaml"))
+
+
+def test_fleet_row_reports_the_ratio_to_the_islands_and_the_goals():
+    job = a800_910b_7b()
     row = planner.fleet_row(plan_job(job, top=2))
     alone = row["islands_alone_tokens_per_s"]
     assert set(alone) == {"a800", "ascend", "sum"}
@@ -47,9 +52,7 @@ def test_the_bench_plans_both_fleets_of_issue_20():
 
 
 def test_interleaving_row_searches_the_same_fleet_with_chunks():
-    cfg = planner.CONFIGS
-    job = load_job(cluster=os.path.join(cfg, "a800-910b-32.yaml"), model=os.path.join(cfg, "llama2-7b.yaml"),
-                   train=os.path.join(cfg, "train-llama2.yaml"))
+    job = a800_910b_7b()
     plain = plan_job(job, top=2)
     row = planner.interleaving_row(job, plain)
     assert row["max_virtual_stages"] == planner.INTERLEAVE_V
@@ -60,9 +63,7 @@ def test_interleaving_row_searches_the_same_fleet_with_chunks():
 
 
 def test_gap_rows_say_where_the_ratio_goes():
-    cfg = planner.CONFIGS
-    job = load_job(cluster=os.path.join(cfg, "a800-910b-32.yaml"), model=os.path.join(cfg, "llama2-7b.yaml"),
-                   train=os.path.join(cfg, "train-llama2.yaml"))
+    job = a800_910b_7b()
     result = plan_job(job, top=2)
     rows = planner.gap_rows(result)
     assert {r["island"] for r in rows} == {"a800", "ascend"}
@@ -73,9 +74,7 @@ def test_gap_rows_say_where_the_ratio_goes():
 
 
 def test_homogeneous_row_plans_the_fleet_with_one_chip_everywhere():
-    cfg = planner.CONFIGS
-    job = load_job(cluster=os.path.join(cfg, "a800-910b-32.yaml"), model=os.path.join(cfg, "llama2-7b.yaml"),
-                   train=os.path.join(cfg, "train-llama2.yaml"))
+    job = a800_910b_7b()
     mixed = plan_job(job, top=2)
     row = planner.homogeneous_row(job, mixed)
     fastest = min(mixed.islands_alone, key=lambda name: mixed.islands_alone[name].step)
