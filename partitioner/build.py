@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from partitioner.candidates import Candidate, PipeEval
 from partitioner.costs import CostModel, blocks_layers, head_forward_flops, layer_forward_flops
-from partitioner.halves import stage_blocks
+from partitioner.halves import spans as block_spans
 from partitioner.inputs import FleetSpec
 from partitioner.plan import PipelinePlan, Plan, StagePlan, assign_ranks
 
@@ -17,10 +17,10 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
     pipelines = []
     for k, pe in enumerate(cand.pipes):
         idx = []
-        cuts = chunk_ranges(pe.counts, pe.v)
-        spans = stage_blocks(pe.counts, pe.shifts)
+        pieces = chunk_ranges(pe.counts, pe.v)
+        spans = block_spans(pe.counts, pe.cuts)
         for i, (island, t, off) in enumerate(pe.layout):
-            chunks = tuple(cuts[i]) if pe.v > 1 else ()
+            chunks = tuple(pieces[i]) if pe.v > 1 else ()
             a, z = spans[i]
             layers = (chunks[0][0], chunks[-1][1]) if chunks else (a // 2, (z + 1) // 2)
             stages.append(StagePlan(

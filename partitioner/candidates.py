@@ -37,9 +37,9 @@ class PipeEval:
     wrap: float = 0.0                # last stage -> first stage, per crossing (v > 1 goes round)
     # evaluate.stage_tail_parts of its layout and counts (None: not kept), for its interleaved twins
     tail_parts: tuple | None = field(default=None, repr=False, compare=False)
-    # half-layer shifts of its P - 1 stage boundaries (partitioner/halves.py; () for whole layers) and,
-    # where there are some, the stages' times at whole layers (what an interleaved twin starts from)
-    shifts: tuple = ()
+    # its P - 1 inner stage boundaries in half-layer blocks (partitioner/halves.py; () for `counts`' whole
+    # layers) and, where there are some, the stages' times at whole layers (an interleaved twin's start)
+    cuts: tuple = ()
     whole_times: list | None = field(default=None, repr=False, compare=False)
 
     @property

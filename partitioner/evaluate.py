@@ -107,19 +107,20 @@ def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
 
 
 def with_halves(cm: CostModel, pe: PipeEval, rows, picks, mi: int) -> PipeEval:
-    """`pe` with its stage boundaries moved half a layer where that shortens its step and the stages
-    that touch one more layer still fit (partitioner/halves.py); `pe` itself otherwise. `mi`: the
-    micro-batches its memory is costed at (evaluate_pipeline's inflight_m)."""
-    found = halves.best_shifts(cm, pe, rows, picks) if cm.train.half_layers else None
+    """`pe` cut at half-layer blocks where that shortens its step and every stage still fits the layers
+    it touches (partitioner/halves.py); `pe` itself otherwise. `mi`: the micro-batches its memory is
+    costed at (evaluate_pipeline's inflight_m)."""
+    found = halves.best_cuts(cm, pe, rows, picks) if cm.train.half_layers else None
     if found is None:
         return pe
-    shifts, times = found
-    memory = stage_memories(cm, pe.layout, halves.touched_counts(pe.counts, shifts), pe.modes, pe.dp, pe.b,
-                            pe.m, mi)
+    cuts, times = found
+    touched = [halves.touched(a, b) for a, b in halves.spans(pe.counts, cuts)]
+    memory = stage_memories(cm, pe.layout, touched, pe.modes, pe.dp, pe.b, pe.m, mi)
     if any(need > cm.capacity(slot.island.name) for need, slot in zip(memory, pe.layout)):
         return pe
-    tail = step_tail(cm, pe.layout, pe.dp, pe.counts, times, pe.boundary, 1, pe.tail_parts)
-    return replace(pe, stage_times=times, memory=memory, tail=tail, shifts=shifts, whole_times=list(pe.stage_times))
+    # the DP reduction and update of the layers each stage touches (a layer held in part counts whole)
+    tail = step_tail(cm, pe.layout, pe.dp, touched, times, pe.boundary, 1)
+    return replace(pe, stage_times=times, memory=memory, tail=tail, cuts=cuts, whole_times=list(pe.stage_times))
 
 
 def _split_bound(cm, layout, dp, b, m, v, cap: float, least: float, boundary: list) -> float:
@@ -267,6 +268,6 @@ def interleaved_twin(cm: CostModel, pe: PipeEval, v: int) -> PipeEval | None:
                                        - cm.per_layer_s(name, slot.tp, pe.b, modes[i]))
                 modes[i], memory[i] = mode, need
                 del left[i]
-    return replace(pe, stage_times=stage_times, memory=memory, modes=tuple(modes), v=v, shifts=(), whole_times=None,
+    return replace(pe, stage_times=stage_times, memory=memory, modes=tuple(modes), v=v, cuts=(), whole_times=None,
                    wrap=wrap_hop(cm, pe.layout, pe.dp, pe.b),
                    tail=step_tail(cm, pe.layout, pe.dp, pe.counts, stage_times, pe.boundary, v, pe.tail_parts))

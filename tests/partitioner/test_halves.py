@@ -27,12 +27,12 @@ def test_blocks_count_a_half_by_its_share_of_the_layer():
     assert blocks_layers(LLAMA_TINY, 1, 5) == 2.0
 
 
-def test_shifted_boundaries_give_each_stage_its_blocks_and_the_layers_it_touches():
-    assert halves.stage_blocks((3, 5), ()) == [(0, 6), (6, 16)]
-    assert halves.stage_blocks((3, 5), (1,)) == [(0, 7), (7, 16)]
-    assert halves.stage_blocks((3, 5), (-1,)) == [(0, 5), (5, 16)]
-    assert halves.touched_counts((3, 5), (1,)) == [4, 5]       # the left stage reaches into layer 3
-    assert halves.touched_counts((3, 5), (-1,)) == [3, 6]      # the right stage reaches back into layer 2
+def test_cuts_give_each_stage_its_blocks_and_the_layers_it_touches():
+    assert halves.spans((3, 5), ()) == [(0, 6), (6, 16)]
+    assert halves.spans((3, 5), (7,)) == [(0, 7), (7, 16)]
+    assert halves.spans((3, 5), (5,)) == [(0, 5), (5, 16)]
+    assert [halves.touched(a, b) for a, b in halves.spans((3, 5), (7,))] == [4, 5]   # the first reaches into layer 3
+    assert [halves.touched(a, b) for a, b in halves.spans((3, 5), (5,))] == [3, 6]   # the second back into layer 2
 
 
 @pytest.mark.parametrize("fleet,model,train", [(EMU_MIXED, LLAMA_TINY, PIPELINE_64),
@@ -55,11 +55,31 @@ def test_a_half_goes_only_where_the_layer_it_touches_fits():
     fast, slow = EMU_MIXED.islands
     layout = stage_layout([(fast, 2, 1), (slow, 2, 1)], 1)
     pe = evaluate_pipeline(cm, layout, 1, 1, 64)
-    assert pe.shifts == (1,) and pe.whole_times is not None     # fast takes layer 6's attention half
+    assert pe.cuts == (13,) and pe.whole_times is not None      # fast takes layer 6's attention half
     share, per = attention_share(LLAMA_TINY), cm.per_layer_s("fast", 2, 1, pe.modes[0])
     assert pe.stage_times[0] == pytest.approx(pe.whole_times[0] + share * per)
-    plain = dataclasses.replace(pe, stage_times=pe.whole_times, shifts=(), whole_times=None)
+    plain = dataclasses.replace(pe, stage_times=pe.whole_times, cuts=(), whole_times=None)
     rows, picks = _time_matrix(cm, layout, 1, 1, 64, 1)
-    assert halves.best_shifts(cm, plain, rows, picks)[0] == (1,)
+    assert halves.best_cuts(cm, plain, rows, picks)[0] == (13,)
     rows[0, plain.counts[0]] = math.inf                          # 7 layers no longer fit the fast stage
-    assert halves.best_shifts(cm, plain, rows, picks) is None
+    assert halves.best_cuts(cm, plain, rows, picks) is None
+
+
+def test_a_deep_pipeline_is_cut_over_all_blocks_not_only_next_to_its_layer_boundaries():
+    """8 stages of one kind over 20 layers (a small vocabulary: the head weighs little) split
+    3,3,3,3,2,2,2,2: whole layers run at the 3-layer stages' pace; moving each boundary by half a
+    layer cannot relieve a run of them, the cut over all blocks can (5 blocks a stage)."""
+    fleet = dataclasses.replace(GPU_16, islands=(dataclasses.replace(GPU_16.islands[0], nodes=(8,)),))
+    model = dataclasses.replace(LLAMA_12, layers=20, vocab=256)
+    train = TrainSpec(64, 1, "bf16", modes=("pipeline",), search_micro_batch=False)
+    cm = CostModel(fleet, model, train)
+    layout = stage_layout([(fleet.islands[0], 1, 8)], 1)
+    whole = evaluate_pipeline(cm, layout, 1, 1, 64, counts=(3, 3, 3, 3, 2, 2, 2, 2))
+    assert whole.cuts
+    rows, picks = _time_matrix(cm, layout, 1, 1, 64, 1)
+    plain = dataclasses.replace(whole, stage_times=whole.whole_times, cuts=(), whole_times=None)
+    stages = halves._Stages(cm, plain, rows, picks)             # pylint: disable=protected-access
+    shifted = halves._shifted(plain, stages)                   # pylint: disable=protected-access
+    shifted_top = max(stages.time(i, a, b) for i, (a, b) in enumerate(halves.spans(plain.counts, shifted)))
+    assert max(whole.stage_times) < shifted_top * 0.97 < max(whole.whole_times)
+    assert max(b - a for a, b in halves.spans(plain.counts, whole.cuts)) <= 5          # no stage of 3 layers left
