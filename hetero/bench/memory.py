@@ -133,10 +133,13 @@ def run_cell(cell: Cell, paths: dict, run_dir: str, steps: int) -> list[dict]:
 
 
 def cell_plan(job, cell: Cell):
-    """The cell's two-stage pipeline (fast -> slow), layers split and memory predicted by the cost model."""
+    """The cell's two-stage pipeline (fast -> slow), layers split and memory predicted by the cost model.
+    Whole layers: the bench checks the memory model, and a stage cut inside a layer is costed
+    conservatively, at every layer it touches (partitioner/halves.py)."""
     fleet = fleet_spec(job.cluster)
     train = dataclasses.replace(train_spec(job.train), dtype=cell.dtype, search_micro_batch=False,
-                                recompute_modes=(cell.recompute,), zero1=cell.zero1, modes=("pipeline",))
+                                recompute_modes=(cell.recompute,), zero1=cell.zero1, modes=("pipeline",),
+                                half_layers=False)
     cm = CostModel(fleet, model_spec(job.model), train)
     islands = {i.name: i for i in fleet.islands}
     layout = [Slot(islands["fast"], cell.tp, 0), Slot(islands["slow"], cell.tp, 0)]
