@@ -22,6 +22,7 @@ time grows with its blocks).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from partitioner.candidates import PipeEval
@@ -35,10 +36,7 @@ BISECTIONS = 24          # halvings of the slowest stage's bound in the second
 def spans(counts, cuts) -> list[tuple[int, int]]:
     """Each stage's half-open range of half-layer blocks: at twice its whole layers' range, or between
     `cuts` (the P - 1 inner boundaries, in blocks) when there are some."""
-    if not cuts:
-        starts = [2 * sum(counts[:i]) for i in range(len(counts) + 1)]
-    else:
-        starts = [0, *cuts, 2 * sum(counts)]
+    starts = [0, *(cuts or (2 * end for end in itertools.accumulate(counts[:-1]))), 2 * sum(counts)]
     return list(zip(starts, starts[1:]))
 
 
@@ -108,8 +106,7 @@ def _shifted(pe: PipeEval, stages: _Stages) -> list[int] | None:
     """Each whole-layer boundary moved by at most one block: an exact min-max dynamic programme over
     the boundaries (a stage's time depends on its two only), the stages' sum breaking ties."""
     P = len(pe.layout)
-    whole = [2 * sum(pe.counts[:i + 1]) for i in range(P - 1)]
-    edge = [0, *whole, stages.blocks]
+    edge = [0, *(end for _, end in spans(pe.counts, ()))]
     best: dict[int, tuple[float, float, tuple]] = {0: (0.0, 0.0, ())}
     for i in range(P):
         step: dict[int, tuple[float, float, tuple]] = {}
@@ -124,7 +121,7 @@ def _shifted(pe: PipeEval, stages: _Stages) -> list[int] | None:
         best = step
     if 0 not in best or not any(best[0][2]):
         return None
-    return [w + s for w, s in zip(whole, best[0][2])]
+    return [w + s for w, s in zip(edge[1:-1], best[0][2])]
 
 
 def _min_max(pe: PipeEval, stages: _Stages) -> list[int] | None:
