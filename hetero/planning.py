@@ -148,7 +148,7 @@ def headroom(result: SearchResult) -> dict:
         bounds["best_island_alone"] = {"island": name, "tokens_per_s": alone[name], "label": cand.label}
     dp = result.hetero_dp
     if dp is not None:
-        samples = {pe.island.name: pe.dp * pe.b * pe.m for pe in dp.pipes}
+        samples = {pe.island.name: pe.samples for pe in dp.pipes}
         speed = sum(alone.get(n, 0.0) for n in samples)
         bounds["hetero_dp"] = {
             "tokens_per_s": tokens / dp.step, "label": dp.label,
@@ -156,7 +156,7 @@ def headroom(result: SearchResult) -> dict:
             "speed_share": {n: alone.get(n, 0.0) / speed for n in samples} if speed else {},
             # each replica at its share on its own (no waiting for the slowest, no bridge
             # reduction): what splitting the batch costs, against islands_alone's whole batch
-            "islands_at_share_tokens_per_s": sum(tokens * (pe.dp * pe.b * pe.m) / sum(samples.values()) / pe.step()
+            "islands_at_share_tokens_per_s": sum(tokens * pe.samples / sum(samples.values()) / pe.step()
                                                  for pe in dp.pipes)}
     out["meets_lower_bounds"] = all(best.tokens_per_s >= b["tokens_per_s"] * (1 - 1e-9)
                                     for b in bounds.values())

@@ -11,7 +11,7 @@ import numpy as np
 
 from partitioner.candidates import Candidate, label_pp, stage_layout
 from partitioner.costs import CostModel, divisors, tp_choices
-from partitioner.evaluate import evaluate_pipeline, interleavable, stage_time_rows
+from partitioner.evaluate import evaluate_pipeline, interleavable, shortened, stage_time_rows
 from partitioner.inputs import FleetSpec, ModelSpec, SearchLimits, TrainSpec
 from partitioner.layer_split import compositions
 from partitioner.pipeline_search import island_orders
@@ -91,7 +91,7 @@ def _group_options(cm, order_tps_stages, b: int, cache: dict) -> list:
         for v in range(1, cm.train.max_virtual_stages + 1):
             if not interleavable(P, v, L) or (v > 1 and P * dp > G // b):
                 continue
-            out.extend(_replica_splits(cm, layout, dp, b, G, cache, v=v))
+            out.extend(shortened(cm, pe) for pe in _replica_splits(cm, layout, dp, b, G, cache, v=v))
     return out
 
 
@@ -124,9 +124,12 @@ def _best_hybrid(cm, fleet: FleetSpec, options: dict, b: int, cache: dict):
 
 def _pareto(pes: list) -> list:
     """Drop replica options another option that takes the same micro-batch counts (same DP; same
-    chunks and stages when interleaved) beats at every one of them."""
+    chunks and stages when interleaved) beats at every one of them (a one-stage option's smaller last
+    micro-batches, evaluate.shortened, included)."""
     def same(o, pe) -> bool:
-        return o.dp == pe.dp and o.v == pe.v and (pe.v == 1 or len(o.layout) == len(pe.layout))
+        return (o.dp == pe.dp and o.v == pe.v and (pe.v == 1 or len(o.layout) == len(pe.layout))
+                and len(o.short_times) == len(pe.short_times)
+                and all(x <= y for x, y in zip(o.short_times, pe.short_times)))
 
     out: list = []
     for pe in pes:

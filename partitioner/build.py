@@ -30,7 +30,7 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
                 blocks=(a, z) if a % 2 or z % 2 else ()))
             idx.append(stages[-1].index)
         pipelines.append(PipelinePlan(index=k, stages=tuple(idx), dp=pe.dp, micro_batch=pe.b,
-                                      num_micro_batches=pe.m, virtual_stages=pe.v))
+                                      num_micro_batches=pe.m, virtual_stages=pe.v, last_micro_batch=pe.last_b))
     ranks = assign_ranks(fleet, stages)
     step = cand.step
     # Model FLOPs (no recompute) and hardware FLOPs (with it) per chip type.
@@ -41,7 +41,7 @@ def to_plan(cm: CostModel, fleet: FleetSpec, cand: Candidate) -> Plan:
     chips: dict = {}
     peak: dict = {}
     for st, pe in zip(_stages_by_pipe(stages, pipelines), cand.pipes):
-        samples = pe.dp * pe.b * pe.m
+        samples = pe.samples
         for s in st:
             held = blocks_layers(model, *s.blocks) if s.blocks else s.num_layers
             flops = samples * (held * f_layer + (f_head if s.index == st[-1].index else 0.0))

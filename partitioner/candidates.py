@@ -41,6 +41,10 @@ class PipeEval:
     # layers) and, where there are some, the stages' times at whole layers (an interleaved twin's start)
     cuts: tuple = ()
     whole_times: list | None = field(default=None, repr=False, compare=False)
+    # A one-stage plain pipeline only (`shortens`): its stage's time at 1 .. b-1 samples in the same
+    # recompute mode, and the samples of the step's last micro-batch when fewer than b (0: it holds b)
+    short_times: tuple = field(default=(), repr=False, compare=False)
+    last_b: int = 0
 
     @property
     def cycle(self) -> float:
@@ -55,6 +59,8 @@ class PipeEval:
         return interleaved_cycle_fill(self.stage_times, self.boundary, self.wrap, self.v)[1] + self.tail
 
     def step(self, m: int | None = None) -> float:
+        if m is None and self.last_b:        # one stage: the whole micro-batches, then the short one
+            return (self.m - 1) * self.stage_times[0] + self.short_times[self.last_b - 1] + self.tail
         m = self.m if m is None else m
         if self.v == 1:
             return pipeline_step_s(self.stage_times, self.boundary, m, self.tail)
@@ -73,8 +79,36 @@ class PipeEval:
     def chips(self) -> int:
         return sum(slot.tp for slot in self.layout) * self.dp
 
+    @property
+    def shortens(self) -> bool:
+        """Can its last micro-batch be smaller (one plain stage, its times at fewer samples costed)?"""
+        return len(self.short_times) == self.b - 1 > 0
+
+    @property
+    def replica_samples(self) -> int:
+        """Samples one replica takes per step."""
+        return self.b * (self.m - 1) + (self.last_b or self.b)
+
+    @property
+    def samples(self) -> int:
+        return self.dp * self.replica_samples
+
     def with_micro_batches(self, m: int) -> PipeEval:
-        return replace(self, m=m)
+        return replace(self, m=m, last_b=0)
+
+    def with_samples(self, k: int) -> PipeEval:
+        """Each replica on k samples: whole micro-batches of b, the last one smaller where k is not a
+        multiple of b (only where it `shortens`)."""
+        m = -(-k // self.b)
+        last = k - (m - 1) * self.b
+        if last == self.b:
+            return replace(self, m=m, last_b=0)
+        if not self.shortens:
+            raise ValueError(f"a pipeline of micro-batch {self.b} cannot take {k} samples per replica")
+        if m == 1:      # one micro-batch of `last` samples (its memory still costed at b: an upper bound)
+            return replace(self, b=last, m=1, last_b=0, stage_times=[self.short_times[last - 1]],
+                           short_times=self.short_times[:last - 1])
+        return replace(self, m=m, last_b=last)
 
 
 @dataclass
@@ -122,16 +156,16 @@ def label_pp(pe: PipeEval) -> str:
 def replica_label(pes: list) -> str:
     """"replicas a(pp1 tp2 dp1, 28 samples) + b(...), micro-batch 2"; each replica's own micro-batch
     in its parentheses when they differ."""
-    mixed = len({p.b for p in pes}) > 1
+    mixed = len({p.b for p in pes}) > 1 or any(p.last_b for p in pes)
     return "replicas " + " + ".join(
         f"{p.island.name}(pp{len(p.layout)}{f' x{p.v} chunks' if p.v > 1 else ''} tp{p.layout[0].tp} dp{p.dp}, "
-        f"{p.dp * p.b * p.m} samples{f', micro-batch {p.b}' if mixed else ''})"
+        f"{p.samples} samples{f', micro-batch {p.b}' if mixed else ''})"
         for p in pes) + ("" if mixed else f", micro-batch {pes[0].b}")
 
 
 def hybrid_label(pes: list, b: int) -> str:
     """"hybrid [a(tp2 x3) -> b(tp1 x2), dp 4, 96 samples] + [c(tp4 x2), dp 2, 32 samples], micro-batch 1"."""
-    return "hybrid " + " + ".join(f"[{_chain(p)}, dp {p.dp}, {p.dp * p.b * p.m} samples"
+    return "hybrid " + " + ".join(f"[{_chain(p)}, dp {p.dp}, {p.samples} samples"
                                   f"{f', {p.v} chunks per stage' if p.v > 1 else ''}]" for p in pes) \
         + f", micro-batch {b}"
 

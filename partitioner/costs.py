@@ -597,6 +597,13 @@ class CostModel:
         for j, spec in enumerate(todo):
             self._cache[("row", island, t, b, dp) + spec] = (best[j], choice[j], mems, j)
 
+    def stage_s(self, island: str, t: int, b: int, n_layers: int, mode: str, *, first: bool, last: bool) -> float:
+        """One stage's time for one micro-batch of b samples in `mode` (a value of `stage_row`'s row,
+        whatever the memory): the embedding or head where it holds them, its host cost, its layers."""
+        extra = ((self.first_extra_s(island, t, b) if first else 0.0) + (self.last_extra_s(island, t, b) if last else 0.0)
+                 + self.stage_host_s(island))
+        return extra + n_layers * self.per_layer_s(island, t, b, mode)
+
     def best_layer_s(self, island: str, t: int, b: int) -> float:
         """Fastest per-layer time of any allowed mode (for lower bounds)."""
         return min(self.per_layer_s(island, t, b, mode) for mode in self.train.recompute_modes)

@@ -106,6 +106,18 @@ def evaluate_pipeline(cm: CostModel, layout: list, dp: int, b: int, m: int,
     return with_halves(cm, _finish(cm, layout, dp, b, m, tuple(counts), modes, stage_times, mi, v), rows, picks, mi)
 
 
+def shortened(cm: CostModel, pe: PipeEval) -> PipeEval:
+    """A one-stage plain pipeline with its stage's time at every smaller micro-batch (1 .. b-1 samples, in
+    the recompute mode it runs b in: fewer samples need less memory), so a replica's last micro-batch
+    may be smaller (`PipeEval.with_samples`); any other pipeline as it is."""
+    if len(pe.layout) != 1 or pe.v != 1 or pe.b < 2:
+        return pe
+    slot = pe.layout[0]
+    times = tuple(cm.stage_s(slot.island.name, slot.tp, r, pe.counts[0], pe.modes[0], first=True, last=True)
+                  for r in range(1, pe.b))
+    return replace(pe, short_times=times)
+
+
 def with_halves(cm: CostModel, pe: PipeEval, rows, picks, mi: int) -> PipeEval:
     """`pe` cut at half-layer blocks where that shortens its step and every stage still fits the layers
     it touches (partitioner/halves.py); `pe` itself otherwise. `mi`: the micro-batches its memory is

@@ -26,12 +26,13 @@ from typing import Any, Mapping
 
 from partitioner.inputs import DTYPE_BYTES, RECOMPUTE_MODES
 from partitioner.plan_format import (FORMAT, INTERLEAVED_VERSION, KINDS, MAX_BATCH, MAX_COUNT, MIXED_MICRO_BATCH_VERSION,
-                                     SUBLAYER_VERSION, VERSION, VERSIONS,
+                                     SHORT_LAST_VERSION, SUBLAYER_VERSION, VERSION, VERSIONS,
                                      PlanError, get_field, read_flag, read_int, read_items, read_mapping, read_number,
                                      read_pair, read_table, read_text, show, unique_keys)
 from partitioner.plan_invariants import problems as plan_problems
 
-__all__ = ["FORMAT", "INTERLEAVED_VERSION", "KINDS", "MAX_BATCH", "MAX_COUNT", "SUBLAYER_VERSION", "VERSION",
+__all__ = ["FORMAT", "INTERLEAVED_VERSION", "KINDS", "MAX_BATCH", "MAX_COUNT", "SHORT_LAST_VERSION", "SUBLAYER_VERSION",
+           "VERSION",
            "VERSIONS", "PipelinePlan", "Plan", "PlanError", "RankPlan", "StagePlan", "assign_ranks", "interleaved",
            "layers_span_text"]
 
@@ -94,10 +95,29 @@ class PipelinePlan:
     micro_batch: int
     num_micro_batches: int           # per DP replica per step
     virtual_stages: int = 1          # v: model chunks per stage (interleaved 1F1B when > 1)
+    # A smaller last micro-batch (version 5): the last of the num_micro_batches holds this many samples
+    # (1 <= last_micro_batch < micro_batch), the others micro_batch each; 0: every one holds micro_batch.
+    last_micro_batch: int = 0
+
+    @property
+    def replica_samples(self) -> int:
+        """Samples one DP replica takes per step."""
+        return self.micro_batch * (self.num_micro_batches - 1) + self.micro_batch_size(self.num_micro_batches - 1)
 
     @property
     def samples(self) -> int:
-        return self.dp * self.micro_batch * self.num_micro_batches
+        return self.dp * self.replica_samples
+
+    def micro_batch_size(self, mb: int) -> int:
+        """Samples in micro-batch `mb` (0-based) of a replica's step: micro_batch, the last one
+        last_micro_batch when set."""
+        return self.last_micro_batch if self.last_micro_batch and mb == self.num_micro_batches - 1 else self.micro_batch
+
+    @property
+    def micro_batches_text(self) -> str:
+        """"7 x micro-batch 4", or with a smaller last one "8 x micro-batch 4 (the last of 1)"."""
+        last = f" (the last of {self.last_micro_batch})" if self.last_micro_batch else ""
+        return f"{self.num_micro_batches} x micro-batch {self.micro_batch}{last}"
 
 
 @dataclass(frozen=True)
@@ -160,15 +180,18 @@ class Plan:
         for p in self.pipelines:
             parts = [f"{s.island}(tp{s.tp} dp{s.dp} layers {layers_span_text(s)})"
                      for s in (self.stages[i] for i in p.stages if 0 <= i < len(self.stages))]
-            lines.append(" -> ".join(parts) + f", {p.num_micro_batches} x micro-batch {p.micro_batch}")
+            lines.append(" -> ".join(parts) + f", {p.micro_batches_text}")
         return " + ".join(lines)
 
     # -- serialisation ---------------------------------------------------------
 
     @property
     def version(self) -> int:
-        """The format version this plan is written as: 4 when a stage boundary falls inside a layer, else 3
-        when its pipelines' micro-batches differ, else 2 when a pipeline is interleaved, else 1."""
+        """The format version this plan is written as: 5 when a pipeline's last micro-batch is smaller, else 4
+        when a stage boundary falls inside a layer, else 3 when its pipelines' micro-batches differ, else 2
+        when a pipeline is interleaved, else 1."""
+        if any(p.last_micro_batch for p in self.pipelines):
+            return SHORT_LAST_VERSION
         if any(s.blocks for s in self.stages):
             return SUBLAYER_VERSION
         if len({p.micro_batch for p in self.pipelines}) > 1:
@@ -203,7 +226,8 @@ class Plan:
         if version not in VERSIONS or isinstance(version, bool):
             raise PlanError(f"plan version {version!r} is not supported (expected {VERSION}, {INTERLEAVED_VERSION} "
                             f"for interleaved pipelines, {MIXED_MICRO_BATCH_VERSION} for pipelines of different "
-                            f"micro-batches, or {SUBLAYER_VERSION} for stage boundaries inside a layer)", "version")
+                            f"micro-batches, {SUBLAYER_VERSION} for stage boundaries inside a layer, or {SHORT_LAST_VERSION} for a "
+                            f"smaller last micro-batch)", "version")
         plan = cls(
             kind=read_text(data, "kind", choices=KINDS), cluster=read_text(data, "cluster"), model=read_text(data, "model"),
             dtype=read_text(data, "dtype", choices=tuple(DTYPE_BYTES)), layers=read_int(data, "layers", low=1),
@@ -309,6 +333,11 @@ def layers_span_text(stage: StagePlan) -> str:
 
 def _version_mismatch(given: int, needed: int) -> str:
     """Why a plan written as version `given` is refused when its content is version `needed`."""
+    if needed == SHORT_LAST_VERSION:
+        return f"a smaller last micro-batch (last_micro_batch) needs plan version {SHORT_LAST_VERSION}"
+    if given == SHORT_LAST_VERSION:
+        return (f"plan version {given} is not supported without a smaller last micro-batch (last_micro_batch) "
+                f"(such a plan is version {needed})")
     if needed == SUBLAYER_VERSION:
         return f"stage boundaries inside a layer (blocks) need plan version {SUBLAYER_VERSION}"
     if given == SUBLAYER_VERSION:
@@ -341,6 +370,8 @@ def _pipeline_dict(p: PipelinePlan) -> dict:
     out = {**asdict(p), "stages": list(p.stages), "samples": p.samples}
     if p.virtual_stages == 1:
         del out["virtual_stages"]
+    if not p.last_micro_batch:
+        del out["last_micro_batch"]
     return out
 
 
@@ -368,7 +399,8 @@ def _pipeline(data: Any, where: str) -> PipelinePlan:
         stages=tuple(read_int({"stages": stages}, "stages", where, index=i) for i in range(len(stages))),
         dp=read_int(data, "dp", where, low=1), micro_batch=read_int(data, "micro_batch", where, low=1, high=MAX_BATCH),
         num_micro_batches=read_int(data, "num_micro_batches", where, low=1, high=MAX_BATCH),
-        virtual_stages=read_int(data, "virtual_stages", where, low=1, default=1))
+        virtual_stages=read_int(data, "virtual_stages", where, low=1, default=1),
+        last_micro_batch=read_int(data, "last_micro_batch", where, low=1, high=MAX_BATCH) if "last_micro_batch" in data else 0)
 
 
 def _rank(data: Any, where: str) -> RankPlan:

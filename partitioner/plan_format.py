@@ -14,7 +14,8 @@ VERSION = 1
 INTERLEAVED_VERSION = 2     # written when any pipeline has virtual_stages > 1 (docs/plan-format.md)
 MIXED_MICRO_BATCH_VERSION = 3   # written when the pipelines' micro_batch differ (interleaved or not)
 SUBLAYER_VERSION = 4        # written when a stage boundary falls inside a layer (a stage's `blocks`)
-VERSIONS = (VERSION, INTERLEAVED_VERSION, MIXED_MICRO_BATCH_VERSION, SUBLAYER_VERSION)
+SHORT_LAST_VERSION = 5      # written when a pipeline's last micro-batch is smaller (`last_micro_batch`)
+VERSIONS = (VERSION, INTERLEAVED_VERSION, MIXED_MICRO_BATCH_VERSION, SUBLAYER_VERSION, SHORT_LAST_VERSION)
 # pipeline: one pipeline (hetero-PP); replicas: a pipeline per island (hetero-DP); hybrid: several
 # pipelines, each over one island or several, the batch split between them (hetero-DP of hetero-PP).
 KINDS = ("pipeline", "replicas", "hybrid")

@@ -85,6 +85,9 @@ def _pipeline_problems(plan: Plan) -> list[str]:
             out.append(f"pipeline 0: micro_batch {p.micro_batch} != plan's {plan.micro_batch}")
         if p.num_micro_batches < 1:
             out.append(f"pipeline {p.index}: needs at least one micro-batch")
+        if p.last_micro_batch and not 1 <= p.last_micro_batch < p.micro_batch:
+            out.append(f"pipeline {p.index}: last_micro_batch {p.last_micro_batch} must be smaller than its "
+                       f"micro_batch {p.micro_batch} (leave it out when every micro-batch is whole)")
         total += p.samples
     if seen_stages != set(range(len(plan.stages))):
         out.append("some stages belong to no pipeline")

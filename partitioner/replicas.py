@@ -15,7 +15,7 @@ import numpy as np
 from partitioner.bounds import Bounds, interleaved_bound
 from partitioner.candidates import Candidate, PipeEval, label_pp, replica_label, stage_layout
 from partitioner.costs import CostModel, divisors, tp_choices
-from partitioner.evaluate import evaluate_pipeline, interleavable, interleaved_twin
+from partitioner.evaluate import evaluate_pipeline, interleavable, interleaved_twin, shortened
 from partitioner.inputs import IslandSpec, SearchLimits
 
 
@@ -86,7 +86,7 @@ def _spec_options(cm: CostModel, island: IslandSpec, b: int, spec: tuple, stats:
             stats["dp_twins"] = stats.get("dp_twins", 0) + 1
         plain = pe if v == 1 else plain
         if pe is not None:
-            out.append(pe)
+            out.append(shortened(cm, pe) if p == 1 else pe)
     return out
 
 
@@ -125,42 +125,67 @@ def _micro_batch_counts(pe: PipeEval, units: int, b: int | None = None) -> np.nd
 
 
 class BatchSplit(NamedTuple):
-    """A split of the global batch's micro-batches between pipelines or islands."""
+    """A split of the global batch between pipelines or islands."""
 
     step: float                      # the slowest one's step
-    shares: list                     # micro-batches each takes (per replica for best_batch_split)
+    shares: list                     # units of the batch each takes (micro-batches of b; samples when b = 1)
+
+
+def shares_and_steps(pe: PipeEval, units: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shares, steps): every share of `units` units of b samples this pipeline can take (all its replicas
+    together) and its step there. With b = 1 (shares in samples) a one-stage pipeline that `shortens`
+    takes any whole number of samples per replica, its last micro-batch smaller (`_short_shares`)."""
+    if b == 1 and pe.shortens:
+        return _short_shares(pe, units)
+    ms = _micro_batch_counts(pe, units, b)
+    return ms * pe.dp * pe.b // b, (ms - 1) * pe.cycle + pe.fill
+
+
+def _short_shares(pe: PipeEval, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """shares_and_steps of a one-stage pipeline at every whole number of samples per replica up to
+    `samples` in all: its whole micro-batches, then one of the rest (PipeEval.step with last_b)."""
+    k = np.arange(1, samples // pe.dp + 1)
+    m = -(-k // pe.b)
+    rest = k - (m - 1) * pe.b
+    last = np.array(pe.short_times + (pe.stage_times[0],))[rest - 1]
+    return k * pe.dp, (m - 1) * pe.stage_times[0] + last + pe.tail
+
+
+def at_share(pe: PipeEval, u: int, b: int) -> PipeEval:
+    """The pipeline on a share of u units of b samples (one of `shares_and_steps`' shares)."""
+    if b == 1 and pe.shortens:
+        return pe.with_samples(u // pe.dp)
+    return pe.with_micro_batches(u * b // (pe.dp * pe.b))
 
 
 def best_batch_split(pes: list[PipeEval], units: int, b: int | None = None) -> BatchSplit | None:
-    """Split `units` micro-batches of `b` samples of the global batch (each pipeline's own micro-batch by
-    default; b = 1 when they differ) between pipelines (each >= 1 micro-batch per replica) to minimise
-    the slowest pipeline's step. Exact; returns (step, [m_k]) or None."""
+    """Split `units` units of `b` samples of the global batch (each pipeline's own micro-batch by
+    default; b = 1 when they differ: samples) between pipelines (each >= 1 micro-batch per replica) to
+    minimise the slowest pipeline's step. Exact; returns (step, [units each takes]) or None."""
     f = np.full(units + 1, np.inf)
     f[0] = 0.0
     back = []
-    takes = [pe.dp * pe.b // (b or pe.b) for pe in pes]     # units one micro-batch per replica takes
-    for pe, d in zip(pes, takes):
-        ms = _micro_batch_counts(pe, units, b)
-        if ms.size == 0:
+    for pe in pes:
+        shares, tm = shares_and_steps(pe, units, b or pe.b)
+        if shares.size == 0:
             return None
-        tm = (ms - 1) * pe.cycle + pe.fill
         u = np.arange(units + 1)[:, None]
-        prev = u - d * ms[None, :]
+        prev = u - shares[None, :]
         valid = prev >= 0
         cand = np.maximum(np.where(valid, f[np.where(valid, prev, 0)], np.inf), tm[None, :])
         arg = np.argmin(cand, axis=1)
         f = cand[np.arange(units + 1), arg]
-        back.append(ms[arg])
+        back.append(shares[arg])
     if not np.isfinite(f[units]):
         return None
-    m_list = []
+    taken = []
     left = units
     for k in range(len(pes) - 1, -1, -1):
-        mk = int(back[k][left])
-        m_list.append(mk)
-        left -= takes[k] * mk
-    m_list.reverse()
-    return BatchSplit(float(f[units]), m_list)
+        share = int(back[k][left])
+        taken.append(share)
+        left -= share
+    taken.reverse()
+    return BatchSplit(float(f[units]), taken)
 
 
 def replica_candidate(cm: CostModel, pes: list) -> Candidate:
@@ -184,8 +209,7 @@ def combine_replicas(cm: CostModel, options_by_island: dict, b: int, keep: int):
                 res = best_batch_split(list(combo), units, b)
                 if res is None:
                     continue
-                m_list = res.shares
-                pes = [pe.with_micro_batches(mk) for pe, mk in zip(combo, m_list)]
+                pes = [at_share(pe, u, b) for pe, u in zip(combo, res.shares)]
                 out.append(replica_candidate(cm, pes))
     out.sort(key=lambda c: c.step)
     return out[:keep]
@@ -209,17 +233,16 @@ class Envelope:
     pick: np.ndarray
 
     def replica(self, u: int) -> PipeEval:
-        pe = self.options[int(self.pick[u])]
-        return pe.with_micro_batches(u * self.b // (pe.dp * pe.b))
+        return at_share(self.options[int(self.pick[u])], u, self.b)
 
 
 def envelope(island: IslandSpec, b: int, options: list, units: int) -> Envelope:
+    """The fastest option at every share (`shares_and_steps`: with b = 1, in samples, a one-stage option
+    may take a share that is not a multiple of its micro-batch, its last micro-batch smaller)."""
     step = np.full(units + 1, np.inf)
     pick = np.full(units + 1, -1, dtype=np.int64)
     for k, pe in enumerate(options):
-        ms = _micro_batch_counts(pe, units, b)
-        u = ms * pe.dp * pe.b // b
-        t = (ms - 1) * pe.cycle + pe.fill
+        u, t = shares_and_steps(pe, units, b)
         better = t < step[u]
         step[u[better]] = t[better]
         pick[u[better]] = k
@@ -308,7 +331,8 @@ def by_samples(envelopes: dict, global_batch: int) -> dict:
     """{island name: Envelope over samples}: at every share of the batch, in samples, the island's
     fastest option at any micro-batch (each island may run the micro-batch it is fastest at, and the
     batch splits in samples rather than in one micro-batch shared by all). {} with one micro-batch."""
-    if len(envelopes) < 2:
+    if len(envelopes) < 2 and not any(pe.shortens for by_island in envelopes.values()
+                                      for env in by_island.values() for pe in env.options):
         return {}
     names = {n for by_island in envelopes.values() for n in by_island}
     out = {}
@@ -343,7 +367,7 @@ def search_replicas(cm, envelopes: dict, keep: int, stats) -> list:
             if res is None:
                 continue
             pes = [env.replica(u) for env, u in zip(envs, res.shares)]
-            if by_island is mixed and len({pe.b for pe in pes}) == 1:
+            if by_island is mixed and len({pe.b for pe in pes}) == 1 and not any(pe.last_b for pe in pes):
                 continue    # one micro-batch for all: the split at that micro-batch has it
             out.append(replica_candidate(cm, pes))
     out.sort(key=lambda c: c.step)

@@ -147,10 +147,10 @@ def gap_rows(result, cm: CostModel | None = None) -> list[dict]:
     hdp, alone = result.hetero_dp, result.islands_alone
     if hdp is None:
         return []
-    batch = sum(pe.dp * pe.b * pe.m for pe in hdp.pipes)
+    batch = sum(pe.samples for pe in hdp.pipes)
     out = []
     for pe in hdp.pipes:
-        share = pe.dp * pe.b * pe.m
+        share = pe.samples
         solo = alone.get(pe.island.name)
         out.append({"island": pe.island.name, "share": share / batch, "step_s": pe.step(), "fixed_s": pe.fill,
                     "tail_s": pe.tail, "virtual_stages": pe.v, "micro_batches": pe.m,

@@ -17,6 +17,8 @@ Whoever teaches the engine a feature says so here, and only here:
   (hetero.engine.schedule, stages holding several layer chunks);
 - SUBLAYER: stages that begin or end inside a layer, at the seam between its attention and
   MLP halves (stages[].blocks; hetero.model.llama builds the halves a stage holds);
+- SHORT_LAST: a pipeline whose last micro-batch is smaller (pipelines[].last_micro_batch;
+  hetero.engine.trainer sizes each micro-batch and each boundary's receive by its index);
 - KINDS: the plan kinds it trains. "hybrid" (several pipelines, some over several islands)
   needs nothing of its own: every rank sits in one pipeline (hetero.engine.topology), a
   pipeline's stages talk over the bridge where they cross islands, and the hetero-DP bucket
@@ -40,6 +42,7 @@ ZERO1 = True               # hetero.engine.zero + optimizer: state sharded over 
 MIXED_PRECISION = True     # hetero.engine.precision: fp32 master weights and moments, fp16 loss scaling
 INTERLEAVED = True         # hetero.engine.schedule: virtual stages (several layer chunks per stage)
 SUBLAYER = True            # hetero.model.llama: stage boundaries between a layer's attention and MLP halves
+SHORT_LAST = True          # hetero.engine.trainer: a smaller last micro-batch (pipelines[].last_micro_batch)
 KINDS = ("pipeline", "replicas", "hybrid")   # hetero-PP, hetero-DP, hetero-DP of hetero-PP pipelines
 
 
@@ -71,7 +74,7 @@ STRUCTURE = (
     "stages[].layers", "stages[].offset",
     "pipelines[].index", "pipelines[].stages", "pipelines[].dp", "pipelines[].micro_batch",
     "pipelines[].num_micro_batches", *(("pipelines[].virtual_stages",) if INTERLEAVED else ()), "stages[].chunks",
-    *(("stages[].blocks",) if SUBLAYER else ()),
+    *(("stages[].blocks",) if SUBLAYER else ()), *(("pipelines[].last_micro_batch",) if SHORT_LAST else ()),
     "ranks[].rank", "ranks[].island", "ranks[].local_rank", "ranks[].node", "ranks[].pipeline", "ranks[].stage",
     "ranks[].tp_rank", "ranks[].dp_rank",
 )
@@ -82,6 +85,7 @@ INFORMATIONAL = (
 KNOWN = frozenset(FORMAT + STRUCTURE + INFORMATIONAL + tuple(CHOICES))
 VERSION_2_ONLY = ("pipelines[].virtual_stages", "stages[].chunks")   # written only by interleaved plans
 VERSION_4_ONLY = ("stages[].blocks",)      # written only for stages that begin or end inside a layer
+VERSION_5_ONLY = ("pipelines[].last_micro_batch",)   # written only for pipelines whose last micro-batch is smaller
 LISTS = ("stages", "pipelines", "ranks")
 
 

@@ -24,6 +24,11 @@ class Place:
     num_micro_batches: int
     first_sample: int                # this DP replica's first sample in the global batch
     virtual_stages: int = 1          # model chunks per stage of this pipeline (interleaved 1F1B when > 1)
+    last_micro_batch: int = 0        # samples in the step's last micro-batch when fewer than micro_batch
+
+    def micro_batch_size(self, mb: int) -> int:
+        """Samples in micro-batch `mb` of this replica's step (its first sample: first_sample + mb * micro_batch)."""
+        return self.last_micro_batch if self.last_micro_batch and mb == self.num_micro_batches - 1 else self.micro_batch
 
     @property
     def position(self) -> int:
@@ -58,10 +63,10 @@ class Topology:
         stage = self.plan.stages[entry.stage]
         pipeline = self.plan.pipelines[entry.pipeline]
         first_sample = sum(p.samples for p in self.plan.pipelines[:entry.pipeline])
-        first_sample += entry.dp_rank * pipeline.micro_batch * pipeline.num_micro_batches
+        first_sample += entry.dp_rank * pipeline.replica_samples
         return Place(rank, entry.island, entry.local_rank, stage, tuple(pipeline.stages), entry.tp_rank,
                      entry.dp_rank, pipeline.micro_batch, pipeline.num_micro_batches, first_sample,
-                     pipeline.virtual_stages)
+                     pipeline.virtual_stages, pipeline.last_micro_batch)
 
     def stage_ranks(self, stage: int, dp_rank: int | None = None) -> list[RankPlan]:
         """Ranks of a stage (one DP replica's TP group when dp_rank is given), by tp_rank."""

@@ -281,8 +281,10 @@ class Trainer:
         early receive holds up nothing, and a neighbour's send that runs ahead (the schedule
         sends long before the data is needed) is matched at once instead of waiting for it.
         """
-        place, mb_size = self.place, self.place.micro_batch
-        hidden_shape = (mb_size, self.model_config.seq_len, self.model_config.hidden)
+        place = self.place
+
+        def hidden_shape(mb: int) -> tuple[int, int, int]:    # what crosses a stage boundary for micro-batch mb
+            return place.micro_batch_size(mb), self.model_config.seq_len, self.model_config.hidden
         total_tokens = self.train.global_batch * self.model_config.seq_len
         inputs, outputs, loss_sum = {}, {}, 0.0
         posted: dict = {}
@@ -302,7 +304,7 @@ class Trainer:
             action = self.schedule[index]
             link = self._link_of(-1 if action.kind == "F" else 1, action.chunk)
             if link is not None:
-                posted[index] = link.post(hidden_shape, self.dtype,
+                posted[index] = link.post(hidden_shape(action.micro_batch), self.dtype,
                                           self._tag(action.micro_batch, action.kind, action.chunk, chunks, True))
 
         for index, action in enumerate(self.schedule):
@@ -311,7 +313,7 @@ class Trainer:
             sent_at = None
             post(index)
             if kind == "F":
-                first_sample = place.first_sample + mb * mb_size
+                first_sample, mb_size = place.first_sample + mb * place.micro_batch, place.micro_batch_size(mb)
                 if embeds(chunk):
                     tokens, labels = self.data.batch(step, first_sample, mb_size)
                     x = to_device(self.accel, tokens, self.comms.device)

@@ -147,13 +147,26 @@ def stage_flops(run) -> dict:
     head = 3.0 * head_forward_flops(spec, 1)
     out = {}
     for pipeline in run.plan["pipelines"]:
-        samples = pipeline["dp"] * pipeline["micro_batch"] * pipeline["num_micro_batches"]
+        samples = pipeline["dp"] * replica_samples(pipeline)
         last = pipeline["stages"][-1]
         for index in pipeline["stages"]:
             stage = run.plan["stages"][index]
             layers = blocks_layers(spec, *stage["blocks"]) if "blocks" in stage else stage_layers(stage)
             out[index] = samples * (layers * per_layer + (head if index == last else 0.0))
     return out
+
+
+def replica_samples(pipeline: dict) -> int:
+    """Samples one DP replica of a plan's pipeline (its JSON object) takes per step: its micro-batches, the
+    last one `last_micro_batch` when the plan has one (version 5)."""
+    whole = pipeline["num_micro_batches"] - (1 if pipeline.get("last_micro_batch") else 0)
+    return whole * pipeline["micro_batch"] + pipeline.get("last_micro_batch", 0)
+
+
+def micro_batch_work(pipeline: dict) -> float:
+    """A replica's micro-batches in whole micro-batches' work: a smaller last one counts by its samples
+    (a stage's `time_s` is one whole micro-batch's)."""
+    return replica_samples(pipeline) / pipeline["micro_batch"]
 
 
 def stage_layers(stage: dict) -> int:
@@ -209,7 +222,7 @@ def predicted_bubble_share(plan: dict) -> float:
     different counts), and a pipeline that finishes before the slowest one is idle until the
     gradient sum across them, as the measured bubble counts it (the tail). Not the plan's
     breakdown.bubble_fraction: that is the slowest pipeline's 1F1B fill and drain alone."""
-    m = {p["index"]: p["num_micro_batches"] for p in plan["pipelines"]}
+    m = {p["index"]: micro_batch_work(p) for p in plan["pipelines"]}
     stages = {s["index"]: s for s in plan["stages"]}
     busy = [m[stages[r["stage"]]["pipeline"]] * stages[r["stage"]]["time_s"] for r in plan["ranks"]]
     return 1.0 - sum(busy) / len(busy) / plan["predicted_step_s"]
@@ -260,7 +273,7 @@ def rank_rows(run, per_rank: dict, steady: list[dict]) -> list[dict]:
     """Per rank: where it sits and its mean seconds per steady step in each kind."""
     rows = []
     stages = {s["index"]: s for s in run.plan["stages"]}
-    micro_batches = {p["index"]: p["num_micro_batches"] for p in run.plan["pipelines"]}
+    micro_batches = {p["index"]: micro_batch_work(p) for p in run.plan["pipelines"]}
     for entry in sorted(run.plan["ranks"], key=lambda r: (r["pipeline"], stages[r["stage"]]["index"], r["rank"])):
         stage = stages[entry["stage"]]
         cells = per_rank[entry["rank"]]

@@ -78,8 +78,8 @@ def test_version_4_without_blocks_is_refused():
 
 def test_an_unknown_version_names_version_4():
     data = halved().to_dict()
-    data["version"] = 5
-    with pytest.raises(PlanError, match="plan version 5 is not supported .* or 4 for stage boundaries inside a layer"):
+    data["version"] = 6
+    with pytest.raises(PlanError, match="plan version 6 is not supported .* 4 for stage boundaries inside a layer"):
         Plan.from_dict(data)
 
 

@@ -56,7 +56,8 @@ def test_every_plan_field_has_exactly_one_place(good_plan):
     with open(good_plan, encoding="utf-8") as handle:
         data = json.load(handle)
     written = set(data) | {f"{name}[].{key}" for name in support.LISTS for key in data[name][0]}
-    assert written | set(support.VERSION_2_ONLY) | set(support.VERSION_4_ONLY) == support.KNOWN
+    assert written | set(support.VERSION_2_ONLY) | set(support.VERSION_4_ONLY) | set(support.VERSION_5_ONLY) \
+        == support.KNOWN
     for cls, prefix in ((Plan, ""), (StagePlan, "stages[]."), (PipelinePlan, "pipelines[]."), (RankPlan, "ranks[].")):
         for field in dataclasses.fields(cls):
             assert prefix + field.name in support.KNOWN, f"{prefix}{field.name} has no place in hetero.engine.support"

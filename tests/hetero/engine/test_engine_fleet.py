@@ -224,7 +224,9 @@ def make_replicas_plan(job, replicas, micro_batch=2):
             indices.append(index)
             offset += tp
         mb = own[0] if own else micro_batch
-        pipelines.append(PipelinePlan(p, tuple(indices), 1, mb, samples // mb))
+        m = -(-samples // mb)            # a smaller last micro-batch where samples is not a multiple
+        pipelines.append(PipelinePlan(p, tuple(indices), 1, mb, m, last_micro_batch=samples - (m - 1) * mb
+                                      if samples % mb else 0))
     ranks = []
     for island in [i.name for i in job.cluster.islands]:
         for local, stage, p, t in sorted(ranks_by_island.get(island, [])):
@@ -244,12 +246,17 @@ def make_replicas_plan(job, replicas, micro_batch=2):
     [("wide", [(1, (0, 3))], 2), ("narrow", [(1, (0, 3))], 6)],
     # each island its own micro-batch (plan version 3): 2 x 3 samples through a pipeline of two, 2 x 1 alone
     [("wide", [(2, (0, 2)), (1, (2, 3))], 6, 3), ("narrow", [(1, (0, 3))], 2, 1)],
-], ids=["unequal", "ring", "micro-batches"])
+    # a smaller last micro-batch (plan version 5): 5 samples as 2 + 2 + 1 through a pipeline of two (the
+    # boundary's receive sized per micro-batch), 3 as 2 + 1 alone
+    [("wide", [(2, (0, 2)), (1, (2, 3))], 5, 2), ("narrow", [(1, (0, 3))], 3, 2)],
+], ids=["unequal", "ring", "micro-batches", "short-last"])
 def test_hetero_dp_replicas_match_one_process(tmp_path, emulated_fleet, replicas, monkeypatch):
     cluster, job = emulated_fleet
     # 20 kB buckets: the ~0.5 MB of gradients stream through the bridge in ~26 of them
     monkeypatch.setenv("HETERO_GRAD_BUCKET_MB", "0.02")
     plan = make_replicas_plan(job, replicas)
+    assert plan.problems() == [] and plan.version == (5 if any(p.last_micro_batch for p in plan.pipelines) else
+                                                      3 if len({p.micro_batch for p in plan.pipelines}) > 1 else 1)
     records, _, _ = run_fleet(tmp_path, plan, steps=3, cluster_path=cluster)
     fleet = [r["loss"] for r in last_attempt(records)]
     reference = solo_losses(tmp_path, job, steps=3)
