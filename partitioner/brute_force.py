@@ -69,8 +69,10 @@ def brute_force(fleet: FleetSpec, model: ModelSpec, train: TrainSpec, profile=No
             cand = _best_hybrid(cm, fleet, options, b, comps_cache)
             if cand is not None and (best is None or cand.step < best.step):
                 best = cand
-    if "replicas" in train.modes and len(train.micro_batch_choices()) > 1 and len(fleet.islands) >= 2:
-        for cand in combine_replicas(cm, every_b, 1, 1):     # each island at its own micro-batch
+    in_samples = len(train.micro_batch_choices()) > 1 or any(pe.shortens for pes in every_b.values() for pe in pes)
+    if "replicas" in train.modes and in_samples and len(fleet.islands) >= 2:
+        # each island at its own micro-batch, a one-stage replica's last one maybe smaller
+        for cand in combine_replicas(cm, every_b, 1, 1):
             if best is None or cand.step < best.step:
                 best = cand
     return best

@@ -330,7 +330,8 @@ def island_envelopes(cm, fleet, limits, bounds, stats, progress=None) -> dict:
 def by_samples(envelopes: dict, global_batch: int) -> dict:
     """{island name: Envelope over samples}: at every share of the batch, in samples, the island's
     fastest option at any micro-batch (each island may run the micro-batch it is fastest at, and the
-    batch splits in samples rather than in one micro-batch shared by all). {} with one micro-batch."""
+    batch splits in samples rather than in one micro-batch shared by all; a one-stage option may end on a
+    smaller micro-batch). {} with one micro-batch and no option that `shortens`."""
     if len(envelopes) < 2 and not any(pe.shortens for by_island in envelopes.values()
                                       for env in by_island.values() for pe in env.options):
         return {}

@@ -195,3 +195,13 @@ def test_brute_force_agrees_with_short_last_micro_batches():
     exhaustive = brute_force(FLEET, LLAMA_TINY, TRAIN, _profile())
     assert exhaustive is not None and found.step == pytest.approx(exhaustive.step, rel=1e-9)
     assert np.isclose(sum(pe.samples for pe in exhaustive.pipes), TRAIN.global_batch)
+
+
+def test_with_one_micro_batch_the_split_is_still_in_samples():
+    # no search over micro-batches: every island at 4, and a replica's last micro-batch still smaller where
+    # that balances the islands; brute force over the same space agrees
+    train = replace(TRAIN, micro_batch=4, search_micro_batch=False)
+    found = search(FLEET, LLAMA_TINY, train, _profile()).candidates[0]
+    assert {pe.b for pe in found.pipes} <= {1, 2, 3, 4} and any(pe.last_b for pe in found.pipes), found.label
+    exhaustive = brute_force(FLEET, LLAMA_TINY, train, _profile())
+    assert exhaustive is not None and found.step == pytest.approx(exhaustive.step, rel=1e-9)
