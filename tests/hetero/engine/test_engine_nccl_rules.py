@@ -184,7 +184,8 @@ def middle_stage(num_stages=4, position=1, micro_batches=4):
     config = types.SimpleNamespace(seq_len=3, hidden=2)
     native = NativeTransport(types.SimpleNamespace(world_rank=lambda r: r), torch.device("cpu"))
     trainer = object.__new__(Trainer)
-    trainer.place = types.SimpleNamespace(micro_batch=1, first_sample=0, is_first=False, is_last=False, tp_rank=0)
+    trainer.place = types.SimpleNamespace(micro_batch=1, micro_batch_size=lambda mb: 1, first_sample=0, is_first=False,
+                                          is_last=False, tp_rank=0)
     trainer.model_config = config
     trainer.train = types.SimpleNamespace(global_batch=micro_batches)
     trainer.schedule = one_f_one_b(position, num_stages, micro_batches)

@@ -43,8 +43,8 @@ def two_stage_trainer(rank: int):
 
     native = NativeTransport(types.SimpleNamespace(world_rank=lambda r: r), torch.device("cpu"))
     trainer = object.__new__(Trainer)
-    trainer.place = types.SimpleNamespace(micro_batch=1, first_sample=0, is_first=rank == 0, is_last=rank == 1,
-                                          tp_rank=0)
+    trainer.place = types.SimpleNamespace(micro_batch=1, micro_batch_size=lambda mb: 1, first_sample=0,
+                                          is_first=rank == 0, is_last=rank == 1, tp_rank=0)
     trainer.model_config = types.SimpleNamespace(seq_len=SEQ, hidden=HIDDEN)
     trainer.train = types.SimpleNamespace(global_batch=MICRO_BATCHES)
     trainer.schedule = one_f_one_b(rank, 2, MICRO_BATCHES)
