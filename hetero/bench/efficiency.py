@@ -17,7 +17,9 @@ The mixed fleet is planned from the islands' runs alone (issue 19): an emulated
 chip is charged exactly the cost model's roofline, so what an island's step takes
 beyond its prediction is host work a stage pays per micro-batch whatever its
 layers (island_host_cost); the planner adds it per stage and micro-batch, so a
-pipeline of more stages is charged more. Each candidate's measured step is
+pipeline of more stages is charged more. What the run spends after its last compute
+beyond the predicted DP reduction and update is charged per step instead, so a plan
+that gives the island few micro-batches still pays it whole. Each candidate's measured step is
 reported beside its predicted one (--no-host-costs: the model before, which
 scaled the layer times instead).
 """
@@ -97,7 +99,8 @@ def _measure(job, paths, out, args, say) -> dict:
         result = _train(sub_job, sub_paths, os.path.join(out, "subfleets", island.name), args, say)
         subfleets[island.name] = _summary(result, job)
         if not args.no_host_costs:
-            subfleets[island.name]["host_cost"] = asdict(island_host_cost(result.plan.to_dict(), result.steady_step_s))
+            subfleets[island.name]["host_cost"] = asdict(island_host_cost(result.plan.to_dict(), result.steady_step_s,
+                                                                          after_compute(result.run_dir)))
         predicted_sub += result.plan.tokens_per_s
     # Plan the mixed fleet with each island's speed and host costs as just measured
     # alone (as `hetero profile` would), so the split between islands follows reality.
@@ -253,17 +256,39 @@ def _summary(result, job) -> dict:
     }
 
 
-def island_host_cost(plan: dict, step_s: float):
-    """The fixed host seconds per micro-batch and stage an island's run alone shows: its step
-    beyond the cost model's prediction (made without host costs), spread over the stage-slots
-    its 1F1B runs in series, m + P - 1 for the longest pipeline. An emulated chip is charged
-    exactly the cost model's roofline, so what its run takes beyond that is host work: the
-    first ops of each action issued on an idle queue, the synchronize after it, the engine's
-    bookkeeping between actions (the `launch_s` a profile states)."""
+def island_host_cost(plan: dict, step_s: float, after_compute_s: float | None = None):
+    """The fixed host seconds an island's run alone shows beyond the cost model's prediction (made
+    without host costs). An emulated chip is charged exactly the cost model's roofline, so what its
+    run takes beyond that is host work.
+
+    Per step (`optimizer_step_s`), where the run's seconds after its last compute are known
+    (`after_compute_s`, `after_compute`): what they exceed the plan's predicted tail by (its DP
+    reduction and update): the engine's per-step work around the update, paid once a step however
+    few micro-batches a plan gives the island. The rest per micro-batch (`launch_s`), spread over the
+    stage-slots its 1F1B runs in series, m + P - 1 for the longest pipeline: the first ops of each
+    action issued on an idle queue, the synchronize after it, the bookkeeping between actions."""
     from partitioner.profile import HostCost
 
+    per_step = 0.0
+    if after_compute_s is not None:
+        per_step = max(0.0, after_compute_s - plan.get("breakdown", {}).get("dp_reduce_and_optimizer_s", 0.0))
     slots = max(p["num_micro_batches"] + len(p["stages"]) - 1 for p in plan["pipelines"])
-    return HostCost(launch_s=max(0.0, step_s - plan["predicted_step_s"]) / slots)
+    return HostCost(launch_s=max(0.0, step_s - plan["predicted_step_s"] - per_step) / slots, optimizer_step_s=per_step)
+
+
+def after_compute(run_dir: str) -> float | None:
+    """Seconds a run's steady step spends after its last compute: the least any rank waits between
+    its last action and the step's end (`hetero report`'s per-rank tail), i.e. the tail of the rank
+    that computes last. None where the run has no per-rank record."""
+    from hetero.report.analysis import analyse
+    from hetero.report.load import load_run
+
+    try:
+        ranks = analyse(load_run(run_dir)).get("ranks") or []
+    except (UserError, OSError, ValueError, KeyError):    # no run there, or no record to read
+        return None
+    tails = [r["seconds"]["tail"] for r in ranks if "tail" in r.get("seconds", {})]
+    return min(tails) if tails else None
 
 
 def calibration_profile(job, subfleets: dict, rounds: int = 4):
@@ -374,7 +399,7 @@ def _print(report: dict) -> None:
               f"{candidate['predicted_step_s']:.2f} s predicted (ratio {candidate['measured_over_predicted']:.3f})")
     for name, cost in report["host_costs"].items():
         print(f"  host cost per micro-batch and stage on {name} (fitted from its run alone): "
-              f"{cost['launch_s'] * 1e3:.1f} ms")
+              f"{cost['launch_s'] * 1e3:.1f} ms; per step: {cost.get('optimizer_step_s', 0.0) * 1e3:.1f} ms")
     verdict = "met" if report["goal_met"] else "MISSED"
     print(f"  E = {report['efficiency']:.3f} (goal >= {report['goal']}: {verdict}); cost model's E {report['predicted_efficiency']:.3f}")
     big = report["big_example"]

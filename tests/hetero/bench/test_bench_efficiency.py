@@ -137,6 +137,32 @@ def test_an_island_s_gap_to_its_prediction_is_spread_over_its_stage_slots():
     assert island_host_cost(plan, 9.0).launch_s == 0.0                          # faster than predicted: none
 
 
+def test_what_an_island_spends_after_its_compute_beyond_the_predicted_tail_is_charged_per_step():
+    from hetero.bench.efficiency import island_host_cost
+
+    plan = {"predicted_step_s": 10.0, "breakdown": {"dp_reduce_and_optimizer_s": 0.05},
+            "pipelines": [{"num_micro_batches": 7, "stages": [0]}]}
+    cost = island_host_cost(plan, 10.64, after_compute_s=0.25)
+    assert cost.optimizer_step_s == pytest.approx(0.20)                   # 0.25 after compute, 0.05 predicted
+    assert cost.launch_s == pytest.approx((0.64 - 0.20) / 7)              # the rest per micro-batch
+    # the planner then charges it once a step: a plan of 2 micro-batches pays 0.2 s, not 2/7 of it
+    assert island_host_cost(plan, 10.64, after_compute_s=0.01).optimizer_step_s == 0.0   # within the prediction
+
+
+def test_after_compute_reads_the_tail_of_the_rank_that_computes_last(tmp_path, monkeypatch):
+    from hetero.bench import efficiency
+
+    ranks = [{"seconds": {"forward": 1.0, "backward": 2.0, "tail": 0.4}},
+             {"seconds": {"forward": 1.2, "backward": 2.1, "tail": 0.1}}]
+    monkeypatch.setattr("hetero.report.load.load_run", lambda path: path)
+    monkeypatch.setattr("hetero.report.analysis.analyse", lambda run: {"ranks": ranks})
+    assert efficiency.after_compute(str(tmp_path)) == 0.1
+    monkeypatch.setattr("hetero.report.analysis.analyse", lambda run: {"ranks": []})
+    assert efficiency.after_compute(str(tmp_path)) is None
+    monkeypatch.undo()
+    assert efficiency.after_compute(str(tmp_path / "no-run-here")) is None    # no run directory: no per-step fit
+
+
 def test_calibration_with_host_costs_reproduces_each_island_s_step_and_charges_more_stages_more():
     from hetero.bench.efficiency import alone, calibration_profile, candidate_plans, island_host_cost
     from hetero.runner import search_plan
