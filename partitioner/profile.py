@@ -128,7 +128,7 @@ class ProfileDB:
             self.used[(chip, tp, b)] = "measured"
             fwd = entry["forward_s"]
             return LayerCost(fwd, entry["backward_s"], fwd * core_share, "measured")
-        ratio = self._ratio(chip, model, dtype, chip_model)
+        ratio = self._ratio(chip, model, dtype, chip_model, tp)
         if ratio is not None:
             self.used[(chip, tp, b)] = "calibrated"
             return LayerCost(analytic.forward_s * ratio, analytic.backward_s * ratio,
@@ -136,14 +136,17 @@ class ProfileDB:
         self.used[(chip, tp, b)] = "estimated"
         return analytic
 
-    def _ratio(self, chip: str, model: ModelSpec, dtype: str, chip_model: ChipModel | None) -> float | None:
+    def _ratio(self, chip: str, model: ModelSpec, dtype: str, chip_model: ChipModel | None,
+               tp: int | None = None) -> float | None:
+        """Measured over analytic for the chip: the median over its entries at TP degree `tp` where
+        there are any (a TP degree changes what a layer's shard runs besides its FLOPs: smaller
+        kernels, the collectives around them), else over all of them."""
         spec = chip_model or self.chips.get(chip)
         if spec is None:
             return None
+        entries = [e for e in self.layers if e["chip"] == chip]
         ratios = []
-        for entry in self.layers:
-            if entry["chip"] != chip:
-                continue
+        for entry in [e for e in entries if e["tp"] == tp] or entries:
             est = analytic_layer(spec, model, entry["tp"], entry["micro_batch"], dtype)
             total = est.forward_s + est.backward_s
             if total > 0:

@@ -19,9 +19,11 @@ beyond its prediction is host work a stage pays per micro-batch whatever its
 layers (island_host_cost); the planner adds it per stage and micro-batch, so a
 pipeline of more stages is charged more. What the run spends after its last compute
 beyond the predicted DP reduction and update is charged per step instead, so a plan
-that gives the island few micro-batches still pays it whole. Each candidate's measured step is
-reported beside its predicted one (--no-host-costs: the model before, which
-scaled the layer times instead).
+that gives the island few micro-batches still pays it whole. A TP degree a candidate
+gives an island that its run alone did not use is probed first (a short run of the
+island alone at that TP) and the candidates re-planned (hetero.bench.calibration;
+--no-tp-probes skips it). Each candidate's measured step is reported beside its
+predicted one (--no-host-costs: the model before, which scaled the layer times instead).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from dataclasses import asdict
 
 import yaml
 
+from hetero.bench.calibration import (after_compute, alone, calibration_profile, island_host_cost, missing_tps,
+                                      probe_job, probe_plan, probe_record, subfleet_name)
 from hetero.config import load_job
 from hetero.errors import UserError
 from hetero.runner import KINDS, ROOT, add_job_arguments, default_paths, hybrid_possible, search_plan, train_fleet
@@ -56,6 +60,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-host-costs", action="store_true",
                         help="plan the mixed fleet without the host costs its islands' runs alone show (the cost "
                              "model before issue 19: layer times scaled to match instead)")
+    parser.add_argument("--no-tp-probes", action="store_true",
+                        help="plan the mixed fleet without probing the TP degrees its candidate plans give an "
+                             "island that the island's run alone did not use (each probe trains that island alone "
+                             "at that TP on a quarter of the global batch)")
     parser.add_argument("--out", metavar="DIR", help="where every run directory goes (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -104,9 +112,9 @@ def _measure(job, paths, out, args, say) -> dict:
         predicted_sub += result.plan.tokens_per_s
     # Plan the mixed fleet with each island's speed and host costs as just measured
     # alone (as `hetero profile` would), so the split between islands follows reality.
-    profile = calibration_profile(job, subfleets)
+    plans = _calibrated_plans(job, paths, subfleets, out, args, say)
     candidates = []
-    for plan in candidate_plans(job, args.kind, profile):
+    for plan in plans:
         say(f"the mixed fleet as {plan.kind}, planned with the measured island speeds")
         plan_file = os.path.join(out, "candidates", f"{plan.kind}-plan.json")
         os.makedirs(os.path.dirname(plan_file), exist_ok=True)
@@ -141,6 +149,43 @@ def _measure(job, paths, out, args, say) -> dict:
         "cluster": job.cluster.name, "model": job.model.name, "global_batch": job.train.global_batch,
         "big_example": predicted_efficiency_of(*BIG_EXAMPLE), "out": out,
     }
+
+
+def _calibrated_plans(job, paths, subfleets: dict, out: str, args, say) -> list:
+    """The candidate plans, planned with the islands' runs alone and, for each TP degree a candidate
+    gives an island that no run measured, a probe of it (hetero.bench.calibration); re-planned after
+    each round of probes until every TP degree the candidates use is measured."""
+    plans = candidate_plans(job, args.kind, calibration_profile(job, subfleets))
+    while not args.no_tp_probes and (missing := missing_tps(plans, subfleets)):
+        profile = calibration_profile(job, subfleets)
+        for name, t, b in missing:
+            island = job.cluster.island(name)
+            plan = probe_plan(job, island, t, b, profile=profile)
+            say(f"island {name} alone at TP {t} (a candidate runs it so; its run alone did not): "
+                f"{plan.global_batch} samples, micro-batch {b}")
+            run_dir = os.path.join(out, "probes", f"{name}-tp{t}")
+            sub_paths = dict(paths, cluster=os.path.join(out, "subfleets", f"{name}.yaml"),
+                             train=_write_train(paths["train"], plan, run_dir + ".train.yaml"))
+            plan_file = run_dir + ".plan.json"
+            with open(plan_file, "w", encoding="utf-8") as handle:
+                handle.write(plan.to_json())
+            result = _train(probe_job(job, island, t, b), sub_paths, run_dir, args, say, plan_file=plan_file)
+            subfleets[name].setdefault("tp_probes", []).append(
+                probe_record(plan, t, b, result.steady_step_s, after_compute(result.run_dir), result.run_dir))
+        plans = candidate_plans(job, args.kind, calibration_profile(job, subfleets))
+    return plans
+
+
+def _write_train(train_path: str, plan, path: str) -> str:
+    """The train file with the probe's global batch and micro-batch."""
+    with open(train_path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    section = data["train"] if "train" in data else data
+    section = dict(section, global_batch=plan.global_batch, micro_batch=plan.micro_batch)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(section, handle, sort_keys=False)
+    return path
 
 
 def candidate_plans(job, kind: str, profile) -> list:
@@ -256,106 +301,18 @@ def _summary(result, job) -> dict:
     }
 
 
-def island_host_cost(plan: dict, step_s: float, after_compute_s: float | None = None):
-    """The fixed host seconds an island's run alone shows beyond the cost model's prediction (made
-    without host costs). An emulated chip is charged exactly the cost model's roofline, so what its
-    run takes beyond that is host work.
-
-    Per step (`optimizer_step_s`), where the run's seconds after its last compute are known
-    (`after_compute_s`, `after_compute`): what they exceed the plan's predicted tail by (its DP
-    reduction and update): the engine's per-step work around the update, paid once a step however
-    few micro-batches a plan gives the island. The rest per micro-batch (`launch_s`), spread over the
-    stage-slots its 1F1B runs in series, m + P - 1 for the longest pipeline: the first ops of each
-    action issued on an idle queue, the synchronize after it, the bookkeeping between actions."""
-    from partitioner.profile import HostCost
-
-    per_step = 0.0
-    if after_compute_s is not None:
-        per_step = max(0.0, after_compute_s - plan.get("breakdown", {}).get("dp_reduce_and_optimizer_s", 0.0))
-    slots = max(p["num_micro_batches"] + len(p["stages"]) - 1 for p in plan["pipelines"])
-    return HostCost(launch_s=max(0.0, step_s - plan["predicted_step_s"] - per_step) / slots, optimizer_step_s=per_step)
-
-
-def after_compute(run_dir: str) -> float | None:
-    """Seconds a run's steady step spends after its last compute: the least any rank waits between
-    its last action and the step's end (`hetero report`'s per-rank tail), i.e. the tail of the rank
-    that computes last. None where the run has no per-rank record."""
-    from hetero.report.analysis import analyse
-    from hetero.report.load import load_run
-
-    try:
-        ranks = analyse(load_run(run_dir)).get("ranks") or []
-    except (UserError, OSError, ValueError, KeyError):    # no run there, or no record to read
-        return None
-    tails = [r["seconds"]["tail"] for r in ranks if "tail" in r.get("seconds", {})]
-    return min(tails) if tails else None
-
-
-def calibration_profile(job, subfleets: dict, rounds: int = 4):
-    """A profile whose layer times are the analytic ones scaled, per chip, until the
-    planner predicts each island's step alone as measured; the planner calibrates
-    every other entry. (One scale from measured/predicted is not enough: it would
-    scale only the layers' share of a step that also holds TP collectives, the
-    embedding, the head and the optimizer, and misjudge the split between islands.)"""
-    from hetero.planning import fleet_spec, model_spec, train_spec
-    from partitioner.costs import CostModel
-
-    fleet, model, train = fleet_spec(job.cluster), model_spec(job.model), train_spec(job.train)
-    costs = CostModel(fleet, model, train)
-    factors = {island.name: _first_factor(subfleets[island.name]) for island in fleet.islands}
-    for _ in range(rounds):
-        profile = _scaled_profile(costs, fleet, model, subfleets, factors)
-        for island in job.cluster.islands:
-            predicted = search_plan(alone(job, island), "auto", profile).predicted_step_s
-            factors[island.name] *= subfleets[island.name]["step_s"] / predicted
-    return _scaled_profile(costs, fleet, model, subfleets, factors)
-
-
-def _first_factor(sub: dict) -> float:
-    """The layers' first scale: the whole gap to the prediction, or none when the run's host
-    costs (island_host_cost) already account for it."""
-    return 1.0 if sub.get("host_cost") else sub["step_s"] / sub["predicted_step_s"]
-
-
-def _scaled_profile(costs, fleet, model, subfleets: dict, factors: dict):
-    from partitioner.profile import HostCost, ProfileDB
-
-    profile = ProfileDB(model={k: getattr(model, k) for k in ("hidden", "heads", "kv_heads", "ffn_hidden", "seq_len")})
-    for island in fleet.islands:
-        plan = subfleets[island.name]["plan"]
-        tp, micro_batch = plan["stages"][0]["tp"], plan["micro_batch"]
-        layer = costs.layer_cost(island.name, tp, micro_batch)
-        factor = factors[island.name]
-        profile.add_layer(island.chip.name, tp, micro_batch, factor * layer.forward_s, factor * layer.backward_s)
-        profile.chips[island.chip.name] = island.chip
-        if subfleets[island.name].get("host_cost"):
-            profile.add_host_cost(island.chip.name, HostCost(**subfleets[island.name]["host_cost"]),
-                                  island.chip.accelerator, micro_batch)
-    return profile
-
-
 def _write_subfleet(cluster_path: str, island: str, out: str) -> str:
     """The cluster file with only one island, for that island's run alone."""
     with open(cluster_path, encoding="utf-8") as handle:
         data = yaml.safe_load(handle)
     section = data["cluster"] if "cluster" in data else data
-    section = dict(section, name=_subfleet_name(section["name"], island),
+    section = dict(section, name=subfleet_name(section["name"], island),
                    islands=[i for i in section["islands"] if i["name"] == island])
     path = os.path.join(out, "subfleets", f"{island}.yaml")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(section, handle, sort_keys=False)
     return path
-
-
-def alone(job, island):
-    """The job on one island of its cluster: that island's sub-fleet."""
-    return dataclasses.replace(job, cluster=dataclasses.replace(
-        job.cluster, name=_subfleet_name(job.cluster.name, island.name), islands=(island,)))
-
-
-def _subfleet_name(cluster: str, island: str) -> str:
-    return f"{cluster}-{island}"
 
 
 def predicted_efficiency_of(cluster: str, model: str, train: str) -> dict:
@@ -400,6 +357,11 @@ def _print(report: dict) -> None:
     for name, cost in report["host_costs"].items():
         print(f"  host cost per micro-batch and stage on {name} (fitted from its run alone): "
               f"{cost['launch_s'] * 1e3:.1f} ms; per step: {cost.get('optimizer_step_s', 0.0) * 1e3:.1f} ms")
+    for name, sub in report["subfleets"].items():
+        for probe in sub.get("tp_probes", ()):
+            print(f"  TP probe on {name}: TP {probe['tp']}, {probe['samples']} samples as micro-batches of "
+                  f"{probe['micro_batch']}, computed {probe['compute_s']:.3f} s a step against "
+                  f"{probe['predicted_compute_s']:.3f} s predicted from its run alone (fitted since)")
     verdict = "met" if report["goal_met"] else "MISSED"
     print(f"  E = {report['efficiency']:.3f} (goal >= {report['goal']}: {verdict}); cost model's E {report['predicted_efficiency']:.3f}")
     big = report["big_example"]

@@ -334,6 +334,22 @@ def test_partial_profile_calibrates_other_entries():
     assert not plan.measured
 
 
+def test_a_tp_degree_is_calibrated_from_its_own_measurements_where_there_are_any():
+    """A TP degree costs more than its share of FLOPs (collectives, smaller kernels): a layer at TP 2 and
+    an unmeasured micro-batch takes TP 2's measured scale, not the median over every TP degree."""
+    db = ProfileDB(model={k: getattr(LLAMA_TINY, k) for k in ("hidden", "heads", "kv_heads", "ffn_hidden", "seq_len")})
+    cm = CostModel(EMU_MIXED, LLAMA_TINY, TRAIN_TINY)
+    for tp, b, scale in ((1, 1, 1.0), (1, 2, 1.0), (2, 2, 1.5)):
+        lc = cm.layer_cost("fast", tp, b)
+        db.add_layer("emu-fast", tp, b, scale * lc.forward_s, scale * lc.backward_s)
+    db.chips["emu-fast"] = FAST
+    cm2 = CostModel(EMU_MIXED, LLAMA_TINY, TRAIN_TINY, db)
+    assert cm2.layer_cost("fast", 2, 1).forward_s == pytest.approx(1.5 * cm.layer_cost("fast", 2, 1).forward_s)
+    assert cm2.layer_cost("fast", 1, 4).forward_s == pytest.approx(cm.layer_cost("fast", 1, 4).forward_s)
+    # a degree nobody measured: the median over all of them (1.0 of 1.0, 1.0, 1.5)
+    assert cm2.layer_cost("fast", 4, 1).forward_s == pytest.approx(cm.layer_cost("fast", 4, 1).forward_s)
+
+
 def test_profile_for_another_model_is_ignored():
     db = _profile_for(EMU_MIXED, LLAMA_TINY, TRAIN_TINY, {"emu-fast", "emu-slow"}, 5.0)
     other = ModelSpec(8, 512, 8, 4, 1408, 2048, 128)

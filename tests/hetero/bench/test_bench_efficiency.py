@@ -80,7 +80,7 @@ def test_chip_time_network_is_k_times_faster():
 
 @pytest.mark.parametrize("slowdown", [{"fast": 0.9, "slow": 1.0}, {"fast": 1.2, "slow": 0.8}])
 def test_calibration_reproduces_each_island_s_measured_step(slowdown):
-    from hetero.bench.efficiency import alone, calibration_profile
+    from hetero.bench.calibration import alone, calibration_profile
     from hetero.runner import search_plan
 
     job = _tiny_job()
@@ -129,7 +129,7 @@ def test_the_whole_bench_runs_on_a_tiny_fleet_and_writes_its_report(tmp_path):
 
 
 def test_an_island_s_gap_to_its_prediction_is_spread_over_its_stage_slots():
-    from hetero.bench.efficiency import island_host_cost
+    from hetero.bench.calibration import island_host_cost
 
     plan = {"predicted_step_s": 10.0, "pipelines": [{"num_micro_batches": 31, "stages": [0, 1]},
                                                    {"num_micro_batches": 15, "stages": [2]}]}
@@ -138,7 +138,7 @@ def test_an_island_s_gap_to_its_prediction_is_spread_over_its_stage_slots():
 
 
 def test_what_an_island_spends_after_its_compute_beyond_the_predicted_tail_is_charged_per_step():
-    from hetero.bench.efficiency import island_host_cost
+    from hetero.bench.calibration import island_host_cost
 
     plan = {"predicted_step_s": 10.0, "breakdown": {"dp_reduce_and_optimizer_s": 0.05},
             "pipelines": [{"num_micro_batches": 7, "stages": [0]}]}
@@ -150,21 +150,22 @@ def test_what_an_island_spends_after_its_compute_beyond_the_predicted_tail_is_ch
 
 
 def test_after_compute_reads_the_tail_of_the_rank_that_computes_last(tmp_path, monkeypatch):
-    from hetero.bench import efficiency
+    from hetero.bench import calibration
 
     ranks = [{"seconds": {"forward": 1.0, "backward": 2.0, "tail": 0.4}},
              {"seconds": {"forward": 1.2, "backward": 2.1, "tail": 0.1}}]
     monkeypatch.setattr("hetero.report.load.load_run", lambda path: path)
     monkeypatch.setattr("hetero.report.analysis.analyse", lambda run: {"ranks": ranks})
-    assert efficiency.after_compute(str(tmp_path)) == 0.1
+    assert calibration.after_compute(str(tmp_path)) == 0.1
     monkeypatch.setattr("hetero.report.analysis.analyse", lambda run: {"ranks": []})
-    assert efficiency.after_compute(str(tmp_path)) is None
+    assert calibration.after_compute(str(tmp_path)) is None
     monkeypatch.undo()
-    assert efficiency.after_compute(str(tmp_path / "no-run-here")) is None    # no run directory: no per-step fit
+    assert calibration.after_compute(str(tmp_path / "no-run-here")) is None    # no run directory: no per-step fit
 
 
 def test_calibration_with_host_costs_reproduces_each_island_s_step_and_charges_more_stages_more():
-    from hetero.bench.efficiency import alone, calibration_profile, candidate_plans, island_host_cost
+    from hetero.bench.calibration import alone, calibration_profile, island_host_cost
+    from hetero.bench.efficiency import candidate_plans
     from hetero.runner import search_plan
 
     job = _tiny_job()
