@@ -152,13 +152,13 @@ def measured_tps(sub: dict) -> set:
     return {s["tp"] for s in sub["plan"]["stages"]} | {p["tp"] for p in sub.get("tp_probes", ())}
 
 
-def missing_tps(plans, subfleets: dict) -> list[tuple[str, int, int]]:
-    """(island, TP, micro-batch) for each TP degree a plan gives an island that no run measured,
-    at the micro-batch the first such plan runs it at."""
+def missing_tps(plans, subfleets: dict, skip=frozenset()) -> list[tuple[str, int, int]]:
+    """(island, TP, micro-batch) for each TP degree a plan gives an island that no run measured (nor
+    `skip` holds as (island, TP)), at the micro-batch the first such plan runs it at."""
     missing: dict = {}
     for plan in plans:
         for stage in plan.stages:
-            if stage.tp not in measured_tps(subfleets[stage.island]):
+            if stage.tp not in measured_tps(subfleets[stage.island]) and (stage.island, stage.tp) not in skip:
                 missing.setdefault((stage.island, stage.tp), plan.pipelines[stage.pipeline].micro_batch)
     return [(island, t, b) for (island, t), b in missing.items()]
 
@@ -199,6 +199,17 @@ def probe_plan(job, island, t: int, b: int, m: int | None = None, profile=None):
     if pe is None:
         raise UserError(f"island {island.name}: no one-stage plan at TP {t}, micro-batch {b} fits its chips")
     return to_plan(cm, fleet, replica_candidate(cm, [pe]))
+
+
+def fitting_probe_plan(job, island, t: int, b: int, profile=None):
+    """probe_plan at micro-batch b, else the largest smaller one whose stage fits the island's chips
+    (a candidate's stage at TP t may hold only some of the layers); None where none fits."""
+    for size in sorted({b} | {b >> k for k in range(1, b.bit_length())}, reverse=True):
+        try:
+            return probe_plan(job, island, t, size, profile=profile)
+        except UserError:
+            continue
+    return None
 
 
 def compute_span(plan: dict) -> float:

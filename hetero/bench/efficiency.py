@@ -38,8 +38,8 @@ from dataclasses import asdict
 
 import yaml
 
-from hetero.bench.calibration import (after_compute, alone, calibration_profile, island_host_cost, missing_tps,
-                                      probe_job, probe_plan, probe_record, subfleet_name)
+from hetero.bench.calibration import (after_compute, alone, calibration_profile, fitting_probe_plan, island_host_cost,
+                                      missing_tps, probe_job, probe_record, subfleet_name)
 from hetero.config import load_job
 from hetero.errors import UserError
 from hetero.runner import KINDS, ROOT, add_job_arguments, default_paths, hybrid_possible, search_plan, train_fleet
@@ -154,26 +154,38 @@ def _measure(job, paths, out, args, say) -> dict:
 def _calibrated_plans(job, paths, subfleets: dict, out: str, args, say) -> list:
     """The candidate plans, planned with the islands' runs alone and, for each TP degree a candidate
     gives an island that no run measured, a probe of it (hetero.bench.calibration); re-planned after
-    each round of probes until every TP degree the candidates use is measured."""
+    each round of probes until every TP degree the candidates use is measured (or cannot be: no
+    one-stage plan of the island at that TP fits its chips)."""
     plans = candidate_plans(job, args.kind, calibration_profile(job, subfleets))
-    while not args.no_tp_probes and (missing := missing_tps(plans, subfleets)):
+    unprobed: set = set()
+    while not args.no_tp_probes and (missing := missing_tps(plans, subfleets, unprobed)):
         profile = calibration_profile(job, subfleets)
         for name, t, b in missing:
             island = job.cluster.island(name)
-            plan = probe_plan(job, island, t, b, profile=profile)
+            plan = fitting_probe_plan(job, island, t, b, profile)
+            if plan is None:
+                say(f"island {name} at TP {t}: not probed, no one-stage plan at that TP fits its chips; "
+                    "planned from its run alone")
+                unprobed.add((name, t))
+                continue
             say(f"island {name} alone at TP {t} (a candidate runs it so; its run alone did not): "
-                f"{plan.global_batch} samples, micro-batch {b}")
-            run_dir = os.path.join(out, "probes", f"{name}-tp{t}")
-            sub_paths = dict(paths, cluster=os.path.join(out, "subfleets", f"{name}.yaml"),
-                             train=_write_train(paths["train"], plan, run_dir + ".train.yaml"))
-            plan_file = run_dir + ".plan.json"
-            with open(plan_file, "w", encoding="utf-8") as handle:
-                handle.write(plan.to_json())
-            result = _train(probe_job(job, island, t, b), sub_paths, run_dir, args, say, plan_file=plan_file)
-            subfleets[name].setdefault("tp_probes", []).append(
-                probe_record(plan, t, b, result.steady_step_s, after_compute(result.run_dir), result.run_dir))
+                f"{plan.global_batch} samples, micro-batch {plan.micro_batch}")
+            subfleets[name].setdefault("tp_probes", []).append(_probe(job, paths, island, plan, out, args, say))
         plans = candidate_plans(job, args.kind, calibration_profile(job, subfleets))
     return plans
+
+
+def _probe(job, paths, island, plan, out: str, args, say) -> dict:
+    """Train the probe's plan on its island alone; its record (calibration.probe_record)."""
+    t, b = plan.stages[0].tp, plan.micro_batch
+    run_dir = os.path.join(out, "probes", f"{island.name}-tp{t}")
+    sub_paths = dict(paths, cluster=os.path.join(out, "subfleets", f"{island.name}.yaml"),
+                     train=_write_train(paths["train"], plan, run_dir + ".train.yaml"))
+    plan_file = run_dir + ".plan.json"
+    with open(plan_file, "w", encoding="utf-8") as handle:
+        handle.write(plan.to_json())
+    result = _train(probe_job(job, island, t, b), sub_paths, run_dir, args, say, plan_file=plan_file)
+    return probe_record(plan, t, b, result.steady_step_s, after_compute(result.run_dir), result.run_dir)
 
 
 def _write_train(train_path: str, plan, path: str) -> str:

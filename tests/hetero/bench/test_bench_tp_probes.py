@@ -136,3 +136,54 @@ def test_the_probe_s_train_file_keeps_every_other_field(tmp_path):
     path = _write_train(str(combined), Plan, str(tmp_path / "probe" / "train.yaml"))
     assert yaml.safe_load(open(path, encoding="utf-8")) == {"global_batch": 16, "micro_batch": 2, "lr": 0.01,
                                                             "seed": 7, "steps": 4}
+
+
+@pytest.mark.parametrize("no_tp_probes,unfit", [(False, ""), (True, ""), (False, "mid")])
+def test_the_bench_probes_each_missing_tp_once_then_plans_with_it(three, tmp_path, monkeypatch, no_tp_probes, unfit):
+    """The bench's loop (hetero.bench.efficiency._calibrated_plans), the runs faked: each probe's files
+    pass the launcher's checks, each missing TP degree is probed once, and the plans it returns leave
+    none unmeasured."""
+    from types import SimpleNamespace
+
+    from hetero.bench import efficiency
+    from hetero.plan_check import load_checked_plan
+
+    paths = {"cluster": os.path.join(CONFIGS, "emulated-three.yaml"), "model": os.path.join(CONFIGS, "llama-tiny.yaml"),
+             "train": os.path.join(CONFIGS, "train-efficiency.yaml")}
+    for island in three.cluster.islands:
+        efficiency._write_subfleet(paths["cluster"], island.name, str(tmp_path))
+    trained = []
+
+    def train(job, sub_paths, run_dir, args, say, plan_file=None):
+        plan = load_checked_plan(plan_file, load_job(**sub_paths), engine=True)
+        assert job.train.global_batch == plan.global_batch and len(job.cluster.islands) == 1
+        trained.append((job.cluster.islands[0].name, plan.stages[0].tp))
+        return SimpleNamespace(steady_step_s=1.1 * plan.predicted_step_s, run_dir=run_dir)
+
+    monkeypatch.setattr(efficiency, "_train", train)
+    monkeypatch.setattr(efficiency, "after_compute", lambda run_dir: None)
+    fitting = efficiency.fitting_probe_plan
+    monkeypatch.setattr(efficiency, "fitting_probe_plan",     # `unfit`: no probe fits that island
+                        lambda job, island, *rest: None if island.name == unfit else fitting(job, island, *rest))
+    subfleets = _alone(three, 1.03)
+    args = SimpleNamespace(kind="replicas", no_tp_probes=no_tp_probes)
+    plans = efficiency._calibrated_plans(three, paths, subfleets, str(tmp_path), args, lambda message: None)
+    probed = {(name, p["tp"]) for name, sub in subfleets.items() for p in sub.get("tp_probes", ())}
+    if no_tp_probes:
+        assert not trained and not probed
+        return
+    assert (trained or unfit) and len(set(trained)) == len(trained) and set(trained) == probed
+    assert all(name != unfit for name, _ in trained)
+    assert all(name == unfit for name, _, _ in calibration.missing_tps(plans, subfleets))
+    assert bool(calibration.missing_tps(plans, subfleets)) == bool(unfit)
+
+
+def test_a_probe_that_does_not_fit_at_the_candidate_s_micro_batch_takes_a_smaller_one(three):
+    """A candidate's stage at TP t may hold a few layers where the probe holds them all."""
+    mid = three.cluster.island("mid")
+    with pytest.raises(UserError, match="no one-stage plan at TP 2, micro-batch 32"):
+        calibration.probe_plan(three, mid, 2, 32)
+    plan = calibration.fitting_probe_plan(three, mid, 2, 32)
+    assert (plan.micro_batch, plan.stages[0].tp) == (16, 2)
+    assert calibration.fitting_probe_plan(three, mid, 1, 4) is None       # the whole model never fits one chip
+    assert calibration.fitting_probe_plan(three, mid, 3, 4) is None
