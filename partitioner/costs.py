@@ -576,9 +576,7 @@ class CostModel:
         lasts = np.array([spec[1] for spec in todo], dtype=bool)[:, None]
         ks = np.array([spec[2] for spec in todo], dtype=np.float64)[:, None]
         cap = self.capacity(island)
-        extra = (np.where(firsts, self.first_extra_s(island, t, b), 0.0)
-                 + np.where(lasts, self.last_extra_s(island, t, b), 0.0))
-        extra += self.stage_host_s(island)
+        extra = self.stage_extra_s(island, t, b, firsts, lasts)
         best = np.full((len(todo), L), np.inf)
         choice = np.full((len(todo), L), -1, dtype=np.int64)
         mems: dict = {}           # mode -> memory at every (stage of todo, n)
@@ -600,9 +598,13 @@ class CostModel:
     def stage_s(self, island: str, t: int, b: int, n_layers: int, mode: str, *, first: bool, last: bool) -> float:
         """One stage's time for one micro-batch of b samples in `mode` (a value of `stage_row`'s row,
         whatever the memory): the embedding or head where it holds them, its host cost, its layers."""
-        extra = ((self.first_extra_s(island, t, b) if first else 0.0) + (self.last_extra_s(island, t, b) if last else 0.0)
-                 + self.stage_host_s(island))
-        return extra + n_layers * self.per_layer_s(island, t, b, mode)
+        return float(self.stage_extra_s(island, t, b, first, last)) + n_layers * self.per_layer_s(island, t, b, mode)
+
+    def stage_extra_s(self, island: str, t: int, b: int, first, last):
+        """What a stage pays per micro-batch besides its layers: the embedding where it is `first`,
+        the head where it is `last` (bools, or boolean arrays: one value per stage), its host cost."""
+        return (np.where(first, self.first_extra_s(island, t, b), 0.0)
+                + np.where(last, self.last_extra_s(island, t, b), 0.0)) + self.stage_host_s(island)
 
     def best_layer_s(self, island: str, t: int, b: int) -> float:
         """Fastest per-layer time of any allowed mode (for lower bounds)."""
