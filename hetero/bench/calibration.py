@@ -2,21 +2,22 @@
 
 An emulated chip is charged exactly the cost model's roofline, so what a run takes
 beyond its prediction is the engine's own work on the host. Each island's run
-alone gives three things:
+alone gives two things:
 
 - its layer times, scaled per chip until the planner predicts that run's step as
   measured (calibration_profile);
 - host costs (island_host_cost): what the run spends after its last compute beyond
-  the predicted DP reduction and update, per step; the rest per micro-batch and stage;
-- nothing about a TP degree its plan alone does not use. A mixed plan may run an
-  island at another TP than its best plan alone (a hetero-DP replica is one stage, at
-  the island's whole TP, where alone a TP-1 pipeline may be faster), and a TP degree
-  costs collectives and smaller kernels that one degree's scale does not carry over
-  to another. So each TP degree a candidate plan gives an island that no run
-  measured is probed (missing_tps, probe_plan): the island alone, one stage at that
-  TP and micro-batch, a quarter of the global batch; its compute span fits the layer
-  times at that TP (a profile entry at its (TP, micro-batch), the other micro-batches
-  at that TP calibrated from it: ProfileDB's ratio per TP degree).
+  the predicted DP reduction and update, per step; the rest per micro-batch and stage.
+
+It says nothing about a TP degree its plan alone does not use. A mixed plan may run
+an island at another TP than its best plan alone (a hetero-DP replica is one stage,
+at the island's whole TP, where alone a TP-1 pipeline may be faster), and a TP
+degree costs collectives and smaller kernels that one degree's scale does not carry
+over to another. So each TP degree a candidate plan gives an island that no run
+measured is probed (missing_tps, probe_plan): the island alone, one stage at that TP
+and micro-batch, a quarter of the global batch; its compute span fits the layer
+times at that TP (a profile entry at its (TP, micro-batch), the other micro-batches
+at that TP calibrated from it: ProfileDB's ratio per TP degree).
 """
 
 from __future__ import annotations
