@@ -156,10 +156,10 @@ def _calibrated_plans(job, paths, subfleets: dict, out: str, args, say) -> list:
     gives an island that no run measured, a probe of it (hetero.bench.calibration); re-planned after
     each round of probes until every TP degree the candidates use is measured (or cannot be: no
     one-stage plan of the island at that TP fits its chips)."""
-    plans = candidate_plans(job, args.kind, calibration_profile(job, subfleets))
+    profile = calibration_profile(job, subfleets)
+    plans = candidate_plans(job, args.kind, profile)
     unprobed: set = set()
     while not args.no_tp_probes and (missing := missing_tps(plans, subfleets, unprobed)):
-        profile = calibration_profile(job, subfleets)
         for name, t, b in missing:
             island = job.cluster.island(name)
             plan = fitting_probe_plan(job, island, t, b, profile)
@@ -171,7 +171,8 @@ def _calibrated_plans(job, paths, subfleets: dict, out: str, args, say) -> list:
             say(f"island {name} alone at TP {t} (a candidate runs it so; its run alone did not): "
                 f"{plan.global_batch} samples, micro-batch {plan.micro_batch}")
             subfleets[name].setdefault("tp_probes", []).append(_probe(job, paths, island, plan, out, args, say))
-        plans = candidate_plans(job, args.kind, calibration_profile(job, subfleets))
+        profile = calibration_profile(job, subfleets)
+        plans = candidate_plans(job, args.kind, profile)
     return plans
 
 
@@ -179,7 +180,7 @@ def _probe(job, paths, island, plan, out: str, args, say) -> dict:
     """Train the probe's plan on its island alone; its record (calibration.probe_record)."""
     t, b = plan.stages[0].tp, plan.micro_batch
     run_dir = os.path.join(out, "probes", f"{island.name}-tp{t}")
-    sub_paths = dict(paths, cluster=os.path.join(out, "subfleets", f"{island.name}.yaml"),
+    sub_paths = dict(paths, cluster=_write_subfleet(paths["cluster"], island.name, out),
                      train=_write_train(paths["train"], plan, run_dir + ".train.yaml"))
     plan_file = run_dir + ".plan.json"
     with open(plan_file, "w", encoding="utf-8") as handle:
@@ -190,13 +191,21 @@ def _probe(job, paths, island, plan, out: str, args, say) -> dict:
 
 def _write_train(train_path: str, plan, path: str) -> str:
     """The train file with the probe's global batch and micro-batch."""
-    with open(train_path, encoding="utf-8") as handle:
+    return _write_yaml(path, dict(_section(train_path, "train"), global_batch=plan.global_batch,
+                                  micro_batch=plan.micro_batch))
+
+
+def _section(source: str, key: str) -> dict:
+    """The `key` section of the YAML file `source` (the whole file where it holds that section alone)."""
+    with open(source, encoding="utf-8") as handle:
         data = yaml.safe_load(handle)
-    section = data["train"] if "train" in data else data
-    section = dict(section, global_batch=plan.global_batch, micro_batch=plan.micro_batch)
+    return data[key] if key in data else data
+
+
+def _write_yaml(path: str, data: dict) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(section, handle, sort_keys=False)
+        yaml.safe_dump(data, handle, sort_keys=False)
     return path
 
 
@@ -315,16 +324,10 @@ def _summary(result, job) -> dict:
 
 def _write_subfleet(cluster_path: str, island: str, out: str) -> str:
     """The cluster file with only one island, for that island's run alone."""
-    with open(cluster_path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
-    section = data["cluster"] if "cluster" in data else data
-    section = dict(section, name=subfleet_name(section["name"], island),
-                   islands=[i for i in section["islands"] if i["name"] == island])
-    path = os.path.join(out, "subfleets", f"{island}.yaml")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(section, handle, sort_keys=False)
-    return path
+    section = _section(cluster_path, "cluster")
+    return _write_yaml(os.path.join(out, "subfleets", f"{island}.yaml"),
+                       dict(section, name=subfleet_name(section["name"], island),
+                            islands=[i for i in section["islands"] if i["name"] == island]))
 
 
 def predicted_efficiency_of(cluster: str, model: str, train: str) -> dict:
