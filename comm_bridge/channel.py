@@ -159,6 +159,9 @@ class Endpoint:
                     self._peers[rank] = {"endpoints": [e for e in listed if not e.startswith(S.SCHEME)],
                                          "stream": streams[0] if streams else None,
                                          "host_id": entry.get("host_id")}
+            owed = self._shm.owing()  # slots of peers whose doorbells beat this call
+        if owed:
+            self._progress.request_io()
 
     def fail_peer(self, rank: int, reason: str) -> None:
         """Declare `rank` dead: every pending call on it raises PeerFailedError."""
@@ -181,6 +184,7 @@ class Endpoint:
                 **self._matcher.stats(),
                 "pending_send_bytes": self._sends.pending_bytes,
                 "tracking": len(self._sends.tracking),
+                "shm_credits_owed": self._shm.credits_owed(),
                 **self._streams.stats(),
                 **dict(self._counters),
             }

@@ -112,8 +112,8 @@ class ShmLane:
             self._current.pop(header.sender, None)
 
     def _owe_credit(self, sender: int, slot: int) -> None:
-        if sender not in self._peers:
-            return  # cannot reach it; its ring stays short of one slot
+        """Owe `sender` its slot back. A sender not yet in our address book (its doorbells can
+        beat our add_peers) is owed it until it is: the credit goes then (send_credits)."""
         credit = F.Header(sender=self.rank, tag=0, seq=0, dtype=torch.uint8, shape=(0,), nbytes=0,
                           kind=F.KIND_CREDIT)
         message = [F.pack_header(credit, self._auth), F.pack_shm_chunk(F.ShmChunk(0, 1, slot, 0, 0))]
@@ -121,18 +121,26 @@ class ShmLane:
         self._pump(sender)
 
     def send_credits(self, dst: int) -> None:
-        """Hand back the slots we owe `dst`, as far as zmq takes them."""
+        """Hand back the slots we owe `dst`, as far as zmq takes them (none before `dst` is in
+        our address book: its zmq address is not known yet)."""
         owed = self._credits_owed.get(dst)
+        if not owed or dst not in self._peers:
+            return
         while owed and self._zmq.try_send(dst, owed[0]):
             owed.popleft()
 
     def owing(self) -> list[int]:
-        """Peers we still owe credits."""
-        return [d for d, q in self._credits_owed.items() if q]
+        """Peers in our address book we still owe credits."""
+        return [d for d, q in self._credits_owed.items() if q and d in self._peers]
+
+    def credits_owed(self) -> int:
+        """Slots we hold for their senders, reachable or not yet."""
+        return sum(len(q) for q in self._credits_owed.values())
 
     # ------------------------------------------------------------ endings
     def fail_peer(self, rank: int) -> None:
         self._current.pop(rank, None)
+        self._credits_owed.pop(rank, None)  # its ring died with it
         reader = self._readers.pop(rank, None)
         if reader is not None:
             reader.close()  # its file went when we mapped it (shm.ShmReader)

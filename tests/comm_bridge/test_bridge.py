@@ -310,6 +310,38 @@ def test_tcp_peers_stream_the_payload_and_same_host_shm_peers_only_ring_doorbell
             assert streamed >= x.nbytes
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_shm_doorbells_that_beat_the_receivers_address_book_still_get_their_slots_back(connected_endpoints, stream):
+    # A fast peer may send before this endpoint has called add_peers (a worker still waiting
+    # for the coordinator's address book). Its doorbells are read at once; the slots they lend
+    # must go back once the peer is known, or the sender waits for credits forever.
+    from comm_bridge.channel import Endpoint
+    a, b = (connected_endpoints.closing(Endpoint(rank, "test-token", shm=True, stream=stream, chunk_bytes=64 << 10,
+                                                 default_timeout=30)) for rank in (0, 1))
+    a.add_peers([b.address()])  # b does not know a yet
+    x = torch.randn(1 << 20)     # 4 MiB: 64 chunks through 8 slots
+    sending = a.isend(x, 1, 7)
+    assert wait_for(lambda: b.stats()["shm_credits_owed"] == a.shm_slots), b.stats()
+    time.sleep(0.2)
+    assert not sending.done() and b.stats()["shm_credits_owed"] == a.shm_slots  # all lent, none returnable
+    b.add_peers([a.address()])
+    assert torch.equal(b.recv(0, 7, timeout=30), x)
+    sending.wait(30)
+    assert wait_for(lambda: b.stats()["shm_credits_owed"] == 0), b.stats()
+    assert a.stats()["rejected_total"] == b.stats()["rejected_total"] == 0
+
+
+def test_a_failed_peer_is_owed_no_credits(connected_endpoints):
+    from comm_bridge.channel import Endpoint
+    a, b = (connected_endpoints.closing(Endpoint(rank, "test-token", shm=True, chunk_bytes=64 << 10,
+                                                 default_timeout=30)) for rank in (0, 1))
+    a.add_peers([b.address()])
+    a.isend(torch.randn(1 << 20), 1, 0)  # b never learns a's address: its slots stay owed
+    assert wait_for(lambda: b.stats()["shm_credits_owed"] == a.shm_slots), b.stats()
+    b.fail_peer(0, "declared dead by the test")
+    assert b.stats()["shm_credits_owed"] == 0
+
+
 def test_stream_with_a_wrong_token_is_refused_and_counted(connected_endpoints):
     a, b = connected_endpoints(shm=False, default_timeout=30)
     sock = connected_endpoints.closing(raw_stream(b, token="intruder"))
