@@ -123,9 +123,9 @@ class ShmLane:
     def send_credits(self, dst: int) -> None:
         """Hand back the slots we owe `dst`, as far as zmq takes them (none before `dst` is in
         our address book: its zmq address is not known yet)."""
-        owed = self._credits_owed.get(dst)
-        if not owed or dst not in self._peers:
+        if dst not in self._peers:
             return
+        owed = self._credits_owed.get(dst)
         while owed and self._zmq.try_send(dst, owed[0]):
             owed.popleft()
 

@@ -203,9 +203,9 @@ def probe_plan(job, island, t: int, b: int, m: int | None = None, profile=None):
 
 
 def fitting_probe_plan(job, island, t: int, b: int, profile=None):
-    """probe_plan at micro-batch b, else the largest smaller one whose stage fits the island's chips
-    (a candidate's stage at TP t may hold only some of the layers); None where none fits."""
-    for size in sorted({b} | {b >> k for k in range(1, b.bit_length())}, reverse=True):
+    """probe_plan at micro-batch b, else at b halved (b/2, b/4, ... 1) until its stage fits the
+    island's chips (a candidate's stage at TP t may hold only some of the layers); None where none fits."""
+    for size in (b >> k for k in range(b.bit_length())):
         try:
             return probe_plan(job, island, t, size, profile=profile)
         except UserError:
